@@ -1,0 +1,401 @@
+"""Candidate store: round trips, metadata, atomicity, memory mapping, and refusal of bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import twa_ray
+from twa_ray.core.layout import Layout, flatten
+from twa_ray.store import FORMAT_VERSION, CandidateInfo, CandidateStore
+
+
+def _state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "conv.weight": torch.randn(4, 3, 3, generator=g),
+        "conv.bias": torch.randn(4, generator=g).half(),
+        "head.weight": torch.randn(2, 4, generator=g).bfloat16(),
+        "head.bias": torch.randn(2, generator=g),
+    }
+
+
+@pytest.fixture
+def layout() -> Layout:
+    return Layout.from_tensors(_state())
+
+
+@pytest.fixture
+def store(tmp_path) -> CandidateStore:
+    return CandidateStore(tmp_path / "store", create=True)
+
+
+def _only_file(store: CandidateStore, name: str) -> Path:
+    return Path(store._os_path(name))
+
+
+# ---- round trips ---------------------------------------------------------------------------
+
+
+def test_round_trip_bit_exact_all_dtypes(store, layout):
+    state = _state(1)
+    name = store.write(state, layout, step=5)
+    vec = store.read(name)
+    assert vec.dtype == torch.float32 and vec.shape == (layout.numel,)
+    assert torch.equal(vec, flatten(state, layout))
+    back = store.read_state(name)
+    assert list(back) == list(layout.names)
+    for k, t in state.items():
+        assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
+
+
+def test_write_flat_vector_any_dtype(store, layout):
+    vec = torch.randn(layout.numel, dtype=torch.float64)
+    name = store.write(vec, layout, step=0, name="flat64")
+    assert torch.equal(store.read(name), vec.float())
+    with pytest.raises(ValueError, match="shape"):
+        store.write(vec[:-1], layout, step=1)
+    with pytest.raises(ValueError, match="floating point"):
+        store.write(torch.zeros(layout.numel, dtype=torch.int64), layout, step=1)
+
+
+def test_metadata_names_and_order(store, layout):
+    assert store.layout is None and len(store) == 0 and store.names() == []
+    store.write(_state(0), layout, step=20, epoch=2.5, source="a", seed=7, run_id="r1", name="zz")
+    store.write(_state(1), layout, step=10, name="b")
+    store.write(_state(2), layout, step=10, name="a")
+    default = store.write(_state(3), layout, step=30)
+    named = store.write(_state(4), layout, step=40, run_id="trial_3")
+    assert default == "step-000000030" and named == "trial_3-step-000000040"
+    assert store.names() == ["a", "b", "zz", default, named]
+    assert len(store) == 5 and "zz" in store and "nope" not in store and "../x" not in store
+    assert store.info("zz") == CandidateInfo("zz", 20, 2.5, "a", 7, "r1")
+    assert store.info("a").seed is None
+    fresh = CandidateStore(store.uri)  # a new handle reads everything back from the files
+    assert fresh.layout == layout and fresh.names() == store.names()
+
+
+def test_file_is_plain_arrow_with_metadata(store, layout):
+    name = store.write(_state(), layout, step=3, epoch=1.0, source="src", seed=1, run_id="r")
+    with pa.memory_map(str(_only_file(store, name))) as f:
+        reader = pa.ipc.open_file(f)
+        meta = reader.schema.metadata
+        assert reader.num_record_batches == 1 and reader.schema.names == ["flat"]
+        assert reader.schema.field("flat").type == pa.float32()
+    assert Layout.from_json(meta[b"twa_ray.layout"]) == layout
+    cand = json.loads(meta[b"twa_ray.candidate"])
+    assert cand["format"] == FORMAT_VERSION and cand["fingerprint"] == layout.fingerprint
+    assert (cand["step"], cand["epoch"], cand["source"], cand["seed"], cand["run_id"]) == (
+        3, 1.0, "src", 1, "r",
+    )  # fmt: skip
+
+
+def test_iter_flat_streams_in_order(store, layout):
+    for i in range(3):
+        store.write(_state(i), layout, step=10 - i, name=f"c{i}")
+    vecs = list(store.iter_flat())
+    assert [torch.equal(v, flatten(_state(i), layout)) for v, i in zip(vecs, [2, 1, 0])] == [True] * 3
+    (only,) = store.iter_flat(["c1"])
+    assert torch.equal(only, flatten(_state(1), layout))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_read_is_memory_mapped_copy_on_write(store, layout):
+    name = store.write(_state(), layout, step=0)
+    path = _only_file(store, name)
+    before = path.read_bytes()
+    vec = store.read(name)
+    maps = Path("/proc/self/maps").read_text()
+    assert str(path) in maps  # zero-copy: the tensor's memory is the file's mapping
+    vec.mul_(2)  # writable, private: the file is not modified
+    assert path.read_bytes() == before
+    assert torch.equal(store.read(name), flatten(_state(), layout))
+
+
+# ---- filesystems ---------------------------------------------------------------------------
+
+
+def _stores(tmp_path):
+    yield CandidateStore((tmp_path / "plain").as_uri(), create=True)  # file:// URI
+    sub = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    yield CandidateStore("sub/store", create=True, filesystem=sub)
+    mock = pafs._MockFileSystem()  # not the local disk: exercises the generic (s3/gs) code path
+    yield CandidateStore("bucket/run", create=True, filesystem=mock)
+
+
+def test_uris_and_filesystems(tmp_path, layout):
+    for store in _stores(tmp_path):
+        name = store.write(_state(), layout, step=1, seed=3)
+        store.write(_state(1), layout, step=2)
+        assert store.names() == [name, "step-000000002"]
+        assert torch.equal(store.read(name, verify=True), flatten(_state(), layout))
+        assert store.read_state(name)["head.weight"].dtype == torch.bfloat16
+        assert store.info(name).seed == 3
+        with pytest.raises(FileExistsError):
+            store.write(_state(), layout, step=1)
+        store.write(_state(2), layout, step=1, overwrite=True)
+        assert torch.equal(store.read(name), flatten(_state(2), layout))
+        with pytest.raises(FileNotFoundError, match="names()"):
+            store.read("absent")
+    assert (tmp_path / "sub" / "store" / "step-000000001.arrow").is_file()
+    assert CandidateStore(str(tmp_path / "plain")).names() == [name, "step-000000002"]
+
+
+def test_bad_uri(tmp_path):
+    with pytest.raises(ValueError, match="URI"):
+        CandidateStore("nosuchscheme://x/y")
+
+
+# ---- refusals ------------------------------------------------------------------------------
+
+
+def test_missing_store(tmp_path):
+    with pytest.raises(FileNotFoundError, match="create=True"):
+        CandidateStore(tmp_path / "absent")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        CandidateStore(tmp_path / "afile")
+
+
+def test_layout_mismatch_names_both_fingerprints(store, layout):
+    store.write(_state(), layout, step=0)
+    other_state = {**_state(), "head.bias": torch.randn(3)}
+    other = Layout.from_tensors(other_state)
+    with pytest.raises(ValueError) as e:
+        store.write(other_state, other, step=1)
+    msg = str(e.value)
+    assert layout.fingerprint[:16] in msg and other.fingerprint[:16] in msg
+    assert "head.bias" in msg and "another store" in msg
+    assert store.names() == ["step-000000000"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_inf_refused_nothing_written(store, layout, bad):
+    state = _state()
+    state["head.bias"][1] = bad
+    with pytest.raises(ValueError, match="NaN/Inf.*head.bias"):
+        store.write(state, layout, step=0)
+    assert os.listdir(store.uri) == []
+
+
+def test_no_silent_overwrite(store, layout):
+    store.write(_state(0), layout, step=0, name="x")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        store.write(_state(1), layout, step=0, name="x")
+    assert torch.equal(store.read("x"), flatten(_state(0), layout))
+    store.write(_state(1), layout, step=9, name="x", overwrite=True)
+    assert torch.equal(store.read("x"), flatten(_state(1), layout)) and store.info("x").step == 9
+    assert os.listdir(store.uri) == ["x.arrow"]
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "", ".hidden", "x.tmp", "a b", "x" * 201])
+def test_bad_names(store, layout, name):
+    with pytest.raises(ValueError, match="name"):
+        store.write(_state(), layout, step=0, name=name)
+    with pytest.raises(ValueError, match="name"):
+        store.read(name)
+
+
+def test_bad_arguments(store, layout):
+    with pytest.raises(ValueError, match="step"):
+        store.write(_state(), layout, step=-1)
+    with pytest.raises(ValueError, match="epoch"):
+        store.write(_state(), layout, step=0, epoch=float("nan"))
+    with pytest.raises(ValueError, match="seed"):
+        store.write(_state(), layout, step=0, seed=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="missing"):
+        store.write({"conv.weight": torch.zeros(4, 3, 3)}, layout, step=0)
+    ints = Layout(("n",), ((3,),), ("int64",))
+    with pytest.raises(ValueError, match="floating-point"):
+        store.write(torch.zeros(3), ints, step=0)
+
+
+@pytest.mark.parametrize("keep", [0, 1, 8, 100, 0.5, -1, -10])
+def test_truncated_file(store, layout, keep):
+    name = store.write(_state(), layout, step=0)
+    path = _only_file(store, name)
+    data = path.read_bytes()
+    n = int(len(data) * keep) if isinstance(keep, float) else keep % len(data)
+    path.write_bytes(data[:n])
+    fresh = CandidateStore(store.uri)
+    with pytest.raises(ValueError, match=f"{path}.*delete"):
+        fresh.read(name)
+    with pytest.raises(ValueError, match=str(path)):
+        fresh.names()
+
+
+def test_corrupt_data_caught_by_verify(store, layout):
+    name = store.write(torch.ones(layout.numel), layout, step=0)
+    path = _only_file(store, name)
+    data = bytearray(path.read_bytes())
+    at = data.find(np.ones(4, np.float32).tobytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert not torch.equal(store.read(name), torch.ones(layout.numel))
+    with pytest.raises(ValueError, match="CRC"):
+        store.read(name, verify=True)
+
+
+def _write_arrow(path: Path, table: pa.Table) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+
+
+def test_wrong_schema_and_foreign_files(store, layout):
+    name = store.write(_state(), layout, step=0)
+    path = _only_file(store, name)
+    meta = pa.ipc.open_file(pa.memory_map(str(path))).schema.metadata
+    wrong = pa.table({"flat": pa.array(np.zeros(layout.numel, np.int64))}).replace_schema_metadata(meta)
+    _write_arrow(path, wrong)
+    with pytest.raises(ValueError, match="wrong schema"):
+        CandidateStore(store.uri).read(name)
+    _write_arrow(path, pa.table({"flat": pa.array(np.zeros(layout.numel, np.float32))}))
+    with pytest.raises(ValueError, match="not a twa_ray candidate"):
+        CandidateStore(store.uri).read(name)
+    short = pa.table({"flat": pa.array(np.zeros(3, np.float32))}).replace_schema_metadata(meta)
+    _write_arrow(path, short)
+    with pytest.raises(ValueError, match="layout needs"):
+        CandidateStore(store.uri).read(name)
+
+
+def test_newer_format_refused(store, layout):
+    name = store.write(_state(), layout, step=0)
+    path = _only_file(store, name)
+    table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    meta = dict(table.schema.metadata)
+    cand = json.loads(meta[b"twa_ray.candidate"])
+    cand["format"] = FORMAT_VERSION + 1
+    meta[b"twa_ray.candidate"] = json.dumps(cand).encode()
+    _write_arrow(path, table.replace_schema_metadata(meta))
+    with pytest.raises(ValueError, match="newer twa_ray"):
+        CandidateStore(store.uri).read(name)
+
+
+def test_candidate_of_another_model_refused_on_read(tmp_path, store, layout):
+    store.write(_state(), layout, step=0)
+    other = CandidateStore(tmp_path / "other", create=True)
+    lin = torch.nn.Linear(2, 2)
+    name = other.write(lin.state_dict(), Layout.from_module(lin), step=99, name="stray")
+    os.replace(_only_file(other, name), Path(store.uri) / "stray.arrow")
+    with pytest.raises(ValueError, match="another model"):
+        CandidateStore(store.uri).read("stray")
+
+
+# ---- atomicity -----------------------------------------------------------------------------
+
+
+def test_temp_and_foreign_files_ignored(store, layout):
+    name = store.write(_state(), layout, step=0)
+    root = Path(store.uri)
+    (root / f".{name}.abc123.tmp").write_bytes(b"partial")
+    (root / ".x.arrow").write_bytes(b"hidden")
+    (root / "notes.txt").write_text("hello")
+    (root / "sub").mkdir()
+    assert store.names() == [name] and len(store) == 1
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys, torch
+    from twa_ray.core.layout import Layout
+    from twa_ray.store import CandidateStore
+    store = CandidateStore(sys.argv[1], create=True)
+    layout = Layout(("w",), ((2_000_000,),), ("float32",))
+    for step in range(100_000):
+        store.write(torch.full((2_000_000,), float(step)), layout, step=step)
+    """
+)
+
+
+def test_crash_mid_write_leaves_only_complete_candidates(tmp_path):
+    root = tmp_path / "crash"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(twa_ray.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+    )}  # fmt: skip
+    child = subprocess.Popen([sys.executable, "-c", _WRITER, str(root)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and child.poll() is None:
+            # kill while a temporary file exists, i.e. in the middle of a write, after >= 2 commits
+            names = os.listdir(root) if root.is_dir() else []
+            if sum(n.endswith(".arrow") for n in names) >= 2 and any(n.endswith(".tmp") for n in names):
+                os.kill(child.pid, signal.SIGKILL)
+                break
+            time.sleep(0.0005)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    store = CandidateStore(root)
+    names = store.names()
+    assert len(names) >= 2
+    assert any(n.endswith(".tmp") for n in os.listdir(root))  # the crash left a temp file behind
+    for name in names:  # every listed candidate is complete
+        assert torch.equal(store.read(name, verify=True), torch.full((2_000_000,), float(store.info(name).step)))
+    new = store.write(torch.zeros(2_000_000), store.layout, step=10**6)  # the store stays usable
+    assert store.names()[-1] == new
+
+
+# ---- fuzzing -------------------------------------------------------------------------------
+
+
+def _valid_file_bytes() -> bytes:
+    with tempfile.TemporaryDirectory() as d:
+        store = CandidateStore(d, create=True)
+        layout = Layout.from_tensors(_state())
+        name = store.write(_state(), layout, step=1)
+        return Path(store._os_path(name)).read_bytes()
+
+
+_VALID = _valid_file_bytes()
+_FUZZ = settings(max_examples=150, deadline=2000, suppress_health_check=list(HealthCheck))
+
+
+def _expect_clean(data: bytes) -> None:
+    """Reading ``data`` as a candidate: a ValueError, or (rarely) the exact original values."""
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "fuzz.arrow").write_bytes(data)
+        store = CandidateStore(d)
+        try:
+            vec = store.read("fuzz", verify=True)
+        except ValueError:
+            pass
+        else:
+            assert torch.equal(vec, flatten(_state(), Layout.from_tensors(_state())))
+        try:
+            store.info("fuzz")
+            store.names()
+        except ValueError:
+            pass
+
+
+@_FUZZ
+@given(st.binary(max_size=2048))
+def test_fuzz_random_bytes(data):
+    _expect_clean(data)
+
+
+@_FUZZ
+@given(
+    st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8),
+    st.integers(1, len(_VALID)),
+)
+def test_fuzz_mutated_file(edits, keep):
+    data = bytearray(_VALID)
+    for at, byte in edits:
+        data[at] = byte
+    _expect_clean(bytes(data[:keep]))

@@ -1,0 +1,82 @@
+"""Evaluation of a model, and of a flat weight vector (load it, re-estimate BN, evaluate)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twa_ray.core.bn import split_batch, update_bn
+from twa_ray.core.layout import Layout, load_flat_
+
+__all__ = ["EvalResult", "evaluate", "make_scorer"]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Sums over a dataset (so that results of several workers add up)."""
+
+    loss_sum: float
+    correct: int
+    count: int
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.count, 1)
+
+    @property
+    def acc(self) -> float:
+        return self.correct / max(self.count, 1)
+
+    def __add__(self, other: EvalResult) -> EvalResult:
+        return EvalResult(
+            self.loss_sum + other.loss_sum, self.correct + other.correct, self.count + other.count
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    device: torch.device | None = None,
+    loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
+) -> EvalResult:
+    """Summed loss, correct predictions and count of ``model`` in eval mode over ``loader``."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for batch in loader:
+        x, y = split_batch(batch, device)
+        if y is None:
+            raise ValueError("evaluation batches need targets: yield (x, y) or {'x': ..., 'y': ...}")
+        out = model(x)
+        loss_sum += float(loss_fn(out, y, reduction="sum"))
+        correct += int((out.argmax(dim=-1) == y).sum())
+        count += int(y.numel())
+    model.train(was_training)
+    return EvalResult(loss_sum, correct, count)
+
+
+def make_scorer(
+    model: nn.Module,
+    layout: Layout,
+    *,
+    bn_loader: Iterable[Any] | None,
+    eval_loader: Iterable[Any],
+    device: torch.device | None = None,
+) -> Callable[[torch.Tensor], float]:
+    """A function ``theta -> accuracy``: loads ``theta`` into ``model``, re-estimates BN on
+    ``bn_loader`` (skipped when None) and evaluates on ``eval_loader``."""
+
+    def score(theta: torch.Tensor) -> float:
+        load_flat_(model, theta, layout)
+        if bn_loader is not None:
+            update_bn(bn_loader, model, device=device)
+        return evaluate(model, eval_loader, device=device).acc
+
+    return score

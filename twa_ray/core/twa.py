@@ -1,0 +1,336 @@
+"""Trainable Weight Averaging: learn the averaging coefficients of K candidate solutions.
+
+.. math::
+    \\begin{aligned}
+    &\\textbf{input}: \\text{subspace } (o, B), \\ \\alpha_0 \\text{ (SWA point)}, \\ \\eta_t \\\\
+    &\\textbf{for } t = 0, 1, \\ldots: \\\\
+    &\\quad g = \\nabla_\\theta \\ell(\\theta_t; \\text{batch})               &&\\text{(forward + backward)} \\\\
+    &\\quad a_{k,l} = \\langle B_{k,l}, g \\rangle                           &&\\text{(project: K·L numbers)} \\\\
+    &\\quad \\alpha_{t+1} = \\mathrm{step}(\\alpha_t, a, \\eta_t)          &&\\text{(SGD+momentum or AdamW)} \\\\
+    &\\quad \\theta_{t+1} = o + \\textstyle\\sum_{k,l} \\alpha_{t+1}[k,l] B_{k,l} &&\\text{(reconstruct)}
+    \\end{aligned}
+
+TWA-t runs this loop on training batches, TWA-v on held-out validation batches: the same loop
+with another loader. Paper: Li et al., "Trainable Weight Averaging", arXiv 2205.13104.
+
+A distributed caller splits the step: :meth:`TWA.coefficient_grad` on each worker, an all-reduce
+of the (K, L) result, then :meth:`TWA.apply_` on every worker.
+
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Linear(4, 2)
+>>> cands = [{n: p + 0.1 * torch.randn_like(p) for n, p in model.named_parameters()} for _ in range(3)]
+>>> twa = TWA(model, cands, bits=8, lr=0.1)
+>>> data = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(4)]
+>>> _ = twa.fit(data, epochs=1)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twa_ray.core.bn import split_batch, update_bn
+from twa_ray.core.layout import Layout, flatten, load_flat_, parse_blocks
+from twa_ray.core.optim import OPTIMIZERS, SCHEDULES, make_optimizer
+from twa_ray.core.quant import ALLOWED_BITS
+from twa_ray.core.subspace import CandidateStream, Subspace, build_affine, build_span
+
+__all__ = ["TWA", "TWAConfig", "build_subspace", "candidate_stream"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TWAConfig:
+    """Settings of the coefficient phase (subspace, quantization, optimizer, schedule)."""
+
+    subspace: Literal["affine", "span"] = "affine"
+    """affine: layer-wise normalized deltas around the mean (journal); span: orthonormal QR basis (ICLR)."""
+    blocks: str = "tensor"
+    """Coefficient blocks: 'model' (one per candidate), 'tensor' (per parameter tensor), 'size:N'."""
+    bits: int = 4
+    """Bits per code of the projection matrix B: 1, 2, 4, 8, or 16/32 (unquantized)."""
+    granularity: Literal["row", "block"] = "row"
+    """Quantization range per (candidate, block) ('row') or per block ('block')."""
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """Optimizer over the coefficients."""
+    lr: float = 0.05
+    """Peak learning rate of the coefficients."""
+    momentum: float = 0.9
+    """SGD momentum (ignored by AdamW)."""
+    weight_decay: float = 0.0
+    """Decay of the coefficients towards the SWA point."""
+    epochs: float = 3.0
+    """Passes over the loader in :meth:`TWA.fit` (fractions allowed)."""
+    schedule: Literal["constant", "step", "linear", "cosine"] = "cosine"
+    """Learning-rate decay after warm-up."""
+    warmup_frac: float = 0.0
+    """Fraction of the steps spent warming up linearly."""
+    step_size: int = 100
+    """'step' schedule: steps between decays."""
+    gamma: float = 0.1
+    """'step' schedule: decay factor."""
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.subspace not in ("affine", "span"):
+            errors.append(f"subspace={self.subspace!r}: use 'affine' or 'span'")
+        try:
+            kind, _ = parse_blocks(self.blocks)
+            if self.subspace == "span" and kind != "model":
+                errors.append(f"blocks={self.blocks!r}: the span subspace has one block; use 'model'")
+        except ValueError as e:
+            errors.append(str(e))
+        if self.bits not in ALLOWED_BITS:
+            errors.append(f"bits={self.bits}: use one of {', '.join(map(str, ALLOWED_BITS))}")
+        if self.granularity not in ("row", "block"):
+            errors.append(f"granularity={self.granularity!r}: use 'row' or 'block'")
+        if self.optimizer not in OPTIMIZERS:
+            errors.append(f"optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            errors.append(f"schedule={self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            errors.append(f"lr={self.lr}: must be a positive number")
+        if not 0 <= self.momentum < 1:
+            errors.append(f"momentum={self.momentum}: must lie in [0, 1)")
+        if not self.weight_decay >= 0:
+            errors.append(f"weight_decay={self.weight_decay}: must be >= 0")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            errors.append(f"epochs={self.epochs}: must be a positive number")
+        if not 0 <= self.warmup_frac < 1:
+            errors.append(f"warmup_frac={self.warmup_frac}: must lie in [0, 1)")
+        if self.step_size < 1 or not 0 < self.gamma <= 1:
+            errors.append(f"step_size={self.step_size}, gamma={self.gamma}: need step_size >= 1, 0 < gamma <= 1")
+        if errors:
+            raise ValueError("invalid TWA config: " + "; ".join(errors))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TWAConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TWA option(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Candidate = torch.Tensor | Mapping[str, torch.Tensor] | nn.Module
+
+
+def candidate_stream(candidates: Any, layout: Layout) -> CandidateStream:
+    """A re-iterable stream of flat candidates from a store (anything with ``iter_flat()`` and
+    ``layout``), a sequence of flat tensors / state dicts / modules, or a zero-argument callable."""
+    if hasattr(candidates, "iter_flat"):
+        store_layout = getattr(candidates, "layout", None)
+        if store_layout is not None:
+            layout.check_compatible(store_layout, "the candidate store")
+        return candidates.iter_flat
+    if callable(candidates):
+        return candidates
+    if isinstance(candidates, Sequence):
+        items = list(candidates)
+
+        def stream() -> Iterator[torch.Tensor]:
+            for c in items:
+                yield c.detach().float() if isinstance(c, torch.Tensor) else flatten(c, layout)
+
+        return stream
+    raise ValueError(
+        f"cannot read candidates from a {type(candidates).__name__}; pass a CandidateStore, "
+        "a list of state dicts / flat tensors / modules, or a callable returning an iterator"
+    )
+
+
+def build_subspace(candidates: Any, layout: Layout, config: TWAConfig) -> Subspace:
+    """The subspace named by ``config`` over ``candidates`` (see :func:`candidate_stream`)."""
+    stream = candidate_stream(candidates, layout)
+    if config.subspace == "span":
+        return build_span(stream, layout, bits=config.bits)
+    return build_affine(
+        stream, layout, blocks=layout.blocks(config.blocks), bits=config.bits, granularity=config.granularity
+    )
+
+
+class TWA:
+    """Learn averaging coefficients of candidate weights for ``model``.
+
+    Args:
+        model: the network; its trainable parameters are overwritten with ``theta(alpha)``.
+        candidates: a :class:`Subspace`, a candidate store, or a sequence of state dicts,
+            flat tensors or modules with the model's layout.
+        config: a :class:`TWAConfig`; keyword ``overrides`` replace its fields.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        candidates: Any,
+        *,
+        config: TWAConfig | None = None,
+        loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
+        **overrides: Any,
+    ) -> None:
+        self.config = replace(config or TWAConfig(), **overrides)
+        self.model = model
+        self.layout = Layout.from_module(model)
+        self.loss_fn = loss_fn
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.params[0].device
+        subspace = (
+            candidates
+            if isinstance(candidates, Subspace)
+            else build_subspace(candidates, self.layout, self.config)
+        )
+        if subspace.origin.numel() != self.layout.numel:
+            raise ValueError(
+                f"subspace has dimension {subspace.origin.numel()}, the model {self.layout.numel}"
+            )
+        self.subspace = subspace.to(self.device)
+        self.alpha = self.subspace.alpha0.clone().requires_grad_(False)
+        self.step_count = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self._flat = self._bind_flat_params()
+        self.load_theta_()
+
+    # -- weights --------------------------------------------------------------------------
+    def _bind_flat_params(self) -> torch.Tensor | None:
+        """Make the float32 parameters views of one flat buffer so reconstruct writes in place."""
+        if any(p.dtype != torch.float32 for p in self.params):
+            return None
+        flat = flatten(self.model, self.layout).to(self.device)
+        with torch.no_grad():
+            for p, a, b, shape in zip(
+                self.params, self.layout.offsets, self.layout.offsets[1:], self.layout.shapes
+            ):
+                p.data = flat[a:b].view(shape)
+        return flat
+
+    @property
+    def theta(self) -> torch.Tensor:
+        """The current weights ``o + sum alpha B`` as a flat (D,) float32 tensor."""
+        return self.subspace.reconstruct(self.alpha)
+
+    @torch.no_grad()
+    def load_theta_(self) -> None:
+        """Write ``theta(alpha)`` into the model's parameters."""
+        if self._flat is not None:
+            self.subspace.reconstruct(self.alpha, out=self._flat)
+        else:
+            load_flat_(self.model, self.theta, self.layout)
+
+    # -- optimization ------------------------------------------------------------------------
+    def start(self, total_steps: int) -> None:
+        """Create the optimizer and schedule for ``total_steps`` coefficient steps."""
+        cfg = self.config
+        self.optimizer, self.scheduler = make_optimizer(
+            self.alpha,
+            optimizer=cfg.optimizer,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            total_steps=total_steps,
+            schedule=cfg.schedule,
+            warmup_steps=int(cfg.warmup_frac * total_steps),
+            step_size=cfg.step_size,
+            gamma=cfg.gamma,
+        )
+
+    def coefficient_grad(self, batch: Any) -> tuple[torch.Tensor, float, int, int]:
+        """Forward + backward on ``batch`` at ``theta``; returns ``(a, loss_sum, correct, count)``
+        with ``a = B g`` of shape (R, L)."""
+        self.model.train()
+        for p in self.params:
+            p.grad = None
+        x, y = split_batch(batch, self.device)
+        out = self.model(x)
+        loss = self.loss_fn(out, y)
+        loss.backward()
+        g = torch.cat(
+            [
+                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                for p in self.params
+            ]
+        )
+        count = int(y.shape[0]) if isinstance(y, torch.Tensor) else int(x.shape[0])
+        classify = isinstance(y, torch.Tensor) and not y.is_floating_point() and out.dim() == y.dim() + 1
+        correct = int((out.argmax(-1) == y).sum()) if classify else 0
+        return self.subspace.project(g), float(loss.detach()) * count, correct, count
+
+    @torch.no_grad()
+    def apply_(self, a: torch.Tensor) -> None:
+        """One optimizer step on alpha with gradient ``a`` (R, L), then reconstruct theta."""
+        if self.optimizer is None or self.scheduler is None:
+            raise RuntimeError("call start(total_steps) (or fit) before apply_")
+        self.alpha.grad = a.to(self.alpha)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step_count += 1
+        self.load_theta_()
+
+    def fit(
+        self,
+        loader: Iterable[Any],
+        *,
+        epochs: float | None = None,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> TWA:
+        """Optimize alpha for ``epochs`` passes over ``loader`` (train data: TWA-t; held-out
+        data: TWA-v). ``on_step(step, loss)`` is called after every step."""
+        epochs = self.config.epochs if epochs is None else epochs
+        steps_per_epoch = len(loader)  # type: ignore[arg-type]
+        total = max(1, round(epochs * steps_per_epoch))
+        if self.optimizer is None:
+            self.start(total)
+        step = 0
+        while step < total:
+            for batch in loader:
+                a, loss_sum, _, count = self.coefficient_grad(batch)
+                self.apply_(a)
+                if on_step is not None:
+                    on_step(self.step_count, loss_sum / max(count, 1))
+                step += 1
+                if step >= total:
+                    break
+        return self
+
+    def update_bn(self, loader: Iterable[Any], **kw: Any) -> int:
+        """Re-estimate BatchNorm statistics at the current weights (call after :meth:`fit`)."""
+        return update_bn(loader, self.model, device=self.device, **kw)
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha.detach().cpu().clone(),
+            "step": self.step_count,
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], *, total_steps: int | None = None) -> None:
+        alpha = state["alpha"]
+        if tuple(alpha.shape) != tuple(self.alpha.shape):
+            raise ValueError(
+                f"coefficients of shape {list(alpha.shape)} do not fit this subspace "
+                f"{list(self.alpha.shape)}; the checkpoint comes from other candidates"
+            )
+        with torch.no_grad():
+            self.alpha.copy_(alpha)
+        self.step_count = int(state["step"])
+        if state.get("optimizer") is not None:
+            if self.optimizer is None:
+                if total_steps is None:
+                    raise ValueError("total_steps is needed to restore the optimizer state")
+                self.start(total_steps)
+            assert self.optimizer is not None and self.scheduler is not None
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.load_theta_()

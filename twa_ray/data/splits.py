@@ -1,0 +1,82 @@
+"""The :class:`DataSplits` container and the seeded train/val hold-out split.
+
+TWA-v learns its coefficients on a validation split that the sampling phase
+never trained on, so every dataset here carries three disjoint splits:
+``train`` (SGD and BN statistics), ``val`` (held out of train by a seeded
+permutation) and ``test`` (reporting only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sized
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["DataSplits", "held_out_split", "check_val_frac"]
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """Train / held-out val / test datasets of one task.
+
+    Each split is a map-style ``torch.utils.data.Dataset`` whose items are ``(x, y)``
+    with ``x`` a float32 tensor of shape ``input_shape`` and ``y`` an int64 class index.
+    """
+
+    train: Dataset[Any]
+    """Training split: the sampling phase trains on it, BN statistics are estimated on it."""
+    val: Dataset[Any]
+    """Held out of training (seeded permutation); TWA-v optimizes its coefficients here."""
+    test: Dataset[Any]
+    """Reporting only."""
+    num_classes: int
+    """Number of classes; labels are ``0 .. num_classes - 1``."""
+    input_shape: tuple[int, ...]
+    """Shape of one ``x`` (without the batch dimension), e.g. ``(40,)`` or ``(3, 32, 32)``."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
+        shape = tuple(self.input_shape)
+        if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
+            raise ValueError(
+                f"input_shape must be a non-empty tuple of positive ints, got {self.input_shape!r}"
+            )
+        object.__setattr__(self, "input_shape", shape)
+
+    def sizes(self) -> dict[str, int]:
+        """Number of examples per split (``-1`` for a split without ``__len__``)."""
+        return {
+            name: len(ds) if isinstance(ds, Sized) else -1
+            for name, ds in (("train", self.train), ("val", self.val), ("test", self.test))
+        }
+
+
+def check_val_frac(val_frac: float) -> float:
+    """Validate the held-out fraction: ``0 <= val_frac < 1``."""
+    if not isinstance(val_frac, (int, float)) or not 0.0 <= float(val_frac) < 1.0:
+        raise ValueError(f"val_frac must be in [0, 1), got {val_frac!r}")
+    return float(val_frac)
+
+
+def held_out_split(n: int, val_frac: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``range(n)`` into disjoint ``(train_idx, val_idx)`` by a seeded permutation.
+
+    ``len(val_idx) == round(n * val_frac)``; both index tensors are int64 and sorted
+    (so a split reads its storage in order). The permutation uses its own
+    ``torch.Generator``: the global RNG is untouched.
+    """
+    val_frac = check_val_frac(val_frac)
+    num_val = int(round(n * val_frac))
+    if val_frac > 0 and num_val == 0 and n > 1:
+        num_val = 1
+    if num_val >= n and n > 0:
+        raise ValueError(f"val_frac={val_frac} leaves no training examples out of {n}")
+    gen = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(n, generator=gen)
+    val_idx, _ = torch.sort(perm[:num_val])
+    train_idx, _ = torch.sort(perm[num_val:])
+    return train_idx, val_idx

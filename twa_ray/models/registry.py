@@ -1,0 +1,103 @@
+"""``build_model(name, ...)``: the one entry point from a model name to an ``nn.Module``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from twa_ray.importpath import call_with_accepted, is_import_path, load_callable
+from twa_ray.models.cnn1d import CNN1d
+from twa_ray.models.mlp import MLP
+from twa_ray.models.resnet_cifar import ResNetCifar
+from twa_ray.models.vgg import VGG16BN
+
+__all__ = ["MODELS", "build_model"]
+
+
+def _image_channels(name: str, input_shape: tuple[int, ...]) -> int:
+    if len(input_shape) != 3:
+        raise ValueError(f"{name} takes images, input_shape (C, H, W); got {input_shape}")
+    return input_shape[0]
+
+
+def _resnet(depth: int) -> Callable[[int, tuple[int, ...]], nn.Module]:
+    def build(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+        c = _image_channels(f"resnet{depth}", input_shape)
+        return ResNetCifar(depth, num_classes, in_channels=c)
+
+    return build
+
+
+MODELS: dict[str, Callable[[int, tuple[int, ...]], nn.Module]] = {
+    "mlp": lambda num_classes, input_shape: MLP(math.prod(input_shape), num_classes),
+    "cnn1d": lambda num_classes, input_shape: CNN1d(input_shape, num_classes),
+    **{f"resnet{d}": _resnet(d) for d in (20, 32, 44, 56, 110)},
+    "vgg16_bn": lambda num_classes, input_shape: VGG16BN(
+        num_classes, in_channels=_image_channels("vgg16_bn", input_shape)
+    ),
+}
+"""Built-in models: name -> ``builder(num_classes, input_shape)``."""
+
+
+def build_model(name: str, *, num_classes: int, input_shape: Sequence[int]) -> nn.Module:
+    """Build a freshly initialized classifier (parameters drawn from the global torch RNG).
+
+    Args:
+        name: one of
+
+            - ``"mlp"``: 2 x 256 hidden, Linear-BatchNorm1d-ReLU (the MNIST-1D baseline);
+            - ``"cnn1d"``: 3 Conv1d-BN-ReLU layers + linear, for MNIST-1D (``(N, 40)`` inputs);
+            - ``"resnet20"`` (also 32/44/56/110): CIFAR ResNet, option A shortcut (0.27M params);
+            - ``"vgg16_bn"``: CIFAR VGG-16 with BN and a 512-512 classifier (15.3M params);
+            - ``"tv:<name>"``: ``torchvision.models.get_model(name, weights=None, num_classes=...)``;
+            - ``"pkg.module:function"``: a user function, called with ``num_classes=`` and
+              ``input_shape=`` if its signature accepts them (each on its own), else with none.
+        num_classes: number of output logits.
+        input_shape: shape of one input without the batch dimension: ``(40,)``, ``(3, 32, 32)``.
+
+    Raises:
+        ValueError: unknown name (the message lists the choices) or incompatible shape.
+
+    >>> build_model("resnet20", num_classes=10, input_shape=(3, 32, 32))  # doctest: +ELLIPSIS
+    ResNetCifar(...)
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or min(shape) < 1:
+        raise ValueError(
+            f"input_shape must be a non-empty tuple of positive ints, got {input_shape!r}"
+        )
+    if name in MODELS:
+        return MODELS[name](num_classes, shape)
+    if isinstance(name, str) and name.startswith("tv:"):
+        return _torchvision_model(name[3:], num_classes)
+    if isinstance(name, str) and is_import_path(name):
+        model = call_with_accepted(
+            load_callable(name), {"num_classes": num_classes, "input_shape": shape}
+        )
+        if not isinstance(model, nn.Module):
+            raise ValueError(
+                f"model function {name!r} returned {type(model).__name__}, not an nn.Module"
+            )
+        return model
+    raise ValueError(
+        f"unknown model {name!r}; choose one of {', '.join(MODELS)}, 'tv:<torchvision model>' "
+        "(e.g. 'tv:resnet18') or a user function 'package.module:function'"
+    )
+
+
+def _torchvision_model(tv_name: str, num_classes: int) -> nn.Module:
+    import torchvision.models as tvm
+
+    available = tvm.list_models()
+    if tv_name not in available:
+        close = [m for m in available if tv_name.lower() in m or m in tv_name.lower()][:10]
+        raise ValueError(
+            f"unknown torchvision model {tv_name!r}"
+            + (f"; did you mean one of {close}?" if close else "")
+            + " (torchvision.models.list_models() lists all)"
+        )
+    return tvm.get_model(tv_name, weights=None, num_classes=num_classes)

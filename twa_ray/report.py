@@ -1,0 +1,179 @@
+"""Outputs of a run: metrics.json, model.safetensors, coefficients.parquet, plots, a table.
+
+Every file is written atomically (a temporary file in the same directory, then ``os.replace``):
+a crash never leaves a file that loads as valid but holds half the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "atomic_path",
+    "write_json",
+    "write_model",
+    "write_coefficients",
+    "format_table",
+    "plot_accuracy",
+    "plot_coefficients",
+    "prepare_out_dir",
+]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def prepare_out_dir(out: str) -> Path:
+    """Create ``out`` and check that it is writable, with one clear error if not."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"--out {out!r} is not a writable directory ({e.strerror}); choose another --out"
+        ) from None
+    return path
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+        f.write("\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialize {type(obj).__name__}")
+
+
+def write_model(path: str | os.PathLike[str], model: torch.nn.Module, metadata: Mapping[str, str]) -> None:
+    """The full state dict (parameters and BN buffers) as safetensors."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, tmp, metadata=dict(metadata))
+
+
+def write_coefficients(
+    path: str | os.PathLike[str],
+    coefficients: Mapping[str, torch.Tensor],
+    *,
+    block_labels: Sequence[str],
+    candidate_names: Sequence[str] | None = None,
+) -> None:
+    """Long-format Parquet table: variant, candidate (row), block, block_label, alpha."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols: dict[str, list[Any]] = {k: [] for k in ("variant", "row", "candidate", "block", "block_label", "alpha")}
+    for variant, alpha in coefficients.items():
+        rows, blocks = alpha.shape
+        for k in range(rows):
+            for l in range(blocks):
+                cols["variant"].append(variant)
+                cols["row"].append(k)
+                cols["candidate"].append(candidate_names[k] if candidate_names and k < len(candidate_names) else str(k))
+                cols["block"].append(l)
+                cols["block_label"].append(block_labels[l])
+                cols["alpha"].append(float(alpha[k, l]))
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(cols), tmp)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table (markdown pipes), numbers rounded for reading."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    out = [line(list(columns)), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(row) for row in cells]
+    return "\n".join(out)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(
+    path: str | os.PathLike[str],
+    history: Sequence[Mapping[str, Any]],
+    points: Mapping[str, tuple[float, float]],
+    *,
+    full_history: Sequence[Mapping[str, Any]] | None = None,
+) -> None:
+    """Test accuracy of SGD against epochs, with the averaged solutions marked at their cost."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if full_history:
+        ax.plot([h["epoch"] for h in full_history], [h["test_acc"] for h in full_history], color="0.7", label="SGD (full budget)")
+    ax.plot([h["epoch"] for h in history], [h["test_acc"] for h in history], color="C0", label="SGD (sampling)")
+    markers = iter("os^Dv*P")
+    for name, (epochs, acc) in points.items():
+        ax.scatter([epochs], [acc], marker=next(markers, "o"), s=60, zorder=3, label=name)
+    ax.set_xlabel("epochs used")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_coefficients(
+    path: str | os.PathLike[str], alpha: torch.Tensor, *, block_labels: Sequence[str], title: str
+) -> None:
+    """Heatmap of the learned coefficients: candidates (rows) x blocks (columns)."""
+    plt = _pyplot()
+    rows, blocks = alpha.shape
+    fig, ax = plt.subplots(figsize=(min(2 + 0.35 * blocks, 14), min(2 + 0.25 * rows, 10)))
+    lim = float(alpha.abs().max()) or 1.0
+    im = ax.imshow(alpha.cpu().numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xlabel("block")
+    ax.set_ylabel("candidate")
+    if blocks <= 40:
+        ax.set_xticks(range(blocks), [b[:18] for b in block_labels], rotation=90, fontsize=6)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

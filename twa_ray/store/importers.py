@@ -1,0 +1,247 @@
+"""Import existing checkpoints into a candidate store ("average my fine-tuned checkpoints").
+
+Recognized checkpoints under ``src_dir``:
+
+- files directly in it ending in ``.pt`` / ``.pth`` (read with
+  ``torch.load(path, map_location="cpu", weights_only=True)`` only: a file whose unpickling would
+  run code is refused) or ``.safetensors`` (``safetensors.torch.load_file``);
+- Ray Train checkpoint directories anywhere below it: a directory holding one of
+  :data:`CHECKPOINT_FILES` (the first one present in that order is used, the rest of the directory,
+  e.g. ``optimizer.pt``, is ignored).
+
+A state dict may be nested under ``"state_dict"``, ``"model_state_dict"``, ``"model"`` or
+``"module"`` (Lightning / Ray / DeepSpeed style); a ``"module."`` (DDP) or ``"_orig_mod."``
+(``torch.compile``) prefix shared by all keys is stripped.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from twa_ray.core.layout import Layout, flatten
+from twa_ray.store.store import CandidateStore, _Staged
+
+__all__ = [
+    "CHECKPOINT_FILES",
+    "CHECKPOINT_SUFFIXES",
+    "find_checkpoints",
+    "import_checkpoints",
+    "infer_layout",
+    "load_state_dict",
+]
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")  # files directly in src_dir
+CHECKPOINT_FILES = ("model.safetensors", "model.pt", "model.pth", "checkpoint.pt")  # in Ray dirs
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")
+_PREFIXES = ("module.", "_orig_mod.")
+_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")  # re-estimated by TWA
+
+
+def _candidate_name(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip("._-")[:200].rstrip(".")
+    return name or "checkpoint"
+
+
+def find_checkpoints(src_dir: str | os.PathLike[str]) -> list[tuple[str, Path]]:
+    """``(candidate name, file)`` of every checkpoint under ``src_dir``, in sorted order.
+
+    Names come from file names (``ft_a.pt`` -> ``ft_a``) or from the checkpoint directory's path
+    relative to ``src_dir`` (``trial_0/checkpoint_000003`` -> ``trial_0-checkpoint_000003``);
+    clashes get a ``-2``, ``-3``... suffix.
+    """
+    src = Path(src_dir).expanduser()
+    if src.is_file():
+        if src.suffix.lower() not in CHECKPOINT_SUFFIXES:
+            raise ValueError(f"{src} is not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
+        found = [(src.stem, src)]
+    elif src.is_dir():
+        found = []
+        for root, dirs, files in os.walk(src):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            here = Path(root)
+            if here == src:
+                for f in sorted(files):
+                    if not f.startswith(".") and Path(f).suffix.lower() in CHECKPOINT_SUFFIXES:
+                        found.append((Path(f).stem, here / f))
+                continue
+            match = next((f for f in CHECKPOINT_FILES if f in files), None)
+            if match is not None:
+                found.append(("-".join(here.relative_to(src).parts), here / match))
+                dirs[:] = []  # a checkpoint directory is one candidate
+    else:
+        raise FileNotFoundError(f"checkpoint folder {src} does not exist; check the path")
+    out, seen = [], set()
+    for text, path in found:
+        base = name = _candidate_name(text)
+        k = 1
+        while name in seen:
+            k += 1
+            name = f"{base}-{k}"
+        seen.add(name)
+        out.append((name, path))
+    return out
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint at ``path`` (``.pt``/``.pth``/``.safetensors``), on CPU.
+
+    ``.pt`` files are loaded with ``torch.load(weights_only=True)`` only: pickled code is never
+    run. Any unreadable file raises ``ValueError`` naming it.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj: object = load_file(str(path), device="cpu")
+        except Exception as e:  # SafetensorError, OSError, ...: one error type for the user
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({_short(e)}); re-export it with "
+                "safetensors.torch.save_file(model.state_dict(), path)"
+            ) from None
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(
+                f"{path} was refused: it holds objects other than tensors and plain containers, "
+                f"and unpickling it could run code ({_short(e)}); only "
+                "torch.load(weights_only=True) is used. Re-save it with "
+                "torch.save(model.state_dict(), path) or convert it to .safetensors"
+            ) from None
+        except Exception as e:  # corrupt zip, EOF, bad storage...: one error type for the user
+            raise ValueError(
+                f"{path} is not a readable PyTorch checkpoint ({_short(e)}); re-save it with "
+                "torch.save(model.state_dict(), path)"
+            ) from None
+    for _ in range(4):  # unwrap {"state_dict": {...}}, {"model": {...}, "optimizer": ...}, ...
+        if not isinstance(obj, Mapping):
+            break
+        key = next((k for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            break
+        obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise ValueError(
+            f"{path} holds a {type(obj).__name__}, not a state dict; save model.state_dict()"
+        )
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{path} holds no tensors; save model.state_dict()")
+    for prefix in _PREFIXES:
+        if all(k.startswith(prefix) for k in tensors):
+            tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
+    return tensors
+
+
+def infer_layout(state: Mapping[str, torch.Tensor], *, where: str = "checkpoint") -> Layout:
+    """Layout guessed from a state dict: its floating-point tensors, minus BatchNorm statistics.
+
+    Frozen parameters and float buffers other than BN statistics are included, so pass the
+    model's own ``Layout.from_module(model)`` when it is at hand.
+    """
+    kept = {
+        k: v
+        for k, v in state.items()
+        if v.is_floating_point() and v.layout == torch.strided and not k.endswith(_BUFFER_SUFFIXES)
+    }
+    if not kept:
+        raise ValueError(f"{where} has no floating-point parameter tensors; save model.state_dict()")
+    return Layout.from_tensors(kept)
+
+
+def _select(state: Mapping[str, torch.Tensor], layout: Layout, path: Path) -> dict[str, torch.Tensor]:
+    """The layout's tensors of ``state``, checked for presence, shape and dtype."""
+    fix = (
+        "all checkpoints must come from the model the layout describes; pass "
+        "layout=Layout.from_module(model) or remove this file"
+    )
+    out = {}
+    for name, shape, dtype in zip(layout.names, layout.shapes, layout.dtypes):
+        t = state.get(name)
+        if t is None:
+            raise ValueError(f"{path}: tensor {name!r} of the layout is missing; {fix}")
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"{path}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}; {fix}"
+            )
+        if str(t.dtype).removeprefix("torch.") != dtype:
+            raise ValueError(
+                f"{path}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}, "
+                f"expected {dtype}; {fix}"
+            )
+        if t.layout != torch.strided:
+            raise ValueError(f"{path}: tensor {name!r} is {t.layout}, expected a dense tensor")
+        out[name] = t
+    return out
+
+
+def import_checkpoints(
+    src_dir: str | os.PathLike[str], out_uri: str, *, layout: Layout | None = None
+) -> list[str]:
+    """Import every checkpoint under ``src_dir`` into the store at ``out_uri`` (created if needed).
+
+    All-or-nothing: every checkpoint is loaded, checked against the layout and for NaN/Inf, and
+    written to a hidden temporary file first; only when all pass are they renamed into place.
+    Candidates are named after their files (see :func:`find_checkpoints`), take ``step`` = their
+    index in that order and ``source`` = the file path.
+
+    Args:
+        src_dir: a folder of ``.pt``/``.pth``/``.safetensors`` files and/or Ray Train checkpoint
+            directories (or one checkpoint file).
+        out_uri: the candidate store (local path or ``pyarrow.fs`` URI).
+        layout: the parameters to import. Pass the model's ``Layout.from_module(model)`` to be
+            exact; by default it is inferred from the first checkpoint's floating-point tensors,
+            minus BatchNorm running statistics, which also picks up frozen parameters and other
+            float buffers.
+
+    Returns:
+        The new candidates' names, in import order.
+
+    >>> import_checkpoints("finetuned/", "/tmp/soup", layout=Layout.from_module(model))  # doctest: +SKIP
+    ['ft_lr1e-4', 'ft_lr3e-4', 'ft_lr1e-3']
+    """
+    found = find_checkpoints(src_dir)
+    if not found:
+        raise ValueError(
+            f"no checkpoints in {src_dir}: expected {', '.join(CHECKPOINT_SUFFIXES)} files or Ray "
+            f"Train checkpoint directories holding one of {', '.join(CHECKPOINT_FILES)}"
+        )
+    store = CandidateStore(out_uri, create=True)
+    clashes = [name for name, _ in found if name in store]
+    if clashes:
+        raise FileExistsError(
+            f"store {out_uri!r} already holds candidates named {clashes[:5]}; import into a new "
+            "store or rename the checkpoints"
+        )
+    staged: list[_Staged] = []
+    try:
+        for step, (name, path) in enumerate(found):
+            state = load_state_dict(path)
+            if layout is None:
+                layout = infer_layout(state, where=str(path))
+            flat = flatten(_select(state, layout, path), layout)
+            del state
+            staged.append(
+                store._stage(
+                    flat, layout, step=step, epoch=0.0, source=str(path), seed=None, run_id="",
+                    name=name, overwrite=False,
+                )
+            )  # fmt: skip
+        for s in staged:
+            store._commit(s, overwrite=False)
+    finally:
+        for s in staged:
+            store._discard(s)
+    return [s.name for s in staged]
