@@ -50,7 +50,7 @@ class Head:
     proc: subprocess.Popen  # the `ray start --head --block` process (leader of its group)
     temp_dir: Path  # --temp-dir: sessions, logs, token, head log
     dashboard_url: str  # http://127.0.0.1:<port>: dashboard + Jobs API
-    gcs_address: str  # 127.0.0.1:<port>
+    gcs_port: int  # the GCS listens on <node ip>:<gcs_port>
     token: str
     env: dict[str, str]  # environment for CLI clients of this head (auth on, token path)
     log_path: Path  # stdout + stderr of `ray start`
@@ -91,7 +91,7 @@ def client_env(token_path: Path | None) -> dict[str, str]:
     return env
 
 
-def _http_get(url: str, token: str | None, timeout: float = 5.0) -> tuple[int, bytes]:
+def http_get(url: str, token: str | None, timeout: float = 5.0) -> tuple[int, bytes]:
     req = urllib.request.Request(url)
     if token is not None:
         req.add_header("Authorization", f"Bearer {token}")
@@ -114,9 +114,12 @@ def start_head(
     *,
     num_cpus: int = 2,
     object_store_mb: int = 512,
-    timeout_s: float = 90.0,
+    timeout_s: float = 180.0,
 ) -> Head:
-    """Start ``ray start --head --block`` on 127.0.0.1 with the dashboard and token auth on.
+    """Start ``ray start --head --block`` with the dashboard on 127.0.0.1 and token auth on.
+
+    (The GCS and raylet bind the machine's address: Ray maps ``--node-ip-address 127.0.0.1``
+    to it anyway. The token guards them.)
 
     Returns once the Jobs API answers an authenticated request. Raises ``RuntimeError`` with the
     head's log tail if it exits or does not answer within ``timeout_s``.
@@ -133,7 +136,6 @@ def start_head(
     (gcs, dash, client, agent_http, agent_grpc, rt_env, metrics, node_mgr, obj_mgr) = _free_ports(9)
     cmd = [
         *RAY_CLI, "start", "--head", "--block",
-        "--node-ip-address", "127.0.0.1",
         "--port", str(gcs),
         "--num-cpus", str(num_cpus),
         "--num-gpus", "0",
@@ -162,7 +164,7 @@ def start_head(
         proc=proc,
         temp_dir=temp_dir,
         dashboard_url=f"http://127.0.0.1:{dash}",
-        gcs_address=f"127.0.0.1:{gcs}",
+        gcs_port=gcs,
         token=token,
         env=env,
         log_path=log_path,
@@ -175,7 +177,7 @@ def start_head(
                     f"`ray start --head` exited with {proc.returncode}:\n{log_tail(head)}"
                 )
             try:
-                code, _ = _http_get(f"{head.dashboard_url}/api/jobs/", token, timeout=2.0)
+                code, _ = http_get(f"{head.dashboard_url}/api/jobs/", token, timeout=2.0)
             except OSError:
                 code = 0
             if code == 200:
@@ -237,7 +239,7 @@ def ray_cli(
 
 def job_status(head: Head, job_id: str) -> str:
     """Status of a job via the Jobs REST API (cheaper than a `ray job status` process per poll)."""
-    code, body = _http_get(f"{head.dashboard_url}/api/jobs/{job_id}", head.token)
+    code, body = http_get(f"{head.dashboard_url}/api/jobs/{job_id}", head.token)
     if code != 200:
         raise RuntimeError(f"GET /api/jobs/{job_id} -> {code}: {body[:500]!r}")
     return json.loads(body)["status"]

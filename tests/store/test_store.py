@@ -3,10 +3,8 @@
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -18,7 +16,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import twa_ray
 from twa_ray.core.layout import Layout, flatten
 from twa_ray.store import FORMAT_VERSION, CandidateInfo, CandidateStore
 
@@ -107,7 +104,9 @@ def test_iter_flat_streams_in_order(store, layout):
     for i in range(3):
         store.write(_state(i), layout, step=10 - i, name=f"c{i}")
     vecs = list(store.iter_flat())
-    assert [torch.equal(v, flatten(_state(i), layout)) for v, i in zip(vecs, [2, 1, 0])] == [True] * 3
+    assert [torch.equal(v, flatten(_state(i), layout)) for v, i in zip(vecs, [2, 1, 0])] == [
+        True
+    ] * 3
     (only,) = store.iter_flat(["c1"])
     assert torch.equal(only, flatten(_state(1), layout))
 
@@ -249,6 +248,13 @@ def test_corrupt_data_caught_by_verify(store, layout):
         store.read(name, verify=True)
 
 
+def _column(values: np.ndarray) -> pa.Array:
+    # pa.array(ndarray) would import pandas (seconds); the store never does
+    return pa.Array.from_buffers(
+        pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)]
+    )
+
+
 def _write_arrow(path: Path, table: pa.Table) -> None:
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
         w.write_table(table)
@@ -258,14 +264,20 @@ def test_wrong_schema_and_foreign_files(store, layout):
     name = store.write(_state(), layout, step=0)
     path = _only_file(store, name)
     meta = pa.ipc.open_file(pa.memory_map(str(path))).schema.metadata
-    wrong = pa.table({"flat": pa.array(np.zeros(layout.numel, np.int64))}).replace_schema_metadata(meta)
+    wrong = pa.Table.from_arrays(
+        [_column(np.zeros(layout.numel, np.int64))], names=["flat"]
+    ).replace_schema_metadata(meta)
     _write_arrow(path, wrong)
     with pytest.raises(ValueError, match="wrong schema"):
         CandidateStore(store.uri).read(name)
-    _write_arrow(path, pa.table({"flat": pa.array(np.zeros(layout.numel, np.float32))}))
+    _write_arrow(
+        path, pa.Table.from_arrays([_column(np.zeros(layout.numel, np.float32))], names=["flat"])
+    )
     with pytest.raises(ValueError, match="not a twa_ray candidate"):
         CandidateStore(store.uri).read(name)
-    short = pa.table({"flat": pa.array(np.zeros(3, np.float32))}).replace_schema_metadata(meta)
+    short = pa.Table.from_arrays(
+        [_column(np.zeros(3, np.float32))], names=["flat"]
+    ).replace_schema_metadata(meta)
     _write_arrow(path, short)
     with pytest.raises(ValueError, match="layout needs"):
         CandidateStore(store.uri).read(name)
@@ -307,45 +319,50 @@ def test_temp_and_foreign_files_ignored(store, layout):
     assert store.names() == [name] and len(store) == 1
 
 
-_WRITER = textwrap.dedent(
-    """
-    import sys, torch
-    from twa_ray.core.layout import Layout
-    from twa_ray.store import CandidateStore
-    store = CandidateStore(sys.argv[1], create=True)
+def _write_forever(root: Path) -> None:
+    """Child process body: write 8 MB candidates until killed."""
+    torch.set_num_threads(1)  # no OpenMP pool in a forked child
+    store = CandidateStore(root, create=True)
     layout = Layout(("w",), ((2_000_000,),), ("float32",))
     for step in range(100_000):
         store.write(torch.full((2_000_000,), float(step)), layout, step=step)
-    """
-)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_crash_mid_write_leaves_only_complete_candidates(tmp_path):
     root = tmp_path / "crash"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(twa_ray.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
-    )}  # fmt: skip
-    child = subprocess.Popen([sys.executable, "-c", _WRITER, str(root)], env=env)
+    pid = os.fork()  # fork, not a fresh interpreter: importing torch again costs seconds
+    if pid == 0:
+        code = 1
+        try:
+            _write_forever(root)
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and child.poll() is None:
-            # kill while a temporary file exists, i.e. in the middle of a write, after >= 2 commits
+        while time.monotonic() < deadline:
             names = os.listdir(root) if root.is_dir() else []
-            if sum(n.endswith(".arrow") for n in names) >= 2 and any(n.endswith(".tmp") for n in names):
-                os.kill(child.pid, signal.SIGKILL)
-                break
-            time.sleep(0.0005)
+            if sum(n.endswith(".arrow") for n in names) >= 2 and any(
+                n.endswith(".tmp") for n in names
+            ):
+                # freeze the writer, and kill it only if it is still mid-write (a temp file exists)
+                os.kill(pid, signal.SIGSTOP)
+                if any(n.endswith(".tmp") for n in os.listdir(root)):
+                    break
+                os.kill(pid, signal.SIGCONT)
+            time.sleep(0.0002)
     finally:
-        if child.poll() is None:
-            child.kill()
-        child.wait()
-    assert child.returncode == -signal.SIGKILL
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     store = CandidateStore(root)
     names = store.names()
     assert len(names) >= 2
     assert any(n.endswith(".tmp") for n in os.listdir(root))  # the crash left a temp file behind
     for name in names:  # every listed candidate is complete
-        assert torch.equal(store.read(name, verify=True), torch.full((2_000_000,), float(store.info(name).step)))
+        expected = torch.full((2_000_000,), float(store.info(name).step))
+        assert torch.equal(store.read(name, verify=True), expected)
     new = store.write(torch.zeros(2_000_000), store.layout, step=10**6)  # the store stays usable
     assert store.names()[-1] == new
 
@@ -391,7 +408,9 @@ def test_fuzz_random_bytes(data):
 
 @_FUZZ
 @given(
-    st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8),
+    st.lists(
+        st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8
+    ),
     st.integers(1, len(_VALID)),
 )
 def test_fuzz_mutated_file(edits, keep):

@@ -28,6 +28,8 @@ def split_batch(batch: Any, device: torch.device | None = None) -> tuple[Any, to
     Dicts use the keys ``"x"``/``"input"``/``"inputs"``/``"image"`` and ``"y"``/``"label"``/
     ``"labels"``/``"target"``; targets are ``None`` when absent.
     """
+    x: Any
+    y: Any
     if isinstance(batch, torch.Tensor):
         x, y = batch, None
     elif isinstance(batch, Mapping):

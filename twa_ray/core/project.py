@@ -16,8 +16,9 @@ Both read B once and are memory-bandwidth bound: no float copy of B and no float
   first use, see :mod:`twa_ray.core.kernels.cpu`). ``TWA_RAY_NO_CKERNEL=1`` or a missing C
   compiler selects the pure-torch path.
 - CUDA, bits 1/2/4/8: the Triton kernels of ``twa_ray.core.kernels.triton_packed`` when that
-  module imports (its ``project(pm, g)`` and ``reconstruct(pm, alpha, origin, out)`` have the
-  semantics of this module's functions, inputs already validated); else the torch path.
+  module imports and reports ``available()`` (its ``project(pm, g)`` and
+  ``reconstruct(pm, alpha, origin, out)`` have the semantics of this module's functions, inputs
+  already validated); else the torch path.
 - Pure torch (any device): column chunks of every block are unpacked to float32 and multiplied,
   temporaries bounded by ``_CHUNK`` elements.
 - bits 16/32: the torch path; float32 chunks are views of B (no copy), bfloat16 chunks are
@@ -47,19 +48,23 @@ def _check_vector(pm: PackedMatrix, v: torch.Tensor, name: str) -> None:
             f"{name} must be a float32 vector of shape ({pm.numel},), got {v.dtype} {list(v.shape)}"
         )
     if v.device != pm.data.device:
-        raise ValueError(f"{name} is on {v.device}, the packed matrix on {pm.data.device}; move one")
+        raise ValueError(
+            f"{name} is on {v.device}, the packed matrix on {pm.data.device}; move one"
+        )
 
 
 def _use_ckernel() -> bool:
     return os.environ.get("TWA_RAY_NO_CKERNEL", "") in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton() -> ModuleType | None:
+    """The Triton kernels when they import and can run here (called for CUDA tensors only)."""
     try:
-        return importlib.import_module("twa_ray.core.kernels.triton_packed")
+        module = importlib.import_module("twa_ray.core.kernels.triton_packed")
     except ImportError:
         return None
+    return module if module.available() else None
 
 
 def _chunk_cols(pm: PackedMatrix) -> int:
@@ -67,9 +72,9 @@ def _chunk_cols(pm: PackedMatrix) -> int:
     return max(8, _CHUNK // pm.num_rows // 8 * 8)
 
 
-def _chunks(pm: PackedMatrix, l: int):
+def _chunks(pm: PackedMatrix, blk: int):
     """``(c0, c1, codes)`` for column chunks of block l; ``codes`` float32 ``(R, c1 - c0)``."""
-    a, b, byte0 = pm.bounds[l], pm.bounds[l + 1], pm.byte_bounds[l]
+    a, b, byte0 = pm.bounds[blk], pm.bounds[blk + 1], pm.byte_bounds[blk]
     step = _chunk_cols(pm)
     for c0 in range(0, b - a, step):
         c1 = min(b - a, c0 + step)
@@ -109,10 +114,10 @@ def project(pm: PackedMatrix, g: torch.Tensor) -> torch.Tensor:
 def _project_torch(pm: PackedMatrix, g: torch.Tensor) -> torch.Tensor:
     dots = torch.zeros(pm.num_rows, pm.num_blocks, device=g.device)
     gsum = torch.empty(pm.num_blocks, device=g.device)
-    for l, (a, b) in enumerate(zip(pm.bounds, pm.bounds[1:])):
-        for c0, c1, codes in _chunks(pm, l):
-            dots[:, l] += codes @ g[a + c0 : a + c1]  # (R,)
-        gsum[l] = g[a:b].sum()
+    for blk, (a, b) in enumerate(zip(pm.bounds, pm.bounds[1:])):
+        for c0, c1, codes in _chunks(pm, blk):
+            dots[:, blk] += codes @ g[a + c0 : a + c1]  # (R,)
+        gsum[blk] = g[a:b].sum()
     return pm.scale * dots + pm.zero * gsum
 
 
@@ -172,9 +177,9 @@ def _reconstruct_torch(
 ) -> None:
     coef = alpha * pm.scale  # (R, L)
     bias = (alpha * pm.zero).sum(dim=0)  # (L,)
-    for l, a in enumerate(pm.bounds[:-1]):
-        for c0, c1, codes in _chunks(pm, l):
-            val = codes.t() @ coef[:, l] + bias[l]  # (c1 - c0,)
+    for blk, a in enumerate(pm.bounds[:-1]):
+        for c0, c1, codes in _chunks(pm, blk):
+            val = codes.t() @ coef[:, blk] + bias[blk]  # (c1 - c0,)
             if origin is not None:
                 val += origin[a + c0 : a + c1]  # read before out is written: origin may be out
             out[a + c0 : a + c1] = val

@@ -305,20 +305,22 @@ def quantize(
     if bits > 8:
         pm.data.copy_(B)
         return pm
-    for l, (a, b) in enumerate(zip(blocks.bounds, blocks.bounds[1:])):
+    for blk, (a, b) in enumerate(zip(blocks.bounds, blocks.bounds[1:])):
         if granularity == "block":
             lo, hi = B[:, a:b].aminmax()
             scale, zero = _affine(lo, hi, bits)
-            pm.scale[:, l], pm.zero[:, l] = scale, zero
+            pm.scale[:, blk], pm.zero[:, blk] = scale, zero
         step = max(1, _CHUNK // (b - a))
         for r in range(0, B.shape[0], step):
             x = B[r : r + step, a:b].float()  # (rows, n_l)
             if granularity == "row":
                 lo, hi = x.aminmax(dim=1)
                 scale, zero = _affine(lo, hi, bits)
-                pm.scale[r : r + step, l], pm.zero[r : r + step, l] = scale, zero
-            q = _encode(x, pm.scale[r : r + step, l : l + 1], pm.zero[r : r + step, l : l + 1], bits)
-            pm.data[r : r + step, pm.byte_bounds[l] : pm.byte_bounds[l + 1]] = _pack(q, bits)
+                pm.scale[r : r + step, blk], pm.zero[r : r + step, blk] = scale, zero
+            q = _encode(
+                x, pm.scale[r : r + step, blk : blk + 1], pm.zero[r : r + step, blk : blk + 1], bits
+            )
+            pm.data[r : r + step, pm.byte_bounds[blk] : pm.byte_bounds[blk + 1]] = _pack(q, bits)
     return pm
 
 
@@ -378,13 +380,13 @@ class PackedMatrixBuilder:
         if self.bits > 8:
             pm.data[k] = row
         else:
-            for l, (a, b) in enumerate(zip(pm.bounds, pm.bounds[1:])):
+            for blk, (a, b) in enumerate(zip(pm.bounds, pm.bounds[1:])):
                 x = row[a:b].float()
                 if self.granularity == "row":
                     lo, hi = x.aminmax()
-                    pm.scale[k, l], pm.zero[k, l] = _affine(lo, hi, self.bits)
-                q = _encode(x, pm.scale[k, l], pm.zero[k, l], self.bits)
-                pm.data[k, pm.byte_bounds[l] : pm.byte_bounds[l + 1]] = _pack(q, self.bits)
+                    pm.scale[k, blk], pm.zero[k, blk] = _affine(lo, hi, self.bits)
+                q = _encode(x, pm.scale[k, blk], pm.zero[k, blk], self.bits)
+                pm.data[k, pm.byte_bounds[blk] : pm.byte_bounds[blk + 1]] = _pack(q, self.bits)
         self._done[k] = True
 
     def finish(self) -> PackedMatrix:
@@ -399,30 +401,32 @@ class PackedMatrixBuilder:
 # ----------------------------------------------------------------------------- decoding
 
 
-def _dequantize_block(pm: PackedMatrix, l: int) -> torch.Tensor:
-    a, b = pm.bounds[l], pm.bounds[l + 1]
+def _dequantize_block(pm: PackedMatrix, blk: int) -> torch.Tensor:
+    a, b = pm.bounds[blk], pm.bounds[blk + 1]
     if pm.bits > 8:
         return pm.data[:, a:b].float()
-    q = unpack(pm.data[:, pm.byte_bounds[l] : pm.byte_bounds[l + 1]], pm.bits, b - a)
-    return q.float() * pm.scale[:, l : l + 1] + pm.zero[:, l : l + 1]  # (R, n_l)
+    q = unpack(pm.data[:, pm.byte_bounds[blk] : pm.byte_bounds[blk + 1]], pm.bits, b - a)
+    return q.float() * pm.scale[:, blk : blk + 1] + pm.zero[:, blk : blk + 1]  # (R, n_l)
 
 
 def dequantize(pm: PackedMatrix) -> torch.Tensor:
     """The float32 ``(R, D)`` matrix the codes stand for (tests and small matrices only)."""
     out = torch.empty(pm.num_rows, pm.numel, device=pm.data.device)
-    for l, (a, b) in enumerate(zip(pm.bounds, pm.bounds[1:])):
-        out[:, a:b] = _dequantize_block(pm, l)
+    for blk, (a, b) in enumerate(zip(pm.bounds, pm.bounds[1:])):
+        out[:, a:b] = _dequantize_block(pm, blk)
     return out
 
 
 def relative_error(B: torch.Tensor, pm: PackedMatrix) -> torch.Tensor:
     """``||B_l - deq(pm)_l|| / ||B_l||`` per block, float64 ``(L,)``; 0 where ``||B_l|| = 0``."""
     if tuple(B.shape) != (pm.num_rows, pm.numel):
-        raise ValueError(f"B has shape {list(B.shape)}, the packed matrix is ({pm.num_rows}, {pm.numel})")
+        raise ValueError(
+            f"B has shape {list(B.shape)}, the packed matrix is ({pm.num_rows}, {pm.numel})"
+        )
     out = torch.zeros(pm.num_blocks, dtype=torch.float64)
-    for l, (a, b) in enumerate(zip(pm.bounds, pm.bounds[1:])):
+    for blk, (a, b) in enumerate(zip(pm.bounds, pm.bounds[1:])):
         ref = B[:, a:b].double()
         norm = float(ref.norm())
         if norm > 0:
-            out[l] = float((ref - _dequantize_block(pm, l).double()).norm()) / norm
+            out[blk] = float((ref - _dequantize_block(pm, blk).double()).norm()) / norm
     return out

@@ -85,9 +85,13 @@ _URL = {
 
 
 def _safe_dtype(*args: Any, **kwargs: Any) -> np.dtype[Any]:
+    # Plain numeric dtypes only: an object (or structured/void, which can carry object
+    # fields through its pickled state) array could turn raw bytes into object pointers.
     dt: np.dtype[Any] = np.dtype(*args, **kwargs)
-    if dt.hasobject:  # an object array could smuggle arbitrary Python objects back in
-        raise pickle.UnpicklingError("refusing a numpy object dtype in a dataset pickle")
+    if dt.kind not in "biuf" or dt.fields is not None or dt.subdtype is not None:
+        raise pickle.UnpicklingError(
+            f"refusing numpy dtype {dt!r} in a dataset pickle (only bool/int/uint/float arrays)"
+        )
     return dt
 
 
@@ -126,7 +130,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     ``find_class`` allows the numpy array reconstruction globals and nothing else
     (``numpy.core.multiarray._reconstruct``, ``numpy._core.multiarray._reconstruct``,
-    ``numpy.ndarray``, ``numpy.dtype`` (object dtypes refused), ``numpy[._]core.numeric._frombuffer``
+    ``numpy.ndarray``, ``numpy.dtype`` (plain bool/int/uint/float only), ``numpy[._]core.numeric._frombuffer``
     (numpy's protocol-5 form) and ``_codecs.encode`` restricted to latin-1 (how Python 3 writes
     bytes at protocol 2)); any other global — ``os.system``, ``builtins.open``,
     ``builtins.eval`` ... — raises ``pickle.UnpicklingError`` before it is called.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Sequence
 
@@ -94,7 +95,7 @@ def _torchvision_model(tv_name: str, num_classes: int) -> nn.Module:
 
     available = tvm.list_models()
     if tv_name not in available:
-        close = [m for m in available if tv_name.lower() in m or m in tv_name.lower()][:10]
+        close = difflib.get_close_matches(tv_name.lower(), available, n=5, cutoff=0.6)
         raise ValueError(
             f"unknown torchvision model {tv_name!r}"
             + (f"; did you mean one of {close}?" if close else "")

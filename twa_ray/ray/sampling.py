@@ -31,7 +31,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from twa_ray.config import DataConfig, SamplingConfig
 from twa_ray.core.evaluate import EvalResult, evaluate
 from twa_ray.core.optim import lr_factor
-from twa_ray.ray.snapshot import Snapshotter, candidate_name, unwrap_model
+from twa_ray.ray.snapshot import Snapshotter, unwrap_model
 from twa_ray.store.store import CandidateStore
 
 __all__ = ["SamplingResult", "run_sampling", "sampling_loop_per_worker"]
@@ -83,7 +83,6 @@ class SamplingResult:
     final_metrics: dict[str, float]
     wall_time_s: float
     checkpoint_path: str | None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final_candidate(self) -> str:
@@ -132,7 +131,7 @@ def run_sampling(
             resolved config goes to ``run_dir/sampling_<run_id>.json``.
         run_id: names the run: calling again with the same ``run_id`` and ``run_dir`` resumes
             (or, when finished, just reads back) the run; ``[A-Za-z0-9._-]``.
-        progress: rank 0 prints one line per epoch (Ray forwards it to the driver).
+        progress: rank 0 logs one line per epoch (Ray forwards worker logs to the driver).
         fail_at_step: testing hook: the last worker raises once right after this global step
             (a marker file in ``run_dir`` keeps the restarted attempt from failing again).
 
@@ -186,7 +185,7 @@ def run_sampling(
         raise RuntimeError(f"sampling run {run_id!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as d, open(os.path.join(d, META_FILE)) as f:
         meta = json.load(f)
-    _warn_stale(store_uri, run_id, meta["candidates"])
+    _check_written(store_uri, run_id, meta["candidates"])
     history = meta["history"]
     final = {**(history[-1] if history else {}), **meta["sizes"]}
     final["num_candidates"] = len(meta["candidates"])
@@ -203,7 +202,7 @@ def run_sampling(
 
 def _check_store(store_uri: str, run_id: str) -> None:
     store = CandidateStore(store_uri, create=True)
-    others = {}
+    others: dict[str, str] = {}
     for name in store.names():
         owner = store.info(name).run_id
         if owner != run_id:
@@ -217,9 +216,15 @@ def _check_store(store_uri: str, run_id: str) -> None:
         )
 
 
-def _save_or_check_config(run_dir: str, run_id: str, data: DataConfig, sampling: SamplingConfig) -> None:
+def _save_or_check_config(
+    run_dir: str, run_id: str, data: DataConfig, sampling: SamplingConfig
+) -> None:
     """Write the resolved config next to the run; refuse to resume a run with another config."""
-    resolved = {"run_id": run_id, "data": asdict(data), "sampling": asdict(sampling)}
+    resolved: dict[str, Any] = {
+        "run_id": run_id,
+        "data": asdict(data),
+        "sampling": asdict(sampling),
+    }
     path = os.path.join(run_dir, CONFIG_FILE.format(run_id=run_id))
     if os.path.exists(path):
         with open(path) as f:
@@ -241,14 +246,24 @@ def _save_or_check_config(run_dir: str, run_id: str, data: DataConfig, sampling:
     os.replace(tmp, path)
 
 
-def _warn_stale(store_uri: str, run_id: str, candidates: list[str]) -> None:
+def _check_written(store_uri: str, run_id: str, candidates: list[str]) -> None:
+    """Every candidate the run recorded is in the store; warn about ones it did not record."""
     store = CandidateStore(store_uri)
-    stale = [n for n in store.names() if n not in set(candidates) and store.info(n).run_id == run_id]
+    present = set(store.names())
+    missing = [n for n in candidates if n not in present]
+    if missing:
+        raise RuntimeError(
+            f"sampling run {run_id!r} recorded {len(missing)} candidate(s) that are not in store "
+            f"{store_uri!r} (e.g. {missing[0]!r}): the store was changed behind the run; rerun "
+            "with a new run_id and store"
+        )
+    recorded = set(candidates)
+    stale = [n for n in sorted(present - recorded) if store.info(n).run_id == run_id]
     if stale:
         log.warning(
             "store %s holds %d candidate(s) of run %r that the finished run did not write (e.g. %s)",
             store_uri, len(stale), run_id, stale[0],
-        )
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- workers
@@ -280,13 +295,18 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
             f"batch_size={sampling.batch_size} is smaller than num_workers={world}: the global "
             "batch is split across workers; raise batch_size"
         )
-    sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=data.seed)
+    split_sizes = splits.sizes()
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        splits.train, num_replicas=world, rank=rank, shuffle=True, seed=data.seed
+    )
     # drop_last: equal batches on every rank and no 1-example BatchNorm batch at the epoch end
-    loader = DataLoader(splits.train, batch_size=sampling.batch_size // world, sampler=sampler, drop_last=True)
+    loader = DataLoader(
+        splits.train, batch_size=sampling.batch_size // world, sampler=sampler, drop_last=True
+    )
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(
-            f"batch_size={sampling.batch_size} exceeds the {len(splits.train)} training examples "
+            f"batch_size={sampling.batch_size} exceeds the {split_sizes['train']} training examples "
             "(split over the workers); lower batch_size"
         )
     val_loader, test_loader = (_eval_loader(ds, rank, world) for ds in (splits.val, splits.test))
@@ -297,16 +317,21 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     inner = unwrap_model(model)
     opt = torch.optim.SGD(
-        model.parameters(), lr=sampling.lr, momentum=sampling.momentum, weight_decay=sampling.weight_decay
+        model.parameters(),
+        lr=sampling.lr,
+        momentum=sampling.momentum,
+        weight_decay=sampling.weight_decay,
     )
     total_steps = sampling.epochs * steps_per_epoch  # the schedule spans the FULL budget
     warmup_steps = round(sampling.warmup_epochs * steps_per_epoch)
-    schedule = {
-        "schedule": sampling.schedule,
-        "warmup_steps": warmup_steps,
-        "step_size": max((total_steps - warmup_steps) // 3, 1),  # 'step': x0.1 at 1/3 and 2/3
-        "gamma": 0.1,
-    }
+    step_size = max((total_steps - warmup_steps) // 3, 1)  # 'step': x0.1 at 1/3 and 2/3
+
+    def lr_at(step: int) -> float:
+        return sampling.lr * lr_factor(
+            step, total_steps, schedule=sampling.schedule, warmup_steps=warmup_steps,
+            step_size=step_size, gamma=0.1,
+        )  # fmt: skip
+
     snap = Snapshotter(
         store_uri, model, every=sampling.sample_interval, unit=sampling.interval_unit,
         run_id=run_id, source="sampling", seed=data.seed,
@@ -327,13 +352,13 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch, global_step = meta["epoch"], meta["step"]
         candidates, history = meta["candidates"], meta["history"]
         if rank == 0 and config["progress"]:
-            print(f"sampling: resumed at epoch {start_epoch}, step {global_step}", flush=True)
+            log.info("sampling: resumed at epoch %d, step %d", start_epoch, global_step)
 
     sizes = {
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
-        "num_train": len(splits.train),  # type: ignore[arg-type]
-        "num_val": len(splits.val),  # type: ignore[arg-type]
+        "num_train": split_sizes["train"],
+        "num_val": split_sizes["val"],
     }
     for epoch in range(start_epoch, sampling.sample_epochs):
         t_epoch = time.perf_counter()
@@ -344,7 +369,7 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
         lr = sampling.lr
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            lr = sampling.lr * lr_factor(global_step, total_steps, **schedule)
+            lr = lr_at(global_step)
             for group in opt.param_groups:
                 group["lr"] = lr
             loss = F.cross_entropy(model(x), y)
@@ -354,14 +379,19 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
             global_step += 1
             loss_sum += loss.detach()
             if sampling.interval_unit == "step":
-                _record(candidates, snap.maybe_snapshot(step=global_step, epoch=global_step / steps_per_epoch))
+                _record(
+                    candidates,
+                    snap.maybe_snapshot(step=global_step, epoch=global_step / steps_per_epoch),
+                )
             _maybe_fail(config, global_step, rank, world)
 
         # ---- snapshot (the final epoch always) and evaluate
         last = epoch + 1 == sampling.sample_epochs
-        if sampling.interval_unit == "epoch" or (last and candidate_name(global_step) not in candidates[-1:]):
+        if sampling.interval_unit == "epoch":
             _record(candidates, snap.maybe_snapshot(step=global_step, epoch=epoch + 1, force=last))
-        train_loss = float(_all_reduce(torch.stack([loss_sum, torch.tensor(float(steps_per_epoch), device=device, dtype=torch.float64)])).div(world)[0]) / steps_per_epoch
+        elif last and not snap.due(step=global_step):
+            _record(candidates, snap.snapshot(step=global_step, epoch=epoch + 1))
+        train_loss = float(_all_reduce(loss_sum)) / (world * steps_per_epoch)
         val = _evaluate_sharded(inner, val_loader, device)
         test = _evaluate_sharded(inner, test_loader, device)
         if not torch.isfinite(torch.tensor(train_loss)):
@@ -374,19 +404,22 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
         }  # fmt: skip
         history.append(metrics)
         if rank == 0 and config["progress"]:
-            print(
-                f"sampling epoch {epoch + 1}/{sampling.sample_epochs} (of {sampling.epochs}), "
-                f"step {global_step}: loss {train_loss:.4f}  lr {lr:.4g}  val {100 * val.acc:.2f}%  "
-                f"test {100 * test.acc:.2f}%  candidates {len(candidates)}  "
-                f"[{time.perf_counter() - t_epoch:.1f} s]",
-                flush=True,
-            )
+            # logging, not print: Ray Train 2.60 patches print() in workers and emits it twice
+            log.info(
+                "sampling epoch %d/%d (of %d), step %d: loss %.4f  lr %.4g  val %.2f%%  test %.2f%%  "
+                "candidates %d  [%.1f s]",
+                epoch + 1, sampling.sample_epochs, sampling.epochs, global_step, train_loss, lr,
+                100 * val.acc, 100 * test.acc, len(candidates), time.perf_counter() - t_epoch,
+            )  # fmt: skip
 
         # ---- report: every rank (a barrier); rank 0 attaches the checkpoint
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                torch.save({"model": inner.state_dict(), "optimizer": opt.state_dict()}, os.path.join(tmp, STATE_FILE))
+                torch.save(
+                    {"model": inner.state_dict(), "optimizer": opt.state_dict()},
+                    os.path.join(tmp, STATE_FILE),
+                )
                 meta = {
                     "epoch": epoch + 1, "step": global_step, "candidates": candidates,
                     "history": history, "sizes": sizes, "config": config,
@@ -394,7 +427,9 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
                 with open(os.path.join(tmp, META_FILE), "w") as f:
                     json.dump(meta, f)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch{epoch + 1:04d}")
+            ray.train.report(
+                metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch{epoch + 1:04d}"
+            )
 
 
 def _record(candidates: list[str], name: str | None) -> None:
@@ -431,5 +466,7 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 def _evaluate_sharded(model: torch.nn.Module, loader: Any, device: torch.device) -> EvalResult:
     # The unwrapped model: ranks see different shard sizes, and DDP forwards could sync buffers.
     r = evaluate(model, loader, device=device)
-    sums = _all_reduce(torch.tensor([r.loss_sum, r.correct, r.count], dtype=torch.float64, device=device))
+    sums = _all_reduce(
+        torch.tensor([r.loss_sum, r.correct, r.count], dtype=torch.float64, device=device)
+    )
     return EvalResult(float(sums[0]), int(sums[1]), int(sums[2]))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -112,7 +113,9 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             ) from None
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # noise on non-default protocols; errors follow anyway
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise ValueError(
                 f"{path} was refused: it holds objects other than tensors and plain containers, "
@@ -157,11 +160,15 @@ def infer_layout(state: Mapping[str, torch.Tensor], *, where: str = "checkpoint"
         if v.is_floating_point() and v.layout == torch.strided and not k.endswith(_BUFFER_SUFFIXES)
     }
     if not kept:
-        raise ValueError(f"{where} has no floating-point parameter tensors; save model.state_dict()")
+        raise ValueError(
+            f"{where} has no floating-point parameter tensors; save model.state_dict()"
+        )
     return Layout.from_tensors(kept)
 
 
-def _select(state: Mapping[str, torch.Tensor], layout: Layout, path: Path) -> dict[str, torch.Tensor]:
+def _select(
+    state: Mapping[str, torch.Tensor], layout: Layout, path: Path
+) -> dict[str, torch.Tensor]:
     """The layout's tensors of ``state``, checked for presence, shape and dtype."""
     fix = (
         "all checkpoints must come from the model the layout describes; pass "
@@ -218,7 +225,11 @@ def import_checkpoints(
             f"no checkpoints in {src_dir}: expected {', '.join(CHECKPOINT_SUFFIXES)} files or Ray "
             f"Train checkpoint directories holding one of {', '.join(CHECKPOINT_FILES)}"
         )
-    store = CandidateStore(out_uri, create=True)
+    try:
+        store = CandidateStore(out_uri)
+        created = False
+    except FileNotFoundError:
+        store, created = CandidateStore(out_uri, create=True), True
     clashes = [name for name, _ in found if name in store]
     if clashes:
         raise FileExistsError(
@@ -226,6 +237,7 @@ def import_checkpoints(
             "store or rename the checkpoints"
         )
     staged: list[_Staged] = []
+    committed = False
     try:
         for step, (name, path) in enumerate(found):
             state = load_state_dict(path)
@@ -241,7 +253,10 @@ def import_checkpoints(
             )  # fmt: skip
         for s in staged:
             store._commit(s, overwrite=False)
+        committed = True
     finally:
         for s in staged:
             store._discard(s)
+        if created and not committed:
+            store._remove_if_empty()  # a failed import leaves no trace
     return [s.name for s in staged]

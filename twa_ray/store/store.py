@@ -1,17 +1,9 @@
-"""Candidate store: one Arrow IPC file per candidate θ_k, on any ``pyarrow.fs`` filesystem.
+"""Candidate store: a directory of candidate files on any ``pyarrow.fs`` filesystem.
 
-File format (version 1). ``<name>.arrow`` is an Arrow IPC *file* holding one record batch with
-one non-nullable float32 column ``flat`` of length D: the candidate's parameters flattened in
-layout order (:func:`twa_ray.core.layout.flatten`). The schema metadata holds
-
-- ``twa_ray.layout``: the layout JSON (names, shapes, dtypes), so a file alone rebuilds a state dict;
-- ``twa_ray.candidate``: JSON with ``format``, ``fingerprint`` (of the layout), ``numel``, ``step``,
-  ``epoch``, ``source``, ``seed``, ``run_id``, ``name``, ``crc32`` (of the float32 bytes).
-
-One contiguous column is what memory-maps best: a local read maps the file copy-on-write and hands
-out a zero-copy ``(D,)`` float32 tensor (in-place edits stay private to the process; the file is
-never modified). float16 / bfloat16 parameters are exact in float32; float64 parameters are
-rounded to float32.
+Each candidate is one Arrow IPC file (format in :mod:`twa_ray.store.arrow`). A local read maps the
+file copy-on-write and hands out a zero-copy ``(D,)`` float32 tensor (in-place edits stay private
+to the process; the file is never modified); other filesystems (s3://, gs://, hdfs://) read the
+file into memory.
 
 Writes are atomic: the file is written under a hidden temporary name (``.<name>.<uuid>.tmp``) in
 the store directory, flushed (``fsync`` for local files) and renamed, so a crash never leaves a
@@ -22,12 +14,8 @@ of crashed writers can be deleted by hand.
 from __future__ import annotations
 
 import bisect
-import json
 import math
-import mmap
 import os
-import re
-import sys
 import uuid
 import zlib
 from collections.abc import Iterator, Mapping
@@ -40,46 +28,22 @@ import pyarrow.fs as pafs
 import torch
 
 from twa_ray.core.layout import Layout, flatten, unflatten
+from twa_ray.store.arrow import (
+    NAME_RE,
+    SUFFIX,
+    TMP_SUFFIX,
+    CandidateInfo,
+    Header,
+    check_layout_dtypes,
+    check_name,
+    decode,
+    encode,
+    fix_hint,
+    map_local,
+    parse_metadata,
+)
 
-__all__ = ["CandidateInfo", "CandidateStore", "FORMAT_VERSION", "SUFFIX"]
-
-FORMAT_VERSION = 1  # bump on any incompatible change of the file format
-SUFFIX = ".arrow"  # candidate files are <name>.arrow
-_TMP_SUFFIX = ".tmp"
-_COLUMN = "flat"
-_META_LAYOUT = b"twa_ray.layout"
-_META_CANDIDATE = b"twa_ray.candidate"
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-_SCHEMA = pa.schema([pa.field(_COLUMN, pa.float32(), nullable=False)])
-
-
-@dataclass(frozen=True)
-class CandidateInfo:
-    """Metadata of one stored candidate.
-
-    Attributes:
-        name: the candidate's name (its file is ``<name>.arrow``).
-        step: optimizer step at which it was taken (import order for imported checkpoints).
-        epoch: (fractional) epoch at which it was taken.
-        source: where it came from (e.g. the imported file's path).
-        seed: seed of the run that produced it, if known.
-        run_id: id of the run that produced it.
-    """
-
-    name: str
-    step: int
-    epoch: float
-    source: str
-    seed: int | None
-    run_id: str
-
-
-@dataclass(frozen=True)
-class _Header:
-    info: CandidateInfo
-    layout: Layout
-    crc32: int
+__all__ = ["CandidateStore"]
 
 
 @dataclass(frozen=True)
@@ -89,128 +53,6 @@ class _Staged:
     name: str
     tmp: str
     layout: Layout
-
-
-def _fix(path: str) -> str:
-    return f"delete {path} and write the candidate again (CandidateStore.write or `twa-ray import`)"
-
-
-def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name.endswith(_TMP_SUFFIX):
-        raise ValueError(
-            f"candidate name {name!r} is not allowed; use 1-200 characters from [A-Za-z0-9._-] "
-            f"starting with a letter or digit and not ending in {_TMP_SUFFIX!r} (e.g. 'step-000100')"
-        )
-    return name
-
-
-def _check_layout_dtypes(layout: Layout) -> None:
-    bad = [(n, d) for n, d in zip(layout.names, layout.dtypes) if d not in _FLOAT_DTYPES]
-    if bad:
-        raise ValueError(
-            f"parameter {bad[0][0]!r} has dtype {bad[0][1]}; the candidate store holds "
-            f"floating-point parameters only ({', '.join(_FLOAT_DTYPES)})"
-        )
-
-
-class _NewerFormat(Exception):
-    pass
-
-
-def _parse_metadata(metadata: Mapping[bytes, bytes] | None, path: str) -> _Header:
-    """Validate a file's schema metadata; any defect is a ``ValueError`` naming ``path``."""
-    if not metadata or _META_LAYOUT not in metadata or _META_CANDIDATE not in metadata:
-        raise ValueError(
-            f"{path} is an Arrow file but not a twa_ray candidate (no twa_ray metadata); {_fix(path)}"
-        )
-    try:
-        meta = json.loads(metadata[_META_CANDIDATE])
-        version = meta["format"]
-        if not isinstance(version, int) or version < 1:
-            raise ValueError(f"bad format version {version!r}")
-        if version > FORMAT_VERSION:
-            raise _NewerFormat(version)
-        layout = Layout.from_json(metadata[_META_LAYOUT])
-        if any(s < 0 for shape in layout.shapes for s in shape):
-            raise ValueError("negative dimension in layout")
-        _check_layout_dtypes(layout)
-        if meta["fingerprint"] != layout.fingerprint:
-            raise ValueError("layout fingerprint does not match the stored layout")
-        if meta["numel"] != layout.numel:
-            raise ValueError("numel does not match the stored layout")
-        step, epoch, seed = meta["step"], meta["epoch"], meta["seed"]
-        source, run_id, crc = meta["source"], meta["run_id"], meta["crc32"]
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"bad step {step!r}")
-        if not isinstance(epoch, (int, float)) or isinstance(epoch, bool):
-            raise ValueError(f"bad epoch {epoch!r}")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise ValueError(f"bad seed {seed!r}")
-        if not isinstance(source, str) or not isinstance(run_id, str):
-            raise ValueError("bad source or run_id")
-        if not isinstance(crc, int) or isinstance(crc, bool):
-            raise ValueError(f"bad crc32 {crc!r}")
-    except _NewerFormat as e:
-        raise ValueError(
-            f"{path} was written by a newer twa_ray (file format {e.args[0]}, this version reads "
-            f"<= {FORMAT_VERSION}); upgrade twa_ray"
-        ) from None
-    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as e:
-        raise ValueError(f"{path} has corrupt candidate metadata ({e}); {_fix(path)}") from None
-    name = os.path.basename(path).removesuffix(SUFFIX)
-    info = CandidateInfo(name, step, float(epoch), source, seed, run_id)
-    return _Header(info, layout, crc)
-
-
-def _parse_file(raw: Any, path: str) -> tuple[_Header, np.ndarray]:
-    """Parse a whole candidate file held in the writable buffer ``raw``.
-
-    Returns the header and a float32 numpy view *into* ``raw`` (zero-copy), so a copy-on-write
-    ``mmap`` gives a memory-mapped candidate.
-    """
-    base = pa.py_buffer(raw)
-    try:
-        reader = pa.ipc.open_file(pa.BufferReader(base))
-        schema = reader.schema
-        num_batches = reader.num_record_batches
-        batch = reader.get_batch(0) if num_batches == 1 else None
-        if batch is not None:
-            batch.validate(full=True)
-    except Exception as e:  # pyarrow raises many types on garbage; the user needs one
-        raise ValueError(
-            f"{path} is not a readable candidate file (corrupt or truncated: {type(e).__name__}: "
-            f"{str(e)[:200]}); {_fix(path)}"
-        ) from None
-    header = _parse_metadata(schema.metadata, path)
-    n = header.layout.numel
-    if schema.names != [_COLUMN] or schema.types != [pa.float32()] or batch is None:
-        raise ValueError(
-            f"{path} has the wrong schema ({schema.types}, {num_batches} record batches); expected "
-            f"one record batch with one float32 column {_COLUMN!r}; {_fix(path)}"
-        )
-    col = batch.column(0)
-    if len(col) != n or col.null_count:
-        raise ValueError(
-            f"{path} holds {len(col)} values ({col.null_count} null), its layout needs {n}; "
-            f"{_fix(path)}"
-        )
-    if n == 0:
-        return header, np.empty(0, dtype=np.float32)
-    start = col.buffers()[1].address - base.address + 4 * col.offset
-    if 0 <= start and start + 4 * n <= base.size and start % 4 == 0:
-        arr = np.frombuffer(raw, dtype=np.float32, count=n, offset=start)
-    else:  # the reader copied the buffer (e.g. realigned it): fall back to a private copy
-        arr = col.to_numpy(zero_copy_only=False).copy()
-    return header, arr
-
-
-def _map_local(path: str) -> mmap.mmap:
-    """Copy-on-write map of a local file (private, writable, never written back)."""
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            raise ValueError(f"{path} is empty (a truncated candidate); {_fix(path)}")
-        kwargs: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY, **kwargs)
 
 
 def _read_remote(fs: pafs.FileSystem, path: str) -> bytearray:
@@ -278,7 +120,11 @@ class CandidateStore:
     """
 
     def __init__(
-        self, uri: str | os.PathLike[str], *, create: bool = False, filesystem: pafs.FileSystem | None = None
+        self,
+        uri: str | os.PathLike[str],
+        *,
+        create: bool = False,
+        filesystem: pafs.FileSystem | None = None,
     ) -> None:
         self.uri = os.fspath(uri)
         self._fs, self._root = _resolve(self.uri, filesystem)
@@ -297,7 +143,7 @@ class CandidateStore:
         elif kind != pafs.FileType.Directory:
             raise ValueError(f"candidate store {self.uri!r} is a file; a store is a directory")
         self._layout: Layout | None = None
-        self._headers: dict[str, tuple[tuple[int, Any], _Header]] = {}  # name -> (stat, header)
+        self._headers: dict[str, tuple[tuple[int, Any], Header]] = {}  # name -> (stat, header)
 
     def __repr__(self) -> str:
         return f"CandidateStore({self.uri!r})"
@@ -305,11 +151,11 @@ class CandidateStore:
     # ---- paths and listing -------------------------------------------------------------------
 
     def _path(self, name: str) -> str:
-        return f"{self._root.rstrip('/')}/{_check_name(name)}{SUFFIX}"
+        return f"{self._root.rstrip('/')}/{check_name(name)}{SUFFIX}"
 
     def _os_path(self, name: str) -> str:
         assert self._local is not None
-        return os.path.join(self._local, _check_name(name) + SUFFIX)
+        return os.path.join(self._local, check_name(name) + SUFFIX)
 
     def _list(self) -> dict[str, pafs.FileInfo]:
         try:
@@ -325,11 +171,11 @@ class CandidateStore:
             if info.type != pafs.FileType.File or not base.endswith(SUFFIX):
                 continue  # temporary files (.<name>.<uuid>.tmp) and foreign files are ignored
             name = base.removesuffix(SUFFIX)
-            if _NAME_RE.fullmatch(name):
+            if NAME_RE.fullmatch(name):
                 out[name] = info
         return out
 
-    def _header(self, name: str, info: pafs.FileInfo | None = None) -> _Header:
+    def _header(self, name: str, info: pafs.FileInfo | None = None) -> Header:
         path = self._path(name)
         if info is None:
             info = self._fs.get_file_info(path)
@@ -347,9 +193,9 @@ class CandidateStore:
         except Exception as e:
             raise ValueError(
                 f"{path} is not a readable candidate file (corrupt or truncated: "
-                f"{type(e).__name__}: {str(e)[:200]}); {_fix(path)}"
+                f"{type(e).__name__}: {str(e)[:200]}); {fix_hint(path)}"
             ) from None
-        header = _parse_metadata(schema.metadata, path)
+        header = parse_metadata(schema.metadata, path)
         self._headers[name] = (stat, header)
         return header
 
@@ -360,7 +206,11 @@ class CandidateStore:
         )
 
     def names(self) -> list[str]:
-        """Names of the stored candidates, sorted by step, then name."""
+        """Names of the stored candidates, sorted by step, then name.
+
+        Reads each file's footer once (cached); a corrupt candidate file raises ``ValueError``
+        naming it. Temporary files of writes in progress (or of crashed writers) are not listed.
+        """
         headers = [self._header(n, info) for n, info in self._list().items()]
         return [h.info.name for h in sorted(headers, key=lambda h: (h.info.step, h.info.name))]
 
@@ -368,7 +218,7 @@ class CandidateStore:
         return len(self._list())
 
     def __contains__(self, name: object) -> bool:
-        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             return False
         return self._fs.get_file_info(self._path(name)).type == pafs.FileType.File
 
@@ -396,14 +246,14 @@ class CandidateStore:
         """
         path = self._path(name)
         try:
-            raw = _map_local(self._os_path(name)) if self._local else _read_remote(self._fs, path)
+            raw = map_local(self._os_path(name)) if self._local else _read_remote(self._fs, path)
         except FileNotFoundError:
             raise FileNotFoundError(self._missing(name)) from None
         except (OSError, pa.ArrowException) as e:
             if self._fs.get_file_info(path).type == pafs.FileType.NotFound:
                 raise FileNotFoundError(self._missing(name)) from None
             raise ValueError(f"cannot read {path}: {e}") from None
-        header, arr = _parse_file(raw, path)
+        header, arr = decode(raw, path)
         layout = self.layout
         if layout is not None and header.layout.fingerprint != layout.fingerprint:
             raise ValueError(
@@ -411,11 +261,15 @@ class CandidateStore:
                 f"candidates have {layout.fingerprint[:16]}: it comes from another model; move it "
                 "to a store of its own"
             )
-        if verify and zlib.crc32(arr) != header.crc32:
-            raise ValueError(f"{path} is corrupt (CRC-32 mismatch of the parameter data); {_fix(path)}")
+        if verify and zlib.crc32(arr.data) != header.crc32:
+            raise ValueError(
+                f"{path} is corrupt (CRC-32 mismatch of the parameter data); {fix_hint(path)}"
+            )
         return torch.from_numpy(arr)
 
-    def iter_flat(self, names: list[str] | None = None, *, verify: bool = False) -> Iterator[torch.Tensor]:
+    def iter_flat(
+        self, names: list[str] | None = None, *, verify: bool = False
+    ) -> Iterator[torch.Tensor]:
         """Yield the candidates ``names`` (default: all, in :meth:`names` order) one at a time.
 
         Only the candidate being yielded is referenced, so memory stays bounded by one candidate
@@ -459,8 +313,15 @@ class CandidateStore:
             ValueError: NaN/Inf in ``params``, a layout other than the store's, bad metadata.
         """
         staged = self._stage(
-            params, layout, step=step, epoch=epoch, source=source, seed=seed, run_id=run_id,
-            name=name, overwrite=overwrite,
+            params,
+            layout,
+            step=step,
+            epoch=epoch,
+            source=source,
+            seed=seed,
+            run_id=run_id,
+            name=name,
+            overwrite=overwrite,
         )
         try:
             self._commit(staged, overwrite=overwrite)
@@ -471,7 +332,7 @@ class CandidateStore:
     def _check_layout(self, layout: Layout) -> None:
         if not isinstance(layout, Layout):
             raise TypeError(f"layout must be a twa_ray Layout, got {type(layout).__name__}")
-        _check_layout_dtypes(layout)
+        check_layout_dtypes(layout)
         mine = self.layout
         if mine is None or mine.fingerprint == layout.fingerprint:
             return
@@ -504,7 +365,11 @@ class CandidateStore:
         self._check_layout(layout)
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
-        if not isinstance(epoch, (int, float)) or isinstance(epoch, bool) or not math.isfinite(epoch):
+        if (
+            not isinstance(epoch, (int, float))
+            or isinstance(epoch, bool)
+            or not math.isfinite(epoch)
+        ):
             raise ValueError(f"epoch must be a finite number, got {epoch!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
@@ -512,22 +377,16 @@ class CandidateStore:
             raise ValueError("source and run_id must be strings")
         if name is None:
             name = f"{run_id}-step-{step:09d}" if run_id else f"step-{step:09d}"
-        _check_name(name)
+        check_name(name)
         if not overwrite and name in self:
             raise FileExistsError(self._exists(name))
         flat = self._flat(params, layout, name, source)
-        crc = zlib.crc32(flat)
-        meta = {
-            "format": FORMAT_VERSION, "fingerprint": layout.fingerprint, "numel": layout.numel,
-            "step": step, "epoch": float(epoch), "source": source, "seed": seed, "run_id": run_id,
-            "name": name, "crc32": crc,
-        }  # fmt: skip
-        schema = _SCHEMA.with_metadata(
-            {_META_LAYOUT: layout.to_json().encode(), _META_CANDIDATE: json.dumps(meta).encode()}
-        )
-        column = pa.Array.from_buffers(pa.float32(), len(flat), [None, pa.py_buffer(flat)])
-        batch = pa.record_batch([column], schema=schema)
-        tmp_name = f".{name}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}"
+        batch = encode(
+            flat, layout, name=name, step=step, epoch=epoch, source=source, seed=seed,
+            run_id=run_id,
+        )  # fmt: skip
+        schema = batch.schema
+        tmp_name = f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
         if self._local is not None:
             tmp = os.path.join(self._local, tmp_name)
             try:
@@ -544,7 +403,10 @@ class CandidateStore:
         else:
             tmp = f"{self._root.rstrip('/')}/{tmp_name}"
             try:
-                with self._fs.open_output_stream(tmp) as sink, pa.ipc.new_file(sink, schema) as writer:
+                with (
+                    self._fs.open_output_stream(tmp) as sink,
+                    pa.ipc.new_file(sink, schema) as writer,
+                ):
                     writer.write_batch(batch)
             except BaseException:
                 self._delete_quietly(tmp)
@@ -552,7 +414,11 @@ class CandidateStore:
         return _Staged(name, tmp, layout)
 
     def _flat(
-        self, params: torch.Tensor | Mapping[str, torch.Tensor], layout: Layout, name: str, source: str
+        self,
+        params: torch.Tensor | Mapping[str, torch.Tensor],
+        layout: Layout,
+        name: str,
+        source: str,
     ) -> np.ndarray:
         if isinstance(params, torch.Tensor):
             if params.dim() != 1 or params.numel() != layout.numel:
@@ -566,7 +432,9 @@ class CandidateStore:
         elif isinstance(params, Mapping):
             flat = flatten(params, layout).cpu()
         else:
-            raise TypeError(f"params must be a tensor or a mapping of tensors, got {type(params).__name__}")
+            raise TypeError(
+                f"params must be a tensor or a mapping of tensors, got {type(params).__name__}"
+            )
         flat = flat.contiguous()
         bad = ~torch.isfinite(flat)
         if bool(bad.any()):
@@ -607,6 +475,7 @@ class CandidateStore:
             if not overwrite and self._fs.get_file_info(final).type != pafs.FileType.NotFound:
                 raise FileExistsError(self._exists(staged.name))
             self._fs.move(staged.tmp, final)
+        self._headers.pop(staged.name, None)
         if self._layout is None:
             self._layout = staged.layout
 
@@ -616,6 +485,13 @@ class CandidateStore:
             _remove_quietly(staged.tmp)
         else:
             self._delete_quietly(staged.tmp)
+
+    def _remove_if_empty(self) -> None:
+        try:
+            if not self._fs.get_file_info(pafs.FileSelector(self._root)):
+                self._fs.delete_dir(self._root)
+        except (OSError, pa.ArrowException):
+            pass
 
     def _delete_quietly(self, path: str) -> None:
         try:

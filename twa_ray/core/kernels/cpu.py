@@ -24,14 +24,14 @@ import subprocess
 import tempfile
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
     from twa_ray.core.quant import PackedMatrix
 
-__all__ = ["cache_dir", "load", "project_", "reconstruct_"]
+__all__ = ["build", "cache_dir", "load", "project_", "reconstruct_"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,9 @@ def _cpu_id() -> str:
     """Model name and feature flags of this CPU (``-march=native`` builds are CPU-specific)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        keep = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
+        keep = [
+            ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features")
+        ]
         return "\n".join(dict.fromkeys(keep))
     except OSError:
         return platform.processor() + platform.machine()
@@ -91,47 +93,66 @@ def _writable_dir() -> Path:
     raise OSError("no writable directory for the compiled kernels; set TWA_RAY_CACHE_DIR")
 
 
-@functools.lru_cache(maxsize=None)
+def _compiler() -> str | None:
+    return (
+        os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    )
+
+
+def build(flags: tuple[str, ...], cc: str | None = None) -> ctypes.CDLL | None:
+    """Compile (or reuse the cached build of) ``packed.c`` with ``flags`` and load it."""
+    cc = cc or _compiler()
+    if cc is None:
+        return None
+    parts = [
+        SOURCE.read_bytes(),
+        cc.encode(),
+        " ".join(flags + _COMMON).encode(),
+        _cpu_id().encode(),
+    ]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+    path = _writable_dir() / f"packed-{key}.so"
+    if not path.exists() and not _compile(cc, flags, path):
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        log.debug("cannot load %s: %s", path, e)
+        return None
+    if lib.twa_abi_version() != ABI_VERSION:
+        return None
+    _declare(lib)
+    log.debug("packed kernels: %s (%s)", path, " ".join(flags))
+    return lib
+
+
+@functools.cache
 def load() -> ctypes.CDLL | None:
-    """The compiled kernel library (built and cached on first use), or ``None``."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    """The kernel library for this machine (built and cached on first use), or ``None``."""
+    cc = _compiler()
     if cc is None:
         log.warning("no C compiler found: packed projections use the slower torch path")
         return None
-    source = SOURCE.read_bytes()
     try:
-        directory = _writable_dir()
+        _writable_dir()
     except OSError as e:
         log.warning("%s: packed projections use the slower torch path", e)
         return None
     for flags in _FLAG_SETS:
-        key = hashlib.sha256(
-            b"\0".join([source, cc.encode(), " ".join(flags + _COMMON).encode(), _cpu_id().encode()])
-        ).hexdigest()[:20]
-        path = directory / f"packed-{key}.so"
-        if not path.exists() and not _compile(cc, flags, path):
-            continue
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as e:
-            log.debug("cannot load %s: %s", path, e)
-            continue
-        if lib.twa_abi_version() != ABI_VERSION:
-            continue
-        _declare(lib)
-        log.debug("packed kernels: %s (%s)", path, " ".join(flags))
-        return lib
+        lib = build(flags, cc)
+        if lib is not None:
+            return lib
     log.warning("the packed kernels did not compile with %s: using the slower torch path", cc)
     return None
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.twa_project.argtypes = [c_int, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
+    # bits, R, L, data, row stride, bounds, byte_bounds, scale, zero
+    common: list[Any] = [c_int, i64, i64, ptr, i64, ptr, ptr, ptr, ptr]
+    lib.twa_project.argtypes = [*common, ptr, ptr, c_int]  # g, a, threads
     lib.twa_project.restype = c_int
-    lib.twa_reconstruct.argtypes = [
-        c_int, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int,
-    ]
+    lib.twa_reconstruct.argtypes = [*common, ptr, ptr, ptr, c_int]  # alpha, origin, out, threads
     lib.twa_reconstruct.restype = c_int
 
 

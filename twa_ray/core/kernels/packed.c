@@ -4,15 +4,20 @@
  *   reconstruct:  theta_j = o_j + sum_k (alpha*scale)[k,l] q[k,j] + sum_k alpha[k,l] zero[k,l]
  *                 (j in block l)
  *
- * q holds b-bit codes (b = 1, 2, 4, 8), P = 8/b per byte: code j of a row is bits
- * [(j % P) * b, (j % P + 1) * b) of byte j / P. Each block starts on a byte boundary.
+ * q holds b-bit codes (b = 1, 2, 4, 8): code j of a row is bits [(j % P) b, (j % P + 1) b) of
+ * byte j / P, P = 8 / b. Each block starts on a byte boundary of its row.
  *
- * Work is cut into tiles of TILE columns inside one block. A tile de-interleaves its slice of g
- * (or accumulates its slice of theta) into P "planes" -- plane p holds the columns j = i*P + p --
- * so code p of byte i meets plane p at index i and the inner loops are plain vector loops with
- * no shuffles. The planes stay in L1 while all R rows stream through the tile, GROUP rows at a
- * time (one load of g or of the accumulator serves GROUP rows). Tiles run in parallel (OpenMP).
- * Partial dot products are float32 within a tile and summed in double across tiles.
+ * Work is cut into tiles of at most TILE columns inside one block; tiles run in parallel
+ * (OpenMP). A tile rearranges its slice of g (project) or accumulates its slice of theta
+ * (reconstruct) in "planes" that stay in L1 while all R rows stream through it once, so g is
+ * never re-read from memory per row. Partial dot products are float32 within a tile and summed
+ * in double across tiles.
+ *
+ * AVX2 layout ("lane planes"): a 32-byte load of a row is 8 lanes of 32 bits, each holding
+ * C = 32 / b codes. Plane n holds code n of every lane. Code n of a lane is extracted with one
+ * AND (no shift: the plane's g, or its coefficient, is pre-scaled by the exact power of two
+ * 2^(-n b)) and converted with one cvtdq2ps; the top code uses a shift instead, as its AND
+ * would set the sign bit. Without AVX2 a portable loop over byte planes is used.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -20,11 +25,15 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define TWA_AVX2 1
+#endif
 
-#define TILE 4096            /* columns per tile: 16 KiB of planes, L1-resident */
-#define PLANE_PAD 16         /* plane stride rounded up to 16 floats (64 bytes) */
-#define SCRATCH (TILE + 8 * PLANE_PAD)
-#define GROUP 4              /* rows per pass over the planes */
+#define TILE 4096              /* columns per tile (a multiple of 256): 16 KiB of planes */
+#define SCRATCH (TILE + 256)   /* floats of plane scratch per thread (room for padding) */
+#define PROJECT_GROUP 2        /* rows per pass in project (more would spill AVX2 registers) */
+#define RECON_GROUP 4          /* rows per pass in reconstruct (one load + store of acc per pass) */
 #define INLINE static inline __attribute__((always_inline))
 
 int twa_abi_version(void) { return 1; }
@@ -48,7 +57,7 @@ static int64_t make_tiles(int bits, int64_t L, const int64_t *bounds, const int6
             tiles[t].block = l;
             tiles[t].col = bounds[l] + c;
             tiles[t].ncols = n < TILE ? n : TILE;
-            tiles[t].byte = byte_bounds[l] + c * bits / 8;  /* TILE is a multiple of 8 */
+            tiles[t].byte = byte_bounds[l] + c * bits / 8;
         }
     }
     if (first) first[L] = t;
@@ -56,63 +65,250 @@ static int64_t make_tiles(int bits, int64_t L, const int64_t *bounds, const int6
 }
 
 INLINE int64_t tile_bytes(int bits, int64_t ncols) { return (ncols * bits + 7) / 8; }
-INLINE int64_t plane_stride(int64_t nb) { return (nb + PLANE_PAD - 1) / PLANE_PAD * PLANE_PAD; }
 
-/* ------------------------------------------------------------------------------ project */
+#ifdef TWA_AVX2
+/* ---------------------------------------------------------------------- AVX2 lane planes */
 
-INLINE float dot_planes(int bits, const uint8_t *x, const float *gp, int64_t nb, int64_t ps) {
-    const int P = 8 / bits, M = (1 << bits) - 1;
-    float acc = 0.0f;
-    for (int p = 0; p < P; ++p) {
-        const float *gs = gp + p * ps;
-        for (int64_t i = 0; i < nb; ++i) acc += (float)((x[i] >> (p * bits)) & M) * gs[i];
+/* Plane n of 8 lanes, as floats: code * 2^(n b) (code itself for the top plane). */
+INLINE __m256 lane_codes(int bits, __m256i x, int n) {
+    const int C = 32 / bits;
+    if (n == C - 1) return _mm256_cvtepi32_ps(_mm256_srli_epi32(x, 32 - bits));
+    const __m256i mask = _mm256_set1_epi32((int)(((1u << bits) - 1) << (n * bits)));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(x, mask));
+}
+
+/* The exact power of two that undoes lane_codes' offset. */
+INLINE float lane_scale(int bits, int n) {
+    return n == 32 / bits - 1 ? 1.0f : 1.0f / (float)(1u << (n * bits));
+}
+
+INLINE float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+INLINE void transpose8(__m256 *r) {
+    __m256 t[8], s[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
     }
-    return acc;
+    for (int i = 0; i < 8; i += 4) {
+        s[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
+    }
+}
+
+/* Geometry of a tile: nvec 32-byte vectors per row, nfull of them complete. The planes are
+ * stored vector-major: plane n of vector v is the 8 floats at (v C + n) 8. */
+typedef struct {
+    int64_t nb, nvec, nfull;
+} geom_t;
+
+INLINE geom_t geometry(int bits, int64_t ncols) {
+    geom_t g;
+    g.nb = tile_bytes(bits, ncols);
+    g.nvec = (g.nb + 31) / 32;
+    g.nfull = g.nb / 32;
+    return g;
+}
+
+/* Lane i of plane n of vector v is column C (8 v + i) + n. */
+INLINE int64_t plane_index(int C, int64_t j) { return (j / (8 * C) * C + j % C) * 8 + j / C % 8; }
+
+/* g into scaled planes: plane n gets g * lane_scale(n); zero past ncols. */
+INLINE void to_planes(int bits, const float *g, int64_t ncols, const geom_t *gm, float *gp) {
+    const int C = 32 / bits;
+    int64_t v = 0;
+    if (C >= 8)
+        for (; 8 * C * (v + 1) <= ncols; ++v)
+            for (int n0 = 0; n0 < C; n0 += 8) {
+                __m256 r[8];
+                for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(g + C * (8 * v + i) + n0);
+                transpose8(r);
+                for (int n = 0; n < 8; ++n)
+                    _mm256_store_ps(gp + (v * C + n0 + n) * 8,
+                                    _mm256_mul_ps(r[n], _mm256_set1_ps(lane_scale(bits, n0 + n))));
+            }
+    memset(gp + v * C * 8, 0, sizeof(float) * (gm->nvec - v) * C * 8);
+    for (int64_t j = 8 * C * v; j < ncols; ++j) gp[plane_index(C, j)] = g[j] * lane_scale(bits, j % C);
+}
+
+/* out[j] = base[j] + bias + acc planes at j, for j < ncols (base may be out). */
+INLINE void from_planes(int bits, const float *acc, int64_t ncols, const float *base, float bias,
+                        float *out) {
+    const int C = 32 / bits;
+    const __m256 vb = _mm256_set1_ps(bias);
+    int64_t v = 0;
+    if (C >= 8)
+        for (; 8 * C * (v + 1) <= ncols; ++v)
+            for (int n0 = 0; n0 < C; n0 += 8) {
+                __m256 r[8];
+                for (int n = 0; n < 8; ++n) r[n] = _mm256_load_ps(acc + (v * C + n0 + n) * 8);
+                transpose8(r);
+                for (int i = 0; i < 8; ++i) {
+                    const int64_t j = C * (8 * v + i) + n0;
+                    const __m256 o = base ? _mm256_loadu_ps(base + j) : _mm256_setzero_ps();
+                    _mm256_storeu_ps(out + j, _mm256_add_ps(_mm256_add_ps(o, vb), r[i]));
+                }
+            }
+    for (int64_t j = 8 * C * v; j < ncols; ++j)
+        out[j] = (base ? base[j] : 0.0f) + bias + acc[plane_index(C, j)];
+}
+
+/* Vector v of `rows` rows; the last, partial one is copied into zero-padded buffers. */
+INLINE void load_rows(int rows, const uint8_t *x, int64_t stride, int64_t v, const geom_t *gm,
+                      uint8_t *pad, __m256i *q) {
+    for (int r = 0; r < rows; ++r) {
+        const uint8_t *src = x + r * stride + 32 * v;
+        if (v < gm->nfull) {
+            q[r] = _mm256_loadu_si256((const __m256i *)src);
+        } else {
+            memset(pad + 32 * r, 0, 32);
+            memcpy(pad + 32 * r, src, (size_t)(gm->nb - 32 * v));
+            q[r] = _mm256_load_si256((const __m256i *)(pad + 32 * r));
+        }
+    }
+}
+
+/* part[r] = <codes of row x + r stride, planes gp> for r < rows. */
+INLINE void project_rows(int bits, int rows, const uint8_t *x, int64_t stride, const geom_t *gm,
+                         const float *gp, float *part, uint8_t *pad) {
+    const int C = 32 / bits;
+    __m256 acc[PROJECT_GROUP];
+    for (int r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t v = 0; v < gm->nvec; ++v) {
+        __m256i q[PROJECT_GROUP];
+        load_rows(rows, x, stride, v, gm, pad, q);
+        for (int n = 0; n < C; ++n) {
+            const __m256 g = _mm256_load_ps(gp + (v * C + n) * 8);
+            for (int r = 0; r < rows; ++r)
+                acc[r] = _mm256_fmadd_ps(lane_codes(bits, q[r], n), g, acc[r]);
+        }
+    }
+    for (int r = 0; r < rows; ++r) part[r] = hsum(acc[r]);
 }
 
 INLINE void project_tile(int bits, const uint8_t *data, int64_t stride, int64_t R, const tile_t *t,
                          const float *g, float *part, float *gsum, float *gp) {
-    const int P = 8 / bits, M = (1 << bits) - 1;
-    const int64_t nb = tile_bytes(bits, t->ncols), ps = plane_stride(nb);
+    uint8_t pad[PROJECT_GROUP * 32] __attribute__((aligned(32)));
+    const geom_t gm = geometry(bits, t->ncols);
     const float *gt = g + t->col;
     float s = 0.0f;
     for (int64_t j = 0; j < t->ncols; ++j) s += gt[j];
     *gsum = s;
-    for (int p = 0; p < P; ++p)  /* plane p: columns p, P + p, 2P + p, ... (0 past the end) */
-        for (int64_t i = 0; i < nb; ++i) {
-            int64_t j = i * P + p;
-            gp[p * ps + i] = j < t->ncols ? gt[j] : 0.0f;
-        }
-    const uint8_t *base = data + t->byte;
+    to_planes(bits, gt, t->ncols, &gm, gp);
+    const uint8_t *x = data + t->byte;
     int64_t k = 0;
-    for (; k + GROUP <= R; k += GROUP) {
-        const uint8_t *x0 = base + k * stride, *x1 = x0 + stride, *x2 = x1 + stride,
-                      *x3 = x2 + stride;
-        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-        for (int p = 0; p < P; ++p) {
-            const float *gs = gp + p * ps;
-            const int sh = p * bits;
-            for (int64_t i = 0; i < nb; ++i) {
-                const float gv = gs[i];
-                a0 += (float)((x0[i] >> sh) & M) * gv;
-                a1 += (float)((x1[i] >> sh) & M) * gv;
-                a2 += (float)((x2[i] >> sh) & M) * gv;
-                a3 += (float)((x3[i] >> sh) & M) * gv;
-            }
-        }
-        part[k] = a0, part[k + 1] = a1, part[k + 2] = a2, part[k + 3] = a3;
-    }
-    for (; k < R; ++k) part[k] = dot_planes(bits, base + k * stride, gp, nb, ps);
+    for (; k + PROJECT_GROUP <= R; k += PROJECT_GROUP)
+        project_rows(bits, PROJECT_GROUP, x + k * stride, stride, &gm, gp, part + k, pad);
+    for (; k < R; ++k) project_rows(bits, 1, x + k * stride, stride, &gm, gp, part + k, pad);
 }
 
-#define TILE_FN(NAME, BITS) \
-    static void NAME##_##BITS(const uint8_t *d, int64_t st, int64_t R, const tile_t *t, \
-                              const float *a, float *b, float *c, float *e)
+/* acc planes += sum_r coef[r] * codes of row x + r stride, for r < rows. */
+INLINE void axpy_rows(int bits, int rows, const uint8_t *x, int64_t stride, const geom_t *gm,
+                      const float *coef, float *acc, uint8_t *pad) {
+    const int C = 32 / bits;
+    float cs[RECON_GROUP][32];  /* coefficient of row r on plane n */
+    for (int r = 0; r < rows; ++r)
+        for (int n = 0; n < C; ++n) cs[r][n] = coef[r] * lane_scale(bits, n);
+    for (int64_t v = 0; v < gm->nvec; ++v) {
+        __m256i q[RECON_GROUP];
+        load_rows(rows, x, stride, v, gm, pad, q);
+        for (int n = 0; n < C; ++n) {
+            float *ap = acc + (v * C + n) * 8;
+            __m256 a = _mm256_load_ps(ap);
+            for (int r = 0; r < rows; ++r)
+                a = _mm256_fmadd_ps(lane_codes(bits, q[r], n), _mm256_set1_ps(cs[r][n]), a);
+            _mm256_store_ps(ap, a);
+        }
+    }
+}
 
-TILE_FN(project, 1) { project_tile(1, d, st, R, t, a, b, c, e); }
-TILE_FN(project, 2) { project_tile(2, d, st, R, t, a, b, c, e); }
-TILE_FN(project, 4) { project_tile(4, d, st, R, t, a, b, c, e); }
-TILE_FN(project, 8) { project_tile(8, d, st, R, t, a, b, c, e); }
+INLINE void reconstruct_tile(int bits, const uint8_t *data, int64_t stride, int64_t R,
+                             const tile_t *t, const float *coef, int64_t L, float bias,
+                             const float *origin, float *out, float *acc) {
+    uint8_t pad[RECON_GROUP * 32] __attribute__((aligned(32)));
+    const geom_t gm = geometry(bits, t->ncols);
+    const int64_t l = t->block;
+    memset(acc, 0, sizeof(float) * gm.nvec * 8 * (32 / bits));
+    const uint8_t *x = data + t->byte;
+    int64_t k = 0;
+    for (; k + RECON_GROUP <= R; k += RECON_GROUP) {
+        float c[RECON_GROUP];
+        for (int r = 0; r < RECON_GROUP; ++r) c[r] = coef[(k + r) * L + l];
+        axpy_rows(bits, RECON_GROUP, x + k * stride, stride, &gm, c, acc, pad);
+    }
+    for (; k < R; ++k) axpy_rows(bits, 1, x + k * stride, stride, &gm, coef + k * L + l, acc, pad);
+    from_planes(bits, acc, t->ncols, origin ? origin + t->col : NULL, bias, out + t->col);
+}
+
+#else
+/* ------------------------------------------------------------------ portable byte planes */
+
+/* Plane p holds the columns j = i P + p: code p of byte i meets gp[p ps + i]. */
+INLINE void project_tile(int bits, const uint8_t *data, int64_t stride, int64_t R, const tile_t *t,
+                         const float *g, float *part, float *gsum, float *gp) {
+    const int P = 8 / bits, M = (1 << bits) - 1;
+    const int64_t nb = tile_bytes(bits, t->ncols);
+    const float *gt = g + t->col;
+    float s = 0.0f;
+    for (int64_t j = 0; j < t->ncols; ++j) s += gt[j];
+    *gsum = s;
+    for (int p = 0; p < P; ++p)
+        for (int64_t i = 0; i < nb; ++i)
+            gp[p * nb + i] = i * P + p < t->ncols ? gt[i * P + p] : 0.0f;
+    for (int64_t k = 0; k < R; ++k) {
+        const uint8_t *x = data + t->byte + k * stride;
+        float acc = 0.0f;
+        for (int p = 0; p < P; ++p)
+            for (int64_t i = 0; i < nb; ++i) acc += (float)((x[i] >> (p * bits)) & M) * gp[p * nb + i];
+        part[k] = acc;
+    }
+}
+
+INLINE void reconstruct_tile(int bits, const uint8_t *data, int64_t stride, int64_t R,
+                             const tile_t *t, const float *coef, int64_t L, float bias,
+                             const float *origin, float *out, float *acc) {
+    const int P = 8 / bits, M = (1 << bits) - 1;
+    const int64_t nb = tile_bytes(bits, t->ncols);
+    memset(acc, 0, sizeof(float) * P * nb);
+    for (int64_t k = 0; k < R; ++k) {
+        const uint8_t *x = data + t->byte + k * stride;
+        const float c = coef[k * L + t->block];
+        for (int p = 0; p < P; ++p)
+            for (int64_t i = 0; i < nb; ++i) acc[p * nb + i] += c * (float)((x[i] >> (p * bits)) & M);
+    }
+    for (int64_t j = 0; j < t->ncols; ++j)  /* origin may alias out: same index read, then written */
+        out[t->col + j] = (origin ? origin[t->col + j] : 0.0f) + bias + acc[(j % P) * nb + j / P];
+}
+#endif
+
+/* One function per bit width, so the compiler specializes the inlined tile code. */
+#define SPECIALIZE(BITS)                                                                       \
+    static void project_##BITS(const uint8_t *d, int64_t st, int64_t R, const tile_t *t,     \
+                               const float *g, float *part, float *gs, float *gp) {          \
+        project_tile(BITS, d, st, R, t, g, part, gs, gp);                                    \
+    }                                                                                          \
+    static void reconstruct_##BITS(const uint8_t *d, int64_t st, int64_t R, const tile_t *t, \
+                                   const float *c, int64_t L, float b, const float *o,       \
+                                   float *y, float *acc) {                                   \
+        reconstruct_tile(BITS, d, st, R, t, c, L, b, o, y, acc);                             \
+    }
+SPECIALIZE(1)
+SPECIALIZE(2)
+SPECIALIZE(4)
+SPECIALIZE(8)
+
+/* ---------------------------------------------------------------------------- entry points */
 
 /* a (R, L) row-major. Returns 0, or -1 when out of memory. */
 int twa_project(int bits, int64_t R, int64_t L, const uint8_t *data, int64_t stride,
@@ -154,59 +350,8 @@ int twa_project(int bits, int64_t R, int64_t L, const uint8_t *data, int64_t str
     return 0;
 }
 
-/* -------------------------------------------------------------------------- reconstruct */
-
-INLINE void axpy_planes(int bits, const uint8_t *x, float c, float *acc, int64_t nb, int64_t ps) {
-    const int P = 8 / bits, M = (1 << bits) - 1;
-    for (int p = 0; p < P; ++p) {
-        float *as = acc + p * ps;
-        for (int64_t i = 0; i < nb; ++i) as[i] += c * (float)((x[i] >> (p * bits)) & M);
-    }
-}
-
-INLINE void reconstruct_tile(int bits, const uint8_t *data, int64_t stride, int64_t R,
-                             const tile_t *t, const float *coef, int64_t L, float bias,
-                             const float *origin, float *out, float *acc) {
-    const int P = 8 / bits, M = (1 << bits) - 1;
-    const int64_t nb = tile_bytes(bits, t->ncols), ps = plane_stride(nb), l = t->block;
-    memset(acc, 0, sizeof(float) * P * ps);
-    const uint8_t *base = data + t->byte;
-    int64_t k = 0;
-    for (; k + GROUP <= R; k += GROUP) {
-        const uint8_t *x0 = base + k * stride, *x1 = x0 + stride, *x2 = x1 + stride,
-                      *x3 = x2 + stride;
-        const float c0 = coef[k * L + l], c1 = coef[(k + 1) * L + l], c2 = coef[(k + 2) * L + l],
-                    c3 = coef[(k + 3) * L + l];
-        for (int p = 0; p < P; ++p) {
-            float *as = acc + p * ps;
-            const int sh = p * bits;
-            for (int64_t i = 0; i < nb; ++i)
-                as[i] += c0 * (float)((x0[i] >> sh) & M) + c1 * (float)((x1[i] >> sh) & M) +
-                         c2 * (float)((x2[i] >> sh) & M) + c3 * (float)((x3[i] >> sh) & M);
-        }
-    }
-    for (; k < R; ++k) axpy_planes(bits, base + k * stride, coef[k * L + l], acc, nb, ps);
-    /* back from planes to columns; origin may alias out (same index read, then written) */
-    float *ot = out + t->col;
-    const float *og = origin ? origin + t->col : NULL;
-    for (int p = 0; p < P; ++p)
-        for (int64_t i = 0; i * P + p < t->ncols; ++i) {
-            const int64_t j = i * P + p;
-            ot[j] = (og ? og[j] : 0.0f) + bias + acc[p * ps + i];
-        }
-}
-
-#define RECON_FN(BITS) \
-    static void reconstruct_##BITS(const uint8_t *d, int64_t st, int64_t R, const tile_t *t, \
-                                   const float *c, int64_t L, float b, const float *o, float *y, \
-                                   float *acc) { reconstruct_tile(BITS, d, st, R, t, c, L, b, o, y, acc); }
-
-RECON_FN(1)
-RECON_FN(2)
-RECON_FN(4)
-RECON_FN(8)
-
-/* alpha, scale, zero (R, L) row-major; origin (D,) or NULL; out (D,). Returns 0, or -1. */
+/* alpha, scale, zero (R, L) row-major; origin (D,) or NULL, may alias out; out (D,).
+ * Returns 0, or -1 when out of memory. */
 int twa_reconstruct(int bits, int64_t R, int64_t L, const uint8_t *data, int64_t stride,
                     const int64_t *bounds, const int64_t *byte_bounds, const float *scale,
                     const float *zero, const float *alpha, const float *origin, float *out,

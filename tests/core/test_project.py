@@ -1,0 +1,215 @@
+"""project / reconstruct from packed bytes against float64 dequantize-then-multiply references.
+
+Every test runs on both CPU paths: the compiled C kernel and the pure-torch fallback
+(``TWA_RAY_NO_CKERNEL=1``); the portable (non-AVX2) C code is checked on its own build.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from twa_ray.core.kernels import cpu
+from twa_ray.core.layout import Blocks
+from twa_ray.core.project import project, reconstruct
+from twa_ray.core.quant import ALLOWED_BITS, PackedMatrix, quantize
+
+# block sizes: a single column, odd sizes, more than one 4096-column tile, a partial last tile
+SIZES = (1, 7, 33, 300, 4096 + 130, 64)
+TOL = 1e-5
+
+
+def _blocks(*sizes: int) -> Blocks:
+    bounds = [0]
+    for n in sizes:
+        bounds.append(bounds[-1] + n)
+    return Blocks(tuple(bounds), tuple(f"b{i}" for i in range(len(sizes))))
+
+
+def _dequantize64(pm: PackedMatrix) -> torch.Tensor:
+    cols = []
+    for blk, (a, b) in enumerate(zip(pm.bounds, pm.bounds[1:])):
+        if pm.bits > 8:
+            cols.append(pm.data[:, a:b].double())
+            continue
+        raw = pm.data[:, pm.byte_bounds[blk] : pm.byte_bounds[blk + 1]].long()
+        j, per = torch.arange(b - a), 8 // pm.bits
+        q = (raw[:, j // per] >> ((j % per) * pm.bits)) & ((1 << pm.bits) - 1)
+        cols.append(
+            q.double() * pm.scale[:, blk : blk + 1].double() + pm.zero[:, blk : blk + 1].double()
+        )
+    return torch.cat(cols, dim=1)
+
+
+def _project64(B64: torch.Tensor, g: torch.Tensor, bounds: tuple[int, ...]) -> torch.Tensor:
+    g64 = g.double()
+    return torch.stack([B64[:, a:b] @ g64[a:b] for a, b in zip(bounds, bounds[1:])], dim=1)
+
+
+def _reconstruct64(B64, alpha, origin, bounds) -> torch.Tensor:
+    out = torch.zeros(B64.shape[1], dtype=torch.float64) if origin is None else origin.double()
+    for blk, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        out[a:b] += alpha[:, blk].double() @ B64[:, a:b]
+    return out
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double() - ref).norm() / ref.norm())
+
+
+@pytest.fixture(params=["c", "torch"])
+def path(request, monkeypatch) -> str:
+    if request.param == "c":
+        if cpu.load() is None:
+            pytest.skip("no C compiler")
+        monkeypatch.delenv("TWA_RAY_NO_CKERNEL", raising=False)
+    else:
+        monkeypatch.setenv("TWA_RAY_NO_CKERNEL", "1")
+    return request.param
+
+
+@pytest.mark.parametrize("bits", ALLOWED_BITS)
+def test_matches_float64_dequantize_then_multiply(seed, path, bits: int) -> None:
+    blocks = _blocks(*SIZES)
+    B = torch.randn(7, blocks.numel)  # 7 rows: not a multiple of the kernels' row groups
+    pm = quantize(B, blocks, bits)
+    B64 = _dequantize64(pm)
+    g, alpha, origin = (
+        torch.randn(blocks.numel),
+        torch.randn(7, len(SIZES)),
+        torch.randn(blocks.numel),
+    )
+    assert _rel(project(pm, g), _project64(B64, g, blocks.bounds)) < TOL
+    assert (
+        _rel(reconstruct(pm, alpha, origin), _reconstruct64(B64, alpha, origin, blocks.bounds))
+        < TOL
+    )
+    assert _rel(reconstruct(pm, alpha), _reconstruct64(B64, alpha, None, blocks.bounds)) < TOL
+
+
+def test_float32_matches_the_unquantized_float64_matrix(seed, path) -> None:
+    blocks = _blocks(*SIZES)
+    B64 = torch.randn(5, blocks.numel, dtype=torch.float64)
+    pm = quantize(B64, blocks, 32)
+    g, alpha = torch.randn(blocks.numel), torch.randn(5, len(SIZES))
+    assert _rel(project(pm, g), _project64(B64, g, blocks.bounds)) < TOL
+    assert _rel(reconstruct(pm, alpha), _reconstruct64(B64, alpha, None, blocks.bounds)) < TOL
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    bits=st.sampled_from((1, 2, 4, 8, 16)),
+    sizes=st.lists(st.integers(1, 700), min_size=1, max_size=5),
+    rows=st.integers(1, 9),
+    granularity=st.sampled_from(("row", "block")),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes(bits, sizes, rows, granularity, seed) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    blocks = _blocks(*sizes)
+    pm = quantize(
+        torch.randn(rows, blocks.numel, generator=gen), blocks, bits, granularity=granularity
+    )
+    B64 = _dequantize64(pm)
+    g = torch.randn(blocks.numel, generator=gen)
+    alpha = torch.randn(rows, len(sizes), generator=gen)
+    assert _rel(project(pm, g), _project64(B64, g, blocks.bounds)) < TOL
+    assert _rel(reconstruct(pm, alpha), _reconstruct64(B64, alpha, None, blocks.bounds)) < TOL
+
+
+@pytest.mark.parametrize("bits", (1, 4, 8, 16))
+def test_slices_agree_with_the_whole(seed, path, bits: int) -> None:
+    blocks = _blocks(*SIZES)
+    pm = quantize(torch.randn(6, blocks.numel), blocks, bits)
+    g, alpha, origin = (
+        torch.randn(blocks.numel),
+        torch.randn(6, len(SIZES)),
+        torch.randn(blocks.numel),
+    )
+    whole_a, whole_theta = project(pm, g), reconstruct(pm, alpha, origin)
+    a, b = blocks.bounds[2], blocks.bounds[5]
+    part = pm.slice_blocks(2, 5)  # strided rows: a column slice of the packed bytes
+    assert torch.allclose(project(part, g[a:b]), whole_a[:, 2:5], rtol=1e-5, atol=1e-4)
+    theta = reconstruct(part, alpha[:, 2:5].contiguous(), origin[a:b])
+    assert torch.allclose(theta, whole_theta[a:b], rtol=1e-5, atol=1e-5)
+
+
+def test_out_and_in_place_origin(seed, path) -> None:
+    blocks = _blocks(*SIZES)
+    pm = quantize(torch.randn(4, blocks.numel), blocks, 4)
+    alpha, origin = torch.randn(4, len(SIZES)), torch.randn(blocks.numel)
+    expect = reconstruct(pm, alpha, origin)
+    out = torch.empty(blocks.numel)
+    assert reconstruct(pm, alpha, origin, out=out) is out
+    assert torch.equal(out, expect)
+    theta = origin.clone()
+    reconstruct(pm, alpha, theta, out=theta)  # theta <- theta + B^T alpha, in place
+    assert torch.equal(theta, expect)
+
+
+def test_constant_and_zero_blocks_give_no_nan(path) -> None:
+    B = torch.zeros(3, 40)
+    B[:, 10:25] = 2.0
+    blocks = _blocks(10, 15, 15)
+    for bits in ALLOWED_BITS:
+        pm = quantize(B, blocks, bits)
+        a = project(pm, torch.ones(40))
+        assert torch.equal(a, torch.tensor([[0.0, 30.0, 0.0]] * 3))
+        theta = reconstruct(pm, torch.ones(3, 3), torch.zeros(40))
+        assert torch.equal(theta, 3 * B[0])
+
+
+def test_c_and_torch_paths_agree(seed, monkeypatch) -> None:
+    if cpu.load() is None:
+        pytest.skip("no C compiler")
+    blocks = _blocks(*SIZES)
+    pm = quantize(torch.randn(9, blocks.numel), blocks, 2)
+    g, alpha = torch.randn(blocks.numel), torch.randn(9, len(SIZES))
+    c = project(pm, g), reconstruct(pm, alpha)
+    monkeypatch.setenv("TWA_RAY_NO_CKERNEL", "1")
+    t = project(pm, g), reconstruct(pm, alpha)
+    assert torch.allclose(c[0], t[0], rtol=1e-5, atol=1e-3)
+    assert torch.allclose(c[1], t[1], rtol=1e-5, atol=1e-5)
+
+
+def test_portable_c_code_and_kernel_cache(seed, tmp_path, monkeypatch) -> None:
+    """Without -march=native the kernel compiles its portable (non-AVX2) loops; builds are cached
+    under a key of source, compiler, flags and CPU, written atomically."""
+    monkeypatch.setenv("TWA_RAY_CACHE_DIR", str(tmp_path))
+    lib = cpu.build(("-O2",))
+    if lib is None:
+        pytest.skip("no C compiler")
+    files = [p.name for p in tmp_path.iterdir()]
+    assert len(files) == 1 and files[0].startswith("packed-") and files[0].endswith(".so")
+    assert cpu.build(("-O2",)) is not None  # cached: no new file, no temp file left behind
+    assert [p.name for p in tmp_path.iterdir()] == files
+    blocks = _blocks(*SIZES)
+    for bits in (1, 2, 4, 8):
+        pm = quantize(torch.randn(5, blocks.numel), blocks, bits)
+        B64 = _dequantize64(pm)
+        g, alpha, origin = (
+            torch.randn(blocks.numel),
+            torch.randn(5, len(SIZES)),
+            torch.randn(blocks.numel),
+        )
+        a, theta = torch.empty(5, len(SIZES)), torch.empty(blocks.numel)
+        cpu.project_(lib, pm, g, a)
+        cpu.reconstruct_(lib, pm, alpha, origin, theta)
+        assert _rel(a, _project64(B64, g, blocks.bounds)) < TOL
+        assert _rel(theta, _reconstruct64(B64, alpha, origin, blocks.bounds)) < TOL
+
+
+def test_inputs_are_validated() -> None:
+    pm = quantize(torch.randn(2, 10), _blocks(4, 6), 4)
+    with pytest.raises(ValueError, match=r"g must be a float32 vector of shape \(10,\)"):
+        project(pm, torch.zeros(9))
+    with pytest.raises(ValueError, match="float32"):
+        project(pm, torch.zeros(10, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"alpha must be float32 of shape \(2, 2\)"):
+        reconstruct(pm, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="origin"):
+        reconstruct(pm, torch.zeros(2, 2), torch.zeros(11))
+    with pytest.raises(ValueError, match="contiguous"):
+        reconstruct(pm, torch.zeros(2, 2), out=torch.zeros(20)[::2])

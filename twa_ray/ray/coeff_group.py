@@ -1,0 +1,507 @@
+"""The coefficient phase on N Ray Train workers: all-reduce K·L coefficients, not D gradients.
+
+Every worker holds a replica of alpha and a zero-copy view of the packed basis B (object store,
+:mod:`twa_ray.ray.shards`). Per step, on worker r with its batch:
+
+.. math::
+    a^{(r)} = B\\,\\nabla_\\theta \\ell(\\theta(\\alpha); \\text{batch}_r), \\qquad
+    a = \\frac1N \\sum_r a^{(r)} \\ \\text{(all-reduce of } K \\cdot L \\text{ float32)}, \\qquad
+    \\alpha \\leftarrow \\mathrm{step}(\\alpha, a), \\quad \\theta = o + \\textstyle\\sum \\alpha B
+
+All workers apply the same ``a`` to the same optimizer state, so their alphas stay bit-identical
+(checked at the end). TWA-t optimizes on the train split, TWA-v on the held-out val split. Then:
+
+1. BatchNorm statistics are re-estimated on the whole train split: every worker runs
+   ``update_bn`` over its strided shard (``n_r`` batches); the cumulative averages combine as
+   :math:`\\sum_r n_r \\mu_r / \\sum_r n_r` (all-reduce), the same as one ``update_bn`` over the
+   union of the shards' batches;
+2. val and test are evaluated on strided shards, sums all-reduced;
+3. the SWA point (alpha0) gets the same BN + evaluation (``eval_swa``), for the report.
+
+Fault tolerance: rank 0 checkpoints alpha + optimizer + schedule + step at every epoch end and
+every ``checkpoint_every`` steps; with ``max_failures`` Ray restarts all workers from the last
+checkpoint, and the data order (a function of seed, epoch and step) replays exactly.
+
+>>> sharded = put_subspace(store, layout, TWAConfig(bits=4))               # doctest: +SKIP
+>>> res = run_twa(sharded, DataConfig(), TWAConfig(bits=4), run_dir="runs/a")  # doctest: +SKIP
+>>> res["v"].test_acc, res["v"].swa["test_acc"]                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from twa_ray.config import DataConfig
+from twa_ray.core.bn import bn_state, load_bn_state_, update_bn
+from twa_ray.core.evaluate import EvalResult, evaluate
+from twa_ray.core.layout import Layout, load_flat_
+from twa_ray.core.twa import TWA, TWAConfig
+from twa_ray.ray.shards import ShardedSubspace
+
+__all__ = ["MODES", "TWAResult", "coeff_loop_per_worker", "run_twa", "strided"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("t", "v")
+STATE_FILE = "coeff.pt"  # alpha, optimizer, scheduler, step + loop state (torch.save)
+RESULT_FILE = "result.pt"  # the final TWAResult fields (alpha, BN state, metrics)
+FAIL_MARKER = ".twa_{run_id}.failure_injected"
+_RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_EVAL_BATCH = 1024
+
+
+@dataclass
+class TWAResult:
+    """The outcome of one coefficient phase (one mode).
+
+    Attributes:
+        mode: "t" (coefficients learned on train data) or "v" (on held-out val data).
+        alpha: (R, L) float32 final coefficients; ``theta = o + sum alpha B``
+            (:meth:`theta` rebuilds it from the subspace).
+        bn_state: float64 BatchNorm running statistics at ``theta`` (``core.bn.bn_state`` order),
+            re-estimated on the whole train split across workers.
+        val_loss, val_acc, test_loss, test_acc: at ``theta`` with ``bn_state``.
+        swa: the same four metrics at the SWA point (alpha0, BN re-estimated), or None.
+        history: one dict per (possibly partial) epoch: ``epoch``, ``step``, ``lr``, ``loss``,
+            ``acc`` (on the data the coefficients are trained on, all workers).
+        steps: coefficient steps taken; ``steps_per_epoch``: per pass over the fit split.
+        bytes_allreduced_per_step: bytes of the per-step all-reduce (K·L·4).
+        num_workers: N.
+        alpha_identical: every worker ended with bit-identical alpha (sha256 compared).
+        restarts: worker-group restarts from a checkpoint during the run (failures survived).
+        wall_time_s: driver seconds of the whole Ray Train run (all modes: one worker group);
+            ``train_time_s``: seconds of this mode's coefficient loop (rank 0, last attempt).
+        checkpoint_path: the final Ray Train checkpoint (holds ``result.pt`` and ``coeff.pt``).
+    """
+
+    mode: str
+    alpha: torch.Tensor
+    bn_state: torch.Tensor
+    val_loss: float
+    val_acc: float
+    test_loss: float
+    test_acc: float
+    swa: dict[str, float] | None
+    history: list[dict[str, float]]
+    steps: int
+    steps_per_epoch: int
+    bytes_allreduced_per_step: int
+    num_workers: int
+    alpha_identical: bool
+    restarts: int = 0
+    wall_time_s: float = 0.0
+    train_time_s: float = 0.0
+    checkpoint_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def theta(self, sharded: ShardedSubspace) -> torch.Tensor:
+        """The final weights ``o + sum alpha B`` as a flat (D,) float32 tensor."""
+        return sharded.materialize().reconstruct(self.alpha.float().contiguous())
+
+    def load_into_(self, model: torch.nn.Module, sharded: ShardedSubspace) -> torch.nn.Module:
+        """Write the final weights and BN statistics into ``model`` (built like the workers')."""
+        layout = Layout.from_module(model)
+        layout.check_compatible(sharded.layout, "the subspace")
+        load_flat_(model, self.theta(sharded), layout)
+        load_bn_state_(model, self.bn_state)
+        return model
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly fields (no tensors)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("alpha", "bn_state")}
+        d["alpha_shape"] = list(self.alpha.shape)
+        return d
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_twa(
+    sharded: ShardedSubspace,
+    data: DataConfig,
+    twa: TWAConfig,
+    *,
+    run_dir: str,
+    modes: Sequence[str] = MODES,
+    num_workers: int = 2,
+    cpus_per_worker: float = 1.0,
+    use_gpu: bool = False,
+    batch_size: int = 128,
+    bn_batches: int | None = None,
+    checkpoint_every: int = 50,
+    max_failures: int = 1,
+    eval_swa: bool = True,
+    run_id: str = "twa",
+    progress: bool = True,
+    fail_at_step: int | None = None,
+) -> dict[str, TWAResult]:
+    """Learn the coefficients on ``num_workers`` Ray Train workers, for each mode in turn.
+
+    One ``TorchTrainer`` runs all modes (data, model and the subspace view are set up once per
+    worker); a checkpoint records the finished modes, so a restart skips them.
+
+    Args:
+        sharded: the subspace in the object store (:func:`twa_ray.ray.shards.put_subspace`);
+            keep the handle alive until this returns.
+        data: dataset and model (the model must have the subspace's layout).
+        twa: optimizer, schedule and epochs of the coefficient phase.
+        run_dir: local directory; Ray Train writes under ``run_dir/ray_train``, the resolved
+            config goes to ``run_dir/twa_<run_id>.json``.
+        modes: "t" (train split) and/or "v" (held-out val split).
+        num_workers, cpus_per_worker, use_gpu: the worker group.
+        batch_size: global batch of the coefficient steps (split across workers).
+        bn_batches: cap on each worker's BN re-estimation batches (None: its whole shard).
+        checkpoint_every: rank 0 checkpoints every this many steps (and at every epoch end).
+        max_failures: worker-group failures survived by restarting from the last checkpoint.
+        eval_swa: also evaluate the SWA point (alpha0; BN re-estimated the same way).
+        run_id: names the Ray Train run (``twa_<run_id>``); the same id and run_dir resume.
+        progress: rank 0 prints one line per epoch.
+        fail_at_step: testing hook: the last worker raises once per run, after this step of the
+            first mode that reaches it (a marker file in ``run_dir`` prevents a second failure).
+
+    Returns:
+        ``{mode: TWAResult}``; every result carries the SWA metrics when ``eval_swa``.
+
+    Raises:
+        ValueError: a bad argument (named in the message).
+        ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    errors = []
+    bad_modes = [m for m in modes if m not in MODES]
+    if not modes or bad_modes:
+        errors.append(f"modes={tuple(modes)!r}: use a non-empty subset of {MODES}")
+    if num_workers < 1:
+        errors.append(f"num_workers={num_workers}: must be >= 1")
+    if batch_size < num_workers:
+        errors.append(f"batch_size={batch_size}: must be >= num_workers={num_workers}")
+    if checkpoint_every < 1:
+        errors.append(f"checkpoint_every={checkpoint_every}: must be >= 1")
+    if bn_batches is not None and bn_batches < 1:
+        errors.append(f"bn_batches={bn_batches}: must be >= 1 or None")
+    if max_failures < 0:
+        errors.append(f"max_failures={max_failures}: must be >= 0")
+    if not isinstance(run_id, str) or not _RUN_ID_RE.fullmatch(run_id):
+        errors.append(f"run_id={run_id!r}: use 1-100 characters from [A-Za-z0-9._-]")
+    if "://" in run_dir:
+        errors.append(f"run_dir={run_dir!r}: must be a local directory")
+    if not isinstance(sharded, ShardedSubspace):
+        errors.append(f"sharded is a {type(sharded).__name__}; pass shards.put_subspace(...)")
+    if errors:
+        raise ValueError("invalid coefficient-phase arguments: " + "; ".join(errors))
+    run_dir = os.path.abspath(os.path.expanduser(run_dir))
+    os.makedirs(run_dir, exist_ok=True)
+    options = {
+        "num_workers": num_workers, "cpus_per_worker": cpus_per_worker, "use_gpu": use_gpu,
+        "batch_size": batch_size, "bn_batches": bn_batches, "checkpoint_every": checkpoint_every,
+        "max_failures": max_failures, "modes": list(modes),
+    }  # fmt: skip
+    resolved = {
+        "run_id": run_id, "data": asdict(data), "twa": twa.to_dict(), "options": options,
+        "subspace": sharded.summary(),
+    }  # fmt: skip
+    with open(os.path.join(run_dir, f"twa_{run_id}.json"), "w") as f:
+        json.dump(resolved, f, indent=2)
+
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    loop_config = {
+        "data": asdict(data), "twa": twa.to_dict(), "sharded": sharded, "modes": list(modes),
+        "batch_size": batch_size, "bn_batches": bn_batches, "checkpoint_every": checkpoint_every,
+        "eval_swa": eval_swa, "progress": progress, "fail_at_step": fail_at_step,
+        "fail_marker": os.path.join(run_dir, FAIL_MARKER.format(run_id=run_id)),
+    }  # fmt: skip
+    # one worker group for all modes: data, model and the subspace view are set up once
+    trainer = TorchTrainer(
+        coeff_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"twa_{run_id}",
+            storage_path=os.path.join(run_dir, "ray_train"),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()  # raises TrainingFailedError once max_failures is exhausted
+    wall = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise RuntimeError(f"coefficient run twa_{run_id} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        out = torch.load(os.path.join(d, RESULT_FILE), map_location="cpu", weights_only=True)
+    results = {}
+    for mode in modes:
+        res = TWAResult(**out[mode], wall_time_s=wall, checkpoint_path=result.checkpoint.path)
+        results[mode] = res
+        with open(os.path.join(run_dir, f"twa_{run_id}_{mode}.json"), "w") as f:
+            json.dump(res.summary(), f, indent=2)
+    return results
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def strided(ds: Any, rank: int, world: int) -> Any:
+    """This rank's strided shard ``ds[rank::world]`` (no padding: the shards partition ``ds``)."""
+    from torch.utils.data import Subset
+
+    return Subset(ds, range(rank, len(ds), world))
+
+
+def coeff_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train ``train_loop_per_worker`` of :func:`run_twa` (see the module docstring)."""
+    import ray.train
+    import ray.train.torch
+    from torch.utils.data import DataLoader
+
+    from twa_ray.data import load_dataset
+    from twa_ray.models import build_model
+
+    data = DataConfig(**config["data"])
+    twa_cfg = TWAConfig.from_dict(config["twa"])
+    sharded: ShardedSubspace = config["sharded"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    per_worker = int(config["batch_size"]) // world
+
+    # ---- data: train (TWA-t, BN statistics), held-out val (TWA-v, report), test (report)
+    splits = load_dataset(
+        data.dataset, root=data.data_root, val_frac=data.val_frac, seed=data.seed,
+        num_samples=data.num_samples,
+    )  # fmt: skip
+    bn_loader = DataLoader(strided(splits.train, rank, world), batch_size=per_worker)
+    val_loader, test_loader = (
+        DataLoader(strided(ds, rank, world), batch_size=_EVAL_BATCH) for ds in (splits.val, splits.test)
+    )
+
+    # ---- model + subspace: B is a zero-copy view of the object store, never copied on the CPU
+    torch.manual_seed(data.seed)
+    model = build_model(data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
+    model = model.to(device)
+    Layout.from_module(model).check_compatible(sharded.layout, "the subspace")
+    subspace = sharded.materialize()
+
+    def finish(twa: TWA) -> tuple[torch.Tensor, dict[str, float]]:
+        return _finish(twa, bn_loader, val_loader, test_loader, device, config["bn_batches"])
+
+    # ---- resume from the last reported checkpoint: finished modes, the current mode's state
+    ckpt: dict[str, Any] = {"done": {}, "current": None, "swa": None, "restarts": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            ckpt = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        ckpt["restarts"] += 1
+        if rank == 0 and config["progress"]:
+            cur = ckpt["current"]
+            where = f"mode {cur['mode']} step {cur['twa']['step']}" if cur else "a mode boundary"
+            print(f"twa: resumed at {where} (done: {sorted(ckpt['done'])})", flush=True)
+
+    for mode in config["modes"]:
+        if mode in ckpt["done"]:
+            continue
+        twa = TWA(model, subspace, config=twa_cfg)
+        # ---- the SWA point (alpha0, where the first mode starts), BN re-estimated, for the report
+        # (the BN statistics it leaves behind do not matter: coefficient steps run in train mode)
+        if config["eval_swa"] and ckpt["swa"] is None:
+            ckpt["swa"] = finish(twa)[1]
+        out = _fit_mode(twa, mode, splits, ckpt, config, finish, rank=rank, world=world)
+        ckpt["done"][mode], ckpt["current"] = out, None
+        metrics = {k: out[k] for k in ("mode", "steps", "val_loss", "val_acc", "test_loss", "test_acc")}
+        _report(metrics, ckpt if rank == 0 else None, f"checkpoint_{mode}_final")
+    # ---- the result: every mode's outcome, read back by the driver from the last checkpoint
+    results = {m: {**ckpt["done"][m], "swa": ckpt["swa"], "restarts": ckpt["restarts"]}
+               for m in config["modes"]}  # fmt: skip
+    metrics = {f"{m}_{k}": r[k] for m, r in results.items() for k in ("val_acc", "test_acc")}
+    _report(metrics, ckpt if rank == 0 else None, "checkpoint_final", result=results if rank == 0 else None)
+
+
+def _fit_mode(
+    twa: TWA,
+    mode: str,
+    splits: Any,
+    ckpt: dict[str, Any],
+    config: dict[str, Any],
+    finish: Any,
+    *,
+    rank: int,
+    world: int,
+) -> dict[str, Any]:
+    """One mode's coefficient steps (resuming ``ckpt['current']``), BN, evaluation, checks."""
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    data = DataConfig(**config["data"])
+    per_worker = int(config["batch_size"]) // world
+    fit_ds = splits.train if mode == "t" else splits.val
+    sampler = DistributedSampler(fit_ds, num_replicas=world, rank=rank, shuffle=True, seed=data.seed)
+    steps_per_epoch = len(sampler) // per_worker  # drop_last: equal batches on every rank
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"batch_size={config['batch_size']} exceeds the {len(fit_ds)} examples of the "
+            f"{'train' if mode == 't' else 'val'} split (over {world} workers); lower batch_size"
+        )
+    total = max(1, round(twa.config.epochs * steps_per_epoch))
+    twa.start(total)
+    coeff_bytes = twa.alpha.numel() * twa.alpha.element_size()  # K·L·4 on the wire per step
+    history: list[dict[str, Any]] = []
+    epoch_sums = torch.zeros(3, dtype=torch.float64)  # loss_sum, correct, count (all workers)
+    current = ckpt["current"]
+    if current is not None and current["mode"] == mode:
+        twa.load_state_dict(current["twa"], total_steps=total)
+        history, epoch_sums = current["history"], current["epoch_sums"].double()
+
+    local_sums = torch.zeros(3, dtype=torch.float64)  # since the last report, this worker only
+    t0 = time.perf_counter()
+    while twa.step_count < total:
+        epoch = twa.step_count // steps_per_epoch
+        skip = twa.step_count - epoch * steps_per_epoch  # steps of this epoch done before a restart
+        sampler.set_epoch(epoch)  # the data order is a function of (seed, epoch): replayable
+        order = list(sampler)[skip * per_worker :]
+        loader = DataLoader(fit_ds, batch_size=per_worker, sampler=order, drop_last=True)
+        for batch in loader:
+            a, loss_sum, correct, count = twa.coefficient_grad(batch)
+            dist.all_reduce(a)  # (R, L) float32: the only per-step communication
+            a /= world
+            twa.apply_(a)
+            step = twa.step_count
+            local_sums += torch.tensor([loss_sum, correct, count], dtype=torch.float64)
+            _maybe_fail(config, step, rank, world)
+            epoch_end = step % steps_per_epoch == 0 or step == total
+            if epoch_end or step % config["checkpoint_every"] == 0:
+                dist.all_reduce(local_sums)
+                epoch_sums += local_sums
+                local_sums.zero_()
+                loss, acc = (epoch_sums[0] / epoch_sums[2]).item(), (epoch_sums[1] / epoch_sums[2]).item()
+                lr = twa.optimizer.param_groups[0]["lr"]  # type: ignore[union-attr]
+                metrics = {"mode": mode, "epoch": step / steps_per_epoch, "step": step, "lr": lr,
+                           "loss": loss, "acc": acc}  # fmt: skip
+                if epoch_end:
+                    history.append(metrics)
+                    epoch_sums.zero_()
+                    if rank == 0 and config["progress"]:
+                        print(f"twa-{mode} epoch {step / steps_per_epoch:.2f} step {step}/{total}: "
+                              f"loss {loss:.4f} acc {100 * acc:.2f}% lr {lr:.4g}", flush=True)  # fmt: skip
+                ckpt["current"] = {"mode": mode, "twa": twa.state_dict(), "history": history,
+                                   "epoch_sums": epoch_sums.clone()}  # fmt: skip
+                _report(metrics, ckpt if rank == 0 else None, f"checkpoint_{mode}_step{step:07d}")
+            if step >= total:
+                break
+    train_time = time.perf_counter() - t0
+
+    # ---- BN re-estimation on all workers' train shards, evaluation, consistency check
+    bn, final = finish(twa)
+    digest = hashlib.sha256(twa.alpha.detach().cpu().numpy().tobytes()).hexdigest()
+    digests: list[str | None] = [None] * world
+    dist.all_gather_object(digests, digest)
+    identical = len(set(digests)) == 1
+    if rank == 0 and config["progress"]:
+        swa = ckpt["swa"]
+        swa_txt = f" (SWA {100 * swa['test_acc']:.2f}%)" if swa else ""
+        print(f"twa-{mode} done: val {100 * final['val_acc']:.2f}% test {100 * final['test_acc']:.2f}%"
+              f"{swa_txt}; alpha identical on {world} workers: {identical}", flush=True)  # fmt: skip
+    return {
+        "mode": mode, "alpha": twa.alpha.detach().cpu().clone(), "bn_state": bn.cpu(), **final,
+        "history": history, "steps": twa.step_count, "steps_per_epoch": steps_per_epoch,
+        "bytes_allreduced_per_step": coeff_bytes, "num_workers": world,
+        "alpha_identical": identical, "train_time_s": train_time,
+    }  # fmt: skip
+
+
+def _finish(
+    twa: TWA, bn_loader: Any, val_loader: Any, test_loader: Any, device: torch.device,
+    bn_batches: int | None,
+) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+    """BN statistics combined over all workers, loaded into the model; val and test metrics."""
+    bn = all_reduce_bn_(twa.model, bn_loader, device=device, max_batches=bn_batches)
+    val = _evaluate_sharded(twa.model, val_loader, device)
+    test = _evaluate_sharded(twa.model, test_loader, device)
+    return bn, {
+        "val_loss": val.loss,
+        "val_acc": val.acc,
+        "test_loss": test.loss,
+        "test_acc": test.acc,
+    }
+
+
+def all_reduce_bn_(
+    model: torch.nn.Module, loader: Any, *, device: torch.device | None = None,
+    max_batches: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``update_bn`` on this worker's batches, then the batch-weighted average over all workers.
+
+    :math:`\\mu = \\sum_r n_r \\mu_r / \\sum_r n_r` (means and variances alike): the cumulative
+    average over the union of all workers' batches. Returns the combined ``bn_state`` (float64).
+    """
+    import torch.distributed as dist
+
+    n = update_bn(loader, model, device=device, max_batches=max_batches)
+    state = bn_state(model)
+    if state.numel() == 0:
+        return state
+    sums = torch.cat(
+        [state * n, torch.tensor([float(n)], dtype=torch.float64, device=state.device)]
+    )
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    if sums[-1] <= 0:
+        raise ValueError("no batches to re-estimate BatchNorm statistics: the train split is empty")
+    combined = sums[:-1] / sums[-1]
+    load_bn_state_(model, combined)
+    return combined
+
+
+def _evaluate_sharded(model: torch.nn.Module, loader: Any, device: torch.device) -> EvalResult:
+    import torch.distributed as dist
+
+    r = evaluate(model, loader, device=device)
+    sums = torch.tensor([r.loss_sum, r.correct, r.count], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    return EvalResult(float(sums[0]), int(sums[1]), int(sums[2]))
+
+
+def _report(
+    metrics: dict[str, Any],
+    state: dict[str, Any] | None,
+    name: str,
+    result: dict[str, Any] | None = None,
+) -> None:
+    """``ray.train.report`` on every rank (a barrier); rank 0 (``state`` given) checkpoints."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if state is not None:
+            torch.save(state, os.path.join(tmp, STATE_FILE))
+            if result is not None:
+                torch.save(result, os.path.join(tmp, RESULT_FILE))
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+
+
+def _maybe_fail(config: dict[str, Any], step: int, rank: int, world: int) -> None:
+    """Testing hook: the last rank raises once, right after step ``fail_at_step``."""
+    if config.get("fail_at_step") != step or rank != world - 1:
+        return
+    marker = config["fail_marker"]
+    try:
+        with open(marker, "x") as f:
+            f.write(f"failed at step {step}\n")
+    except FileExistsError:
+        return  # the restarted attempt: do not fail again
+    raise RuntimeError(f"injected worker failure at step {step} (rank {rank}; marker {marker})")
