@@ -283,7 +283,7 @@ def sweep_configs(tp: ModuleType, bits: int, tiny: bool) -> tuple[list, list]:
     """Launch shapes tried for project and reconstruct (the default first)."""
     C = tp.KernelConfig
     if tiny:
-        return [tp.default_config(bits)], [tp.default_config(bits)]
+        return [tp.default_config(bits, "project")], [tp.default_config(bits, "reconstruct")]
     if bits == 1:
         proj = [C(64, 8, 4, 4), C(64, 16, 4, 4), C(128, 16, 8, 4), C(64, 32, 4, 4)]
         rec = [C(64, 8, 4, 4), C(64, 16, 4, 4), C(128, 8, 8, 4), C(128, 16, 8, 8)]
@@ -291,8 +291,8 @@ def sweep_configs(tp: ModuleType, bits: int, tiny: bool) -> tuple[list, list]:
         v = 16 if bits >= 4 else 8
         proj = [C(256, 8, v, 4), C(256, 16, v, 4), C(512, 16, v, 8), C(256, 32, v, 4)]
         rec = [C(256, 8, v, 4), C(256, 16, v, 4), C(512, 8, v, 4), C(512, 16, v, 8)]
-    d = tp.default_config(bits)
-    return [d] + [c for c in proj if c != d], [d] + [c for c in rec if c != d]
+    dp, dr = tp.default_config(bits, "project"), tp.default_config(bits, "reconstruct")
+    return [dp] + [c for c in proj if c != dp], [dr] + [c for c in rec if c != dr]
 
 
 def run_case(tp: ModuleType, model: str, sizes: list[int], K: int, bits: int, bw: float,
@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     table = TINY if args.tiny else MODELS
 
     bw = copy_bandwidth(device, (1 << 20) if args.tiny else (2 << 30))
-    print(f"device: {args.device_name}  copy bandwidth: {bw / 1e9:.0f} GB/s", flush=True)
+    print(f"device: {args.device_name}  copy bandwidth: {bw / 1e9:.1f} GB/s", flush=True)
     result: dict = {"device": args.device_name, "copy_bandwidth_GBps": bw / 1e9, "cases": [],
                     "torch": torch.__version__, "triton": _triton_version()}  # fmt: skip
     for model in args.models.split(","):

@@ -111,6 +111,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
     """A plain-text table (markdown pipes), numbers rounded for reading."""
 
     def fmt(v: Any) -> str:
+        if isinstance(v, float) and v.is_integer() and abs(v) >= 1:
+            return str(int(v))
         if isinstance(v, float):
             return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
         return "" if v is None else str(v)

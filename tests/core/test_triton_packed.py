@@ -302,3 +302,48 @@ def test_full_size_resnet18(bits):
         theta_ref[s:e] += alpha[:, i].double() @ Bl
     assert _rel(a, a_ref) < 1e-4
     assert _rel(theta, theta_ref) < 1e-4
+
+
+# ----------------------------------------------------------------------------- compiles (no GPU)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [1, 4])
+def test_compiles_for_hopper_with_vector_loads(bits):
+    """Both kernels compile for sm_90 without a GPU (triton's bundled ptxas), and the aligned
+    path loads the codes with vector loads."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        pytest.skip(f"triton's compile API moved: {e}")
+    if tp._interpreted():
+        pytest.skip("kernels were set up by the interpreter")
+    cfg = tp.default_config(bits)
+    width = {16: "v4.b32", 8: "v2.b32", 4: "b32"}[cfg.vec]
+    for kernel in (tp._project_kernel, tp._reconstruct_kernel):
+        consts = dict(BITS=bits, TILE=cfg.tile_bytes, ROWS=cfg.rows, VEC=cfg.vec, ALIGNED=True,
+                      HAS_ORIGIN=True)  # fmt: skip
+        sig, constexprs, attrs = {}, {}, {}
+        for i, name in enumerate(kernel.arg_names):
+            if name in consts:
+                sig[name], constexprs[(i,)] = "constexpr", consts[name]
+            elif name.endswith("_ptr"):
+                sig[name] = {"codes_ptr": "*u8"}.get(
+                    name, "*i32" if "bound" in name or "tile" in name else "*fp32"
+                )
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                sig[name] = "i32"
+                if name in ("row_stride", "row_step", "row_limit"):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        try:
+            src = ASTSource(kernel, sig, constexprs, attrs)
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": cfg.num_warps})  # fmt: skip
+        except (TypeError, AttributeError, KeyError) as e:
+            pytest.skip(f"triton's compile API changed: {e!r}")
+        ptx = compiled.asm["ptx"]
+        assert f"ld.global.{width}" in ptx or (width == "b32" and "ld.global.b32" in ptx)
+        assert "cvt.rn.f32" not in ptx  # no int -> float conversions in the decode

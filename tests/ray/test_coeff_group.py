@@ -13,11 +13,12 @@ import os
 import pytest
 import torch
 from test_shards import make_store, one_thread  # noqa: F401  (tests/ray is on sys.path)
+from torch.utils.data import DistributedSampler
 
 from twa_ray.config import DataConfig
 from twa_ray.core.bn import bn_state, update_bn
 from twa_ray.core.layout import load_flat_
-from twa_ray.core.twa import TWAConfig
+from twa_ray.core.twa import TWA, TWAConfig
 from twa_ray.data import load_dataset
 from twa_ray.models import build_model
 from twa_ray.ray.coeff_group import run_twa, strided
@@ -37,7 +38,11 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("coeff")
     store, layout = make_store(root, val_frac=VAL_FRAC)
     data = DataConfig(
-        dataset="mnist1d", num_samples=1200, val_frac=VAL_FRAC, model="mlp", data_root=str(root / "cache")
+        dataset="mnist1d",
+        num_samples=1200,
+        val_frac=VAL_FRAC,
+        model="mlp",
+        data_root=str(root / "cache"),
     )
     return data, put_subspace(store, layout, TWA_CFG, num_shards=2)
 
@@ -51,8 +56,51 @@ def _run(setup, run_dir, **kw):
 
 @pytest.fixture(scope="module")
 def both(setup, tmp_path_factory):
-    """TWA-t and TWA-v, uninterrupted: the reference of the failure test."""
-    return _run(setup, tmp_path_factory.mktemp("both"), modes=("t", "v"), run_id="both")
+    """TWA-t and TWA-v in one worker group; the last worker dies once after TWA-t step 6 (last
+    checkpoint: step 4) and the group restarts from the checkpoint."""
+    run_dir = tmp_path_factory.mktemp("both")
+    res = _run(setup, run_dir, modes=("t", "v"), run_id="both", max_failures=1, fail_at_step=6)
+    assert os.path.exists(run_dir / ".twa_both.failure_injected")
+    return res
+
+
+def reference_run(setup, mode):
+    """The uninterrupted 2-worker run emulated in one process: per step, each rank's batch from
+    its DistributedSampler, the projected gradients averaged, one TWA step."""
+    data, sharded = setup
+    splits = load_dataset(
+        "mnist1d", root=data.data_root, num_samples=data.num_samples, val_frac=data.val_frac
+    )
+    ds = splits.train if mode == "t" else splits.val
+    torch.manual_seed(data.seed)
+    model = build_model("mlp", num_classes=splits.num_classes, input_shape=splits.input_shape)
+    twa = TWA(model, sharded.materialize(), config=TWA_CFG)
+    per_worker = BATCH // WORKERS
+    samplers: list[DistributedSampler] = [
+        DistributedSampler(ds, num_replicas=WORKERS, rank=r, shuffle=True, seed=data.seed)
+        for r in range(WORKERS)
+    ]
+    steps_per_epoch = len(samplers[0]) // per_worker
+    total = max(1, round(TWA_CFG.epochs * steps_per_epoch))
+    twa.start(total)
+    losses = []
+    for epoch in itertools.count():
+        orders = []
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+            orders.append(list(sampler))
+        for i in range(steps_per_epoch):
+            grads = []
+            for order in orders:
+                items = [ds[j] for j in order[i * per_worker : (i + 1) * per_worker]]
+                x, y = torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+                a, loss_sum, _, count = twa.coefficient_grad((x, y))
+                grads.append(a)
+                losses.append(loss_sum / count)
+            twa.apply_(torch.stack(grads).sum(0) / WORKERS)
+            if twa.step_count == total:
+                return twa.alpha.clone(), sum(losses) / len(losses)
+    raise AssertionError("unreachable")
 
 
 def test_both_modes_run_and_agree_across_workers(setup, both):
@@ -69,14 +117,24 @@ def test_both_modes_run_and_agree_across_workers(setup, both):
             assert math.isfinite(getattr(res, key)) and math.isfinite(res.swa[key])
         assert res.steps == round(TWA_CFG.epochs * res.steps_per_epoch)
         assert [h["step"] for h in res.history] == [
-                    res.steps_per_epoch * (e + 1) for e in range(int(TWA_CFG.epochs))
+            res.steps_per_epoch * (e + 1) for e in range(int(TWA_CFG.epochs))
         ]
         assert all(math.isfinite(h["loss"]) for h in res.history)
-        assert res.restarts == 0 and os.path.isdir(res.checkpoint_path)
+        assert res.restarts == 1 and os.path.isdir(res.checkpoint_path)
     assert (both["t"].steps_per_epoch, both["v"].steps_per_epoch) == (12, 3)
     assert both["t"].swa == both["v"].swa  # the SWA point is evaluated once, reported with both
     # TWA-v optimizes the val loss itself: it ends at or below the SWA point's
     assert both["v"].val_loss <= both["v"].swa["val_loss"] + 1e-6
+
+
+@pytest.mark.parametrize("mode", ["t", "v"])
+def test_resumed_run_matches_the_uninterrupted_reference(setup, both, mode):
+    """Killed after step 6 and resumed from step 4 (mode t), the run replays the same batches and
+    ends where an uninterrupted 2-worker run does; mode v runs after the restart."""
+    alpha, mean_loss = reference_run(setup, mode)
+    torch.testing.assert_close(both[mode].alpha, alpha, rtol=1e-5, atol=1e-6)
+    (epoch,) = both[mode].history  # one epoch: its loss averages every step of both workers
+    assert epoch["loss"] == pytest.approx(mean_loss, rel=1e-5)
 
 
 def test_bn_statistics_equal_one_update_over_all_shards(setup, both):
@@ -102,19 +160,3 @@ def test_bn_statistics_equal_one_update_over_all_shards(setup, both):
     fresh = res.load_into_(build_model("mlp", num_classes=10, input_shape=(40,)), sharded)
     acc = evaluate(fresh, torch.utils.data.DataLoader(splits.test, batch_size=256)).acc
     assert acc == pytest.approx(res.test_acc, abs=1e-9)
-
-
-def test_failure_resumes_from_the_coefficient_checkpoint(setup, both, tmp_path):
-    """A worker dies once after step 6 (last checkpoint: step 4); the group restarts from the
-    checkpoint, replays steps 5-6 on the same batches and ends where the uninterrupted run did."""
-    res = _run(setup, tmp_path, modes=("t",), run_id="fail", max_failures=1, fail_at_step=6,
-               eval_swa=False)["t"]  # fmt: skip
-    assert os.path.exists(tmp_path / ".twa_fail.failure_injected")
-    assert res.restarts == 1 and res.alpha_identical
-    ref = both["t"]
-    assert res.steps == ref.steps
-    torch.testing.assert_close(res.alpha, ref.alpha, rtol=1e-5, atol=1e-6)
-    assert res.test_acc == pytest.approx(ref.test_acc, abs=2 / 240)
-    assert [h["step"] for h in res.history] == [h["step"] for h in ref.history]
-    for h, g in zip(res.history, ref.history):
-        assert h["loss"] == pytest.approx(g["loss"], rel=1e-4)

@@ -121,6 +121,7 @@ def test_one_shard_round_trip_is_zero_copy_and_exact(ray_cluster, tiny):
 
     view = sharded.materialize()
     assert isinstance(view, ShardedView) and view.layout == layout
+    assert view.zero_blocks is not None and core.zero_blocks is not None
     assert torch.equal(view.zero_blocks, core.zero_blocks)
     _check_same(view, core, exact=True)
 

@@ -295,9 +295,9 @@ def quantize(
     """
     _check_bits(bits)
     _check_granularity(granularity)
-    if B.dim() != 2 or not B.is_floating_point() or B.shape[1] != blocks.numel:
+    if B.dim() != 2 or not B.is_floating_point() or B.shape[1] != blocks.numel or not len(B):
         raise ValueError(
-            f"B must be a floating (R, {blocks.numel}) matrix matching the blocks, "
+            f"B must be a floating (R, {blocks.numel}) matrix, R >= 1, matching the blocks; "
             f"got {B.dtype} {list(B.shape)}"
         )
     _check_finite(B, "B")

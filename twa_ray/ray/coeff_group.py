@@ -287,7 +287,8 @@ def coeff_loop_per_worker(config: dict[str, Any]) -> None:
     )  # fmt: skip
     bn_loader = DataLoader(strided(splits.train, rank, world), batch_size=per_worker)
     val_loader, test_loader = (
-        DataLoader(strided(ds, rank, world), batch_size=_EVAL_BATCH) for ds in (splits.val, splits.test)
+        DataLoader(strided(ds, rank, world), batch_size=_EVAL_BATCH)
+        for ds in (splits.val, splits.test)
     )
 
     # ---- model + subspace: B is a zero-copy view of the object store, never copied on the CPU
@@ -322,13 +323,20 @@ def coeff_loop_per_worker(config: dict[str, Any]) -> None:
             ckpt["swa"] = finish(twa)[1]
         out = _fit_mode(twa, mode, splits, ckpt, config, finish, rank=rank, world=world)
         ckpt["done"][mode], ckpt["current"] = out, None
-        metrics = {k: out[k] for k in ("mode", "steps", "val_loss", "val_acc", "test_loss", "test_acc")}
+        metrics = {
+            k: out[k] for k in ("mode", "steps", "val_loss", "val_acc", "test_loss", "test_acc")
+        }
         _report(metrics, ckpt if rank == 0 else None, f"checkpoint_{mode}_final")
     # ---- the result: every mode's outcome, read back by the driver from the last checkpoint
     results = {m: {**ckpt["done"][m], "swa": ckpt["swa"], "restarts": ckpt["restarts"]}
                for m in config["modes"]}  # fmt: skip
     metrics = {f"{m}_{k}": r[k] for m, r in results.items() for k in ("val_acc", "test_acc")}
-    _report(metrics, ckpt if rank == 0 else None, "checkpoint_final", result=results if rank == 0 else None)
+    _report(
+        metrics,
+        ckpt if rank == 0 else None,
+        "checkpoint_final",
+        result=results if rank == 0 else None,
+    )
 
 
 def _fit_mode(
@@ -349,7 +357,9 @@ def _fit_mode(
     data = DataConfig(**config["data"])
     per_worker = int(config["batch_size"]) // world
     fit_ds = splits.train if mode == "t" else splits.val
-    sampler = DistributedSampler(fit_ds, num_replicas=world, rank=rank, shuffle=True, seed=data.seed)
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        fit_ds, num_replicas=world, rank=rank, shuffle=True, seed=data.seed
+    )
     steps_per_epoch = len(sampler) // per_worker  # drop_last: equal batches on every rank
     if steps_per_epoch == 0:
         raise ValueError(
@@ -360,13 +370,14 @@ def _fit_mode(
     twa.start(total)
     coeff_bytes = twa.alpha.numel() * twa.alpha.element_size()  # K·L·4 on the wire per step
     history: list[dict[str, Any]] = []
-    epoch_sums = torch.zeros(3, dtype=torch.float64)  # loss_sum, correct, count (all workers)
+    # loss_sum, correct, count of all workers in this epoch (on the device: nccl reduces there)
+    epoch_sums = torch.zeros(3, dtype=torch.float64, device=twa.device)
     current = ckpt["current"]
     if current is not None and current["mode"] == mode:
         twa.load_state_dict(current["twa"], total_steps=total)
-        history, epoch_sums = current["history"], current["epoch_sums"].double()
+        history, epoch_sums = current["history"], current["epoch_sums"].double().to(twa.device)
 
-    local_sums = torch.zeros(3, dtype=torch.float64)  # since the last report, this worker only
+    local_sums = torch.zeros_like(epoch_sums)  # since the last report, this worker only
     t0 = time.perf_counter()
     while twa.step_count < total:
         epoch = twa.step_count // steps_per_epoch
@@ -380,14 +391,19 @@ def _fit_mode(
             a /= world
             twa.apply_(a)
             step = twa.step_count
-            local_sums += torch.tensor([loss_sum, correct, count], dtype=torch.float64)
+            local_sums += torch.tensor(
+                [loss_sum, correct, count], dtype=torch.float64, device=twa.device
+            )
             _maybe_fail(config, step, rank, world)
             epoch_end = step % steps_per_epoch == 0 or step == total
             if epoch_end or step % config["checkpoint_every"] == 0:
                 dist.all_reduce(local_sums)
                 epoch_sums += local_sums
                 local_sums.zero_()
-                loss, acc = (epoch_sums[0] / epoch_sums[2]).item(), (epoch_sums[1] / epoch_sums[2]).item()
+                loss, acc = (
+                    (epoch_sums[0] / epoch_sums[2]).item(),
+                    (epoch_sums[1] / epoch_sums[2]).item(),
+                )
                 lr = twa.optimizer.param_groups[0]["lr"]  # type: ignore[union-attr]
                 metrics = {"mode": mode, "epoch": step / steps_per_epoch, "step": step, "lr": lr,
                            "loss": loss, "acc": acc}  # fmt: skip
@@ -398,7 +414,7 @@ def _fit_mode(
                         print(f"twa-{mode} epoch {step / steps_per_epoch:.2f} step {step}/{total}: "
                               f"loss {loss:.4f} acc {100 * acc:.2f}% lr {lr:.4g}", flush=True)  # fmt: skip
                 ckpt["current"] = {"mode": mode, "twa": twa.state_dict(), "history": history,
-                                   "epoch_sums": epoch_sums.clone()}  # fmt: skip
+                                   "epoch_sums": epoch_sums.cpu()}  # fmt: skip
                 _report(metrics, ckpt if rank == 0 else None, f"checkpoint_{mode}_step{step:07d}")
             if step >= total:
                 break

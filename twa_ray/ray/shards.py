@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -155,15 +155,38 @@ class ShardedBasis:
         self.bounds = tuple(bounds)
         self.col_bounds = tuple(bounds[b] for b in self.block_bounds)  # column range per shard
 
-    bits = property(lambda self: self.shards[0].bits)
-    num_rows = property(lambda self: self.shards[0].num_rows)
-    num_shards = property(lambda self: len(self.shards))
-    num_blocks = property(lambda self: len(self.bounds) - 1)
-    numel = property(lambda self: self.bounds[-1])
-    nbytes = property(lambda self: sum(pm.nbytes for pm in self.shards))
-    device = property(lambda self: self.shards[0].data.device)
+    @property
+    def bits(self) -> int:
+        return self.shards[0].bits
 
-    def _ranges(self):
+    @property
+    def num_rows(self) -> int:
+        return self.shards[0].num_rows
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def numel(self) -> int:
+        """D, the number of columns."""
+        return self.bounds[-1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all shards' data, scale and zero."""
+        return sum(pm.nbytes for pm in self.shards)
+
+    @property
+    def device(self) -> torch.device:
+        return self.shards[0].data.device
+
+    def _ranges(self) -> Iterator[tuple[PackedMatrix, int, int, int, int]]:
+        """``(shard, l0, l1, c0, c1)``: each shard with its block and column range."""
         return zip(
             self.shards,
             self.block_bounds,

@@ -14,11 +14,19 @@
  * in double across tiles.
  *
  * AVX2 layout ("lane planes"): a 32-byte load of a row is 8 lanes of 32 bits, each holding
- * C = 32 / b codes. Plane n holds code n of every lane. Code n of a lane is extracted with one
- * AND (no shift: the plane's g, or its coefficient, is pre-scaled by the exact power of two
- * 2^(-n b)) and converted with one cvtdq2ps; the top code uses a shift instead, as its AND
- * would set the sign bit. Without AVX2 a portable loop over byte planes is used.
+ * C = 32 / b codes. Plane n holds code n of every lane. No int -> float conversion is done (on
+ * Zen 1 cvtdq2ps has one pipe and capped the kernels at ~4 codes per cycle): code n, isolated
+ * by one AND (after a 16-bit shift for the upper half of the lane), *is* a float -- the
+ * subnormal q 2^(s - 149), s < 16 its bit offset in the half, exponent field 0. FMAs take
+ * subnormal inputs at full speed (measured on Zen 1) and compute the product exactly; the
+ * plane's g (or coefficient) carries the power of two 2^(K - s) that brings the products to
+ * q g 2^(K - 149), a normal float, and the tile's sums are scaled back by 2^(149 - K). K is set
+ * per tile (project) or block (reconstruct) from the largest |g| (or |coefficient|), so results
+ * equal those of an exact conversion. This needs denormals-are-zero off: the kernels clear the
+ * DAZ bit of MXCSR while they run (torch.set_flush_denormal(True) sets it). Without AVX2 a
+ * portable loop over byte planes is used.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -69,17 +77,44 @@ INLINE int64_t tile_bytes(int bits, int64_t ncols) { return (ncols * bits + 7) /
 #ifdef TWA_AVX2
 /* ---------------------------------------------------------------------- AVX2 lane planes */
 
-/* Plane n of 8 lanes, as floats: code * 2^(n b) (code itself for the top plane). */
-INLINE __m256 lane_codes(int bits, __m256i x, int n) {
-    const int C = 32 / bits;
-    if (n == C - 1) return _mm256_cvtepi32_ps(_mm256_srli_epi32(x, 32 - bits));
-    const __m256i mask = _mm256_set1_epi32((int)(((1u << bits) - 1) << (n * bits)));
-    return _mm256_cvtepi32_ps(_mm256_and_si256(x, mask));
+/* 2^e as a float, -126 <= e <= 127. */
+INLINE float pow2f(int e) {
+    union {
+        uint32_t u;
+        float f;
+    } v = {(uint32_t)(127 + e) << 23};
+    return v.f;
 }
 
-/* The exact power of two that undoes lane_codes' offset. */
-INLINE float lane_scale(int bits, int n) {
-    return n == 32 / bits - 1 ? 1.0f : 1.0f / (float)(1u << (n * bits));
+/* The K of the header for values whose largest magnitude is m: m 2^K ~ 2^100, which keeps the
+ * plane factors 2^(K - s) finite and the products normal down to m 2^-77. */
+INLINE int scale_exponent(float m) {
+    int e = 0;
+    if (m > 0.0f) {
+        union {
+            float f;
+            uint32_t u;
+        } v = {m};
+        e = (int)((v.u >> 23) & 0xFF) - 127;
+    }
+    const int K = 100 - e;
+    return K < 22 ? 22 : (K > 127 ? 127 : K);
+}
+
+/* Bit offset of plane n inside its 16-bit half-lane. */
+INLINE int plane_shift(int bits, int n) { return (n * bits) % 16; }
+
+/* Plane n of 8 lanes as subnormal floats q 2^(plane_shift - 149); hi = the lanes >> 16. */
+INLINE __m256 lane_codes(int bits, __m256i lo, __m256i hi, int n) {
+    const __m256i mask = _mm256_set1_epi32(((1 << bits) - 1) << plane_shift(bits, n));
+    return _mm256_castsi256_ps(_mm256_and_si256(n * bits < 16 ? lo : hi, mask));
+}
+
+/* Clear denormals-are-zero in this thread; returns the MXCSR to restore. */
+INLINE unsigned int allow_subnormals(void) {
+    const unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr & ~0x0040u);
+    return csr;
 }
 
 INLINE float hsum(__m256 v) {
@@ -124,44 +159,59 @@ INLINE geom_t geometry(int bits, int64_t ncols) {
 /* Lane i of plane n of vector v is column C (8 v + i) + n. */
 INLINE int64_t plane_index(int C, int64_t j) { return (j / (8 * C) * C + j % C) * 8 + j / C % 8; }
 
-/* g into scaled planes: plane n gets g * lane_scale(n); zero past ncols. */
-INLINE void to_planes(int bits, const float *g, int64_t ncols, const geom_t *gm, float *gp) {
-    const int C = 32 / bits;
-    int64_t v = 0;
-    if (C >= 8)
-        for (; 8 * C * (v + 1) <= ncols; ++v)
-            for (int n0 = 0; n0 < C; n0 += 8) {
-                __m256 r[8];
-                for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(g + C * (8 * v + i) + n0);
-                transpose8(r);
-                for (int n = 0; n < 8; ++n)
-                    _mm256_store_ps(gp + (v * C + n0 + n) * 8,
-                                    _mm256_mul_ps(r[n], _mm256_set1_ps(lane_scale(bits, n0 + n))));
-            }
-    memset(gp + v * C * 8, 0, sizeof(float) * (gm->nvec - v) * C * 8);
-    for (int64_t j = 8 * C * v; j < ncols; ++j) gp[plane_index(C, j)] = g[j] * lane_scale(bits, j % C);
+/* W = min(C, 8) consecutive floats at p as a vector (zero-filled above W). */
+INLINE __m256 load_w(int W, const float *p) {
+    return W == 8 ? _mm256_loadu_ps(p) : _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(p), 0);
 }
 
-/* out[j] = base[j] + bias + acc planes at j, for j < ncols (base may be out). */
-INLINE void from_planes(int bits, const float *acc, int64_t ncols, const float *base, float bias,
-                        float *out) {
-    const int C = 32 / bits;
-    const __m256 vb = _mm256_set1_ps(bias);
+INLINE void store_w(int W, float *p, __m256 v) {
+    if (W == 8)
+        _mm256_storeu_ps(p, v);
+    else
+        _mm_storeu_ps(p, _mm256_castps256_ps128(v));
+}
+
+/* g into scaled planes: plane n gets g 2^(K - plane_shift(n)); zero past ncols. Whole vectors
+ * go through 8 x 8 transposes of W planes, the last partial one element by element. */
+INLINE void to_planes(int bits, const float *g, int64_t ncols, const geom_t *gm, int K, float *gp) {
+    const int C = 32 / bits, W = C < 8 ? C : 8;
+    float f[32];
+    for (int n = 0; n < C; ++n) f[n] = pow2f(K - plane_shift(bits, n));
     int64_t v = 0;
-    if (C >= 8)
-        for (; 8 * C * (v + 1) <= ncols; ++v)
-            for (int n0 = 0; n0 < C; n0 += 8) {
-                __m256 r[8];
-                for (int n = 0; n < 8; ++n) r[n] = _mm256_load_ps(acc + (v * C + n0 + n) * 8);
-                transpose8(r);
-                for (int i = 0; i < 8; ++i) {
-                    const int64_t j = C * (8 * v + i) + n0;
-                    const __m256 o = base ? _mm256_loadu_ps(base + j) : _mm256_setzero_ps();
-                    _mm256_storeu_ps(out + j, _mm256_add_ps(_mm256_add_ps(o, vb), r[i]));
-                }
+    for (; 8 * C * (v + 1) <= ncols; ++v)
+        for (int n0 = 0; n0 < C; n0 += W) {
+            __m256 r[8];
+            for (int i = 0; i < 8; ++i) r[i] = load_w(W, g + C * (8 * v + i) + n0);
+            transpose8(r);
+            for (int n = 0; n < W; ++n)
+                _mm256_store_ps(gp + (v * C + n0 + n) * 8,
+                                _mm256_mul_ps(r[n], _mm256_set1_ps(f[n0 + n])));
+        }
+    memset(gp + v * C * 8, 0, sizeof(float) * (gm->nvec - v) * C * 8);
+    for (int64_t j = 8 * C * v; j < ncols; ++j) gp[plane_index(C, j)] = g[j] * f[j % C];
+}
+
+/* out[j] = base[j] + bias + unscale * (acc planes at j), for j < ncols (base may be out: each
+ * element is read before it is written). */
+INLINE void from_planes(int bits, const float *acc, int64_t ncols, const float *base, float bias,
+                        float unscale, float *out) {
+    const int C = 32 / bits, W = C < 8 ? C : 8;
+    const __m256 vb = _mm256_set1_ps(bias), vu = _mm256_set1_ps(unscale);
+    int64_t v = 0;
+    for (; 8 * C * (v + 1) <= ncols; ++v)
+        for (int n0 = 0; n0 < C; n0 += W) {
+            __m256 r[8];
+            for (int n = 0; n < 8; ++n)
+                r[n] = n < W ? _mm256_load_ps(acc + (v * C + n0 + n) * 8) : _mm256_setzero_ps();
+            transpose8(r);
+            for (int i = 0; i < 8; ++i) {
+                const int64_t j = C * (8 * v + i) + n0;
+                const __m256 o = base ? load_w(W, base + j) : _mm256_setzero_ps();
+                store_w(W, out + j, _mm256_fmadd_ps(r[i], vu, _mm256_add_ps(o, vb)));
             }
+        }
     for (int64_t j = 8 * C * v; j < ncols; ++j)
-        out[j] = (base ? base[j] : 0.0f) + bias + acc[plane_index(C, j)];
+        out[j] = (base ? base[j] : 0.0f) + bias + unscale * acc[plane_index(C, j)];
 }
 
 /* Vector v of `rows` rows; the last, partial one is copied into zero-padded buffers. */
@@ -179,22 +229,23 @@ INLINE void load_rows(int rows, const uint8_t *x, int64_t stride, int64_t v, con
     }
 }
 
-/* part[r] = <codes of row x + r stride, planes gp> for r < rows. */
+/* part[r] = unscale * <codes of row x + r stride, planes gp> for r < rows. */
 INLINE void project_rows(int bits, int rows, const uint8_t *x, int64_t stride, const geom_t *gm,
-                         const float *gp, float *part, uint8_t *pad) {
+                         const float *gp, float unscale, float *part, uint8_t *pad) {
     const int C = 32 / bits;
     __m256 acc[PROJECT_GROUP];
     for (int r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t v = 0; v < gm->nvec; ++v) {
-        __m256i q[PROJECT_GROUP];
+        __m256i q[PROJECT_GROUP], h[PROJECT_GROUP];
         load_rows(rows, x, stride, v, gm, pad, q);
+        for (int r = 0; r < rows; ++r) h[r] = _mm256_srli_epi32(q[r], 16);
         for (int n = 0; n < C; ++n) {
             const __m256 g = _mm256_load_ps(gp + (v * C + n) * 8);
             for (int r = 0; r < rows; ++r)
-                acc[r] = _mm256_fmadd_ps(lane_codes(bits, q[r], n), g, acc[r]);
+                acc[r] = _mm256_fmadd_ps(lane_codes(bits, q[r], h[r], n), g, acc[r]);
         }
     }
-    for (int r = 0; r < rows; ++r) part[r] = hsum(acc[r]);
+    for (int r = 0; r < rows; ++r) part[r] = hsum(acc[r]) * unscale;
 }
 
 INLINE void project_tile(int bits, const uint8_t *data, int64_t stride, int64_t R, const tile_t *t,
@@ -202,32 +253,38 @@ INLINE void project_tile(int bits, const uint8_t *data, int64_t stride, int64_t 
     uint8_t pad[PROJECT_GROUP * 32] __attribute__((aligned(32)));
     const geom_t gm = geometry(bits, t->ncols);
     const float *gt = g + t->col;
-    float s = 0.0f;
-    for (int64_t j = 0; j < t->ncols; ++j) s += gt[j];
+    float s = 0.0f, m = 0.0f;
+    for (int64_t j = 0; j < t->ncols; ++j) {
+        s += gt[j];
+        m = fmaxf(m, fabsf(gt[j]));
+    }
     *gsum = s;
-    to_planes(bits, gt, t->ncols, &gm, gp);
+    const int K = scale_exponent(m);
+    const float unscale = pow2f(149 - K);
+    to_planes(bits, gt, t->ncols, &gm, K, gp);
     const uint8_t *x = data + t->byte;
     int64_t k = 0;
     for (; k + PROJECT_GROUP <= R; k += PROJECT_GROUP)
-        project_rows(bits, PROJECT_GROUP, x + k * stride, stride, &gm, gp, part + k, pad);
-    for (; k < R; ++k) project_rows(bits, 1, x + k * stride, stride, &gm, gp, part + k, pad);
+        project_rows(bits, PROJECT_GROUP, x + k * stride, stride, &gm, gp, unscale, part + k, pad);
+    for (; k < R; ++k) project_rows(bits, 1, x + k * stride, stride, &gm, gp, unscale, part + k, pad);
 }
 
 /* acc planes += sum_r coef[r] * codes of row x + r stride, for r < rows. */
 INLINE void axpy_rows(int bits, int rows, const uint8_t *x, int64_t stride, const geom_t *gm,
-                      const float *coef, float *acc, uint8_t *pad) {
+                      const float *coef, int K, float *acc, uint8_t *pad) {
     const int C = 32 / bits;
-    float cs[RECON_GROUP][32];  /* coefficient of row r on plane n */
+    float cs[RECON_GROUP][32];  /* coefficient of row r on plane n, times 2^(K - shift) */
     for (int r = 0; r < rows; ++r)
-        for (int n = 0; n < C; ++n) cs[r][n] = coef[r] * lane_scale(bits, n);
+        for (int n = 0; n < C; ++n) cs[r][n] = coef[r] * pow2f(K - plane_shift(bits, n));
     for (int64_t v = 0; v < gm->nvec; ++v) {
-        __m256i q[RECON_GROUP];
+        __m256i q[RECON_GROUP], h[RECON_GROUP];
         load_rows(rows, x, stride, v, gm, pad, q);
+        for (int r = 0; r < rows; ++r) h[r] = _mm256_srli_epi32(q[r], 16);
         for (int n = 0; n < C; ++n) {
             float *ap = acc + (v * C + n) * 8;
             __m256 a = _mm256_load_ps(ap);
             for (int r = 0; r < rows; ++r)
-                a = _mm256_fmadd_ps(lane_codes(bits, q[r], n), _mm256_set1_ps(cs[r][n]), a);
+                a = _mm256_fmadd_ps(lane_codes(bits, q[r], h[r], n), _mm256_set1_ps(cs[r][n]), a);
             _mm256_store_ps(ap, a);
         }
     }
@@ -239,16 +296,20 @@ INLINE void reconstruct_tile(int bits, const uint8_t *data, int64_t stride, int6
     uint8_t pad[RECON_GROUP * 32] __attribute__((aligned(32)));
     const geom_t gm = geometry(bits, t->ncols);
     const int64_t l = t->block;
+    float m = 0.0f;
+    for (int64_t k = 0; k < R; ++k) m = fmaxf(m, fabsf(coef[k * L + l]));
+    const int K = scale_exponent(m);
     memset(acc, 0, sizeof(float) * gm.nvec * 8 * (32 / bits));
     const uint8_t *x = data + t->byte;
     int64_t k = 0;
     for (; k + RECON_GROUP <= R; k += RECON_GROUP) {
         float c[RECON_GROUP];
         for (int r = 0; r < RECON_GROUP; ++r) c[r] = coef[(k + r) * L + l];
-        axpy_rows(bits, RECON_GROUP, x + k * stride, stride, &gm, c, acc, pad);
+        axpy_rows(bits, RECON_GROUP, x + k * stride, stride, &gm, c, K, acc, pad);
     }
-    for (; k < R; ++k) axpy_rows(bits, 1, x + k * stride, stride, &gm, coef + k * L + l, acc, pad);
-    from_planes(bits, acc, t->ncols, origin ? origin + t->col : NULL, bias, out + t->col);
+    for (; k < R; ++k) axpy_rows(bits, 1, x + k * stride, stride, &gm, coef + k * L + l, K, acc, pad);
+    from_planes(bits, acc, t->ncols, origin ? origin + t->col : NULL, bias, pow2f(149 - K),
+                out + t->col);
 }
 
 #else
@@ -317,7 +378,7 @@ int twa_project(int bits, int64_t R, int64_t L, const uint8_t *data, int64_t str
     const int64_t T = make_tiles(bits, L, bounds, byte_bounds, NULL, NULL);
     tile_t *tiles = malloc(sizeof(tile_t) * T);
     int64_t *first = malloc(sizeof(int64_t) * (L + 1));
-    float *part = malloc(sizeof(float) * T * R), *gsum = malloc(sizeof(float) * T);
+    float *part = malloc(sizeof(float) * (T * R + 1)), *gsum = malloc(sizeof(float) * T);
     if (!tiles || !first || !part || !gsum) {
         free(tiles), free(first), free(part), free(gsum);
         return -1;
@@ -326,6 +387,9 @@ int twa_project(int bits, int64_t R, int64_t L, const uint8_t *data, int64_t str
 #pragma omp parallel num_threads(num_threads)
     {
         float gp[SCRATCH] __attribute__((aligned(64)));
+#ifdef TWA_AVX2
+        const unsigned int csr = allow_subnormals();
+#endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < T; ++t) {
             float *pt = part + t * R, *gs = gsum + t;
@@ -336,6 +400,9 @@ int twa_project(int bits, int64_t R, int64_t L, const uint8_t *data, int64_t str
                 default: project_8(data, stride, R, tiles + t, g, pt, gs, gp); break;
             }
         }
+#ifdef TWA_AVX2
+        _mm_setcsr(csr);
+#endif
     }
     for (int64_t l = 0; l < L; ++l) {
         double gl = 0.0;
@@ -358,7 +425,7 @@ int twa_reconstruct(int bits, int64_t R, int64_t L, const uint8_t *data, int64_t
                     int num_threads) {
     const int64_t T = make_tiles(bits, L, bounds, byte_bounds, NULL, NULL);
     tile_t *tiles = malloc(sizeof(tile_t) * T);
-    float *coef = malloc(sizeof(float) * R * L), *bias = malloc(sizeof(float) * L);
+    float *coef = malloc(sizeof(float) * (R * L + 1)), *bias = malloc(sizeof(float) * L);
     if (!tiles || !coef || !bias) {
         free(tiles), free(coef), free(bias);
         return -1;
@@ -375,6 +442,9 @@ int twa_reconstruct(int bits, int64_t R, int64_t L, const uint8_t *data, int64_t
 #pragma omp parallel num_threads(num_threads)
     {
         float acc[SCRATCH] __attribute__((aligned(64)));
+#ifdef TWA_AVX2
+        const unsigned int csr = allow_subnormals();
+#endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < T; ++t) {
             const float b = bias[tiles[t].block];
@@ -385,6 +455,9 @@ int twa_reconstruct(int bits, int64_t R, int64_t L, const uint8_t *data, int64_t
                 default: reconstruct_8(data, stride, R, tiles + t, coef, L, b, origin, out, acc); break;
             }
         }
+#ifdef TWA_AVX2
+        _mm_setcsr(csr);
+#endif
     }
     free(tiles), free(coef), free(bias);
     return 0;

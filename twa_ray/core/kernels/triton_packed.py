@@ -11,7 +11,9 @@ byte ``byte_bounds[l] + (j - bounds[l]) // (8 // b)`` of row k of ``codes`` at b
     \\theta_j &= o_j + \\textstyle\\sum_k (\\alpha \\cdot \\mathrm{scale})[k, l] \\, q[k, j]
               + \\sum_k \\alpha[k, l] \\, \\mathrm{zero}[k, l]     &&\\text{(reconstruct, } j \\in l)
 
-Both directions are bandwidth bound (their floor is 2 x packed bytes / bandwidth per step), so:
+Both directions stream B once (the step's floor is 2 x packed bytes / bandwidth); decoding
+costs ~4-6 instructions per code, which at 4 bits is about the bandwidth of an H100 and
+somewhat more than that of an H200 (fewer bits: more codes per byte, compute bound). So:
 
 - One program per *tile*: ``tile_bytes`` consecutive bytes of one block, for all R rows (a loop
   over ``rows`` rows at a time). Every packed byte is read once, g / theta once per tile.
@@ -105,19 +107,26 @@ class KernelConfig:
             raise ValueError("; ".join(errors))
 
 
-# Per bits: 32 codes per thread and row-vector load (4 warps: rows * tile_bytes / vec = 128).
+# Per (kernel, bits): 4 warps, each thread loads one vector of one row per iteration
+# (rows * tile_bytes / vec = 128 threads), i.e. 32 codes of b < 8 (16 at b = 8).
 _DEFAULTS = {
-    8: KernelConfig(tile_bytes=256, rows=8, vec=16),
-    4: KernelConfig(tile_bytes=256, rows=8, vec=16),
-    2: KernelConfig(tile_bytes=128, rows=8, vec=8),
-    1: KernelConfig(tile_bytes=64, rows=8, vec=4),
+    (kernel, bits): cfg
+    for kernel in ("project", "reconstruct")
+    for bits, cfg in (
+        (8, KernelConfig(tile_bytes=256, rows=8, vec=16)),
+        (4, KernelConfig(tile_bytes=256, rows=8, vec=16)),
+        (2, KernelConfig(tile_bytes=128, rows=8, vec=8)),
+        (1, KernelConfig(tile_bytes=64, rows=8, vec=4)),
+    )
 }
 
 
-def default_config(bits: int) -> KernelConfig:
-    """The launch shape used when none is given."""
+def default_config(bits: int, kernel: str = "project") -> KernelConfig:
+    """The launch shape used when none is given (``kernel``: "project" or "reconstruct")."""
     _check_bits(bits)
-    return _DEFAULTS[bits]
+    if kernel not in ("project", "reconstruct"):
+        raise ValueError(f"kernel={kernel!r}: use 'project' or 'reconstruct'")
+    return _DEFAULTS[kernel, bits]
 
 
 def _check_bits(bits: int) -> None:
@@ -322,7 +331,7 @@ def project_triton(
     """
     bounds_t, byte_bounds_t = _check_common(codes, bits, bounds, byte_bounds, scale, zero)
     _check_vector(g, "g", bounds_t[-1], codes.device)
-    cfg = config or _DEFAULTS[bits]
+    cfg = config or _DEFAULTS["project", bits]
     aligned, row_stride, row_limit = _row_layout(codes)
     tables = _tables(
         bounds_t, byte_bounds_t, bits, cfg.tile_bytes, _ALIGN if aligned else 1, codes.device
@@ -377,7 +386,7 @@ def reconstruct_triton(
     if origin is not None:
         _check_vector(origin, "origin", numel, codes.device)
         origin = origin.float().contiguous()
-    cfg = config or _DEFAULTS[bits]
+    cfg = config or _DEFAULTS["reconstruct", bits]
     aligned, row_stride, row_limit = _row_layout(codes)
     tables = _tables(
         bounds_t, byte_bounds_t, bits, cfg.tile_bytes, _ALIGN if aligned else 1, codes.device
