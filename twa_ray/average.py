@@ -168,7 +168,9 @@ def run_average(cfg: RunConfig, *, batch_size: int = 128) -> dict[str, Any]:
     for mode in ("t", "v") if cfg.mode == "both" else (cfg.mode,):
         name = f"twa_{mode}"
         twa = TWA(model, subspace, config=cfg.twa)
-        twa.fit(loaders["train" if mode == "t" else "val_train"])
+        # TWA-v takes as many steps as TWA-t, cycling the smaller held-out split
+        twa.fit(loaders["train" if mode == "t" else "val_train"],
+                steps=max(1, round(cfg.twa.epochs * len(loaders["train"]))))
         twa.update_bn(loaders["bn"])
         methods[name] = {s: evaluate(model, loaders[s.removesuffix("_acc")]).acc for s in ("val_acc", "test_acc")}
         coefficients[name] = twa.alpha.detach().cpu().clone()

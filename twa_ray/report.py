@@ -24,7 +24,9 @@ __all__ = [
     "format_table",
     "plot_accuracy",
     "plot_coefficients",
+    "plot_sweep",
     "prepare_out_dir",
+    "write_table",
 ]
 
 
@@ -178,4 +180,68 @@ def plot_coefficients(
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_table(stem: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    """``stem.parquet`` and ``stem.csv``: one row per mapping (columns in first-seen order)."""
+    import pandas as pd
+
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    df = pd.DataFrame([{c: r.get(c) for c in columns} for r in rows], columns=columns)
+    stem = Path(stem)
+    with atomic_path(stem.with_suffix(".parquet")) as tmp:
+        df.to_parquet(tmp, index=False)
+    with atomic_path(stem.with_suffix(".csv")) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def plot_sweep(
+    path: str | os.PathLike[str],
+    rows: Sequence[Mapping[str, Any]],
+    knobs: Sequence[str],
+    *,
+    metric: str = "val_acc",
+    best_index: int | None = None,
+) -> None:
+    """``metric`` of every trial against each swept knob, one panel per knob: completed trials
+    as dots, early-stopped ones as crosses (their last reported value), the best as a star.
+    Numeric knobs spanning more than a decade get a log axis; the others are categories."""
+    import math
+
+    plt = _pyplot()
+    knobs = list(knobs) or ["index"]
+    cols = min(3, len(knobs))
+    nrows = math.ceil(len(knobs) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    ok = [r for r in rows if r.get(metric) is not None and not math.isnan(r[metric])]
+    for ax, knob in zip(axes.flat, knobs):
+        values = [r.get(knob) for r in ok]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric and values:
+            xs = [float(v) for v in values]
+            if min(xs) > 0 and max(xs) / min(xs) > 10:
+                ax.set_xscale("log")
+        else:
+            cats = sorted({str(v) for v in values})
+            xs = [cats.index(str(v)) for v in values]
+            ax.set_xticks(range(len(cats)), cats)
+        for status, marker, color in (("completed", "o", "C0"), ("stopped", "x", "0.5")):
+            pts = [(x, r[metric]) for x, r in zip(xs, ok) if r.get("status") == status]
+            if pts:
+                ax.scatter(*zip(*pts), marker=marker, color=color, s=28, label=status)
+        best = [(x, r[metric]) for x, r in zip(xs, ok) if r.get("index") == best_index]
+        if best:
+            ax.scatter(*zip(*best), marker="*", color="C3", s=160, zorder=3, label="best")
+        ax.set_xlabel(knob)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(knobs):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

@@ -19,7 +19,7 @@ slice of the packed bytes.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -206,6 +206,20 @@ class PackedMatrix:
             scale=self.scale[:, l0:l1],
             zero=self.zero[:, l0:l1],
         )
+
+    def to(self, device: torch.device | str) -> PackedMatrix:
+        """A copy on ``device``. On CUDA, packed rows start on 16-byte boundaries (the layout
+        of the Triton kernels' vector loads)."""
+        device = torch.device(device)
+        data = self.data
+        if device.type == "cuda" and self.bits <= 8:
+            num_rows, nbytes = data.shape
+            storage = torch.empty(num_rows, -(-nbytes // 16) * 16, dtype=data.dtype, device=device)
+            data = storage[:, :nbytes]
+            data.copy_(self.data)
+        else:
+            data = data.to(device)
+        return replace(self, data=data, scale=self.scale.to(device), zero=self.zero.to(device))
 
     @property
     def meta(self) -> dict:

@@ -87,14 +87,11 @@ class Subspace:
         return reconstruct(self.basis, alpha, self.origin, out=out)
 
     def to(self, device: torch.device | str) -> Subspace:
-        basis = replace(
-            self.basis,
-            data=self.basis.data.to(device),
-            scale=self.basis.scale.to(device),
-            zero=self.basis.zero.to(device),
-        )
         return replace(
-            self, origin=self.origin.to(device), basis=basis, alpha0=self.alpha0.to(device)
+            self,
+            origin=self.origin.to(device),
+            basis=self.basis.to(device),
+            alpha0=self.alpha0.to(device),
         )
 
 

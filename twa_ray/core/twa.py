@@ -59,14 +59,15 @@ class TWAConfig:
     """Quantization range per (candidate, block) ('row') or per block ('block')."""
     optimizer: Literal["sgd", "adamw"] = "sgd"
     """Optimizer over the coefficients."""
-    lr: float = 0.05
+    lr: float = 0.2
     """Peak learning rate of the coefficients."""
     momentum: float = 0.9
     """SGD momentum (ignored by AdamW)."""
     weight_decay: float = 0.0
     """Decay of the coefficients towards the SWA point."""
     epochs: float = 3.0
-    """Passes over the loader in :meth:`TWA.fit` (fractions allowed)."""
+    """TWA epochs, counted in passes over the training data: TWA-v takes as many steps as
+    TWA-t, cycling the (smaller) held-out split (fractions allowed)."""
     schedule: Literal["constant", "step", "linear", "cosine"] = "cosine"
     """Learning-rate decay after warm-up."""
     warmup_frac: float = 0.0
@@ -280,13 +281,14 @@ class TWA:
         loader: Iterable[Any],
         *,
         epochs: float | None = None,
+        steps: int | None = None,
         on_step: Callable[[int, float], None] | None = None,
     ) -> TWA:
-        """Optimize alpha for ``epochs`` passes over ``loader`` (train data: TWA-t; held-out
-        data: TWA-v). ``on_step(step, loss)`` is called after every step."""
+        """Optimize alpha for ``steps`` steps (default: ``epochs`` passes over ``loader``),
+        cycling ``loader`` (train data: TWA-t; held-out data: TWA-v). ``on_step(step, loss)``
+        is called after every step."""
         epochs = self.config.epochs if epochs is None else epochs
-        steps_per_epoch = len(loader)  # type: ignore[arg-type]
-        total = max(1, round(epochs * steps_per_epoch))
+        total = steps if steps is not None else max(1, round(epochs * len(loader)))  # type: ignore[arg-type]
         if self.optimizer is None:
             self.start(total)
         step = 0

@@ -1,8 +1,8 @@
 """Build, cache and call the CPU kernels of ``packed.c`` (packed-code project / reconstruct).
 
 The C source is compiled on first use with the system C compiler (``$CC``, else ``cc``, ``gcc``
-or ``clang``): ``-O3 -march=native -ffast-math -fopenmp``, retried without OpenMP and without
-``-march=native`` when those fail. The shared library is cached in
+or ``clang``): ``-O3 -march=native -fopenmp`` (no ``-ffast-math``: see ``_FLAG_SETS``), retried
+without ``-march=native`` and without OpenMP when those fail. The shared library is cached in
 ``$TWA_RAY_CACHE_DIR`` (default ``$XDG_CACHE_HOME/twa_ray/kernels``, i.e.
 ``~/.cache/twa_ray/kernels``) under a name keyed by the source, the compiler, the flags and the
 CPU, and written atomically (temp file + ``os.replace``), so concurrent processes (Ray workers)
@@ -37,12 +37,14 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("packed.c")
 ABI_VERSION = 1
-_COMMON = ("-shared", "-fPIC", "-std=gnu11")
+_COMMON = ("-shared", "-fPIC", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math")
+# Not -ffast-math: with GCC < 13 it links crtfastmath.o into the shared library, whose
+# constructor turns on flush-to-zero / denormals-are-zero for the whole process on load.
 _FLAG_SETS = (  # tried in order
-    ("-O3", "-march=native", "-ffast-math", "-fopenmp"),
-    ("-O3", "-ffast-math", "-fopenmp"),
-    ("-O3", "-march=native", "-ffast-math"),
-    ("-O3", "-ffast-math"),
+    ("-O3", "-march=native", "-fopenmp"),
+    ("-O3", "-fopenmp"),
+    ("-O3", "-march=native"),
+    ("-O3",),
 )
 
 

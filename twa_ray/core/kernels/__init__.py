@@ -1,0 +1,1 @@
+"""Compiled kernels of the packed projection: C (CPU) and Triton (CUDA)."""
