@@ -9,7 +9,8 @@ Every worker holds a replica of alpha and a zero-copy view of the packed basis B
     \\alpha \\leftarrow \\mathrm{step}(\\alpha, a), \\quad \\theta = o + \\textstyle\\sum \\alpha B
 
 All workers apply the same ``a`` to the same optimizer state, so their alphas stay bit-identical
-(checked at the end). TWA-t optimizes on the train split, TWA-v on the held-out val split. Then:
+(checked at the end). TWA-t optimizes on the train split, TWA-v on the held-out val split; both
+take ``round(epochs * steps per training epoch)`` steps (TWA-v cycles its smaller split). Then:
 
 1. BatchNorm statistics are re-estimated on the whole train split: every worker runs
    ``update_bn`` over its strided shard (``n_r`` batches); the cumulative averages combine as
@@ -32,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -73,9 +75,13 @@ class TWAResult:
             re-estimated on the whole train split across workers.
         val_loss, val_acc, test_loss, test_acc: at ``theta`` with ``bn_state``.
         swa: the same four metrics at the SWA point (alpha0, BN re-estimated), or None.
-        history: one dict per (possibly partial) epoch: ``epoch``, ``step``, ``lr``, ``loss``,
-            ``acc`` (on the data the coefficients are trained on, all workers).
-        steps: coefficient steps taken; ``steps_per_epoch``: per pass over the fit split.
+        history: one dict per (possibly partial) pass over the fit split (train for TWA-t, val
+            for TWA-v): ``epoch`` (training-data epochs of budget so far), ``step``, ``pass``,
+            ``lr``, ``loss``, ``acc`` (on the fit split, all workers).
+        steps: coefficient steps taken, ``round(epochs * steps_per_epoch)`` in both modes.
+        steps_per_epoch: steps per epoch of the *training* data (the budget unit): TWA-v takes
+            as many steps as TWA-t, cycling the held-out split.
+        steps_per_pass: steps per pass over the fit split.
         bytes_allreduced_per_step: bytes of the per-step all-reduce (K·L·4).
         num_workers: N.
         alpha_identical: every worker ended with bit-identical alpha (sha256 compared).
@@ -103,6 +109,7 @@ class TWAResult:
     wall_time_s: float = 0.0
     train_time_s: float = 0.0
     checkpoint_path: str | None = None
+    steps_per_pass: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def theta(self, sharded: ShardedSubspace) -> torch.Tensor:
@@ -360,29 +367,32 @@ def _fit_mode(
     sampler: DistributedSampler[Any] = DistributedSampler(
         fit_ds, num_replicas=world, rank=rank, shuffle=True, seed=data.seed
     )
-    steps_per_epoch = len(sampler) // per_worker  # drop_last: equal batches on every rank
-    if steps_per_epoch == 0:
+    steps_per_pass = len(sampler) // per_worker  # drop_last: equal batches on every rank
+    if steps_per_pass == 0:
         raise ValueError(
             f"batch_size={config['batch_size']} exceeds the {len(fit_ds)} examples of the "
             f"{'train' if mode == 't' else 'val'} split (over {world} workers); lower batch_size"
         )
+    # the budget is counted in epochs of the training data, for both modes: TWA-v takes as many
+    # steps as TWA-t, cycling the (smaller) held-out split
+    steps_per_epoch = max(1, math.ceil(len(splits.train) / world) // per_worker)
     total = max(1, round(twa.config.epochs * steps_per_epoch))
     twa.start(total)
     coeff_bytes = twa.alpha.numel() * twa.alpha.element_size()  # K·L·4 on the wire per step
     history: list[dict[str, Any]] = []
-    # loss_sum, correct, count of all workers in this epoch (on the device: nccl reduces there)
-    epoch_sums = torch.zeros(3, dtype=torch.float64, device=twa.device)
+    # loss_sum, correct, count of all workers in this pass (on the device: nccl reduces there)
+    pass_sums = torch.zeros(3, dtype=torch.float64, device=twa.device)
     current = ckpt["current"]
     if current is not None and current["mode"] == mode:
         twa.load_state_dict(current["twa"], total_steps=total)
-        history, epoch_sums = current["history"], current["epoch_sums"].double().to(twa.device)
+        history, pass_sums = current["history"], current["pass_sums"].double().to(twa.device)
 
-    local_sums = torch.zeros_like(epoch_sums)  # since the last report, this worker only
+    local_sums = torch.zeros_like(pass_sums)  # since the last report, this worker only
     t0 = time.perf_counter()
     while twa.step_count < total:
-        epoch = twa.step_count // steps_per_epoch
-        skip = twa.step_count - epoch * steps_per_epoch  # steps of this epoch done before a restart
-        sampler.set_epoch(epoch)  # the data order is a function of (seed, epoch): replayable
+        passes = twa.step_count // steps_per_pass  # completed passes over the fit split
+        skip = twa.step_count - passes * steps_per_pass  # steps of this pass done before a restart
+        sampler.set_epoch(passes)  # the data order is a function of (seed, pass): replayable
         order = list(sampler)[skip * per_worker :]
         loader = DataLoader(fit_ds, batch_size=per_worker, sampler=order, drop_last=True)
         for batch in loader:
@@ -395,26 +405,27 @@ def _fit_mode(
                 [loss_sum, correct, count], dtype=torch.float64, device=twa.device
             )
             _maybe_fail(config, step, rank, world)
-            epoch_end = step % steps_per_epoch == 0 or step == total
-            if epoch_end or step % config["checkpoint_every"] == 0:
+            pass_end = step % steps_per_pass == 0 or step == total
+            if pass_end or step % config["checkpoint_every"] == 0:
                 dist.all_reduce(local_sums)
-                epoch_sums += local_sums
+                pass_sums += local_sums
                 local_sums.zero_()
                 loss, acc = (
-                    (epoch_sums[0] / epoch_sums[2]).item(),
-                    (epoch_sums[1] / epoch_sums[2]).item(),
+                    (pass_sums[0] / pass_sums[2]).item(),
+                    (pass_sums[1] / pass_sums[2]).item(),
                 )
                 lr = twa.optimizer.param_groups[0]["lr"]  # type: ignore[union-attr]
-                metrics = {"mode": mode, "epoch": step / steps_per_epoch, "step": step, "lr": lr,
-                           "loss": loss, "acc": acc}  # fmt: skip
-                if epoch_end:
+                metrics = {"mode": mode, "epoch": step / steps_per_epoch, "step": step,
+                           "pass": math.ceil(step / steps_per_pass), "lr": lr, "loss": loss,
+                           "acc": acc}  # fmt: skip
+                if pass_end:
                     history.append(metrics)
-                    epoch_sums.zero_()
+                    pass_sums.zero_()
                     if rank == 0 and config["progress"]:
                         print(f"twa-{mode} epoch {step / steps_per_epoch:.2f} step {step}/{total}: "
                               f"loss {loss:.4f} acc {100 * acc:.2f}% lr {lr:.4g}", flush=True)  # fmt: skip
                 ckpt["current"] = {"mode": mode, "twa": twa.state_dict(), "history": history,
-                                   "epoch_sums": epoch_sums.cpu()}  # fmt: skip
+                                   "pass_sums": pass_sums.cpu()}  # fmt: skip
                 _report(metrics, ckpt if rank == 0 else None, f"checkpoint_{mode}_step{step:07d}")
             if step >= total:
                 break
@@ -434,6 +445,7 @@ def _fit_mode(
     return {
         "mode": mode, "alpha": twa.alpha.detach().cpu().clone(), "bn_state": bn.cpu(), **final,
         "history": history, "steps": twa.step_count, "steps_per_epoch": steps_per_epoch,
+        "steps_per_pass": steps_per_pass,
         "bytes_allreduced_per_step": coeff_bytes, "num_workers": world,
         "alpha_identical": identical, "train_time_s": train_time,
     }  # fmt: skip

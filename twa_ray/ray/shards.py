@@ -275,7 +275,7 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
 # ----------------------------------------------------------------------------- driver side
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ShardedSubspace:
     """A small picklable handle on a subspace whose packed basis lives in the object store.
 
