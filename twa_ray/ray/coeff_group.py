@@ -278,7 +278,9 @@ def coeff_loop_per_worker(config: dict[str, Any]) -> None:
 
     from twa_ray.data import load_dataset
     from twa_ray.models import build_model
+    from twa_ray.ray.logs import quiet_train_logs
 
+    quiet_train_logs()
     data = DataConfig(**config["data"])
     twa_cfg = TWAConfig.from_dict(config["twa"])
     sharded: ShardedSubspace = config["sharded"]
@@ -318,7 +320,7 @@ def coeff_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0 and config["progress"]:
             cur = ckpt["current"]
             where = f"mode {cur['mode']} step {cur['twa']['step']}" if cur else "a mode boundary"
-            print(f"twa: resumed at {where} (done: {sorted(ckpt['done'])})", flush=True)
+            log.info("twa: resumed at %s (done: %s)", where, sorted(ckpt["done"]))
 
     for mode in config["modes"]:
         if mode in ckpt["done"]:
@@ -422,8 +424,9 @@ def _fit_mode(
                     history.append(metrics)
                     pass_sums.zero_()
                     if rank == 0 and config["progress"]:
-                        print(f"twa-{mode} epoch {step / steps_per_epoch:.2f} step {step}/{total}: "
-                              f"loss {loss:.4f} acc {100 * acc:.2f}% lr {lr:.4g}", flush=True)  # fmt: skip
+                        # logging, not print: Ray Train patches print() in workers and emits it twice
+                        log.info("twa-%s epoch %.2f step %d/%d: loss %.4f acc %.2f%% lr %.4g",
+                                 mode, step / steps_per_epoch, step, total, loss, 100 * acc, lr)  # fmt: skip
                 ckpt["current"] = {"mode": mode, "twa": twa.state_dict(), "history": history,
                                    "pass_sums": pass_sums.cpu()}  # fmt: skip
                 _report(metrics, ckpt if rank == 0 else None, f"checkpoint_{mode}_step{step:07d}")
@@ -440,8 +443,8 @@ def _fit_mode(
     if rank == 0 and config["progress"]:
         swa = ckpt["swa"]
         swa_txt = f" (SWA {100 * swa['test_acc']:.2f}%)" if swa else ""
-        print(f"twa-{mode} done: val {100 * final['val_acc']:.2f}% test {100 * final['test_acc']:.2f}%"
-              f"{swa_txt}; alpha identical on {world} workers: {identical}", flush=True)  # fmt: skip
+        log.info("twa-%s done: val %.2f%% test %.2f%%%s; alpha identical on %d workers: %s",
+                 mode, 100 * final["val_acc"], 100 * final["test_acc"], swa_txt, world, identical)  # fmt: skip
     return {
         "mode": mode, "alpha": twa.alpha.detach().cpu().clone(), "bn_state": bn.cpu(), **final,
         "history": history, "steps": twa.step_count, "steps_per_epoch": steps_per_epoch,

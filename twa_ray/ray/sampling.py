@@ -277,7 +277,9 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
 
     from twa_ray.data import load_dataset
     from twa_ray.models import build_model
+    from twa_ray.ray.logs import quiet_train_logs
 
+    quiet_train_logs()
     data = DataConfig(**config["data"])
     sampling = SamplingConfig(**config["sampling"])
     store_uri, run_id = config["store_uri"], config["run_id"]
