@@ -5,14 +5,17 @@
 
 A step is: project a[k, l] = <B[k, l], g>, one SGD-momentum step on alpha, reconstruct
 theta = c + sum_{k,l} alpha[k, l] B[k, l]. Three numbers per case, measured side by side in one
-process (medians of interleaved repeats, so a busy machine slows all three alike):
+process (medians over rounds that visit every case in turn, so a busy machine slows all alike):
 
 - reference: the published journal code's step -- codes unpacked one per uint8 byte in a list of
   per-block tensors, a Python loop over blocks that materializes float temporaries of every block
   (``(q.float() * (scale * g_l)).sum(1) + zero * g_l.sum()``, and the transposed broadcast-multiply-
   sum to rebuild theta, then + centre);
 - step: twa_ray's ``project`` + SGD momentum + ``reconstruct`` on the packed bytes;
-- floor: 2 x packed bytes / measured memory bandwidth (B must be read once per direction).
+- floor: 2 x packed bytes / memory bandwidth (B must be read once per direction), the bandwidth
+  being the higher of the read (sum) and copy medians, sampled between the steps.
+
+The "best" columns (fastest step against the best bandwidth sample) estimate an idle machine.
 
 Cases: ResNet-20 (CIFAR, 0.27M parameters, one block per parameter tensor) and a 1M-parameter
 model in 4 blocks of 250k, K = 100 candidates, b = 4 bits (b = 1, 2, 8 for information).
@@ -95,7 +98,8 @@ class ReferenceStep:
         self.codes, self.scales, self.zeros = [], [], []
         for blk, (a, b) in enumerate(zip(pm.bounds, pm.bounds[1:])):
             raw = pm.data[:, pm.byte_bounds[blk] : pm.byte_bounds[blk + 1]]
-            self.codes.append(unpack(raw, pm.bits, b - a).clone())  # (K, n_l) uint8, one code a byte
+            # (K, n_l) uint8, one code a byte
+            self.codes.append(unpack(raw, pm.bits, b - a).clone())
             self.scales.append(pm.scale[:, blk : blk + 1].clone())  # (K, 1)
             self.zeros.append(pm.zero[:, blk : blk + 1].clone())  # (K, 1)
         self.center = center
@@ -163,41 +167,57 @@ class Bandwidth:
         self.copy.append(2 * nbytes / timed(lambda: self.dst.copy_(self.src)) / 1e6)  # read + write
 
     def gbps(self) -> float:
-        """The higher of the read and copy medians: the stricter (lower) floor."""
+        """The higher of the read and copy medians (the stricter floor), measured under the
+        same load as the steps."""
         return max(statistics.median(self.read), statistics.median(self.copy))
 
+    def best_gbps(self) -> float:
+        """The best sample: the bandwidth when nothing else competed for it."""
+        return max(self.read + self.copy)
 
-def run_case(
-    name: str, blocks: Blocks, num_rows: int, bits: int, bw: Bandwidth, repeats: int
-) -> dict:
-    pm = build_basis(blocks, num_rows, bits)
-    gen = torch.Generator().manual_seed(1)
-    center = torch.randn(blocks.numel, generator=gen)
-    g = torch.randn(blocks.numel, generator=gen) * 1e-3
-    ref, ours = ReferenceStep(pm, center), PackedStep(pm, center)
-    assert torch.allclose(ref(g), ours(g), rtol=1e-4, atol=1e-4)  # same math, same first step
-    for _ in range(3):
-        ours(g)
-    ref_ms, step_ms = [], []
-    for _ in range(repeats):  # interleaved: load on the machine slows all alike
-        ref_ms.append(timed(lambda: ref(g)))
-        step_ms += [timed(lambda: ours(g)) for _ in range(5)]
-        bw.sample()
-    ref_med, step_med = statistics.median(ref_ms), statistics.median(step_ms)
-    floor = 2 * pm.nbytes / (bw.gbps() * 1e9) * 1e3
-    return {
-        "name": name,
-        "D": blocks.numel,
-        "K": num_rows,
-        "bits": bits,
-        "L": blocks.num_blocks,
-        "packed_MB": pm.nbytes / 1e6,
-        "reference_ms": ref_med,
-        "step_ms": step_med,
-        "floor_ms": floor,
-        "speedup_vs_reference": ref_med / step_med,
-        "ratio_to_floor": step_med / floor,
-    }
+
+class Case:
+    """One (model, bits) case: its packed basis, both steps and their timings."""
+
+    def __init__(self, name: str, blocks: Blocks, num_rows: int, bits: int) -> None:
+        self.name, self.blocks, self.num_rows, self.bits = name, blocks, num_rows, bits
+        self.pm = build_basis(blocks, num_rows, bits)
+        gen = torch.Generator().manual_seed(1)
+        center = torch.randn(blocks.numel, generator=gen)
+        self.g = torch.randn(blocks.numel, generator=gen) * 1e-3
+        self.ref, self.ours = ReferenceStep(self.pm, center), PackedStep(self.pm, center)
+        same = torch.allclose(self.ref(self.g), self.ours(self.g), rtol=1e-4, atol=1e-4)
+        assert same, "the two steps disagree"  # same math, same first step
+        for _ in range(3):
+            self.ours(self.g)
+        self.ref_ms: list[float] = []
+        self.step_ms: list[float] = []
+
+    def sample(self) -> None:
+        self.ref_ms.append(timed(lambda: self.ref(self.g)))
+        self.step_ms += [timed(lambda: self.ours(self.g)) for _ in range(5)]
+
+    def result(self, bw: Bandwidth) -> dict:
+        ref_med, step_med = statistics.median(self.ref_ms), statistics.median(self.step_ms)
+        floor = 2 * self.pm.nbytes / (bw.gbps() * 1e9) * 1e3
+        floor_best = 2 * self.pm.nbytes / (bw.best_gbps() * 1e9) * 1e3
+        return {
+            "name": self.name,
+            "D": self.blocks.numel,
+            "K": self.num_rows,
+            "bits": self.bits,
+            "L": self.blocks.num_blocks,
+            "packed_MB": self.pm.nbytes / 1e6,
+            "reference_ms": ref_med,
+            "step_ms": step_med,
+            "reference_min_ms": min(self.ref_ms),
+            "step_min_ms": min(self.step_ms),
+            "floor_ms": floor,
+            "speedup_vs_reference": ref_med / step_med,
+            "ratio_to_floor": step_med / floor,
+            "floor_best_ms": floor_best,
+            "ratio_to_floor_best": min(self.step_ms) / floor_best,
+        }
 
 
 def train_step_ms(repeats: int) -> float | None:
@@ -219,45 +239,52 @@ def train_step_ms(repeats: int) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats per case")
+    parser.add_argument("--repeats", type=int, default=9, help="rounds over all cases")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("step_speed.json"))
     parser.add_argument("--smoke-test", action="store_true", help="tiny shapes, no JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
 
     if args.smoke_test:
-        cases = [("tiny 3 blocks", blocks_of([1000, 37, 5000], ["a", "b", "c"]), 8, 4)]
+        cases = [Case("tiny 3 blocks", blocks_of([1000, 37, 5000], ["a", "b", "c"]), 8, 4)]
         bw, repeats = Bandwidth(1 << 20), 2
     else:
         big = blocks_of([250_000] * 4, [f"w{i}" for i in range(4)])
         cases = [
-            (name, blocks, 100, bits)
+            Case(name, blocks, 100, bits)
             for bits in (4, 1, 2, 8)
             for name, blocks in (("resnet20", resnet20_blocks()), ("1M, 4 x 250k", big))
         ]
         bw, repeats = Bandwidth(1 << 26), args.repeats
-    for _ in range(3):
-        bw.sample()
-
-    rows = [run_case(name, blocks, k, bits, bw, repeats) for name, blocks, k, bits in cases]
+    # Rounds over all cases, so that a burst of load on a shared machine lands on one round of
+    # every case rather than on all repeats of one case.
+    for _ in range(repeats):
+        for case in cases:
+            case.sample()
+            bw.sample()
+    rows = [case.result(bw) for case in cases]
     fwd_bwd = None if args.smoke_test else train_step_ms(3)
 
     header = (
-        f"{'case':<14}{'D':>9}{'K':>5}{'bits':>5}{'B MB':>8}{'reference ms':>14}"
-        f"{'step ms':>10}{'floor ms':>10}{'speedup':>9}{'/ floor':>9}"
+        f"{'case':<14}{'D':>9}{'K':>5}{'bits':>5}{'B MB':>7}{'reference ms':>14}"
+        f"{'step ms':>9}{'floor ms':>10}{'speedup':>9}{'/ floor':>9}{'| best: step':>13}"
+        f"{'floor':>7}{'/ floor':>9}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['name']:<14}{r['D']:>9}{r['K']:>5}{r['bits']:>5}{r['packed_MB']:>8.1f}"
-            f"{r['reference_ms']:>14.1f}{r['step_ms']:>10.2f}{r['floor_ms']:>10.2f}"
+            f"{r['name']:<14}{r['D']:>9}{r['K']:>5}{r['bits']:>5}{r['packed_MB']:>7.1f}"
+            f"{r['reference_ms']:>14.1f}{r['step_ms']:>9.2f}{r['floor_ms']:>10.2f}"
             f"{r['speedup_vs_reference']:>8.0f}x{r['ratio_to_floor']:>8.2f}x"
+            f"{r['step_min_ms']:>13.2f}{r['floor_best_ms']:>7.2f}{r['ratio_to_floor_best']:>8.2f}x"
         )
     read, copy = statistics.median(bw.read), statistics.median(bw.copy)
     print(
-        f"\nbandwidth: read {read:.1f} GB/s, copy (read + write) {copy:.1f} GB/s; "
-        f"floor uses {bw.gbps():.1f} GB/s; {THREADS} threads; load average {os.getloadavg()[0]:.1f}"
+        f"\nmedians over {repeats} rounds; bandwidth medians: read {read:.1f} GB/s, copy "
+        f"(read + write) {copy:.1f} GB/s, floor at {bw.gbps():.1f} GB/s. 'best': the fastest step "
+        f"against the best bandwidth sample ({bw.best_gbps():.1f} GB/s), i.e. an idle machine. "
+        f"{THREADS} threads, load average {os.getloadavg()[0]:.1f}"
     )
     if fwd_bwd is not None:
         step = next(r["step_ms"] for r in rows if r["name"] == "resnet20" and r["bits"] == 4)
@@ -269,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "cases": rows,
             "bandwidth_GBps": bw.gbps(),
-            "read_GBps": read,
-            "copy_GBps": copy,
+            "best_bandwidth_GBps": bw.best_gbps(),
+            "read_GBps_median": read,
+            "copy_GBps_median": copy,
             "threads": THREADS,
             "resnet20_fwd_bwd_ms": fwd_bwd,
             "load_average": os.getloadavg()[0],

@@ -201,6 +201,27 @@ def test_portable_c_code_and_kernel_cache(seed, tmp_path, monkeypatch) -> None:
         assert _rel(theta, _reconstruct64(B64, alpha, origin, blocks.bounds)) < TOL
 
 
+def test_loading_the_kernel_keeps_subnormals_and_works_under_flush_denormal(seed) -> None:
+    """The library must not switch the process to flush-to-zero (as -ffast-math builds do), and
+    the AVX2 path reads codes as subnormal floats, so it must work when the caller flushes them."""
+    if cpu.load() is None:
+        pytest.skip("no C compiler")
+    tiny = torch.tensor([1e-40])
+    assert float(tiny * 1.0) > 0.0
+    blocks = _blocks(*SIZES)
+    pm = quantize(torch.randn(5, blocks.numel), blocks, 4)
+    g, alpha = torch.randn(blocks.numel), torch.randn(5, len(SIZES))
+    expect = project(pm, g), reconstruct(pm, alpha)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        got = project(pm, g), reconstruct(pm, alpha)
+        assert float(tiny * 1.0) == 0.0  # the caller's mode is restored after the kernels
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
+
+
 def test_inputs_are_validated() -> None:
     pm = quantize(torch.randn(2, 10), _blocks(4, 6), 4)
     with pytest.raises(ValueError, match=r"g must be a float32 vector of shape \(10,\)"):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -72,8 +73,9 @@ def _chunk_cols(pm: PackedMatrix) -> int:
     return max(8, _CHUNK // pm.num_rows // 8 * 8)
 
 
-def _chunks(pm: PackedMatrix, blk: int):
-    """``(c0, c1, codes)`` for column chunks of block l; ``codes`` float32 ``(R, c1 - c0)``."""
+def _chunks(pm: PackedMatrix, blk: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(c0, c1, codes)`` for column chunks ``c0:c1`` of block ``blk``; ``codes`` float32
+    ``(R, c1 - c0)`` (the scale / zero of the affine code are applied by the caller)."""
     a, b, byte0 = pm.bounds[blk], pm.bounds[blk + 1], pm.byte_bounds[blk]
     step = _chunk_cols(pm)
     for c0 in range(0, b - a, step):

@@ -1,7 +1,7 @@
 """Build, cache and call the CPU kernels of ``packed.c`` (packed-code project / reconstruct).
 
 The C source is compiled on first use with the system C compiler (``$CC``, else ``cc``, ``gcc``
-or ``clang``): ``-O3 -march=native -fopenmp`` (no ``-ffast-math``: see ``_FLAG_SETS``), retried
+or ``clang``): ``-O3 -march=native -fopenmp`` (no ``-ffast-math``: see ``_COMMON``), retried
 without ``-march=native`` and without OpenMP when those fail. The shared library is cached in
 ``$TWA_RAY_CACHE_DIR`` (default ``$XDG_CACHE_HOME/twa_ray/kernels``, i.e.
 ``~/.cache/twa_ray/kernels``) under a name keyed by the source, the compiler, the flags and the
@@ -37,9 +37,18 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("packed.c")
 ABI_VERSION = 1
-_COMMON = ("-shared", "-fPIC", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math")
-# Not -ffast-math: with GCC < 13 it links crtfastmath.o into the shared library, whose
-# constructor turns on flush-to-zero / denormals-are-zero for the whole process on load.
+# Reassociation lets the portable loops vectorize their float reductions. Not -ffast-math: with
+# GCC < 13 it links crtfastmath.o into the shared library, whose constructor turns on
+# flush-to-zero / denormals-are-zero for the whole process when the library is loaded.
+_COMMON = (
+    "-shared",
+    "-fPIC",
+    "-std=gnu11",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+)
 _FLAG_SETS = (  # tried in order
     ("-O3", "-march=native", "-fopenmp"),
     ("-O3", "-fopenmp"),

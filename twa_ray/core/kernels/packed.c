@@ -145,7 +145,6 @@ INLINE unsigned int allow_subnormals(void) {
     return csr;
 }
 
-
 INLINE void transpose8(__m256 *r) {
     __m256 t[8], s[8];
     for (int i = 0; i < 8; i += 2) {
