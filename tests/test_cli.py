@@ -94,3 +94,33 @@ def test_unwritable_out_is_refused(trained, tmp_path, capsys):
     argv = ["average", "--store", str(trained / "store"), "--out", str(blocker / "sub")]
     assert main(argv) == 2
     assert "not a writable directory" in capsys.readouterr().err
+
+
+def test_bring_your_own_model_and_data(trained, tmp_path, monkeypatch):
+    """--model / --dataset as import paths to callables defined only here."""
+    (tmp_path / "my_pkg.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "from torch.utils.data import TensorDataset\n"
+        "from twa_ray.data import load_dataset\n\n"
+        "def build(num_classes, input_shape):\n"
+        "    return nn.Sequential(nn.Linear(input_shape[0], 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, num_classes))\n\n"
+        f"def data(seed=0):\n"
+        f"    s = load_dataset('mnist1d', num_samples={NUM_SAMPLES}, seed=seed)\n"
+        "    return s.train, s.val, s.test\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_pkg  # noqa: F401  (the module the CLI will import by name)
+
+    splits = load_dataset("mnist1d", num_samples=NUM_SAMPLES, seed=0)
+    model = my_pkg.build(splits.num_classes, splits.input_shape)
+    layout = Layout.from_module(model)
+    store = CandidateStore(str(tmp_path / "byo"), create=True)
+    for step in range(3):
+        torch.manual_seed(step)
+        store.write(flatten(my_pkg.build(splits.num_classes, splits.input_shape), layout), layout, step=step)
+    out = tmp_path / "out"
+    argv = ["average", "--store", str(tmp_path / "byo"), "--dataset", "my_pkg:data", "--model", "my_pkg:build",
+            "--mode", "t", "--twa-epochs", "1", "--no-greedy-soup", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "twa_t" in json.loads((out / "metrics.json").read_text())["methods"]

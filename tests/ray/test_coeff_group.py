@@ -22,8 +22,9 @@ from twa_ray.core.layout import load_flat_
 from twa_ray.core.twa import TWA, TWAConfig
 from twa_ray.data import load_dataset
 from twa_ray.models import build_model
-from twa_ray.ray.coeff_group import run_twa, strided
+from twa_ray.ray.coeff_group import run_twa
 from twa_ray.ray.shards import put_subspace
+from twa_ray.ray.worker import strided
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 

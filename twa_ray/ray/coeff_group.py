@@ -46,12 +46,12 @@ import torch
 
 from twa_ray.config import DataConfig
 from twa_ray.core.bn import bn_state, load_bn_state_, update_bn
-from twa_ray.core.evaluate import EvalResult, evaluate
 from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.core.twa import TWA, TWAConfig
 from twa_ray.ray.shards import ShardedSubspace
+from twa_ray.ray.worker import evaluate_sharded, maybe_fail, strided
 
-__all__ = ["MODES", "TWAResult", "coeff_loop_per_worker", "run_twa", "strided"]
+__all__ = ["MODES", "TWAResult", "coeff_loop_per_worker", "run_twa"]
 
 log = logging.getLogger(__name__)
 
@@ -263,11 +263,6 @@ def run_twa(
 # --------------------------------------------------------------------------- workers
 
 
-def strided(ds: Any, rank: int, world: int) -> Any:
-    """This rank's strided shard ``ds[rank::world]`` (no padding: the shards partition ``ds``)."""
-    from torch.utils.data import Subset
-
-    return Subset(ds, range(rank, len(ds), world))
 
 
 def coeff_loop_per_worker(config: dict[str, Any]) -> None:
@@ -406,7 +401,7 @@ def _fit_mode(
             local_sums += torch.tensor(
                 [loss_sum, correct, count], dtype=torch.float64, device=twa.device
             )
-            _maybe_fail(config, step, rank, world)
+            maybe_fail(config, step, rank, world)
             pass_end = step % steps_per_pass == 0 or step == total
             if pass_end or step % config["checkpoint_every"] == 0:
                 dist.all_reduce(local_sums)
@@ -460,8 +455,8 @@ def _finish(
 ) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
     """BN statistics combined over all workers, loaded into the model; val and test metrics."""
     bn = all_reduce_bn_(twa.model, bn_loader, device=device, max_batches=bn_batches)
-    val = _evaluate_sharded(twa.model, val_loader, device)
-    test = _evaluate_sharded(twa.model, test_loader, device)
+    val = evaluate_sharded(twa.model, val_loader, device)
+    test = evaluate_sharded(twa.model, test_loader, device)
     return bn, {
         "val_loss": val.loss,
         "val_acc": val.acc,
@@ -497,13 +492,6 @@ def all_reduce_bn_(
     return combined
 
 
-def _evaluate_sharded(model: torch.nn.Module, loader: Any, device: torch.device) -> EvalResult:
-    import torch.distributed as dist
-
-    r = evaluate(model, loader, device=device)
-    sums = torch.tensor([r.loss_sum, r.correct, r.count], dtype=torch.float64, device=device)
-    dist.all_reduce(sums)
-    return EvalResult(float(sums[0]), int(sums[1]), int(sums[2]))
 
 
 def _report(
@@ -525,14 +513,3 @@ def _report(
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
 
 
-def _maybe_fail(config: dict[str, Any], step: int, rank: int, world: int) -> None:
-    """Testing hook: the last rank raises once, right after step ``fail_at_step``."""
-    if config.get("fail_at_step") != step or rank != world - 1:
-        return
-    marker = config["fail_marker"]
-    try:
-        with open(marker, "x") as f:
-            f.write(f"failed at step {step}\n")
-    except FileExistsError:
-        return  # the restarted attempt: do not fail again
-    raise RuntimeError(f"injected worker failure at step {step} (rank {rank}; marker {marker})")

@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from twa_ray.config import DataConfig, SamplingConfig
-from twa_ray.core.evaluate import EvalResult, evaluate
 from twa_ray.core.optim import lr_factor
 from twa_ray.ray.snapshot import Snapshotter, unwrap_model
+from twa_ray.ray.worker import all_reduce_, evaluate_sharded, maybe_fail, strided
 from twa_ray.store.store import CandidateStore
 
 __all__ = ["SamplingResult", "run_sampling", "sampling_loop_per_worker"]
@@ -311,7 +311,9 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
             f"batch_size={sampling.batch_size} exceeds the {split_sizes['train']} training examples "
             "(split over the workers); lower batch_size"
         )
-    val_loader, test_loader = (_eval_loader(ds, rank, world) for ds in (splits.val, splits.test))
+    val_loader, test_loader = (
+        DataLoader(strided(ds, rank, world), batch_size=_EVAL_BATCH) for ds in (splits.val, splits.test)
+    )
 
     # ---- model and optimizer: identical init on every rank (DDP broadcasts rank 0's anyway)
     torch.manual_seed(data.seed)
@@ -385,7 +387,7 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
                     candidates,
                     snap.maybe_snapshot(step=global_step, epoch=global_step / steps_per_epoch),
                 )
-            _maybe_fail(config, global_step, rank, world)
+            maybe_fail(config, global_step, rank, world)
 
         # ---- snapshot (the final epoch always) and evaluate
         last = epoch + 1 == sampling.sample_epochs
@@ -393,9 +395,9 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
             _record(candidates, snap.maybe_snapshot(step=global_step, epoch=epoch + 1, force=last))
         elif last and not snap.due(step=global_step):
             _record(candidates, snap.snapshot(step=global_step, epoch=epoch + 1))
-        train_loss = float(_all_reduce(loss_sum)) / (world * steps_per_epoch)
-        val = _evaluate_sharded(inner, val_loader, device)
-        test = _evaluate_sharded(inner, test_loader, device)
+        train_loss = float(all_reduce_(loss_sum)) / (world * steps_per_epoch)
+        val = evaluate_sharded(inner, val_loader, device)
+        test = evaluate_sharded(inner, test_loader, device)
         if not torch.isfinite(torch.tensor(train_loss)):
             raise FloatingPointError(
                 f"sampling diverged in epoch {epoch + 1} (train loss {train_loss}); lower lr={sampling.lr}"
@@ -439,36 +441,9 @@ def _record(candidates: list[str], name: str | None) -> None:
         candidates.append(name)
 
 
-def _maybe_fail(config: dict[str, Any], step: int, rank: int, world: int) -> None:
-    """Testing hook: the last rank raises once, right after global step ``fail_at_step``."""
-    if config.get("fail_at_step") != step or rank != world - 1:
-        return
-    marker = config["fail_marker"]
-    try:
-        with open(marker, "x") as f:
-            f.write(f"failed at step {step}\n")
-    except FileExistsError:
-        return  # the restarted attempt: do not fail again
-    raise RuntimeError(f"injected worker failure at step {step} (rank {rank}; marker {marker})")
 
 
-def _eval_loader(ds: Any, rank: int, world: int) -> Any:
-    """This rank's strided shard of an evaluation split (no padding: the sums stay exact)."""
-    from torch.utils.data import DataLoader, Subset
-
-    return DataLoader(Subset(ds, range(rank, len(ds), world)), batch_size=_EVAL_BATCH)
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-    return t
 
 
-def _evaluate_sharded(model: torch.nn.Module, loader: Any, device: torch.device) -> EvalResult:
-    # The unwrapped model: ranks see different shard sizes, and DDP forwards could sync buffers.
-    r = evaluate(model, loader, device=device)
-    sums = _all_reduce(
-        torch.tensor([r.loss_sum, r.correct, r.count], dtype=torch.float64, device=device)
-    )
-    return EvalResult(float(sums[0]), int(sums[1]), int(sums[2]))
