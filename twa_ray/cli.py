@@ -1,4 +1,4 @@
-"""The ``twa-ray`` command line: ``run``, ``average``, ``import``.
+"""The ``twa-ray`` command line: ``run``, ``sweep``, ``average``, ``import``.
 
 Flags map onto the stage dataclasses of :mod:`twa_ray.config` (defaults live only there);
 ``--config FILE`` loads a YAML file first and flags override it. User mistakes print one line
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["main", "build_parser", "config_from_args"]
+__all__ = ["main", "build_parser", "config_from_args", "sweep_config_from_args", "smoke_sweep"]
 
 # flag -> (section, field, type); section None is a top-level RunConfig field
 _FLAGS: dict[str, tuple[str | None, str, Any]] = {
@@ -88,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out first")
     _add_flags(run, [n for n in _FLAGS if n != "no_greedy_soup"] + ["no_greedy_soup"])
 
+    sw = sub.add_parser("sweep", help="Ray Tune sweep over TWA's knobs, sampling once per group of trials")
+    sw.add_argument("--config", required=True, help="YAML: run config sections plus a 'sweep:' section")
+    sw.add_argument("--out", required=True, help="output directory (trials table, best.yaml, sweep.png)")
+    sw.add_argument("--num-samples", type=int, default=None, help="repetitions of the grid / random draws")
+    sw.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: CPUs - 1)")
+    sw.add_argument("--scheduler", choices=("asha", "none"), default=None, help="ASHA early stopping or none")
+    sw.add_argument("--grace-period", type=int, default=None, help="ASHA: TWA epochs before a trial can stop")
+    sw.add_argument("--sampling-dir", default=None, help="sampling runs (default OUT/sampling; share it to reuse runs)")
+    sw.add_argument("--no-reuse", action="store_true", help="every trial samples on its own (to measure the saving)")
+    sw.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    sw.add_argument("--smoke-test", action="store_true", help="tiny data and epochs, two draws (a few minutes)")
+    sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out (Tuner.restore)")
+    sw.add_argument("--overwrite", action="store_true", help="delete an earlier sweep in --out first")
+
     avg = sub.add_parser("average", help="TWA on an existing store or checkpoint folder, no Ray")
     avg.add_argument("--config", help="YAML config (flags override it)")
     _add_flags(avg, ["store", "dataset", "data_root", "model", "val_frac", "num_samples", "seed",
@@ -131,6 +145,38 @@ def config_from_args(args: argparse.Namespace, *, smoke_test: bool = False):
     )
 
 
+def sweep_config_from_args(args: argparse.Namespace):
+    """The resolved :class:`~twa_ray.config.SweepConfig`: the file, then the flags."""
+    from twa_ray.config import load_sweep_config
+
+    cfg = load_sweep_config(args.config)
+    options = {
+        "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
+        "scheduler": args.scheduler, "grace_period": args.grace_period,
+        "reuse_sampling": False if args.no_reuse else None,
+    }  # fmt: skip
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in options.items() if v is not None})
+    return smoke_sweep(cfg) if args.smoke_test else cfg
+
+
+def smoke_sweep(cfg: Any) -> Any:
+    """The sweep at smoke size: 1500 MNIST-1D samples, enough short sampling epochs for the
+    coarsest epoch interval to give 4 candidates, 2 TWA epochs, at most two draws of the space."""
+    intervals = [cfg.base.sampling.sample_interval]
+    spec = cfg.space.get("sampling.sample_interval")
+    if isinstance(spec, dict) and next(iter(spec)) in ("grid", "choice"):
+        intervals += list(next(iter(spec.values())))
+    epochs = max(8, 8 * max(intervals)) if cfg.base.sampling.interval_unit == "epoch" else 8
+    base = cfg.base
+    base = dataclasses.replace(
+        base,
+        data=dataclasses.replace(base.data, num_samples=1500),
+        sampling=dataclasses.replace(base.sampling, epochs=epochs, sample_frac=0.5, batch_size=64),
+        twa=dataclasses.replace(base.twa, epochs=2.0),
+    )
+    return dataclasses.replace(cfg, base=base, num_samples=min(cfg.num_samples, 2))
+
+
 def _cmd_import(args: argparse.Namespace) -> int:
     from twa_ray.core.layout import Layout
     from twa_ray.store import import_checkpoints
@@ -157,6 +203,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from twa_ray.average import run_average
 
             run_average(config_from_args(args))
+            return 0
+        if args.command == "sweep":
+            from twa_ray.tune import run_sweep
+
+            run_sweep(
+                sweep_config_from_args(args), out=args.out, address=args.address,
+                sampling_dir=args.sampling_dir, resume=args.resume, overwrite=args.overwrite,
+            )  # fmt: skip
             return 0
         from twa_ray.pipeline import run_pipeline
 

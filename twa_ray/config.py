@@ -13,7 +13,17 @@ from typing import Any, Literal
 
 from twa_ray.core.twa import TWAConfig
 
-__all__ = ["DataConfig", "SamplingConfig", "RunConfig", "load_config", "config_from_dict"]
+__all__ = [
+    "DataConfig",
+    "SamplingConfig",
+    "RunConfig",
+    "SweepConfig",
+    "SPACE_KINDS",
+    "load_config",
+    "config_from_dict",
+    "load_sweep_config",
+    "sweep_config_from_dict",
+]
 
 
 def _check(errors: list[str], what: str) -> None:
@@ -182,3 +192,187 @@ def load_config(path: str) -> RunConfig:
     if not isinstance(d, dict):
         raise ValueError(f"config file {path!r} must hold a mapping of sections")
     return config_from_dict(d)
+
+
+# --------------------------------------------------------------------------- sweeps
+
+SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
+"""How a swept knob is written in YAML: ``{grid: [..]}`` (every value, crossed with the other
+grids), ``{choice: [..]}`` (one at random per sample), ``{uniform: [lo, hi]}``,
+``{loguniform: [lo, hi]}``."""
+
+# options that are resources, not knobs: sweeping them would only change how a trial runs
+_NOT_KNOBS = {"sampling.cpus_per_worker", "sampling.max_failures"}
+
+
+def _knob_names() -> dict[str, str]:
+    """Every sweepable knob by its dotted name (``twa.lr``), plus the top-level ``mode``."""
+    names = {f"{sec}.{f.name}": f"{sec}.{f.name}" for sec, cls in _SECTIONS.items() for f in fields(cls)}
+    names["mode"] = "mode"
+    return {k: v for k, v in names.items() if k not in _NOT_KNOBS}
+
+
+def resolve_knob(name: str) -> str:
+    """The dotted name of a knob: ``twa.lr`` as is, or a bare field name that only one section
+    has (``bits`` -> ``twa.bits``; ``lr`` is ambiguous)."""
+    known = _knob_names()
+    if name in known:
+        return name
+    matches = sorted(k for k in known if k.split(".")[-1] == name)
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ValueError(f"knob {name!r} is ambiguous: write one of {matches}")
+    raise ValueError(
+        f"unknown knob {name!r}; use section.field from {sorted(known)} (resource options "
+        f"{sorted(_NOT_KNOBS)} are not knobs)"
+    )
+
+
+def _is_domain(v: Any) -> bool:
+    """A Ray Tune search-space object (tune.loguniform(...), tune.grid_search(...)) from Python."""
+    if isinstance(v, Mapping):
+        return set(v) == {"grid_search"}
+    return type(v).__module__.startswith("ray.tune")
+
+
+def _check_spec(name: str, spec: Any) -> str | None:
+    """An error message for a malformed space, or None."""
+    if _is_domain(spec):
+        return None
+    if not (isinstance(spec, Mapping) and len(spec) == 1 and next(iter(spec)) in SPACE_KINDS):
+        return (
+            f"{name}: {spec!r} is not a search space; write {{grid: [..]}}, {{choice: [..]}}, "
+            "{uniform: [lo, hi]} or {loguniform: [lo, hi]} (fixed values go in the base sections)"
+        )
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, (list, tuple)) or not values:
+        return f"{name}: {kind} needs a non-empty list, got {values!r}"
+    if kind in ("uniform", "loguniform"):
+        ok = len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if not ok or not values[0] < values[1]:
+            return f"{name}: {kind} needs [lo, hi] with lo < hi, got {list(values)!r}"
+        if kind == "loguniform" and values[0] <= 0:
+            return f"{name}: loguniform needs lo > 0, got {values[0]!r}"
+    return None
+
+
+def _flatten_space(space: Mapping[str, Any], errors: list[str]) -> dict[str, Any]:
+    """``{twa: {lr: spec}}`` and ``{twa.lr: spec}`` both become ``{"twa.lr": spec}``."""
+    flat: dict[str, Any] = {}
+    for key, value in space.items():
+        is_section = key in _SECTIONS and isinstance(value, Mapping) and not _is_domain(value)
+        if is_section and not (len(value) == 1 and next(iter(value)) in SPACE_KINDS):
+            items = [(f"{key}.{k}", v) for k, v in value.items()]
+        else:
+            items = [(str(key), value)]
+        for name, spec in items:
+            try:
+                knob = resolve_knob(name)
+            except ValueError as e:
+                errors.append(str(e))
+                continue
+            if knob in flat:
+                errors.append(f"knob {knob!r} is given twice")
+            problem = _check_spec(knob, spec)
+            if problem:
+                errors.append(problem)
+            flat[knob] = spec
+    return flat
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepConfig:
+    """A Ray Tune sweep over the knobs of a :class:`RunConfig` (``twa-ray sweep``).
+
+    Trials that share their sampling knobs share one sampling run: it samples at the finest
+    interval (and, with ``interval_unit='epoch'``, up to the largest ``sample_frac``) once, and
+    each trial takes the candidates that its own interval and fraction would have written.
+    """
+
+    base: RunConfig = field(default_factory=RunConfig)
+    """The config every trial starts from; the space overrides its knobs."""
+    space: Mapping[str, Any] = field(default_factory=dict)
+    """Knob (``twa.lr``, ``sampling.sample_interval``, ``mode``, or a bare unique field name) ->
+    space (``{grid: [..]}``, ``{choice: [..]}``, ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``,
+    or a ``ray.tune`` search-space object)."""
+    num_samples: int = 1
+    """Repetitions of the grid; random spaces are drawn anew for each (Ray Tune semantics)."""
+    scheduler: Literal["asha", "none"] = "asha"
+    """ASHA early stopping on the selection accuracy, or run every trial to the end."""
+    grace_period: int = 1
+    """ASHA: TWA epochs every trial runs before it can be stopped."""
+    reduction_factor: float = 2.0
+    """ASHA: keep the top 1/reduction_factor of the trials at each rung."""
+    max_concurrent: int | None = None
+    """Trials at once (None: the cluster's CPUs minus one, over cpus_per_trial; 1 on 2 CPUs)."""
+    cpus_per_trial: float = 1.0
+    """CPUs reserved per trial (its TWA phase runs in the trial's process with this many threads)."""
+    metric: Literal["val_acc"] = "val_acc"
+    """The selection metric (mode max): accuracy on the selection part of the val split.
+    Test accuracy is reported, never used for selection."""
+    select_frac: float = 0.5
+    """Fraction of the val split held out for selection; TWA-v trials fit on the rest."""
+    seed: int = 0
+    """Seed of the random draws of the space."""
+    reuse_sampling: bool = True
+    """Share sampling runs between trials (False: every trial samples on its own, for comparison)."""
+
+    def __post_init__(self) -> None:
+        errors: list[str] = []
+        if not isinstance(self.base, RunConfig):
+            errors.append(f"base must be a RunConfig, got {type(self.base).__name__}")
+        object.__setattr__(self, "space", _flatten_space(dict(self.space or {}), errors))
+        if self.num_samples < 1:
+            errors.append(f"num_samples={self.num_samples}: must be >= 1")
+        if self.scheduler not in ("asha", "none"):
+            errors.append(f"scheduler={self.scheduler!r}: use 'asha' or 'none'")
+        if self.grace_period < 1:
+            errors.append(f"grace_period={self.grace_period}: must be >= 1")
+        if not self.reduction_factor > 1:
+            errors.append(f"reduction_factor={self.reduction_factor}: must be > 1")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            errors.append(f"max_concurrent={self.max_concurrent}: must be >= 1 (or null: auto)")
+        if not self.cpus_per_trial > 0:
+            errors.append(f"cpus_per_trial={self.cpus_per_trial}: must be > 0")
+        if self.metric != "val_acc":
+            errors.append(f"metric={self.metric!r}: only 'val_acc' (never test accuracy)")
+        if not 0 < self.select_frac < 1:
+            errors.append(f"select_frac={self.select_frac}: must lie in (0, 1)")
+        _check(errors, "sweep config")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/YAML-friendly: the base config, the space (Tune objects as their repr), options."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("base", "space")}
+        space = {k: (v if isinstance(v, Mapping) else repr(v)) for k, v in self.space.items()}
+        return {"base": self.base.to_dict(), "space": space, **d}
+
+
+def sweep_config_from_dict(d: Mapping[str, Any]) -> SweepConfig:
+    """A :class:`SweepConfig` from a run config dict with a ``sweep:`` section
+    (``{"data": .., "sampling": .., "twa": .., "mode": .., "sweep": {"space": .., ...}}``)."""
+    d = dict(d)
+    sweep = d.pop("sweep", None)
+    if not isinstance(sweep, Mapping):
+        raise ValueError("a sweep config needs a 'sweep:' section with a 'space:' of knobs")
+    names = {f.name for f in fields(SweepConfig)} - {"base"}
+    bad = sorted(set(sweep) - names)
+    if bad:
+        raise ValueError(f"unknown option(s) {bad} in 'sweep'; known: {sorted(names)}")
+    return SweepConfig(base=config_from_dict(d), **sweep)
+
+
+def load_sweep_config(path: str) -> SweepConfig:
+    """Read a YAML sweep file: the sections of a run config plus ``sweep:``."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"sweep config {path!r} does not exist; check the path") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"sweep config {path!r} is not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"sweep config {path!r} must hold a mapping of sections")
+    return sweep_config_from_dict(d)

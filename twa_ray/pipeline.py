@@ -49,9 +49,12 @@ def init_ray(address: str | None = None) -> None:
     ray.init(address=address, log_to_driver=True, configure_logging=False)
 
 
-def _claim_out_dir(out: Path, *, resume: bool, overwrite: bool) -> str:
-    """The run id of ``out``: new, resumed (``--resume``) or after deleting (``--overwrite``)."""
-    run_file = out / RUN_FILE
+def _claim_out_dir(
+    out: Path, *, resume: bool, overwrite: bool, marker: str = RUN_FILE, kind: str = "run"
+) -> str:
+    """The id of the ``kind`` in ``out`` (recorded in ``out/marker``): new, resumed
+    (``--resume``) or after deleting (``--overwrite``)."""
+    run_file = out / marker
     if run_file.exists():
         if overwrite:
             for child in out.iterdir():
@@ -60,12 +63,12 @@ def _claim_out_dir(out: Path, *, resume: bool, overwrite: bool) -> str:
             return str(json.loads(run_file.read_text())["run_id"])
         else:
             raise FileExistsError(
-                f"--out {str(out)!r} already holds a run; pass --resume to continue it or "
+                f"--out {str(out)!r} already holds a {kind}; pass --resume to continue it or "
                 "--overwrite to delete it and start over"
             )
     elif resume:
-        raise FileNotFoundError(f"--resume: no run to resume in {str(out)!r}; drop --resume")
-    run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        raise FileNotFoundError(f"--resume: no {kind} to resume in {str(out)!r}; drop --resume")
+    run_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     write_json(run_file, {"run_id": run_id})
     return run_id
 

@@ -113,7 +113,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
     """A plain-text table (markdown pipes), numbers rounded for reading."""
 
     def fmt(v: Any) -> str:
-        if isinstance(v, float) and v.is_integer() and abs(v) >= 1:
+        if isinstance(v, float) and v.is_integer():
             return str(int(v))
         if isinstance(v, float):
             return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
@@ -224,6 +224,9 @@ def plot_sweep(
             xs = [float(v) for v in values]
             if min(xs) > 0 and max(xs) / min(xs) > 10:
                 ax.set_xscale("log")
+            if len(set(xs)) <= 8:
+                ax.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))])
+                ax.minorticks_off()
         else:
             cats = sorted({str(v) for v in values})
             xs = [cats.index(str(v)) for v in values]

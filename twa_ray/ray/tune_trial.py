@@ -5,8 +5,9 @@ The trial's candidates were written by a sampling run that it shares with other 
 (:mod:`twa_ray.tune`); it builds the subspace over its own subset of them and runs the coefficient
 phase in its own process with the core engine (:class:`twa_ray.core.twa.TWA`). Per TWA epoch:
 
-1. one pass of coefficient steps (TWA-t: train split; TWA-v: the fit part of the val split),
-   on a learning-rate schedule that spans all ``twa.epochs``;
+1. an epoch of coefficient steps, as many as one pass over the train split takes (TWA-t: on the
+   train split; TWA-v: cycling the fit part of the val split), on a learning-rate schedule that
+   spans all ``twa.epochs`` (the pipeline's coefficient phase counts epochs the same way);
 2. BatchNorm re-estimated on the train split (cumulative average), then accuracy on the
    *selection* part of the val split (``val_acc``: the metric ASHA and the sweep select on; no
    trial fits on it) and on the test split (``test_acc``: reported, never used to select);
@@ -82,16 +83,19 @@ def twa_trial(config: dict[str, Any], *, plan: dict[str, Any]) -> None:
     select_loader, test_loader = _loader(val_select, _EVAL_BATCH), _loader(splits.test, _EVAL_BATCH)
 
     # ---- subspace over this trial's subset of the shared store (streamed, one at a time)
-    model = build_model(cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
+    model = build_model(
+        cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape
+    )
     layout = Layout.from_module(model)
     store = CandidateStore(trial["store"])
     names = trial["candidates"]
     subspace = build_subspace(lambda: (store.read(n) for n in names), layout, cfg.twa)
     twa = TWA(model, subspace, config=cfg.twa)
 
-    # ---- the schedule spans all epochs, as in the full pipeline (global batch = sampling's)
+    # ---- as in the full pipeline: the global batch is sampling's, an epoch is one pass over the
+    # train split in both modes (TWA-v cycles its smaller split), the schedule spans all epochs
     batch_size = min(cfg.sampling.batch_size, len(fit_ds))
-    steps_per_epoch = len(_loader(fit_ds, batch_size))
+    steps_per_epoch = max(1, len(splits.train) // cfg.sampling.batch_size)
     total = max(1, round(cfg.twa.epochs * steps_per_epoch))
     num_epochs = math.ceil(total / steps_per_epoch)
     twa.start(total)
@@ -109,7 +113,7 @@ def twa_trial(config: dict[str, Any], *, plan: dict[str, Any]) -> None:
         losses: list[float] = []
         # the data order is a function of (seed, epoch): a resumed trial replays it
         loader = _loader(fit_ds, batch_size, seed=cfg.data.seed * 100_003 + epoch)
-        twa.fit(loader, epochs=steps / steps_per_epoch, on_step=lambda _s, loss, acc=losses: acc.append(loss))
+        twa.fit(loader, steps=steps, on_step=lambda _s, loss, acc=losses: acc.append(loss))
         update_bn(bn_loader, model)
         val, test = evaluate(model, select_loader), evaluate(model, test_loader)
         twa_epoch = twa.step_count / steps_per_epoch
