@@ -178,20 +178,25 @@ def config_from_dict(d: Mapping[str, Any]) -> RunConfig:
     return RunConfig(**kwargs)
 
 
-def load_config(path: str) -> RunConfig:
-    """Read a YAML config file into a :class:`RunConfig`."""
+def _read_yaml(path: str, what: str) -> dict[str, Any]:
+    """The mapping in a YAML file, with one clear error for a missing or malformed file."""
     import yaml
 
     try:
         with open(path) as f:
             d = yaml.safe_load(f) or {}
     except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path!r} does not exist; check the path") from None
+        raise FileNotFoundError(f"{what} {path!r} does not exist; check the path") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"config file {path!r} is not valid YAML: {e}") from None
+        raise ValueError(f"{what} {path!r} is not valid YAML: {e}") from None
     if not isinstance(d, dict):
-        raise ValueError(f"config file {path!r} must hold a mapping of sections")
-    return config_from_dict(d)
+        raise ValueError(f"{what} {path!r} must hold a mapping of sections")
+    return d
+
+
+def load_config(path: str) -> RunConfig:
+    """Read a YAML config file into a :class:`RunConfig`."""
+    return config_from_dict(_read_yaml(path, "config file"))
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -364,15 +369,4 @@ def sweep_config_from_dict(d: Mapping[str, Any]) -> SweepConfig:
 
 def load_sweep_config(path: str) -> SweepConfig:
     """Read a YAML sweep file: the sections of a run config plus ``sweep:``."""
-    import yaml
-
-    try:
-        with open(path) as f:
-            d = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"sweep config {path!r} does not exist; check the path") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"sweep config {path!r} is not valid YAML: {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"sweep config {path!r} must hold a mapping of sections")
-    return sweep_config_from_dict(d)
+    return sweep_config_from_dict(_read_yaml(path, "sweep config"))

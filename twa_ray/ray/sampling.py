@@ -99,10 +99,8 @@ class SamplingResult:
         """The final model state dict (with BN buffers) from the last Ray Train checkpoint."""
         if self.checkpoint_path is None:
             raise ValueError(f"sampling run {self.run_id!r} has no checkpoint")
-        state = torch.load(
-            os.path.join(self.checkpoint_path, STATE_FILE), map_location="cpu", weights_only=True
-        )
-        return state["model"]
+        path = os.path.join(self.checkpoint_path, STATE_FILE)
+        return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
