@@ -10,37 +10,19 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packed_reference import blocks_of, dequantize64
 
 from twa_ray.core.kernels import cpu
-from twa_ray.core.layout import Blocks
 from twa_ray.core.project import project, reconstruct
-from twa_ray.core.quant import ALLOWED_BITS, PackedMatrix, quantize
+from twa_ray.core.quant import ALLOWED_BITS, quantize
 
 # block sizes: a single column, odd sizes, more than one 4096-column tile, a partial last tile
 SIZES = (1, 7, 33, 300, 4096 + 130, 64)
 TOL = 1e-5
 
 
-def _blocks(*sizes: int) -> Blocks:
-    bounds = [0]
-    for n in sizes:
-        bounds.append(bounds[-1] + n)
-    return Blocks(tuple(bounds), tuple(f"b{i}" for i in range(len(sizes))))
 
 
-def _dequantize64(pm: PackedMatrix) -> torch.Tensor:
-    cols = []
-    for blk, (a, b) in enumerate(zip(pm.bounds, pm.bounds[1:])):
-        if pm.bits > 8:
-            cols.append(pm.data[:, a:b].double())
-            continue
-        raw = pm.data[:, pm.byte_bounds[blk] : pm.byte_bounds[blk + 1]].long()
-        j, per = torch.arange(b - a), 8 // pm.bits
-        q = (raw[:, j // per] >> ((j % per) * pm.bits)) & ((1 << pm.bits) - 1)
-        cols.append(
-            q.double() * pm.scale[:, blk : blk + 1].double() + pm.zero[:, blk : blk + 1].double()
-        )
-    return torch.cat(cols, dim=1)
 
 
 def _project64(B64: torch.Tensor, g: torch.Tensor, bounds: tuple[int, ...]) -> torch.Tensor:
@@ -72,10 +54,10 @@ def path(request, monkeypatch) -> str:
 
 @pytest.mark.parametrize("bits", ALLOWED_BITS)
 def test_matches_float64_dequantize_then_multiply(seed, path, bits: int) -> None:
-    blocks = _blocks(*SIZES)
+    blocks = blocks_of(*SIZES)
     B = torch.randn(7, blocks.numel)  # 7 rows: not a multiple of the kernels' row groups
     pm = quantize(B, blocks, bits)
-    B64 = _dequantize64(pm)
+    B64 = dequantize64(pm)
     g, alpha, origin = (
         torch.randn(blocks.numel),
         torch.randn(7, len(SIZES)),
@@ -90,7 +72,7 @@ def test_matches_float64_dequantize_then_multiply(seed, path, bits: int) -> None
 
 
 def test_float32_matches_the_unquantized_float64_matrix(seed, path) -> None:
-    blocks = _blocks(*SIZES)
+    blocks = blocks_of(*SIZES)
     B64 = torch.randn(5, blocks.numel, dtype=torch.float64)
     pm = quantize(B64, blocks, 32)
     g, alpha = torch.randn(blocks.numel), torch.randn(5, len(SIZES))
@@ -108,11 +90,11 @@ def test_float32_matches_the_unquantized_float64_matrix(seed, path) -> None:
 )
 def test_random_shapes(bits, sizes, rows, granularity, seed) -> None:
     gen = torch.Generator().manual_seed(seed)
-    blocks = _blocks(*sizes)
+    blocks = blocks_of(*sizes)
     pm = quantize(
         torch.randn(rows, blocks.numel, generator=gen), blocks, bits, granularity=granularity
     )
-    B64 = _dequantize64(pm)
+    B64 = dequantize64(pm)
     g = torch.randn(blocks.numel, generator=gen)
     alpha = torch.randn(rows, len(sizes), generator=gen)
     assert _rel(project(pm, g), _project64(B64, g, blocks.bounds)) < TOL
@@ -121,7 +103,7 @@ def test_random_shapes(bits, sizes, rows, granularity, seed) -> None:
 
 @pytest.mark.parametrize("bits", (1, 4, 8, 16))
 def test_slices_agree_with_the_whole(seed, path, bits: int) -> None:
-    blocks = _blocks(*SIZES)
+    blocks = blocks_of(*SIZES)
     pm = quantize(torch.randn(6, blocks.numel), blocks, bits)
     g, alpha, origin = (
         torch.randn(blocks.numel),
@@ -137,7 +119,7 @@ def test_slices_agree_with_the_whole(seed, path, bits: int) -> None:
 
 
 def test_out_and_in_place_origin(seed, path) -> None:
-    blocks = _blocks(*SIZES)
+    blocks = blocks_of(*SIZES)
     pm = quantize(torch.randn(4, blocks.numel), blocks, 4)
     alpha, origin = torch.randn(4, len(SIZES)), torch.randn(blocks.numel)
     expect = reconstruct(pm, alpha, origin)
@@ -152,7 +134,7 @@ def test_out_and_in_place_origin(seed, path) -> None:
 def test_constant_and_zero_blocks_give_no_nan(path) -> None:
     B = torch.zeros(3, 40)
     B[:, 10:25] = 2.0
-    blocks = _blocks(10, 15, 15)
+    blocks = blocks_of(10, 15, 15)
     for bits in ALLOWED_BITS:
         pm = quantize(B, blocks, bits)
         a = project(pm, torch.ones(40))
@@ -164,7 +146,7 @@ def test_constant_and_zero_blocks_give_no_nan(path) -> None:
 def test_c_and_torch_paths_agree(seed, monkeypatch) -> None:
     if cpu.load() is None:
         pytest.skip("no C compiler")
-    blocks = _blocks(*SIZES)
+    blocks = blocks_of(*SIZES)
     pm = quantize(torch.randn(9, blocks.numel), blocks, 2)
     g, alpha = torch.randn(blocks.numel), torch.randn(9, len(SIZES))
     c = project(pm, g), reconstruct(pm, alpha)
@@ -185,10 +167,10 @@ def test_portable_c_code_and_kernel_cache(seed, tmp_path, monkeypatch) -> None:
     assert len(files) == 1 and files[0].startswith("packed-") and files[0].endswith(".so")
     assert cpu.build(("-O2",)) is not None  # cached: no new file, no temp file left behind
     assert [p.name for p in tmp_path.iterdir()] == files
-    blocks = _blocks(*SIZES)
+    blocks = blocks_of(*SIZES)
     for bits in (1, 2, 4, 8):
         pm = quantize(torch.randn(5, blocks.numel), blocks, bits)
-        B64 = _dequantize64(pm)
+        B64 = dequantize64(pm)
         g, alpha, origin = (
             torch.randn(blocks.numel),
             torch.randn(5, len(SIZES)),
@@ -208,7 +190,7 @@ def test_loading_the_kernel_keeps_subnormals_and_works_under_flush_denormal(seed
         pytest.skip("no C compiler")
     tiny = torch.tensor([1e-40])
     assert float(tiny * 1.0) > 0.0
-    blocks = _blocks(*SIZES)
+    blocks = blocks_of(*SIZES)
     pm = quantize(torch.randn(5, blocks.numel), blocks, 4)
     g, alpha = torch.randn(blocks.numel), torch.randn(5, len(SIZES))
     expect = project(pm, g), reconstruct(pm, alpha)
@@ -223,7 +205,7 @@ def test_loading_the_kernel_keeps_subnormals_and_works_under_flush_denormal(seed
 
 
 def test_inputs_are_validated() -> None:
-    pm = quantize(torch.randn(2, 10), _blocks(4, 6), 4)
+    pm = quantize(torch.randn(2, 10), blocks_of(4, 6), 4)
     with pytest.raises(ValueError, match=r"g must be a float32 vector of shape \(10,\)"):
         project(pm, torch.zeros(9))
     with pytest.raises(ValueError, match="float32"):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packed_reference import blocks_of, dequantize64
 
-from twa_ray.core.layout import Blocks
 from twa_ray.core.quant import (
     ALLOWED_BITS,
     PackedMatrix,
@@ -26,28 +26,8 @@ from twa_ray.core.quant import (
 PACKED = (1, 2, 4, 8)
 
 
-def _blocks(*sizes: int) -> Blocks:
-    bounds = [0]
-    for n in sizes:
-        bounds.append(bounds[-1] + n)
-    return Blocks(tuple(bounds), tuple(f"b{i}" for i in range(len(sizes))))
 
 
-def _dequantize64(pm: PackedMatrix) -> torch.Tensor:
-    """float64 ``scale * q + zero`` from the packed bytes, decoded bit by bit in Python terms."""
-    cols = []
-    for blk, (a, b) in enumerate(zip(pm.bounds, pm.bounds[1:])):
-        if pm.bits > 8:
-            cols.append(pm.data[:, a:b].double())
-            continue
-        raw = pm.data[:, pm.byte_bounds[blk] : pm.byte_bounds[blk + 1]].long()
-        j = torch.arange(b - a)
-        per = 8 // pm.bits
-        q = (raw[:, j // per] >> ((j % per) * pm.bits)) & ((1 << pm.bits) - 1)
-        cols.append(
-            q.double() * pm.scale[:, blk : blk + 1].double() + pm.zero[:, blk : blk + 1].double()
-        )
-    return torch.cat(cols, dim=1)
 
 
 # ----------------------------------------------------------------------------- pack / unpack
@@ -95,13 +75,13 @@ def test_pack_rejects_bad_input() -> None:
 
 
 def test_bad_bits_and_granularity_are_rejected() -> None:
-    B, blocks = torch.randn(2, 5), _blocks(5)
+    B, blocks = torch.randn(2, 5), blocks_of(5)
     with pytest.raises(ValueError, match=r"bits=3 is not supported; use one of 1, 2, 4, 8, 16, 32"):
         quantize(B, blocks, 3)
     with pytest.raises(ValueError, match="granularity='col'"):
         quantize(B, blocks, 4, granularity="col")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"\(R, 6\)"):
-        quantize(B, _blocks(6), 4)
+        quantize(B, blocks_of(6), 4)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -109,8 +89,8 @@ def test_non_finite_values_are_rejected(bad: float) -> None:
     B = torch.randn(3, 8)
     B[1, 2] = bad
     with pytest.raises(ValueError, match="NaN or Inf"):
-        quantize(B, _blocks(8), 4)
-    builder = PackedMatrixBuilder(3, _blocks(8), 4)
+        quantize(B, blocks_of(8), 4)
+    builder = PackedMatrixBuilder(3, blocks_of(8), 4)
     with pytest.raises(ValueError, match="NaN or Inf"):
         builder.set_row(1, B[1])
 
@@ -118,11 +98,11 @@ def test_non_finite_values_are_rejected(bad: float) -> None:
 @pytest.mark.parametrize("granularity", ["row", "block"])
 def test_codes_are_nearest_and_error_shrinks_with_bits(seed, granularity) -> None:
     B = torch.randn(6, 3000)
-    blocks = _blocks(1000, 1500, 500)
+    blocks = blocks_of(1000, 1500, 500)
     errors = []
     for bits in ALLOWED_BITS:
         pm = quantize(B, blocks, bits, granularity=granularity)
-        deq = _dequantize64(pm)
+        deq = dequantize64(pm)
         assert torch.allclose(dequantize(pm).double(), deq, rtol=1e-6, atol=1e-6)
         if bits <= 8:  # nearest code: within half a step (plus float32 rounding)
             step = pm.scale.double().repeat_interleave(torch.tensor(blocks.sizes), dim=1)
@@ -134,7 +114,7 @@ def test_codes_are_nearest_and_error_shrinks_with_bits(seed, granularity) -> Non
 
 
 def test_block_granularity_shares_scale_over_rows(seed) -> None:
-    pm = quantize(torch.randn(5, 40), _blocks(10, 30), 4, granularity="block")
+    pm = quantize(torch.randn(5, 40), blocks_of(10, 30), 4, granularity="block")
     assert torch.equal(pm.scale, pm.scale[:1].expand(5, 2))
     assert torch.equal(pm.zero, pm.zero[:1].expand(5, 2))
 
@@ -146,7 +126,7 @@ def test_constant_and_zero_blocks_dequantize_exactly(bits: int) -> None:
     B[:, 1:10] = 0.0  # zero block
     B[:, 10:17] = 0.375  # constant block
     B[2, 17:] = -1.25  # one constant row of a block
-    pm = quantize(B, _blocks(1, 9, 7, 20), bits)
+    pm = quantize(B, blocks_of(1, 9, 7, 20), bits)
     deq = dequantize(pm)
     assert bool(torch.isfinite(deq).all())
     assert torch.equal(deq[:, :17], B[:, :17])
@@ -159,7 +139,7 @@ def test_constant_and_zero_blocks_dequantize_exactly(bits: int) -> None:
 @pytest.mark.parametrize("granularity", ["row", "block"])
 def test_builder_equals_quantize(seed, bits: int, granularity: str) -> None:
     B = torch.randn(5, 77, dtype=torch.float64)
-    blocks = _blocks(1, 13, 63)
+    blocks = blocks_of(1, 13, 63)
     ref = quantize(B, blocks, bits, granularity=granularity)  # type: ignore[arg-type]
     ranges = {}
     if granularity == "block":
@@ -176,7 +156,7 @@ def test_builder_equals_quantize(seed, bits: int, granularity: str) -> None:
 
 
 def test_builder_errors() -> None:
-    blocks = _blocks(4, 4)
+    blocks = blocks_of(4, 4)
     with pytest.raises(ValueError, match="lo and hi"):
         PackedMatrixBuilder(2, blocks, 4, "block")
     with pytest.raises(ValueError, match="hi must be >= lo"):
@@ -193,7 +173,7 @@ def test_builder_errors() -> None:
 
 def test_block_builder_clamps_values_outside_the_range() -> None:
     builder = PackedMatrixBuilder(
-        1, _blocks(3), 2, "block", lo=torch.zeros(1), hi=torch.full((1,), 3.0)
+        1, blocks_of(3), 2, "block", lo=torch.zeros(1), hi=torch.full((1,), 3.0)
     )
     builder.set_row(0, torch.tensor([-5.0, 1.0, 9.0]))
     assert dequantize(builder.finish()).tolist() == [[0.0, 1.0, 3.0]]
@@ -205,7 +185,7 @@ def test_block_builder_clamps_values_outside_the_range() -> None:
 @pytest.mark.parametrize("bits", ALLOWED_BITS)
 def test_slice_blocks_and_array_round_trip(bits: int) -> None:
     B = torch.randn(3, 50)
-    pm = quantize(B, _blocks(5, 11, 30, 4), bits)
+    pm = quantize(B, blocks_of(5, 11, 30, 4), bits)
     part = pm.slice_blocks(1, 3)
     assert part.bounds == (0, 11, 41) and part.num_blocks == 2 and part.numel == 41
     assert part.data.data_ptr() == pm.data[:, pm.byte_bounds[1] :].data_ptr()  # a view
@@ -225,14 +205,14 @@ def test_slice_blocks_and_array_round_trip(bits: int) -> None:
 
 
 def test_nbytes_counts_packed_bytes() -> None:
-    pm = quantize(torch.randn(100, 1000), _blocks(250, 750), 4)
+    pm = quantize(torch.randn(100, 1000), blocks_of(250, 750), 4)
     assert pm.data.shape == (100, 500)
     assert pm.nbytes == 100 * 500 + 2 * 100 * 2 * 4
-    assert quantize(torch.randn(2, 9), _blocks(9), 1).data.shape == (2, 2)
+    assert quantize(torch.randn(2, 9), blocks_of(9), 1).data.shape == (2, 2)
 
 
 def test_post_init_rejects_inconsistent_fields() -> None:
-    pm = quantize(torch.randn(2, 10), _blocks(4, 6), 4)
+    pm = quantize(torch.randn(2, 10), blocks_of(4, 6), 4)
     with pytest.raises(ValueError, match="data must be"):
         PackedMatrix(4, 2, pm.bounds, pm.data[:, :4], pm.byte_bounds, pm.scale, pm.zero)
     with pytest.raises(ValueError, match="byte_bounds"):
