@@ -104,7 +104,7 @@ class ReferenceStep:
             self.zeros.append(pm.zero[:, blk : blk + 1].clone())  # (K, 1)
         self.center = center
         self.alpha = torch.zeros(pm.num_rows, pm.num_blocks, requires_grad=True)
-        self.opt = torch.optim.SGD([self.alpha], lr=LR, momentum=MOMENTUM)
+        self.opt = torch.optim.SGD([self.alpha], lr=LR, momentum=MOMENTUM, foreach=False)  # one tensor: as twa_ray.core.optim
 
     @torch.no_grad()
     def __call__(self, g: torch.Tensor) -> torch.Tensor:
@@ -134,7 +134,7 @@ class PackedStep:
         self.pm, self.center = pm, center
         self.theta = torch.empty_like(center)
         self.alpha = torch.zeros(pm.num_rows, pm.num_blocks, requires_grad=True)
-        self.opt = torch.optim.SGD([self.alpha], lr=LR, momentum=MOMENTUM)
+        self.opt = torch.optim.SGD([self.alpha], lr=LR, momentum=MOMENTUM, foreach=False)  # one tensor: as twa_ray.core.optim
 
     @torch.no_grad()
     def __call__(self, g: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,15 @@
 """twa-ray average / import on a real candidate store (no Ray), and clean CLI errors."""
 
 import json
+import pickle
+import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from twa_ray.cli import main
 from twa_ray.core.layout import Layout, flatten
@@ -67,25 +70,156 @@ def test_import_then_average_from_a_checkpoint_folder(trained, tmp_path):
     assert "greedy_soup" not in json.loads((out / "metrics.json").read_text())["methods"]
 
 
-@pytest.mark.parametrize(
-    "argv,needle",
-    [
-        (["--bits", "3"], "bits=3"),
-        (["--blocks", "layer"], "blocks='layer'"),
-        (["--twa-lr", "-1"], "lr=-1.0"),
-        (["--store", "/nonexistent/store"], "does not exist"),
-        (["--model", "cnn1d"], "layout"),
-    ],
-)
+class _Evil:
+    """Unpickling this runs ``open(path, 'w')``: the payload of a malicious checkpoint."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _store_copy(trained, tmp_path, keep=4):
+    """A copy of the trained store holding its first ``keep`` candidates."""
+    dst = tmp_path / "store"
+    dst.mkdir()
+    for f in sorted((trained / "store").glob("*.arrow"))[:keep]:
+        shutil.copy(f, dst / f.name)
+    return dst
+
+
+def _ckpt_folder(trained, tmp_path, edit=None, suffix=".pt"):
+    """A folder of the four epoch checkpoints; ``edit`` changes the last one's state dict."""
+    dst = tmp_path / "ckpts"
+    dst.mkdir()
+    for i in range(4):
+        sd = torch.load(trained / "pt" / f"epoch{i}.pt", weights_only=True)
+        if i == 3 and edit is not None:
+            edit(sd)
+        if suffix == ".pt":
+            torch.save(sd, dst / f"epoch{i}.pt")
+        else:
+            save_file(sd, dst / f"epoch{i}.safetensors")
+    return dst
+
+
+def _truncated(trained, tmp_path):
+    store = _store_copy(trained, tmp_path)
+    last = sorted(store.glob("*.arrow"))[-1]
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    return ["--store", str(store)]
+
+
+def _evil(trained, tmp_path):
+    folder = _ckpt_folder(trained, tmp_path)
+    (folder / "evil.pt").write_bytes(pickle.dumps(_Evil(str(tmp_path / "pwned")), protocol=2))
+    return ["--store", str(folder)]
+
+
+def _nan(sd):
+    next(iter(sd.values()))[0] = float("nan")
+
+
+def _drop_tensor(sd):
+    sd.pop(sorted(k for k in sd if k.endswith("weight"))[-1])
+
+
+def _to_double(sd):
+    key = next(k for k in sd if k.endswith("weight"))
+    sd[key] = sd[key].double()
+
+
+def _empty_store_uri(trained, tmp_path):
+    (tmp_path / "s").mkdir()
+    return ["--store", (tmp_path / "s").as_uri()]  # a store URI: no import attempted
+
+
+def _empty_dir(trained, tmp_path):
+    (tmp_path / "empty").mkdir()
+    return ["--store", str(tmp_path / "empty")]
+
+
+# Each case: extra argv (or a function of (trained, tmp_path) returning it), a phrase of the one-line
+# message. The ids are the README's bad-input table keys.
+BAD_AVERAGE = [
+    pytest.param(["--bits", "3"], "bits=3", id="bits-3"),
+    pytest.param(["--bits", "64"], "bits=64", id="bits-64"),
+    pytest.param(["--blocks", "layer"], "blocks='layer'", id="blocks"),
+    pytest.param(["--twa-lr", "-1"], "lr=-1.0", id="twa-lr-negative"),
+    pytest.param(["--twa-lr", "0"], "lr=0.0", id="twa-lr-zero"),
+    pytest.param(["--twa-epochs", "0"], "epochs=0", id="twa-epochs-zero"),
+    pytest.param(["--store", "/nonexistent/store"], "does not exist", id="missing-store"),
+    pytest.param(["--model", "cnn1d"], "layout", id="other-model"),
+    pytest.param(_empty_dir, "no checkpoints", id="empty-folder"),
+    pytest.param(_empty_store_uri, "is empty", id="k0"),
+    pytest.param(lambda t, p: ["--store", str(_store_copy(t, p, keep=1))], "at least 2 candidates", id="k1"),
+    pytest.param(_truncated, "corrupt or truncated", id="truncated-arrow"),
+    pytest.param(_evil, "weights_only", id="pickle-code"),
+    pytest.param(lambda t, p: ["--store", str(_ckpt_folder(t, p, _nan))], "NaN/Inf", id="nan"),
+    pytest.param(lambda t, p: ["--store", str(_ckpt_folder(t, p, _drop_tensor, ".safetensors"))], "is missing",
+                 id="safetensors-missing-tensor"),  # fmt: skip
+    pytest.param(lambda t, p: ["--store", str(_ckpt_folder(t, p, _to_double))], "dtype float64, expected float32",
+                 id="dtype"),  # fmt: skip
+    pytest.param(["--dataset", "cifar10", "--data-root", "/nonexistent/cifar"], "data_batch_1.bin",
+                 id="dataset-root-missing"),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("argv,needle", BAD_AVERAGE)
 def test_bad_input_exits_2_with_one_clear_line(trained, tmp_path, capsys, argv, needle):
+    if callable(argv):
+        argv = argv(trained, tmp_path)
     base = {"--store": str(trained / "store"), "--num-samples": str(NUM_SAMPLES), "--out": str(tmp_path / "o")}
     for flag, value in zip(argv[::2], argv[1::2]):
         base[flag] = value
-    before = sorted(p.name for p in (trained / "store").iterdir())
+    store = Path(base["--store"].removeprefix("file://"))
+
+    def contents():
+        return {p.name: p.read_bytes() for p in sorted(store.iterdir())} if store.is_dir() else None
+
+    before = contents()
+    trained_before = sorted(p.name for p in (trained / "store").iterdir())
     assert main(["average", *[t for kv in base.items() for t in kv]]) == 2
     err = capsys.readouterr().err
     assert err.startswith("twa-ray: error:") and needle in err and "Traceback" not in err
-    assert sorted(p.name for p in (trained / "store").iterdir()) == before  # nothing changed
+    assert err.count("\n") == 1  # one line
+    # nothing changed: the store (or checkpoint folder) read, the trained store, no candidates out
+    assert contents() == before
+    assert sorted(p.name for p in (trained / "store").iterdir()) == trained_before
+    assert not list((tmp_path / "o").glob("candidates/*.arrow"))
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+    assert not (tmp_path / "pwned").exists()  # no pickled code ran
+
+
+BAD_RUN = [
+    pytest.param(["--lr", "0"], "lr=0.0", id="lr-zero"),
+    pytest.param(["--lr", "-0.1"], "lr=-0.1", id="lr-negative"),
+    pytest.param(["--epochs", "0"], "epochs=0", id="epochs-zero"),
+    pytest.param(["--epochs", "-3"], "epochs=-3", id="epochs-negative"),
+    pytest.param(["--sample-interval", "0"], "sample_interval=0", id="interval-zero"),
+    pytest.param(["--sample-frac", "0"], "sample_frac=0.0", id="sample-frac-zero"),
+    pytest.param(["--sample-frac", "1.5"], "sample_frac=1.5", id="sample-frac-above-1"),
+    pytest.param(["--workers", "0"], "num_workers=0", id="workers-zero"),
+    pytest.param(["--bits", "5"], "bits=5", id="run-bits"),
+    pytest.param(["--twa-lr", "0"], "lr=0.0", id="run-twa-lr-zero"),
+    pytest.param(["--dataset", "cifar10", "--data-root", "/nonexistent/cifar"], "data_batch_1.bin",
+                 id="run-dataset-root-missing"),  # fmt: skip
+    pytest.param(["--model", "no_such_model"], "no_such_model", id="run-unknown-model"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", BAD_RUN)
+def test_bad_run_flags_exit_2_before_ray_starts(tmp_path, capsys, argv, needle):
+    import ray
+
+    out = tmp_path / "o"
+    assert main(["run", "--smoke-test", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("twa-ray: error:") and needle in err and "Traceback" not in err
+    assert err.count("\n") == 1
+    assert not ray.is_initialized()  # refused before any Ray work
+    assert not (out / "run.json").exists()
 
 
 def test_unwritable_out_is_refused(trained, tmp_path, capsys):
@@ -124,3 +258,19 @@ def test_bring_your_own_model_and_data(trained, tmp_path, monkeypatch):
             "--mode", "t", "--twa-epochs", "1", "--no-greedy-soup", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     assert "twa_t" in json.loads((out / "metrics.json").read_text())["methods"]
+
+
+def test_out_with_another_run_or_nothing_to_resume_refused_before_ray(tmp_path, capsys):
+    import ray
+
+    out = tmp_path / "o"
+    assert main(["run", "--smoke-test", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "no run to resume" in err and "drop --resume" in err and err.count("\n") == 1
+    assert not (out / "run.json").exists()
+    (out / "run.json").write_text('{"run_id": "run-earlier"}')
+    assert main(["run", "--smoke-test", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert (out / "run.json").read_text() == '{"run_id": "run-earlier"}'
+    assert not ray.is_initialized()

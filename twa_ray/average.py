@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from twa_ray.core.baselines import greedy_soup, uniform_average
 from twa_ray.core.bn import update_bn
 from twa_ray.core.evaluate import evaluate, make_scorer
 from twa_ray.core.layout import Layout, load_flat_
-from twa_ray.core.twa import TWA, build_subspace
+from twa_ray.core.subspace import Subspace
+from twa_ray.core.twa import TWA, TWAConfig, build_subspace
 from twa_ray.data import DataSplits, load_dataset
 from twa_ray.models import build_model
 from twa_ray.report import (
@@ -37,7 +39,10 @@ from twa_ray.store import CandidateStore, import_checkpoints
 
 log = logging.getLogger("twa_ray")
 
-__all__ = ["run_average", "open_candidates", "Baselines", "compute_baselines", "make_loader", "write_outputs"]
+__all__ = [
+    "run_average", "open_candidates", "Baselines", "compute_baselines", "fit_twa", "make_loader", "make_loaders",
+    "write_outputs",
+]
 
 METHOD_COLUMNS = ("method", "test_acc", "val_acc", "epochs_used", "budget_saved_%")
 
@@ -86,13 +91,15 @@ def compute_baselines(
     loaders: dict[str, DataLoader[Any]],
     *,
     soup: bool = True,
+    names: Sequence[str] | None = None,
 ) -> Baselines:
-    """Accuracy of the last candidate, SWA and (optionally) the greedy soup, ranked on val."""
+    """Accuracy of the last candidate, SWA and (optionally) the greedy soup, ranked on val,
+    over ``names`` (default: every candidate in the store)."""
     layout = Layout.from_module(model)
-    names = store.names()
+    names = list(store.names() if names is None else names)
     out = Baselines()
     out.last = _accuracies(model, layout, store.read(names[-1]).clone(), loaders)
-    out.swa = _accuracies(model, layout, uniform_average(store.iter_flat()), loaders)
+    out.swa = _accuracies(model, layout, uniform_average(store.read(n) for n in names), loaders)
     if soup:
         score = make_scorer(model, layout, bn_loader=loaders["bn"], eval_loader=loaders["val"])
         res = greedy_soup(lambda i: store.read(names[i]), len(names), score)
@@ -130,7 +137,9 @@ def write_outputs(
             )
 
 
-def _loaders(splits: DataSplits, batch_size: int, seed: int) -> dict[str, DataLoader[Any]]:
+def make_loaders(splits: DataSplits, batch_size: int, seed: int) -> dict[str, DataLoader[Any]]:
+    """``train`` / ``val_train`` (shuffled, for TWA-t / TWA-v), ``bn`` (train, for BatchNorm
+    re-estimation), ``val`` and ``test`` (evaluation)."""
     return {
         "train": make_loader(splits.train, batch_size, shuffle=True, seed=seed),
         "val_train": make_loader(splits.val, batch_size, shuffle=True, seed=seed),
@@ -138,6 +147,22 @@ def _loaders(splits: DataSplits, batch_size: int, seed: int) -> dict[str, DataLo
         "val": make_loader(splits.val, 512, shuffle=False),
         "test": make_loader(splits.test, 512, shuffle=False),
     }
+
+
+def fit_twa(
+    model: nn.Module, subspace: Subspace, config: TWAConfig, loaders: dict[str, DataLoader[Any]], mode: str
+) -> tuple[TWA, dict[str, float]]:
+    """TWA-t (``mode='t'``, train batches) or TWA-v (``'v'``, held-out batches) from the SWA
+    point, BatchNorm re-estimated on train data; returns the engine and its accuracies.
+
+    TWA-v takes as many steps as TWA-t (``config.epochs`` passes over the train split),
+    cycling the smaller held-out split.
+    """
+    twa = TWA(model, subspace, config=config)
+    steps = max(1, round(config.epochs * len(loaders["train"])))
+    twa.fit(loaders["train" if mode == "t" else "val_train"], steps=steps)
+    twa.update_bn(loaders["bn"])
+    return twa, {f"{s}_acc": evaluate(model, loaders[s]).acc for s in ("val", "test")}
 
 
 def run_average(cfg: RunConfig, *, batch_size: int = 128) -> dict[str, Any]:
@@ -156,7 +181,7 @@ def run_average(cfg: RunConfig, *, batch_size: int = 128) -> dict[str, Any]:
         raise ValueError("twa-ray average needs --store (a candidate store or a folder of checkpoints)")
     store = open_candidates(cfg.store, out, layout)
     names = store.names()
-    loaders = _loaders(splits, batch_size, cfg.data.seed)
+    loaders = make_loaders(splits, batch_size, cfg.data.seed)
     log.info("%d candidates, D=%d; baselines ...", len(names), layout.numel)
     base = compute_baselines(store, model, loaders, soup=cfg.greedy_soup)
     methods: dict[str, dict[str, Any]] = {"last_candidate": base.last, "swa": base.swa}
@@ -167,12 +192,7 @@ def run_average(cfg: RunConfig, *, batch_size: int = 128) -> dict[str, Any]:
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     for mode in ("t", "v") if cfg.mode == "both" else (cfg.mode,):
         name = f"twa_{mode}"
-        twa = TWA(model, subspace, config=cfg.twa)
-        # TWA-v takes as many steps as TWA-t, cycling the smaller held-out split
-        twa.fit(loaders["train" if mode == "t" else "val_train"],
-                steps=max(1, round(cfg.twa.epochs * len(loaders["train"]))))
-        twa.update_bn(loaders["bn"])
-        methods[name] = {s: evaluate(model, loaders[s.removesuffix("_acc")]).acc for s in ("val_acc", "test_acc")}
+        twa, methods[name] = fit_twa(model, subspace, cfg.twa, loaders, mode)
         coefficients[name] = twa.alpha.detach().cpu().clone()
         if best is None or methods[name]["val_acc"] > best[0]:
             best = (methods[name]["val_acc"], {k: v.clone() for k, v in model.state_dict().items()})

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["main", "build_parser", "config_from_args", "sweep_config_from_args", "smoke_sweep"]
+
+# write failures that mean "the disk (or the quota, or the file-size limit) is full"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 # flag -> (section, field, type); section None is a top-level RunConfig field
 _FLAGS: dict[str, tuple[str | None, str, Any]] = {
@@ -57,7 +62,7 @@ _HELP = {
     "sample_interval": "snapshot every N epochs (or steps with --interval-unit step)",
     "workers": "Ray Train workers",
     "bits": "bits per code of the projection: 1, 2, 4, 8, 16, 32",
-    "blocks": "coefficient blocks: model | tensor | size:N",
+    "blocks": "coefficient blocks: model | tensor | size:N (default size:16384)",
     "mode": "t (train data), v (held-out data) or both",
     "twa_lr": "learning rate of the TWA coefficients",
     "compare_full": "also train the full budget for comparison",
@@ -219,6 +224,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
         print(f"twa-ray: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        # writes are atomic (temp file + rename): what failed left no partial file behind
+        where = f" writing {e.filename}" if e.filename else ""
+        again = "rerun with --resume" if args.command in ("run", "sweep") else "rerun"
+        print(
+            f"twa-ray: error: out of disk space{where} ({errno.errorcode.get(e.errno, e.errno)}: "
+            f"{os.strerror(e.errno)}); nothing half-written was kept: free space or point --out / "
+            f"--store at a larger disk, then {again}",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("twa-ray: interrupted", file=sys.stderr)

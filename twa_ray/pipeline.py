@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from twa_ray.average import make_loader, write_outputs
-from twa_ray.config import RunConfig
+from twa_ray.config import RunConfig, SamplingConfig
 from twa_ray.core.baselines import greedy_soup
 from twa_ray.core.evaluate import evaluate, make_scorer
 from twa_ray.core.layout import Layout, load_flat_
@@ -34,7 +34,7 @@ from twa_ray.store import CandidateStore
 
 log = logging.getLogger("twa_ray")
 
-__all__ = ["run_pipeline", "init_ray"]
+__all__ = ["run_pipeline", "init_ray", "check_resources"]
 
 RUN_FILE = "run.json"
 
@@ -49,28 +49,66 @@ def init_ray(address: str | None = None) -> None:
     ray.init(address=address, log_to_driver=True, configure_logging=False)
 
 
+def _check_out_dir(out: Path, *, resume: bool, overwrite: bool, marker: str = RUN_FILE, kind: str = "run") -> None:
+    """Refuse ``out`` before anything starts: it holds a ``kind`` and neither ``--resume`` nor
+    ``--overwrite`` was given, or ``--resume`` finds nothing to resume. Changes nothing."""
+    exists = (out / marker).exists()
+    if exists and not (resume or overwrite):
+        raise FileExistsError(
+            f"--out {str(out)!r} already holds a {kind}; pass --resume to continue it or "
+            "--overwrite to delete it and start over"
+        )
+    if resume and not exists:
+        raise FileNotFoundError(f"--resume: no {kind} to resume in {str(out)!r}; drop --resume")
+
+
 def _claim_out_dir(
     out: Path, *, resume: bool, overwrite: bool, marker: str = RUN_FILE, kind: str = "run"
 ) -> str:
     """The id of the ``kind`` in ``out`` (recorded in ``out/marker``): new, resumed
     (``--resume``) or after deleting (``--overwrite``)."""
+    _check_out_dir(out, resume=resume, overwrite=overwrite, marker=marker, kind=kind)
     run_file = out / marker
     if run_file.exists():
-        if overwrite:
-            for child in out.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        elif resume:
+        if not overwrite:  # --resume
             return str(json.loads(run_file.read_text())["run_id"])
-        else:
-            raise FileExistsError(
-                f"--out {str(out)!r} already holds a {kind}; pass --resume to continue it or "
-                "--overwrite to delete it and start over"
-            )
-    elif resume:
-        raise FileNotFoundError(f"--resume: no {kind} to resume in {str(out)!r}; drop --resume")
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
     run_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     write_json(run_file, {"run_id": run_id})
     return run_id
+
+
+def check_resources(s: SamplingConfig, *, fixed: bool) -> None:
+    """Refuse a worker group the Ray cluster cannot hold, naming what it has and the fix.
+
+    ``fixed``: the cluster cannot grow (a local Ray); otherwise (``--address`` / ``RAY_ADDRESS``,
+    possibly an autoscaling cluster) only warn: the run waits for the autoscaler.
+    """
+    import ray
+
+    have = ray.cluster_resources()
+    problems = []
+    need_cpu = s.num_workers * s.cpus_per_worker
+    cpus = have.get("CPU", 0.0)
+    if need_cpu > cpus + 1e-9:
+        fit = int(cpus // s.cpus_per_worker)
+        problems.append(
+            f"{s.num_workers} workers x {s.cpus_per_worker:g} CPU need {need_cpu:g} CPUs but the Ray "
+            f"cluster has {cpus:g} CPUs; use --workers {max(fit, 1)}"
+            + (f" or --cpus-per-worker {cpus / s.num_workers:.2g}" if cpus > 0 else "")
+        )
+    gpus = have.get("GPU", 0.0)
+    if s.use_gpu and s.num_workers > gpus:
+        problems.append(
+            f"{s.num_workers} GPU workers need {s.num_workers} GPUs but the Ray cluster has "
+            f"{gpus:g}; lower --workers or drop --use-gpu"
+        )
+    if not problems:
+        return
+    if fixed:
+        raise ValueError("; ".join(problems))
+    log.warning("%s (waiting for the cluster to scale up)", "; ".join(problems))
 
 
 def run_pipeline(
@@ -87,7 +125,7 @@ def run_pipeline(
 
     start = time.time()
     out = prepare_out_dir(cfg.out).resolve()
-    run_id = _claim_out_dir(out, resume=resume, overwrite=overwrite)
+    _check_out_dir(out, resume=resume, overwrite=overwrite)  # refuse early
     # workers may run in another directory: every local path they see is absolute
     cfg = dataclasses.replace(
         cfg,
@@ -96,9 +134,20 @@ def run_pipeline(
         data=dataclasses.replace(cfg.data, data_root=_ensure_abs(cfg.data.data_root) if cfg.data.data_root else None),
     )
     work = out / "work"
-    init_ray(address)
     s = cfg.sampling
     budget = s.epochs
+    # the data and the model on the driver first: a missing dataset root or a bad model name is
+    # one clear error here, not a failure inside every Ray Train worker
+    splits = load_dataset(
+        cfg.data.dataset, root=cfg.data.data_root, val_frac=cfg.data.val_frac,
+        seed=cfg.data.seed, num_samples=cfg.data.num_samples,
+    )  # fmt: skip
+    model = build_model(cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
+    layout = Layout.from_module(model)
+    local = address is None and not os.environ.get("RAY_ADDRESS")
+    init_ray(address)
+    check_resources(s, fixed=local)
+    run_id = _claim_out_dir(out, resume=resume, overwrite=overwrite)
 
     # -- sampling: sample_frac * E epochs of the full-budget schedule ------------------------
     log.info("sampling: %d of %d epochs on %d workers, run %s", s.sample_epochs, budget, s.num_workers, run_id)
@@ -107,12 +156,6 @@ def run_pipeline(
     log.info("sampling done: %d candidates in %.0f s", len(sampled.candidates), sampled.wall_time_s)
 
     # -- subspace shards in the object store, then the coefficient worker group ---------------
-    splits = load_dataset(
-        cfg.data.dataset, root=cfg.data.data_root, val_frac=cfg.data.val_frac,
-        seed=cfg.data.seed, num_samples=cfg.data.num_samples,
-    )  # fmt: skip
-    model = build_model(cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
-    layout = Layout.from_module(model)
     names = [n for n in store.names() if store.info(n).run_id == run_id]
     sharded = put_subspace(store, layout, cfg.twa)
     modes = ("t", "v") if cfg.mode == "both" else (cfg.mode,)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -80,7 +81,13 @@ def write_model(path: str | os.PathLike[str], model: torch.nn.Module, metadata: 
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, tmp, metadata=dict(metadata))
+        try:
+            save_file(state, tmp, metadata=dict(metadata))
+        except Exception as e:  # safetensors reports I/O errors as SafetensorError("... (os error N)")
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), f"cannot write {path}: {e}", str(path)) from None
 
 
 def write_coefficients(

@@ -58,11 +58,17 @@ def _run(setup, run_dir, **kw):
 
 @pytest.fixture(scope="module")
 def both(setup, tmp_path_factory):
-    """TWA-t and TWA-v in one worker group; the last worker dies once after TWA-t step 6 (last
-    checkpoint: step 4) and the group restarts from the checkpoint."""
+    """TWA-t and TWA-v in one worker group, with two failures in TWA-t: the last worker raises
+    after step 6 (last checkpoint: step 4), then rank 0 -- the checkpoint writer -- SIGKILLs its
+    own process after step 11 (last checkpoint: step 8). Each time the group restarts from the
+    last coefficient checkpoint (alpha, optimizer and schedule state, step)."""
     run_dir = tmp_path_factory.mktemp("both")
-    res = _run(setup, run_dir, modes=("t", "v"), run_id="both", max_failures=1, fail_at_step=6)
+    res = _run(setup, run_dir, modes=("t", "v"), run_id="both", max_failures=2, fail_at_step=6,
+               kill_at_step=11)  # fmt: skip
     assert os.path.exists(run_dir / ".twa_both.failure_injected")
+    killed = (run_dir / ".twa_both.worker_killed").read_text()
+    assert killed.startswith("kill_at_step 11 (rank 0, pid ")
+    assert not os.path.exists(f"/proc/{int(killed.split('pid ')[1].rstrip(chr(10) + ')'))}")
     return res
 
 
@@ -124,7 +130,10 @@ def test_both_modes_run_and_agree_across_workers(setup, both):
         )
         assert res.history[-1]["epoch"] == TWA_CFG.epochs
         assert all(math.isfinite(h["loss"]) for h in res.history)
-        assert res.restarts == 1 and os.path.isdir(res.checkpoint_path)
+        # 1 or 2: restarts in the final checkpoint's lineage. A checkpoint that rank 0 reported
+        # shortly before it was killed can be lost with it (Ray Train had not collected the report
+        # yet); the group then restarts from the one before, which counts that restart once.
+        assert res.restarts in (1, 2) and os.path.isdir(res.checkpoint_path)
     assert (both["t"].steps_per_epoch, both["v"].steps_per_epoch) == (12, 12)
     assert (both["t"].steps_per_pass, both["v"].steps_per_pass) == (12, 3)
     assert both["t"].swa == both["v"].swa  # the SWA point is evaluated once, reported with both
@@ -134,12 +143,13 @@ def test_both_modes_run_and_agree_across_workers(setup, both):
 
 @pytest.mark.parametrize("mode", ["t", "v"])
 def test_resumed_run_matches_the_uninterrupted_reference(setup, both, mode):
-    """Killed after step 6 and resumed from step 4 (mode t), the run replays the same batches and
-    ends where an uninterrupted 2-worker run does; mode v runs after the restart."""
+    """Failed after step 6 (resumed from step 4) and killed after step 11 (resumed from step 8)
+    in mode t, the run replays the same batches and ends where an uninterrupted 2-worker run
+    does; mode v runs after the restarts."""
     alpha, pass_losses = reference_run(setup, mode)
     torch.testing.assert_close(both[mode].alpha, alpha, rtol=1e-5, atol=1e-6)
-    # a pass's loss averages every step of both workers (steps 5-6 of the failed attempt are
-    # dropped and replayed, not counted twice)
+    # a pass's loss averages every step of both workers (steps 5-6 and 9-11 of the failed
+    # attempts are dropped and replayed, not counted twice)
     assert [h["loss"] for h in both[mode].history] == pytest.approx(pass_losses, rel=1e-5)
 
 

@@ -1,17 +1,42 @@
-"""End to end: the main job at tiny size on a real local Ray (2 CPUs, 2 workers)."""
+"""End to end: the main job at tiny size on a real local Ray (2 CPUs, 2 workers), an uninterrupted
+run and a run whose driver is SIGKILLed mid-sampling and then resumed with ``--resume``."""
 
+import contextlib
+import io
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
+import pyarrow.parquet as pq
 import pytest
+import torch
 
 from twa_ray.cli import main
+from twa_ray.store import CandidateStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_run_smoke_end_to_end(ray_cluster, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["run", "--smoke-test", "--out", str(out)]) == 0
+# the smoke run with a budget of 8 epochs: 4 sampled epochs (16 steps each), 1 TWA epoch
+SMOKE = ["run", "--smoke-test", "--epochs", "8"]
+
+
+@pytest.fixture(scope="module")
+def smoke(ray_cluster, tmp_path_factory):
+    """``twa-ray run --smoke-test --epochs 8``, uninterrupted: (out dir, what it printed)."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([*SMOKE, "--out", str(out)]) == 0
+    return out, printed.getvalue()
+
+
+def test_run_smoke_end_to_end(smoke, capsys):
+    out, table = smoke
     metrics = json.loads((out / "metrics.json").read_text())
     methods = metrics["methods"]
     assert set(methods) >= {"sgd_sampled", "swa", "twa_t", "twa_v"}
@@ -20,12 +45,105 @@ def test_run_smoke_end_to_end(ray_cluster, tmp_path, capsys):
     assert methods["twa_t"]["alpha_identical"] and methods["twa_v"]["alpha_identical"]
     rows, blocks = metrics["subspace"]["num_rows"], metrics["subspace"]["num_blocks"]
     assert metrics["bytes_allreduced_per_step"] == rows * blocks * 4
-    assert metrics["epochs_used"] == 3 and metrics["budget_saved"] == pytest.approx(0.25)
+    assert metrics["epochs_used"] == 5 and metrics["budget_saved"] == pytest.approx(0.375)
     for name in ("model.safetensors", "coefficients.parquet", "accuracy.png", "config.yaml"):
         assert (out / name).stat().st_size > 0
-    table = capsys.readouterr().out
     assert "| twa_v" in table and "budget_saved_%" in table
 
     # the same --out again: refused unless --resume / --overwrite
-    assert main(["run", "--smoke-test", "--out", str(out)]) == 2
+    assert main([*SMOKE, "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_more_workers_than_cpus_refused_up_front(ray_cluster, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--smoke-test", "--workers", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("twa-ray: error:") and err.count("\n") == 1 and "Traceback" not in err
+    assert "3 workers" in err and "2 CPUs" in err and "--workers" in err
+    assert not (out / "run.json").exists()  # nothing claimed, nothing written
+
+
+def _wait_for(cond, proc, log, what, timeout=300.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the driver exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
+
+
+def test_driver_crash_then_resume_gives_the_uninterrupted_candidates(smoke, tmp_path, capsys):
+    """The driver (a ``twa-ray run`` process attached to this module's cluster) is SIGKILLed
+    once Ray Train has recorded a sampling checkpoint, with sampling epochs still to run.
+    Re-running without a flag is refused; with ``--resume`` it continues from that checkpoint
+    (the candidates it covers are not written again) and ends with exactly the candidates and
+    coefficients of the uninterrupted run."""
+    import ray
+
+    ref_out, _ = smoke
+    out = tmp_path / "run"
+    log = tmp_path / "driver.log"
+    argv = [*SMOKE, "--out", str(out)]
+    address = ray.get_runtime_context().gcs_address
+    # Ray Train collects reports (and registers checkpoints) at every health check: every 0.2 s
+    # instead of 2 s, so the kill lands while sampling epochs (about 0.5 s each) are still to run
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "twa_ray.cli", *argv, "--address", address],
+            stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+        )  # fmt: skip
+    try:
+        _wait_for(lambda: (out / "run.json").exists(), proc, log, "run.json")
+        run_id = json.loads((out / "run.json").read_text())["run_id"]
+        snapshot = out / "work" / "ray_train" / f"sampling_{run_id}" / "checkpoint_manager_snapshot.json"
+
+        def checkpointed_epoch() -> int:
+            try:
+                return max(map(int, re.findall(r"checkpoint_epoch(\d{4})", snapshot.read_text())), default=0)
+            except OSError:
+                return 0
+
+        _wait_for(lambda: checkpointed_epoch() >= 1, proc, log, "the first sampling checkpoint")
+        os.kill(proc.pid, signal.SIGSTOP)  # freeze the driver while looking
+        epoch = checkpointed_epoch()
+        written = {p.name: p.stat().st_ino for p in (out / "candidates").glob("*.arrow")}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and anything it started
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "metrics.json").exists()
+    assert epoch < 4 and len(written) < 4, (epoch, written)  # killed with sampling epochs to go
+
+    # the same command again: refused, naming both ways out; nothing changes
+    before = sorted(p.name for p in (out / "candidates").iterdir())
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err and err.count("\n") == 1
+    assert sorted(p.name for p in (out / "candidates").iterdir()) == before
+
+    # --resume: continues the same run from its last checkpoint
+    assert main([*argv, "--resume"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["run_id"] == run_id
+    store, ref = CandidateStore(str(out / "candidates")), CandidateStore(str(ref_out / "candidates"))
+    assert store.names() == ref.names() and len(store.names()) == 4
+    # no duplicate; a worker torn down with the driver mid-write may leave a hidden temp file,
+    # which never lists or loads as a candidate
+    extra = sorted(set(os.listdir(out / "candidates")) - {f"{n}.arrow" for n in ref.names()})
+    assert all(n.startswith(".") and n.endswith(".tmp") for n in extra), extra
+    for name in ref.names():
+        info = store.info(name)
+        assert info.run_id == run_id and info.step == ref.info(name).step
+        torch.testing.assert_close(store.read(name, verify=True), ref.read(name), rtol=0, atol=1e-6)
+        if info.epoch <= epoch:  # covered by the checkpoint it resumed from: not written again
+            assert (out / "candidates" / f"{name}.arrow").stat().st_ino == written[f"{name}.arrow"]
+    assert [h["epoch"] for h in metrics["sampling_history"]] == [1, 2, 3, 4]
+    alpha = pq.read_table(out / "coefficients.parquet").column("alpha").to_numpy()
+    ref_alpha = pq.read_table(ref_out / "coefficients.parquet").column("alpha").to_numpy()
+    torch.testing.assert_close(torch.from_numpy(alpha), torch.from_numpy(ref_alpha), rtol=1e-4, atol=1e-5)

@@ -107,19 +107,31 @@ def test_step_interval(step_run):
 
 
 def test_worker_failure_resumes_without_duplicates(data, step_run, tmp_path):
+    """Two failures in epoch 2 (the last checkpoint is the end of epoch 1, step 6):
+
+    - after step 8 the last rank raises (an exception in the loop);
+    - after step 10 rank 0 -- the writer -- SIGKILLs its own process right after writing the
+      step-10 candidate (a real process death, no cleanup).
+
+    Each time the group restarts from step 6 and replays the same batches; the step-10 candidate
+    is written again under the same name. The store ends with exactly the reference run's
+    candidates: same names, steps and weights, none duplicated, no temp file left.
+    """
     ref, ref_store = step_run
-    # fail after step 11, in epoch 2: step 10's candidate exists but the last checkpoint
-    # (end of epoch 1) predates it, so the restarted run writes it again
-    sampling = _sampling(sample_interval=5, interval_unit="step", max_failures=1)
-    res = _run(data, sampling, tmp_path, "steps", fail_at_step=11)
-    assert (tmp_path / "run" / ".sampling_steps.failure_injected").exists()  # it did fail
+    sampling = _sampling(sample_interval=5, interval_unit="step", max_failures=2)
+    res = _run(data, sampling, tmp_path, "steps", fail_at_step=8, kill_at_step=10)
+    assert (tmp_path / "run" / ".sampling_steps.failure_injected").exists()  # it raised
+    killed = (tmp_path / "run" / ".sampling_steps.worker_killed").read_text()
+    assert killed.startswith("kill_at_step 10 (rank 0, pid ")
+    pid = int(killed.split("pid ")[1].rstrip(")\n"))
+    assert not os.path.exists(f"/proc/{pid}")  # the worker process really died
     store = CandidateStore(str(tmp_path / "store"))
     assert res.candidates == store.names() == ref.candidates
     assert [store.info(n).step for n in store.names()] == [5, 10, 12]
     assert len(os.listdir(tmp_path / "store")) == 3  # no duplicate or leftover temp file
     assert [h["epoch"] for h in res.history] == [1, 2]
-    for name in ref.candidates:  # same data order and state after the restart: same weights
-        torch.testing.assert_close(store.read(name), ref_store.read(name), rtol=0, atol=1e-6)
+    for name in ref.candidates:  # same data order and state after the restarts: same weights
+        torch.testing.assert_close(store.read(name, verify=True), ref_store.read(name), rtol=0, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- user train loop

@@ -51,8 +51,11 @@ class TWAConfig:
 
     subspace: Literal["affine", "span"] = "affine"
     """affine: layer-wise normalized deltas around the mean (journal); span: orthonormal QR basis (ICLR)."""
-    blocks: str = "tensor"
-    """Coefficient blocks: 'model' (one per candidate), 'tensor' (per parameter tensor), 'size:N'."""
+    blocks: str = "size:16384"
+    """Coefficient blocks: 'model' (one per candidate), 'tensor' (per parameter tensor), 'size:N'
+    (consecutive tensors merged until a block holds >= N elements). The default keeps large
+    tensors layer-wise and pools biases and norm scales, whose own coefficients overfit a small
+    held-out split (bench/claims.py: +1.1 points for TWA-v over 'tensor' on MNIST-1D)."""
     bits: int = 4
     """Bits per code of the projection matrix B: 1, 2, 4, 8, or 16/32 (unquantized)."""
     granularity: Literal["row", "block"] = "row"

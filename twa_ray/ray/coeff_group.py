@@ -59,6 +59,7 @@ MODES = ("t", "v")
 STATE_FILE = "coeff.pt"  # alpha, optimizer, scheduler, step + loop state (torch.save)
 RESULT_FILE = "result.pt"  # the final TWAResult fields (alpha, BN state, metrics)
 FAIL_MARKER = ".twa_{run_id}.failure_injected"
+KILL_MARKER = ".twa_{run_id}.worker_killed"
 _RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _EVAL_BATCH = 1024
 
@@ -85,7 +86,9 @@ class TWAResult:
         bytes_allreduced_per_step: bytes of the per-step all-reduce (K·L·4).
         num_workers: N.
         alpha_identical: every worker ended with bit-identical alpha (sha256 compared).
-        restarts: worker-group restarts from a checkpoint during the run (failures survived).
+        restarts: worker-group restarts from a checkpoint in the lineage of the final checkpoint
+            (failures survived; a checkpoint reported just before a worker died can be lost with
+            it, and the failures since the checkpoint before then count once).
         wall_time_s: driver seconds of the whole Ray Train run (all modes: one worker group);
             ``train_time_s``: seconds of this mode's coefficient loop (rank 0, last attempt).
         checkpoint_path: the final Ray Train checkpoint (holds ``result.pt`` and ``coeff.pt``).
@@ -152,6 +155,7 @@ def run_twa(
     run_id: str = "twa",
     progress: bool = True,
     fail_at_step: int | None = None,
+    kill_at_step: int | None = None,
 ) -> dict[str, TWAResult]:
     """Learn the coefficients on ``num_workers`` Ray Train workers, for each mode in turn.
 
@@ -176,6 +180,8 @@ def run_twa(
         progress: rank 0 prints one line per epoch.
         fail_at_step: testing hook: the last worker raises once per run, after this step of the
             first mode that reaches it (a marker file in ``run_dir`` prevents a second failure).
+        kill_at_step: testing hook: the same, but rank 0 (the checkpoint writer) SIGKILLs its
+            own process (a real process death; its own marker file).
 
     Returns:
         ``{mode: TWAResult}``; every result carries the SWA metrics when ``eval_swa``.
@@ -229,6 +235,8 @@ def run_twa(
         "batch_size": batch_size, "bn_batches": bn_batches, "checkpoint_every": checkpoint_every,
         "eval_swa": eval_swa, "progress": progress, "fail_at_step": fail_at_step,
         "fail_marker": os.path.join(run_dir, FAIL_MARKER.format(run_id=run_id)),
+        "kill_at_step": kill_at_step,
+        "kill_marker": os.path.join(run_dir, KILL_MARKER.format(run_id=run_id)),
     }  # fmt: skip
     # one worker group for all modes: data, model and the subspace view are set up once
     trainer = TorchTrainer(

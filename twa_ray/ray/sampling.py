@@ -51,6 +51,7 @@ STATE_FILE = "state.pt"  # model + optimizer state (torch.save; loaded with weig
 META_FILE = "meta.json"  # epoch, step, candidates, history, config (readable without torch)
 CONFIG_FILE = "sampling_{run_id}.json"  # resolved config of a run, next to its outputs in run_dir
 FAIL_MARKER = ".sampling_{run_id}.failure_injected"
+KILL_MARKER = ".sampling_{run_id}.worker_killed"
 _RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # Options that may change when a run is resumed (they do not change the trajectory).
 _RESUMABLE = ("max_failures", "cpus_per_worker")
@@ -118,6 +119,7 @@ def run_sampling(
     run_id: str,
     progress: bool = True,
     fail_at_step: int | None = None,
+    kill_at_step: int | None = None,
 ) -> SamplingResult:
     """Run the sampling phase as a Ray Train ``TorchTrainer`` and return what it wrote.
 
@@ -132,6 +134,9 @@ def run_sampling(
         progress: rank 0 logs one line per epoch (Ray forwards worker logs to the driver).
         fail_at_step: testing hook: the last worker raises once right after this global step
             (a marker file in ``run_dir`` keeps the restarted attempt from failing again).
+        kill_at_step: testing hook: rank 0 (the writer of candidates and checkpoints) SIGKILLs
+            its own process once right after this global step, after that step's snapshot (a
+            real process death; its own marker file in ``run_dir``).
 
     Raises:
         ValueError: bad ``run_id``, a store holding another run's candidates, or a ``run_dir``
@@ -159,6 +164,8 @@ def run_sampling(
         "progress": progress,
         "fail_at_step": fail_at_step,
         "fail_marker": os.path.join(run_dir, FAIL_MARKER.format(run_id=run_id)),
+        "kill_at_step": kill_at_step,
+        "kill_marker": os.path.join(run_dir, KILL_MARKER.format(run_id=run_id)),
     }
     resources = {"CPU": sampling.cpus_per_worker}
     if sampling.use_gpu:

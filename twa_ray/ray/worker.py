@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 import torch
@@ -37,14 +39,25 @@ def evaluate_sharded(model: torch.nn.Module, loader: Any, device: torch.device) 
 
 
 def maybe_fail(config: dict[str, Any], step: int, rank: int, world: int) -> None:
-    """Testing hook: the last rank raises once, right after step ``config['fail_at_step']``
-    (a marker file keeps the restarted attempt from failing again)."""
-    if config.get("fail_at_step") != step or rank != world - 1:
-        return
-    marker = config["fail_marker"]
-    try:
-        with open(marker, "x") as f:
-            f.write(f"failed at step {step}\n")
-    except FileExistsError:
-        return
-    raise RuntimeError(f"injected worker failure at step {step} (rank {rank}; marker {marker})")
+    """Testing hook, called right after global step ``step``:
+
+    - ``config['fail_at_step']``: the last rank raises once (an exception in the training loop);
+    - ``config['kill_at_step']``: rank 0, the rank that writes candidates and checkpoints, kills
+      its own process once with SIGKILL (a real process death, as from the OOM killer or a lost
+      node: no exception, no cleanup).
+
+    A marker file per kind (``fail_marker`` / ``kill_marker``) keeps the restarted attempt from
+    failing again.
+    """
+    for key, marker_key, victim in (("fail_at_step", "fail_marker", world - 1), ("kill_at_step", "kill_marker", 0)):
+        if config.get(key) != step or rank != victim:
+            continue
+        marker = config[marker_key]
+        try:
+            with open(marker, "x") as f:
+                f.write(f"{key} {step} (rank {rank}, pid {os.getpid()})\n")
+        except FileExistsError:
+            continue
+        if key == "kill_at_step":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected worker failure at step {step} (rank {rank}; marker {marker})")

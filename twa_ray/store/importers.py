@@ -90,7 +90,7 @@ def find_checkpoints(src_dir: str | os.PathLike[str]) -> list[tuple[str, Path]]:
 
 
 def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # no terminal colour codes
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 

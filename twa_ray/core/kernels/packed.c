@@ -18,13 +18,21 @@
  * Zen 1 cvtdq2ps has one pipe and capped the kernels at ~4 codes per cycle): code n, isolated
  * by one AND (after a 16-bit shift for the upper half of the lane), *is* a float -- the
  * subnormal q 2^(s - 149), s < 16 its bit offset in the half, exponent field 0. FMAs take
- * subnormal inputs at full speed (measured on Zen 1) and compute the product exactly; the
- * plane's g (or coefficient) carries the power of two 2^(K - s) that brings the products to
- * q g 2^(K - 149), a normal float, and the tile's sums are scaled back by 2^(149 - K). K is set
- * per tile (project) or block (reconstruct) from the largest |g| (or |coefficient|), so results
- * equal those of an exact conversion. This needs denormals-are-zero off: the kernels clear the
- * DAZ bit of MXCSR while they run (torch.set_flush_denormal(True) sets it). Without AVX2 a
- * portable loop over byte planes is used.
+ * subnormal inputs at full speed (measured on Zen 1) and compute the product exactly. In
+ * project the plane's g carries the power of two 2^(K - s) that brings the products to
+ * q g 2^(K - 149), a normal float, and the tile's sums are scaled back by 2^(149 - K). In
+ * reconstruct the row's coefficient carries 2^K (one register per row, no per-plane table), plane
+ * n accumulates 2^s times its share, and the planes are multiplied by 2^-s once per tile, after
+ * all rows. K is set per tile (project) or block (reconstruct) from the largest |g| (or
+ * |coefficient|); all the scalings are exact powers of two, so results equal those of an exact
+ * conversion. This needs denormals-are-zero off: the kernels clear the DAZ bit of MXCSR while
+ * they run (torch.set_flush_denormal(True) sets it). Without AVX2 a portable loop over byte
+ * planes is used.
+ *
+ * Rows are read in 32-byte vectors. The partial last vector of a tile is loaded in place when it
+ * lies inside the matrix (every row but the last: no copy, which matters for models with many
+ * small blocks, e.g. the 38 BatchNorm vectors of a ResNet-20), else copied to a padded buffer.
+ * Row counts that are not a multiple of the row group run as one specialized smaller group.
  */
 #include <math.h>
 #include <stdint.h>
@@ -132,12 +140,6 @@ INLINE float sum_absmax(const float *x, int64_t n, float *absmax) {
 /* Bit offset of plane n inside its 16-bit half-lane. */
 INLINE int plane_shift(int bits, int n) { return (n * bits) % 16; }
 
-/* Plane n of 8 lanes as subnormal floats q 2^(plane_shift - 149); hi = the lanes >> 16. */
-INLINE __m256 lane_codes(int bits, __m256i lo, __m256i hi, int n) {
-    const __m256i mask = _mm256_set1_epi32(((1 << bits) - 1) << plane_shift(bits, n));
-    return _mm256_castsi256_ps(_mm256_and_si256(n * bits < 16 ? lo : hi, mask));
-}
-
 /* Clear denormals-are-zero in this thread; returns the MXCSR to restore. */
 INLINE unsigned int allow_subnormals(void) {
     const unsigned int csr = _mm_getcsr();
@@ -235,13 +237,17 @@ INLINE void from_planes(int bits, const float *acc, int64_t ncols, const float *
         out[j] = (base ? base[j] : 0.0f) + bias + unscale * acc[plane_index(C, j)];
 }
 
-/* Vector v of `rows` rows; the last, partial one is copied into zero-padded buffers. */
+/* Vector v of `rows` rows. A partial last vector is loaded in place when its 32 bytes lie inside
+ * the matrix (the bytes past the tile meet zero g planes in project and accumulate into plane
+ * slots that are never written out in reconstruct), else copied into a zero-padded buffer. */
 INLINE void load_rows(int rows, const uint8_t *x, int64_t stride, int64_t v, const geom_t *gm,
-                      uint8_t *pad, __m256i *q) {
+                      const uint8_t *end, uint8_t *pad, __m256i *q) {
     for (int r = 0; r < rows; ++r) {
         const uint8_t *src = x + r * stride + 32 * v;
         if (v < gm->nfull) {
             _mm_prefetch((const char *)(src + PREFETCH), _MM_HINT_T0);  /* never faults */
+            q[r] = _mm256_loadu_si256((const __m256i *)src);
+        } else if (src + 32 <= end) {
             q[r] = _mm256_loadu_si256((const __m256i *)src);
         } else {
             memset(pad + 32 * r, 0, 32);
@@ -251,27 +257,40 @@ INLINE void load_rows(int rows, const uint8_t *x, int64_t stride, int64_t v, con
     }
 }
 
-/* part[r] = unscale * <codes of row x + r stride, planes gp> for r < rows. */
+/* part[r] = unscale * <codes of row x + r stride, planes gp> for r < rows. The lanes are
+ * shifted in place once the planes of their lower half are done. */
 INLINE void project_rows(int bits, int rows, const uint8_t *x, int64_t stride, const geom_t *gm,
-                         const float *gp, float unscale, float *part, uint8_t *pad) {
+                         const float *gp, float unscale, float *part, const uint8_t *end,
+                         uint8_t *pad) {
     const int C = 32 / bits;
     __m256 acc[PROJECT_GROUP];
     for (int r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t v = 0; v < gm->nvec; ++v) {
-        __m256i q[PROJECT_GROUP], h[PROJECT_GROUP];
-        load_rows(rows, x, stride, v, gm, pad, q);
-        for (int r = 0; r < rows; ++r) h[r] = _mm256_srli_epi32(q[r], 16);
+        __m256i q[PROJECT_GROUP];
+        load_rows(rows, x, stride, v, gm, end, pad, q);
         for (int n = 0; n < C; ++n) {
+            if (n == C / 2)
+                for (int r = 0; r < rows; ++r) q[r] = _mm256_srli_epi32(q[r], 16);
             const __m256 g = _mm256_load_ps(gp + (v * C + n) * 8);
+            const __m256i mask = _mm256_set1_epi32(((1 << bits) - 1) << plane_shift(bits, n));
             for (int r = 0; r < rows; ++r)
-                acc[r] = _mm256_fmadd_ps(lane_codes(bits, q[r], h[r], n), g, acc[r]);
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(q[r], mask)), g, acc[r]);
         }
     }
     for (int r = 0; r < rows; ++r) part[r] = hsum(acc[r]) * unscale;
 }
 
+/* The remainder cases of project_tile / reconstruct_tile cover row groups of 4. */
+_Static_assert(PROJECT_GROUP == 4 && RECON_GROUP == 4, "update the remainder cases");
+
+#define PROJECT_ROWS(N)                                                                      \
+    case N:                                                                                  \
+        project_rows(bits, N, x + k * stride, stride, &gm, gp, unscale, part + k, end, pad); \
+        break;
+
 INLINE void project_tile(int bits, const uint8_t *data, int64_t stride, int64_t R, const tile_t *t,
-                         const float *g, float *part, float *gsum, float *gp) {
+                         const float *g, float *part, float *gsum, float *gp, const uint8_t *end) {
     uint8_t pad[PROJECT_GROUP * 32] __attribute__((aligned(32)));
     const geom_t gm = geometry(bits, t->ncols);
     const float *gt = g + t->col;
@@ -283,34 +302,64 @@ INLINE void project_tile(int bits, const uint8_t *data, int64_t stride, int64_t 
     const uint8_t *x = data + t->byte;
     int64_t k = 0;
     for (; k + PROJECT_GROUP <= R; k += PROJECT_GROUP)
-        project_rows(bits, PROJECT_GROUP, x + k * stride, stride, &gm, gp, unscale, part + k, pad);
-    for (; k < R; ++k) project_rows(bits, 1, x + k * stride, stride, &gm, gp, unscale, part + k, pad);
+        project_rows(bits, PROJECT_GROUP, x + k * stride, stride, &gm, gp, unscale, part + k, end,
+                     pad);
+    switch (R - k) {
+        PROJECT_ROWS(1)
+        PROJECT_ROWS(2)
+        PROJECT_ROWS(3)
+        default: break;
+    }
 }
 
-/* acc planes += sum_r coef[r] * codes of row x + r stride, for r < rows. */
+/* acc planes += sum_r coef[r] 2^K * codes of row x + r stride, for r < rows: plane n holds
+ * q 2^(plane_shift(n) - 149) coef 2^K, i.e. 2^plane_shift(n) times its share of theta scaled by
+ * 2^(K - 149); reconstruct_tile takes the plane factors out once all rows are in. */
 INLINE void axpy_rows(int bits, int rows, const uint8_t *x, int64_t stride, const geom_t *gm,
-                      const float *coef, int K, float *acc, uint8_t *pad) {
+                      const float *coef, int K, float *acc, const uint8_t *end, uint8_t *pad) {
     const int C = 32 / bits;
-    float cs[RECON_GROUP][32];  /* coefficient of row r on plane n, times 2^(K - shift) */
-    for (int r = 0; r < rows; ++r)
-        for (int n = 0; n < C; ++n) cs[r][n] = coef[r] * pow2f(K - plane_shift(bits, n));
+    __m256 cs[RECON_GROUP];
+    for (int r = 0; r < rows; ++r) cs[r] = _mm256_set1_ps(coef[r] * pow2f(K));
     for (int64_t v = 0; v < gm->nvec; ++v) {
-        __m256i q[RECON_GROUP], h[RECON_GROUP];
-        load_rows(rows, x, stride, v, gm, pad, q);
-        for (int r = 0; r < rows; ++r) h[r] = _mm256_srli_epi32(q[r], 16);
+        __m256i q[RECON_GROUP];
+        load_rows(rows, x, stride, v, gm, end, pad, q);
         for (int n = 0; n < C; ++n) {
+            if (n == C / 2)
+                for (int r = 0; r < rows; ++r) q[r] = _mm256_srli_epi32(q[r], 16);
+            const __m256i mask = _mm256_set1_epi32(((1 << bits) - 1) << plane_shift(bits, n));
             float *ap = acc + (v * C + n) * 8;
             __m256 a = _mm256_load_ps(ap);
             for (int r = 0; r < rows; ++r)
-                a = _mm256_fmadd_ps(lane_codes(bits, q[r], h[r], n), _mm256_set1_ps(cs[r][n]), a);
+                a = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(q[r], mask)), cs[r], a);
             _mm256_store_ps(ap, a);
         }
     }
 }
 
+/* Plane n of every vector times 2^-plane_shift(n) (exact): the planes then all hold theta
+ * scaled by 2^(K - 149). */
+INLINE void unshift_planes(int bits, const geom_t *gm, float *acc) {
+    const int C = 32 / bits;
+    for (int64_t v = 0; v < gm->nvec; ++v)
+        for (int n = 1; n < C; ++n) {
+            if (plane_shift(bits, n) == 0) continue;
+            float *ap = acc + (v * C + n) * 8;
+            _mm256_store_ps(ap, _mm256_mul_ps(_mm256_load_ps(ap),
+                                              _mm256_set1_ps(pow2f(-plane_shift(bits, n)))));
+        }
+}
+
+#define AXPY_ROWS(N)                                                                             \
+    case N: {                                                                                    \
+        float c[N];                                                                              \
+        for (int r = 0; r < N; ++r) c[r] = coef[(k + r) * L + l];                                \
+        axpy_rows(bits, N, x + k * stride, stride, &gm, c, K, acc, end, pad);                    \
+        break;                                                                                   \
+    }
+
 INLINE void reconstruct_tile(int bits, const uint8_t *data, int64_t stride, int64_t R,
                              const tile_t *t, const float *coef, int64_t L, float bias,
-                             const float *origin, float *out, float *acc) {
+                             const float *origin, float *out, float *acc, const uint8_t *end) {
     uint8_t pad[RECON_GROUP * 32] __attribute__((aligned(32)));
     const geom_t gm = geometry(bits, t->ncols);
     const int64_t l = t->block;
@@ -323,9 +372,15 @@ INLINE void reconstruct_tile(int bits, const uint8_t *data, int64_t stride, int6
     for (; k + RECON_GROUP <= R; k += RECON_GROUP) {
         float c[RECON_GROUP];
         for (int r = 0; r < RECON_GROUP; ++r) c[r] = coef[(k + r) * L + l];
-        axpy_rows(bits, RECON_GROUP, x + k * stride, stride, &gm, c, K, acc, pad);
+        axpy_rows(bits, RECON_GROUP, x + k * stride, stride, &gm, c, K, acc, end, pad);
     }
-    for (; k < R; ++k) axpy_rows(bits, 1, x + k * stride, stride, &gm, coef + k * L + l, K, acc, pad);
+    switch (R - k) {
+        AXPY_ROWS(1)
+        AXPY_ROWS(2)
+        AXPY_ROWS(3)
+        default: break;
+    }
+    unshift_planes(bits, &gm, acc);
     from_planes(bits, acc, t->ncols, origin ? origin + t->col : NULL, bias, pow2f(149 - K),
                 out + t->col);
 }
@@ -335,7 +390,8 @@ INLINE void reconstruct_tile(int bits, const uint8_t *data, int64_t stride, int6
 
 /* Plane p holds the columns j = i P + p: code p of byte i meets gp[p ps + i]. */
 INLINE void project_tile(int bits, const uint8_t *data, int64_t stride, int64_t R, const tile_t *t,
-                         const float *g, float *part, float *gsum, float *gp) {
+                         const float *g, float *part, float *gsum, float *gp, const uint8_t *end) {
+    (void)end;
     const int P = 8 / bits, M = (1 << bits) - 1;
     const int64_t nb = tile_bytes(bits, t->ncols);
     const float *gt = g + t->col;
@@ -356,7 +412,8 @@ INLINE void project_tile(int bits, const uint8_t *data, int64_t stride, int64_t 
 
 INLINE void reconstruct_tile(int bits, const uint8_t *data, int64_t stride, int64_t R,
                              const tile_t *t, const float *coef, int64_t L, float bias,
-                             const float *origin, float *out, float *acc) {
+                             const float *origin, float *out, float *acc, const uint8_t *end) {
+    (void)end;
     const int P = 8 / bits, M = (1 << bits) - 1;
     const int64_t nb = tile_bytes(bits, t->ncols);
     memset(acc, 0, sizeof(float) * P * nb);
@@ -372,15 +429,16 @@ INLINE void reconstruct_tile(int bits, const uint8_t *data, int64_t stride, int6
 #endif
 
 /* One function per bit width, so the compiler specializes the inlined tile code. */
-#define SPECIALIZE(BITS)                                                                       \
-    static void project_##BITS(const uint8_t *d, int64_t st, int64_t R, const tile_t *t,     \
-                               const float *g, float *part, float *gs, float *gp) {          \
-        project_tile(BITS, d, st, R, t, g, part, gs, gp);                                    \
-    }                                                                                          \
-    static void reconstruct_##BITS(const uint8_t *d, int64_t st, int64_t R, const tile_t *t, \
-                                   const float *c, int64_t L, float b, const float *o,       \
-                                   float *y, float *acc) {                                   \
-        reconstruct_tile(BITS, d, st, R, t, c, L, b, o, y, acc);                             \
+#define SPECIALIZE(BITS)                                                                        \
+    static void project_##BITS(const uint8_t *d, int64_t st, int64_t R, const tile_t *t,      \
+                               const float *g, float *part, float *gs, float *gp,             \
+                               const uint8_t *e) {                                            \
+        project_tile(BITS, d, st, R, t, g, part, gs, gp, e);                                  \
+    }                                                                                           \
+    static void reconstruct_##BITS(const uint8_t *d, int64_t st, int64_t R, const tile_t *t,  \
+                                   const float *c, int64_t L, float b, const float *o,        \
+                                   float *y, float *acc, const uint8_t *e) {                  \
+        reconstruct_tile(BITS, d, st, R, t, c, L, b, o, y, acc, e);                           \
     }
 SPECIALIZE(1)
 SPECIALIZE(2)
@@ -402,6 +460,7 @@ int twa_project(int bits, int64_t R, int64_t L, const uint8_t *data, int64_t str
         return -1;
     }
     make_tiles(bits, L, bounds, byte_bounds, tiles, first);
+    const uint8_t *end = data + (R - 1) * stride + byte_bounds[L];
 #pragma omp parallel num_threads(num_threads)
     {
         float gp[SCRATCH] __attribute__((aligned(64)));
@@ -412,10 +471,10 @@ int twa_project(int bits, int64_t R, int64_t L, const uint8_t *data, int64_t str
         for (int64_t t = 0; t < T; ++t) {
             float *pt = part + t * R, *gs = gsum + t;
             switch (bits) {
-                case 1: project_1(data, stride, R, tiles + t, g, pt, gs, gp); break;
-                case 2: project_2(data, stride, R, tiles + t, g, pt, gs, gp); break;
-                case 4: project_4(data, stride, R, tiles + t, g, pt, gs, gp); break;
-                default: project_8(data, stride, R, tiles + t, g, pt, gs, gp); break;
+                case 1: project_1(data, stride, R, tiles + t, g, pt, gs, gp, end); break;
+                case 2: project_2(data, stride, R, tiles + t, g, pt, gs, gp, end); break;
+                case 4: project_4(data, stride, R, tiles + t, g, pt, gs, gp, end); break;
+                default: project_8(data, stride, R, tiles + t, g, pt, gs, gp, end); break;
             }
         }
 #ifdef TWA_AVX2
@@ -457,6 +516,7 @@ int twa_reconstruct(int bits, int64_t R, int64_t L, const uint8_t *data, int64_t
         }
         bias[l] = (float)s;
     }
+    const uint8_t *end = data + (R - 1) * stride + byte_bounds[L];
 #pragma omp parallel num_threads(num_threads)
     {
         float acc[SCRATCH] __attribute__((aligned(64)));
@@ -465,12 +525,13 @@ int twa_reconstruct(int bits, int64_t R, int64_t L, const uint8_t *data, int64_t
 #endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < T; ++t) {
-            const float b = bias[tiles[t].block];
+            const tile_t *tt = tiles + t;
+            const float b = bias[tt->block];
             switch (bits) {
-                case 1: reconstruct_1(data, stride, R, tiles + t, coef, L, b, origin, out, acc); break;
-                case 2: reconstruct_2(data, stride, R, tiles + t, coef, L, b, origin, out, acc); break;
-                case 4: reconstruct_4(data, stride, R, tiles + t, coef, L, b, origin, out, acc); break;
-                default: reconstruct_8(data, stride, R, tiles + t, coef, L, b, origin, out, acc); break;
+                case 1: reconstruct_1(data, stride, R, tt, coef, L, b, origin, out, acc, end); break;
+                case 2: reconstruct_2(data, stride, R, tt, coef, L, b, origin, out, acc, end); break;
+                case 4: reconstruct_4(data, stride, R, tt, coef, L, b, origin, out, acc, end); break;
+                default: reconstruct_8(data, stride, R, tt, coef, L, b, origin, out, acc, end); break;
             }
         }
 #ifdef TWA_AVX2
