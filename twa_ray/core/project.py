@@ -12,9 +12,12 @@
 Both read B once and are memory-bandwidth bound: no float copy of B and no float temporary of
 ``R x block`` size is made. Paths, chosen from the device of ``g`` / ``alpha``:
 
-- CPU, bits 1/2/4/8: the C kernels of ``kernels/packed.c`` (OpenMP over column tiles; built on
-  first use, see :mod:`twa_ray.core.kernels.cpu`). ``TWA_RAY_NO_CKERNEL=1`` or a missing C
-  compiler selects the pure-torch path.
+- CPU, bits 1/2/4/8: the C kernels of ``kernels/packed.c`` (column tiles shared by
+  ``torch.get_num_threads()`` threads of the library's own pool; built on first use, with the
+  fastest path of this CPU -- portable / AVX2 / AVX-512 -- measured then; see
+  :mod:`twa_ray.core.kernels.cpu`, whose ``kernel_info()`` reports it).
+  ``TWA_RAY_KERNEL_PATH=<path>`` forces a path; ``TWA_RAY_NO_CKERNEL=1`` or a missing C compiler
+  selects the pure-torch path.
 - CUDA, bits 1/2/4/8: the Triton kernels of ``twa_ray.core.kernels.triton_packed`` when that
   module imports and reports ``available()`` (its ``project(pm, g)`` and
   ``reconstruct(pm, alpha, origin, out)`` have the semantics of this module's functions, inputs

@@ -7,84 +7,316 @@
  * q holds b-bit codes (b = 1, 2, 4, 8): code j of a row is bits [(j % P) b, (j % P + 1) b) of
  * byte j / P, P = 8 / b. Each block starts on a byte boundary of its row.
  *
- * Work is cut into tiles of at most TILE columns inside one block; tiles run in parallel
- * (OpenMP). A tile rearranges its slice of g (project) or accumulates its slice of theta
- * (reconstruct) in "planes" that stay in L1 while all R rows stream through it once, so g is
- * never re-read from memory per row. Partial dot products are float32 within a tile and summed
- * in double across tiles.
+ * Work is cut into tiles of at most TILE columns inside one block. A tile rearranges its slice of
+ * g (project) or accumulates its slice of theta (reconstruct) in "planes" that stay in L1 while
+ * all R rows stream through it once, so g is never re-read from memory per row. Partial dot
+ * products are float32 within a tile and summed in double across tiles. Every code is converted
+ * to float exactly and every product is a float32 FMA, so all paths agree with a float64
+ * reference to float32 accuracy.
  *
- * AVX2 layout ("lane planes"): a 32-byte load of a row is 8 lanes of 32 bits, each holding
- * C = 32 / b codes. Plane n holds code n of every lane. No int -> float conversion is done (on
- * Zen 1 cvtdq2ps has one pipe and capped the kernels at ~4 codes per cycle): code n, isolated
- * by one AND (after a 16-bit shift for the upper half of the lane), *is* a float -- the
- * subnormal q 2^(s - 149), s < 16 its bit offset in the half, exponent field 0. FMAs take
- * subnormal inputs at full speed (measured on Zen 1) and compute the product exactly. In
- * project the plane's g carries the power of two 2^(K - s) that brings the products to
- * q g 2^(K - 149), a normal float, and the tile's sums are scaled back by 2^(149 - K). In
- * reconstruct the row's coefficient carries 2^K (one register per row, no per-plane table), plane
- * n accumulates 2^s times its share, and the planes are multiplied by 2^-s once per tile, after
- * all rows. K is set per tile (project) or block (reconstruct) from the largest |g| (or
- * |coefficient|); all the scalings are exact powers of two, so results equal those of an exact
- * conversion. This needs denormals-are-zero off: the kernels clear the DAZ bit of MXCSR while
- * they run (torch.set_flush_denormal(True) sets it). Without AVX2 a portable loop over byte
- * planes is used.
+ * One source, several paths. The file is compiled once per path with the path's -m flags and
+ * -DTWA_PATH_<NAME>; each object exports twa_{project,reconstruct}_tile_<name>. The portable
+ * object also gets -DTWA_MAIN: the entry points, runtime CPU checks (a path runs only where
+ * __builtin_cpu_supports says so, so one build works on any x86) and the thread pool. Which
+ * path is fastest is measured by the Python side (twa_ray/core/kernels/cpu.py), not guessed:
  *
- * Rows are read in 32-byte vectors. The partial last vector of a tile is loaded in place when it
- * lies inside the matrix (every row but the last: no copy, which matters for models with many
- * small blocks, e.g. the 38 BatchNorm vectors of a ResNet-20), else copied to a padded buffer.
- * Row counts that are not a multiple of the row group run as one specialized smaller group.
+ *   portable  plain C over byte planes; the compiler vectorizes it for the baseline ISA (SSE2
+ *             on x86-64, NEON on arm64).
+ *   avx2      widen: 8 (16) bytes -> 8 (16) int32 lanes (vpmovzxbd), plane p of a lane is
+ *   avx512    (lane >> p b) & mask, converted exactly by cvtdq2ps, one FMA per 8 (16) codes.
+ *             No subnormals, so no microcode assists on Intel. AVX-512 also adds 1-bit codes
+ *             by masked adds and reconstructs 8 rows per pass (32 registers).
+ *   avx2sub   the "lane planes" subnormal trick (below): no int -> float conversion at all,
+ *             fastest where cvtdq2ps is scarce and subnormal FMA inputs are free (AMD Zen 1);
+ *             20x slower on Intel cores, which take an assist on every subnormal input.
+ *
+ * Threads: a small pool of pthreads owned by this library (not OpenMP). Tiles are claimed one at
+ * a time from an atomic counter, the calling thread works too, and idle threads spin only a few
+ * microseconds before they sleep on a condition variable. So a descheduled thread delays a call
+ * by at most its one tile, and waiting threads give their core back instead of spinning for
+ * milliseconds (libgomp's default, which collapsed the step 40x next to one busy process).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(TWA_PATH_AVX2) || defined(TWA_PATH_AVX512) || defined(TWA_PATH_AVX2SUB)
 #include <immintrin.h>
-#define TWA_AVX2 1
 #endif
 
-#define TILE 4096              /* columns per tile (a multiple of 256): 16 KiB of planes */
-#define SCRATCH (TILE + 256)   /* floats of plane scratch per thread (room for padding) */
-#define PROJECT_GROUP 4        /* rows per pass in project: independent FMA chains, one g load */
-#define PREFETCH 512           /* bytes ahead in a row: ~5% over the hardware prefetcher alone */
-#define RECON_GROUP 4          /* rows per pass in reconstruct: one load + store of acc each */
+#define TILE 4096             /* columns per tile (a multiple of 256): 16 KiB of planes */
+#define SCRATCH (TILE + 256)  /* floats of plane scratch per thread (room for padding) */
+#define PROJECT_GROUP 4       /* rows per pass in project: independent FMA chains, one g load */
+#define RECON_GROUP 4         /* rows per pass in reconstruct: one load + store of acc each */
+#define PREFETCH 512          /* bytes ahead in a row: ~5% over the hardware prefetcher alone */
 #define INLINE static inline __attribute__((always_inline))
-
-int twa_abi_version(void) { return 1; }
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
 
 typedef struct {
-    int64_t block;  /* block index l */
-    int64_t col;    /* first column (absolute) */
-    int64_t ncols;  /* columns in the tile (<= TILE) */
-    int64_t byte;   /* first byte of the tile in a row of data */
+    int64_t block; /* block index l */
+    int64_t col;   /* first column (absolute) */
+    int64_t ncols; /* columns in the tile (<= TILE) */
+    int64_t byte;  /* first byte of the tile in a row of data */
 } tile_t;
 
-/* Cut every block into tiles; first[l] is the index of block l's first tile. Returns the count. */
-static int64_t make_tiles(int bits, int64_t L, const int64_t *bounds, const int64_t *byte_bounds,
-                          tile_t *tiles, int64_t *first) {
-    int64_t t = 0;
-    for (int64_t l = 0; l < L; ++l) {
-        if (first) first[l] = t;
-        for (int64_t c = 0; c < bounds[l + 1] - bounds[l]; c += TILE, ++t) {
-            if (!tiles) continue;
-            int64_t n = bounds[l + 1] - bounds[l] - c;
-            tiles[t].block = l;
-            tiles[t].col = bounds[l] + c;
-            tiles[t].ncols = n < TILE ? n : TILE;
-            tiles[t].byte = byte_bounds[l] + c * bits / 8;
-        }
-    }
-    if (first) first[L] = t;
-    return t;
-}
+/* One call's work, shared by every thread: the tiles and the operands of either direction. */
+typedef struct {
+    int bits;
+    int64_t R, L, stride;
+    const uint8_t *data, *end; /* end: one past the last byte of the last row's codes */
+    const tile_t *tiles;
+    const float *g;                    /* project: g (D,) */
+    float *part, *gsum;                /* project: part (T, R), gsum (T,) */
+    const float *coef, *bias, *origin; /* reconstruct: alpha*scale (R, L), bias (L,), origin */
+    float *out;                        /* reconstruct: theta (D,) */
+} job_t;
+
+typedef void (*tile_fn)(const job_t *, int64_t, float *);
 
 INLINE int64_t tile_bytes(int bits, int64_t ncols) { return (ncols * bits + 7) / 8; }
 
-#ifdef TWA_AVX2
-/* ---------------------------------------------------------------------- AVX2 lane planes */
+#if defined(TWA_PATH_AVX2) || defined(TWA_PATH_AVX512)
+/* ------------------------------------------------------------- AVX2 / AVX-512: widened bytes
+ *
+ * A chunk is W bytes of a row (W = 8 for AVX2, 16 for AVX-512), zero-extended to W int32
+ * lanes, lane i = byte i. Plane p of the chunk is code p of every byte, (lane >> p b) & mask
+ * (no AND for the top plane: the lanes hold 8 bits), converted exactly by cvtdq2ps. Plane p of
+ * chunk v meets gp[(v P + p) W + i] = g[(v W + i) P + p], so the tile's g (or theta) is
+ * deinterleaved once per tile into these planes, not once per row. */
+#ifdef TWA_PATH_AVX512
+#define W 16
+typedef __m512 vf;
+typedef __m512i vi;
+#define LOAD_CODES(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define SRLI(x, s) _mm512_srli_epi32(x, s)
+#define ANDI(x, m) _mm512_and_si512(x, _mm512_set1_epi32(m))
+#define CVT(x) _mm512_cvtepi32_ps(x)
+#define FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define ADD(a, b) _mm512_add_ps(a, b)
+#define LOADF(p) _mm512_load_ps(p)
+#define LOADUF(p) _mm512_loadu_ps(p)
+#define STOREF(p, v) _mm512_store_ps(p, v)
+#define ZEROF() _mm512_setzero_ps()
+#define SET1(x) _mm512_set1_ps(x)
+#define HSUM(v) _mm512_reduce_add_ps(v)
+#else
+#define W 8
+typedef __m256 vf;
+typedef __m256i vi;
+#define LOAD_CODES(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
+#define SRLI(x, s) _mm256_srli_epi32(x, s)
+#define ANDI(x, m) _mm256_and_si256(x, _mm256_set1_epi32(m))
+#define CVT(x) _mm256_cvtepi32_ps(x)
+#define FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define ADD(a, b) _mm256_add_ps(a, b)
+#define LOADF(p) _mm256_load_ps(p)
+#define LOADUF(p) _mm256_loadu_ps(p)
+#define STOREF(p, v) _mm256_store_ps(p, v)
+#define ZEROF() _mm256_setzero_ps()
+#define SET1(x) _mm256_set1_ps(x)
+INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#define HSUM(v) hsum8(v)
+#endif
+
+/* Rows per pass in reconstruct: AVX-512's 32 registers hold 8 rows' codes and coefficients,
+ * halving the loads and stores of the planes (project stays at 4 rows x 2 accumulators: 8 rows
+ * spill and measured slower). */
+#ifdef TWA_PATH_AVX512
+#define AXPY_GROUP 8
+#else
+#define AXPY_GROUP 4
+#endif
+
+/* Code p of every lane of x, as exact floats. */
+INLINE vf decode(int bits, vi x, int p) {
+    const int P = 8 / bits;
+    if (P == 1) return CVT(x);
+    if (p == P - 1) return CVT(SRLI(x, p * bits));
+    return CVT(ANDI(p ? SRLI(x, p * bits) : x, (1 << bits) - 1));
+}
+
+/* acc + code p of x * y. With AVX-512 a 1-bit code is a mask register: a masked add (2 uops
+ * instead of shift, and, convert, FMA), the same float result as the FMA by 0 or 1. */
+INLINE vf add_code_times(int bits, vi x, int p, vf y, vf acc) {
+#ifdef TWA_PATH_AVX512
+    if (bits == 1)
+        return _mm512_mask_add_ps(acc, _mm512_test_epi32_mask(x, _mm512_set1_epi32(1 << p)), acc, y);
+#endif
+    return FMA(decode(bits, x, p), y, acc);
+}
+
+/* Chunk v of `rows` rows, widened. A partial last chunk is loaded in place when its W bytes lie
+ * inside the matrix (the bytes past the tile meet zero g planes in project and accumulate into
+ * plane slots never written out in reconstruct), else copied into a zero-padded buffer. */
+INLINE void load_chunk(int rows, const uint8_t *x, int64_t stride, int64_t v, int64_t nb,
+                       const uint8_t *end, vi *q) {
+    for (int r = 0; r < rows; ++r) {
+        const uint8_t *src = x + r * stride + W * v;
+        if (W * (v + 1) <= nb) {
+            if ((v & (64 / W - 1)) == 0) _mm_prefetch((const char *)(src + PREFETCH), _MM_HINT_T0);
+            q[r] = LOAD_CODES(src);
+        } else if (src + W <= end) {
+            q[r] = LOAD_CODES(src);
+        } else {
+            uint8_t pad[W] = {0};
+            memcpy(pad, src, (size_t)(nb - W * v));
+            q[r] = LOAD_CODES(pad);
+        }
+    }
+}
+
+/* part[r] = <codes of row x + r stride, planes gp>, r < rows; two accumulators per row (even and
+ * odd planes) halve the FMA dependency chains. */
+INLINE void project_rows(int bits, int rows, const uint8_t *x, int64_t stride, int64_t nb,
+                         const float *gp, float *part, const uint8_t *end) {
+    const int P = 8 / bits;
+    const int64_t nvec = (nb + W - 1) / W;
+    vf acc[PROJECT_GROUP][2];
+    for (int r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = ZEROF();
+    for (int64_t v = 0; v < nvec; ++v) {
+        vi q[PROJECT_GROUP];
+        load_chunk(rows, x, stride, v, nb, end, q);
+        for (int p = 0; p < P; ++p) {
+            const vf g = LOADF(gp + (v * P + p) * W);
+            for (int r = 0; r < rows; ++r)
+                acc[r][p & 1] = add_code_times(bits, q[r], p, g, acc[r][p & 1]);
+        }
+    }
+    for (int r = 0; r < rows; ++r) part[r] = HSUM(ADD(acc[r][0], acc[r][1]));
+}
+
+#define PROJECT_ROWS(N) \
+    case N: project_rows(bits, N, x + k * stride, stride, nb, gp, part + k, end); break;
+
+INLINE void project_tile(int bits, const uint8_t *data, int64_t stride, int64_t R, const tile_t *t,
+                         const float *g, float *part, float *gsum, float *gp, const uint8_t *end) {
+    const int P = 8 / bits;
+    const int64_t nb = tile_bytes(bits, t->ncols), nvec = (nb + W - 1) / W, n = t->ncols;
+    const float *gt = g + t->col;
+    vf vs = ZEROF();
+    int64_t j = 0;
+    for (; j + W <= n; j += W) vs = ADD(vs, LOADUF(gt + j));
+    float s = HSUM(vs);
+    for (; j < n; ++j) s += gt[j];
+    *gsum = s;
+    int64_t v = 0;
+    for (; (v + 1) * W * P <= n; ++v)  /* whole chunks: a fixed-stride deinterleave */
+        for (int i = 0; i < W; ++i)
+            for (int p = 0; p < P; ++p) gp[(v * P + p) * W + i] = gt[(v * W + i) * P + p];
+    for (; v < nvec; ++v)
+        for (int i = 0; i < W; ++i)
+            for (int p = 0; p < P; ++p) {
+                const int64_t j = (v * W + i) * P + p;
+                gp[(v * P + p) * W + i] = j < n ? gt[j] : 0.0f;
+            }
+    const uint8_t *x = data + t->byte;
+    int64_t k = 0;
+    for (; k + PROJECT_GROUP <= R; k += PROJECT_GROUP)
+        project_rows(bits, PROJECT_GROUP, x + k * stride, stride, nb, gp, part + k, end);
+    switch (R - k) {  /* the remaining rows as one smaller group */
+        PROJECT_ROWS(1)
+        PROJECT_ROWS(2)
+        PROJECT_ROWS(3)
+        default: break;
+    }
+}
+
+/* acc planes += sum_r coef[r] * codes of row x + r stride, r < rows: one load and store of each
+ * plane per group of rows. */
+INLINE void axpy_rows(int bits, int rows, const uint8_t *x, int64_t stride, int64_t nb,
+                      const float *coef, float *acc, const uint8_t *end) {
+    const int P = 8 / bits;
+    const int64_t nvec = (nb + W - 1) / W;
+    vf cs[AXPY_GROUP];
+    for (int r = 0; r < rows; ++r) cs[r] = SET1(coef[r]);
+    for (int64_t v = 0; v < nvec; ++v) {
+        vi q[AXPY_GROUP];
+        load_chunk(rows, x, stride, v, nb, end, q);
+        for (int p = 0; p < P; ++p) {
+            float *ap = acc + (v * P + p) * W;
+            vf a = LOADF(ap);
+            for (int r = 0; r < rows; ++r) a = add_code_times(bits, q[r], p, cs[r], a);
+            STOREF(ap, a);
+        }
+    }
+}
+
+#define AXPY_ROWS(N)                                                   \
+    case N: {                                                          \
+        float c[N];                                                    \
+        for (int r = 0; r < N; ++r) c[r] = coef[(k + r) * L + l];      \
+        axpy_rows(bits, N, x + k * stride, stride, nb, c, acc, end);   \
+        break;                                                         \
+    }
+
+INLINE void reconstruct_tile(int bits, const uint8_t *data, int64_t stride, int64_t R,
+                             const tile_t *t, const float *coef, int64_t L, float bias,
+                             const float *origin, float *out, float *acc, const uint8_t *end) {
+    const int P = 8 / bits;
+    const int64_t nb = tile_bytes(bits, t->ncols), nvec = (nb + W - 1) / W, n = t->ncols;
+    const int64_t l = t->block;
+    memset(acc, 0, sizeof(float) * nvec * W * P);
+    const uint8_t *x = data + t->byte;
+    int64_t k = 0;
+    for (; k + AXPY_GROUP <= R; k += AXPY_GROUP) {
+        float c[AXPY_GROUP];
+        for (int r = 0; r < AXPY_GROUP; ++r) c[r] = coef[(k + r) * L + l];
+        axpy_rows(bits, AXPY_GROUP, x + k * stride, stride, nb, c, acc, end);
+    }
+    switch (R - k) {
+        AXPY_ROWS(1)
+        AXPY_ROWS(2)
+        AXPY_ROWS(3)
+#if AXPY_GROUP > 4
+        AXPY_ROWS(4)
+        AXPY_ROWS(5)
+        AXPY_ROWS(6)
+        AXPY_ROWS(7)
+#endif
+        default: break;
+    }
+    /* interleave the planes back; origin may alias out: each element is read, then written */
+    const float *o = origin ? origin + t->col : NULL;
+    float *y = out + t->col;
+    int64_t v = 0;
+    for (; (v + 1) * W * P <= n; ++v)
+        for (int i = 0; i < W; ++i)
+            for (int p = 0; p < P; ++p) {
+                const int64_t j = (v * W + i) * P + p;
+                y[j] = (o ? o[j] : 0.0f) + bias + acc[(v * P + p) * W + i];
+            }
+    for (int64_t j = v * W * P; j < n; ++j)
+        y[j] = (o ? o[j] : 0.0f) + bias + acc[(j / (W * P) * P + j % P) * W + j / P % W];
+}
+#endif
+
+#ifdef TWA_PATH_AVX2SUB
+/* --------------------------------------------------------- AVX2 "lane planes", subnormal codes
+ *
+ * A 32-byte load of a row is 8 lanes of 32 bits, each holding C = 32 / b codes. Plane n holds
+ * code n of every lane. No int -> float conversion is done (on Zen 1 cvtdq2ps has one pipe and
+ * capped the kernels at ~4 codes per cycle): code n, isolated by one AND (after a 16-bit shift
+ * for the upper half of the lane), *is* a float -- the subnormal q 2^(s - 149), s < 16 its bit
+ * offset in the half, exponent field 0. FMAs take subnormal inputs at full speed on AMD Zen and
+ * compute the product exactly (Intel cores take a microcode assist per subnormal input: this
+ * path is then ~20x slower and the measurement never picks it). In project the plane's g
+ * carries the power of two 2^(K - s) that brings the products to q g 2^(K - 149), a normal
+ * float, and the tile's sums are scaled back by 2^(149 - K). In reconstruct the row's
+ * coefficient carries 2^K (one register per row, no per-plane table), plane n accumulates 2^s
+ * times its share, and the planes are multiplied by 2^-s once per tile, after all rows. K is set
+ * per tile (project) or block (reconstruct) from the largest |g| (or |coefficient|); all the
+ * scalings are exact powers of two, so results equal those of an exact conversion. This needs
+ * denormals-are-zero off: the tile functions clear the DAZ bit of MXCSR while they run
+ * (torch.set_flush_denormal(True) sets it).
+ *
+ * Rows are read in 32-byte vectors; a partial last vector is loaded in place when it lies inside
+ * the matrix, else copied to a padded buffer. */
 
 /* 2^e as a float, -126 <= e <= 127. */
 INLINE float pow2f(int e) {
@@ -384,11 +616,13 @@ INLINE void reconstruct_tile(int bits, const uint8_t *data, int64_t stride, int6
     from_planes(bits, acc, t->ncols, origin ? origin + t->col : NULL, bias, pow2f(149 - K),
                 out + t->col);
 }
+#endif
 
-#else
+#ifdef TWA_PATH_PORTABLE
 /* ------------------------------------------------------------------ portable byte planes */
 
-/* Plane p holds the columns j = i P + p: code p of byte i meets gp[p ps + i]. */
+/* Plane p holds the columns j = i P + p: code p of byte i meets gp[p nb + i]. Plain loops over
+ * contiguous bytes and planes, which compilers vectorize for the baseline ISA. */
 INLINE void project_tile(int bits, const uint8_t *data, int64_t stride, int64_t R, const tile_t *t,
                          const float *g, float *part, float *gsum, float *gp, const uint8_t *end) {
     (void)end;
@@ -428,59 +662,269 @@ INLINE void reconstruct_tile(int bits, const uint8_t *data, int64_t stride, int6
 }
 #endif
 
+/* ------------------------------------------------------------------- this path's tile exports */
+
+#if defined(TWA_PATH_PORTABLE)
+#define SUFFIX portable
+#elif defined(TWA_PATH_AVX2)
+#define SUFFIX avx2
+#elif defined(TWA_PATH_AVX512)
+#define SUFFIX avx512
+#elif defined(TWA_PATH_AVX2SUB)
+#define SUFFIX avx2sub
+#else
+#error "compile with one of -DTWA_PATH_PORTABLE, _AVX2, _AVX512, _AVX2SUB"
+#endif
+
 /* One function per bit width, so the compiler specializes the inlined tile code. */
-#define SPECIALIZE(BITS)                                                                        \
-    static void project_##BITS(const uint8_t *d, int64_t st, int64_t R, const tile_t *t,      \
-                               const float *g, float *part, float *gs, float *gp,             \
-                               const uint8_t *e) {                                            \
-        project_tile(BITS, d, st, R, t, g, part, gs, gp, e);                                  \
-    }                                                                                           \
-    static void reconstruct_##BITS(const uint8_t *d, int64_t st, int64_t R, const tile_t *t,  \
-                                   const float *c, int64_t L, float b, const float *o,        \
-                                   float *y, float *acc, const uint8_t *e) {                  \
-        reconstruct_tile(BITS, d, st, R, t, c, L, b, o, y, acc, e);                           \
+#define SPECIALIZE(B)                                                                      \
+    static void project_##B(const job_t *j, const tile_t *t, float *gp) {                  \
+        project_tile(B, j->data, j->stride, j->R, t, j->g, j->part + (t - j->tiles) * j->R, \
+                     j->gsum + (t - j->tiles), gp, j->end);                                \
+    }                                                                                      \
+    static void reconstruct_##B(const job_t *j, const tile_t *t, float *acc) {             \
+        reconstruct_tile(B, j->data, j->stride, j->R, t, j->coef, j->L, j->bias[t->block], \
+                         j->origin, j->out, acc, j->end);                                  \
     }
 SPECIALIZE(1)
 SPECIALIZE(2)
 SPECIALIZE(4)
 SPECIALIZE(8)
 
-/* ---------------------------------------------------------------------------- entry points */
+#ifdef TWA_PATH_AVX2SUB
+#define ENTER const unsigned int csr = allow_subnormals();
+#define LEAVE _mm_setcsr(csr);
+#else
+#define ENTER
+#define LEAVE
+#endif
 
-/* a (R, L) row-major. Returns 0, or -1 when out of memory. */
-int twa_project(int bits, int64_t R, int64_t L, const uint8_t *data, int64_t stride,
+void CAT(twa_project_tile_, SUFFIX)(const job_t *j, int64_t t, float *scratch) {
+    ENTER
+    switch (j->bits) {
+        case 1: project_1(j, j->tiles + t, scratch); break;
+        case 2: project_2(j, j->tiles + t, scratch); break;
+        case 4: project_4(j, j->tiles + t, scratch); break;
+        default: project_8(j, j->tiles + t, scratch); break;
+    }
+    LEAVE
+}
+
+void CAT(twa_reconstruct_tile_, SUFFIX)(const job_t *j, int64_t t, float *scratch) {
+    ENTER
+    switch (j->bits) {
+        case 1: reconstruct_1(j, j->tiles + t, scratch); break;
+        case 2: reconstruct_2(j, j->tiles + t, scratch); break;
+        case 4: reconstruct_4(j, j->tiles + t, scratch); break;
+        default: reconstruct_8(j, j->tiles + t, scratch); break;
+    }
+    LEAVE
+}
+
+#ifdef TWA_MAIN
+/* ============================================================ entry points, CPU checks, pool */
+#include <pthread.h>
+#include <stdatomic.h>
+
+int twa_abi_version(void) { return 2; }
+
+/* The other paths' objects may be missing (a compiler without AVX-512 support, or not x86):
+ * weak references are then NULL and the path is reported unavailable. */
+#define DECLARE(S)                                                                         \
+    extern void twa_project_tile_##S(const job_t *, int64_t, float *) __attribute__((weak)); \
+    extern void twa_reconstruct_tile_##S(const job_t *, int64_t, float *) __attribute__((weak));
+DECLARE(avx2)
+DECLARE(avx512)
+DECLARE(avx2sub)
+
+static int cpu_has(int path) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    switch (path) {
+        case 0: return 1;
+        case 1: case 3: return avx2;
+        case 2: return avx2 && __builtin_cpu_supports("avx512f");
+        default: return 0;
+    }
+#else
+    return path == 0;
+#endif
+}
+
+static const struct {
+    const char *name;
+    tile_fn project, reconstruct;
+} PATHS[] = {
+    {"portable", twa_project_tile_portable, twa_reconstruct_tile_portable},
+    {"avx2", twa_project_tile_avx2, twa_reconstruct_tile_avx2},
+    {"avx512", twa_project_tile_avx512, twa_reconstruct_tile_avx512},
+    {"avx2sub", twa_project_tile_avx2sub, twa_reconstruct_tile_avx2sub},
+};
+#define NPATHS ((int)(sizeof(PATHS) / sizeof(PATHS[0])))
+
+int twa_num_paths(void) { return NPATHS; }
+const char *twa_path_name(int path) { return path >= 0 && path < NPATHS ? PATHS[path].name : ""; }
+/* 1 when the path was compiled into this library and this CPU can run it. */
+int twa_path_available(int path) {
+    return path >= 0 && path < NPATHS && PATHS[path].project && PATHS[path].reconstruct &&
+           cpu_has(path);
+}
+
+/* ---------------------------------------------------------------------------- thread pool
+ * One job at a time (callers that find the pool busy run their job on their own thread). The
+ * tile counter carries the job's generation in its upper 32 bits and is advanced only by a
+ * compare-and-swap that checks it, so a thread that wakes late for an old job can never take
+ * a tile of the next one; the caller returns once every tile of its job is done, never waiting
+ * for a helper that did not show up. */
+#define MAX_THREADS 256
+#define SPIN 4000 /* polls (pause instructions) before a waiting thread sleeps: ~10-100 us */
+
+#if defined(__x86_64__) || defined(__i386__)
+#define RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define RELAX() __asm__ __volatile__("yield")
+#else
+#define RELAX() ((void)0)
+#endif
+
+static struct {
+    pthread_mutex_t mu, busy;
+    pthread_cond_t wake, done;
+    int started;              /* helper threads alive */
+    int helpers;              /* helpers that take part in the current job */
+    job_t job;                /* the current job (copied by helpers under mu) */
+    tile_fn fn;
+    int64_t ntiles;
+    _Atomic uint64_t gen;     /* bumped per job */
+    _Atomic uint64_t next;    /* (gen << 32) | next unclaimed tile */
+    _Atomic int64_t finished; /* tiles of the current job done */
+} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .busy = PTHREAD_MUTEX_INITIALIZER,
+          .wake = PTHREAD_COND_INITIALIZER, .done = PTHREAD_COND_INITIALIZER};
+
+static void run_tiles(uint64_t gen, const job_t *job, tile_fn fn, int64_t n, float *scratch) {
+    for (;;) {
+        uint64_t v = atomic_load(&pool.next);
+        do {
+            if (v >> 32 != (gen & 0xFFFFFFFFu) || (int64_t)(v & 0xFFFFFFFFu) >= n) return;
+        } while (!atomic_compare_exchange_weak(&pool.next, &v, v + 1));
+        fn(job, (int64_t)(v & 0xFFFFFFFFu), scratch);
+        if (atomic_fetch_add(&pool.finished, 1) + 1 == n) {
+            pthread_mutex_lock(&pool.mu);
+            pthread_cond_broadcast(&pool.done);
+            pthread_mutex_unlock(&pool.mu);
+        }
+    }
+}
+
+static void *helper(void *arg) {
+    const int index = (int)(intptr_t)arg; /* 1, 2, ...: the caller is 0 */
+    float scratch[SCRATCH] __attribute__((aligned(64)));
+    uint64_t seen = atomic_load(&pool.gen);
+    for (;;) {
+        for (int s = 0; s < SPIN && atomic_load(&pool.gen) == seen; ++s) RELAX();
+        pthread_mutex_lock(&pool.mu);
+        while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.wake, &pool.mu);
+        seen = atomic_load(&pool.gen);
+        const int take_part = index <= pool.helpers;
+        const job_t job = pool.job;
+        const tile_fn fn = pool.fn;
+        const int64_t n = pool.ntiles;
+        pthread_mutex_unlock(&pool.mu);
+        if (take_part) run_tiles(seen, &job, fn, n, scratch);
+    }
+    return NULL;
+}
+
+/* Threads do not survive fork(): the child starts with no helpers and fresh locks. */
+static void pool_after_fork(void) {
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_mutex_init(&pool.busy, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    pool.started = 0;
+}
+
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+static void run_job(const job_t *job, tile_fn fn, int64_t n, int threads) {
+    float scratch[SCRATCH] __attribute__((aligned(64)));
+    if (threads > n) threads = (int)n;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads <= 1 || pthread_mutex_trylock(&pool.busy) != 0) {
+        for (int64_t t = 0; t < n; ++t) fn(job, t, scratch);
+        return;
+    }
+    pthread_once(&pool_once, pool_init);
+    pthread_mutex_lock(&pool.mu);
+    while (pool.started < threads - 1) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int rc = pthread_create(&th, &attr, helper, (void *)(intptr_t)(pool.started + 1));
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break; /* fewer threads: the tiles are shared by those there are */
+        ++pool.started;
+    }
+    pool.helpers = threads - 1 < pool.started ? threads - 1 : pool.started;
+    pool.job = *job;
+    pool.fn = fn;
+    pool.ntiles = n;
+    atomic_store(&pool.finished, 0);
+    const uint64_t gen = (atomic_load(&pool.gen) + 1) & 0xFFFFFFFFu;
+    atomic_store(&pool.next, gen << 32);
+    atomic_store(&pool.gen, gen);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
+    run_tiles(gen, job, fn, n, scratch);
+    for (int s = 0; s < SPIN && atomic_load(&pool.finished) < n; ++s) RELAX();
+    if (atomic_load(&pool.finished) < n) {
+        pthread_mutex_lock(&pool.mu);
+        while (atomic_load(&pool.finished) < n) pthread_cond_wait(&pool.done, &pool.mu);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    pthread_mutex_unlock(&pool.busy);
+}
+
+/* Cut every block into tiles; first[l] is the index of block l's first tile. Returns the count. */
+static int64_t make_tiles(int bits, int64_t L, const int64_t *bounds, const int64_t *byte_bounds,
+                          tile_t *tiles, int64_t *first) {
+    int64_t t = 0;
+    for (int64_t l = 0; l < L; ++l) {
+        if (first) first[l] = t;
+        for (int64_t c = 0; c < bounds[l + 1] - bounds[l]; c += TILE, ++t) {
+            if (!tiles) continue;
+            int64_t n = bounds[l + 1] - bounds[l] - c;
+            tiles[t].block = l;
+            tiles[t].col = bounds[l] + c;
+            tiles[t].ncols = n < TILE ? n : TILE;
+            tiles[t].byte = byte_bounds[l] + c * bits / 8;
+        }
+    }
+    if (first) first[L] = t;
+    return t;
+}
+
+/* a (R, L) row-major. Returns 0, -1 when out of memory, -2 for a path that cannot run here. */
+int twa_project(int path, int bits, int64_t R, int64_t L, const uint8_t *data, int64_t stride,
                 const int64_t *bounds, const int64_t *byte_bounds, const float *scale,
                 const float *zero, const float *g, float *a, int num_threads) {
+    if (!twa_path_available(path)) return -2;
     const int64_t T = make_tiles(bits, L, bounds, byte_bounds, NULL, NULL);
-    tile_t *tiles = malloc(sizeof(tile_t) * T);
+    tile_t *tiles = malloc(sizeof(tile_t) * (T + 1));
     int64_t *first = malloc(sizeof(int64_t) * (L + 1));
-    float *part = malloc(sizeof(float) * (T * R + 1)), *gsum = malloc(sizeof(float) * T);
+    float *part = malloc(sizeof(float) * (T * R + 1)), *gsum = malloc(sizeof(float) * (T + 1));
     if (!tiles || !first || !part || !gsum) {
         free(tiles), free(first), free(part), free(gsum);
         return -1;
     }
     make_tiles(bits, L, bounds, byte_bounds, tiles, first);
-    const uint8_t *end = data + (R - 1) * stride + byte_bounds[L];
-#pragma omp parallel num_threads(num_threads)
-    {
-        float gp[SCRATCH] __attribute__((aligned(64)));
-#ifdef TWA_AVX2
-        const unsigned int csr = allow_subnormals();
-#endif
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < T; ++t) {
-            float *pt = part + t * R, *gs = gsum + t;
-            switch (bits) {
-                case 1: project_1(data, stride, R, tiles + t, g, pt, gs, gp, end); break;
-                case 2: project_2(data, stride, R, tiles + t, g, pt, gs, gp, end); break;
-                case 4: project_4(data, stride, R, tiles + t, g, pt, gs, gp, end); break;
-                default: project_8(data, stride, R, tiles + t, g, pt, gs, gp, end); break;
-            }
-        }
-#ifdef TWA_AVX2
-        _mm_setcsr(csr);
-#endif
-    }
+    job_t job = {.bits = bits, .R = R, .L = L, .stride = stride, .data = data,
+                 .end = data + (R - 1) * stride + byte_bounds[L], .tiles = tiles, .g = g,
+                 .part = part, .gsum = gsum};
+    run_job(&job, PATHS[path].project, T, num_threads);
     for (int64_t l = 0; l < L; ++l) {
         double gl = 0.0;
         for (int64_t t = first[l]; t < first[l + 1]; ++t) gl += gsum[t];
@@ -495,14 +939,15 @@ int twa_project(int bits, int64_t R, int64_t L, const uint8_t *data, int64_t str
 }
 
 /* alpha, scale, zero (R, L) row-major; origin (D,) or NULL, may alias out; out (D,).
- * Returns 0, or -1 when out of memory. */
-int twa_reconstruct(int bits, int64_t R, int64_t L, const uint8_t *data, int64_t stride,
+ * Returns 0, -1 when out of memory, -2 for a path that cannot run here. */
+int twa_reconstruct(int path, int bits, int64_t R, int64_t L, const uint8_t *data, int64_t stride,
                     const int64_t *bounds, const int64_t *byte_bounds, const float *scale,
                     const float *zero, const float *alpha, const float *origin, float *out,
                     int num_threads) {
+    if (!twa_path_available(path)) return -2;
     const int64_t T = make_tiles(bits, L, bounds, byte_bounds, NULL, NULL);
-    tile_t *tiles = malloc(sizeof(tile_t) * T);
-    float *coef = malloc(sizeof(float) * (R * L + 1)), *bias = malloc(sizeof(float) * L);
+    tile_t *tiles = malloc(sizeof(tile_t) * (T + 1));
+    float *coef = malloc(sizeof(float) * (R * L + 1)), *bias = malloc(sizeof(float) * (L + 1));
     if (!tiles || !coef || !bias) {
         free(tiles), free(coef), free(bias);
         return -1;
@@ -516,28 +961,11 @@ int twa_reconstruct(int bits, int64_t R, int64_t L, const uint8_t *data, int64_t
         }
         bias[l] = (float)s;
     }
-    const uint8_t *end = data + (R - 1) * stride + byte_bounds[L];
-#pragma omp parallel num_threads(num_threads)
-    {
-        float acc[SCRATCH] __attribute__((aligned(64)));
-#ifdef TWA_AVX2
-        const unsigned int csr = allow_subnormals();
-#endif
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < T; ++t) {
-            const tile_t *tt = tiles + t;
-            const float b = bias[tt->block];
-            switch (bits) {
-                case 1: reconstruct_1(data, stride, R, tt, coef, L, b, origin, out, acc, end); break;
-                case 2: reconstruct_2(data, stride, R, tt, coef, L, b, origin, out, acc, end); break;
-                case 4: reconstruct_4(data, stride, R, tt, coef, L, b, origin, out, acc, end); break;
-                default: reconstruct_8(data, stride, R, tt, coef, L, b, origin, out, acc, end); break;
-            }
-        }
-#ifdef TWA_AVX2
-        _mm_setcsr(csr);
-#endif
-    }
+    job_t job = {.bits = bits, .R = R, .L = L, .stride = stride, .data = data,
+                 .end = data + (R - 1) * stride + byte_bounds[L], .tiles = tiles, .coef = coef,
+                 .bias = bias, .origin = origin, .out = out};
+    run_job(&job, PATHS[path].reconstruct, T, num_threads);
     free(tiles), free(coef), free(bias);
     return 0;
 }
+#endif
