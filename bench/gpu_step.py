@@ -1,4 +1,4 @@
-"""The TWA coefficient step on packed low-bit B, on one GPU (BENCHMARKS.md section B).
+"""The TWA coefficient step on packed low-bit B, on one GPU (results: bench/RESULTS.md, "GPU").
 
     python bench/gpu_step.py gpu_step.json          # CUDA machine: resnet18 + vit_b_32, b=4 and b=1
     python bench/gpu_step.py tiny.json --tiny       # CPU smoke test: triton interpreter, tiny shapes
@@ -8,15 +8,15 @@ codes on the device with realistic scales and zero points, then measures
 
 - our step: ``project_triton`` + SGD-momentum on alpha + ``reconstruct_triton`` (CUDA events,
   median), for the default launch shapes and a few others (the best is reported);
-- the reference step of BENCHMARKS.md B (b=4 only): codes unpacked one per uint8 byte in a list
+- the reference step (the paper's published implementation, b=4 only): codes unpacked one per uint8 byte in a list
   of per-block tensors, a Python loop over blocks with float temporaries;
 - the copy bandwidth (2 x bytes / time of a large copy) and the floor 2 x packed bytes / bandwidth;
 - a bf16 forward + backward + SGD step of the model (resnet18 batch 256, vit_b_32 batch 128 at
   224x224) and the coefficient step's share of it;
 - the error of both kernels against a float64 reference (unpacked in torch, block by block).
 
-Imports only torch, triton and ``twa_ray/core/kernels/triton_packed.py``, loaded from its file:
-the rest of twa_ray and its dependencies (Ray, pyarrow) need not be installed. Writes JSON to
+Imports only torch, triton and ``twa_ray/core/kernels/triton_packed.py`` (loaded from its file,
+with ``twa_ray.core.quant`` for the row alignment): Ray and pyarrow need not be installed. Writes JSON to
 ``argv[1]`` and prints a table. Each case's failure is recorded in the JSON, not raised.
 """
 
@@ -46,7 +46,9 @@ KERNELS = ROOT / "twa_ray" / "core" / "kernels" / "triton_packed.py"
 
 
 def load_kernels() -> ModuleType:
-    """``triton_packed`` from its file, without importing the twa_ray package."""
+    """``triton_packed`` from its file (it imports ``twa_ray.core.quant``: torch and numpy only)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     spec = importlib.util.spec_from_file_location("twa_triton_packed", KERNELS)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -257,7 +259,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def reference_step(qs: list[torch.Tensor], pk: Packed, g: torch.Tensor, alpha: torch.Tensor,
                    buf: torch.Tensor, centre: torch.Tensor, lr: float, momentum: float) -> torch.Tensor:  # fmt: skip
-    """The published step (BENCHMARKS.md B): unpacked codes, float temporaries, a Python loop."""
+    """The published step (the paper's implementation): unpacked codes, float temporaries, a Python loop."""
     grads = []
     for i, q in enumerate(qs):
         gb = g[pk.bounds[i] : pk.bounds[i + 1]]

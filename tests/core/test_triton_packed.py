@@ -111,9 +111,12 @@ def test_tile_table_covers_every_byte_once():
 
 
 def test_pad_rows_selects_the_vector_path():
+    from twa_ray.core.quant import pad_rows, rows_aligned
+
     codes = torch.randint(0, 256, (3, 21), dtype=torch.uint8)[:, 1:]  # odd base and stride
-    assert not tp._row_layout(codes)[0]
-    padded = tp.pad_rows(codes)
+    assert not tp._row_layout(codes)[0] and not rows_aligned(codes)
+    padded = pad_rows(codes)
+    assert rows_aligned(padded)
     assert torch.equal(padded, codes) and padded.stride() == (32, 1)
     assert tp._row_layout(padded) == (True, 32, 32)
 

@@ -33,8 +33,11 @@ __all__ = [
     "PackedMatrixBuilder",
     "dequantize",
     "pack",
+    "pad_rows",
     "quantize",
     "relative_error",
+    "resolve_device",
+    "rows_aligned",
     "unpack",
 ]
 
@@ -127,6 +130,49 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the matrix
 
+ROW_ALIGN = 16
+"""Bytes: packed rows of B on the GPU start on this boundary (vector loads of the kernels)."""
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index (``cuda`` -> ``cuda:<current>``): comparable to a tensor's."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def rows_aligned(data: torch.Tensor) -> bool:
+    """Rows of the 2-D ``data`` start on :data:`ROW_ALIGN`-byte boundaries and the storage
+    reaches the padded end of the last row."""
+    num_rows, nbytes = data.shape
+    padded = -(-nbytes // ROW_ALIGN) * ROW_ALIGN
+    stride = data.stride(0) if num_rows > 1 else padded
+    reachable = data.untyped_storage().nbytes() - data.storage_offset() * data.element_size()
+    return bool(
+        data.data_ptr() % ROW_ALIGN == 0
+        and stride % ROW_ALIGN == 0
+        and reachable >= (num_rows - 1) * stride + padded
+    )
+
+
+def pad_rows(data: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """A copy of the uint8 ``(R, nbytes)`` ``data`` on ``device`` whose rows start on 16-byte
+    boundaries: an ``(R, nbytes)`` view of ``(R, ceil(nbytes / 16) * 16)`` storage.
+
+    The one padding function of twa_ray (:meth:`PackedMatrix.to` calls it once per move).
+
+    >>> pad_rows(torch.zeros(3, 5, dtype=torch.uint8)).stride()
+    (16, 1)
+    """
+    num_rows, nbytes = data.shape
+    storage = torch.empty(
+        num_rows, -(-nbytes // ROW_ALIGN) * ROW_ALIGN, dtype=data.dtype, device=device or data.device
+    )
+    out = storage[:, :nbytes]
+    out.copy_(data)
+    return out
+
 
 @dataclass(frozen=True, eq=False)
 class PackedMatrix:
@@ -207,18 +253,16 @@ class PackedMatrix:
             zero=self.zero[:, l0:l1],
         )
 
-    def to(self, device: torch.device | str) -> PackedMatrix:
-        """A copy on ``device``. On CUDA, packed rows start on 16-byte boundaries (the layout
-        of the Triton kernels' vector loads)."""
-        device = torch.device(device)
-        data = self.data
-        if device.type == "cuda" and self.bits <= 8:
-            num_rows, nbytes = data.shape
-            storage = torch.empty(num_rows, -(-nbytes // 16) * 16, dtype=data.dtype, device=device)
-            data = storage[:, :nbytes]
-            data.copy_(self.data)
-        else:
-            data = data.to(device)
+    def to(self, device: torch.device | str, *, pad: bool | None = None) -> PackedMatrix:
+        """On ``device``: ``self`` when already there, else a copy. Packed rows are padded to
+        start on 16-byte boundaries (:func:`pad_rows`, the Triton kernels' vector-load layout)
+        when ``pad`` (default: on CUDA)."""
+        device = resolve_device(device)
+        pad = (device.type == "cuda" if pad is None else pad) and self.bits <= 8
+        there = all(t.device == device for t in (self.data, self.scale, self.zero))
+        if there and (not pad or rows_aligned(self.data)):
+            return self
+        data = pad_rows(self.data, device) if pad else self.data.to(device)
         return replace(self, data=data, scale=self.scale.to(device), zero=self.zero.to(device))
 
     @property

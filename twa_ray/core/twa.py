@@ -13,8 +13,9 @@
 TWA-t runs this loop on training batches, TWA-v on held-out validation batches: the same loop
 with another loader. Paper: Li et al., "Trainable Weight Averaging", arXiv 2205.13104.
 
-A distributed caller splits the step: :meth:`TWA.coefficient_grad` on each worker, an all-reduce
-of the (K, L) result, then :meth:`TWA.apply_` on every worker.
+A distributed caller passes a :class:`~twa_ray.core.placement.Placement` (this worker's part of
+B and its process group) instead of the subspace: :meth:`TWA.coefficient_grad` then returns the
+group's mean ``a`` and :meth:`TWA.apply_` rebuilds theta with the placement's collectives.
 
 >>> import torch
 >>> from torch import nn
@@ -39,6 +40,7 @@ from torch import nn
 from twa_ray.core.bn import split_batch, update_bn
 from twa_ray.core.layout import Layout, flatten, load_flat_, parse_blocks
 from twa_ray.core.optim import OPTIMIZERS, SCHEDULES, make_optimizer
+from twa_ray.core.placement import Placement, place
 from twa_ray.core.quant import ALLOWED_BITS
 from twa_ray.core.subspace import CandidateStream, Subspace, build_affine, build_span
 
@@ -79,9 +81,14 @@ class TWAConfig:
     """'step' schedule: steps between decays."""
     gamma: float = 0.1
     """'step' schedule: decay factor."""
+    basis_placement: Literal["replicate", "shard", "auto"] = "auto"
+    """Where the quantized basis lives in the coefficient group: a full copy per worker
+    ('replicate'), split across workers ('shard'), or chosen from its size ('auto')."""
 
     def __post_init__(self) -> None:
         errors = []
+        if self.basis_placement not in ("replicate", "shard", "auto"):
+            errors.append(f"basis_placement={self.basis_placement!r}: use 'replicate', 'shard' or 'auto'")
         if self.subspace not in ("affine", "span"):
             errors.append(f"subspace={self.subspace!r}: use 'affine' or 'span'")
         try:
@@ -167,8 +174,11 @@ class TWA:
 
     Args:
         model: the network; its trainable parameters are overwritten with ``theta(alpha)``.
-        candidates: a :class:`Subspace`, a candidate store, or a sequence of state dicts,
-            flat tensors or modules with the model's layout.
+        candidates: a :class:`Placement` (a worker's part of a subspace, see
+            :mod:`twa_ray.core.placement`), a :class:`Subspace`, a candidate store, or a sequence
+            of state dicts, flat tensors or modules with the model's layout. B is moved to the
+            model's device once (no copy when it is there already: TWA objects built on the
+            same device-resident subspace or placement share its bytes).
         config: a :class:`TWAConfig`; keyword ``overrides`` replace its fields.
     """
 
@@ -187,17 +197,21 @@ class TWA:
         self.loss_fn = loss_fn
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
-        subspace = (
-            candidates
-            if isinstance(candidates, Subspace)
-            else build_subspace(candidates, self.layout, self.config)
-        )
-        if subspace.origin.numel() != self.layout.numel:
-            raise ValueError(
-                f"subspace has dimension {subspace.origin.numel()}, the model {self.layout.numel}"
+        if isinstance(candidates, Placement):
+            placement = candidates
+        else:
+            subspace = (
+                candidates
+                if isinstance(candidates, Subspace)
+                else build_subspace(candidates, self.layout, self.config)
             )
-        self.subspace = subspace.to(self.device)
-        self.alpha = self.subspace.alpha0.clone().requires_grad_(False)
+            placement = place(subspace, "replicate")
+        if placement.numel != self.layout.numel:
+            raise ValueError(
+                f"subspace has dimension {placement.numel}, the model {self.layout.numel}"
+            )
+        self.placement = placement.to(self.device)
+        self.alpha = self.placement.alpha0.clone().requires_grad_(False)
         self.step_count = 0
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
@@ -219,14 +233,15 @@ class TWA:
 
     @property
     def theta(self) -> torch.Tensor:
-        """The current weights ``o + sum alpha B`` as a flat (D,) float32 tensor."""
-        return self.subspace.reconstruct(self.alpha)
+        """The current weights ``o + sum alpha B`` as a flat (D,) float32 tensor (a collective
+        under a 'shard' placement: every worker of the group calls it)."""
+        return self.placement.reconstruct(self.alpha)
 
     @torch.no_grad()
     def load_theta_(self) -> None:
         """Write ``theta(alpha)`` into the model's parameters."""
         if self._flat is not None:
-            self.subspace.reconstruct(self.alpha, out=self._flat)
+            self.placement.reconstruct(self.alpha, out=self._flat)
         else:
             load_flat_(self.model, self.theta, self.layout)
 
@@ -249,7 +264,8 @@ class TWA:
 
     def coefficient_grad(self, batch: Any) -> tuple[torch.Tensor, float, int, int]:
         """Forward + backward on ``batch`` at ``theta``; returns ``(a, loss_sum, correct, count)``
-        with ``a = B g`` of shape (R, L)."""
+        with ``a = B g`` of shape (R, L), averaged over the placement's workers (their batches);
+        loss_sum, correct and count are this worker's."""
         self.model.train()
         for p in self.params:
             p.grad = None
@@ -266,7 +282,7 @@ class TWA:
         count = int(y.shape[0]) if isinstance(y, torch.Tensor) else int(x.shape[0])
         classify = isinstance(y, torch.Tensor) and not y.is_floating_point() and out.dim() == y.dim() + 1
         correct = int((out.argmax(-1) == y).sum()) if classify else 0
-        return self.subspace.project(g), float(loss.detach()) * count, correct, count
+        return self.placement.mean_grad(g), float(loss.detach()) * count, correct, count
 
     @torch.no_grad()
     def apply_(self, a: torch.Tensor) -> None:

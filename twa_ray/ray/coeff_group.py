@@ -5,12 +5,18 @@ Every worker holds a replica of alpha and a zero-copy view of the packed basis B
 
 .. math::
     a^{(r)} = B\\,\\nabla_\\theta \\ell(\\theta(\\alpha); \\text{batch}_r), \\qquad
-    a = \\frac1N \\sum_r a^{(r)} \\ \\text{(all-reduce of } K \\cdot L \\text{ float32)}, \\qquad
+    a = \\frac1N \\sum_r a^{(r)} \\ \\text{(all-gather of } K \\cdot L \\text{ float32)}, \\qquad
     \\alpha \\leftarrow \\mathrm{step}(\\alpha, a), \\quad \\theta = o + \\textstyle\\sum \\alpha B
 
 All workers apply the same ``a`` to the same optimizer state, so their alphas stay bit-identical
-(checked at the end). TWA-t optimizes on the train split, TWA-v on the held-out val split; both
-take ``round(epochs * steps per training epoch)`` steps (TWA-v cycles its smaller split). Then:
+(checked at the end). That is ``basis_placement='replicate'``; with ``'shard'`` each worker holds
+only its shards of B (B / N per worker and device) and the step trades gradient and weight slices
+instead (:mod:`twa_ray.core.placement`; the same alpha bit for bit); ``'auto'`` shards when B and
+the model do not fit comfortably in a worker's memory. The choice, its reason, the bytes of B
+held per worker and sent per step are in every result's ``extra``.
+
+TWA-t optimizes on the train split, TWA-v on the held-out val split; both take
+``round(epochs * steps per training epoch)`` steps (TWA-v cycles its smaller split). Then:
 
 1. BatchNorm statistics are re-estimated on the whole train split: every worker runs
    ``update_bn`` over its strided shard (``n_r`` batches); the cumulative averages combine as
@@ -31,12 +37,9 @@ checkpoint, and the data order (a function of seed, epoch and step) replays exac
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
-import re
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,10 +49,20 @@ import torch
 
 from twa_ray.config import DataConfig
 from twa_ray.core.bn import bn_state, load_bn_state_, update_bn
+from twa_ray.core.kernels.cpu import kernel_info
 from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.core.twa import TWA, TWAConfig
+from twa_ray.ray.group import (
+    check_data_root_on_nodes,
+    check_run_id,
+    fit_group,
+    load_worker_splits,
+    marker_path,
+    report,
+)
 from twa_ray.ray.shards import ShardedSubspace
-from twa_ray.ray.worker import evaluate_sharded, maybe_fail, strided
+from twa_ray.ray.worker import evaluate_sharded, loader_options, maybe_fail, strided
+from twa_ray.storage import open_storage
 
 __all__ = ["MODES", "TWAResult", "coeff_loop_per_worker", "run_twa"]
 
@@ -60,7 +73,6 @@ STATE_FILE = "coeff.pt"  # alpha, optimizer, scheduler, step + loop state (torch
 RESULT_FILE = "result.pt"  # the final TWAResult fields (alpha, BN state, metrics)
 FAIL_MARKER = ".twa_{run_id}.failure_injected"
 KILL_MARKER = ".twa_{run_id}.worker_killed"
-_RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _EVAL_BATCH = 1024
 
 
@@ -167,8 +179,9 @@ def run_twa(
             keep the handle alive until this returns.
         data: dataset and model (the model must have the subspace's layout).
         twa: optimizer, schedule and epochs of the coefficient phase.
-        run_dir: local directory; Ray Train writes under ``run_dir/ray_train``, the resolved
-            config goes to ``run_dir/twa_<run_id>.json``.
+        run_dir: the run's storage (a local path or a ``pyarrow.fs`` URI, shared by the nodes);
+            Ray Train writes under ``run_dir/ray_train``, the resolved config goes to
+            ``run_dir/twa_<run_id>.json``, each mode's summary to ``twa_<run_id>_<mode>.json``.
         modes: "t" (train split) and/or "v" (held-out val split).
         num_workers, cpus_per_worker, use_gpu: the worker group.
         batch_size: global batch of the coefficient steps (split across workers).
@@ -190,9 +203,6 @@ def run_twa(
         ValueError: a bad argument (named in the message).
         ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     errors = []
     bad_modes = [m for m in modes if m not in MODES]
     if not modes or bad_modes:
@@ -207,16 +217,14 @@ def run_twa(
         errors.append(f"bn_batches={bn_batches}: must be >= 1 or None")
     if max_failures < 0:
         errors.append(f"max_failures={max_failures}: must be >= 0")
-    if not isinstance(run_id, str) or not _RUN_ID_RE.fullmatch(run_id):
-        errors.append(f"run_id={run_id!r}: use 1-100 characters from [A-Za-z0-9._-]")
-    if "://" in run_dir:
-        errors.append(f"run_dir={run_dir!r}: must be a local directory")
+    if check_run_id(run_id):
+        errors.append(str(check_run_id(run_id)))
     if not isinstance(sharded, ShardedSubspace):
         errors.append(f"sharded is a {type(sharded).__name__}; pass shards.put_subspace(...)")
     if errors:
         raise ValueError("invalid coefficient-phase arguments: " + "; ".join(errors))
-    run_dir = os.path.abspath(os.path.expanduser(run_dir))
-    os.makedirs(run_dir, exist_ok=True)
+    rd = open_storage(run_dir)
+    check_data_root_on_nodes(data)
     options = {
         "num_workers": num_workers, "cpus_per_worker": cpus_per_worker, "use_gpu": use_gpu,
         "batch_size": batch_size, "bn_batches": bn_batches, "checkpoint_every": checkpoint_every,
@@ -226,45 +234,31 @@ def run_twa(
         "run_id": run_id, "data": asdict(data), "twa": twa.to_dict(), "options": options,
         "subspace": sharded.summary(),
     }  # fmt: skip
-    with open(os.path.join(run_dir, f"twa_{run_id}.json"), "w") as f:
-        json.dump(resolved, f, indent=2)
+    rd.write_json(f"twa_{run_id}.json", resolved)
 
-    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     loop_config = {
         "data": asdict(data), "twa": twa.to_dict(), "sharded": sharded, "modes": list(modes),
         "batch_size": batch_size, "bn_batches": bn_batches, "checkpoint_every": checkpoint_every,
         "eval_swa": eval_swa, "progress": progress, "fail_at_step": fail_at_step,
-        "fail_marker": os.path.join(run_dir, FAIL_MARKER.format(run_id=run_id)),
+        "fail_marker": marker_path(rd, FAIL_MARKER.format(run_id=run_id)),
         "kill_at_step": kill_at_step,
-        "kill_marker": os.path.join(run_dir, KILL_MARKER.format(run_id=run_id)),
+        "kill_marker": marker_path(rd, KILL_MARKER.format(run_id=run_id)),
     }  # fmt: skip
     # one worker group for all modes: data, model and the subspace view are set up once
-    trainer = TorchTrainer(
-        coeff_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=f"twa_{run_id}",
-            storage_path=os.path.join(run_dir, "ray_train"),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
     t0 = time.perf_counter()
-    result = trainer.fit()  # raises TrainingFailedError once max_failures is exhausted
+    result = fit_group(
+        coeff_loop_per_worker, loop_config, name=f"twa_{run_id}", run_dir=rd,
+        num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu,
+        max_failures=max_failures,
+    )  # fmt: skip  # raises TrainingFailedError once max_failures is exhausted
     wall = time.perf_counter() - t0
-    if result.checkpoint is None:
-        raise RuntimeError(f"coefficient run twa_{run_id} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
         out = torch.load(os.path.join(d, RESULT_FILE), map_location="cpu", weights_only=True)
     results = {}
     for mode in modes:
         res = TWAResult(**out[mode], wall_time_s=wall, checkpoint_path=result.checkpoint.path)
         results[mode] = res
-        with open(os.path.join(run_dir, f"twa_{run_id}_{mode}.json"), "w") as f:
-            json.dump(res.summary(), f, indent=2)
+        rd.write_json(f"twa_{run_id}_{mode}.json", res.summary())
     return results
 
 
@@ -279,7 +273,6 @@ def coeff_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from torch.utils.data import DataLoader
 
-    from twa_ray.data import load_dataset
     from twa_ray.models import build_model
     from twa_ray.ray.logs import quiet_train_logs
 
@@ -293,76 +286,149 @@ def coeff_loop_per_worker(config: dict[str, Any]) -> None:
     per_worker = int(config["batch_size"]) // world
 
     # ---- data: train (TWA-t, BN statistics), held-out val (TWA-v, report), test (report)
-    splits = load_dataset(
-        data.dataset, root=data.data_root, val_frac=data.val_frac, seed=data.seed,
-        num_samples=data.num_samples,
-    )  # fmt: skip
-    bn_loader = DataLoader(strided(splits.train, rank, world), batch_size=per_worker)
+    splits = load_worker_splits(data)
+    loader_kw = loader_options(device)
+    bn_loader = DataLoader(strided(splits.train, rank, world), batch_size=per_worker, **loader_kw)
     val_loader, test_loader = (
-        DataLoader(strided(ds, rank, world), batch_size=_EVAL_BATCH)
+        DataLoader(strided(ds, rank, world), batch_size=_EVAL_BATCH, **loader_kw)
         for ds in (splits.val, splits.test)
     )
 
-    # ---- model + subspace: B is a zero-copy view of the object store, never copied on the CPU
+    # ---- model + B placed once on this worker's device (all of it, or its shards): every
+    # mode, the BN update and the evaluation reuse it. CPU: zero-copy views of the object store
     torch.manual_seed(data.seed)
     model = build_model(data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
     model = model.to(device)
     Layout.from_module(model).check_compatible(sharded.layout, "the subspace")
-    subspace = sharded.materialize()
+    kind, reason = _choose_placement(twa_cfg.basis_placement, sharded, model, device, world)
+    placement = sharded.place(kind, rank=rank, world=world, device=device)
+    extra = {"basis_placement": kind, "basis_placement_reason": reason,
+             "basis_held_bytes": placement.held_bytes,
+             "wire_bytes_per_step": placement.wire_bytes_per_step}  # fmt: skip
+    if device.type == "cpu":  # the packed-kernel path measured on this worker's CPU
+        extra["kernel"] = kernel_info()
+    if rank == 0:
+        log.info("twa: basis placement %s (%s); B held per worker %.1f MiB of %.1f MiB",
+                 kind, reason, placement.held_bytes / 2**20, sharded.nbytes / 2**20)  # fmt: skip
 
     def finish(twa: TWA) -> tuple[torch.Tensor, dict[str, float]]:
         return _finish(twa, bn_loader, val_loader, test_loader, device, config["bn_batches"])
 
     # ---- resume from the last reported checkpoint: finished modes, the current mode's state
-    ckpt: dict[str, Any] = {"done": {}, "current": None, "swa": None, "restarts": 0}
+    ckpt = CoeffState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            ckpt = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        ckpt["restarts"] += 1
+            ckpt = CoeffState.from_dict(
+                torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+            )
+        ckpt.restarts += 1
         if rank == 0 and config["progress"]:
-            cur = ckpt["current"]
-            where = f"mode {cur['mode']} step {cur['twa']['step']}" if cur else "a mode boundary"
-            log.info("twa: resumed at %s (done: %s)", where, sorted(ckpt["done"]))
+            cur = ckpt.current
+            where = f"mode {cur.mode} step {cur.twa['step']}" if cur else "a mode boundary"
+            log.info("twa: resumed at %s (done: %s)", where, sorted(ckpt.done))
 
     for mode in config["modes"]:
-        if mode in ckpt["done"]:
+        if mode in ckpt.done:
             continue
-        twa = TWA(model, subspace, config=twa_cfg)
+        twa = TWA(model, placement, config=twa_cfg)  # no copy of B: it is on the device already
         # ---- the SWA point (alpha0, where the first mode starts), BN re-estimated, for the report
         # (the BN statistics it leaves behind do not matter: coefficient steps run in train mode)
-        if config["eval_swa"] and ckpt["swa"] is None:
-            ckpt["swa"] = finish(twa)[1]
+        if config["eval_swa"] and ckpt.swa is None:
+            ckpt.swa = finish(twa)[1]
         out = _fit_mode(twa, mode, splits, ckpt, config, finish, rank=rank, world=world)
-        ckpt["done"][mode], ckpt["current"] = out, None
+        ckpt.done[mode], ckpt.current = {**out, "extra": extra}, None
         metrics = {
             k: out[k] for k in ("mode", "steps", "val_loss", "val_acc", "test_loss", "test_acc")
         }
-        _report(metrics, ckpt if rank == 0 else None, f"checkpoint_{mode}_final")
+        _report(metrics, ckpt.to_dict() if rank == 0 else None, f"checkpoint_{mode}_final")
     # ---- the result: every mode's outcome, read back by the driver from the last checkpoint
-    results = {m: {**ckpt["done"][m], "swa": ckpt["swa"], "restarts": ckpt["restarts"]}
+    results = {m: {**ckpt.done[m], "swa": ckpt.swa, "restarts": ckpt.restarts}
                for m in config["modes"]}  # fmt: skip
     metrics = {f"{m}_{k}": r[k] for m, r in results.items() for k in ("val_acc", "test_acc")}
     _report(
         metrics,
-        ckpt if rank == 0 else None,
+        ckpt.to_dict() if rank == 0 else None,
         "checkpoint_final",
         result=results if rank == 0 else None,
     )
+
+
+@dataclass
+class ModeProgress:
+    """The coefficient steps of one mode in flight (checkpointed every ``checkpoint_every``)."""
+
+    mode: str
+    twa: dict[str, Any]
+    """:meth:`TWA.state_dict`: alpha, optimizer, schedule, step."""
+    history: list[dict[str, Any]]
+    """One dict per finished pass over the fit split."""
+    pass_sums: torch.Tensor
+    """(3,) float64 loss sum, correct, count of the current pass, all workers."""
+
+
+@dataclass
+class CoeffState:
+    """What rank 0 checkpoints (``coeff.pt``, saved as a plain dict: ``weights_only`` loads)."""
+
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Finished modes: their result fields."""
+    current: ModeProgress | None = None
+    """The mode in flight, if any."""
+    swa: dict[str, float] | None = None
+    """Metrics of the SWA point (evaluated once, before the first mode)."""
+    restarts: int = 0
+    """Worker-group restarts in this checkpoint's lineage."""
+
+    def to_dict(self) -> dict[str, Any]:
+        cur = None if self.current is None else vars(self.current)
+        return {"done": self.done, "current": cur, "swa": self.swa, "restarts": self.restarts}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CoeffState:
+        cur = d["current"]
+        return cls(done=d["done"], current=None if cur is None else ModeProgress(**cur),
+                   swa=d["swa"], restarts=int(d["restarts"]))  # fmt: skip
+
+
+def _choose_placement(
+    requested: str, sharded: ShardedSubspace, model: torch.nn.Module, device: torch.device,
+    world: int,
+) -> tuple[str, str]:  # fmt: skip
+    """:func:`twa_ray.core.placement.choose` with this worker's memory; every worker takes
+    'shard' when one of them must (a MAX all-reduce), so that all agree."""
+    import torch.distributed as dist
+
+    from twa_ray.core.placement import choose
+    from twa_ray.ray.shards import worker_capacity
+
+    capacity, where = worker_capacity(device)
+    # GPU: weights, gradients, the flat theta and g next to B; CPU: B lives in the object store
+    model_bytes = 4 * sum(p.numel() * 4 for p in model.parameters()) if device.type == "cuda" else 0
+    kind, reason = choose(
+        requested, basis_bytes=sharded.nbytes, model_bytes=model_bytes, capacity_bytes=capacity,
+        world=world, num_shards=sharded.num_shards, where=where,
+    )  # fmt: skip
+    if requested == "auto" and world > 1:
+        flag = torch.tensor([float(kind == "shard")], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and kind == "replicate":
+            kind, reason = "shard", "auto: B does not fit comfortably on another worker"
+    return kind, reason
 
 
 def _fit_mode(
     twa: TWA,
     mode: str,
     splits: Any,
-    ckpt: dict[str, Any],
+    ckpt: CoeffState,
     config: dict[str, Any],
     finish: Any,
     *,
     rank: int,
     world: int,
 ) -> dict[str, Any]:
-    """One mode's coefficient steps (resuming ``ckpt['current']``), BN, evaluation, checks."""
+    """One mode's coefficient steps (resuming ``ckpt.current``), BN, evaluation, checks."""
     import torch.distributed as dist
     from torch.utils.data import DataLoader, DistributedSampler
 
@@ -383,14 +449,14 @@ def _fit_mode(
     steps_per_epoch = max(1, math.ceil(len(splits.train) / world) // per_worker)
     total = max(1, round(twa.config.epochs * steps_per_epoch))
     twa.start(total)
-    coeff_bytes = twa.alpha.numel() * twa.alpha.element_size()  # K·L·4 on the wire per step
+    coeff_bytes = twa.alpha.numel() * twa.alpha.element_size()  # K·L·4: the coefficients' size
     history: list[dict[str, Any]] = []
     # loss_sum, correct, count of all workers in this pass (on the device: nccl reduces there)
     pass_sums = torch.zeros(3, dtype=torch.float64, device=twa.device)
-    current = ckpt["current"]
-    if current is not None and current["mode"] == mode:
-        twa.load_state_dict(current["twa"], total_steps=total)
-        history, pass_sums = current["history"], current["pass_sums"].double().to(twa.device)
+    current = ckpt.current
+    if current is not None and current.mode == mode:
+        twa.load_state_dict(current.twa, total_steps=total)
+        history, pass_sums = current.history, current.pass_sums.double().to(twa.device)
 
     local_sums = torch.zeros_like(pass_sums)  # since the last report, this worker only
     t0 = time.perf_counter()
@@ -399,11 +465,12 @@ def _fit_mode(
         skip = twa.step_count - passes * steps_per_pass  # steps of this pass done before a restart
         sampler.set_epoch(passes)  # the data order is a function of (seed, pass): replayable
         order = list(sampler)[skip * per_worker :]
-        loader = DataLoader(fit_ds, batch_size=per_worker, sampler=order, drop_last=True)
+        loader = DataLoader(fit_ds, batch_size=per_worker, sampler=order, drop_last=True,
+                            **loader_options(twa.device))  # fmt: skip
         for batch in loader:
+            # a: the mean over all workers' batches, through the placement's collectives
+            # (replicate: an all-gather of R·L numbers; shard: see twa_ray.core.placement)
             a, loss_sum, correct, count = twa.coefficient_grad(batch)
-            dist.all_reduce(a)  # (R, L) float32: the only per-step communication
-            a /= world
             twa.apply_(a)
             step = twa.step_count
             local_sums += torch.tensor(
@@ -430,9 +497,9 @@ def _fit_mode(
                         # logging, not print: Ray Train patches print() in workers and emits it twice
                         log.info("twa-%s epoch %.2f step %d/%d: loss %.4f acc %.2f%% lr %.4g",
                                  mode, step / steps_per_epoch, step, total, loss, 100 * acc, lr)  # fmt: skip
-                ckpt["current"] = {"mode": mode, "twa": twa.state_dict(), "history": history,
-                                   "pass_sums": pass_sums.cpu()}  # fmt: skip
-                _report(metrics, ckpt if rank == 0 else None, f"checkpoint_{mode}_step{step:07d}")
+                ckpt.current = ModeProgress(mode, twa.state_dict(), history, pass_sums.cpu())
+                _report(metrics, ckpt.to_dict() if rank == 0 else None,
+                        f"checkpoint_{mode}_step{step:07d}")  # fmt: skip
             if step >= total:
                 break
     train_time = time.perf_counter() - t0
@@ -444,7 +511,7 @@ def _fit_mode(
     dist.all_gather_object(digests, digest)
     identical = len(set(digests)) == 1
     if rank == 0 and config["progress"]:
-        swa = ckpt["swa"]
+        swa = ckpt.swa
         swa_txt = f" (SWA {100 * swa['test_acc']:.2f}%)" if swa else ""
         log.info("twa-%s done: val %.2f%% test %.2f%%%s; alpha identical on %d workers: %s",
                  mode, 100 * final["val_acc"], 100 * final["test_acc"], swa_txt, world, identical)  # fmt: skip
@@ -509,15 +576,9 @@ def _report(
     result: dict[str, Any] | None = None,
 ) -> None:
     """``ray.train.report`` on every rank (a barrier); rank 0 (``state`` given) checkpoints."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
-        if state is not None:
-            torch.save(state, os.path.join(tmp, STATE_FILE))
-            if result is not None:
-                torch.save(result, os.path.join(tmp, RESULT_FILE))
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+    files = None
+    if state is not None:
+        files = {STATE_FILE: state, **({RESULT_FILE: result} if result is not None else {})}
+    report(metrics, files, name)
 
 

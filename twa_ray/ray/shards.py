@@ -8,8 +8,10 @@ in memory at a time), cuts the packed ``R x D`` basis into shards of whole block
     subspace = sharded.materialize()                      # worker: zero-copy views, no copy of B
 
 On a node every worker maps the same bytes of the object store, so the memory for B per node is
-one copy whatever the number of workers. The shards are never concatenated (that would copy B);
-:class:`ShardedBasis` runs ``project`` / ``reconstruct`` shard by shard instead:
+one copy whatever the number of workers. With ``basis_placement='shard'`` each coefficient
+worker gets only the shards it owns (:meth:`ShardedSubspace.place`, :mod:`twa_ray.core.placement`):
+B / W per worker and per device. The shards are never concatenated (that would copy B);
+:class:`~twa_ray.core.placement.ShardedBasis` runs ``project`` / ``reconstruct`` shard by shard:
 
 .. math::
     a[:, l_0:l_1] = \\mathrm{project}(B^{(s)}, g[c_0:c_1]), \\qquad
@@ -24,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -33,13 +35,15 @@ import ray
 import torch
 
 from twa_ray.core.layout import Blocks, Layout
-from twa_ray.core.project import project, reconstruct
-from twa_ray.core.quant import PackedMatrix, dequantize
+from twa_ray.core.placement import Placement, PlacementKind, ShardedBasis, place, shard_plan
+from twa_ray.core.quant import PackedMatrix, resolve_device
 from twa_ray.core.subspace import Subspace
 from twa_ray.core.twa import TWAConfig, build_subspace
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
+    "MIN_AUTO_SHARD_BYTES",
+    "PLACEMENT_SHARDS",
     "ShardedBasis",
     "ShardedSubspace",
     "ShardedView",
@@ -47,12 +51,17 @@ __all__ = [
     "plan_shards",
     "put_subspace",
     "shard_subspace",
+    "worker_capacity",
 ]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_BYTES = 256 << 20
 """Upper bound of a shard's bytes (data + scale + zero) unless one block alone is larger."""
+PLACEMENT_SHARDS = 64
+"""Shards of B (at most one per block) when ``basis_placement`` may shard it across workers."""
+MIN_AUTO_SHARD_BYTES = 1 << 20
+"""'auto' placement: no finer shards than this (a small B is replicated anyway)."""
 
 
 # ----------------------------------------------------------------------------- planning
@@ -86,6 +95,7 @@ def plan_shards(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     num_shards: int | None = None,
+    warn: bool = True,
 ) -> tuple[int, ...]:
     """Block bounds of the shards (``S + 1`` offsets into the L blocks).
 
@@ -107,7 +117,7 @@ def plan_shards(
         return _split(sizes, num_shards)
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes={max_shard_bytes}: must be >= 1")
-    if max(sizes) > max_shard_bytes:
+    if warn and max(sizes) > max_shard_bytes:
         log.warning(
             "a block of B holds %d bytes, more than max_shard_bytes=%d: it gets a shard of its own "
             "(finer blocks, blocks='size:N', give smaller shards)",
@@ -123,120 +133,6 @@ def plan_shards(
 
 
 # ----------------------------------------------------------------------------- worker side
-
-
-class ShardedBasis:
-    """The packed ``R x D`` basis as column shards of whole blocks; never concatenated.
-
-    Quacks like :class:`PackedMatrix` for its metadata (``bits``, ``num_rows``, ``bounds``,
-    ``numel``, ``num_blocks``, ``nbytes``) and runs the two products shard by shard.
-
-    Args:
-        shards: packed matrices over consecutive block ranges (each rebased to column 0).
-        block_bounds: ``S + 1`` offsets: shard s holds blocks ``block_bounds[s]:block_bounds[s+1]``.
-    """
-
-    def __init__(self, shards: Sequence[PackedMatrix], block_bounds: Sequence[int]) -> None:
-        self.shards = tuple(shards)
-        self.block_bounds = tuple(int(b) for b in block_bounds)
-        if len(self.block_bounds) != len(self.shards) + 1 or self.block_bounds[0] != 0:
-            raise ValueError(
-                f"block_bounds {self.block_bounds} do not fit {len(self.shards)} shards"
-            )
-        bounds = [0]
-        for s, pm in enumerate(self.shards):
-            if pm.num_blocks != self.block_bounds[s + 1] - self.block_bounds[s]:
-                raise ValueError(
-                    f"shard {s} has {pm.num_blocks} blocks, block_bounds say otherwise"
-                )
-            if pm.num_rows != self.shards[0].num_rows or pm.bits != self.shards[0].bits:
-                raise ValueError(f"shard {s} has another number of rows or bits than shard 0")
-            bounds += [bounds[-1] + b for b in pm.bounds[1:]]
-        self.bounds = tuple(bounds)
-        self.col_bounds = tuple(bounds[b] for b in self.block_bounds)  # column range per shard
-
-    @property
-    def bits(self) -> int:
-        return self.shards[0].bits
-
-    @property
-    def num_rows(self) -> int:
-        return self.shards[0].num_rows
-
-    @property
-    def num_shards(self) -> int:
-        return len(self.shards)
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.bounds) - 1
-
-    @property
-    def numel(self) -> int:
-        """D, the number of columns."""
-        return self.bounds[-1]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of all shards' data, scale and zero."""
-        return sum(pm.nbytes for pm in self.shards)
-
-    @property
-    def device(self) -> torch.device:
-        return self.shards[0].data.device
-
-    def _ranges(self) -> Iterator[tuple[PackedMatrix, int, int, int, int]]:
-        """``(shard, l0, l1, c0, c1)``: each shard with its block and column range."""
-        return zip(
-            self.shards,
-            self.block_bounds,
-            self.block_bounds[1:],
-            self.col_bounds,
-            self.col_bounds[1:],
-        )
-
-    def project(self, g: torch.Tensor) -> torch.Tensor:
-        """``a[k, l] = <B[k, l], g>``: (D,) -> (R, L) float32."""
-        if len(self.shards) == 1:
-            return project(self.shards[0], g)
-        if tuple(g.shape) != (self.numel,):
-            raise ValueError(f"g must have shape ({self.numel},), got {list(g.shape)}")
-        g = g.contiguous()
-        return torch.cat([project(pm, g[c0:c1]) for pm, _, _, c0, c1 in self._ranges()], dim=1)
-
-    def reconstruct(
-        self,
-        alpha: torch.Tensor,
-        origin: torch.Tensor | None = None,
-        *,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``theta = origin + sum alpha[k, l] B[k, l]``: (R, L) -> (D,) float32, written in ``out``."""
-        if len(self.shards) == 1:
-            return reconstruct(self.shards[0], alpha, origin, out=out)
-        if tuple(alpha.shape) != (self.num_rows, self.num_blocks):
-            raise ValueError(
-                f"alpha must have shape ({self.num_rows}, {self.num_blocks}), got {list(alpha.shape)}"
-            )
-        if out is None:
-            out = torch.empty(self.numel, device=alpha.device)
-        elif tuple(out.shape) != (self.numel,) or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous ({self.numel},) tensor")
-        for pm, l0, l1, c0, c1 in self._ranges():
-            o = None if origin is None else origin[c0:c1]
-            reconstruct(pm, alpha[:, l0:l1].contiguous(), o, out=out[c0:c1])
-        return out
-
-    def dequantize(self) -> torch.Tensor:
-        """The float32 ``(R, D)`` matrix (tests and small matrices only)."""
-        return torch.cat([dequantize(pm) for pm in self.shards], dim=1)
-
-    def to(self, device: torch.device | str) -> ShardedBasis:
-        shards = [
-            replace(pm, data=pm.data.to(device), scale=pm.scale.to(device), zero=pm.zero.to(device))
-            for pm in self.shards
-        ]
-        return ShardedBasis(shards, self.block_bounds)
 
 
 @dataclass
@@ -257,12 +153,10 @@ class ShardedView(Subspace):
         return self.basis.reconstruct(alpha, self.origin, out=out)
 
     def to(self, device: torch.device | str) -> ShardedView:
-        return replace(
-            self,
-            origin=self.origin.to(device),
-            basis=self.basis.to(device),
-            alpha0=self.alpha0.to(device),
-        )
+        basis = self.basis.to(device)  # one copy (padded rows), or none when B is there
+        if basis is self.basis and self.origin.device == resolve_device(device):
+            return self
+        return replace(self, origin=self.origin.to(device), basis=basis, alpha0=self.alpha0.to(device))
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
@@ -363,6 +257,37 @@ class ShardedSubspace:
         )
         return view if device is None else view.to(device)
 
+    def place(
+        self,
+        kind: PlacementKind,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        device: torch.device | str | None = None,
+    ) -> Placement:
+        """This worker's :class:`~twa_ray.core.placement.Placement` in the default process group.
+
+        'replicate': all shards (:meth:`materialize`). 'shard': ``ray.get`` of the shards this
+        worker owns only (balanced by bytes, :func:`~twa_ray.core.placement.shard_plan`). Then one
+        move to ``device`` (rows padded there); on the CPU zero-copy views of the object store.
+        """
+        if kind == "replicate" or world == 1:
+            placed = place(self.materialize(), "replicate", rank=rank, world=world)
+        else:
+            bb = self.block_bounds
+            cols = [self.blocks.bounds[b] for b in bb]
+            owners, blocks, own_cols = shard_plan(self.shard_nbytes, bb, cols, world)
+            s0, s1 = owners[rank], owners[rank + 1]
+            *objs, base = ray.get([*self.shard_refs[s0:s1], self.base_ref])  # one batched get
+            shards = [PackedMatrix.from_arrays(o["arrays"], o["meta"]) for o in objs]
+            c0, c1 = own_cols[rank], own_cols[rank + 1]
+            placed = Placement(
+                kind="shard", basis=ShardedBasis(shards, [b - bb[s0] for b in bb[s0 : s1 + 1]]),
+                origin=_tensor(base["origin"])[c0:c1], alpha0=_tensor(base["alpha0"]).clone(),
+                numel=self.numel, block_bounds=blocks, col_bounds=own_cols, rank=rank, world=world,
+            )  # fmt: skip
+        return placed if device is None else placed.to(device)
+
     def summary(self) -> dict[str, Any]:
         """JSON-friendly description (no refs)."""
         return {
@@ -448,4 +373,24 @@ def put_subspace(
     >>> subspace = sharded.materialize()                           # doctest: +SKIP
     """
     subspace = build_subspace(candidates, layout, config)
+    if num_shards is None and config.basis_placement != "replicate":
+        # shardable: ~PLACEMENT_SHARDS shards, so that groups of whole shards split B evenly
+        # over the workers (within B / PLACEMENT_SHARDS, or one block, of B / W each)
+        floor = 1 if config.basis_placement == "shard" else MIN_AUTO_SHARD_BYTES
+        fine = max(-(-subspace.basis.nbytes // PLACEMENT_SHARDS), floor)
+        if fine < max_shard_bytes:
+            bounds = plan_shards(block_bytes(subspace.basis), max_shard_bytes=fine, warn=False)
+            num_shards = len(bounds) - 1
     return shard_subspace(subspace, layout, max_shard_bytes=max_shard_bytes, num_shards=num_shards)
+
+
+def worker_capacity(device: torch.device) -> tuple[int, str]:
+    """``(bytes, what)`` that B must fit in on this worker: the GPU's memory, or on the CPU the
+    object store of this node (where every worker of the node maps the same copy of B)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, "GPU memory"
+    node = ray.get_runtime_context().get_node_id()
+    for info in ray.nodes():
+        if info["NodeID"] == node:
+            return int(info["Resources"].get("object_store_memory", 0)), "object store of the node"
+    raise RuntimeError(f"node {node} is not in ray.nodes()")

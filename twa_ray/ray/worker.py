@@ -1,4 +1,5 @@
-"""Pieces shared by the Ray Train worker loops: data shards, summed evaluation, fault injection."""
+"""Pieces shared by the Ray Train worker loops: data shards and loaders, mixed precision, summed
+evaluation, fault injection."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import torch
 
 from twa_ray.core.evaluate import EvalResult, evaluate
 
-__all__ = ["strided", "all_reduce_", "evaluate_sharded", "maybe_fail"]
+__all__ = ["strided", "loader_options", "train_autocast", "all_reduce_", "evaluate_sharded", "maybe_fail"]
+
+GPU_LOADER_WORKERS = 4
+"""DataLoader worker processes of a Ray Train worker on a GPU."""
 
 
 def strided(ds: Any, rank: int, world: int) -> Any:
@@ -19,6 +23,21 @@ def strided(ds: Any, rank: int, world: int) -> Any:
     from torch.utils.data import Subset
 
     return Subset(ds, range(rank, len(ds), world))
+
+
+def loader_options(device: torch.device) -> dict[str, Any]:
+    """DataLoader options: on a GPU, worker processes decode and augment while the device
+    computes, and pinned batches make the ``non_blocking`` copies asynchronous; on the CPU the
+    training process loads (the Ray Train worker owns its cores)."""
+    if device.type != "cuda":
+        return {}
+    return {"num_workers": GPU_LOADER_WORKERS, "pin_memory": True}
+
+
+def train_autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The forward/backward arithmetic of a training step: ``fp32`` (autocast off) or ``bf16``
+    autocast on ``device`` (weights, gradients and optimizer state stay float32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def all_reduce_(t: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,8 @@ somewhat more than that of an H200 (fewer bits: more codes per byte, compute bou
   before it; those bytes are read and their columns masked out). When the codes' base pointer
   and row stride are 16-byte aligned and the allocation extends to the next 16 bytes, the loads
   carry no per-byte mask and compile to vector loads (``vec`` bytes per thread); otherwise
-  a masked, unvectorized path runs (same results). Pad the row stride of ``codes`` to a
-  multiple of 16 bytes to get the fast path.
+  a masked, unvectorized path runs (same results). :func:`twa_ray.core.quant.pad_rows` (called
+  by ``PackedMatrix.to`` on CUDA) gives the fast path's layout.
 - No int -> float conversions (quarter rate on the GPU): ``(byte & mask_s) | 0x4B000000`` is
   the float32 ``2**23 + q * 2**(s*b)`` exactly (s = the code's slot in its byte), so one
   subtraction gives ``q * 2**(s*b)`` exactly; the slot factor ``2**-(s*b)`` is folded into g
@@ -33,7 +33,7 @@ somewhat more than that of an H200 (fewer bits: more codes per byte, compute bou
   ``a[k, l]`` with a relaxed float32 atomic (the summation order, hence the last bits, vary
   from run to run). reconstruct owns its columns: no atomics, deterministic.
 
-This module imports only torch and triton (the GPU benchmark loads it on its own); without
+This module imports only torch, triton and ``twa_ray.core.quant`` (for ``ROW_ALIGN``); without
 triton it still imports and :func:`available` is False.
 """
 
@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+
+from twa_ray.core.quant import ROW_ALIGN
 
 try:
     import triton
@@ -59,7 +61,6 @@ __all__ = [
     "KernelConfig",
     "available",
     "default_config",
-    "pad_rows",
     "project",
     "project_triton",
     "reconstruct",
@@ -68,7 +69,7 @@ __all__ = [
 ]
 
 PACKED_BITS = (1, 2, 4, 8)
-_ALIGN = 16  # bytes: tile starts, row stride and base pointer of the vector-load path
+_ALIGN = ROW_ALIGN  # bytes: tile starts, row stride and base pointer of the vector-load path
 _MAX_INT32 = 2**31 - 1
 
 
@@ -242,21 +243,6 @@ def _row_layout(codes: torch.Tensor) -> tuple[bool, int, int]:
         and reachable >= (num_rows - 1) * stride + row_limit
     )
     return aligned, stride, row_limit
-
-
-def pad_rows(codes: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """A copy of ``codes`` (on ``device``) whose rows start on 16-byte boundaries.
-
-    A ``(R, nbytes)`` view of ``(R, ceil(nbytes / 16) * 16)`` storage: the layout of the
-    kernels' vector-load path. Do this once when moving packed codes to the GPU.
-    """
-    num_rows, nbytes = codes.shape
-    storage = torch.empty(
-        num_rows, -(-nbytes // _ALIGN) * _ALIGN, dtype=codes.dtype, device=device or codes.device
-    )
-    out = storage[:, :nbytes]
-    out.copy_(codes)
-    return out
 
 
 def _check_common(
