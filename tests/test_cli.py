@@ -50,13 +50,32 @@ def test_average_writes_metrics_model_and_coefficients(trained, tmp_path):
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for name in ("swa", "greedy_soup", "twa_v"):
-        assert 0.0 <= metrics["methods"][name]["test_acc"] <= 1.0
+        assert metrics["methods"][name]["test_acc"] > 0.2, (name, metrics["methods"][name])  # chance: 0.1
     assert metrics["num_candidates"] == 4
     state = load_file(out / "model.safetensors")
     assert "layers.0.weight" in state or len(state) > 4  # parameters and BN buffers
     table = pq.read_table(out / "coefficients.parquet").to_pandas()
     assert set(table.variant) == {"twa_v"} and len(table) == 4 * metrics["subspace"]["blocks"]
     assert (out / "coefficients_twa_v.png").stat().st_size > 0
+
+
+def test_average_device_flag(trained, tmp_path, capsys):
+    """--device reaches the averaging: cpu runs (config.yaml records it); cuda on a machine
+    without CUDA is one line, exit 2, nothing written."""
+    base = ["average", "--store", str(trained / "store"), "--dataset", "mnist1d", "--num-samples",
+            str(NUM_SAMPLES), "--model", "mlp", "--mode", "v", "--twa-epochs", "1",
+            "--no-greedy-soup"]  # fmt: skip
+    assert main([*base, "--device", "cpu", "--out", str(tmp_path / "cpu")]) == 0
+    assert "device: cpu" in (tmp_path / "cpu" / "config.yaml").read_text()
+    kernel = json.loads((tmp_path / "cpu" / "metrics.json").read_text())["kernel"]
+    assert kernel["path"] == "torch" or kernel["path"] in kernel["available"], kernel
+    if torch.cuda.is_available():
+        return
+    capsys.readouterr()
+    assert main([*base, "--device", "cuda", "--out", str(tmp_path / "cuda")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device cuda" in err[0] and "--device cpu" in err[0], err
+    assert not (tmp_path / "cuda").exists()
 
 
 def test_import_then_average_from_a_checkpoint_folder(trained, tmp_path):
@@ -267,10 +286,140 @@ def test_out_with_another_run_or_nothing_to_resume_refused_before_ray(tmp_path, 
     assert main(["run", "--smoke-test", "--out", str(out), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "no run to resume" in err and "drop --resume" in err and err.count("\n") == 1
-    assert not (out / "run.json").exists()
+    assert not out.exists()  # a refused command leaves nothing behind
+    out.mkdir()
     (out / "run.json").write_text('{"run_id": "run-earlier"}')
     assert main(["run", "--smoke-test", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
     assert (out / "run.json").read_text() == '{"run_id": "run-earlier"}'
     assert not ray.is_initialized()
+
+
+# --------------------------------------------------------------------------- conventions
+
+
+def test_version_and_help_show_every_flag_with_its_default(capsys):
+    from twa_ray import __version__
+    from twa_ray.cli import build_parser
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"twa-ray {__version__}"
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help, f"twa-ray {name} {action.option_strings}: no help text"
+    assert main(["run", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 40)", "(default: 0.1)", "(default: runs/twa)", "(default: size:16384)", "(default: auto)"):
+        assert default in text, default
+    assert main(["average", "--help"]) == 0
+    assert "(default: runs/average)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_verbosity_after_the_subcommand_and_no_third_party_debug_lines(trained, tmp_path, capsys):
+    argv = ["--store", str(trained / "store"), "--num-samples", str(NUM_SAMPLES), "--mode", "t", "--twa-epochs", "1",
+            "--no-greedy-soup"]  # fmt: skip
+    assert main(["average", "-v", *argv, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr()
+    assert "findfont" not in out.out + out.err and "matplotlib" not in out.out + out.err
+    assert out.err == ""  # stderr holds problems only
+    assert "subspace: affine subspace of 4 candidates" in out.out and f"outputs in {tmp_path / 'a'}" in out.out
+    assert main(["average", "-q", *argv, "--out", str(tmp_path / "b")]) == 0
+    assert "subspace:" not in capsys.readouterr().out
+
+
+def test_out_is_locked_while_a_command_writes(tmp_path):
+    from twa_ray import outdir
+
+    held = outdir.lock(tmp_path / "o")
+    try:
+        code = (
+            "import sys; from twa_ray import outdir\n"
+            "try:\n    outdir.lock(sys.argv[1])\nexcept FileExistsError as e:\n    print(e); sys.exit(3)\n"
+        )
+        import subprocess
+        import sys
+
+        proc = subprocess.run([sys.executable, "-c", code, str(held)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 3 and "another twa-ray command is writing" in proc.stdout
+    finally:
+        outdir.release_all()
+    assert held.is_dir()  # created by the lock, released, not failed: kept
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ctrl_c_during_sampling_and_coefficients_exits_130_and_resumes(tmp_path):
+    """SIGINT to ``twa-ray run`` in the sampling phase, then to the ``--resume`` in the
+    coefficient phase: each exits 130 within seconds with one line, Ray's processes gone, every
+    stored candidate whole, and the run resumable."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "run"
+
+    def interrupt(needle: str, *extra: str) -> str:
+        proc = subprocess.Popen(
+            ["twa-ray", "run", "--smoke-test", "--out", str(out), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+        try:
+            seen = []
+            for line in proc.stdout:
+                seen.append(line)
+                if needle in line:
+                    break
+            assert needle in "".join(seen), "".join(seen)[-3000:]
+            proc.send_signal(signal.SIGINT)
+            rest = proc.communicate(timeout=90)[0]
+            assert proc.returncode == 130, rest[-3000:]
+            assert rest.strip().splitlines()[-1] == "twa-ray: interrupted; rerun with --resume"
+            for _ in range(60):  # Ray's processes (same session) go with the driver
+                try:
+                    os.killpg(proc.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.5)
+            else:
+                pytest.fail("Ray processes survived the interrupt")
+            return rest
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    interrupt("sampling epoch 1/")
+    assert json.loads((out / "run.json").read_text())["run_id"]
+    interrupt("TWA-t/v on", "--resume")
+    store = CandidateStore(str(out / "candidates"))
+    assert len(store) >= 1 and all(store.read(n).numel() > 0 for n in store.names())  # whole, CRC-checked
+    assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_worker_group_that_cannot_be_placed_is_one_line(tmp_path, capsys, monkeypatch):
+    """3 workers on a 2-CPU Ray reached by address (it might grow, so only a warning up front):
+    Ray Train gives up after the start timeout and --max-failures retries, not never; one line
+    says what was asked and what the cluster has."""
+    import ray
+
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20)
+    try:
+        argv = ["run", "--smoke-test", "--workers", "3", "--max-failures", "0", "--address", "auto",
+                "--out", str(tmp_path / "o")]  # fmt: skip
+        assert main(argv) == 2
+    finally:
+        ray.shutdown()
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("twa-ray:")]
+    assert len(ours) == 1, ours  # (Ray's own worker logs come asynchronously around it)
+    last = ours[0]
+    assert last.startswith("twa-ray: error: Ray Train could not place 3 workers within 5 s"), last
+    assert "the cluster has 2 CPUs" in last and "--workers" in last

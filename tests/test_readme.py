@@ -56,3 +56,14 @@ def test_security_section_says_how_to_submit_with_token_auth():
     for phrase in ("RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN", "ray dashboard cluster.yaml", "127.0.0.1",
                    "Never bind the dashboard to 0.0.0.0", "weights_only=True"):
         assert phrase in README, phrase
+
+
+def test_docs_cite_only_files_in_the_repository():
+    """Code and docs cite bench/RESULTS.md, the paper or the code, never a file kept elsewhere."""
+    root = Path(__file__).resolve().parents[1]
+    absent = "BENCH" + "MARKS.md"  # split: this file must not match itself
+    files = [root / "README.md", *root.glob("*.toml")]
+    for folder in ("twa_ray", "tests", "bench", "jobs", "configs", "docs"):
+        files += [p for p in (root / folder).rglob("*") if p.suffix in (".py", ".md", ".yaml", ".toml", ".txt")]
+    citing = [str(p.relative_to(root)) for p in files if p.is_file() and absent in p.read_text(errors="ignore")]
+    assert not citing, citing

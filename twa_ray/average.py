@@ -7,7 +7,11 @@ The same baseline and output code serves the distributed pipeline (:mod:`twa_ray
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,16 +22,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from twa_ray import outdir
 from twa_ray.config import RunConfig
 from twa_ray.core.baselines import greedy_soup, uniform_average
 from twa_ray.core.bn import update_bn
 from twa_ray.core.evaluate import evaluate, make_scorer
+from twa_ray.core.kernels.cpu import kernel_info
 from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.core.subspace import Subspace
 from twa_ray.core.twa import TWA, TWAConfig, build_subspace
 from twa_ray.data import DataSplits, load_dataset
 from twa_ray.models import build_model
 from twa_ray.report import (
+    format_summary,
     format_table,
     plot_coefficients,
     prepare_out_dir,
@@ -35,39 +42,108 @@ from twa_ray.report import (
     write_json,
     write_model,
 )
+from twa_ray.storage import join_uri, open_storage
 from twa_ray.store import CandidateStore, import_checkpoints
+from twa_ray.store.importers import find_checkpoints
 
 log = logging.getLogger("twa_ray")
 
 __all__ = [
-    "run_average", "open_candidates", "Baselines", "compute_baselines", "fit_twa", "make_loader", "make_loaders",
+    "run_average", "open_candidates", "InModelOrder", "checkpoint_sources", "check_finite", "Baselines", "compute_baselines", "fit_twa", "make_loader", "make_loaders",
     "write_outputs",
 ]
 
 METHOD_COLUMNS = ("method", "test_acc", "val_acc", "epochs_used", "budget_saved_%")
 
 
-def make_loader(ds: Dataset[Any], batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader[Any]:
+def make_loader(
+    ds: Dataset[Any], batch_size: int, *, shuffle: bool, seed: int = 0, pin_memory: bool = False
+) -> DataLoader[Any]:
+    """``pin_memory``: page-locked batches, so that copies to a GPU overlap compute."""
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None,
+                      pin_memory=pin_memory)  # fmt: skip
 
 
-def open_candidates(src: str, out: Path, layout: Layout) -> CandidateStore:
+IMPORT_FILE = "import.json"  # what out/candidates was imported from (names, sizes, digests)
+
+
+def checkpoint_sources(src: str | Path) -> dict[str, Any]:
+    """The identity of a checkpoint folder: each checkpoint's name, size and BLAKE2b digest."""
+    files = []
+    for name, path in find_checkpoints(src):
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        files.append({"name": name, "file": str(path.relative_to(src)) if path != Path(src) else path.name,
+                      "size": path.stat().st_size, "blake2b": h.hexdigest()})  # fmt: skip
+    return {"source": str(Path(src).resolve()), "files": files}
+
+
+def open_candidates(src: str, out: Path, layout: Layout) -> CandidateStore | InModelOrder:
     """A candidate store at ``src``; a folder of ``.pt`` / ``.safetensors`` checkpoints is
-    imported into ``out/candidates`` first."""
+    imported into ``out/candidates`` first, reused only when ``out/import.json`` records the
+    same checkpoints (names, sizes, digests), otherwise imported again."""
     path = Path(src)
     if "://" not in src and path.is_dir() and not any(path.glob("*.arrow")):
         dest = out / "candidates"
-        if not (dest.is_dir() and any(dest.glob("*.arrow"))):
+        sources = checkpoint_sources(path)
+        record = out / IMPORT_FILE
+        try:
+            same = json.loads(record.read_text()) == sources and any(dest.glob("*.arrow"))
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            record.unlink(missing_ok=True)
+            shutil.rmtree(dest, ignore_errors=True)
             log.info("importing checkpoints from %s into %s", src, dest)
             import_checkpoints(src, str(dest), layout=layout)
+            write_json(record, sources)
+        else:
+            log.info("reusing the candidates imported from %s (same checkpoints)", src)
         src = str(dest)
     store = CandidateStore(src)
     if len(store) == 0:
         raise ValueError(f"candidate store {src!r} is empty; run the sampling phase or import checkpoints")
     assert store.layout is not None
+    if _same_tensors(store.layout, layout):
+        return InModelOrder(store, layout)
     layout.check_compatible(store.layout, f"candidate store {src!r}")
     return store
+
+
+def _same_tensors(stored: Layout, model: Layout) -> bool:
+    """The same named tensors (shapes, dtypes) in another order."""
+    return stored.fingerprint != model.fingerprint and sorted(zip(stored.names, stored.shapes, stored.dtypes)) == sorted(
+        zip(model.names, model.shapes, model.dtypes)
+    )
+
+
+class InModelOrder:
+    """A store whose candidates hold the model's tensors in another order (``.safetensors``
+    imported without ``--model`` keep their file's alphabetical order), read in the model's
+    order: tensors are matched by name, one copy per read."""
+
+    def __init__(self, store: CandidateStore, layout: Layout) -> None:
+        stored = store.layout
+        assert stored is not None
+        at = {n: (stored.offsets[i], stored.offsets[i + 1]) for i, n in enumerate(stored.names)}
+        self.store, self.layout, self._spans = store, layout, [at[n] for n in layout.names]
+
+    def names(self) -> list[str]:
+        return self.store.names()
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def read(self, name: str) -> torch.Tensor:
+        flat = self.store.read(name)
+        return torch.cat([flat[a:b] for a, b in self._spans])
+
+    def iter_flat(self, names: list[str] | None = None) -> Any:
+        for name in self.names() if names is None else names:
+            yield self.read(name)
 
 
 @dataclass
@@ -79,14 +155,18 @@ class Baselines:
     last: dict[str, float] = field(default_factory=dict)
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _accuracies(model: nn.Module, layout: Layout, theta: torch.Tensor, loaders: dict[str, DataLoader[Any]]) -> dict[str, float]:
     load_flat_(model, theta, layout)
-    update_bn(loaders["bn"], model)
-    return {f"{s}_acc": evaluate(model, loaders[s]).acc for s in ("val", "test")}
+    update_bn(loaders["bn"], model, device=_device(model))
+    return {f"{s}_acc": evaluate(model, loaders[s], device=_device(model)).acc for s in ("val", "test")}
 
 
 def compute_baselines(
-    store: CandidateStore,
+    store: CandidateStore | InModelOrder,
     model: nn.Module,
     loaders: dict[str, DataLoader[Any]],
     *,
@@ -101,7 +181,8 @@ def compute_baselines(
     out.last = _accuracies(model, layout, store.read(names[-1]).clone(), loaders)
     out.swa = _accuracies(model, layout, uniform_average(store.read(n) for n in names), loaders)
     if soup:
-        score = make_scorer(model, layout, bn_loader=loaders["bn"], eval_loader=loaders["val"])
+        score = make_scorer(model, layout, bn_loader=loaders["bn"], eval_loader=loaders["val"],
+                            device=_device(model))  # fmt: skip
         res = greedy_soup(lambda i: store.read(names[i]), len(names), score)
         out.greedy_soup = _accuracies(model, layout, res.theta, loaders)
         out.greedy_soup["kept"] = [names[i] for i in res.kept]
@@ -118,9 +199,12 @@ def write_outputs(
     candidate_names: list[str],
     config: RunConfig,
 ) -> None:
-    """metrics.json, model.safetensors, coefficients.parquet, config.yaml and the heatmaps."""
+    """metrics.json, model.safetensors, coefficients.parquet, config.yaml and the heatmaps.
+
+    A model or coefficients holding NaN/Inf are never written: ``ValueError`` naming the cause."""
     import yaml
 
+    check_finite(best_model, coefficients)
     write_json(out / "metrics.json", metrics)
     with open(out / "config.yaml.tmp", "w") as f:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
@@ -137,15 +221,35 @@ def write_outputs(
             )
 
 
-def make_loaders(splits: DataSplits, batch_size: int, seed: int) -> dict[str, DataLoader[Any]]:
+def check_finite(model: nn.Module | None, coefficients: dict[str, torch.Tensor]) -> None:
+    """Refuse a model or coefficients with NaN/Inf (an overflowing average, diverged TWA)."""
+    for variant, alpha in coefficients.items():
+        if not bool(torch.isfinite(alpha).all()):
+            raise ValueError(
+                f"the {variant} coefficients hold NaN/Inf: TWA diverged; lower --twa-lr or check the "
+                "candidates for huge values (nothing was written)"
+            )
+    for name, t in (model.state_dict().items() if model is not None else ()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(
+                f"the averaged model has {bad} NaN/Inf values in {name!r}: the average overflowed or "
+                "diverged; check the candidates for huge values or lower --twa-lr (nothing was written)"
+            )
+
+
+def make_loaders(
+    splits: DataSplits, batch_size: int, seed: int, *, pin_memory: bool = False
+) -> dict[str, DataLoader[Any]]:
     """``train`` / ``val_train`` (shuffled, for TWA-t / TWA-v), ``bn`` (train, for BatchNorm
     re-estimation), ``val`` and ``test`` (evaluation)."""
+    pin = {"pin_memory": pin_memory}
     return {
-        "train": make_loader(splits.train, batch_size, shuffle=True, seed=seed),
-        "val_train": make_loader(splits.val, batch_size, shuffle=True, seed=seed),
-        "bn": make_loader(splits.train, 512, shuffle=False),
-        "val": make_loader(splits.val, 512, shuffle=False),
-        "test": make_loader(splits.test, 512, shuffle=False),
+        "train": make_loader(splits.train, batch_size, shuffle=True, seed=seed, **pin),
+        "val_train": make_loader(splits.val, batch_size, shuffle=True, seed=seed, **pin),
+        "bn": make_loader(splits.train, 512, shuffle=False, **pin),
+        "val": make_loader(splits.val, 512, shuffle=False, **pin),
+        "test": make_loader(splits.test, 512, shuffle=False, **pin),
     }
 
 
@@ -162,14 +266,20 @@ def fit_twa(
     steps = max(1, round(config.epochs * len(loaders["train"])))
     twa.fit(loaders["train" if mode == "t" else "val_train"], steps=steps)
     twa.update_bn(loaders["bn"])
-    return twa, {f"{s}_acc": evaluate(model, loaders[s]).acc for s in ("val", "test")}
+    return twa, {f"{s}_acc": evaluate(model, loaders[s], device=twa.device).acc for s in ("val", "test")}
 
 
-def run_average(cfg: RunConfig, *, batch_size: int = 128) -> dict[str, Any]:
+def run_average(cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = False) -> dict[str, Any]:
     """Baselines and TWA on ``cfg.store`` with the model and data of ``cfg.data``; writes the
-    outputs to ``cfg.out`` and returns the metrics."""
+    outputs to ``cfg.out`` (owned: see :mod:`twa_ray.outdir`) and returns the metrics."""
     start = time.time()
+    if cfg.store is None and cfg.storage:  # the candidates of a run in --storage
+        cfg = dataclasses.replace(cfg, store=join_uri(cfg.storage, "candidates"))
+    if cfg.store is None:
+        raise ValueError("twa-ray average needs --store (a candidate store or a folder of checkpoints)")
     out = prepare_out_dir(cfg.out)
+    outdir.check_inputs(out, [("--store", cfg.store), ("--data-root", cfg.data.data_root)])
+    outdir.check(out, "average", overwrite=overwrite)
     torch.manual_seed(cfg.data.seed)
     splits = load_dataset(
         cfg.data.dataset, root=cfg.data.data_root, val_frac=cfg.data.val_frac, seed=cfg.data.seed,
@@ -177,17 +287,33 @@ def run_average(cfg: RunConfig, *, batch_size: int = 128) -> dict[str, Any]:
     )
     model = build_model(cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
     layout = Layout.from_module(model)
-    if cfg.store is None:
-        raise ValueError("twa-ray average needs --store (a candidate store or a folder of checkpoints)")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no usable CUDA device; use --device cpu")
+    model.to(device)  # TWA places B on the model's device, once
+    outdir.claim(out, "average", overwrite=overwrite, keep=("candidates", IMPORT_FILE))
     store = open_candidates(cfg.store, out, layout)
     names = store.names()
-    loaders = make_loaders(splits, batch_size, cfg.data.seed)
+    loaders = make_loaders(splits, batch_size, cfg.data.seed, pin_memory=device.type == "cuda")
     log.info("%d candidates, D=%d; baselines ...", len(names), layout.numel)
     base = compute_baselines(store, model, loaders, soup=cfg.greedy_soup)
     methods: dict[str, dict[str, Any]] = {"last_candidate": base.last, "swa": base.swa}
     if base.greedy_soup:
         methods["greedy_soup"] = base.greedy_soup
+    peak = max(float(store.read(n).abs().max()) for n in names)
+    if peak > torch.finfo(torch.float32).max / 2:  # |candidate - mean| <= 2 peak must fit float32
+        raise ValueError(
+            f"the candidates hold values up to {peak:.3g}: their differences from the mean overflow "
+            "float32 (diverged training?); drop those checkpoints (nothing was written)"
+        )
     subspace = build_subspace(store, layout, cfg.twa)
+    summary: dict[str, Any] = {"kind": subspace.kind, "bits": cfg.twa.bits, "num_rows": subspace.num_rows,
+               "num_blocks": subspace.num_blocks, "numel": layout.numel, "num_candidates": len(names),
+               "dropped": list(subspace.dropped), "quant_error_max": float(subspace.quant_error.max())}  # fmt: skip
+    log.info("subspace: %s", format_summary(summary))
+    kernel = kernel_info() if device.type == "cpu" else {"path": "cuda"}
+    log.debug("coefficient kernel: %s path (%s), %s threads, %s", kernel["path"],
+              kernel.get("chosen_by", "device"), kernel.get("threads", "-"), kernel.get("cpu", cfg.device))  # fmt: skip
     coefficients: dict[str, torch.Tensor] = {}
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     for mode in ("t", "v") if cfg.mode == "both" else (cfg.mode,):
@@ -202,12 +328,15 @@ def run_average(cfg: RunConfig, *, batch_size: int = 128) -> dict[str, Any]:
         "methods": methods,
         "num_candidates": len(names),
         "numel": layout.numel,
-        "subspace": {"kind": subspace.kind, "rows": subspace.num_rows, "blocks": subspace.num_blocks,
-                     "dropped": list(subspace.dropped), "quant_error_max": float(subspace.quant_error.max())},
+        "subspace": {**summary, "rows": subspace.num_rows, "blocks": subspace.num_blocks},
+        "kernel": kernel,
         "wall_time_s": round(time.time() - start, 2),
     }
     write_outputs(out, metrics=metrics, best_model=model, coefficients=coefficients,
                   block_labels=list(subspace.blocks.labels), candidate_names=names, config=cfg)
+    if cfg.storage:  # --out is the local copy of <storage>/average (a run's are in outputs/)
+        open_storage(cfg.storage).upload_outputs(out, "average")
     rows = [{"method": k, **v} for k, v in methods.items()]
     print(format_table(rows, ("method", "test_acc", "val_acc")))
+    print(f"outputs in {out.resolve()} ({metrics['wall_time_s']:.0f} s)")
     return metrics

@@ -1,12 +1,17 @@
 """Typed configuration of each stage: one frozen dataclass per stage, defaults only here.
 
-YAML files and CLI flags map onto these dataclasses (:func:`load_config`); every output directory
-gets the resolved config next to it.
+YAML files and CLI flags map onto these dataclasses (:func:`load_config`), validated by pydantic
+from the dataclasses' own type hints: unambiguous numeric strings are coerced (``"1e-3"`` -> 0.001,
+``"40"`` -> 40), booleans come only from booleans, and every other mismatch is one error naming
+the key and the expected type. Every output directory gets the resolved config next to it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -31,6 +36,11 @@ def _check(errors: list[str], what: str) -> None:
         raise ValueError(f"invalid {what}: " + "; ".join(errors))
 
 
+def _positive(x: float) -> bool:
+    """A finite number > 0 (NaN and Inf are not)."""
+    return x > 0 and math.isfinite(x)
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Dataset and model."""
@@ -50,7 +60,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         errors = []
-        if not 0 < self.val_frac < 1:
+        if not 0 < self.val_frac < 1:  # NaN fails too
             errors.append(f"val_frac={self.val_frac}: must lie in (0, 1)")
         if self.num_samples is not None and self.num_samples < 100:
             errors.append(f"num_samples={self.num_samples}: use at least 100")
@@ -89,9 +99,14 @@ class SamplingConfig:
     """CPUs reserved per Train worker (fractions allowed: 0.5 fits 2 workers + a Tune trial on 2 CPUs)."""
     max_failures: int = 1
     """Worker failures tolerated: the run restarts from the last Ray Train checkpoint."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Arithmetic of the forward and backward passes: fp32, or bf16 autocast (weights, optimizer
+    and candidates stay float32)."""
 
     def __post_init__(self) -> None:
         errors = []
+        if self.precision not in ("fp32", "bf16"):
+            errors.append(f"precision={self.precision!r}: use 'fp32' or 'bf16'")
         if self.epochs < 1:
             errors.append(f"epochs={self.epochs}: must be >= 1")
         if not 0 < self.sample_frac <= 1:
@@ -102,19 +117,19 @@ class SamplingConfig:
             errors.append(f"interval_unit={self.interval_unit!r}: use 'epoch' or 'step'")
         if self.batch_size < 1:
             errors.append(f"batch_size={self.batch_size}: must be >= 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if not _positive(self.lr):
             errors.append(f"lr={self.lr}: must be a positive number")
         if not 0 <= self.momentum < 1:
             errors.append(f"momentum={self.momentum}: must lie in [0, 1)")
-        if self.weight_decay < 0:
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             errors.append(f"weight_decay={self.weight_decay}: must be >= 0")
         if self.num_workers < 1:
             errors.append(f"num_workers={self.num_workers}: must be >= 1")
-        if self.cpus_per_worker <= 0:
-            errors.append(f"cpus_per_worker={self.cpus_per_worker}: must be > 0")
+        if not (_positive(self.cpus_per_worker) and self.cpus_per_worker <= 1024):
+            errors.append(f"cpus_per_worker={self.cpus_per_worker}: must be a number in (0, 1024]")
         if self.max_failures < 0:
             errors.append(f"max_failures={self.max_failures}: must be >= 0")
-        if self.warmup_epochs < 0:
+        if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)):
             errors.append(f"warmup_epochs={self.warmup_epochs}: must be >= 0")
         _check(errors, "sampling config")
 
@@ -138,13 +153,24 @@ class RunConfig:
     greedy_soup: bool = True
     """Compute the greedy-soup baseline (2K evaluations)."""
     out: str = "runs/twa"
-    """Output directory (local path)."""
+    """Output directory (local path; ``twa-ray average`` defaults to runs/average)."""
     store: str | None = None
     """Candidate store URI (default: <out>/candidates)."""
+    storage: str | None = None
+    """One storage URI for every artifact: a local/NFS path or any pyarrow.fs URI such as
+    s3://bucket/prefix?endpoint_override=...; default: a local folder under --out."""
+    shared_fs: bool = False
+    """--storage is a local path that every Ray node mounts (NFS)."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Device of ``twa-ray average`` (``twa-ray run`` puts its workers on GPUs with use_gpu)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("t", "v", "both"):
             raise ValueError(f"invalid run config: mode={self.mode!r}: use 't', 'v' or 'both'")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"invalid run config: device={self.device!r}: use 'cpu' or 'cuda'")
+        if not self.out:
+            raise ValueError("invalid run config: out is empty; name an output folder")
 
     @property
     def store_uri(self) -> str:
@@ -157,25 +183,81 @@ class RunConfig:
 _SECTIONS = {"data": DataConfig, "sampling": SamplingConfig, "twa": TWAConfig}
 
 
-def config_from_dict(d: Mapping[str, Any]) -> RunConfig:
-    """Build a :class:`RunConfig` from nested dicts (``{"data": {...}, "sampling": {...},
-    "twa": {...}, "mode": ...}``), reporting unknown keys by name."""
-    top = {f.name for f in fields(RunConfig)}
-    unknown = sorted(set(d) - top)
+# what a pydantic error type expects, in words
+_EXPECTED = {
+    "float_parsing": "a number", "float_type": "a number", "finite_number": "a finite number",
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+    "string_type": "a string", "bool_type": "true or false", "bool_parsing": "true or false",
+    "dataclass_type": "a mapping of options", "dict_type": "a mapping", "mapping_type": "a mapping",
+}  # fmt: skip
+
+
+_WORDS = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _scalar(hint: Any) -> type | None:
+    """``bool``, ``int`` or ``float`` for a field of that type (optional or not), else None."""
+    args = set(typing.get_args(hint)) - {type(None)} if isinstance(hint, types.UnionType) else {hint}
+    kind = next(iter(args)) if len(args) == 1 else None
+    return kind if kind in _WORDS else None
+
+
+def _check_types(cls: type, d: Any, prefix: str, flags: Mapping[str, str]) -> None:
+    """Unknown keys, and what pydantic's lax mode would accept but a config must not: a
+    boolean only from a boolean (``use_gpu: "no"`` is not False), a number never from one."""
+    if not isinstance(d, Mapping):
+        raise ValueError(_type_error(prefix.rstrip(".") or "config", "a mapping of options", d, flags))
+    hints = _hints(cls)
+    unknown = sorted(str(k) for k in set(d) - set(hints))
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; known: {sorted(top)}")
-    kwargs: dict[str, Any] = {}
+        where = f" in '{prefix.rstrip('.')}'" if prefix else ""
+        raise ValueError(f"unknown option(s) {unknown}{where}; known: {sorted(hints)}")
     for key, value in d.items():
-        if key in _SECTIONS:
-            cls = _SECTIONS[key]
-            names = {f.name for f in fields(cls)}
-            bad = sorted(set(value or {}) - names)
-            if bad:
-                raise ValueError(f"unknown option(s) {bad} in '{key}'; known: {sorted(names)}")
-            kwargs[key] = cls(**(value or {}))
-        else:
-            kwargs[key] = value
-    return RunConfig(**kwargs)
+        hint = hints[key]
+        kind = _scalar(hint)
+        if kind is not None and value is not None and (kind is bool) != isinstance(value, bool):
+            raise ValueError(_type_error(prefix + key, _WORDS[kind], value, flags))
+        if isinstance(hint, type) and hasattr(hint, "__dataclass_fields__") and not isinstance(value, hint):
+            _check_types(hint, value, f"{prefix}{key}.", flags)
+
+
+def _type_error(key: str, expected: str, value: Any, flags: Mapping[str, str]) -> str:
+    flag = f" ({flags[key]})" if key in flags else ""
+    where = flags[key] if key in flags else f"'{key}' in the config file"
+    return f"config key '{key}'{flag}: expected {expected}, got {value!r}; fix {where}"
+
+
+def _validate(cls: type, d: Mapping[str, Any], flags: Mapping[str, str], prefix: str = "") -> Any:
+    """``cls`` (a config dataclass) from ``d`` via pydantic, errors as one ``ValueError`` line."""
+    from pydantic import TypeAdapter, ValidationError
+
+    _check_types(cls, d, prefix, flags)
+    try:
+        return TypeAdapter(cls).validate_python(dict(d))
+    except ValidationError as exc:
+        e = exc.errors(include_url=False)[0]
+        if e["type"] == "value_error":  # raised by a __post_init__: already a full sentence
+            raise ValueError(str(e["ctx"]["error"])) from None
+        key = prefix + ".".join(str(p) for p in e["loc"])
+        expected = _EXPECTED.get(e["type"])
+        if e["type"] == "literal_error":
+            expected = f"one of {e['ctx']['expected']}"
+        raise ValueError(_type_error(key, expected or e["msg"].lower(), e["input"], flags)) from None
+
+
+def config_from_dict(d: Mapping[str, Any], *, flags: Mapping[str, str] | None = None) -> RunConfig:
+    """Build a :class:`RunConfig` from nested dicts (``{"data": {...}, "sampling": {...},
+    "twa": {...}, "mode": ...}``), reporting unknown keys and type errors by name.
+
+    ``flags``: dotted key -> CLI flag, named in errors for values that came from flags."""
+    if isinstance(d, Mapping):  # an empty section (``twa:`` with nothing under it) is the defaults
+        d = {k: {} if k in _SECTIONS and v is None else v for k, v in d.items()}
+    return _validate(RunConfig, d, flags or {})
 
 
 def _read_yaml(path: str, what: str) -> dict[str, Any]:
@@ -187,8 +269,15 @@ def _read_yaml(path: str, what: str) -> dict[str, Any]:
             d = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path!r} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path!r} is a folder; pass --config a YAML file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path!r} is not a text file; pass --config a YAML file") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path!r} ({e.strerror}); pass --config a readable YAML file") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"{what} {path!r} is not valid YAML: {e}") from None
+        first = " ".join(str(e).split())
+        raise ValueError(f"{what} {path!r} is not valid YAML ({first}); fix the file") from None
     if not isinstance(d, dict):
         raise ValueError(f"{what} {path!r} must hold a mapping of sections")
     return d
@@ -313,6 +402,8 @@ class SweepConfig:
     """Trials at once (None: the cluster's CPUs minus one, over cpus_per_trial; 1 on 2 CPUs)."""
     cpus_per_trial: float = 1.0
     """CPUs reserved per trial (its TWA phase runs in the trial's process with this many threads)."""
+    gpus_per_trial: float = 0.0
+    """GPUs reserved per trial (> 0: the trial's TWA phase runs on its GPU; fractions share one)."""
     metric: Literal["val_acc"] = "val_acc"
     """The selection metric (mode max): accuracy on the selection part of the val split.
     Test accuracy is reported, never used for selection."""
@@ -334,12 +425,14 @@ class SweepConfig:
             errors.append(f"scheduler={self.scheduler!r}: use 'asha' or 'none'")
         if self.grace_period < 1:
             errors.append(f"grace_period={self.grace_period}: must be >= 1")
-        if not self.reduction_factor > 1:
+        if not (self.reduction_factor > 1 and math.isfinite(self.reduction_factor)):
             errors.append(f"reduction_factor={self.reduction_factor}: must be > 1")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             errors.append(f"max_concurrent={self.max_concurrent}: must be >= 1 (or null: auto)")
-        if not self.cpus_per_trial > 0:
-            errors.append(f"cpus_per_trial={self.cpus_per_trial}: must be > 0")
+        if not (_positive(self.cpus_per_trial) and self.cpus_per_trial <= 1024):
+            errors.append(f"cpus_per_trial={self.cpus_per_trial}: must be a number in (0, 1024]")
+        if not (0 <= self.gpus_per_trial <= 64 and math.isfinite(self.gpus_per_trial)):
+            errors.append(f"gpus_per_trial={self.gpus_per_trial}: must be a number in [0, 64]")
         if self.metric != "val_acc":
             errors.append(f"metric={self.metric!r}: only 'val_acc' (never test accuracy)")
         if not 0 < self.select_frac < 1:
@@ -353,7 +446,7 @@ class SweepConfig:
         return {"base": self.base.to_dict(), "space": space, **d}
 
 
-def sweep_config_from_dict(d: Mapping[str, Any]) -> SweepConfig:
+def sweep_config_from_dict(d: Mapping[str, Any], *, flags: Mapping[str, str] | None = None) -> SweepConfig:
     """A :class:`SweepConfig` from a run config dict with a ``sweep:`` section
     (``{"data": .., "sampling": .., "twa": .., "mode": .., "sweep": {"space": .., ...}}``)."""
     d = dict(d)
@@ -361,10 +454,13 @@ def sweep_config_from_dict(d: Mapping[str, Any]) -> SweepConfig:
     if not isinstance(sweep, Mapping):
         raise ValueError("a sweep config needs a 'sweep:' section with a 'space:' of knobs")
     names = {f.name for f in fields(SweepConfig)} - {"base"}
-    bad = sorted(set(sweep) - names)
+    bad = sorted(str(k) for k in set(sweep) - names)
     if bad:
         raise ValueError(f"unknown option(s) {bad} in 'sweep'; known: {sorted(names)}")
-    return SweepConfig(base=config_from_dict(d), **sweep)
+    if not isinstance(sweep.get("space", {}), Mapping):
+        raise ValueError(_type_error("sweep.space", "a mapping of knobs", sweep["space"], {}))
+    base = config_from_dict(d, flags=flags)
+    return _validate(SweepConfig, {**sweep, "base": base}, flags or {}, prefix="sweep.")
 
 
 def load_sweep_config(path: str) -> SweepConfig:

@@ -22,6 +22,7 @@ __all__ = [
     "write_json",
     "write_model",
     "write_coefficients",
+    "format_summary",
     "format_table",
     "plot_accuracy",
     "plot_coefficients",
@@ -48,16 +49,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
 
 
 def prepare_out_dir(out: str) -> Path:
-    """Create ``out`` and check that it is writable, with one clear error if not."""
-    path = Path(out)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ValueError(
-            f"--out {out!r} is not a writable directory ({e.strerror}); choose another --out"
-        ) from None
+    """``out`` as a path, checked before anything is written: a directory, or a name that can be
+    created (its nearest existing ancestor is a writable directory). Creates nothing: the
+    command's claim (:func:`twa_ray.outdir.claim` / :func:`~twa_ray.outdir.lock`) does."""
+    path = Path(out).expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    problem = None
+    if not probe.is_dir():
+        problem = "a file is in the way" if probe != path else "it is a file"
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        problem = "permission denied"
+    if problem:
+        raise ValueError(f"--out {out!r} is not a writable directory ({problem}); choose another --out")
     return path
 
 
@@ -114,6 +119,21 @@ def write_coefficients(
                 cols["alpha"].append(float(alpha[k, l]))
     with atomic_path(path) as tmp:
         pq.write_table(pa.table(cols), tmp)
+
+
+def format_summary(s: Mapping[str, Any]) -> str:
+    """One readable line for a subspace summary (``ShardedSubspace.summary()`` or the like)."""
+    bits = s.get("bits")
+    parts = [
+        f"{s.get('kind', '?')} subspace of {s.get('num_candidates', '?')} candidates",
+        f"{s.get('num_rows', '?')} rows x {s.get('num_blocks', '?')} blocks",
+        f"D={s['numel']:,}" if "numel" in s else None,
+        (f"{bits}-bit basis" if bits in (1, 2, 4, 8) else "unquantized basis") if bits else None,
+        f"{s['nbytes'] / 2**20:.1f} MiB in {s.get('num_shards', 1)} shard(s)" if "nbytes" in s else None,
+        f"max quantization error {s['quant_error_max']:.2g}" if "quant_error_max" in s else None,
+        f"dropped {len(s['dropped'])} collinear" if s.get("dropped") else None,
+    ]
+    return ", ".join(p for p in parts if p)
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:

@@ -120,10 +120,15 @@ def test_user_model(user_models: str) -> None:
     m = build_model(f"{user_models}:with_args", num_classes=3, input_shape=(6,))
     assert isinstance(m, nn.Linear) and (m.in_features, m.out_features) == (6, 3)
     assert (
-        build_model(f"{user_models}:only_classes", num_classes=5, input_shape=(9,)).out_features
+        build_model(f"{user_models}:only_classes", num_classes=5, input_shape=(4,)).out_features
         == 5
     )
-    assert build_model(f"{user_models}:no_args", num_classes=5, input_shape=(9,)).out_features == 2
+    assert build_model(f"{user_models}:no_args", num_classes=2, input_shape=(4,)).out_features == 2
+    # a model that does not fit the data is one error at build time, not a traceback mid-run
+    with pytest.raises(ValueError, match=r"does not accept the data's inputs of shape \[9\]"):
+        build_model(f"{user_models}:only_classes", num_classes=5, input_shape=(9,))
+    with pytest.raises(ValueError, match=r"expected \[2, 5\] logits"):
+        build_model(f"{user_models}:no_args", num_classes=5, input_shape=(4,))
     with pytest.raises(ValueError, match="not an nn.Module"):
         build_model(f"{user_models}:not_a_module", num_classes=5, input_shape=(9,))
     with pytest.raises(ValueError, match="no attribute"):

@@ -163,7 +163,7 @@ def _bad_checkpoint(kind: str) -> tuple[dict[str, torch.Tensor], str]:
     sd = dict(_sd(5))
     if kind == "missing":
         del sd["3.weight"]
-        return sd, "'3.weight' of the layout is missing"
+        return sd, "'3.weight' of the model is missing"
     if kind == "shape":
         sd["3.bias"] = torch.zeros(4)
         return sd, r"'3.bias' has shape \[4\], expected \[3\]"

@@ -1,7 +1,7 @@
 """Datasets: train / held-out val / test splits for the sampling, TWA and report phases.
 
 - ``"mnist1d"``: MNIST-1D generated locally by the ``mnist1d`` package (never downloaded),
-  the CPU-scale test bed of BENCHMARKS.md;
+  the CPU-scale test bed of bench/claims.py (bench/RESULTS.md);
 - ``"cifar10"``, ``"cifar100"``: the official binary or python files under a local root
   (python pickles are read with a numpy-only unpickler);
 - ``"imagefolder"``: ``root/train`` + ``root/val`` and/or ``root/test`` class folders;

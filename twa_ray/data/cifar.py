@@ -160,6 +160,8 @@ def restricted_pickle_load(path: str | os.PathLike[str]) -> Any:
             return RestrictedUnpickler(f, encoding="bytes").load()
         except pickle.UnpicklingError as e:
             raise pickle.UnpicklingError(f"{path}: {e}") from e
+        except Exception as e:  # truncated or garbage bytes: EOFError, KeyError, ValueError, ...
+            raise pickle.UnpicklingError(f"{path} is not a readable pickle ({type(e).__name__}: {e})") from e
 
 
 # --------------------------------------------------------------------------- readers
@@ -179,7 +181,13 @@ def _read_binary(path: Path, label_bytes: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_python(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    obj = restricted_pickle_load(path)
+    try:
+        obj = restricted_pickle_load(path)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{e}; only numpy arrays are unpickled, nothing else is run: replace the file from "
+            "the official CIFAR archive (or use its binary version)"
+        ) from None
     if not isinstance(obj, dict) or b"data" not in obj or label_key not in obj:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path}: expected a dict with b'data' and {label_key!r}, got {keys}")

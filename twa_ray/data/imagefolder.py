@@ -39,13 +39,26 @@ def _to_int64(y: int) -> torch.Tensor:
     return torch.tensor(y, dtype=torch.int64)
 
 
+def _load_image(path: str) -> Any:
+    """torchvision's PIL loader; a file that is not a readable image is one ``ValueError``."""
+    from torchvision.datasets.folder import pil_loader
+
+    try:
+        return pil_loader(path)
+    except Exception as e:  # PIL.UnidentifiedImageError, truncated files, ...
+        raise ValueError(
+            f"{path} is not a readable image ({type(e).__name__}); remove or replace it in the "
+            "--data-root folder"
+        ) from None
+
+
 class _ImageFolder(ImageFolder):
     """ImageFolder whose class -> index mapping can be fixed (taken from the train folder)."""
 
     def __init__(self, root: Path, *, classes: list[str] | None = None, **kwargs: Any):
         self._fixed_classes = classes
         super().__init__(
-            root, target_transform=_to_int64, allow_empty=classes is not None, **kwargs
+            root, target_transform=_to_int64, allow_empty=classes is not None, loader=_load_image, **kwargs
         )
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:

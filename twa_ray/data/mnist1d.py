@@ -10,7 +10,7 @@ Generation is a Python loop (~10 s for 12,500 samples on one core), so the array
 cached as ``.npz`` (no pickle) keyed by the package version and the arguments.
 
 Defaults: 12,500 samples -> 10,000 train / 2,500 test (the test bed of
-BENCHMARKS.md), then ``val_frac`` of the 10,000 is held out as validation
+bench/claims.py, results in bench/RESULTS.md), then ``val_frac`` of the 10,000 is held out as validation
 (9,000 / 1,000 / 2,500 with ``val_frac=0.1``).
 """
 

@@ -1,4 +1,4 @@
-"""Multi-layer perceptron with BatchNorm, the MNIST-1D baseline of BENCHMARKS.md (2 x 256)."""
+"""Multi-layer perceptron with BatchNorm, the MNIST-1D baseline of bench/claims.py (2 x 256; bench/RESULTS.md)."""
 
 from __future__ import annotations
 

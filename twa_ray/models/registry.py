@@ -6,6 +6,7 @@ import difflib
 import math
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 
 from twa_ray.importpath import call_with_accepted, is_import_path, load_callable
@@ -42,6 +43,31 @@ MODELS: dict[str, Callable[[int, tuple[int, ...]], nn.Module]] = {
 """Built-in models: name -> ``builder(num_classes, input_shape)``."""
 
 
+def _check_forward(model: nn.Module, name: str, shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """One forward pass of two zero inputs (eval mode, no grad): a model that does not fit the
+    data's input shape or class count is one ``ValueError`` now, not a traceback mid-training."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *shape))
+    except Exception as e:  # shape mismatches surface as RuntimeError (or ValueError) from torch
+        first = " ".join(str(e).split())[:200]
+        raise ValueError(
+            f"model {name!r} does not accept the data's inputs of shape {list(shape)} ({first}); "
+            "build it for the input_shape it is given, or pick the --dataset it was made for"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"model {name!r} returns {got} for a batch of 2, expected [2, {num_classes}] logits; "
+            "build it with the num_classes it is given"
+        )
+    return model
+
+
 def build_model(name: str, *, num_classes: int, input_shape: Sequence[int]) -> nn.Module:
     """Build a freshly initialized classifier (parameters drawn from the global torch RNG).
 
@@ -74,7 +100,7 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int]) -> n
     if name in MODELS:
         return MODELS[name](num_classes, shape)
     if isinstance(name, str) and name.startswith("tv:"):
-        return _torchvision_model(name[3:], num_classes)
+        return _check_forward(_torchvision_model(name[3:], num_classes), name, shape, num_classes)
     if isinstance(name, str) and is_import_path(name):
         model = call_with_accepted(
             load_callable(name), {"num_classes": num_classes, "input_shape": shape}
@@ -83,7 +109,7 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int]) -> n
             raise ValueError(
                 f"model function {name!r} returned {type(model).__name__}, not an nn.Module"
             )
-        return model
+        return _check_forward(model, name, shape, num_classes)
     raise ValueError(
         f"unknown model {name!r}; choose one of {', '.join(MODELS)}, 'tv:<torchvision model>' "
         "(e.g. 'tv:resnet18') or a user function 'package.module:function'"

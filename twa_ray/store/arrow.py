@@ -73,7 +73,7 @@ class Header:
 
 
 def fix_hint(path: str) -> str:
-    return f"delete {path} and write the candidate again (CandidateStore.write or `twa-ray import`)"
+    return f"delete {path} and write the candidate again (twa-ray import, or rerun the sampling)"
 
 
 def check_name(name: str) -> str:

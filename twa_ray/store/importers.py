@@ -10,8 +10,11 @@ Recognized checkpoints under ``src_dir``:
   e.g. ``optimizer.pt``, is ignored).
 
 A state dict may be nested under ``"state_dict"``, ``"model_state_dict"``, ``"model"`` or
-``"module"`` (Lightning / Ray / DeepSpeed style); a ``"module."`` (DDP) or ``"_orig_mod."``
-(``torch.compile``) prefix shared by all keys is stripped.
+``"module"`` (Lightning / Ray / DeepSpeed style); a ``"module."`` (DDP), ``"_orig_mod."``
+(``torch.compile``) or ``"model."`` (a LightningModule's ``self.model``) prefix shared by all
+keys is stripped. With a layout (``--model``), tensors are matched by name, and a prefix that
+all of the layout's names share in the checkpoint (``net.``, ``model.backbone.``) is found and
+stripped; when nothing matches, the error lists the keys found.
 """
 
 from __future__ import annotations
@@ -37,10 +40,10 @@ __all__ = [
     "load_state_dict",
 ]
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")  # files directly in src_dir
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")  # files directly in src_dir
 CHECKPOINT_FILES = ("model.safetensors", "model.pt", "model.pth", "checkpoint.pt")  # in Ray dirs
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")
-_PREFIXES = ("module.", "_orig_mod.")
+_PREFIXES = ("module.", "_orig_mod.", "model.")  # DDP, torch.compile, Lightning (self.model)
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")  # re-estimated by TWA
 
 
@@ -166,19 +169,40 @@ def infer_layout(state: Mapping[str, torch.Tensor], *, where: str = "checkpoint"
     return Layout.from_tensors(kept)
 
 
+def _prefix(state: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> str:
+    """The prefix under which ``state`` holds every one of ``names`` ('' when they are there
+    as they are, or when no prefix fits)."""
+    if not names or names[0] in state:
+        return ""
+    first = names[0]
+    for key in state:
+        if key.endswith("." + first):
+            p = key[: -len(first)]
+            if all(p + n in state for n in names):
+                return p
+    return ""
+
+
 def _select(
     state: Mapping[str, torch.Tensor], layout: Layout, path: Path
 ) -> dict[str, torch.Tensor]:
-    """The layout's tensors of ``state``, checked for presence, shape and dtype."""
+    """The layout's tensors of ``state`` (by name, under a shared prefix if need be), checked
+    for presence, shape and dtype."""
     fix = (
-        "all checkpoints must come from the model the layout describes; pass "
-        "layout=Layout.from_module(model) or remove this file"
+        "every checkpoint must come from the --model architecture; pass the --model it was "
+        "saved from, or remove this file"
     )
+    p = _prefix(state, layout.names)
     out = {}
     for name, shape, dtype in zip(layout.names, layout.shapes, layout.dtypes):
-        t = state.get(name)
+        t = state.get(p + name)
         if t is None:
-            raise ValueError(f"{path}: tensor {name!r} of the layout is missing; {fix}")
+            keys = sorted(state)
+            shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+            raise ValueError(
+                f"{path}: tensor {name!r} of the model is missing; the checkpoint holds {len(keys)} "
+                f"tensors ({shown}); {fix}"
+            )
         if tuple(t.shape) != shape:
             raise ValueError(
                 f"{path}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}; {fix}"

@@ -132,12 +132,14 @@ class CandidateStore:
         try:
             kind = self._fs.get_file_info(self._root).type
         except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"cannot access candidate store {self.uri!r}: {e}") from None
+            raise ValueError(
+                f"cannot access candidate store {self.uri!r} ({e}); check the --store URI (endpoint, "
+                "bucket, credentials) and that its server is reachable"
+            ) from None
         if kind == pafs.FileType.NotFound:
             if not create:
                 raise FileNotFoundError(
-                    f"candidate store {self.uri!r} does not exist; check the path, or pass "
-                    "create=True to start a new store (CandidateStore(uri, create=True))"
+                    f"candidate store {self.uri!r} does not exist; check the path given as --store"
                 )
             self._fs.create_dir(self._root, recursive=True)
         elif kind != pafs.FileType.Directory:
@@ -162,17 +164,26 @@ class CandidateStore:
             infos = self._fs.get_file_info(pafs.FileSelector(self._root, allow_not_found=False))
         except FileNotFoundError:
             raise FileNotFoundError(
-                f"candidate store {self.uri!r} no longer exists; recreate it with "
-                "CandidateStore(uri, create=True)"
+                f"candidate store {self.uri!r} no longer exists; check the path given as --store"
             ) from None
-        out = {}
+        except (OSError, pa.ArrowException) as e:
+            raise ValueError(f"cannot list candidate store {self.uri!r}: {e}") from None
+        out, bad = {}, []
         for info in infos:
             base = info.base_name
-            if info.type != pafs.FileType.File or not base.endswith(SUFFIX):
-                continue  # temporary files (.<name>.<uuid>.tmp) and foreign files are ignored
+            if info.type != pafs.FileType.File or not base.endswith(SUFFIX) or base.startswith("."):
+                continue  # temporary files (.<name>.<uuid>.tmp) and foreign files are not candidates
             name = base.removesuffix(SUFFIX)
             if NAME_RE.fullmatch(name):
                 out[name] = info
+            else:
+                bad.append(base)
+        if bad:
+            raise ValueError(
+                f"candidate store {self.uri!r} holds {len(bad)} file(s) whose names are not candidate "
+                f"names ({', '.join(sorted(bad)[:3])}); rename them to [A-Za-z0-9][A-Za-z0-9._-]*{SUFFIX} "
+                "or move them out of the store"
+            )
         return out
 
     def _header(self, name: str, info: pafs.FileInfo | None = None) -> Header:
@@ -200,10 +211,7 @@ class CandidateStore:
         return header
 
     def _missing(self, name: str) -> str:
-        return (
-            f"candidate {name!r} is not in store {self.uri!r} (no file {self._path(name)}); "
-            "list the candidates with CandidateStore.names()"
-        )
+        return f"candidate {name!r} is not in store {self.uri!r} (no file {self._path(name)}); check its name"
 
     def names(self) -> list[str]:
         """Names of the stored candidates, sorted by step, then name.
@@ -237,12 +245,13 @@ class CandidateStore:
 
     # ---- reading -----------------------------------------------------------------------------
 
-    def read(self, name: str, *, verify: bool = False) -> torch.Tensor:
-        """Candidate ``name`` as a ``(D,)`` float32 tensor.
+    def read(self, name: str, *, verify: bool = True) -> torch.Tensor:
+        """Candidate ``name`` as a ``(D,)`` float32 tensor, checked against its stored CRC-32.
 
-        Local files are memory-mapped copy-on-write (zero-copy; the OS pages data in on use, and
-        in-place edits of the tensor never reach the file); other filesystems read the file into
-        memory. ``verify=True`` also checks the data against the stored CRC-32 (reads every page).
+        Local files are memory-mapped copy-on-write (zero-copy; in-place edits of the tensor never
+        reach the file); other filesystems read the file into memory. The checksum reads every
+        page once (``bench/verify_cost.py``: a small fraction of an ``average``); ``verify=False``
+        skips it, leaving pages unread until used.
         """
         path = self._path(name)
         try:
@@ -263,12 +272,13 @@ class CandidateStore:
             )
         if verify and zlib.crc32(arr.data) != header.crc32:
             raise ValueError(
-                f"{path} is corrupt (CRC-32 mismatch of the parameter data); {fix_hint(path)}"
+                f"{path} is corrupt (its parameter data does not match the stored CRC-32); "
+                f"{fix_hint(path)}"
             )
         return torch.from_numpy(arr)
 
     def iter_flat(
-        self, names: list[str] | None = None, *, verify: bool = False
+        self, names: list[str] | None = None, *, verify: bool = True
     ) -> Iterator[torch.Tensor]:
         """Yield the candidates ``names`` (default: all, in :meth:`names` order) one at a time.
 
@@ -344,8 +354,8 @@ class CandidateStore:
         raise ValueError(
             f"layout fingerprint {layout.fingerprint[:16]} differs from the fingerprint "
             f"{mine.fingerprint[:16]} of the candidates in store {self.uri!r}{detail}; every "
-            "candidate of a store comes from one model: write to another store, or pass the "
-            "layout of the model the store was filled from (Layout.from_module(model))"
+            "candidate of a store comes from one model: write to another store, or use the "
+            "--model the store was filled from"
         )
 
     def _stage(
@@ -451,7 +461,7 @@ class CandidateStore:
     def _exists(self, name: str) -> str:
         return (
             f"candidate {name!r} already exists in store {self.uri!r}; pass another name, "
-            "overwrite=True to replace it, or use a new store"
+            "or use a new store"
         )
 
     def _commit(self, staged: _Staged, *, overwrite: bool) -> None:
