@@ -1,4 +1,4 @@
-"""The paper's epoch-budget claim at CPU scale (BENCHMARKS.md A): MNIST-1D, MLP and 1-D CNN, 3 seeds.
+"""The paper's epoch-budget claim at CPU scale (results: bench/RESULTS.md, "The paper's claims"): MNIST-1D, MLP and 1-D CNN, 3 seeds.
 
 For every (model, seed) one sampling run of the *full* budget E on Ray Train (``run_sampling``,
 2 workers, snapshot every ``--interval`` epochs) gives full-budget SGD and, because the schedule

@@ -1,4 +1,4 @@
-"""Memory of the packed basis B per node with 1, 2 and 4 workers (BENCHMARKS.md, section C).
+"""Memory of the packed basis B per node with 1, 2 and 4 workers (results: bench/RESULTS.md, "Projection shards").
 
     python bench/shard_memory.py                 # 1M parameters, K=32, 4 bits; writes bench/shard_memory.json
     python bench/shard_memory.py --smoke-test    # tiny shapes, seconds

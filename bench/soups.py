@@ -1,4 +1,4 @@
-"""Model soups at CPU scale (BENCHMARKS.md A, soup table): fuse fine-tuned variants of one model.
+"""Model soups at CPU scale (results: bench/RESULTS.md, "Model soups"): fuse fine-tuned variants of one model.
 
 Per seed: an MLP is pre-trained on half of the MNIST-1D train split (the "pre-trained point"),
 then K variants are fine-tuned from it on the whole train split with different learning rates,

@@ -9,6 +9,7 @@ All flags of ``twa-ray average`` apply.
 import sys
 
 from twa_ray.cli import main
+from twa_ray.storage import job_argv
 
 if __name__ == "__main__":
-    sys.exit(main(["average", *sys.argv[1:]]))
+    sys.exit(main(job_argv("average", sys.argv[1:])))

@@ -11,6 +11,7 @@ Inside ``ray job submit`` ``ray.init()`` joins the cluster; without one it start
 import sys
 
 from twa_ray.cli import main
+from twa_ray.storage import job_argv
 
 if __name__ == "__main__":
-    sys.exit(main(["sweep", *sys.argv[1:]]))
+    sys.exit(main(job_argv("sweep", sys.argv[1:])))

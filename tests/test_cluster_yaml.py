@@ -145,3 +145,30 @@ def test_installs_this_checkout_with_the_pinned_ray(prepared):
     ]
     for image in images:
         assert image.startswith(f"rayproject/ray:{pin.group(1)}-"), (image, pin.group(1))
+
+
+def test_shared_storage_is_one_s3_bucket_every_node_can_reach(raw, prepared):
+    """One bucket, named once (the jobs' default --storage), and an instance profile on every
+    worker type (the head gets Ray's ray-autoscaler-v1 profile, which has S3 access)."""
+    from twa_ray.storage import STORAGE_ENV, job_argv
+
+    text = (Path(__file__).resolve().parents[1] / "cluster.yaml").read_text()
+    options = [o for o in prepared["docker"]["run_options"] if STORAGE_ENV in o]
+    assert len(options) == 1, options
+    uri = options[0].split("=", 1)[1].split()[0]
+    assert uri.startswith("s3://")
+    bucket = uri.removeprefix("s3://").split("/")[0]
+    assert len(re.findall(rf"\b{re.escape(bucket)}\b", text.split("available_node_types:")[1])) == 0
+    for name, t in prepared["available_node_types"].items():
+        if name != prepared["head_node_type"]:
+            assert "instance-profile/" in t["node_config"]["IamInstanceProfile"]["Arn"], name
+    argv = job_argv("run", ["--smoke-test", "--out", "runs/exp1"])
+    assert argv[:4] == ["run", "--smoke-test", "--out", "runs/exp1"] and len(argv) == 4  # unset
+    import os
+
+    os.environ[STORAGE_ENV] = uri
+    try:
+        assert job_argv("run", ["--out", "runs/exp1"])[-2:] == ["--storage", f"{uri}/run/exp1"]
+        assert job_argv("run", ["--storage", "s3://b/x"]) == ["run", "--storage", "s3://b/x"]
+    finally:
+        del os.environ[STORAGE_ENV]

@@ -11,17 +11,15 @@ The epoch budget counts every epoch of SGD plus the TWA epochs; the saving is
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import shutil
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from twa_ray import outdir
 from twa_ray.average import make_loader, write_outputs
 from twa_ray.config import RunConfig, SamplingConfig
 from twa_ray.core.baselines import greedy_soup
@@ -29,7 +27,8 @@ from twa_ray.core.evaluate import evaluate, make_scorer
 from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.data import load_dataset
 from twa_ray.models import build_model
-from twa_ray.report import format_table, plot_accuracy, prepare_out_dir, write_json
+from twa_ray.report import format_summary, format_table, plot_accuracy, prepare_out_dir
+from twa_ray.storage import Storage, check_multi_node, open_storage
 from twa_ray.store import CandidateStore
 
 log = logging.getLogger("twa_ray")
@@ -49,34 +48,51 @@ def init_ray(address: str | None = None) -> None:
     ray.init(address=address, log_to_driver=True, configure_logging=False)
 
 
-def _check_out_dir(out: Path, *, resume: bool, overwrite: bool, marker: str = RUN_FILE, kind: str = "run") -> None:
-    """Refuse ``out`` before anything starts: it holds a ``kind`` and neither ``--resume`` nor
-    ``--overwrite`` was given, or ``--resume`` finds nothing to resume. Changes nothing."""
-    exists = (out / marker).exists()
+def _flag(storage: Storage, given: str | None) -> str:
+    return f"--storage {storage.uri!r}" if given else f"--out {storage.uri!r}"
+
+
+def _check_out_dir(
+    storage: Storage, *, resume: bool, overwrite: bool, marker: str = RUN_FILE, kind: str = "run",
+    given: str | None = None,
+) -> None:  # fmt: skip
+    """Refuse the storage (``--storage``, default ``--out``) before anything starts: it holds a
+    ``kind`` and neither ``--resume`` nor ``--overwrite`` was given, or ``--resume`` finds
+    nothing to resume. Changes nothing."""
+    exists = storage.exists(marker)
     if exists and not (resume or overwrite):
         raise FileExistsError(
-            f"--out {str(out)!r} already holds a {kind}; pass --resume to continue it or "
+            f"{_flag(storage, given)} already holds a {kind}; pass --resume to continue it or "
             "--overwrite to delete it and start over"
         )
     if resume and not exists:
-        raise FileNotFoundError(f"--resume: no {kind} to resume in {str(out)!r}; drop --resume")
+        raise FileNotFoundError(f"--resume: no {kind} to resume in {_flag(storage, given)}; drop --resume")
 
 
 def _claim_out_dir(
-    out: Path, *, resume: bool, overwrite: bool, marker: str = RUN_FILE, kind: str = "run"
-) -> str:
-    """The id of the ``kind`` in ``out`` (recorded in ``out/marker``): new, resumed
-    (``--resume``) or after deleting (``--overwrite``)."""
-    _check_out_dir(out, resume=resume, overwrite=overwrite, marker=marker, kind=kind)
-    run_file = out / marker
-    if run_file.exists():
+    storage: Storage, *, resume: bool, overwrite: bool, marker: str = RUN_FILE, kind: str = "run",
+    given: str | None = None,
+) -> str:  # fmt: skip
+    """The id of the ``kind`` in ``storage`` (recorded in ``storage/marker``): new, resumed
+    (``--resume``) or after deleting everything there (``--overwrite``)."""
+    _check_out_dir(storage, resume=resume, overwrite=overwrite, marker=marker, kind=kind, given=given)
+    if storage.exists(marker):
         if not overwrite:  # --resume
-            return str(json.loads(run_file.read_text())["run_id"])
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            return str(storage.read_json(marker)["run_id"])
+        storage.fs.delete_dir_contents(storage.path)
     run_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    write_json(run_file, {"run_id": run_id})
+    storage.write_json(marker, {"run_id": run_id})
     return run_id
+
+
+def storage_of(cfg: RunConfig, out: str) -> tuple[Storage, dict[str, str]]:
+    """The run's storage (``--storage``, default ``--out``) and the local paths among the
+    locations every node reads (for :func:`twa_ray.storage.check_multi_node`)."""
+    storage = open_storage(cfg.storage or out)
+    paths = {("--storage" if cfg.storage else "--out (the default --storage)"): storage.uri}
+    if cfg.store:
+        paths["--store"] = cfg.store
+    return storage, paths
 
 
 def check_resources(s: SamplingConfig, *, fixed: bool) -> None:
@@ -120,20 +136,25 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Sample, average, evaluate and report; returns the metrics written to ``metrics.json``."""
     from twa_ray.ray.coeff_group import run_twa
+    from twa_ray.ray.group import check_data_root_on_nodes
     from twa_ray.ray.sampling import run_sampling
     from twa_ray.ray.shards import put_subspace
 
     start = time.time()
     out = prepare_out_dir(cfg.out).resolve()
-    _check_out_dir(out, resume=resume, overwrite=overwrite)  # refuse early
+    # --resume with --storage works from the storage alone: a new (empty) --out is fine
+    resume_out = resume and (not cfg.storage or outdir.owner(out) is not None)
+    outdir.check(out, "run", resume=resume_out, overwrite=overwrite)  # owned, not locked by another
+    storage, shared_paths = storage_of(cfg, str(out))
+    _check_out_dir(storage, resume=resume, overwrite=overwrite, given=cfg.storage)  # refuse early
     # workers may run in another directory: every local path they see is absolute
     cfg = dataclasses.replace(
         cfg,
         out=str(out),
-        store=_ensure_abs(cfg.store) if cfg.store else None,
+        store=_ensure_abs(cfg.store) if cfg.store else storage.join("candidates"),
         data=dataclasses.replace(cfg.data, data_root=_ensure_abs(cfg.data.data_root) if cfg.data.data_root else None),
     )
-    work = out / "work"
+    work = storage.join("work")
     s = cfg.sampling
     budget = s.epochs
     # the data and the model on the driver first: a missing dataset root or a bad model name is
@@ -147,11 +168,15 @@ def run_pipeline(
     local = address is None and not os.environ.get("RAY_ADDRESS")
     init_ray(address)
     check_resources(s, fixed=local)
-    run_id = _claim_out_dir(out, resume=resume, overwrite=overwrite)
+    check_multi_node(shared_paths, shared_fs=cfg.shared_fs)
+    check_data_root_on_nodes(cfg.data)
+    outdir.lock(out)  # one writer at a time
+    run_id = _claim_out_dir(storage, resume=resume, overwrite=overwrite, given=cfg.storage)
+    outdir.mark(out, "run", run_id)  # when --storage is elsewhere, --out is marked too
 
     # -- sampling: sample_frac * E epochs of the full-budget schedule ------------------------
     log.info("sampling: %d of %d epochs on %d workers, run %s", s.sample_epochs, budget, s.num_workers, run_id)
-    sampled = run_sampling(cfg.data, s, store_uri=cfg.store_uri, run_dir=str(work), run_id=run_id)
+    sampled = run_sampling(cfg.data, s, store_uri=cfg.store_uri, run_dir=work, run_id=run_id)
     store = CandidateStore(cfg.store_uri)
     log.info("sampling done: %d candidates in %.0f s", len(sampled.candidates), sampled.wall_time_s)
 
@@ -159,9 +184,9 @@ def run_pipeline(
     names = [n for n in store.names() if store.info(n).run_id == run_id]
     sharded = put_subspace(store, layout, cfg.twa)
     modes = ("t", "v") if cfg.mode == "both" else (cfg.mode,)
-    log.info("TWA-%s on %d candidates: %s", "/".join(modes), len(names), sharded.summary())
+    log.info("TWA-%s on %d candidates: %s", "/".join(modes), len(names), format_summary(sharded.summary()))
     results = run_twa(
-        sharded, cfg.data, cfg.twa, run_dir=str(work), modes=modes, num_workers=s.num_workers,
+        sharded, cfg.data, cfg.twa, run_dir=work, modes=modes, num_workers=s.num_workers,
         cpus_per_worker=s.cpus_per_worker, use_gpu=s.use_gpu, batch_size=s.batch_size,
         max_failures=s.max_failures, run_id=run_id,
     )  # fmt: skip
@@ -187,7 +212,7 @@ def run_pipeline(
     if cfg.compare_full:
         full = run_sampling(
             cfg.data, dataclasses.replace(s, sample_frac=1.0, sample_interval=budget),
-            store_uri=str(out / "full_candidates"), run_dir=str(work), run_id=f"{run_id}-full",
+            store_uri=storage.join("full_candidates"), run_dir=work, run_id=f"{run_id}-full",
         )  # fmt: skip
         full_history = full.history
         methods["sgd_full"] = {"test_acc": full.history[-1]["test_acc"], "val_acc": full.history[-1]["val_acc"], "epochs_used": budget}
@@ -209,6 +234,8 @@ def run_pipeline(
         "numel": layout.numel,
         "subspace": sharded.summary(),
         "bytes_allreduced_per_step": first.bytes_allreduced_per_step,
+        # placement of B (and why), bytes held / sent per step, the packed-kernel path of rank 0
+        "coefficient_phase": first.extra,
         "sampling_history": sampled.history,
         "wall_time_s": round(time.time() - start, 1),
     }
@@ -224,8 +251,10 @@ def run_pipeline(
          "budget_saved_%": round(100 * v["budget_saved"], 1)}
         for k, v in methods.items()
     ]  # fmt: skip
+    if cfg.storage and storage.uri != str(out):  # --out is the local copy of <storage>/outputs
+        storage.upload_outputs(out)
     print(format_table(rows, ("method", "test_acc", "val_acc", "epochs_used", "budget_saved_%")))
-    print(f"outputs in {out} ({metrics['wall_time_s']:.0f} s)")
+    print(f"outputs in {out} ({metrics['wall_time_s']:.0f} s)" + (f", and in {storage.join('outputs')}" if cfg.storage else ""))
     return metrics
 
 

@@ -30,14 +30,16 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from twa_ray import outdir
 from twa_ray.config import RunConfig, SweepConfig, config_from_dict
-from twa_ray.pipeline import _claim_out_dir, _ensure_abs, init_ray
+from twa_ray.pipeline import _check_out_dir, _claim_out_dir, _ensure_abs, init_ray, storage_of
 from twa_ray.report import (
     atomic_path,
     format_table,
@@ -46,6 +48,7 @@ from twa_ray.report import (
     write_json,
     write_table,
 )
+from twa_ray.storage import Storage, check_multi_node, join_uri, open_storage
 from twa_ray.store import CandidateStore
 from twa_ray.store.arrow import CandidateInfo
 
@@ -56,7 +59,7 @@ __all__ = ["plan_sweep", "select_candidates", "run_sweep", "to_tune_space"]
 SWEEP_FILE = "sweep.json"  # the sweep id (refuse / --resume / --overwrite, as for a run)
 PLAN_FILE = "plan.json"  # the resolved trials and sampling groups (a resumed sweep reuses them)
 DONE_FILE = "sampling_done.json"  # next to a finished sampling run: its candidates and cost
-EXPERIMENT = "sweep"  # Tune experiment name under <out>/tune
+EXPERIMENT = "sweep"  # Tune experiment name under <storage>/tune
 # sampling options that do not change the trajectory (run_sampling lets a resume change them)
 _RESOURCE_FIELDS = ("cpus_per_worker", "max_failures")
 
@@ -173,7 +176,6 @@ def plan_sweep(cfg: SweepConfig, *, sampling_dir: str) -> dict[str, Any]:
         by_key.setdefault(_hash(key), []).append(t)
 
     groups: dict[str, dict[str, Any]] = {}
-    root = Path(sampling_dir)
     for members in by_key.values():
         runs = [m["config"] for m in members]
         longest = max(runs, key=lambda r: (r.sampling.sample_epochs, r.sampling.sample_frac))
@@ -191,10 +193,10 @@ def plan_sweep(cfg: SweepConfig, *, sampling_dir: str) -> dict[str, Any]:
         if not cfg.reuse_sampling:
             ident["trial"] = members[0]["index"]
         key = _hash(ident)
-        run_dir = root / key
+        run_dir = join_uri(sampling_dir, key)
         groups[key] = {
             "key": key, "data": asdict(longest.data), "sampling": asdict(sampling),
-            "run_id": f"sweep-{key}", "run_dir": str(run_dir), "store": str(run_dir / "candidates"),
+            "run_id": f"sweep-{key}", "run_dir": run_dir, "store": join_uri(run_dir, "candidates"),
             "sample_epochs": e_max, "trials": [m["index"] for m in members],
         }  # fmt: skip
         for m in members:
@@ -249,12 +251,12 @@ def _run_groups(plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
     Returns per group: ``ran`` (in this call), ``wall_time_s`` (of the run, when it ran),
     ``sample_epochs``, ``num_candidates``."""
     from twa_ray.config import DataConfig, SamplingConfig
-    from twa_ray.ray.sampling import run_sampling
 
     done: dict[str, dict[str, Any]] = {}
+    todo: dict[str, Any] = {}
     for key, g in plan["groups"].items():
-        marker = Path(g["run_dir"]) / DONE_FILE
-        record = json.loads(marker.read_text()) if marker.exists() else None
+        run_dir = open_storage(g["run_dir"])
+        record = run_dir.read_json(DONE_FILE) if run_dir.exists(DONE_FILE) else None
         store = CandidateStore(g["store"], create=True)
         if record is None or not set(record["candidates"]) <= set(store.names()):
             s = SamplingConfig(**g["sampling"])
@@ -262,23 +264,21 @@ def _run_groups(plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 "sampling group %s (%d trials): %d epochs, every %d %s(s)",
                 key, len(g["trials"]), s.sample_epochs, s.sample_interval, s.interval_unit,
             )  # fmt: skip
-            res = run_sampling(
-                DataConfig(**g["data"]),
-                s,
-                store_uri=g["store"],
-                run_dir=g["run_dir"],
-                run_id=g["run_id"],
-            )
-            record = {
-                "run_id": res.run_id, "candidates": res.candidates, "sample_epochs": s.sample_epochs,
-                "wall_time_s": round(res.wall_time_s, 2), "final_metrics": res.final_metrics,
-            }  # fmt: skip
-            write_json(marker, record)
-            done[key] = {**record, "ran": True}
+            todo[key] = (DataConfig(**g["data"]), s, g["store"], g["run_dir"], g["run_id"])
         else:
             log.info("sampling group %s: reusing the finished run in %s", key, g["run_dir"])
             done[key] = {**record, "ran": False}
-        infos = [store.info(n) for n in record["candidates"]]
+    for key, res in _sample(todo).items():
+        s = todo[key][1]
+        record = {
+            "run_id": res.run_id, "candidates": res.candidates, "sample_epochs": s.sample_epochs,
+            "wall_time_s": round(res.wall_time_s, 2), "final_metrics": res.final_metrics,
+        }  # fmt: skip
+        open_storage(plan["groups"][key]["run_dir"]).write_json(DONE_FILE, record)
+        done[key] = {**record, "ran": True}
+    for key, g in plan["groups"].items():
+        store = CandidateStore(g["store"])
+        infos = [store.info(n) for n in done[key]["candidates"]]
         for i in g["trials"]:
             t = plan["trials"][i]
             t["store"] = g["store"]
@@ -294,6 +294,40 @@ def _run_groups(plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return done
 
 
+def _sample(todo: dict[str, Any]) -> dict[str, Any]:
+    """Run the sampling runs ``key -> run_sampling arguments``: in the driver one after another,
+    or, when the cluster has CPUs for more than one worker group, each from a Ray task of its
+    own (the Train driver needs no CPU; it stays on the driver's node, as Ray Train's
+    controller does), as many at once as fit."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from twa_ray.ray.sampling import run_sampling
+
+    need = max((a[1].num_workers * a[1].cpus_per_worker for a in todo.values()), default=1.0)
+    room = int(ray.cluster_resources().get("CPU", 0.0) // need)
+    if len(todo) <= 1 or room <= 1:
+        return {
+            key: run_sampling(data, s, store_uri=store, run_dir=run_dir, run_id=run_id)
+            for key, (data, s, store, run_dir, run_id) in todo.items()
+        }
+    log.info("sampling %d groups, %d at a time", len(todo), min(room, len(todo)))
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    remote = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(run_sampling)
+    results: dict[str, Any] = {}
+    waiting, running = list(todo), {}
+    while waiting or running:
+        while waiting and len(running) < room:
+            key = waiting.pop(0)
+            data, s, store, run_dir, run_id = todo[key]
+            ref = remote.remote(data, s, store_uri=store, run_dir=run_dir, run_id=run_id)
+            running[ref] = key
+        ready, _ = ray.wait(list(running), num_returns=1)
+        for ref in ready:
+            results[running.pop(ref)] = ray.get(ref)
+    return results
+
+
 # --------------------------------------------------------------------------- phase 2: Tune
 
 
@@ -301,20 +335,37 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.config['trial']['index']:04d}_{trial.trial_id}"
 
 
-def _tuner(cfg: SweepConfig, plan: dict[str, Any], out: Path, *, restore: bool) -> Any:
+def _check_trial_gpus(gpus_per_trial: float, *, local: bool) -> None:
+    """Refuse (a local Ray) or warn (a cluster that may scale up) when no node has the GPUs of
+    one trial: Tune would otherwise wait for them forever."""
+    import ray
+
+    have = max((n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n["Alive"]), default=0.0)
+    if gpus_per_trial <= have:
+        return
+    msg = (f"--gpus-per-trial {gpus_per_trial:g}: no Ray node has that many GPUs (the most on one "
+           f"node is {have:g}); lower --gpus-per-trial or set it to 0")  # fmt: skip
+    if local:
+        raise ValueError(msg)
+    log.warning("%s (waiting for the cluster to scale up)", msg)
+
+
+def _tuner(cfg: SweepConfig, plan: dict[str, Any], storage: Storage, *, restore: bool) -> Any:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from twa_ray.ray.tune_trial import twa_trial
 
-    trainable = tune.with_resources(
-        tune.with_parameters(twa_trial, plan=plan), {"cpu": cfg.cpus_per_trial}
-    )
-    path = out / "tune" / EXPERIMENT
-    if restore and tune.Tuner.can_restore(str(path)):
-        log.info("restoring the Tune experiment in %s", path)
-        return tune.Tuner.restore(str(path), trainable=trainable, restart_errored=True)
+    resources = {"cpu": cfg.cpus_per_trial, **({"gpu": cfg.gpus_per_trial} if cfg.gpus_per_trial else {})}
+    trainable = tune.with_resources(tune.with_parameters(twa_trial, plan=plan), resources)
+    tune_dir = storage.child("tune")
+    path, fs = tune_dir.child(EXPERIMENT).path, tune_dir.train_args()["storage_filesystem"]
+    if restore and tune.Tuner.can_restore(path, storage_filesystem=fs):
+        log.info("restoring the Tune experiment in %s", tune_dir.join(EXPERIMENT))
+        return tune.Tuner.restore(
+            path, trainable=trainable, restart_errored=True, storage_filesystem=fs
+        )
     max_t = max(math.ceil(t["twa_epochs"]) for t in plan["trials"])
     if cfg.scheduler == "asha":
         scheduler = ASHAScheduler(
@@ -343,7 +394,7 @@ def _tuner(cfg: SweepConfig, plan: dict[str, Any], out: Path, *, restore: bool) 
             # checkpoints are a few KB of alpha; keeping all of them spares Tune the forced
             # experiment snapshot after every report that num_to_keep would trigger
             name=EXPERIMENT,
-            storage_path=str(out / "tune"),
+            **tune_dir.train_args(),
             verbose=1,
             failure_config=tune.FailureConfig(max_failures=1),
         ),  # fmt: skip
@@ -378,12 +429,20 @@ def run_sweep(
     """
     start = time.time()
     out_path = prepare_out_dir(out).resolve()
-    sweep_id = _claim_out_dir(
-        out_path, resume=resume, overwrite=overwrite, marker=SWEEP_FILE, kind="sweep"
-    )
-    plan_file = out_path / PLAN_FILE
-    if resume and plan_file.exists():
-        plan = json.loads(plan_file.read_text())
+    storage, shared_paths = storage_of(cfg.base, str(out_path))
+    claim = {"resume": resume, "overwrite": overwrite, "marker": SWEEP_FILE, "kind": "sweep",
+             "given": cfg.base.storage}  # fmt: skip
+    if sampling_dir:
+        shared_paths["--sampling-dir"] = sampling_dir
+    _check_out_dir(storage, **claim)  # refuse early, before starting Ray
+    init_ray(address)
+    check_multi_node(shared_paths, shared_fs=cfg.base.shared_fs)
+    _check_trial_gpus(cfg.gpus_per_trial, local=address is None and not os.environ.get("RAY_ADDRESS"))
+    sweep_id = _claim_out_dir(storage, **claim)
+    if storage.uri != str(out_path):  # --storage elsewhere: --out is marked too
+        outdir.mark(out_path, "sweep", sweep_id)
+    if resume and storage.exists(PLAN_FILE):
+        plan = storage.read_json(PLAN_FILE)
         log.info("resuming sweep %s: %d trials", sweep_id, len(plan["trials"]))
         if json.loads(json.dumps(cfg.to_dict()))["space"] != plan["sweep"]["space"]:
             log.warning(
@@ -391,7 +450,7 @@ def run_sweep(
                 "ignored (--overwrite starts a new sweep)"
             )
     else:
-        root = Path(_ensure_abs(sampling_dir)) if sampling_dir else out_path / "sampling"
+        root = _ensure_abs(sampling_dir) if sampling_dir else storage.join("sampling")
         base = cfg.base
         if base.data.data_root:  # trials and workers may run elsewhere: absolute paths
             base = dataclasses.replace(
@@ -399,33 +458,33 @@ def run_sweep(
                 data=dataclasses.replace(base.data, data_root=_ensure_abs(base.data.data_root)),
             )
         cfg = dataclasses.replace(cfg, base=base)
-        plan = plan_sweep(cfg, sampling_dir=str(root))
+        plan = plan_sweep(cfg, sampling_dir=root)
         plan.update(
             sweep_id=sweep_id,
             sweep=cfg.to_dict(),
             cpus_per_trial=cfg.cpus_per_trial,
+            gpus_per_trial=cfg.gpus_per_trial,
             select_frac=cfg.select_frac,
         )
-        write_json(plan_file, plan)
+        storage.write_json(PLAN_FILE, plan)
     n_trials, n_groups = len(plan["trials"]), len(plan["groups"])
     log.info("sweep %s: %d trials, %d sampling run(s)", sweep_id, n_trials, n_groups)
-    init_ray(address)
 
     # -- phase 1: one sampling run per group (Ray Train, the whole cluster) ------------------
     t_sampling = time.time()
     groups = _run_groups(plan)
-    write_json(plan_file, plan)  # now with every trial's candidates
+    storage.write_json(PLAN_FILE, plan)  # now with every trial's candidates
     sampling_wall = time.time() - t_sampling
 
     # -- phase 2: the trials (Ray Tune, ASHA on val_acc) ---------------------------------------
     t_tune = time.time()
-    tuner = _tuner(cfg, plan, out_path, restore=resume)
+    tuner = _tuner(cfg, plan, storage, restore=resume)
     grid = tuner.fit()
     tune_wall = time.time() - t_tune
 
     # -- outputs -----------------------------------------------------------------------------
     rows = _rows(grid, plan)
-    summary = _summarize(rows, plan, groups, sweep_id=sweep_id, out=out_path)
+    summary = _summarize(rows, plan, groups, sweep_id=sweep_id, out=storage.join("tune"))
     summary.update(
         wall_time_s=round(time.time() - start, 1), sampling_wall_s=round(sampling_wall, 1),
         tune_wall_s=round(tune_wall, 1),
@@ -437,6 +496,8 @@ def run_sweep(
         out_path / "best.yaml", plan["trials"][summary["best"]["index"]], summary, out_path
     )
     write_json(out_path / "summary.json", summary)
+    if cfg.base.storage and storage.uri != str(out_path):  # --out: a local copy of the outputs
+        storage.upload_outputs(out_path)
 
     cols = ("index", *knobs, "status", "twa_epochs", "val_acc")
     ranked = sorted(rows, key=lambda r: 1.0 if math.isnan(r["val_acc"]) else -r["val_acc"])
@@ -478,6 +539,7 @@ def _rows(grid: Any, plan: dict[str, Any]) -> list[dict[str, Any]]:
                 "num_candidates": len(t["candidates"]),
                 "sample_epochs": t["sample_epochs"],
                 "time_s": m.get("time_total_s", math.nan),
+                "node_id": m.get("node_id", ""),
                 "error": str(r.error).splitlines()[0][:300] if r.error else "",
             }  # fmt: skip
         )
@@ -490,13 +552,13 @@ def _summarize(
     groups: dict[str, dict[str, Any]],
     *,
     sweep_id: str,
-    out: Path,
+    out: str,
 ) -> dict[str, Any]:
     scored = [r for r in rows if r["status"] != "error" and not math.isnan(r["val_acc"])]
     if not scored:
         first = next((r["error"] for r in rows if r["error"]), "no metrics reported")
         raise RuntimeError(
-            f"every trial of sweep {sweep_id} failed (first: {first}); see {out / 'tune'}"
+            f"every trial of sweep {sweep_id} failed (first: {first}); see {out}"
         )
     # full-length trials first: a config is judged at the epochs best.yaml will run
     completed = [r for r in scored if r["status"] == "completed"] or scored

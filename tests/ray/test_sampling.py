@@ -76,7 +76,7 @@ def test_epoch_interval_candidates(data, tmp_path):
     fm = res.final_metrics
     assert (fm["steps_per_epoch"], fm["total_steps"], fm["num_candidates"]) == (6, 24, 2)
     assert (fm["num_train"], fm["num_val"]) == (864, 96)
-    assert 0.0 <= fm["test_acc"] <= 1.0 and fm["val_acc"] > 0.15  # learns something in 12 steps
+    assert fm["test_acc"] > 0.15 and fm["val_acc"] > 0.15  # learns something in 12 steps (chance 0.1)
     assert res.history[0]["lr"] > res.history[1]["lr"] > 0  # cosine over the full 24 steps
     final = res.read_final()
     assert torch.equal(final, flatten(res.read_final_state(), layout))

@@ -25,13 +25,10 @@ Candidates written between that checkpoint and the failure are rewritten under t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -39,20 +36,35 @@ import torch.nn.functional as F
 
 from twa_ray.config import DataConfig, SamplingConfig
 from twa_ray.core.optim import lr_factor
+from twa_ray.ray.group import (
+    check_data_root_on_nodes,
+    check_run_id,
+    fit_group,
+    load_worker_splits,
+    marker_path,
+    report,
+)
 from twa_ray.ray.snapshot import Snapshotter, unwrap_model
-from twa_ray.ray.worker import all_reduce_, evaluate_sharded, maybe_fail, strided
+from twa_ray.ray.worker import (
+    all_reduce_,
+    evaluate_sharded,
+    loader_options,
+    maybe_fail,
+    strided,
+    train_autocast,
+)
+from twa_ray.storage import Storage, open_storage
 from twa_ray.store.store import CandidateStore
 
-__all__ = ["SamplingResult", "run_sampling", "sampling_loop_per_worker"]
+__all__ = ["SamplingResult", "SamplingState", "run_sampling", "sampling_loop_per_worker"]
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"  # model + optimizer state (torch.save; loaded with weights_only=True)
-META_FILE = "meta.json"  # epoch, step, candidates, history, config (readable without torch)
+META_FILE = "meta.json"  # a SamplingState (readable without torch)
 CONFIG_FILE = "sampling_{run_id}.json"  # resolved config of a run, next to its outputs in run_dir
 FAIL_MARKER = ".sampling_{run_id}.failure_injected"
 KILL_MARKER = ".sampling_{run_id}.worker_killed"
-_RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # Options that may change when a run is resumed (they do not change the trajectory).
 _RESUMABLE = ("max_failures", "cpus_per_worker")
 _EVAL_BATCH = 1024
@@ -84,6 +96,7 @@ class SamplingResult:
     final_metrics: dict[str, float]
     wall_time_s: float
     checkpoint_path: str | None
+    checkpoint: Any = None  # the final ray.train.Checkpoint (local or remote storage)
 
     @property
     def final_candidate(self) -> str:
@@ -98,10 +111,37 @@ class SamplingResult:
 
     def read_final_state(self) -> dict[str, torch.Tensor]:
         """The final model state dict (with BN buffers) from the last Ray Train checkpoint."""
-        if self.checkpoint_path is None:
+        if self.checkpoint is None:
             raise ValueError(f"sampling run {self.run_id!r} has no checkpoint")
-        path = os.path.join(self.checkpoint_path, STATE_FILE)
-        return torch.load(path, map_location="cpu", weights_only=True)["model"]
+        with self.checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        return state["model"]
+
+
+@dataclass
+class SamplingState:
+    """The loop state in every sampling checkpoint (``meta.json``, next to ``state.pt``).
+
+    Attributes:
+        epoch: epochs completed; ``step``: global steps done.
+        candidates: names written so far, in step order; ``history``: one dict per epoch.
+        sizes: ``steps_per_epoch``, ``total_steps``, ``num_train``, ``num_val``.
+        config: the worker loop's config.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    candidates: list[str] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dir(cls, checkpoint_dir: str) -> SamplingState:
+        import json
+
+        with open(os.path.join(checkpoint_dir, META_FILE)) as f:
+            return cls(**json.load(f))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,13 +167,14 @@ def run_sampling(
         data: dataset, model and seed.
         sampling: schedule, snapshot interval and workers.
         store_uri: candidate store (created if missing); it must hold no other run's candidates.
-        run_dir: local directory of this run; Ray Train writes under ``run_dir/ray_train``, the
-            resolved config goes to ``run_dir/sampling_<run_id>.json``.
+        run_dir: this run's storage (a local path or a ``pyarrow.fs`` URI, shared by the nodes);
+            Ray Train writes under ``run_dir/ray_train``, the resolved config goes to
+            ``run_dir/sampling_<run_id>.json``.
         run_id: names the run: calling again with the same ``run_id`` and ``run_dir`` resumes
             (or, when finished, just reads back) the run; ``[A-Za-z0-9._-]``.
         progress: rank 0 logs one line per epoch (Ray forwards worker logs to the driver).
         fail_at_step: testing hook: the last worker raises once right after this global step
-            (a marker file in ``run_dir`` keeps the restarted attempt from failing again).
+            (a marker file in a local ``run_dir`` keeps the restarted attempt from failing again).
         kill_at_step: testing hook: rank 0 (the writer of candidates and checkpoints) SIGKILLs
             its own process once right after this global step, after that step's snapshot (a
             real process death; its own marker file in ``run_dir``).
@@ -143,18 +184,14 @@ def run_sampling(
             holding this ``run_id`` with a different config.
         ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     t0 = time.perf_counter()
-    if not isinstance(run_id, str) or not _RUN_ID_RE.fullmatch(run_id):
-        raise ValueError(f"run_id={run_id!r}: use 1-100 characters from [A-Za-z0-9._-]")
-    if "://" in run_dir:
-        raise ValueError(f"run_dir={run_dir!r} must be a local directory (the store may be remote)")
-    run_dir = os.path.abspath(os.path.expanduser(run_dir))
-    os.makedirs(run_dir, exist_ok=True)
+    problem = check_run_id(run_id)
+    if problem:
+        raise ValueError(problem)
+    rd = open_storage(run_dir)
     _check_store(store_uri, run_id)
-    _save_or_check_config(run_dir, run_id, data, sampling)
+    _save_or_check_config(rd, run_id, data, sampling)
+    check_data_root_on_nodes(data)
 
     loop_config = {
         "data": asdict(data),
@@ -163,45 +200,31 @@ def run_sampling(
         "run_id": run_id,
         "progress": progress,
         "fail_at_step": fail_at_step,
-        "fail_marker": os.path.join(run_dir, FAIL_MARKER.format(run_id=run_id)),
+        "fail_marker": marker_path(rd, FAIL_MARKER.format(run_id=run_id)),
         "kill_at_step": kill_at_step,
-        "kill_marker": os.path.join(run_dir, KILL_MARKER.format(run_id=run_id)),
+        "kill_marker": marker_path(rd, KILL_MARKER.format(run_id=run_id)),
     }
-    resources = {"CPU": sampling.cpus_per_worker}
-    if sampling.use_gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
-        sampling_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=sampling.num_workers,
-            use_gpu=sampling.use_gpu,
-            resources_per_worker=resources,
-        ),
-        run_config=ray.train.RunConfig(
-            name=f"sampling_{run_id}",
-            storage_path=os.path.join(run_dir, "ray_train"),
-            failure_config=ray.train.FailureConfig(max_failures=sampling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()  # raises TrainingFailedError once max_failures is exhausted
-    if result.checkpoint is None:
-        raise RuntimeError(f"sampling run {run_id!r} finished without a checkpoint")
-    with result.checkpoint.as_directory() as d, open(os.path.join(d, META_FILE)) as f:
-        meta = json.load(f)
-    _check_written(store_uri, run_id, meta["candidates"])
-    history = meta["history"]
-    final = {**(history[-1] if history else {}), **meta["sizes"]}
-    final["num_candidates"] = len(meta["candidates"])
+    # raises TrainingFailedError once max_failures is exhausted
+    result = fit_group(
+        sampling_loop_per_worker, loop_config, name=f"sampling_{run_id}", run_dir=rd,
+        num_workers=sampling.num_workers, cpus_per_worker=sampling.cpus_per_worker,
+        use_gpu=sampling.use_gpu, max_failures=sampling.max_failures,
+    )  # fmt: skip
+    with result.checkpoint.as_directory() as d:
+        state = SamplingState.from_dir(d)
+    _check_written(store_uri, run_id, state.candidates)
+    history = state.history
+    final = {**(history[-1] if history else {}), **state.sizes}
+    final["num_candidates"] = len(state.candidates)
     return SamplingResult(
         run_id=run_id,
         store_uri=store_uri,
-        candidates=list(meta["candidates"]),
+        candidates=list(state.candidates),
         history=history,
         final_metrics=final,
         wall_time_s=time.perf_counter() - t0,
         checkpoint_path=result.checkpoint.path,
+        checkpoint=result.checkpoint,
     )
 
 
@@ -222,7 +245,7 @@ def _check_store(store_uri: str, run_id: str) -> None:
 
 
 def _save_or_check_config(
-    run_dir: str, run_id: str, data: DataConfig, sampling: SamplingConfig
+    run_dir: Storage, run_id: str, data: DataConfig, sampling: SamplingConfig
 ) -> None:
     """Write the resolved config next to the run; refuse to resume a run with another config."""
     resolved: dict[str, Any] = {
@@ -230,10 +253,9 @@ def _save_or_check_config(
         "data": asdict(data),
         "sampling": asdict(sampling),
     }
-    path = os.path.join(run_dir, CONFIG_FILE.format(run_id=run_id))
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    name = CONFIG_FILE.format(run_id=run_id)
+    if run_dir.exists(name):
+        old = run_dir.read_json(name)
         diff = [
             f"{section}.{k}: {old.get(section, {}).get(k)!r} -> {v!r}"
             for section in ("data", "sampling")
@@ -242,13 +264,10 @@ def _save_or_check_config(
         ]
         if diff:
             raise ValueError(
-                f"{run_dir} already holds sampling run {run_id!r} with another config "
+                f"{run_dir.uri} already holds sampling run {run_id!r} with another config "
                 f"({'; '.join(diff)}); use a new run_id or run_dir, or the original config to resume"
             )
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(resolved, f, indent=2)
-    os.replace(tmp, path)
+    run_dir.write_json(name, resolved)
 
 
 def _check_written(store_uri: str, run_id: str, candidates: list[str]) -> None:
@@ -280,7 +299,6 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from twa_ray.data import load_dataset
     from twa_ray.models import build_model
     from twa_ray.ray.logs import quiet_train_logs
 
@@ -293,10 +311,7 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     # ---- data: train sharded and reshuffled per (seed, epoch); val and test only evaluated
-    splits = load_dataset(
-        data.dataset, root=data.data_root, val_frac=data.val_frac, seed=data.seed,
-        num_samples=data.num_samples,
-    )  # fmt: skip
+    splits = load_worker_splits(data)
     if sampling.batch_size < world:
         raise ValueError(
             f"batch_size={sampling.batch_size} is smaller than num_workers={world}: the global "
@@ -307,9 +322,11 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
         splits.train, num_replicas=world, rank=rank, shuffle=True, seed=data.seed
     )
     # drop_last: equal batches on every rank and no 1-example BatchNorm batch at the epoch end
+    loader_kw = loader_options(device)
     loader = DataLoader(
-        splits.train, batch_size=sampling.batch_size // world, sampler=sampler, drop_last=True
-    )
+        splits.train, batch_size=sampling.batch_size // world, sampler=sampler, drop_last=True,
+        persistent_workers=bool(loader_kw), **loader_kw,
+    )  # fmt: skip
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(
@@ -317,7 +334,8 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
             "(split over the workers); lower batch_size"
         )
     val_loader, test_loader = (
-        DataLoader(strided(ds, rank, world), batch_size=_EVAL_BATCH) for ds in (splits.val, splits.test)
+        DataLoader(strided(ds, rank, world), batch_size=_EVAL_BATCH, **loader_kw)
+        for ds in (splits.val, splits.test)
     )
 
     # ---- model and optimizer: identical init on every rank (DDP broadcasts rank 0's anyway)
@@ -347,21 +365,18 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
     )  # fmt: skip
 
     # ---- resume from the last reported checkpoint (after a worker failure or a driver restart)
-    start_epoch, global_step = 0, 0
-    candidates: list[str] = []
-    history: list[dict[str, float]] = []
+    resumed = SamplingState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=True)
-            with open(os.path.join(d, META_FILE)) as f:
-                meta = json.load(f)
+            resumed = SamplingState.from_dir(d)
         inner.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        start_epoch, global_step = meta["epoch"], meta["step"]
-        candidates, history = meta["candidates"], meta["history"]
-        if rank == 0 and config["progress"]:
-            log.info("sampling: resumed at epoch %d, step %d", start_epoch, global_step)
+    start_epoch, global_step = resumed.epoch, resumed.step
+    candidates, history = resumed.candidates, resumed.history
+    if checkpoint is not None and rank == 0 and config["progress"]:
+        log.info("sampling: resumed at epoch %d, step %d", start_epoch, global_step)
 
     sizes = {
         "steps_per_epoch": steps_per_epoch,
@@ -381,7 +396,8 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
             lr = lr_at(global_step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss = F.cross_entropy(model(x), y)
+            with train_autocast(sampling.precision, device):
+                loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -422,23 +438,14 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
             )  # fmt: skip
 
         # ---- report: every rank (a barrier); rank 0 attaches the checkpoint
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                torch.save(
-                    {"model": inner.state_dict(), "optimizer": opt.state_dict()},
-                    os.path.join(tmp, STATE_FILE),
-                )
-                meta = {
-                    "epoch": epoch + 1, "step": global_step, "candidates": candidates,
-                    "history": history, "sizes": sizes, "config": config,
-                }  # fmt: skip
-                with open(os.path.join(tmp, META_FILE), "w") as f:
-                    json.dump(meta, f)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(
-                metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch{epoch + 1:04d}"
-            )
+        files = None
+        if rank == 0:
+            meta = SamplingState(epoch + 1, global_step, candidates, history, sizes, config)
+            files = {
+                STATE_FILE: {"model": inner.state_dict(), "optimizer": opt.state_dict()},
+                META_FILE: asdict(meta),
+            }
+        report(metrics, files, f"checkpoint_epoch{epoch + 1:04d}")
 
 
 def _record(candidates: list[str], name: str | None) -> None:

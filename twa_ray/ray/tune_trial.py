@@ -35,8 +35,8 @@ from twa_ray.core.bn import update_bn
 from twa_ray.core.evaluate import evaluate
 from twa_ray.core.layout import Layout
 from twa_ray.core.twa import TWA, build_subspace
-from twa_ray.data import load_dataset
 from twa_ray.models import build_model
+from twa_ray.ray.group import load_worker_splits
 from twa_ray.store import CandidateStore
 
 __all__ = ["twa_trial", "split_val"]
@@ -65,18 +65,19 @@ def _loader(ds: Any, batch_size: int, *, seed: int | None = None) -> Any:
 
 def twa_trial(config: dict[str, Any], *, plan: dict[str, Any]) -> None:
     """Ray Tune trainable of one planned trial (``config["trial"]["index"]`` into ``plan``)."""
+    import ray
     from ray import tune
 
+    node_id = ray.get_runtime_context().get_node_id()  # the Ray node (several may share one IP)
     trial = plan["trials"][config["trial"]["index"]]
     cfg = config_from_dict(trial["config"])
     torch.set_num_threads(max(1, int(plan["cpus_per_trial"])))
+    # a trial with GPUs sees them (Ray sets CUDA_VISIBLE_DEVICES): TWA places B on the model's device
+    device = torch.device("cuda" if plan.get("gpus_per_trial", 0) > 0 else "cpu")
     torch.manual_seed(cfg.data.seed)
 
     # ---- data: train (TWA-t, BN), val = fit (TWA-v) + select (the metric), test (reported)
-    splits = load_dataset(
-        cfg.data.dataset, root=cfg.data.data_root, val_frac=cfg.data.val_frac,
-        seed=cfg.data.seed, num_samples=cfg.data.num_samples,
-    )  # fmt: skip
+    splits = load_worker_splits(cfg.data)  # checks --data-root on this node first
     val_fit, val_select = split_val(splits.val, select_frac=plan["select_frac"], seed=cfg.data.seed)
     fit_ds = splits.train if cfg.mode == "t" else val_fit
     bn_loader = _loader(splits.train, 512)
@@ -87,6 +88,7 @@ def twa_trial(config: dict[str, Any], *, plan: dict[str, Any]) -> None:
         cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape
     )
     layout = Layout.from_module(model)
+    model.to(device)
     store = CandidateStore(trial["store"])
     names = trial["candidates"]
     subspace = build_subspace(lambda: (store.read(n) for n in names), layout, cfg.twa)
@@ -114,14 +116,15 @@ def twa_trial(config: dict[str, Any], *, plan: dict[str, Any]) -> None:
         # the data order is a function of (seed, epoch): a resumed trial replays it
         loader = _loader(fit_ds, batch_size, seed=cfg.data.seed * 100_003 + epoch)
         twa.fit(loader, steps=steps, on_step=lambda _s, loss, acc=losses: acc.append(loss))
-        update_bn(bn_loader, model)
-        val, test = evaluate(model, select_loader), evaluate(model, test_loader)
+        update_bn(bn_loader, model, device=device)
+        val, test = evaluate(model, select_loader, device=device), evaluate(model, test_loader, device=device)
         twa_epoch = twa.step_count / steps_per_epoch
         metrics = {
             "val_acc": val.acc, "val_loss": val.loss, "test_acc": test.acc, "test_loss": test.loss,
             "train_loss": sum(losses) / max(len(losses), 1), "twa_epoch": twa_epoch,
             "epochs_used": trial["sample_epochs"] + twa_epoch, "num_candidates": len(names),
             "index": trial["index"], "epoch_s": time.perf_counter() - t0, "finished": epoch + 1 == num_epochs,
+            "node_id": node_id,
         }  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             torch.save({"twa": twa.state_dict(), "epoch": epoch + 1}, os.path.join(tmp, STATE_FILE))

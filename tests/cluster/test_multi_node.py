@@ -1,0 +1,300 @@
+"""``twa-ray`` on a head + 3 worker nodes that share nothing but an S3 server (see harness.py).
+
+The run folders (``--out``) and /tmp of every worker node are private tmpfs mounts: a file a
+worker writes there is invisible to the head and the other nodes, as on separate machines.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from harness import submit
+
+from twa_ray.store import CandidateStore
+
+pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+# 20 sampled epochs (one candidate each, ~0.5 s each here) of the 40-epoch budget, 1 TWA epoch
+RUN = ["python", "jobs/run_twa.py", "--smoke-test", "--epochs", "40", "--workers", "2"]
+NUM_CANDIDATES = 20
+
+
+def _explain(res) -> str:
+    return f"job {res.job_id}: {res.status} after {res.wall_s:.0f} s\n{res.logs[-6000:]}"
+
+
+def _alpha(s3, prefix: str) -> dict[str, list[float]]:
+    with s3.fs().open_input_file(f"{s3.bucket}/{prefix}/outputs/coefficients.parquet") as f:
+        t = pq.read_table(io.BytesIO(f.read())).to_pylist()
+    out: dict[str, list[float]] = {}
+    for row in sorted(t, key=lambda r: (r["variant"], r["row"], r["block"])):
+        out.setdefault(row["variant"], []).append(row["alpha"])
+    return out
+
+
+def _candidates(s3, prefix: str) -> dict[str, torch.Tensor]:
+    store = CandidateStore(s3.uri(f"{prefix}/candidates"))
+    return {n: store.read(n).clone() for n in store.names()}
+
+
+def _cmdlines(node) -> list[bytes]:
+    out = []
+    for pid in node.pids():
+        try:
+            out.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+        except OSError:
+            pass
+    return out
+
+
+def _train_nodes(cluster) -> set[int]:
+    """Worker nodes running a Ray Train worker now (every node has the same IP here, so Ray
+    Train's node_rank cannot tell them apart: ask the nodes' mount namespaces)."""
+    return {
+        n.index for n in cluster.nodes
+        if not n.killed and any(b"RayTrainWorker" in c for c in _cmdlines(n))
+    }  # fmt: skip
+
+
+def test_local_storage_is_refused_on_a_multi_node_cluster(cluster, run_root):
+    """Item 3: exit 2 and one line, before any training; nothing written."""
+    out = run_root / "refused"
+    proc = subprocess.run(
+        [sys.executable, "jobs/run_twa.py", "--smoke-test", "--address", cluster.gcs_address,
+         "--out", str(out)],
+        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert err[-1].startswith("twa-ray: error: the Ray cluster has 4 nodes and --out"), err[-1]
+    assert "--storage s3://" in err[-1] and "--shared-fs" in err[-1]
+    assert "Traceback" not in proc.stderr
+    assert not (out / "run.json").exists() and not (out / "candidates").exists()
+
+
+def test_data_root_missing_on_the_worker_nodes_is_one_line(cluster, s3, run_root):
+    """Item 2: the head has --data-root, the worker nodes do not (it lies in their hidden run
+    folder): exit 2 before training, one line naming a node and the path; nothing stored."""
+    root = run_root / "data"
+    root.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "jobs/run_twa.py", "--smoke-test", "--dataset", "node_data:splits",
+         "--data-root", str(root), "--address", cluster.gcs_address, "--storage", s3.uri("nodata"),
+         "--out", str(run_root / "nodata")],
+        cwd=REPO, env={**cluster.env, "PYTHONPATH": str(Path(__file__).parent)},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert last.startswith(f"twa-ray: error: --data-root {str(root)!r} does not exist on node "), last
+    assert "Traceback" not in proc.stderr
+    assert "run.json" not in s3.list("nodata")
+
+
+def test_smoke_job_on_two_nodes_with_s3_matches_one_node(cluster, s3, run_root):
+    """Items 1, 5a: every artifact lands in the bucket; alpha equal a one-node run's."""
+    seen: list[set[int]] = []  # the nodes running Ray Train workers, at each poll
+    res = submit(cluster, [*RUN, "--storage", s3.uri("a"), "--out", str(run_root / "a")],
+                 working_dir=REPO, on_poll=lambda: seen.append(_train_nodes(cluster)))  # fmt: skip
+    assert res.status == "SUCCEEDED", _explain(res)
+    assert max(map(len, seen)) == 2, f"the workers ran on nodes {seen}"
+
+    objs = s3.list("a")
+    names = sorted(objs)
+    assert sum(k.startswith("candidates/") and k.endswith(".arrow") for k in names) == NUM_CANDIDATES
+    assert any(k.startswith("work/ray_train/sampling_") and "/checkpoint_epoch0020/state.pt" in k for k in names)
+    assert any(k.startswith("work/ray_train/twa_") and k.endswith("/result.pt") for k in names), names
+    for f in ("run.json", "outputs/metrics.json", "outputs/model.safetensors",
+              "outputs/coefficients.parquet", "outputs/config.yaml"):  # fmt: skip
+        assert objs.get(f, 0) > 0, f
+    # the driver ran on the head: --out there holds the local copy of the outputs
+    local = json.loads((run_root / "a" / "metrics.json").read_text())
+    assert local["run_id"] == json.loads(s3.fs().open_input_stream(f"{s3.bucket}/a/run.json").read())["run_id"]
+
+    # the same run with both workers on one node (0.5 CPU each: Ray packs them together)
+    seen.clear()
+    ref = submit(cluster, [*RUN, "--cpus-per-worker", "0.5", "--storage", s3.uri("one"),
+                           "--out", str(run_root / "one")], working_dir=REPO,
+                 on_poll=lambda: seen.append(_train_nodes(cluster)))  # fmt: skip
+    assert ref.status == "SUCCEEDED", _explain(ref)
+    assert max(map(len, seen)) == 1, f"the workers ran on nodes {seen}"
+    a, one = _alpha(s3, "a"), _alpha(s3, "one")
+    assert a.keys() == one.keys() == {"twa_t", "twa_v"}
+    for k in a:
+        torch.testing.assert_close(torch.tensor(a[k]), torch.tensor(one[k]), rtol=1e-5, atol=0)
+    ca, cone = _candidates(s3, "a"), _candidates(s3, "one")
+    assert ca.keys() == cone.keys()
+    for n in ca:
+        torch.testing.assert_close(ca[n], cone[n], rtol=1e-5, atol=1e-7)
+
+
+def test_basis_one_copy_per_node_zero_copy_on_workers(cluster, tmp_path):
+    """Item 5c: coefficient workers on two nodes, two per node: each node's object store holds
+    one copy of B (per-node store stats from the raylets), and on every worker the basis
+    tensors lie in the object store's mapping (zero-copy)."""
+    import ray
+    from ray._private.internal_api import node_stats
+
+    from twa_ray.core.layout import Layout
+    from twa_ray.core.twa import TWAConfig
+    from twa_ray.ray.shards import put_subspace
+
+    def used() -> dict[str, int]:
+        out = {}
+        for n in ray.nodes():
+            name = next((r for r in n["Resources"] if r.startswith("node") and r[4:].isdigit()), "head")
+            if n["Alive"]:
+                st = node_stats(n["NodeManagerAddress"], n["NodeManagerPort"], include_memory_info=False)
+                out[name] = st.store_stats.object_store_bytes_used
+        return out
+
+    ray.init(address=cluster.gcs_address, log_to_driver=False)
+    try:
+        model = torch.nn.Linear(1024, 1024, bias=False)  # D = 2^20
+        layout = Layout.from_module(model)
+        store = CandidateStore(tmp_path / "c", create=True)
+        for k in range(8):
+            torch.nn.init.normal_(model.weight)
+            store.write(model.state_dict(), layout, step=k + 1)
+        sharded = put_subspace(store, layout, TWAConfig(bits=8))
+        before = used()
+
+        @ray.remote(num_cpus=0)
+        class Worker:
+            def __init__(self, sharded):
+                self.view = sharded.materialize()
+
+            def check(self):
+                tensors = [pm.data for pm in self.view.basis.shards] + [self.view.origin]
+                ranges = []  # this process's mappings of the object store (plasma's shared memory)
+                for line in open("/proc/self/maps").read().splitlines():
+                    parts = line.split(maxsplit=5)
+                    if len(parts) == 6 and ("plasma" in parts[5] or parts[5].startswith("/dev/shm")):
+                        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                        ranges.append((lo, hi))
+                inside = [any(lo <= t.data_ptr() < hi for lo, hi in ranges) for t in tensors]
+                return ray.get_runtime_context().get_node_id(), inside
+
+        workers = [Worker.options(resources={f"node{i}": 0.01}).remote(sharded) for i in (0, 0, 1, 1)]
+        checks = ray.get([w.check.remote() for w in workers])
+        after = used()
+        assert len({node for node, _ in checks}) == 2
+        assert all(all(inside) for _, inside in checks), checks
+        b = sharded.nbytes + layout.numel * 4  # B + the origin, float32
+        for node in ("node0", "node1"):
+            grew = after[node] - before[node]
+            assert b <= grew < 1.5 * b, (node, grew, b)  # one copy, not one per worker
+        assert after["node2"] - before["node2"] < 0.1 * b
+        del workers
+    finally:
+        ray.shutdown()
+
+
+def _span(s3, prefix: str) -> tuple[float, float]:
+    """When a Ray Train run under ``prefix`` started (its storage marker, written as the run
+    sets up) and wrote its last checkpoint (S3 LastModified, whole seconds)."""
+    import pyarrow.fs as pafs
+
+    sel = pafs.FileSelector(f"{s3.bucket}/{prefix}", recursive=True)
+    files = [i for i in s3.fs().get_file_info(sel) if i.type == pafs.FileType.File]
+    start = min(i.mtime.timestamp() for i in files if i.base_name == ".validate_storage_marker")
+    return start, max(i.mtime.timestamp() for i in files if "/checkpoint_epoch" in i.path)
+
+
+SWEEP = {
+    "data": {"num_samples": 1500},
+    "sampling": {"epochs": 8, "sample_frac": 0.5, "batch_size": 64, "num_workers": 1},
+    "twa": {"epochs": 3},
+    "mode": "v",
+    "sweep": {"scheduler": "none", "cpus_per_trial": 1,
+              "space": {"sampling.lr": {"grid": [0.05, 0.1]}, "twa.lr": {"grid": [0.05, 0.2]}}},
+}  # fmt: skip
+
+
+def test_sweep_on_the_cluster_resumes_from_s3_after_its_driver_died(cluster, s3, run_root):
+    """Item 5d: two sampling groups run at once (one worker each, 3 nodes free); the trials run
+    on several nodes; the driver, SIGKILLed once a trial checkpointed to S3, is rerun with
+    --resume on --storage alone (a new --out) and finishes the sweep."""
+    import os
+    import signal
+    import time
+
+    import yaml
+
+    config = run_root / "sweep.yaml"
+    config.write_text(yaml.safe_dump(SWEEP))
+    cmd = [sys.executable, "-c", "import sys; from twa_ray.cli import main; sys.exit(main(sys.argv[1:]))",
+           "sweep", "--config", str(config), "--address", cluster.gcs_address, "--storage", s3.uri("sw")]  # fmt: skip
+    log = open(run_root / "sweep1.log", "w")
+    first = subprocess.Popen([*cmd, "--out", str(run_root / "sw1")], cwd=REPO, env=cluster.env,
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    t0 = time.monotonic()
+    while first.poll() is None and time.monotonic() - t0 < 600:
+        if any("/checkpoint_" in k for k in s3.list("sw/tune/sweep")):
+            os.killpg(first.pid, signal.SIGKILL)
+            break
+        time.sleep(0.5)
+    first.wait(timeout=60)
+    log.close()
+    assert first.returncode == -signal.SIGKILL, (run_root / "sweep1.log").read_text()[-4000:]
+    assert not s3.list("sw/outputs")
+    done = [k for k in s3.list("sw/sampling") if k.endswith("/sampling_done.json")]
+    assert len(done) == 2  # both groups sampled before any trial ran
+    # the two sampling runs overlapped in time: each wrote a checkpoint before the other's last
+    spans = [_span(s3, f"sw/sampling/{k.split('/')[0]}/ray_train") for k in done]
+    assert spans[0][0] <= spans[1][1] and spans[1][0] <= spans[0][1], spans
+
+    second = subprocess.run([*cmd, "--resume", "--out", str(run_root / "sw2")], cwd=REPO,
+                            env=cluster.env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    summary = json.loads((run_root / "sw2" / "summary.json").read_text())
+    assert summary["counts"]["trials"] == 4 and summary["counts"]["completed"] == 4
+    assert summary["counts"]["sampling_runs_this_call"] == 0  # the finished runs, from S3
+    assert "outputs/summary.json" in s3.list("sw")
+    import pandas as pd
+
+    rows = pd.read_csv(run_root / "sw2" / "trials.csv")
+    assert rows["node_id"].nunique() >= 2, rows["node_id"].tolist()
+    assert (rows["val_acc"] > 0.3).all(), rows["val_acc"].tolist()  # 10 classes: chance is 0.1
+    assert "sampling 2 groups, 2 at a time" in (run_root / "sweep1.log").read_text()
+
+
+def test_worker_node_killed_mid_sampling_resumes_from_s3(cluster, s3, run_root):
+    """Item 5b: a worker node dies (every process of it, SIGKILL) after the third sampling
+    checkpoint, before the last; with --max-failures 1 the run finishes on the other nodes from the checkpoint
+    in S3, and the store holds exactly the uninterrupted run's candidates."""
+    killed: dict[str, object] = {}
+
+    def kill_after_third_checkpoint() -> None:
+        if killed:
+            return
+        written = s3.list("b/work/ray_train")
+        if not any("/checkpoint_epoch0003/meta.json" in k for k in written):
+            return
+        for i in sorted(_train_nodes(cluster)):
+            last = any("/checkpoint_epoch0020/" in k for k in written)
+            killed.update(node=i, pids=cluster.kill_node(i), mid_sampling=not last)
+            return
+
+    res = submit(
+        cluster, [*RUN, "--max-failures", "1", "--storage", s3.uri("b"), "--out", str(run_root / "b")],
+        working_dir=REPO, on_poll=kill_after_third_checkpoint,
+    )  # fmt: skip
+    assert killed and killed["mid_sampling"], f"no worker node killed mid-sampling: {killed}\n{_explain(res)}"
+    assert res.status == "SUCCEEDED", _explain(res)
+    assert "sampling: resumed at epoch" in res.logs, _explain(res)
+    cb = _candidates(s3, "b")
+    ca = _candidates(s3, "a") if s3.list("a") else None
+    assert len(cb) == NUM_CANDIDATES
+    if ca is not None:  # the uninterrupted run of the same config (the test above)
+        assert cb.keys() == ca.keys()
+        for n in cb:
+            assert torch.equal(cb[n], ca[n]), n

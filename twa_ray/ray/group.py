@@ -1,0 +1,166 @@
+"""One Ray Train worker group, the same for the sampling and the coefficient phase.
+
+Driver side: :func:`check_run_id`, :func:`fit_group` (a ``TorchTrainer`` whose ``RunConfig``
+points at the run's storage: a local path or any ``pyarrow.fs`` URI, see :mod:`twa_ray.storage`)
+and :func:`check_data_root_on_nodes` (every node that can host a worker checks ``--data-root``
+before training). Worker side: :func:`load_worker_splits` (the dataset, after checking the data
+root on this node) and :func:`report` (every rank reports, a barrier; rank 0 attaches the
+checkpoint files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from twa_ray.config import DataConfig
+from twa_ray.storage import Storage, alive_nodes
+
+__all__ = [
+    "check_run_id",
+    "fit_group",
+    "marker_path",
+    "check_data_root_on_nodes",
+    "load_worker_splits",
+    "report",
+]
+
+_RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_run_id(run_id: Any) -> str | None:
+    """The problem with ``run_id`` (it names Ray Train runs and store entries), or None."""
+    if not isinstance(run_id, str) or not _RUN_ID_RE.fullmatch(run_id):
+        return f"run_id={run_id!r}: use 1-100 characters from [A-Za-z0-9._-]"
+    return None
+
+
+def marker_path(run_dir: Storage, name: str) -> str:
+    """A testing hook's marker file: in the run folder when it is local, else in this
+    machine's temp folder (the hooks are for one-machine tests)."""
+    return run_dir.join(name) if run_dir.local else os.path.join(tempfile.gettempdir(), name)
+
+
+def fit_group(
+    loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    *,
+    name: str,
+    run_dir: Storage,
+    num_workers: int,
+    cpus_per_worker: float,
+    use_gpu: bool,
+    max_failures: int,
+) -> Any:
+    """Run ``loop`` on ``num_workers`` Ray Train workers; checkpoints go to
+    ``run_dir/ray_train/<name>`` (the same ``name`` and ``run_dir`` resume). Returns the
+    ``ray.train.Result``; raises ``TrainingFailedError`` once ``max_failures`` is exhausted."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            **run_dir.child("ray_train").train_args(),
+            # a group that cannot be placed (WorkerGroupStartupTimeoutError after
+            # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, default 60 s) is retried max_failures
+            # times, not forever (Ray's default -1); the CLI reports it in one line
+            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
+    return result
+
+
+def _missing_root(root: str) -> str | None:
+    """On this node: the problem with ``root``, or None."""
+    if os.path.isdir(root):
+        return None
+    return f"--data-root {root!r} does not exist on node {socket.gethostname()} ({_node_ip()})"
+
+
+def _node_ip() -> str:
+    import ray
+
+    try:
+        return str(ray.util.get_node_ip_address())
+    except Exception:  # outside Ray
+        return "no Ray"
+
+
+def _needs_root(data: DataConfig) -> bool:
+    # MNIST-1D is generated; its root is only a cache folder that it creates
+    return bool(data.data_root) and data.dataset != "mnist1d"
+
+
+def check_data_root_on_nodes(data: DataConfig) -> None:
+    """Before training: every alive node that can host a worker (it has CPUs) checks
+    ``data.data_root``; raises one ``FileNotFoundError`` naming the nodes and the path."""
+    if not _needs_root(data):
+        return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    check = ray.remote(num_cpus=0)(_missing_root)
+    refs = [
+        check.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(data.data_root)
+        for n in alive_nodes()
+        if n.get("Resources", {}).get("CPU", 0) > 0
+    ]
+    problems = [p for p in ray.get(refs) if p]
+    if problems:
+        raise FileNotFoundError(
+            "; ".join(problems) + "; put the dataset at that path on every node (or on shared "
+            "storage mounted at the same path), or pass another --data-root"
+        )
+
+
+def load_worker_splits(data: DataConfig) -> Any:
+    """The dataset on a worker, after checking the data root on this node."""
+    from twa_ray.data import load_dataset
+
+    if _needs_root(data):
+        problem = _missing_root(str(data.data_root))
+        if problem:
+            raise FileNotFoundError(problem)
+    return load_dataset(
+        data.dataset, root=data.data_root, val_frac=data.val_frac, seed=data.seed,
+        num_samples=data.num_samples,
+    )  # fmt: skip
+
+
+def report(metrics: dict[str, Any], files: Mapping[str, Any] | None, name: str) -> None:
+    """``ray.train.report`` on every rank (a barrier); rank 0 passes ``files`` (file name ->
+    object: ``*.json`` written as JSON, anything else with ``torch.save``) as the checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if files is not None:
+            for fname, obj in files.items():
+                path = os.path.join(tmp, fname)
+                if fname.endswith(".json"):
+                    with open(path, "w") as f:
+                        json.dump(obj, f)
+                else:
+                    torch.save(obj, path)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
