@@ -38,8 +38,24 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
+class ColumnBlocks:
+    """``num_blocks`` and ``numel`` of anything partitioned by column ``bounds``
+    ``0 = b_0 < b_1 < ... < b_L = D`` (block partitions, packed matrices, sharded bases)."""
+
+    bounds: tuple[int, ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def numel(self) -> int:
+        """D, the number of columns."""
+        return self.bounds[-1]
+
+
 @dataclass(frozen=True)
-class Blocks:
+class Blocks(ColumnBlocks):
     """A partition of ``range(D)`` into L contiguous blocks.
 
     Attributes:
@@ -57,14 +73,6 @@ class Blocks:
             raise ValueError(f"block bounds must be strictly increasing, got {self.bounds}")
         if len(self.labels) != len(self.bounds) - 1:
             raise ValueError("one label per block is required")
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.bounds) - 1
-
-    @property
-    def numel(self) -> int:
-        return self.bounds[-1]
 
     @property
     def sizes(self) -> tuple[int, ...]:

@@ -45,6 +45,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from twa_ray.core.layout import ColumnBlocks
 from twa_ray.core.project import project, reconstruct
 from twa_ray.core.quant import PackedMatrix, dequantize, resolve_device
 
@@ -69,7 +70,7 @@ FIT_FRACTION = 0.5
 # ----------------------------------------------------------------------------- the basis
 
 
-class ShardedBasis:
+class ShardedBasis(ColumnBlocks):
     """The packed ``R x D`` basis as column shards of whole blocks; never concatenated.
 
     Quacks like :class:`PackedMatrix` for its metadata (``bits``, ``num_rows``, ``bounds``,
@@ -115,15 +116,6 @@ class ShardedBasis:
     @property
     def num_shards(self) -> int:
         return len(self.shards)
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.bounds) - 1
-
-    @property
-    def numel(self) -> int:
-        """D, the number of columns."""
-        return self.bounds[-1]
 
     @property
     def nbytes(self) -> int:

@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from twa_ray.core.layout import Blocks
+from twa_ray.core.layout import Blocks, ColumnBlocks
 
 __all__ = [
     "ALLOWED_BITS",
@@ -175,7 +175,7 @@ def pad_rows(data: torch.Tensor, device: torch.device | str | None = None) -> to
 
 
 @dataclass(frozen=True, eq=False)
-class PackedMatrix:
+class PackedMatrix(ColumnBlocks):
     """A quantized ``R x D`` matrix whose columns are cut into L blocks.
 
     Attributes:
@@ -220,15 +220,6 @@ class PackedMatrix:
                     f"{name} must be float32 of shape ({self.num_rows}, {num_blocks}), "
                     f"got {t.dtype} {list(t.shape)}"
                 )
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.bounds) - 1
-
-    @property
-    def numel(self) -> int:
-        """D, the number of columns."""
-        return self.bounds[-1]
 
     @property
     def nbytes(self) -> int:
