@@ -85,6 +85,9 @@ def client_env(token_path: Path | None) -> dict[str, str]:
     # The job's `python` is the first one on the PATH of `ray start`: the tests' interpreter.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # `ray start --block` drains its node for up to 30 s on SIGTERM (Ray 2.60) before it stops
+    # its processes: a throwaway test node has nothing to drain
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     if token_path is not None:
         env["RAY_AUTH_MODE"] = "token"
         env["RAY_AUTH_TOKEN_PATH"] = str(token_path)

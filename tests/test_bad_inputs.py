@@ -279,6 +279,8 @@ CORPUS = [
     pytest.param(_run("--cpus-per-worker", "nan"), "cpus_per_worker=nan", id="flag-nan-cpus"),
     pytest.param(_run("--cpus-per-worker", "inf"), "cpus_per_worker=inf", id="flag-inf-cpus"),
     pytest.param(_run("--cpus-per-worker", "0"), "cpus_per_worker=0.0", id="flag-zero-cpus"),
+    pytest.param(_run("--checkpoint-interval", "-1"), "checkpoint_interval_s=-1.0", id="flag-negative-checkpoint-interval"),
+    pytest.param(_run("--checkpoint-interval", "nan"), "checkpoint_interval_s=nan", id="flag-nan-checkpoint-interval"),
     pytest.param(_run("--lr", "inf"), "lr=inf", id="flag-inf-lr"),
     pytest.param(_run("--val-frac", "nan"), "val_frac=nan", id="flag-nan-val-frac"),
     pytest.param(_run("--mode", "x"), "invalid choice", id="flag-bad-choice"),

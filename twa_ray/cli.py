@@ -46,6 +46,7 @@ _FLAGS: dict[str, tuple[str | None, str]] = {
     "cpus_per_worker": ("sampling", "cpus_per_worker"),
     "use_gpu": ("sampling", "use_gpu"),
     "max_failures": ("sampling", "max_failures"),
+    "checkpoint_interval": ("sampling", "checkpoint_interval_s"),
     "precision": ("sampling", "precision"),
     "subspace": ("twa", "subspace"),
     "bits": ("twa", "bits"),
@@ -90,6 +91,8 @@ _HELP = {
     "cpus_per_worker": "CPUs reserved per Ray Train worker (fractions allowed)",
     "use_gpu": "one GPU per worker (nccl) instead of CPU (gloo)",
     "max_failures": "worker failures tolerated (restart from the last Ray Train checkpoint)",
+    "checkpoint_interval": "seconds between Ray Train checkpoints (at most; each phase's end "
+    "always checkpoints; 0: every epoch / coefficient pass)",
     "subspace": "affine: layer-wise deltas around the mean; span: orthonormal basis",
     "bits": "bits per code of the projection: 1, 2, 4, 8, 16, 32",
     "blocks": "coefficient blocks: model | tensor | size:N",

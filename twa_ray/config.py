@@ -67,6 +67,11 @@ class DataConfig:
         _check(errors, "data config")
 
 
+# sampling options that do not change the trajectory: a resume may change them, and sweep
+# trials that differ only in them share one sampling run
+TRAJECTORY_FREE_FIELDS = ("cpus_per_worker", "max_failures", "checkpoint_interval_s")
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
     """The sampling phase: data-parallel SGD on the full-budget schedule, snapshotting candidates."""
@@ -102,9 +107,15 @@ class SamplingConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     """Arithmetic of the forward and backward passes: fp32, or bf16 autocast (weights, optimizer
     and candidates stay float32)."""
+    checkpoint_interval_s: float = 10.0
+    """Ray Train checkpoints of both phases (sampling: at an epoch end; coefficients: every 50
+    steps or at a pass end) at most once per this many seconds, plus one at each phase's end;
+    0: at every epoch / pass end. A failure replays at most this much work."""
 
     def __post_init__(self) -> None:
         errors = []
+        if not (self.checkpoint_interval_s >= 0 and math.isfinite(self.checkpoint_interval_s)):
+            errors.append(f"checkpoint_interval_s={self.checkpoint_interval_s}: must be a number >= 0")
         if self.precision not in ("fp32", "bf16"):
             errors.append(f"precision={self.precision!r}: use 'fp32' or 'bf16'")
         if self.epochs < 1:

@@ -188,7 +188,7 @@ def run_pipeline(
     results = run_twa(
         sharded, cfg.data, cfg.twa, run_dir=work, modes=modes, num_workers=s.num_workers,
         cpus_per_worker=s.cpus_per_worker, use_gpu=s.use_gpu, batch_size=s.batch_size,
-        max_failures=s.max_failures, run_id=run_id,
+        max_failures=s.max_failures, checkpoint_interval_s=s.checkpoint_interval_s, run_id=run_id,
     )  # fmt: skip
 
     # -- baselines and the table -------------------------------------------------------------

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from twa_ray import outdir
-from twa_ray.config import RunConfig, SweepConfig, config_from_dict
+from twa_ray.config import TRAJECTORY_FREE_FIELDS, RunConfig, SweepConfig, config_from_dict
 from twa_ray.pipeline import _check_out_dir, _claim_out_dir, _ensure_abs, init_ray, storage_of
 from twa_ray.report import (
     atomic_path,
@@ -60,8 +60,6 @@ SWEEP_FILE = "sweep.json"  # the sweep id (refuse / --resume / --overwrite, as f
 PLAN_FILE = "plan.json"  # the resolved trials and sampling groups (a resumed sweep reuses them)
 DONE_FILE = "sampling_done.json"  # next to a finished sampling run: its candidates and cost
 EXPERIMENT = "sweep"  # Tune experiment name under <storage>/tune
-# sampling options that do not change the trajectory (run_sampling lets a resume change them)
-_RESOURCE_FIELDS = ("cpus_per_worker", "max_failures")
 
 
 # --------------------------------------------------------------------------- the plan
@@ -166,7 +164,7 @@ def plan_sweep(cfg: SweepConfig, *, sampling_dir: str) -> dict[str, Any]:
     for t in trials:
         run: RunConfig = t["config"]
         s = asdict(run.sampling)
-        for name in ("sample_interval", *_RESOURCE_FIELDS):
+        for name in ("sample_interval", *TRAJECTORY_FREE_FIELDS):
             s.pop(name)
         if run.sampling.interval_unit == "epoch":
             s.pop("sample_frac")
@@ -188,7 +186,7 @@ def plan_sweep(cfg: SweepConfig, *, sampling_dir: str) -> dict[str, Any]:
         interval = math.gcd(*parts)
         sampling = dataclasses.replace(longest.sampling, sample_interval=interval)
         ident = {"data": asdict(longest.data), "sampling": asdict(sampling)}
-        for name in _RESOURCE_FIELDS:
+        for name in TRAJECTORY_FREE_FIELDS:
             ident["sampling"].pop(name)
         if not cfg.reuse_sampling:
             ident["trial"] = members[0]["index"]

@@ -148,6 +148,7 @@ class Cluster:
     env: dict[str, str]  # environment for clients (drivers, `ray job`, twa-ray)
     gcs_address: str
     hidden: list[str] = field(default_factory=list)
+    node_args: dict[str, float] = field(default_factory=dict)  # cpus, object_store_mb of a node
 
     @property
     def dashboard_url(self) -> str:
@@ -166,6 +167,17 @@ class Cluster:
         node.proc.wait(timeout=30)
         return pids
 
+    def revive(self, timeout_s: float = 240.0) -> None:
+        """Start a fresh node in place of every killed one (a replacement machine: empty disk,
+        same index and ``node<i>`` resource), and wait until all are alive."""
+        dead = [n.index for n in self.nodes if n.killed]
+        if not dead:
+            return
+        before = _alive_nodes(self) or set()  # may still list a killed node as alive
+        for i in dead:
+            self.nodes[i] = _start_node(self, i, **self.node_args)  # type: ignore[arg-type]
+        _wait_nodes(self, len(dead), timeout_s, new_since=before)
+
 
 def _node_ip() -> str:
     import ray._private.services as services
@@ -173,10 +185,19 @@ def _node_ip() -> str:
     return services.get_node_ip_address()
 
 
-def _wait_nodes(cluster: Cluster, n: int, timeout_s: float) -> None:
-    """Until the GCS lists ``n`` alive nodes (head included)."""
+def _alive_nodes(cluster: Cluster) -> set[str] | None:
+    """The node ids that the GCS lists alive (head included), None while it does not answer."""
     import json
 
+    code, body = http_get(f"{cluster.dashboard_url}/nodes?view=summary", None)
+    if code != 200:
+        return None
+    summary = json.loads(body)["data"]["summary"]
+    return {s["raylet"]["nodeId"] for s in summary if s["raylet"]["state"] == "ALIVE"}
+
+
+def _wait_nodes(cluster: Cluster, n: int, timeout_s: float, *, new_since: frozenset[str] | set[str] = frozenset()) -> None:
+    """Until the GCS lists ``n`` alive nodes (head included) not in ``new_since``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for node in cluster.nodes:
@@ -185,11 +206,9 @@ def _wait_nodes(cluster: Cluster, n: int, timeout_s: float) -> None:
                     f"worker node {node.index} exited with {node.proc.returncode}:\n"
                     + node.log_path.read_text(errors="replace")[-3000:]
                 )
-        code, body = http_get(f"{cluster.dashboard_url}/nodes?view=summary", None)
-        if code == 200:
-            summary = json.loads(body)["data"]["summary"]
-            if sum(s["raylet"]["state"] == "ALIVE" for s in summary) >= n:
-                return
+        alive = _alive_nodes(cluster)
+        if alive is not None and len(alive - new_since) >= n:
+            return
         time.sleep(1.0)
     raise RuntimeError(f"{n} nodes not alive after {timeout_s:.0f} s")
 
@@ -211,16 +230,15 @@ def start_cluster(
     cluster_env = {**client_env(None), **extra}
     cluster = Cluster(head, [], cluster_env, f"{_node_ip()}:{head.gcs_port}")
     cluster.env["RAY_ADDRESS"] = cluster.gcs_address
-    node_env = {**cluster_env}
-    node_env.pop("RAY_ADDRESS")
     hidden = [*(os.fspath(h) for h in hide), "/tmp"]  # /tmp last: hide may lie below it
     cluster.hidden = hidden
+    cluster.node_args = {"cpus": cpus_per_node, "object_store_mb": object_store_mb}
     try:
         # one node at a time, each retried once: on a loaded 2-core machine a raylet can miss
         # its deadline to register with the GCS ("Failed to get node info ... Deadline Exceeded")
         for i in range(num_nodes):
             for attempt in range(2):
-                node = _start_node(cluster, i, hidden, node_env, cpus_per_node, object_store_mb)
+                node = _start_node(cluster, i, **cluster.node_args)  # type: ignore[arg-type]
                 cluster.nodes.append(node)
                 try:
                     _wait_nodes(cluster, i + 2, timeout_s)
@@ -236,9 +254,10 @@ def start_cluster(
     return cluster
 
 
-def _start_node(cluster: Cluster, i: int, hidden: list[str], env: dict[str, str],
-                cpus: float, object_store_mb: int) -> Node:  # fmt: skip
+def _start_node(cluster: Cluster, i: int, cpus: float, object_store_mb: int) -> Node:
     """``unshare`` + private tmpfs mounts + ``ray start --address ... --block`` for node ``i``."""
+    env = {k: v for k, v in cluster.env.items() if k != "RAY_ADDRESS"}
+    hidden = cluster.hidden
     node_mgr, obj_mgr, agent_http, agent_grpc, metrics, rt_env = free_ports(6)
     mounts = " && ".join(f"mount -t tmpfs tmpfs {shlex.quote(h)}" for h in hidden)
     ray = " ".join(shlex.quote(a) for a in [

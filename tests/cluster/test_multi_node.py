@@ -25,6 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 # 20 sampled epochs (one candidate each, ~0.5 s each here) of the 40-epoch budget, 1 TWA epoch
 RUN = ["python", "jobs/run_twa.py", "--smoke-test", "--epochs", "40", "--workers", "2"]
 NUM_CANDIDATES = 20
+# the runs that lose a node: one failure tolerated, a checkpoint at every epoch / coefficient
+# pass end (each then takes 2 s, Ray Train's report cadence): a window of seconds to kill in
+KILLABLE = ["--max-failures", "1", "--checkpoint-interval", "0"]
 
 
 def _explain(res) -> str:
@@ -99,11 +102,25 @@ def test_data_root_missing_on_the_worker_nodes_is_one_line(cluster, s3, run_root
     assert "run.json" not in s3.list("nodata")
 
 
-def test_smoke_job_on_two_nodes_with_s3_matches_one_node(cluster, s3, run_root):
-    """Items 1, 5a: every artifact lands in the bucket; alpha equal a one-node run's."""
-    seen: list[set[int]] = []  # the nodes running Ray Train workers, at each poll
+@pytest.fixture(scope="module")
+def run_a(cluster, s3, run_root):
+    """The uninterrupted run on two nodes under prefix "a": the kill tests compare with it.
+    Returns the job and the sets of nodes that ran Ray Train workers, one per poll."""
+    seen: list[set[int]] = []
     res = submit(cluster, [*RUN, "--storage", s3.uri("a"), "--out", str(run_root / "a")],
                  working_dir=REPO, on_poll=lambda: seen.append(_train_nodes(cluster)))  # fmt: skip
+    return res, seen
+
+
+def _uninterrupted(run_a, s3) -> dict[str, torch.Tensor]:
+    res, _ = run_a
+    assert res.status == "SUCCEEDED", "the uninterrupted run failed:\n" + _explain(res)
+    return _candidates(s3, "a")
+
+
+def test_smoke_job_on_two_nodes_with_s3_matches_one_node(cluster, s3, run_root, run_a):
+    """Items 1, 5a: every artifact lands in the bucket; alpha equal a one-node run's."""
+    res, seen = run_a
     assert res.status == "SUCCEEDED", _explain(res)
     assert max(map(len, seen)) == 2, f"the workers ran on nodes {seen}"
 
@@ -120,7 +137,7 @@ def test_smoke_job_on_two_nodes_with_s3_matches_one_node(cluster, s3, run_root):
     assert local["run_id"] == json.loads(s3.fs().open_input_stream(f"{s3.bucket}/a/run.json").read())["run_id"]
 
     # the same run with both workers on one node (0.5 CPU each: Ray packs them together)
-    seen.clear()
+    seen = []
     ref = submit(cluster, [*RUN, "--cpus-per-worker", "0.5", "--storage", s3.uri("one"),
                            "--out", str(run_root / "one")], working_dir=REPO,
                  on_poll=lambda: seen.append(_train_nodes(cluster)))  # fmt: skip
@@ -267,10 +284,12 @@ def test_sweep_on_the_cluster_resumes_from_s3_after_its_driver_died(cluster, s3,
     assert "sampling 2 groups, 2 at a time" in (run_root / "sweep1.log").read_text()
 
 
-def test_worker_node_killed_mid_sampling_resumes_from_s3(cluster, s3, run_root):
+def test_worker_node_killed_mid_sampling_resumes_from_s3(cluster, s3, run_root, run_a):
     """Item 5b: a worker node dies (every process of it, SIGKILL) after the third sampling
-    checkpoint, before the last; with --max-failures 1 the run finishes on the other nodes from the checkpoint
-    in S3, and the store holds exactly the uninterrupted run's candidates."""
+    checkpoint, before the last; with --max-failures 1 the run finishes on the other nodes from
+    the checkpoint in S3, and the store holds exactly the uninterrupted run's candidates."""
+    ca = _uninterrupted(run_a, s3)
+    cluster.revive()  # 3 worker nodes: the run needs 2 after the kill
     killed: dict[str, object] = {}
 
     def kill_after_third_checkpoint() -> None:
@@ -285,16 +304,66 @@ def test_worker_node_killed_mid_sampling_resumes_from_s3(cluster, s3, run_root):
             return
 
     res = submit(
-        cluster, [*RUN, "--max-failures", "1", "--storage", s3.uri("b"), "--out", str(run_root / "b")],
+        cluster, [*RUN, *KILLABLE, "--storage", s3.uri("b"), "--out", str(run_root / "b")],
         working_dir=REPO, on_poll=kill_after_third_checkpoint,
     )  # fmt: skip
     assert killed and killed["mid_sampling"], f"no worker node killed mid-sampling: {killed}\n{_explain(res)}"
     assert res.status == "SUCCEEDED", _explain(res)
     assert "sampling: resumed at epoch" in res.logs, _explain(res)
     cb = _candidates(s3, "b")
-    ca = _candidates(s3, "a") if s3.list("a") else None
-    assert len(cb) == NUM_CANDIDATES
-    if ca is not None:  # the uninterrupted run of the same config (the test above)
-        assert cb.keys() == ca.keys()
-        for n in cb:
-            assert torch.equal(cb[n], ca[n]), n
+    assert len(cb) == NUM_CANDIDATES and cb.keys() == ca.keys()
+    for n in cb:
+        assert torch.equal(cb[n], ca[n]), n
+
+
+def _registered_checkpoint(s3, prefix: str, group: str) -> str | None:
+    """The latest checkpoint that Ray Train has registered for the run ``group_*`` under
+    ``prefix`` (its controller's snapshot in storage; an uploaded checkpoint is registered a
+    poll later, and one that is not may be lost with a dead worker)."""
+    snaps = [k for k in s3.list(f"{prefix}/work/ray_train")
+             if k.startswith(f"{group}_") and k.endswith("/checkpoint_manager_snapshot.json")]  # fmt: skip
+    if not snaps:
+        return None
+    with s3.fs().open_input_stream(f"{s3.bucket}/{prefix}/work/ray_train/{snaps[0]}") as f:
+        latest = json.loads(f.read()).get("latest_checkpoint_result") or {}
+    return latest.get("checkpoint_dir_name")
+
+
+def test_worker_node_killed_mid_coefficient_phase_resumes_from_s3(cluster, s3, run_root, run_a):
+    """Item 5b: a worker node running a coefficient worker dies (SIGKILL of all its processes)
+    once Ray Train has registered a coefficient checkpoint past TWA-t, before TWA-v ends; with
+    --max-failures 1 the group restarts on the other nodes from that checkpoint in S3: the same
+    alpha as the uninterrupted run (rtol 1e-5), and the store holds exactly its candidates."""
+    import re
+
+    ca = _uninterrupted(run_a, s3)
+    cluster.revive()
+    killed: dict[str, object] = {}
+
+    def kill_once_twa_v_is_under_way() -> None:
+        if killed:
+            return
+        name = _registered_checkpoint(s3, "c", "twa")
+        if name is None or not re.fullmatch(r"checkpoint_v_step\d+", name):
+            return
+        for i in sorted(_train_nodes(cluster)):
+            killed.update(node=i, pids=cluster.kill_node(i), registered=name)
+            return
+
+    res = submit(
+        cluster, [*RUN, *KILLABLE, "--storage", s3.uri("c"), "--out", str(run_root / "c")],
+        working_dir=REPO, on_poll=kill_once_twa_v_is_under_way,
+    )  # fmt: skip
+    assert killed, f"no worker node killed mid-coefficient phase\n{_explain(res)}"
+    assert res.status == "SUCCEEDED", _explain(res)
+    resumed = re.findall(r"twa: resumed at (mode v step \d+|a mode boundary) \(done: \['t'\]\)", res.logs)
+    assert resumed, f"killed after {killed['registered']}, no resume past TWA-t:\n{_explain(res)}"
+    assert "sampling: resumed" not in res.logs  # the kill came after sampling
+    a, c = _alpha(s3, "a"), _alpha(s3, "c")
+    assert a.keys() == c.keys() == {"twa_t", "twa_v"}
+    for k in a:
+        torch.testing.assert_close(torch.tensor(c[k]), torch.tensor(a[k]), rtol=1e-5, atol=0)
+    cc = _candidates(s3, "c")
+    assert cc.keys() == ca.keys()
+    for n in cc:
+        assert torch.equal(cc[n], ca[n]), n

@@ -51,8 +51,9 @@ def setup(tmp_path_factory):
 
 def _run(setup, run_dir, **kw):
     data, sharded = setup
+    # every CHECKPOINT_EVERY steps, without a time limit: the failure tests resume from given steps
     base = dict(num_workers=WORKERS, cpus_per_worker=1.0, batch_size=BATCH, max_failures=0,
-                checkpoint_every=CHECKPOINT_EVERY, progress=False)  # fmt: skip
+                checkpoint_every=CHECKPOINT_EVERY, checkpoint_interval_s=0, progress=False)  # fmt: skip
     return run_twa(sharded, data, TWA_CFG, run_dir=str(run_dir), **{**base, **kw})
 
 

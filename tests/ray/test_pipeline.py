@@ -111,7 +111,7 @@ def test_driver_crash_then_resume_gives_the_uninterrupted_candidates(smoke, tmp_
     ref_out, _ = smoke
     out = tmp_path / "run"
     log = tmp_path / "driver.log"
-    argv = [*SMOKE, "--out", str(out)]
+    argv = [*SMOKE, "--checkpoint-interval", "0", "--out", str(out)]  # a checkpoint per epoch
     address = ray.get_runtime_context().gcs_address
     # Ray Train collects reports (and registers checkpoints) at every health check: every 0.2 s
     # instead of 2 s, so the kill lands while sampling epochs (about 0.5 s each) are still to run

@@ -16,6 +16,7 @@ from twa_ray.config import DataConfig, SamplingConfig
 from twa_ray.core.layout import Layout, flatten
 from twa_ray.data import held_out_split, load_dataset
 from twa_ray.models import build_model
+from twa_ray.ray.group import CheckpointClock
 from twa_ray.ray.sampling import run_sampling
 from twa_ray.ray.snapshot import Snapshotter, candidate_name
 from twa_ray.store.store import CandidateStore
@@ -34,8 +35,9 @@ def data(tmp_path_factory) -> DataConfig:
 
 
 def _sampling(**kw) -> SamplingConfig:
+    # a checkpoint at every epoch end (the failure tests resume from given epochs)
     base = dict(epochs=4, sample_frac=0.5, batch_size=128, lr=0.05, num_workers=2,
-                cpus_per_worker=1.0, max_failures=0)  # fmt: skip
+                cpus_per_worker=1.0, max_failures=0, checkpoint_interval_s=0)  # fmt: skip
     return SamplingConfig(**{**base, **kw})
 
 
@@ -54,8 +56,12 @@ def step_run(data, tmp_path_factory):
 
 
 def test_epoch_interval_candidates(data, tmp_path):
-    res = _run(data, _sampling(sample_interval=1, interval_unit="epoch"), tmp_path, "epochs")
+    # checkpoints at most once an hour: only the last epoch's (forced), and a complete history
+    sampling = _sampling(sample_interval=1, interval_unit="epoch", checkpoint_interval_s=3600)
+    res = _run(data, sampling, tmp_path, "epochs")
     store = CandidateStore(str(tmp_path / "store"))
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "ray_train" / "sampling_epochs").glob("checkpoint_epoch*"))
+    assert ckpts == ["checkpoint_epoch0002"]
 
     # one candidate per sampled epoch, named by the global step, increasing
     steps = [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
@@ -97,6 +103,17 @@ def test_epoch_interval_candidates(data, tmp_path):
         _run(data, _sampling(), tmp_path, "other")
     with pytest.raises(ValueError, match="another config"):
         _run(data, _sampling(lr=0.01), tmp_path, "epochs")
+
+
+def test_checkpoint_clock_spaces_reports():
+    """Due once ``interval_s`` has passed since the last report, or when forced; 0: always."""
+    clock = CheckpointClock(3600, torch.device("cpu"))
+    assert not clock.due() and clock.due(force=True)
+    clock.last -= 3600
+    assert clock.due()
+    clock.reported()
+    assert not clock.due()
+    assert CheckpointClock(0, torch.device("cpu")).due()
 
 
 def test_step_interval(step_run):

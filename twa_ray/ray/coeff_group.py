@@ -25,9 +25,11 @@ TWA-t optimizes on the train split, TWA-v on the held-out val split; both take
 2. val and test are evaluated on strided shards, sums all-reduced;
 3. the SWA point (alpha0) gets the same BN + evaluation (``eval_swa``), for the report.
 
-Fault tolerance: rank 0 checkpoints alpha + optimizer + schedule + step at every epoch end and
-every ``checkpoint_every`` steps; with ``max_failures`` Ray restarts all workers from the last
-checkpoint, and the data order (a function of seed, epoch and step) replays exactly.
+Fault tolerance: rank 0 checkpoints alpha + optimizer + schedule + step at the end of a pass
+over the fit split or every ``checkpoint_every`` steps, at most once per
+``checkpoint_interval_s`` seconds, and at each mode's end; with ``max_failures`` Ray restarts all
+workers from the last checkpoint, and the data order (a function of seed, pass and step)
+replays exactly.
 
 >>> sharded = put_subspace(store, layout, TWAConfig(bits=4))               # doctest: +SKIP
 >>> res = run_twa(sharded, DataConfig(), TWAConfig(bits=4), run_dir="runs/a")  # doctest: +SKIP
@@ -53,6 +55,7 @@ from twa_ray.core.kernels.cpu import kernel_info
 from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.core.twa import TWA, TWAConfig
 from twa_ray.ray.group import (
+    CheckpointClock,
     check_data_root_on_nodes,
     check_run_id,
     fit_group,
@@ -162,6 +165,7 @@ def run_twa(
     batch_size: int = 128,
     bn_batches: int | None = None,
     checkpoint_every: int = 50,
+    checkpoint_interval_s: float = 10.0,
     max_failures: int = 1,
     eval_swa: bool = True,
     run_id: str = "twa",
@@ -186,7 +190,9 @@ def run_twa(
         num_workers, cpus_per_worker, use_gpu: the worker group.
         batch_size: global batch of the coefficient steps (split across workers).
         bn_batches: cap on each worker's BN re-estimation batches (None: its whole shard).
-        checkpoint_every: rank 0 checkpoints every this many steps (and at every epoch end).
+        checkpoint_every: rank 0 checkpoints every this many steps and at every pass end...
+        checkpoint_interval_s: ...at most once per this many seconds (0: every time); each
+            mode's end always checkpoints.
         max_failures: worker-group failures survived by restarting from the last checkpoint.
         eval_swa: also evaluate the SWA point (alpha0; BN re-estimated the same way).
         run_id: names the Ray Train run (``twa_<run_id>``); the same id and run_dir resume.
@@ -213,6 +219,8 @@ def run_twa(
         errors.append(f"batch_size={batch_size}: must be >= num_workers={num_workers}")
     if checkpoint_every < 1:
         errors.append(f"checkpoint_every={checkpoint_every}: must be >= 1")
+    if not checkpoint_interval_s >= 0:
+        errors.append(f"checkpoint_interval_s={checkpoint_interval_s}: must be >= 0")
     if bn_batches is not None and bn_batches < 1:
         errors.append(f"bn_batches={bn_batches}: must be >= 1 or None")
     if max_failures < 0:
@@ -228,7 +236,8 @@ def run_twa(
     options = {
         "num_workers": num_workers, "cpus_per_worker": cpus_per_worker, "use_gpu": use_gpu,
         "batch_size": batch_size, "bn_batches": bn_batches, "checkpoint_every": checkpoint_every,
-        "max_failures": max_failures, "modes": list(modes),
+        "checkpoint_interval_s": checkpoint_interval_s, "max_failures": max_failures,
+        "modes": list(modes),
     }  # fmt: skip
     resolved = {
         "run_id": run_id, "data": asdict(data), "twa": twa.to_dict(), "options": options,
@@ -239,7 +248,8 @@ def run_twa(
     loop_config = {
         "data": asdict(data), "twa": twa.to_dict(), "sharded": sharded, "modes": list(modes),
         "batch_size": batch_size, "bn_batches": bn_batches, "checkpoint_every": checkpoint_every,
-        "eval_swa": eval_swa, "progress": progress, "fail_at_step": fail_at_step,
+        "checkpoint_interval_s": checkpoint_interval_s, "eval_swa": eval_swa, "progress": progress,
+        "fail_at_step": fail_at_step,
         "fail_marker": marker_path(rd, FAIL_MARKER.format(run_id=run_id)),
         "kill_at_step": kill_at_step,
         "kill_marker": marker_path(rd, KILL_MARKER.format(run_id=run_id)),
@@ -328,6 +338,7 @@ def coeff_loop_per_worker(config: dict[str, Any]) -> None:
             where = f"mode {cur.mode} step {cur.twa['step']}" if cur else "a mode boundary"
             log.info("twa: resumed at %s (done: %s)", where, sorted(ckpt.done))
 
+    clock = CheckpointClock(config["checkpoint_interval_s"], device)
     for mode in config["modes"]:
         if mode in ckpt.done:
             continue
@@ -336,12 +347,13 @@ def coeff_loop_per_worker(config: dict[str, Any]) -> None:
         # (the BN statistics it leaves behind do not matter: coefficient steps run in train mode)
         if config["eval_swa"] and ckpt.swa is None:
             ckpt.swa = finish(twa)[1]
-        out = _fit_mode(twa, mode, splits, ckpt, config, finish, rank=rank, world=world)
+        out = _fit_mode(twa, mode, splits, ckpt, config, finish, clock, rank=rank, world=world)
         ckpt.done[mode], ckpt.current = {**out, "extra": extra}, None
         metrics = {
             k: out[k] for k in ("mode", "steps", "val_loss", "val_acc", "test_loss", "test_acc")
         }
         _report(metrics, ckpt.to_dict() if rank == 0 else None, f"checkpoint_{mode}_final")
+        clock.reported()
     # ---- the result: every mode's outcome, read back by the driver from the last checkpoint
     results = {m: {**ckpt.done[m], "swa": ckpt.swa, "restarts": ckpt.restarts}
                for m in config["modes"]}  # fmt: skip
@@ -424,11 +436,13 @@ def _fit_mode(
     ckpt: CoeffState,
     config: dict[str, Any],
     finish: Any,
+    clock: CheckpointClock,
     *,
     rank: int,
     world: int,
 ) -> dict[str, Any]:
-    """One mode's coefficient steps (resuming ``ckpt.current``), BN, evaluation, checks."""
+    """One mode's coefficient steps (resuming ``ckpt.current``), BN, evaluation, checks;
+    checkpoints when ``clock`` says so."""
     import torch.distributed as dist
     from torch.utils.data import DataLoader, DistributedSampler
 
@@ -497,9 +511,11 @@ def _fit_mode(
                         # logging, not print: Ray Train patches print() in workers and emits it twice
                         log.info("twa-%s epoch %.2f step %d/%d: loss %.4f acc %.2f%% lr %.4g",
                                  mode, step / steps_per_epoch, step, total, loss, 100 * acc, lr)  # fmt: skip
-                ckpt.current = ModeProgress(mode, twa.state_dict(), history, pass_sums.cpu())
-                _report(metrics, ckpt.to_dict() if rank == 0 else None,
-                        f"checkpoint_{mode}_step{step:07d}")  # fmt: skip
+                if clock.due():
+                    ckpt.current = ModeProgress(mode, twa.state_dict(), history, pass_sums.cpu())
+                    _report(metrics, ckpt.to_dict() if rank == 0 else None,
+                            f"checkpoint_{mode}_step{step:07d}")  # fmt: skip
+                    clock.reported()
             if step >= total:
                 break
     train_time = time.perf_counter() - t0

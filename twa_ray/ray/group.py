@@ -4,8 +4,8 @@ Driver side: :func:`check_run_id`, :func:`fit_group` (a ``TorchTrainer`` whose `
 points at the run's storage: a local path or any ``pyarrow.fs`` URI, see :mod:`twa_ray.storage`)
 and :func:`check_data_root_on_nodes` (every node that can host a worker checks ``--data-root``
 before training). Worker side: :func:`load_worker_splits` (the dataset, after checking the data
-root on this node) and :func:`report` (every rank reports, a barrier; rank 0 attaches the
-checkpoint files).
+root on this node), :func:`report` (every rank reports, a barrier; rank 0 attaches the
+checkpoint files) and :class:`CheckpointClock` (when the next report is due).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "check_data_root_on_nodes",
     "load_worker_splits",
     "report",
+    "CheckpointClock",
 ]
 
 _RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -164,3 +166,35 @@ def report(metrics: dict[str, Any], files: Mapping[str, Any] | None, name: str) 
                     torch.save(obj, path)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+
+
+class CheckpointClock:
+    """When a worker loop's next Ray Train checkpoint is due: at most one per ``interval_s``
+    seconds, plus the forced ones (a phase's end); ``interval_s = 0``: at every chance.
+
+    Why: Ray Train 2.60 drains each worker's one-slot result queue once per health check
+    (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s), so a report within 2 s of the previous one
+    blocks the loop until then: a checkpoint per 0.2 s epoch made sampling 10x slower. Every
+    rank must make the same call (``report`` is a barrier), so rank 0's clock decides and is
+    broadcast (one 1-element collective per chance, none when forced or ``interval_s = 0``).
+    """
+
+    def __init__(self, interval_s: float, device: torch.device) -> None:
+        self.interval_s = float(interval_s)
+        self.device = device
+        self.last = time.monotonic()
+
+    def due(self, *, force: bool = False) -> bool:
+        """True when the caller should report now (the same answer on every rank)."""
+        if force or self.interval_s <= 0:
+            return True
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(time.monotonic() - self.last >= self.interval_s)], device=self.device)
+        if dist.is_initialized():
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def reported(self) -> None:
+        """Restart the interval (call after each report)."""
+        self.last = time.monotonic()

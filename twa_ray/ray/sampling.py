@@ -10,7 +10,8 @@ TWA then finishes training from the candidates taken on the way. Per epoch:
 2. snapshot candidates every ``sample_interval`` epochs or steps (rank 0 writes; the final epoch
    is always snapshotted, so the last candidate is the final SGD weights);
 3. evaluate val and test accuracy (each rank a strided shard, sums all-reduced);
-4. ``ray.train.report`` on every rank; rank 0 attaches a checkpoint (model, optimizer, epoch,
+4. at the last epoch, and otherwise at most once per ``checkpoint_interval_s`` seconds,
+   ``ray.train.report`` on every rank; rank 0 attaches a checkpoint (model, optimizer, epoch,
    global step, candidates written, history, resolved config).
 
 Fault tolerance: with ``max_failures=N`` Ray restarts all workers from the last checkpoint.
@@ -34,9 +35,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from twa_ray.config import DataConfig, SamplingConfig
+from twa_ray.config import TRAJECTORY_FREE_FIELDS, DataConfig, SamplingConfig
 from twa_ray.core.optim import lr_factor
 from twa_ray.ray.group import (
+    CheckpointClock,
     check_data_root_on_nodes,
     check_run_id,
     fit_group,
@@ -65,8 +67,6 @@ META_FILE = "meta.json"  # a SamplingState (readable without torch)
 CONFIG_FILE = "sampling_{run_id}.json"  # resolved config of a run, next to its outputs in run_dir
 FAIL_MARKER = ".sampling_{run_id}.failure_injected"
 KILL_MARKER = ".sampling_{run_id}.worker_killed"
-# Options that may change when a run is resumed (they do not change the trajectory).
-_RESUMABLE = ("max_failures", "cpus_per_worker")
 _EVAL_BATCH = 1024
 
 
@@ -260,7 +260,7 @@ def _save_or_check_config(
             f"{section}.{k}: {old.get(section, {}).get(k)!r} -> {v!r}"
             for section in ("data", "sampling")
             for k, v in resolved[section].items()
-            if k not in _RESUMABLE and old.get(section, {}).get(k) != v
+            if k not in TRAJECTORY_FREE_FIELDS and old.get(section, {}).get(k) != v
         ]
         if diff:
             raise ValueError(
@@ -384,6 +384,7 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
         "num_train": split_sizes["train"],
         "num_val": split_sizes["val"],
     }
+    clock = CheckpointClock(sampling.checkpoint_interval_s, device)
     for epoch in range(start_epoch, sampling.sample_epochs):
         t_epoch = time.perf_counter()
         # ---- train one epoch
@@ -437,7 +438,10 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
                 100 * val.acc, 100 * test.acc, len(candidates), time.perf_counter() - t_epoch,
             )  # fmt: skip
 
-        # ---- report: every rank (a barrier); rank 0 attaches the checkpoint
+        # ---- checkpoint (the last epoch always; else at most once per checkpoint_interval_s):
+        # every rank reports (a barrier); rank 0 attaches the files
+        if not clock.due(force=last):
+            continue
         files = None
         if rank == 0:
             meta = SamplingState(epoch + 1, global_step, candidates, history, sizes, config)
@@ -446,6 +450,7 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
                 META_FILE: asdict(meta),
             }
         report(metrics, files, f"checkpoint_epoch{epoch + 1:04d}")
+        clock.reported()
 
 
 def _record(candidates: list[str], name: str | None) -> None:
