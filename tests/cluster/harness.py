@@ -148,7 +148,8 @@ class Cluster:
     env: dict[str, str]  # environment for clients (drivers, `ray job`, twa-ray)
     gcs_address: str
     hidden: list[str] = field(default_factory=list)
-    node_args: dict[str, float] = field(default_factory=dict)  # cpus, object_store_mb of a node
+    cpus_per_node: float = 1
+    object_store_mb: int = 256
 
     @property
     def dashboard_url(self) -> str:
@@ -175,7 +176,7 @@ class Cluster:
             return
         before = _alive_nodes(self) or set()  # may still list a killed node as alive
         for i in dead:
-            self.nodes[i] = _start_node(self, i, **self.node_args)  # type: ignore[arg-type]
+            self.nodes[i] = _start_node(self, i)
         _wait_nodes(self, len(dead), timeout_s, new_since=before)
 
 
@@ -228,17 +229,17 @@ def start_cluster(
     extra = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300", **(env or {})}
     head = start_head(num_cpus=0, object_store_mb=object_store_mb, auth=False, extra_env=extra)
     cluster_env = {**client_env(None), **extra}
-    cluster = Cluster(head, [], cluster_env, f"{_node_ip()}:{head.gcs_port}")
+    cluster = Cluster(head, [], cluster_env, f"{_node_ip()}:{head.gcs_port}",
+                      cpus_per_node=cpus_per_node, object_store_mb=object_store_mb)  # fmt: skip
     cluster.env["RAY_ADDRESS"] = cluster.gcs_address
     hidden = [*(os.fspath(h) for h in hide), "/tmp"]  # /tmp last: hide may lie below it
     cluster.hidden = hidden
-    cluster.node_args = {"cpus": cpus_per_node, "object_store_mb": object_store_mb}
     try:
         # one node at a time, each retried once: on a loaded 2-core machine a raylet can miss
         # its deadline to register with the GCS ("Failed to get node info ... Deadline Exceeded")
         for i in range(num_nodes):
             for attempt in range(2):
-                node = _start_node(cluster, i, **cluster.node_args)  # type: ignore[arg-type]
+                node = _start_node(cluster, i)
                 cluster.nodes.append(node)
                 try:
                     _wait_nodes(cluster, i + 2, timeout_s)
@@ -254,7 +255,7 @@ def start_cluster(
     return cluster
 
 
-def _start_node(cluster: Cluster, i: int, cpus: float, object_store_mb: int) -> Node:
+def _start_node(cluster: Cluster, i: int) -> Node:
     """``unshare`` + private tmpfs mounts + ``ray start --address ... --block`` for node ``i``."""
     env = {k: v for k, v in cluster.env.items() if k != "RAY_ADDRESS"}
     hidden = cluster.hidden
@@ -262,8 +263,8 @@ def _start_node(cluster: Cluster, i: int, cpus: float, object_store_mb: int) -> 
     mounts = " && ".join(f"mount -t tmpfs tmpfs {shlex.quote(h)}" for h in hidden)
     ray = " ".join(shlex.quote(a) for a in [
         *RAY_CLI, "start", "--block", "--address", cluster.gcs_address,
-        "--num-cpus", str(cpus), "--num-gpus", "0",
-        "--object-store-memory", str(object_store_mb << 20),
+        "--num-cpus", str(cluster.cpus_per_node), "--num-gpus", "0",
+        "--object-store-memory", str(cluster.object_store_mb << 20),
         "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
         "--dashboard-agent-listen-port", str(agent_http),
         "--dashboard-agent-grpc-port", str(agent_grpc),
