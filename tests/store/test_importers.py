@@ -44,7 +44,7 @@ def test_import_pt_pth_safetensors(tmp_path, layout):
     torch.save(_sd(2), src / "b.pth")
     save_file(_sd(3), str(src / "c.safetensors"))
     (src / "notes.txt").write_text("not a checkpoint")
-    names = import_checkpoints(src, str(tmp_path / "store"), layout=layout)
+    names = import_checkpoints(src, str(tmp_path / "store"), layout=layout).names
     assert names == ["a", "b", "c"]
     store = CandidateStore(tmp_path / "store")
     assert store.names() == names and store.layout == layout
@@ -73,7 +73,7 @@ def test_nested_state_dicts_and_prefixes(tmp_path, layout):
     torch.save({"state_dict": _sd(2), "global_step": 10}, src / "lightning.pt")
     compiled = {f"_orig_mod.{k}": v for k, v in _sd(3).items()}
     save_file(compiled, str(src / "compiled.safetensors"))
-    names = import_checkpoints(src, str(tmp_path / "store"), layout=layout)
+    names = import_checkpoints(src, str(tmp_path / "store"), layout=layout).names
     store = CandidateStore(tmp_path / "store")
     expected = {"ray_style": 1, "lightning": 2, "compiled": 3}
     assert sorted(names) == sorted(expected)
@@ -94,7 +94,7 @@ def test_ray_train_checkpoint_directories(tmp_path, layout):
     (src / ".hidden" / "checkpoint_9").mkdir(parents=True)
     torch.save(_sd(9), src / ".hidden" / "checkpoint_9" / "model.pt")
     (src / "trial_0" / "params.json").write_text("{}")
-    names = import_checkpoints(src, str(tmp_path / "store"), layout=layout)
+    names = import_checkpoints(src, str(tmp_path / "store"), layout=layout).names
     assert names == [f"trial_0-checkpoint_00000{i}" for i in range(3)]
     store = CandidateStore(tmp_path / "store")
     for i, name in enumerate(names):
