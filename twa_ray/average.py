@@ -213,8 +213,6 @@ def write_outputs(
     with open(out / "config.yaml.tmp", "w") as f:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
     (out / "config.yaml.tmp").replace(out / "config.yaml")
-    if best_model is not None:
-        write_model(out / "model.safetensors", best_model, {"format": "pt", "source": "twa_ray"})
     if coefficients:
         write_coefficients(
             out / "coefficients.parquet", coefficients, block_labels=block_labels, candidate_names=candidate_names
@@ -223,6 +221,8 @@ def write_outputs(
             plot_coefficients(
                 out / f"coefficients_{variant}.png", alpha, block_labels=block_labels, title=f"{variant} coefficients"
             )
+    if best_model is not None:  # last: a model safetensors cannot hold leaves the rest written
+        write_model(out / "model.safetensors", best_model, {"format": "pt", "source": "twa_ray"})
 
 
 def check_finite(model: nn.Module | None, coefficients: dict[str, torch.Tensor]) -> None:

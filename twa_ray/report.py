@@ -113,9 +113,13 @@ def write_model(path: str | os.PathLike[str], model: torch.nn.Module, metadata: 
             save_file(state, tmp, metadata={**meta, **metadata})
         except Exception as e:  # safetensors reports I/O errors as SafetensorError("... (os error N)")
             code = re.search(r"os error (\d+)", str(e))
-            if code is None:
-                raise
-            raise OSError(int(code.group(1)), f"cannot write {path}: {e}", str(path)) from None
+            if code is not None:
+                raise OSError(int(code.group(1)), f"cannot write {path}: {e}", str(path)) from None
+            raise ValueError(
+                f"cannot write {path} ({type(e).__name__}: {' '.join(str(e).split())[:160]}...); the "
+                f"model's tensors overlap in a way safetensors cannot store (views of one "
+                f"another); the other outputs in {Path(path).parent} are kept"
+            ) from None
 
 
 def shared_once(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
