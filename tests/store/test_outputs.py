@@ -13,10 +13,16 @@ import torch
 from safetensors.torch import load_file, load_model, save_model
 
 from twa_ray.cli import main
-from twa_ray.report import best_method, plot_coefficients, write_coefficients, write_json, write_model
+from twa_ray.core.layout import Layout
+from twa_ray.report import (
+    best_method,
+    plot_coefficients,
+    write_coefficients,
+    write_json,
+    write_model,
+)
 from twa_ray.storage import open_storage
 from twa_ray.store import CandidateStore
-from twa_ray.core.layout import Layout
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
