@@ -372,3 +372,15 @@ def test_half_precision_is_upcast_and_rounding_is_refused(tmp_path, layout):
     with pytest.raises(ValueError, match="has dtype float64, expected float32: converting it would round") as e:
         import_checkpoints(src / "f64.pt", str(tmp_path / "s3"), layout=layout)
     assert "architecture" not in str(e.value)
+
+
+def test_a_second_import_comes_after_the_candidates_already_there(tmp_path, layout):
+    src = tmp_path / "ckpts"
+    src.mkdir()
+    for i in (1, 2):
+        torch.save(_sd(i), src / f"z{i}.pt")
+    store_dir = tmp_path / "store"
+    CandidateStore(store_dir, create=True).write(_sd(9), layout, step=4, name="a-sampled")
+    got = import_checkpoints(src, str(store_dir), layout=layout)
+    assert CandidateStore(store_dir).names() == ["a-sampled", *got.names]
+    assert [CandidateStore(store_dir).info(n).step for n in got.names] == [5, 6]

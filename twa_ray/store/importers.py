@@ -24,7 +24,7 @@ conversion that would round (float64 -> float32) is refused.
 Candidates are ordered by training progress when every checkpoint carries it (a ``global_step``
 or ``step`` key, as Lightning saves; a Hugging Face ``checkpoint-N`` folder; else an ``epoch``
 key), otherwise by their paths in natural order (numbers compared as numbers: ``epoch=9`` before
-``epoch=10``). The order is the candidates' ``step`` (0, 1, ...) in the store.
+``epoch=10``). The order is the candidates' ``step`` in the store (0, 1, ..., after any already there).
 """
 
 from __future__ import annotations
@@ -373,8 +373,8 @@ def import_checkpoints(
     All-or-nothing: every checkpoint is loaded, checked against the layout and for NaN/Inf, and
     written to a hidden temporary file first; only when all pass are they renamed into place.
     Candidates are named after their files (see :func:`find_checkpoints`), take ``step`` = their
-    index in training order (see the module doc), ``epoch`` = the recorded epoch (else 0) and
-    ``source`` = the file path.
+    index in training order (see the module doc; after the candidates already in the store),
+    ``epoch`` = the recorded epoch (else 0) and ``source`` = the file path.
 
     Args:
         src_dir: a folder of ``.pt``/``.pth``/``.safetensors`` files and/or Ray Train checkpoint
@@ -409,6 +409,7 @@ def import_checkpoints(
         )
     progress = [_peek_progress(path) for _, path in found]
     idx, order, values = _order(progress)
+    first = 1 + max((store.info(n).step for n in store.names()), default=-1)  # after those there
     staged: list[_Staged] = []
     upcast: dict[str, int] = {}
     committed = False
@@ -421,7 +422,7 @@ def import_checkpoints(
             flat = flatten(_select(state, layout, path, aliases or {}, upcast), layout)
             del state
             staged.append(store._stage(
-                flat, layout, step=step, epoch=progress[i].epoch or 0.0, source=str(path), seed=None, run_id="",
+                flat, layout, step=first + step, epoch=progress[i].epoch or 0.0, source=str(path), seed=None, run_id="",
                 name=name, overwrite=False,
             ))  # fmt: skip
         for s in staged:
