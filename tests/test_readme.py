@@ -85,7 +85,11 @@ SKIP = [  # (command pattern, why it is not run here)
     (r"aws\b|ray (up|down|dashboard|attach|exec|submit|job|get-auth-token)\b|export RAY_AUTH_MODE=|chmod .*auth_token",
      "cluster only: needs AWS and the cluster of cluster.yaml (tests/cluster covers the multi-node paths)"),
 ]  # fmt: skip
-SMOKE = re.compile(r"^(twa-ray (run|sweep)|python jobs/(run_twa|sweep)\.py)\b")  # get --smoke-test
+SMOKE = [  # commands that would take minutes, and the flags that make them smoke size
+    (r"(twa-ray (run|sweep)|python jobs/(run_twa|sweep)\.py)\b", ["--smoke-test"]),
+    (r"(twa-ray average|python jobs/average\.py)\b",  # the sizes --smoke-test gives a run
+     ["--num-samples 1500", "--twa-epochs 1", "--no-greedy-soup"]),
+]  # fmt: skip
 
 
 def _sections() -> list[tuple[str, str]]:
@@ -122,10 +126,9 @@ def _plan(code: str) -> tuple[list[str], list[str]]:
         why = next((why for pattern, why in SKIP if re.match(pattern, cmd)), None)
         if why is not None:
             skipped.append(f"{cmd[:40]}...: {why}")
-        elif SMOKE.match(cmd) and "--smoke-test" not in cmd:
-            run.append(f"{cmd} --smoke-test")
         else:
-            run.append(cmd)
+            flags = next((flags for pattern, flags in SMOKE if re.match(pattern, cmd)), [])
+            run.append(" ".join([cmd, *(f for f in flags if f.split()[0] not in cmd)]))
     return run, skipped
 
 
@@ -208,8 +211,8 @@ def test_the_example_configs_load():
 @pytest.mark.slow
 @pytest.mark.parametrize("block", [b for _, b in SHELL_BLOCKS], ids=[i for i, _ in SHELL_BLOCKS])
 def test_readme_shell_block_runs_as_written(block, workdir):
-    """Each command as the README writes it, in README order in one folder, with --smoke-test
-    added to `run` / `sweep`; installs, the suite itself and cluster-only commands are skipped
+    """Each command as the README writes it, in README order in one folder, at smoke size
+    (SMOKE: --smoke-test added to `run` / `sweep`, its sizes to `average`); installs, the suite itself and cluster-only commands are skipped
     (SKIP says why); inputs a user brings (GENERATED) are made first."""
     run, skipped = _plan(block)
     if not run:
