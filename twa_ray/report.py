@@ -39,10 +39,16 @@ _UMASK_LOCK = threading.Lock()
 
 
 def file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` gives a new file: ``0o666`` minus the process umask."""
-    with _UMASK_LOCK:  # reading the umask means setting it: keep other threads out meanwhile
-        mask = os.umask(0o077)
-        os.umask(mask)
+    """The mode a plain ``open(path, "w")`` gives a new file: ``0o666`` minus the process umask
+    (read from ``/proc/self/status`` on Linux; elsewhere set and restored, the stricter 077 in
+    between, so a file another thread creates meanwhile is never more open than asked)."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        with _UMASK_LOCK:
+            mask = os.umask(0o077)
+            os.umask(mask)
     return 0o666 & ~mask
 
 
