@@ -145,7 +145,8 @@ def test_a_failing_output_keeps_the_computed_results(tmp_path, tied, capsys):
 def test_run_with_a_tied_model_then_its_config_repeats_into_a_new_out(tmp_path):
     """`twa-ray run --smoke-test --model tied_model:build` (umask 022) writes a model load_model
     reads, files 0644; its config.yaml pins no store, so `--config OUT/config.yaml --out NEW`
-    resolves to NEW/candidates (the repeat itself is the same command: not run again here)."""
+    resolves to NEW/candidates (the repeat itself is the same command: not run again here), and
+    without --out it is refused before Ray starts: only --resume continues a run."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "run"
     cmd = f"umask 022 && {sys.executable} -m twa_ray.cli run --smoke-test --model tied_model:build --out {out}"
@@ -169,3 +170,6 @@ def test_run_with_a_tied_model_then_its_config_repeats_into_a_new_out(tmp_path):
     new = tmp_path / "new"
     cfg = config_from_args(build_parser().parse_args(["run", "--config", str(out / "config.yaml"), "--out", str(new)]))
     assert cfg.store is None and cfg.store_uri == f"{new}/candidates" and cfg.data.model == "tied_model:build"
+    proc = subprocess.run([sys.executable, "-m", "twa_ray.cli", "run", "--config", str(out / "config.yaml")],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr and "--resume" in proc.stderr  # same --out
