@@ -1,7 +1,12 @@
 """The README's commands and library example stay true."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -67,3 +72,157 @@ def test_docs_cite_only_files_in_the_repository():
         files += [p for p in (root / folder).rglob("*") if p.suffix in (".py", ".md", ".yaml", ".toml", ".txt")]
     citing = [str(p.relative_to(root)) for p in files if p.is_file() and absent in p.read_text(errors="ignore")]
     assert not citing, citing
+
+
+# ---- every shell block of the user-facing sections runs as written (issue 21) -----------------
+
+ROOT = Path(__file__).resolve().parents[1]
+NOT_USER_FACING = ("Layout", "Development")  # sections for contributors, not users
+SKIP = [  # (command pattern, why it is not run here)
+    (r"python3? -m venv |\. \S*activate\b|source \S*activate\b", "creates / enters a fresh virtual environment: the test runs in the installed one (.ci/run does the install)"),
+    (r"(python -m )?pip install\b", "installs packages: .ci/run installs the checkout as the README says"),
+    (r"(python -m )?pytest\b|\.ci/run\b|ruff\b|mypy\b", "the test suite and linters themselves"),
+    (r"aws\b|ray (up|down|dashboard|attach|exec|submit|job|get-auth-token)\b|export RAY_AUTH_MODE=|chmod .*auth_token",
+     "cluster only: needs AWS and the cluster of cluster.yaml (tests/cluster covers the multi-node paths)"),
+]  # fmt: skip
+SMOKE = [  # commands that would take minutes, and the flags that make them smoke size
+    (r"(twa-ray (run|sweep)|python jobs/(run_twa|sweep)\.py)\b", ["--smoke-test"]),
+    (r"(twa-ray average|python jobs/average\.py)\b",  # the sizes --smoke-test gives a run
+     ["--num-samples 1500", "--twa-epochs 1", "--no-greedy-soup"]),
+]  # fmt: skip
+
+
+def _sections() -> list[tuple[str, str]]:
+    """``(title, text)`` of every ``## `` section users read."""
+    head, *parts = README.split("\n## ")
+    out = [("top", head), *((p.split("\n", 1)[0].strip(), p) for p in parts)]
+    return [(t, p) for t, p in out if not t.startswith(NOT_USER_FACING)]
+
+
+def _blocks(kinds: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``(id, code)`` of the fenced blocks of those kinds, in README order."""
+    found = []
+    for title, text in _sections():
+        for i, code in enumerate(re.findall(r"```(\w*)\n(.*?)```", text, re.S)):
+            if code[0] in kinds:
+                found.append((f"{re.sub(r'[^a-z0-9]+', '-', title.lower()).strip('-')}-{i}", code[1]))
+    return found
+
+
+def _commands(code: str) -> list[str]:
+    """The commands of a shell block: continuation lines joined, comments dropped, ``&&`` split."""
+    text = code.replace("\\\n", " ")
+    cmds = []
+    for line in text.splitlines():
+        line = re.sub(r"(^|\s)#.*$", "", line).strip()
+        cmds += [c.strip() for c in line.split("&&") if c.strip()]
+    return cmds
+
+
+def _plan(code: str) -> tuple[list[str], list[str]]:
+    """The block's commands to run (at smoke size) and the reasons of those skipped."""
+    run, skipped = [], []
+    for cmd in _commands(code):
+        why = next((why for pattern, why in SKIP if re.match(pattern, cmd)), None)
+        if why is not None:
+            skipped.append(f"{cmd[:40]}...: {why}")
+        else:
+            flags = next((flags for pattern, flags in SMOKE if re.match(pattern, cmd)), [])
+            run.append(" ".join([cmd, *(f for f in flags if f.split()[0] not in cmd)]))
+    return run, skipped
+
+
+def _finetunes(path: Path) -> None:
+    """Fine-tunes as a user keeps them: MLP state dicts saved along one training run."""
+    import torch
+    import torch.nn.functional as F
+
+    from twa_ray.data import load_dataset
+    from twa_ray.models import build_model
+
+    splits = load_dataset("mnist1d", num_samples=800, seed=0)
+    torch.manual_seed(0)
+    model = build_model("mlp", num_classes=splits.num_classes, input_shape=splits.input_shape)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = splits.train.tensors
+    path.mkdir()
+    for epoch in range(8, 12):
+        for i in range(0, len(x), 64):
+            opt.zero_grad()
+            F.cross_entropy(model(x[i : i + 64]), y[i : i + 64]).backward()
+            opt.step()
+        torch.save(model.state_dict(), path / f"epoch={epoch}.pt")
+
+
+GENERATED = {"my_finetunes": _finetunes}  # inputs a block names that the user brings
+
+
+def _smoke_sweep_file(src: Path, dest: Path) -> None:
+    """A sweep file at smoke size: each grid / choice cut to its first value, one draw."""
+    import yaml
+
+    d = yaml.safe_load(src.read_text())
+    if isinstance(d, dict) and isinstance(d.get("sweep"), dict):
+        d["sweep"]["num_samples"] = 1
+        for knob, space in d["sweep"].get("space", {}).items():
+            kind, values = next(iter(space.items()))
+            if kind in ("grid", "choice"):
+                d["sweep"]["space"][knob] = {kind: values[:1]}
+    dest.write_text(yaml.safe_dump(d))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Where the blocks run, one after the other (later blocks use earlier outputs): the
+    checkout's files linked, its sweep files at smoke size."""
+    work = tmp_path_factory.mktemp("readme")
+    for entry in ROOT.iterdir():
+        if not entry.name.startswith(".") and entry.name not in ("runs", "configs"):
+            (work / entry.name).symlink_to(entry)
+    (work / "configs").mkdir()
+    for f in (ROOT / "configs").iterdir():
+        _smoke_sweep_file(f, work / "configs" / f.name)
+    return work
+
+
+SHELL_BLOCKS = _blocks(("bash", "sh", "shell", "console"))
+
+
+def test_the_readme_has_shell_blocks_to_run():
+    assert len(SHELL_BLOCKS) >= 3
+    assert any(_plan(code)[0] for _, code in SHELL_BLOCKS)
+
+
+def test_the_example_configs_load():
+    """The config files and YAML blocks the README shows are valid as they are (the sweep
+    blocks run below use smoke-size copies of the files)."""
+    import yaml
+
+    from twa_ray.config import config_from_dict, sweep_config_from_dict
+
+    texts = [(f.name, f.read_text()) for f in sorted((ROOT / "configs").glob("*.yaml"))]
+    texts += _blocks(("yaml",))
+    for name, text in texts:
+        d = yaml.safe_load(text)
+        assert isinstance(d, dict), name
+        (sweep_config_from_dict if "sweep" in d else config_from_dict)(d)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", [b for _, b in SHELL_BLOCKS], ids=[i for i, _ in SHELL_BLOCKS])
+def test_readme_shell_block_runs_as_written(block, workdir):
+    """Each command as the README writes it, in README order in one folder, at smoke size
+    (SMOKE: --smoke-test added to `run` / `sweep`, its sizes to `average`); installs, the suite itself and cluster-only commands are skipped
+    (SKIP says why); inputs a user brings (GENERATED) are made first."""
+    run, skipped = _plan(block)
+    if not run:
+        pytest.skip("; ".join(skipped))
+    for name, make in GENERATED.items():
+        if any(name in cmd for cmd in run) and not (workdir / name).exists():
+            make(workdir / name)
+    bindir = str(Path(sys.executable).parent)  # twa-ray and python of this environment
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
+    for cmd in run:
+        proc = subprocess.run(["bash", "-c", cmd], cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"README command failed ({proc.returncode}): {cmd}\n{proc.stderr[-3000:]}"

@@ -34,6 +34,7 @@ from twa_ray.core.twa import TWA, TWAConfig, build_subspace
 from twa_ray.data import DataSplits, load_dataset
 from twa_ray.models import build_model
 from twa_ray.report import (
+    best_method,
     format_summary,
     format_table,
     plot_coefficients,
@@ -43,7 +44,7 @@ from twa_ray.report import (
     write_model,
 )
 from twa_ray.storage import join_uri, open_storage
-from twa_ray.store import CandidateStore, import_checkpoints
+from twa_ray.store import CandidateStore, import_checkpoints, tied_names
 from twa_ray.store.importers import find_checkpoints
 
 log = logging.getLogger("twa_ray")
@@ -81,7 +82,9 @@ def checkpoint_sources(src: str | Path) -> dict[str, Any]:
     return {"source": str(Path(src).resolve()), "files": files}
 
 
-def open_candidates(src: str, out: Path, layout: Layout) -> CandidateStore | InModelOrder:
+def open_candidates(
+    src: str, out: Path, layout: Layout, aliases: dict[str, tuple[str, ...]] | None = None
+) -> CandidateStore | InModelOrder:
     """A candidate store at ``src``; a folder of ``.pt`` / ``.safetensors`` checkpoints is
     imported into ``out/candidates`` first, reused only when ``out/import.json`` records the
     same checkpoints (names, sizes, digests), otherwise imported again."""
@@ -98,7 +101,7 @@ def open_candidates(src: str, out: Path, layout: Layout) -> CandidateStore | InM
             record.unlink(missing_ok=True)
             shutil.rmtree(dest, ignore_errors=True)
             log.info("importing checkpoints from %s into %s", src, dest)
-            import_checkpoints(src, str(dest), layout=layout)
+            log.info("%s", import_checkpoints(src, str(dest), layout=layout, aliases=aliases).summary(str(dest)))
             write_json(record, sources)
         else:
             log.info("reusing the candidates imported from %s (same checkpoints)", src)
@@ -205,12 +208,11 @@ def write_outputs(
     import yaml
 
     check_finite(best_model, coefficients)
+    outdir.keep(out)  # results from here on: a failure below leaves what was written
     write_json(out / "metrics.json", metrics)
     with open(out / "config.yaml.tmp", "w") as f:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
     (out / "config.yaml.tmp").replace(out / "config.yaml")
-    if best_model is not None:
-        write_model(out / "model.safetensors", best_model, {"format": "pt", "source": "twa_ray"})
     if coefficients:
         write_coefficients(
             out / "coefficients.parquet", coefficients, block_labels=block_labels, candidate_names=candidate_names
@@ -219,6 +221,8 @@ def write_outputs(
             plot_coefficients(
                 out / f"coefficients_{variant}.png", alpha, block_labels=block_labels, title=f"{variant} coefficients"
             )
+    if best_model is not None:  # last: a model safetensors cannot hold leaves the rest written
+        write_model(out / "model.safetensors", best_model, {"format": "pt", "source": "twa_ray"})
 
 
 def check_finite(model: nn.Module | None, coefficients: dict[str, torch.Tensor]) -> None:
@@ -292,7 +296,7 @@ def run_average(cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = Fals
         raise ValueError("--device cuda: this machine has no usable CUDA device; use --device cpu")
     model.to(device)  # TWA places B on the model's device, once
     outdir.claim(out, "average", overwrite=overwrite, keep=("candidates", IMPORT_FILE))
-    store = open_candidates(cfg.store, out, layout)
+    store = open_candidates(cfg.store, out, layout, tied_names(model))
     names = store.names()
     loaders = make_loaders(splits, batch_size, cfg.data.seed, pin_memory=device.type == "cuda")
     log.info("%d candidates, D=%d; baselines ...", len(names), layout.numel)
@@ -315,17 +319,18 @@ def run_average(cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = Fals
     log.debug("coefficient kernel: %s path (%s), %s threads, %s", kernel["path"],
               kernel.get("chosen_by", "device"), kernel.get("threads", "-"), kernel.get("cpu", cfg.device))  # fmt: skip
     coefficients: dict[str, torch.Tensor] = {}
-    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    best: tuple[float, str, dict[str, torch.Tensor]] | None = None  # the TWA variant saved
     for mode in ("t", "v") if cfg.mode == "both" else (cfg.mode,):
         name = f"twa_{mode}"
         twa, methods[name] = fit_twa(model, subspace, cfg.twa, loaders, mode)
         coefficients[name] = twa.alpha.detach().cpu().clone()
         if best is None or methods[name]["val_acc"] > best[0]:
-            best = (methods[name]["val_acc"], {k: v.clone() for k, v in model.state_dict().items()})
+            best = (methods[name]["val_acc"], name, {k: v.clone() for k, v in model.state_dict().items()})
     assert best is not None
-    model.load_state_dict(best[1])
+    model.load_state_dict(best[2])
     metrics = {
         "methods": methods,
+        **best_method(methods, saved_model=best[1]),
         "num_candidates": len(names),
         "numel": layout.numel,
         "subspace": {**summary, "rows": subspace.num_rows, "blocks": subspace.num_blocks},

@@ -307,15 +307,16 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from twa_ray.store import import_checkpoints
 
     outdir.check_inputs(args.out, [("checkpoint", args.src), ("--data-root", args.data_root)])
-    layout = None
+    layout, aliases = None, None
     if args.model:
         from twa_ray.data import load_dataset
         from twa_ray.models import build_model
+        from twa_ray.store import tied_names
 
         splits = load_dataset(args.dataset, root=args.data_root)
-        layout = Layout.from_module(build_model(args.model, num_classes=splits.num_classes, input_shape=splits.input_shape))
-    names = import_checkpoints(args.src, args.out, layout=layout)
-    print(f"imported {len(names)} candidates into {args.out}")
+        model = build_model(args.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
+        layout, aliases = Layout.from_module(model), tied_names(model)
+    print(import_checkpoints(args.src, args.out, layout=layout, aliases=aliases).summary(args.out))
     return 0
 
 

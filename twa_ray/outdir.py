@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MARKERS", "check", "check_inputs", "claim", "lock", "mark", "owner", "release_all"]
+__all__ = ["MARKERS", "check", "check_inputs", "claim", "keep", "lock", "mark", "owner", "release_all"]
 
 MARKERS = {"run": "run.json", "sweep": "sweep.json", "average": "average.json"}
 """The marker of each command's output folder."""
@@ -155,6 +155,14 @@ def lock(out: str | os.PathLike[str], *, disposable: bool = False) -> Path:
         raise _busy(path)
     _HELD.append(_Held(path, created, fd, disposable))
     return path
+
+
+def keep(out: str | os.PathLike[str]) -> None:
+    """``out`` holds results from now on: a later failure no longer removes it (not disposable)."""
+    path = Path(os.path.abspath(os.path.expanduser(os.fspath(out))))
+    for held in _HELD:
+        if held.path == path:
+            held.disposable = False
 
 
 def mark(out: str | os.PathLike[str], command: str, run_id: str) -> None:

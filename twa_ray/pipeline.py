@@ -27,7 +27,7 @@ from twa_ray.core.evaluate import evaluate, make_scorer
 from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.data import load_dataset
 from twa_ray.models import build_model
-from twa_ray.report import format_summary, format_table, plot_accuracy, prepare_out_dir
+from twa_ray.report import best_method, format_summary, format_table, plot_accuracy, prepare_out_dir
 from twa_ray.storage import Storage, check_multi_node, open_storage
 from twa_ray.store import CandidateStore
 
@@ -148,6 +148,7 @@ def run_pipeline(
     storage, shared_paths = storage_of(cfg, str(out))
     _check_out_dir(storage, resume=resume, overwrite=overwrite, given=cfg.storage)  # refuse early
     # workers may run in another directory: every local path they see is absolute
+    given_store = _ensure_abs(cfg.store) if cfg.store else None  # saved: --config repeats the run
     cfg = dataclasses.replace(
         cfg,
         out=str(out),
@@ -226,7 +227,7 @@ def run_pipeline(
     metrics = {
         "run_id": run_id,
         "methods": methods,
-        "best": f"twa_{best_mode}",
+        **best_method(methods, saved_model=f"twa_{best_mode}"),
         "budget_epochs": budget,
         "epochs_used": epochs_used,
         "budget_saved": 1.0 - epochs_used / budget,
@@ -242,7 +243,8 @@ def run_pipeline(
     write_outputs(
         out, metrics=metrics, best_model=model,
         coefficients={f"twa_{m}": r.alpha for m, r in results.items()},
-        block_labels=list(sharded.blocks.labels), candidate_names=names, config=cfg,
+        block_labels=list(sharded.blocks.labels), candidate_names=names,
+        config=dataclasses.replace(cfg, store=given_store),
     )  # fmt: skip
     points = {k: (v["epochs_used"], v["test_acc"]) for k, v in methods.items() if k not in ("sgd_full",)}
     plot_accuracy(out / "accuracy.png", sampled.history, points, full_history=full_history)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import torch
 
 __all__ = [
     "atomic_path",
+    "best_method",
+    "file_mode",
     "write_json",
     "write_model",
     "write_coefficients",
@@ -32,15 +35,35 @@ __all__ = [
 ]
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: ``0o666`` minus the process umask
+    (read from ``/proc/self/status`` on Linux; elsewhere set and restored, the stricter 077 in
+    between, so a file another thread creates meanwhile is never more open than asked)."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        with _UMASK_LOCK:
+            mask = os.umask(0o077)
+            os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success. The
+    file gets the process umask's mode (readable by the group under umask 022), not mkstemp's
+    0600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
+            os.fchmod(f.fileno(), file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
@@ -81,18 +104,54 @@ def _json_default(obj: Any) -> Any:
 
 
 def write_model(path: str | os.PathLike[str], model: torch.nn.Module, metadata: Mapping[str, str]) -> None:
-    """The full state dict (parameters and BN buffers) as safetensors."""
+    """The full state dict (parameters and BN buffers) as safetensors, tied tensors once.
+
+    ``safetensors.torch.save_model`` semantics: of the names of one tied tensor (``head.weight =
+    emb.weight``) the first in sorted order is saved and each other name is recorded in the
+    metadata as ``{other: kept}``; ``safetensors.torch.load_model(model, path)`` restores the tie.
+    """
     from safetensors.torch import save_file
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state, meta = shared_once(model.state_dict())
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_path(path) as tmp:
         try:
-            save_file(state, tmp, metadata=dict(metadata))
+            save_file(state, tmp, metadata={**meta, **metadata})
         except Exception as e:  # safetensors reports I/O errors as SafetensorError("... (os error N)")
             code = re.search(r"os error (\d+)", str(e))
-            if code is None:
-                raise
-            raise OSError(int(code.group(1)), f"cannot write {path}: {e}", str(path)) from None
+            if code is not None:
+                raise OSError(int(code.group(1)), f"cannot write {path}: {e}", str(path)) from None
+            raise ValueError(
+                f"cannot write {path} ({type(e).__name__}: {' '.join(str(e).split())[:160]}...); the "
+                f"model's tensors overlap in a way safetensors cannot store (views of one "
+                f"another); the other outputs in {Path(path).parent} are kept"
+            ) from None
+
+
+def shared_once(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``state`` with each tensor that several names share (same storage, offset, shape,
+    strides) kept under its first name in sorted order, and ``{dropped name: kept name}``."""
+    kept: dict[tuple[Any, ...], str] = {}
+    out: dict[str, torch.Tensor] = {}
+    dropped: dict[str, str] = {}
+    for name in sorted(state):
+        t = state[name]
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and key in kept:
+            dropped[name] = kept[key]
+        else:
+            kept.setdefault(key, name)
+            out[name] = t
+    return {k: out[k] for k in state if k in out}, dropped
+
+
+def best_method(methods: Mapping[str, Mapping[str, Any]], saved_model: str) -> dict[str, str]:
+    """The ``metrics.json`` keys naming the winner: ``best``, the method of highest validation
+    accuracy (``best_split: "val"``; the first on a tie; test accuracy is never used to select),
+    and ``saved_model``, the method written to ``model.safetensors``."""
+    scored = [(name, m["val_acc"]) for name, m in methods.items() if m.get("val_acc") is not None]
+    best = max(scored, key=lambda nm: nm[1])[0] if scored else saved_model
+    return {"best": best, "best_split": "val", "saved_model": saved_model}
 
 
 def write_coefficients(

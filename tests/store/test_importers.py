@@ -44,7 +44,7 @@ def test_import_pt_pth_safetensors(tmp_path, layout):
     torch.save(_sd(2), src / "b.pth")
     save_file(_sd(3), str(src / "c.safetensors"))
     (src / "notes.txt").write_text("not a checkpoint")
-    names = import_checkpoints(src, str(tmp_path / "store"), layout=layout)
+    names = import_checkpoints(src, str(tmp_path / "store"), layout=layout).names
     assert names == ["a", "b", "c"]
     store = CandidateStore(tmp_path / "store")
     assert store.names() == names and store.layout == layout
@@ -73,7 +73,7 @@ def test_nested_state_dicts_and_prefixes(tmp_path, layout):
     torch.save({"state_dict": _sd(2), "global_step": 10}, src / "lightning.pt")
     compiled = {f"_orig_mod.{k}": v for k, v in _sd(3).items()}
     save_file(compiled, str(src / "compiled.safetensors"))
-    names = import_checkpoints(src, str(tmp_path / "store"), layout=layout)
+    names = import_checkpoints(src, str(tmp_path / "store"), layout=layout).names
     store = CandidateStore(tmp_path / "store")
     expected = {"ray_style": 1, "lightning": 2, "compiled": 3}
     assert sorted(names) == sorted(expected)
@@ -94,7 +94,7 @@ def test_ray_train_checkpoint_directories(tmp_path, layout):
     (src / ".hidden" / "checkpoint_9").mkdir(parents=True)
     torch.save(_sd(9), src / ".hidden" / "checkpoint_9" / "model.pt")
     (src / "trial_0" / "params.json").write_text("{}")
-    names = import_checkpoints(src, str(tmp_path / "store"), layout=layout)
+    names = import_checkpoints(src, str(tmp_path / "store"), layout=layout).names
     assert names == [f"trial_0-checkpoint_00000{i}" for i in range(3)]
     store = CandidateStore(tmp_path / "store")
     for i, name in enumerate(names):
@@ -276,3 +276,111 @@ def test_fuzz_mutated_checkpoint(suffix, edits, keep):
     for at, byte in edits:
         data[int(at * len(data))] = byte
     _expect_clean_import(bytes(data[: max(1, int(keep * len(data)))]), suffix)
+
+
+# ---- tied parameters, training order, half precision (issue 21) ------------------------------
+
+def _tied(seed: int) -> nn.Module:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from tied_model import build
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(seed)
+    return build(3, (4,))
+
+
+def test_tied_parameters_import_from_torch_save_and_save_model(tmp_path):
+    """A tied tensor (lm_head.weight = wte.weight) is one tensor of the layout, whether the
+    checkpoint holds both names (torch.save) or one (safetensors save_model keeps lm_head.weight,
+    not the name named_parameters() gives it); without --model the second name is dropped too."""
+    from safetensors.torch import save_model
+
+    from twa_ray.store import tied_names
+
+    model = _tied(0)
+    layout = Layout.from_module(model)
+    assert "lm_head.weight" not in layout.names and tied_names(model) == {"wte.weight": ("lm_head.weight",)}
+    src = tmp_path / "ckpts"
+    src.mkdir()
+    torch.save(_tied(1).state_dict(), src / "a.pt")
+    save_model(_tied(2), str(src / "b.safetensors"))
+    assert "wte.weight" not in load_state_dict(src / "b.safetensors")  # one name only
+    got = import_checkpoints(src, str(tmp_path / "store"), layout=layout, aliases=tied_names(model))
+    store = CandidateStore(tmp_path / "store")
+    for name, seed in zip(got.names, (1, 2)):
+        assert torch.equal(store.read(name), flatten(_tied(seed), layout))
+    with pytest.raises(ValueError, match="'wte.weight' of the model is missing"):
+        import_checkpoints(src / "b.safetensors", str(tmp_path / "s2"), layout=layout)  # no aliases
+    inferred = import_checkpoints(src / "a.pt", str(tmp_path / "s3"))
+    stored = CandidateStore(tmp_path / "s3").layout
+    assert inferred.names == ["a"] and stored.numel == layout.numel and "lm_head.weight" not in stored.names
+
+
+def test_candidates_follow_training_order(tmp_path, layout):
+    """Numbers in file names compare as numbers; a recorded global_step / step beats the names;
+    Hugging Face checkpoint-N folders give their N; the order is the stored step and is shown."""
+    names = tmp_path / "names"
+    names.mkdir()
+    for epoch in (8, 9, 10, 11):
+        torch.save(_sd(epoch), names / f"epoch={epoch}.pt")
+    got = import_checkpoints(names, str(tmp_path / "s1"), layout=layout)
+    assert got.names == ["epoch_8", "epoch_9", "epoch_10", "epoch_11"] and got.order == "file name"
+    store = CandidateStore(tmp_path / "s1")
+    assert store.names() == got.names and [store.info(n).step for n in got.names] == [0, 1, 2, 3]
+    assert "ordered by file name: epoch_8, epoch_9, epoch_10, epoch_11" in got.summary("s1")
+
+    lightning = tmp_path / "lightning"
+    lightning.mkdir()
+    for name, step in (("a", 300), ("b", 100), ("c", 200)):  # names say a, b, c; training says b, c, a
+        torch.save({"global_step": step, "epoch": step // 100, "state_dict": _sd(step)}, lightning / f"{name}.ckpt")
+    got = import_checkpoints(lightning, str(tmp_path / "s2"), layout=layout)
+    assert got.names == ["b", "c", "a"] and got.order == "training step" and got.progress == [100, 200, 300]
+    assert "ordered by training step (100 .. 300)" in got.summary("s2")
+    assert [CandidateStore(tmp_path / "s2").info(n).epoch for n in got.names] == [1.0, 2.0, 3.0]
+
+    hf = tmp_path / "hf"
+    for step in (1000, 500, 1500):
+        (hf / f"checkpoint-{step}").mkdir(parents=True)
+        save_file(_sd(step), str(hf / f"checkpoint-{step}" / "model.safetensors"))
+    got = import_checkpoints(hf, str(tmp_path / "s3"), layout=layout)
+    assert got.names == ["checkpoint-500", "checkpoint-1000", "checkpoint-1500"] and got.order == "training step"
+
+
+def test_half_precision_is_upcast_and_rounding_is_refused(tmp_path, layout):
+    """bf16 / fp16 / mixed checkpoints are upcast exactly to the model's float32 (said in the
+    summary); float64 would round: refused, naming the dtype and not the architecture."""
+    src = tmp_path / "ckpts"
+    src.mkdir()
+    sds = {"bf16": {k: v.bfloat16() if v.is_floating_point() else v for k, v in _sd(1).items()},
+           "fp16": {k: v.half() if v.is_floating_point() else v for k, v in _sd(2).items()}}  # fmt: skip
+    sds["mixed"] = {**_sd(3), "0.weight": _sd(3)["0.weight"].bfloat16()}
+    for name, sd in sds.items():
+        torch.save(sd, src / f"{name}.pt")
+    got = import_checkpoints(src, str(tmp_path / "store"), layout=layout)
+    store = CandidateStore(tmp_path / "store")
+    for name in got.names:
+        assert torch.equal(store.read(name), flatten({k: v.float() for k, v in sds[name].items()}, layout))
+    n = len(layout.names)  # every parameter of bf16 and fp16, one of mixed
+    assert got.upcast == {"bfloat16": n + 1, "float16": n}
+    assert f"upcast losslessly to the model's dtype: {n + 1} bfloat16, {n} float16 tensors" in got.summary("s")
+    inferred = import_checkpoints(src / "bf16.pt", str(tmp_path / "s2"))  # no --model: float32 too
+    assert set(CandidateStore(tmp_path / "s2").layout.dtypes) == {"float32"} and inferred.upcast
+    torch.save({k: v.double() for k, v in _sd(4).items()}, src / "f64.pt")
+    with pytest.raises(ValueError, match="has dtype float64, expected float32: converting it would round") as e:
+        import_checkpoints(src / "f64.pt", str(tmp_path / "s3"), layout=layout)
+    assert "architecture" not in str(e.value)
+
+
+def test_a_second_import_comes_after_the_candidates_already_there(tmp_path, layout):
+    src = tmp_path / "ckpts"
+    src.mkdir()
+    for i in (1, 2):
+        torch.save(_sd(i), src / f"z{i}.pt")
+    store_dir = tmp_path / "store"
+    CandidateStore(store_dir, create=True).write(_sd(9), layout, step=4, name="a-sampled")
+    got = import_checkpoints(src, str(store_dir), layout=layout)
+    assert CandidateStore(store_dir).names() == ["a-sampled", *got.names]
+    assert [CandidateStore(store_dir).info(n).step for n in got.names] == [5, 6]

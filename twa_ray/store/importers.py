@@ -15,6 +15,16 @@ A state dict may be nested under ``"state_dict"``, ``"model_state_dict"``, ``"mo
 keys is stripped. With a layout (``--model``), tensors are matched by name, and a prefix that
 all of the layout's names share in the checkpoint (``net.``, ``model.backbone.``) is found and
 stripped; when nothing matches, the error lists the keys found.
+
+Tied parameters (``head.weight = emb.weight``) are one tensor of the layout; a checkpoint may hold
+it under every name (``torch.save(state_dict)``) or one (``safetensors.torch.save_model``).
+Half-precision tensors (bfloat16 / float16) are upcast losslessly to the model's dtype; a
+conversion that would round (float64 -> float32) is refused.
+
+Candidates are ordered by training progress when every checkpoint carries it (a ``global_step``
+or ``step`` key, as Lightning saves; a Hugging Face ``checkpoint-N`` folder; else an ``epoch``
+key), otherwise by their paths in natural order (numbers compared as numbers: ``epoch=9`` before
+``epoch=10``). The order is the candidates' ``step`` in the store (0, 1, ..., after any already there).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import pickle
 import re
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,10 +45,12 @@ from twa_ray.store.store import CandidateStore, _Staged
 __all__ = [
     "CHECKPOINT_FILES",
     "CHECKPOINT_SUFFIXES",
+    "Imported",
     "find_checkpoints",
     "import_checkpoints",
     "infer_layout",
     "load_state_dict",
+    "tied_names",
 ]
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")  # files directly in src_dir
@@ -45,6 +58,9 @@ CHECKPOINT_FILES = ("model.safetensors", "model.pt", "model.pth", "checkpoint.pt
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")
 _PREFIXES = ("module.", "_orig_mod.", "model.")  # DDP, torch.compile, Lightning (self.model)
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")  # re-estimated by TWA
+_STEP_KEYS = ("global_step", "step")  # Lightning, Ray / hand-written checkpoints
+_HF_STEP = re.compile(r"checkpoint-(\d+)")  # Hugging Face Trainer folders
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _candidate_name(text: str) -> str:
@@ -52,8 +68,15 @@ def _candidate_name(text: str) -> str:
     return name or "checkpoint"
 
 
+def natural_key(text: str) -> list[str | int]:
+    """Sort key comparing the numbers in ``text`` as numbers: ``epoch=9`` < ``epoch=10``."""
+    parts = re.split(r"(\d+)", text)
+    return [int(p) if i % 2 else p.lower() for i, p in enumerate(parts)]
+
+
 def find_checkpoints(src_dir: str | os.PathLike[str]) -> list[tuple[str, Path]]:
-    """``(candidate name, file)`` of every checkpoint under ``src_dir``, in sorted order.
+    """``(candidate name, file)`` of every checkpoint under ``src_dir``, in natural order of their
+    paths (:func:`natural_key`).
 
     Names come from file names (``ft_a.pt`` -> ``ft_a``) or from the checkpoint directory's path
     relative to ``src_dir`` (``trial_0/checkpoint_000003`` -> ``trial_0-checkpoint_000003``);
@@ -80,6 +103,7 @@ def find_checkpoints(src_dir: str | os.PathLike[str]) -> list[tuple[str, Path]]:
                 dirs[:] = []  # a checkpoint directory is one candidate
     else:
         raise FileNotFoundError(f"checkpoint folder {src} does not exist; check the path")
+    found.sort(key=lambda f: natural_key(str(f[1].relative_to(src)) if f[1] != src else f[0]))
     out, seen = [], set()
     for text, path in found:
         base = name = _candidate_name(text)
@@ -151,17 +175,78 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+@dataclass(frozen=True)
+class _Progress:
+    """How far training was when a checkpoint was saved (``None``: not recorded)."""
+
+    step: int | None = None
+    epoch: float | None = None
+
+
+def _number(v: object) -> float | None:
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and v == v:
+        return v
+    return None
+
+
+def _progress(obj: object, path: Path) -> _Progress:
+    """The step / epoch a checkpoint records: a ``global_step`` / ``step`` / ``epoch`` key at its
+    top level, or a Hugging Face ``checkpoint-N`` folder in its path."""
+    top = obj if isinstance(obj, Mapping) else {}
+    step = next((int(n) for k in _STEP_KEYS if (n := _number(top.get(k))) is not None), None)
+    if step is None:
+        hf = [m for part in path.parts[:-1] if (m := _HF_STEP.fullmatch(part))]
+        step = int(hf[-1].group(1)) if hf else None
+    epoch = _number(top.get("epoch"))
+    return _Progress(step, None if epoch is None else float(epoch))
+
+
+def _peek_progress(path: Path) -> _Progress:
+    """The progress a checkpoint records, without reading its tensors (``.pt`` files are
+    memory-mapped by ``torch.load(mmap=True, weights_only=True)``; ``.safetensors`` hold none)."""
+    obj: object = None
+    if path.suffix.lower() != ".safetensors":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # legacy (non-zip) format or unreadable: load_state_dict says which
+            obj = None
+    return _progress(obj, path)
+
+
+def tied_names(module: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """The other names of each tied parameter (``head.weight = emb.weight``:
+    ``{"emb.weight": ("head.weight",)}``), keyed by the name ``named_parameters()`` gives it."""
+    names: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {n[0]: tuple(n[1:]) for n in names.values() if len(n) > 1}
+
+
+def _storage_key(t: torch.Tensor) -> tuple[object, ...]:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
 def infer_layout(state: Mapping[str, torch.Tensor], *, where: str = "checkpoint") -> Layout:
-    """Layout guessed from a state dict: its floating-point tensors, minus BatchNorm statistics.
+    """Layout guessed from a state dict: its floating-point tensors, minus BatchNorm statistics
+    and second names of tied tensors; half-precision tensors count as float32.
 
     Frozen parameters and float buffers other than BN statistics are included, so pass the
     model's own ``Layout.from_module(model)`` when it is at hand.
     """
-    kept = {
-        k: v
-        for k, v in state.items()
-        if v.is_floating_point() and v.layout == torch.strided and not k.endswith(_BUFFER_SUFFIXES)
-    }
+    kept: dict[str, torch.Tensor] = {}
+    seen = set()
+    for k, v in state.items():
+        if not v.is_floating_point() or v.layout != torch.strided or k.endswith(_BUFFER_SUFFIXES):
+            continue
+        key = _storage_key(v)
+        if v.numel() and key in seen:
+            continue  # a tied parameter saved under a second name: one tensor of the layout
+        seen.add(key)
+        kept[k] = v.to(torch.float32) if v.dtype in _HALF else v  # bf16 / fp16: exact in float32
     if not kept:
         raise ValueError(
             f"{where} has no floating-point parameter tensors; save model.state_dict()"
@@ -184,10 +269,15 @@ def _prefix(state: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> str:
 
 
 def _select(
-    state: Mapping[str, torch.Tensor], layout: Layout, path: Path
+    state: Mapping[str, torch.Tensor],
+    layout: Layout,
+    path: Path,
+    aliases: Mapping[str, tuple[str, ...]],
+    upcast: dict[str, int],
 ) -> dict[str, torch.Tensor]:
-    """The layout's tensors of ``state`` (by name, under a shared prefix if need be), checked
-    for presence, shape and dtype."""
+    """The layout's tensors of ``state`` (by name or a tied name, under a shared prefix if need
+    be), checked for presence and shape; half precision upcast to the layout's dtype (counted
+    in ``upcast``: source dtype -> tensors)."""
     fix = (
         "every checkpoint must come from the --model architecture; pass the --model it was "
         "saved from, or remove this file"
@@ -195,7 +285,7 @@ def _select(
     p = _prefix(state, layout.names)
     out = {}
     for name, shape, dtype in zip(layout.names, layout.shapes, layout.dtypes):
-        t = state.get(p + name)
+        t = next((state[p + n] for n in (name, *aliases.get(name, ())) if p + n in state), None)
         if t is None:
             keys = sorted(state)
             shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
@@ -207,26 +297,84 @@ def _select(
             raise ValueError(
                 f"{path}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}; {fix}"
             )
-        if str(t.dtype).removeprefix("torch.") != dtype:
-            raise ValueError(
-                f"{path}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}, "
-                f"expected {dtype}; {fix}"
-            )
         if t.layout != torch.strided:
             raise ValueError(f"{path}: tensor {name!r} is {t.layout}, expected a dense tensor")
-        out[name] = t
+        out[name] = _cast(t, getattr(torch, dtype), name, path, upcast, fix)
     return out
 
 
+def _cast(
+    t: torch.Tensor, want: torch.dtype, name: str, path: Path, upcast: dict[str, int], fix: str
+) -> torch.Tensor:
+    """``t`` in dtype ``want`` when that is exact (bfloat16 / float16 -> float32 / float64)."""
+    if t.dtype == want:
+        return t
+    got, exp = (str(d).removeprefix("torch.") for d in (t.dtype, want))
+    if not (t.is_floating_point() and want.is_floating_point):
+        raise ValueError(f"{path}: tensor {name!r} has dtype {got}, expected {exp}; {fix}")
+    if torch.promote_types(t.dtype, want) != want:
+        raise ValueError(
+            f"{path}: tensor {name!r} has dtype {got}, expected {exp}: converting it would round "
+            f"its values (only exact upcasts such as bfloat16 -> float32 are done); save the "
+            f"checkpoint in {exp} (e.g. model.float().state_dict())"
+        )
+    upcast[got] = upcast.get(got, 0) + 1
+    return t.to(want)
+
+
+@dataclass(frozen=True)
+class Imported:
+    """What :func:`import_checkpoints` did.
+
+    Attributes:
+        names: the new candidates, in training order (their ``step`` in the store is 0, 1, ...).
+        order: what fixed the order: ``"training step"``, ``"epoch"`` or ``"file name"``.
+        progress: the recorded step (or epoch) of each candidate when ``order`` is one of those.
+        upcast: tensors upcast to the model's dtype, by their dtype in the checkpoints.
+    """
+
+    names: list[str]
+    order: str
+    progress: list[float] = field(default_factory=list)
+    upcast: dict[str, int] = field(default_factory=dict)
+
+    def summary(self, out: str) -> str:
+        """One line: how many, where, in which order, what was converted."""
+        shown = self.names if len(self.names) <= 6 else [*self.names[:3], "...", *self.names[-2:]]
+        text = f"imported {len(self.names)} candidates into {out}, ordered by {self.order}"
+        if self.progress:
+            text += f" ({self.progress[0]:g} .. {self.progress[-1]:g})"
+        text += f": {', '.join(shown)}"
+        if self.upcast:
+            dtypes = ", ".join(f"{n} {d}" for d, n in sorted(self.upcast.items()))
+            text += f"; upcast losslessly to the model's dtype: {dtypes} tensors"
+        return text
+
+
+def _order(progress: list[_Progress]) -> tuple[list[int], str, list[float]]:
+    """Indices of the checkpoints in training order, what decided it and the progress values:
+    the step when every checkpoint records one, else the epoch, else the (natural) path order."""
+    for order, values in (("training step", [p.step for p in progress]), ("epoch", [p.epoch for p in progress])):
+        if all(v is not None for v in values):
+            idx = sorted(range(len(progress)), key=lambda i: values[i])  # stable: ties keep paths' order
+            return idx, order, [float(values[i]) for i in idx]  # type: ignore[arg-type]
+    return list(range(len(progress))), "file name", []
+
+
 def import_checkpoints(
-    src_dir: str | os.PathLike[str], out_uri: str, *, layout: Layout | None = None
-) -> list[str]:
+    src_dir: str | os.PathLike[str],
+    out_uri: str,
+    *,
+    layout: Layout | None = None,
+    aliases: Mapping[str, tuple[str, ...]] | None = None,
+) -> Imported:
     """Import every checkpoint under ``src_dir`` into the store at ``out_uri`` (created if needed).
 
     All-or-nothing: every checkpoint is loaded, checked against the layout and for NaN/Inf, and
     written to a hidden temporary file first; only when all pass are they renamed into place.
     Candidates are named after their files (see :func:`find_checkpoints`), take ``step`` = their
-    index in that order and ``source`` = the file path.
+    index in training order (see the module doc; after the candidates already in the store),
+    ``epoch`` = the recorded epoch (else 0) and ``source`` = the file path.
 
     Args:
         src_dir: a folder of ``.pt``/``.pth``/``.safetensors`` files and/or Ray Train checkpoint
@@ -236,11 +384,10 @@ def import_checkpoints(
             exact; by default it is inferred from the first checkpoint's floating-point tensors,
             minus BatchNorm running statistics, which also picks up frozen parameters and other
             float buffers.
+        aliases: other names of tied parameters (:func:`tied_names` of the model), for
+            checkpoints that hold a tied tensor under one of those only.
 
-    Returns:
-        The new candidates' names, in import order.
-
-    >>> import_checkpoints("finetuned/", "/tmp/soup", layout=Layout.from_module(model))  # doctest: +SKIP
+    >>> import_checkpoints("finetuned/", "/tmp/soup", layout=Layout.from_module(model)).names  # doctest: +SKIP
     ['ft_lr1e-4', 'ft_lr3e-4', 'ft_lr1e-3']
     """
     found = find_checkpoints(src_dir)
@@ -260,21 +407,24 @@ def import_checkpoints(
             f"store {out_uri!r} already holds candidates named {clashes[:5]}; import into a new "
             "store or rename the checkpoints"
         )
+    progress = [_peek_progress(path) for _, path in found]
+    idx, order, values = _order(progress)
+    first = 1 + max((store.info(n).step for n in store.names()), default=-1)  # after those there
     staged: list[_Staged] = []
+    upcast: dict[str, int] = {}
     committed = False
     try:
-        for step, (name, path) in enumerate(found):
+        for step, i in enumerate(idx):
+            name, path = found[i]
             state = load_state_dict(path)
             if layout is None:
                 layout = infer_layout(state, where=str(path))
-            flat = flatten(_select(state, layout, path), layout)
+            flat = flatten(_select(state, layout, path, aliases or {}, upcast), layout)
             del state
-            staged.append(
-                store._stage(
-                    flat, layout, step=step, epoch=0.0, source=str(path), seed=None, run_id="",
-                    name=name, overwrite=False,
-                )
-            )  # fmt: skip
+            staged.append(store._stage(
+                flat, layout, step=first + step, epoch=progress[i].epoch or 0.0, source=str(path), seed=None, run_id="",
+                name=name, overwrite=False,
+            ))  # fmt: skip
         for s in staged:
             store._commit(s, overwrite=False)
         committed = True
@@ -283,4 +433,4 @@ def import_checkpoints(
             store._discard(s)
         if created and not committed:
             store._remove_if_empty()  # a failed import leaves no trace
-    return [s.name for s in staged]
+    return Imported([s.name for s in staged], order, values, upcast)
