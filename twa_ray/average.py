@@ -33,6 +33,7 @@ from twa_ray.core.subspace import Subspace
 from twa_ray.core.twa import TWA, TWAConfig, build_subspace
 from twa_ray.data import DataSplits, load_dataset
 from twa_ray.models import build_model
+from twa_ray.redact import redact
 from twa_ray.report import (
     format_summary,
     format_table,
@@ -207,7 +208,7 @@ def write_outputs(
     check_finite(best_model, coefficients)
     write_json(out / "metrics.json", metrics)
     with open(out / "config.yaml.tmp", "w") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+        yaml.safe_dump(redact(config.to_dict()), f, sort_keys=False)  # URIs without credentials
     (out / "config.yaml.tmp").replace(out / "config.yaml")
     if best_model is not None:
         write_model(out / "model.safetensors", best_model, {"format": "pt", "source": "twa_ray"})

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from twa_ray.redact import redact
+
 __all__ = [
     "atomic_path",
     "write_json",
@@ -68,7 +70,7 @@ def prepare_out_dir(out: str) -> Path:
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+        json.dump(redact(obj), f, indent=2, sort_keys=True, default=_json_default)  # no credential saved
         f.write("\n")
 
 

@@ -28,6 +28,7 @@ import pyarrow.fs as pafs
 import torch
 
 from twa_ray.core.layout import Layout, flatten, unflatten
+from twa_ray.storage import filesystem_from_uri
 from twa_ray.store.arrow import (
     NAME_RE,
     SUFFIX,
@@ -85,7 +86,7 @@ def _resolve(uri: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSys
         return filesystem, uri.rstrip("/") or "/"
     if "://" in uri:
         try:
-            fs, path = pafs.FileSystem.from_uri(uri)
+            fs, path = filesystem_from_uri(uri)  # S3: retries, bounded connects, credentials masked
         except (pa.ArrowException, ValueError) as e:
             raise ValueError(
                 f"cannot open store URI {uri!r} ({e}); use a local path or a pyarrow.fs URI such "
