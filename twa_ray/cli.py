@@ -506,6 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from twa_ray import redact
 
     streams = redact.install()  # no credential reaches the console, whoever prints it
+    timeout_env = os.environ.get("TWA_RAY_CONNECT_TIMEOUT")
     if hasattr(args, "connect_timeout"):
         os.environ["TWA_RAY_CONNECT_TIMEOUT"] = args.connect_timeout  # read by Ray's and the storage's waits
     _setup_logging(args)
@@ -531,6 +532,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_user_error(e), file=sys.stderr)
         return 2
     except OSError as e:
+        from twa_ray.storage import storage_fault
+
+        if e.errno not in _DISK_FULL and storage_fault(e) is not None:
+            print(f"twa-ray: error: {storage_fault(e)}", file=sys.stderr)
+            return 2
         if e.errno not in _DISK_FULL:
             raise
         # writes are atomic (temp file + rename): what failed left no partial file behind
@@ -544,7 +550,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     except Exception as e:
-        line = _startup_timeout(e)
+        from twa_ray.storage import storage_fault
+
+        line = _startup_timeout(e) or storage_fault(e)
         if line is None:
             raise
         print(f"twa-ray: error: {line}", file=sys.stderr)
@@ -557,6 +565,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pass
         outdir.release_all(failed=failed, created=created)
         sys.stdout, sys.stderr = streams
+        if timeout_env is None:
+            os.environ.pop("TWA_RAY_CONNECT_TIMEOUT", None)
+        else:
+            os.environ["TWA_RAY_CONNECT_TIMEOUT"] = timeout_env
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

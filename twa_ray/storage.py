@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,22 @@ def filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
         )  # fmt: skip
         fs = pafs.S3FileSystem(**options)
     return fs, path
+
+
+_S3_FAULT = re.compile(r"[^\n]*AWS Error [A-Z_]+[^\n]*")
+
+
+def storage_fault(e: BaseException) -> str | None:
+    """One line for a storage request that failed every retry (here or in a Ray worker, whose
+    error carries the worker's traceback as text), or None when ``e`` is something else."""
+    found = _S3_FAULT.search(str(e))
+    if found is None:
+        return None
+    return (
+        f"the storage failed a request {S3_MAX_ATTEMPTS} times ({redact(found.group(0).strip())}); writes "
+        "are atomic, so nothing partial was kept: check the endpoint, the network and the "
+        "credentials, then rerun with --resume"
+    )
 
 
 def open_storage(uri: str | os.PathLike[str], *, create: bool = True) -> Storage:
