@@ -262,9 +262,9 @@ def open_storage(uri: str | os.PathLike[str], *, create: bool = True) -> Storage
             st.fs.create_dir(st.path, recursive=True)
         except (pa.ArrowException, OSError) as e:
             raise ValueError(
-                f"--storage {redact(uri)!r} is not writable or did not answer within "
-                f"{connect_timeout():g} s ({redact(str(e).splitlines()[0])}); check the bucket / path, "
-                "the endpoint and the credentials of this machine (--connect-timeout sets the wait)"
+                f"--storage {redact(uri)!r} is not writable or did not answer in {S3_MAX_ATTEMPTS} tries "
+                f"({redact(str(e).splitlines()[0])}); check the bucket / path, the endpoint and the "
+                "credentials of this machine (--connect-timeout sets the wait)"
             ) from None
     return st
 
