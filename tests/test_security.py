@@ -113,3 +113,13 @@ def test_console_stream_masks_what_is_printed(capsys):
     stream = RedactingStream(__import__("sys").stdout)
     print("outputs in s3://AK:consoleSECRET1@bkt/p", file=stream)
     assert capsys.readouterr().out == "outputs in s3://***@bkt/p\n"
+
+
+def test_log_records_are_masked(caplog):
+    import logging
+
+    import twa_ray.redact  # noqa: F401  (installs the masking log-record factory)
+
+    with caplog.at_level(logging.INFO, logger="twa_ray.any"):
+        logging.getLogger("twa_ray.any").info("reusing the run in %s", "s3://AK:logSECRET0001@bkt/p")
+    assert caplog.messages == ["reusing the run in s3://***@bkt/p"]

@@ -13,7 +13,9 @@ and the values of the credential environment variables (:data:`CREDENTIAL_ENV`) 
 credentials of every URI opened in this process are masked wherever they appear in a text. A
 redacted URI read back (``--resume``, a reused ``config.yaml``) is made usable again by
 :func:`restore`: the credentials of the same bucket given on this command line, else none (the
-environment's, an instance profile's).
+environment's, an instance profile's). Importing this module masks every log record of the
+process (a log-record factory, installed once: Ray's worker log files included); the CLI masks
+the console as well (:func:`install`).
 
 >>> redact("s3://AK:SK@bkt/p?endpoint_override=h:1&secret_key=SK")
 's3://***@bkt/p?endpoint_override=h:1&secret_key=***'
@@ -21,6 +23,7 @@ environment's, an instance profile's).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -151,3 +154,25 @@ def install() -> tuple[Any, Any]:
     if not isinstance(sys.stderr, RedactingStream):
         sys.stderr = RedactingStream(sys.stderr)
     return original
+
+
+def _masking_factory(factory: Any) -> Any:
+    """A log-record factory whose records carry their message masked."""
+
+    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a malformed record: left for logging to report
+            return record
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return record
+
+    make._twa_ray = True  # type: ignore[attr-defined]
+    return make
+
+
+if not getattr(logging.getLogRecordFactory(), "_twa_ray", False):
+    logging.setLogRecordFactory(_masking_factory(logging.getLogRecordFactory()))
