@@ -8,7 +8,8 @@ for :func:`twa_ray.storage.connect_timeout` seconds (``--connect-timeout``):
 
 - a given address that does not answer is refused (``ValueError``: the address and the fix);
 - a stale local record is passed over: a fresh local Ray starts, with one warning line that
-  says how to clear the record.
+  says how to clear the record;
+- a new local node that Ray gives up on (its raylet not registered in 30 s) is one line.
 """
 
 from __future__ import annotations
@@ -80,4 +81,13 @@ def connect_ray(address: str | None = None) -> None:
                 "clears the record)", record, head,
             )  # fmt: skip
             address = "local"
-    ray.init(address=address, log_to_driver=True, configure_logging=False)
+    try:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    except Exception as e:  # Ray's own bound on a new local node (30 s), as a bare Exception
+        if "timed out during startup" not in str(e):
+            raise
+        raise ValueError(
+            "the local Ray did not start within Ray's 30 s (its raylet did not register: is this "
+            "machine overloaded?); rerun when it is less busy, or start Ray once with "
+            "`ray start --head` and pass --address"
+        ) from None
