@@ -123,3 +123,22 @@ def test_log_records_are_masked(caplog):
     with caplog.at_level(logging.INFO, logger="twa_ray.any"):
         logging.getLogger("twa_ray.any").info("reusing the run in %s", "s3://AK:logSECRET0001@bkt/p")
     assert caplog.messages == ["reusing the run in s3://***@bkt/p"]
+
+
+def test_a_reused_config_takes_the_credentials_again(tmp_path):
+    """``config.yaml`` holds the store masked; reused, the store takes the credentials of the
+    --storage given again on the command line (same bucket), else the environment's."""
+    from twa_ray import redact
+    from twa_ray.pipeline import _ensure_abs
+    from twa_ray.storage import open_storage
+
+    storage = "s3://AKIDREUSE0001:reuseSECRET0002@bkt8/runs/a?endpoint_override=127.0.0.1:9&scheme=http"
+    store = storage.replace("/runs/a?", "/runs/a/candidates?")
+    saved = redact.redact(store)  # what config.yaml holds
+    assert "reuseSECRET0002" not in saved
+    assert _ensure_abs(saved) == "s3://bkt8/runs/a/candidates?endpoint_override=127.0.0.1:9&scheme=http"
+    try:
+        open_storage(storage, create=False)  # --storage with the credentials, on this command line
+        assert _ensure_abs(saved) == store
+    finally:
+        redact._KNOWN.clear()
