@@ -184,7 +184,7 @@ CONNECT_TIMEOUT_ENV = "TWA_RAY_CONNECT_TIMEOUT"
 
 S3_MAX_ATTEMPTS = 5
 """Tries of one S3 request: transient failures (a reset connection, 500/503, throttling) are
-retried with exponential backoff (about 10 s in all against an endpoint that refuses)."""
+retried with exponential backoff (up to about 15 s in all against an endpoint that refuses)."""
 
 
 def connect_timeout() -> float:
@@ -206,8 +206,8 @@ def filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     """``pyarrow.fs.FileSystem.from_uri`` for every URI the product opens: masked credentials
     restored (:func:`twa_ray.redact.restore`) and remembered for masking; on S3, each request
     retried (:data:`S3_MAX_ATTEMPTS`) and each connection attempt bounded by
-    :func:`connect_timeout` / (attempts + 1), so an endpoint that does not answer fails in about
-    that time."""
+    :func:`connect_timeout` / (attempts + 1), so an endpoint that does not answer fails within
+    the connect timeout plus the backoff (a stalled request: after ``connect_timeout`` s)."""
     uri = restore(uri)
     remember(uri)
     fs, path = pafs.FileSystem.from_uri(uri)
