@@ -319,6 +319,28 @@ CORPUS = [
     pytest.param(_wrong_classes, "expected [2, 10] logits", id="model-wrong-class-count"),
 ]
 
+# -- secrets and bounded waits (issue 20): a credential in a URI never reaches the error line;
+# a Ray head or an S3 endpoint that does not answer is one line within --connect-timeout
+SECRET = "LEAKsecretVALUE0123"
+
+
+def _s3_at_closed_port(query: str = "") -> str:
+    return f"s3://bkt/x?endpoint_override=127.0.0.1:{_closed_port()}&scheme=http{query}"
+
+
+CORPUS += [
+    pytest.param(lambda fx, tmp: ["run", "--smoke-test", "--out", str(tmp / "o"), "--connect-timeout", "2", "--storage",
+                 _s3_at_closed_port().replace("s3://", f"s3://AKIDLEAK0123:{SECRET}@")],
+                 "--storage 's3://***@bkt/x?endpoint_override=", id="secret-in-uri-of-unreachable-storage"),  # fmt: skip
+    pytest.param(lambda fx, tmp: ["run", "--smoke-test", "--out", str(tmp / "o"), "--storage",
+                 _s3_at_closed_port(f"&secret_key={SECRET}")], "secret_key=***", id="secret-in-uri-query-option"),  # fmt: skip
+    pytest.param(lambda fx, tmp: _run("--address", f"127.0.0.1:{_closed_port()}", "--connect-timeout", "2")(fx, tmp),
+                 "no Ray head answered there within 2 s", id="address-that-does-not-answer"),  # fmt: skip
+    pytest.param(_run("--connect-timeout", "0"), "--connect-timeout / TWA_RAY_CONNECT_TIMEOUT='0' is not a positive number",
+                 id="connect-timeout-not-positive"),  # fmt: skip
+    pytest.param(_run("--connect-timeout", "soon"), "is not a positive number of seconds", id="connect-timeout-word"),
+]
+
 
 @pytest.mark.parametrize("make,needle", CORPUS)
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(fx, tmp_path, capsys, monkeypatch, make, needle):
@@ -332,6 +354,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(fx, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.startswith("twa-ray: error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err and needle in err, err
+    assert SECRET not in err  # credentials in a URI are masked
     assert (work / "o").exists() == out_before  # a refused command leaves nothing behind
     inputs_after = {p: _tree_hash(p) for p in (fx, work)}
     assert inputs_after == inputs  # stored data unchanged

@@ -1,7 +1,17 @@
-"""No pickle of untrusted data: every torch.load in the project passes weights_only=True."""
+"""Security: no pickle of untrusted data (every torch.load passes weights_only=True), and no
+credential from a storage URI or the environment in any file, object or console line."""
 
+import json
+import os
 import re
 from pathlib import Path
+
+import pytest
+
+try:  # tests/ is on sys.path under pytest's default (prepend) import mode
+    from s3_faults import FaultProxy, bucket_objects, moto_s3
+except ImportError:  # tests/ became a package
+    from tests.s3_faults import FaultProxy, bucket_objects, moto_s3
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,3 +30,115 @@ def test_no_plain_pickle_load():
     for path in (ROOT / "twa_ray").rglob("*.py"):
         text = path.read_text()
         assert "pickle.load(" not in text and "pickle.loads(" not in text, path
+
+
+# --------------------------------------------------------------------------- credentials
+
+AKID, SECRET = "AKIDLEAKTEST0001", "s3cretLEAKvalue0002"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_no_credential_leaves_the_command_line(tmp_path):
+    """A smoke run whose --storage carries credentials in its URI, through a proxy that resets
+    two uploads mid-transfer: it finishes, every stored candidate whole, and neither the key id nor
+    the secret is in any local output, any object of the bucket (checkpoints, configs, metrics)
+    or the console; the console shows the URI redacted."""
+    import subprocess
+    import sys
+
+    from twa_ray.store import CandidateStore
+
+    with moto_s3() as endpoint, FaultProxy(endpoint, drop=2, after=64 << 10) as proxy:
+        query = f"endpoint_override={proxy.endpoint}&scheme=http"
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run(
+            [sys.executable, "-m", "twa_ray.cli", "run", "--smoke-test", "--mode", "t", "--out", str(tmp_path / "out"),
+             "--storage", f"s3://{AKID}:{SECRET}@bkt/runs/sec?{query}"],
+            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+        )  # fmt: skip
+        console = proc.stdout + proc.stderr
+        assert proc.returncode == 0, console[-3000:]
+        assert proxy.dropped == 2  # the faults happened, and were retried
+        objects = bucket_objects(endpoint)
+        metrics = json.loads(objects["bkt/runs/sec/outputs/metrics.json"])
+        store = CandidateStore(f"s3://bkt/runs/sec/candidates?endpoint_override={endpoint}&scheme=http")
+        mine = [n for n in store.names() if store.info(n).run_id == metrics["run_id"]]
+        assert len(mine) == metrics["num_candidates"] and all(store.read(n).numel() for n in mine)
+    assert f"and in s3://***@bkt/runs/sec/outputs?{query}" in console
+    files = {str(p): p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert "config.yaml" in " ".join(files) and any("meta.json" in k for k in objects)
+    for where, blobs in (("local outputs", files), ("bucket", objects), ("console", {"console": console.encode()})):
+        for name, data in blobs.items():
+            for secret in (AKID, SECRET):
+                assert secret.encode() not in data, f"{secret} in {where}: {name}"
+
+
+def test_redact_masks_user_info_secret_options_and_credential_variables(monkeypatch):
+    from twa_ray.redact import redact
+
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "envTOKENvalue0099")
+    uri = "s3://AK:SK@bkt/p?endpoint_override=h:1&secret_key=SK&scheme=http"
+    assert redact(uri) == "s3://***@bkt/p?endpoint_override=h:1&secret_key=***&scheme=http"
+    assert redact(f"failed: {uri!r}; token envTOKENvalue0099") == (
+        "failed: 's3://***@bkt/p?endpoint_override=h:1&secret_key=***&scheme=http'; token ***"
+    )
+    assert redact({"a": [uri, 1.5, None], "n": 3}) == {"a": [redact(uri), 1.5, None], "n": 3}
+    plain = "s3://bkt/p?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert redact(plain) == plain  # nothing to mask: left as it is
+
+
+def test_saved_records_are_masked_and_read_back_with_the_credentials_given(tmp_path):
+    """A record holding a credential-bearing URI is saved masked; read back, the URI takes the
+    credentials given for that bucket on this command line, else none (the environment's)."""
+    from twa_ray import redact
+    from twa_ray.storage import open_storage
+
+    uri = "s3://AKIDSAVED0001:savedSECRET0002@bkt9/runs/a?endpoint_override=h:1&scheme=http"
+    st = open_storage(tmp_path / "st")
+    st.write_json("plan.json", {"run_dir": uri})
+    raw = (tmp_path / "st" / "plan.json").read_text()
+    assert "savedSECRET0002" not in raw and "AKIDSAVED0001" not in raw and "s3://***@bkt9/runs/a" in raw
+    assert st.read_json("plan.json")["run_dir"] == "s3://bkt9/runs/a?endpoint_override=h:1&scheme=http"
+    redact.remember(uri.replace("/runs/a", "/other"))  # --storage of the same bucket on this command line
+    try:
+        assert st.read_json("plan.json")["run_dir"] == uri
+    finally:
+        redact._KNOWN.clear()
+
+
+def test_console_stream_masks_what_is_printed(capsys):
+    from twa_ray.redact import RedactingStream
+
+    stream = RedactingStream(__import__("sys").stdout)
+    print("outputs in s3://AK:consoleSECRET1@bkt/p", file=stream)
+    assert capsys.readouterr().out == "outputs in s3://***@bkt/p\n"
+
+
+def test_log_records_are_masked(caplog):
+    import logging
+
+    import twa_ray.redact  # noqa: F401  (installs the masking log-record factory)
+
+    with caplog.at_level(logging.INFO, logger="twa_ray.any"):
+        logging.getLogger("twa_ray.any").info("reusing the run in %s", "s3://AK:logSECRET0001@bkt/p")
+    assert caplog.messages == ["reusing the run in s3://***@bkt/p"]
+
+
+def test_a_reused_config_takes_the_credentials_again(tmp_path):
+    """``config.yaml`` holds the store masked; reused, the store takes the credentials of the
+    --storage given again on the command line (same bucket), else the environment's."""
+    from twa_ray import redact
+    from twa_ray.pipeline import _ensure_abs
+    from twa_ray.storage import open_storage
+
+    storage = "s3://AKIDREUSE0001:reuseSECRET0002@bkt8/runs/a?endpoint_override=127.0.0.1:9&scheme=http"
+    store = storage.replace("/runs/a?", "/runs/a/candidates?")
+    saved = redact.redact(store)  # what config.yaml holds
+    assert "reuseSECRET0002" not in saved
+    assert _ensure_abs(saved) == "s3://bkt8/runs/a/candidates?endpoint_override=127.0.0.1:9&scheme=http"
+    try:
+        open_storage(storage, create=False)  # --storage with the credentials, on this command line
+        assert _ensure_abs(saved) == store
+    finally:
+        redact._KNOWN.clear()

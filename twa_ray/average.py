@@ -33,6 +33,7 @@ from twa_ray.core.subspace import Subspace
 from twa_ray.core.twa import TWA, TWAConfig, build_subspace
 from twa_ray.data import DataSplits, load_dataset
 from twa_ray.models import build_model
+from twa_ray.redact import redact
 from twa_ray.report import (
     best_method,
     format_summary,
@@ -211,7 +212,7 @@ def write_outputs(
     outdir.keep(out)  # results from here on: a failure below leaves what was written
     write_json(out / "metrics.json", metrics)
     with open(out / "config.yaml.tmp", "w") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+        yaml.safe_dump(redact(config.to_dict()), f, sort_keys=False)  # URIs without credentials
     (out / "config.yaml.tmp").replace(out / "config.yaml")
     if coefficients:
         write_coefficients(

@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity = _Parser(add_help=False)
     verbosity.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging of twa_ray")
     verbosity.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings and errors only")
+    verbosity.add_argument("--connect-timeout", default=argparse.SUPPRESS, metavar="S",
+                           help="seconds to wait for Ray and the storage to answer (default: 60)")  # fmt: skip
     parser = _Parser(prog="twa-ray", description="Trainable Weight Averaging on Ray.", parents=[verbosity])
     parser.add_argument("--version", action="version", version=f"twa-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -491,7 +493,9 @@ def _ray_up() -> bool:
 
 
 def _user_error(e: BaseException) -> str:
-    text = " ".join(str(e).split())  # one line, whatever the message held
+    from twa_ray.redact import redact
+
+    text = redact(" ".join(str(e).split()))  # one line, whatever the message held; no credential
     return f"twa-ray: error: {text}"
 
 
@@ -500,6 +504,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version (0) or a usage error (2, already printed)
         return int(e.code or 0)
+    from twa_ray import redact
+
+    streams = redact.install()  # no credential reaches the console, whoever prints it
+    timeout_env = os.environ.get("TWA_RAY_CONNECT_TIMEOUT")
+    if hasattr(args, "connect_timeout"):
+        os.environ["TWA_RAY_CONNECT_TIMEOUT"] = args.connect_timeout  # read by Ray's and the storage's waits
     _setup_logging(args)
     out = getattr(args, "out", None) or DEFAULT_OUT.get(args.command)
     created = [] if out is None or "://" in str(out) or os.path.exists(out) else [Path(os.path.abspath(out))]
@@ -508,6 +518,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ray_was_up = _ray_up()  # a caller's Ray (tests, notebooks) is left running
     failed = True
     try:
+        from twa_ray.storage import connect_timeout
+
+        connect_timeout()  # a bad --connect-timeout is one line here
         commands = {"import": _cmd_import, "average": _cmd_average, "sweep": _cmd_sweep, "run": _cmd_run}
         rc = commands[args.command](args)
         failed = False
@@ -520,6 +533,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_user_error(e), file=sys.stderr)
         return 2
     except OSError as e:
+        from twa_ray.storage import storage_fault
+
+        if e.errno not in _DISK_FULL and storage_fault(e) is not None:
+            print(f"twa-ray: error: {storage_fault(e)}", file=sys.stderr)
+            return 2
         if e.errno not in _DISK_FULL:
             raise
         # writes are atomic (temp file + rename): what failed left no partial file behind
@@ -533,7 +551,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     except Exception as e:
-        line = _startup_timeout(e)
+        from twa_ray.storage import storage_fault
+
+        line = _startup_timeout(e) or storage_fault(e)
         if line is None:
             raise
         print(f"twa-ray: error: {line}", file=sys.stderr)
@@ -545,6 +565,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             except KeyboardInterrupt:
                 pass
         outdir.release_all(failed=failed, created=created)
+        sys.stdout, sys.stderr = streams
+        if timeout_env is None:
+            os.environ.pop("TWA_RAY_CONNECT_TIMEOUT", None)
+        else:
+            os.environ["TWA_RAY_CONNECT_TIMEOUT"] = timeout_env
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -27,6 +27,7 @@ from twa_ray.core.evaluate import evaluate, make_scorer
 from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.data import load_dataset
 from twa_ray.models import build_model
+from twa_ray.redact import redact, restore
 from twa_ray.report import best_method, format_summary, format_table, plot_accuracy, prepare_out_dir
 from twa_ray.storage import Storage, check_multi_node, open_storage
 from twa_ray.store import CandidateStore
@@ -40,12 +41,11 @@ RUN_FILE = "run.json"
 
 def init_ray(address: str | None = None) -> None:
     """Connect to ``address`` / ``RAY_ADDRESS`` (a cluster, or inside ``ray job submit``), or
-    start a local Ray when neither is set."""
-    import ray
+    start a local Ray when neither is set; a head that does not answer is refused or passed over
+    within the connect timeout (:func:`twa_ray.connect.connect_ray`)."""
+    from twa_ray.connect import connect_ray
 
-    if ray.is_initialized():
-        return
-    ray.init(address=address, log_to_driver=True, configure_logging=False)
+    connect_ray(address)
 
 
 def _flag(storage: Storage, given: str | None) -> str:
@@ -256,7 +256,7 @@ def run_pipeline(
     if cfg.storage and storage.uri != str(out):  # --out is the local copy of <storage>/outputs
         storage.upload_outputs(out)
     print(format_table(rows, ("method", "test_acc", "val_acc", "epochs_used", "budget_saved_%")))
-    print(f"outputs in {out} ({metrics['wall_time_s']:.0f} s)" + (f", and in {storage.join('outputs')}" if cfg.storage else ""))
+    print(f"outputs in {out} ({metrics['wall_time_s']:.0f} s)" + (f", and in {redact(storage.join('outputs'))}" if cfg.storage else ""))
     return metrics
 
 
@@ -278,4 +278,4 @@ def _greedy_soup(store: CandidateStore, names: list[str], model: torch.nn.Module
 
 
 def _ensure_abs(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
+    return restore(path) if "://" in path else os.path.abspath(path)

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from twa_ray.redact import redact
+
 __all__ = [
     "atomic_path",
     "best_method",
@@ -91,7 +93,7 @@ def prepare_out_dir(out: str) -> Path:
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+        json.dump(redact(obj), f, indent=2, sort_keys=True, default=_json_default)  # no credential saved
         f.write("\n")
 
 

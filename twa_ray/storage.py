@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-__all__ = ["Storage", "open_storage", "join_uri", "check_multi_node", "alive_nodes", "job_argv"]
+from twa_ray.redact import redact, remember, restore
+
+__all__ = [
+    "Storage", "open_storage", "filesystem_from_uri", "join_uri", "check_multi_node", "alive_nodes",
+    "job_argv", "connect_timeout",
+]  # fmt: skip
 
 STORAGE_ENV = "TWA_RAY_STORAGE"
 """A cluster's default ``--storage`` for the jobs (set once, in cluster.yaml)."""
@@ -76,6 +82,9 @@ class Storage:
     path: str
     local: bool
 
+    def __repr__(self) -> str:
+        return f"Storage({redact(self.uri)!r})"
+
     def join(self, *parts: str) -> str:
         """The URI of a location below this one (a URI's query options are kept)."""
         return join_uri(self.uri, *parts)
@@ -98,12 +107,14 @@ class Storage:
         return self.fs.get_file_info(self._p(rel)).type != pafs.FileType.NotFound
 
     def read_json(self, rel: str) -> Any:
+        """The record ``rel``, its redacted URIs made usable again (:func:`twa_ray.redact.restore`)."""
         with self.fs.open_input_stream(self._p(rel)) as f:
-            return json.loads(f.read().decode())
+            return _restore_uris(json.loads(f.read().decode()))
 
     def write_json(self, rel: str, obj: Any) -> None:
-        """Atomic: a temp file + rename on a local disk; one PUT (atomic already) on S3/GCS."""
-        data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+        """Atomic: a temp file + rename on a local disk; one PUT (atomic already) on S3/GCS.
+        Credentials are masked (:func:`twa_ray.redact.redact`)."""
+        data = (json.dumps(redact(obj), indent=2, sort_keys=True) + "\n").encode()
         path = self._p(rel)
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         if not self.local:
@@ -158,20 +169,89 @@ class Storage:
         return sum(i.size or 0 for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File)
 
 
+def _restore_uris(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return restore(obj)
+    if isinstance(obj, dict):
+        return {k: _restore_uris(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_restore_uris(v) for v in obj]
+    return obj
+
+
+CONNECT_TIMEOUT_ENV = "TWA_RAY_CONNECT_TIMEOUT"
+"""Seconds to wait for Ray and the storage to answer (``--connect-timeout``; default 60)."""
+
+S3_MAX_ATTEMPTS = 5
+"""Tries of one S3 request: transient failures (a reset connection, 500/503, throttling) are
+retried with exponential backoff (up to about 15 s in all against an endpoint that refuses)."""
+
+
+def connect_timeout() -> float:
+    """:data:`CONNECT_TIMEOUT_ENV`, checked: a positive number of seconds (default 60)."""
+    raw = os.environ.get(CONNECT_TIMEOUT_ENV, "60")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(
+            f"--connect-timeout / {CONNECT_TIMEOUT_ENV}={raw!r} is not a positive number of seconds; "
+            "pass e.g. --connect-timeout 60"
+        )
+    return value
+
+
+def filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``pyarrow.fs.FileSystem.from_uri`` for every URI the product opens: masked credentials
+    restored (:func:`twa_ray.redact.restore`) and remembered for masking; on S3, each request
+    retried (:data:`S3_MAX_ATTEMPTS`) and each connection attempt bounded by
+    :func:`connect_timeout` / (attempts + 1), so an endpoint that does not answer fails within
+    the connect timeout plus the backoff (a stalled request: after ``connect_timeout`` s)."""
+    uri = restore(uri)
+    remember(uri)
+    fs, path = pafs.FileSystem.from_uri(uri)
+    if isinstance(fs, pafs.S3FileSystem):
+        options = fs.__reduce__()[1][0]  # the options parsed from the URI
+        limit = connect_timeout()
+        options.update(
+            connect_timeout=max(limit / (S3_MAX_ATTEMPTS + 1), 0.5), request_timeout=limit,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        )  # fmt: skip
+        fs = pafs.S3FileSystem(**options)
+    return fs, path
+
+
+_S3_FAULT = re.compile(r"[^\n]*AWS Error [A-Z_]+[^\n]*")
+
+
+def storage_fault(e: BaseException) -> str | None:
+    """One line for a storage request that failed every retry (here or in a Ray worker, whose
+    error carries the worker's traceback as text), or None when ``e`` is something else."""
+    found = _S3_FAULT.search(str(e))
+    if found is None:
+        return None
+    return (
+        f"the storage failed a request {S3_MAX_ATTEMPTS} times ({redact(found.group(0).strip())}); writes "
+        "are atomic, so nothing partial was kept: check the endpoint, the network and the "
+        "credentials, then rerun with --resume"
+    )
+
+
 def open_storage(uri: str | os.PathLike[str], *, create: bool = True) -> Storage:
     """Resolve ``uri`` (a local path or a ``pyarrow.fs`` URI) and create the location.
 
     Raises:
-        ValueError: a URI pyarrow cannot open or reach, naming it and the fix.
+        ValueError: a URI pyarrow cannot open or reach, naming it (redacted) and the fix.
     """
-    uri = os.fspath(uri)
+    uri = restore(os.fspath(uri))
     if "://" in uri and not uri.startswith("file://"):
         try:
-            fs, path = pafs.FileSystem.from_uri(uri)
+            fs, path = filesystem_from_uri(uri)
         except (pa.ArrowException, ValueError, OSError) as e:
             raise ValueError(
-                f"--storage {uri!r}: pyarrow cannot open it ({e}); use a local path or a "
-                "pyarrow.fs URI such as s3://bucket/prefix or gs://bucket/prefix"
+                f"--storage {redact(uri)!r}: pyarrow cannot open it ({redact(str(e))}); use a local "
+                "path or a pyarrow.fs URI such as s3://bucket/prefix or gs://bucket/prefix"
             ) from None
         st = Storage(uri, fs, path.rstrip("/"), local=False)
     else:
@@ -182,8 +262,9 @@ def open_storage(uri: str | os.PathLike[str], *, create: bool = True) -> Storage
             st.fs.create_dir(st.path, recursive=True)
         except (pa.ArrowException, OSError) as e:
             raise ValueError(
-                f"--storage {uri!r} is not writable ({str(e).splitlines()[0]}); check the "
-                "bucket / path and the credentials of this machine"
+                f"--storage {redact(uri)!r} is not writable or did not answer in {S3_MAX_ATTEMPTS} tries "
+                f"({redact(str(e).splitlines()[0])}); check the bucket / path, the endpoint and the "
+                "credentials of this machine (--connect-timeout sets the wait)"
             ) from None
     return st
 

@@ -40,6 +40,7 @@ from typing import Any
 from twa_ray import outdir
 from twa_ray.config import TRAJECTORY_FREE_FIELDS, RunConfig, SweepConfig, config_from_dict
 from twa_ray.pipeline import _check_out_dir, _claim_out_dir, _ensure_abs, init_ray, storage_of
+from twa_ray.redact import redact
 from twa_ray.report import (
     atomic_path,
     format_table,
@@ -611,4 +612,4 @@ def _write_best_yaml(path: Path, trial: dict[str, Any], summary: dict[str, Any],
     )
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(head)
-        yaml.safe_dump(cfg, f, sort_keys=False)
+        yaml.safe_dump(redact(cfg), f, sort_keys=False)  # URIs without credentials

@@ -55,6 +55,7 @@ from twa_ray.ray.worker import (
     strided,
     train_autocast,
 )
+from twa_ray.redact import redact
 from twa_ray.storage import Storage, open_storage
 from twa_ray.store.store import CandidateStore
 
@@ -447,7 +448,7 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
             meta = SamplingState(epoch + 1, global_step, candidates, history, sizes, config)
             files = {
                 STATE_FILE: {"model": inner.state_dict(), "optimizer": opt.state_dict()},
-                META_FILE: asdict(meta),
+                META_FILE: redact(asdict(meta)),  # no credential in a checkpoint
             }
         report(metrics, files, f"checkpoint_epoch{epoch + 1:04d}")
         clock.reported()

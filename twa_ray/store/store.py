@@ -28,6 +28,8 @@ import pyarrow.fs as pafs
 import torch
 
 from twa_ray.core.layout import Layout, flatten, unflatten
+from twa_ray.redact import redact
+from twa_ray.storage import filesystem_from_uri
 from twa_ray.store.arrow import (
     NAME_RE,
     SUFFIX,
@@ -85,10 +87,10 @@ def _resolve(uri: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSys
         return filesystem, uri.rstrip("/") or "/"
     if "://" in uri:
         try:
-            fs, path = pafs.FileSystem.from_uri(uri)
+            fs, path = filesystem_from_uri(uri)  # S3: retries, bounded connects, credentials masked
         except (pa.ArrowException, ValueError) as e:
             raise ValueError(
-                f"cannot open store URI {uri!r} ({e}); use a local path or a pyarrow.fs URI such "
+                f"cannot open store URI {redact(uri)!r} ({redact(str(e))}); use a local path or a pyarrow.fs URI such "
                 "as file:///data/run, s3://bucket/run or gs://bucket/run"
             ) from None
         return fs, path.rstrip("/") or "/"
@@ -133,7 +135,7 @@ class CandidateStore:
             kind = self._fs.get_file_info(self._root).type
         except (pa.ArrowException, OSError) as e:
             raise ValueError(
-                f"cannot access candidate store {self.uri!r} ({e}); check the --store URI (endpoint, "
+                f"cannot access candidate store {redact(self.uri)!r} ({redact(str(e))}); check the --store URI (endpoint, "
                 "bucket, credentials) and that its server is reachable"
             ) from None
         if kind == pafs.FileType.NotFound:
@@ -148,7 +150,7 @@ class CandidateStore:
         self._headers: dict[str, tuple[tuple[int, Any], Header]] = {}  # name -> (stat, header)
 
     def __repr__(self) -> str:
-        return f"CandidateStore({self.uri!r})"
+        return f"CandidateStore({redact(self.uri)!r})"
 
     # ---- paths and listing -------------------------------------------------------------------
 
@@ -167,7 +169,7 @@ class CandidateStore:
                 f"candidate store {self.uri!r} no longer exists; check the path given as --store"
             ) from None
         except (OSError, pa.ArrowException) as e:
-            raise ValueError(f"cannot list candidate store {self.uri!r}: {e}") from None
+            raise ValueError(f"cannot list candidate store {redact(self.uri)!r}: {redact(str(e))}") from None
         out, bad = {}, []
         for info in infos:
             base = info.base_name

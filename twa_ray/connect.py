@@ -1,0 +1,93 @@
+"""Connecting to Ray within a bounded time, with one line naming what did not answer.
+
+``ray.init`` waits without end for a head that does not answer: an ``--address`` (or
+``RAY_ADDRESS``) where nothing listens, or, without one, the head recorded in Ray's
+``ray_current_cluster`` file by a ``ray start --head`` that has since died (it prints
+``Failed to connect to GCS`` every few seconds). Before calling it, the head's port is tried
+for :func:`twa_ray.storage.connect_timeout` seconds (``--connect-timeout``):
+
+- a given address that does not answer is refused (``ValueError``: the address and the fix);
+- a stale local record is passed over: a fresh local Ray starts, with one warning line that
+  says how to clear the record;
+- a new local node that Ray gives up on (its raylet not registered in 30 s) is one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from twa_ray.storage import connect_timeout
+
+__all__ = ["connect_ray", "answers", "recorded_head"]
+
+log = logging.getLogger("twa_ray")
+
+
+def answers(address: str, timeout_s: float) -> bool:
+    """Something accepts a TCP connection at ``address`` (``[scheme://]host:port``) within
+    ``timeout_s``; True when the address names no port (nothing to try)."""
+    hostport = address.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return True
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def recorded_head() -> tuple[str, str | None]:
+    """Ray's record of the last ``ray start --head`` on this machine (under ``RAY_TMPDIR``):
+    the file and the address in it (None when there is no record)."""
+    from ray._common.utils import get_ray_address_file
+
+    path = get_ray_address_file(None)
+    try:
+        with open(path) as f:
+            return path, f.read().strip() or None
+    except OSError:
+        return path, None
+
+
+def connect_ray(address: str | None = None) -> None:
+    """``ray.init`` on ``address`` / ``RAY_ADDRESS`` / the recorded local head, or a new local
+    Ray; a head that does not answer within the connect timeout is refused or passed over.
+
+    Raises:
+        ValueError: ``--address`` / ``RAY_ADDRESS`` names a head that does not answer.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    limit = connect_timeout()
+    given, flag = (address, "--address") if address else (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")
+    if given and given not in ("auto", "local"):
+        if not answers(given, limit):
+            raise ValueError(
+                f"{flag} {given}: no Ray head answered there within {limit:g} s; check the address "
+                "(`ray start --head` prints it) and that the cluster is up, or drop --address and "
+                "RAY_ADDRESS to start a local Ray (--connect-timeout sets the wait)"
+            )
+    elif not given:
+        record, head = recorded_head()
+        if head and not answers(head, limit):
+            log.warning(
+                "the local Ray recorded in %s (%s) does not answer (its `ray start --head` has "
+                "stopped); starting a fresh local Ray instead (`ray stop` or deleting that file "
+                "clears the record)", record, head,
+            )  # fmt: skip
+            address = "local"
+    try:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    except Exception as e:  # Ray's own bound on a new local node (30 s), as a bare Exception
+        if "timed out during startup" not in str(e):
+            raise
+        raise ValueError(
+            "the local Ray did not start within Ray's 30 s (its raylet did not register: is this "
+            "machine overloaded?); rerun when it is less busy, or start Ray once with "
+            "`ray start --head` and pass --address"
+        ) from None
