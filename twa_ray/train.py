@@ -79,7 +79,9 @@ def snapshot(
     key = (store_uri, run_id, source, seed)
     writers = _WRITERS.setdefault(model, {})
     if key not in writers:
-        writers[key] = Snapshotter(store_uri, model, every=1, run_id=run_id, source=source, seed=seed)
+        writers[key] = Snapshotter(
+            store_uri, model, every=1, run_id=run_id, source=source, seed=seed
+        )
     return writers[key].snapshot(step=step, epoch=epoch)
 
 
@@ -114,7 +116,9 @@ def learn(
     """
     store = CandidateStore(store_uri)
     if len(store) == 0:
-        raise ValueError(f"candidate store {store_uri!r} is empty; snapshot candidates into it first")
+        raise ValueError(
+            f"candidate store {store_uri!r} is empty; snapshot candidates into it first"
+        )
     twa = TWA(model, store, config=config, loss_fn=loss_fn, **overrides)
     twa.fit(loader, epochs=epochs, steps=steps)
     if bn_loader is not None:

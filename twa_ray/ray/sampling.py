@@ -60,7 +60,13 @@ from twa_ray.ray.worker import (
 from twa_ray.storage import Storage, open_storage
 from twa_ray.store.store import CandidateStore
 
-__all__ = ["SamplingJob", "SamplingResult", "SamplingState", "run_sampling", "sampling_loop_per_worker"]
+__all__ = [
+    "SamplingJob",
+    "SamplingResult",
+    "SamplingState",
+    "run_sampling",
+    "sampling_loop_per_worker",
+]
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +207,9 @@ def run_sampling(
     _save_or_check_config(rd, run_id, data, sampling)
     check_data_root_on_nodes(data)
 
-    job = SamplingJob(data=data, sampling=sampling, store_uri=store_uri, run_id=run_id, progress=progress)
+    job = SamplingJob(
+        data=data, sampling=sampling, store_uri=store_uri, run_id=run_id, progress=progress
+    )
     # raises TrainingFailedError once max_failures is exhausted
     result = fit_group(
         sampling_loop_per_worker, job, name=f"sampling_{run_id}", run_dir=rd,
@@ -361,7 +369,9 @@ def _setup(job: SamplingJob) -> _Worker:
     )  # fmt: skip
 
 
-def _setup_data(job: SamplingJob, splits: Any, rank: int, world: int, device: torch.device) -> tuple[Any, Any, tuple[Any, Any]]:
+def _setup_data(
+    job: SamplingJob, splits: Any, rank: int, world: int, device: torch.device
+) -> tuple[Any, Any, tuple[Any, Any]]:
     """Train batches sharded and reshuffled per ``(seed, epoch)``; val and test only evaluated."""
     from torch.utils.data import DataLoader, DistributedSampler
 
@@ -385,7 +395,10 @@ def _setup_data(job: SamplingJob, splits: Any, rank: int, world: int, device: to
             f"batch_size={s.batch_size} exceeds the {splits.sizes()['train']} training examples "
             "(split over the workers); lower batch_size"
         )
-    val, test = (DataLoader(strided(ds, rank, world), batch_size=_EVAL_BATCH, **loader_kw) for ds in (splits.val, splits.test))
+    val, test = (
+        DataLoader(strided(ds, rank, world), batch_size=_EVAL_BATCH, **loader_kw)
+        for ds in (splits.val, splits.test)
+    )
     return sampler, loader, (val, test)
 
 
@@ -396,10 +409,14 @@ def _setup_model(job: SamplingJob, splits: Any) -> tuple[nn.Module, torch.optim.
     from twa_ray.models import build_model
 
     torch.manual_seed(job.data.seed)
-    model = build_model(job.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
+    model = build_model(
+        job.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape
+    )
     model = ray.train.torch.prepare_model(model)
     s = job.sampling
-    opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
+    )
     return model, opt
 
 
@@ -412,7 +429,12 @@ def _lr_schedule(s: SamplingConfig, steps_per_epoch: int) -> Callable[[int], flo
 
     def lr_at(step: int) -> float:
         return s.lr * lr_factor(
-            step, total_steps, schedule=s.schedule, warmup_steps=warmup_steps, step_size=step_size, gamma=0.1
+            step,
+            total_steps,
+            schedule=s.schedule,
+            warmup_steps=warmup_steps,
+            step_size=step_size,
+            gamma=0.1,
         )
 
     return lr_at
@@ -427,7 +449,9 @@ def _resume(w: _Worker) -> SamplingState:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            saved = torch.load(os.path.join(d, STATE_FILE), map_location=w.device, weights_only=True)
+            saved = torch.load(
+                os.path.join(d, STATE_FILE), map_location=w.device, weights_only=True
+            )
             state = SamplingState.from_dir(d)
         w.inner.load_state_dict(saved["model"])
         w.opt.load_state_dict(saved["optimizer"])
@@ -469,14 +493,19 @@ def _snapshot_epoch_end(w: _Worker, state: SamplingState, done: int, *, last: bo
     s = w.job.sampling
     if s.interval_unit == "epoch":
         _snapshot(w, state, epoch=done, force=last)
-    elif last and not snapshot_due(step=state.step, epoch=0.0, every=s.sample_interval, unit="step"):
+    elif last and not snapshot_due(
+        step=state.step, epoch=0.0, every=s.sample_interval, unit="step"
+    ):
         _snapshot(w, state, epoch=done, force=True)
 
 
 def _snapshot(w: _Worker, state: SamplingState, *, epoch: float, force: bool = False) -> None:
     """:func:`twa_ray.train.snapshot` when the interval asks (or ``force``); rank 0 records it."""
     s = w.job.sampling
-    if not (force or snapshot_due(step=state.step, epoch=epoch, every=s.sample_interval, unit=s.interval_unit)):
+    if not (
+        force
+        or snapshot_due(step=state.step, epoch=epoch, every=s.sample_interval, unit=s.interval_unit)
+    ):
         return
     name = twa_ray.train.snapshot(
         w.model, w.job.store_uri, step=state.step, epoch=epoch, run_id=w.job.run_id, source="sampling",
@@ -486,7 +515,9 @@ def _snapshot(w: _Worker, state: SamplingState, *, epoch: float, force: bool = F
         state.candidates.append(name)
 
 
-def _evaluate(w: _Worker, state: SamplingState, done: int, loss_sum: torch.Tensor, lr: float) -> dict[str, float]:
+def _evaluate(
+    w: _Worker, state: SamplingState, done: int, loss_sum: torch.Tensor, lr: float
+) -> dict[str, float]:
     """The history entry of epoch ``done``: train loss (mean over every rank's steps), val
     and test loss and accuracy (summed over the ranks' strided shards)."""
     train_loss = float(all_reduce_(loss_sum)) / (w.world * w.steps_per_epoch)
