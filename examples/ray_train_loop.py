@@ -69,7 +69,7 @@ def train_loop_per_worker(config: dict) -> None:
             step += 1
             if step % config["every"] == 0:
                 twa_ray.train.snapshot(model, config["store"], step=step, epoch=step / len(loader))
-        ray.train.report({"epoch": epoch + 1, "loss": float(loss)})
+        ray.train.report({"epoch": epoch + 1, "loss": loss.item()})
     twa_ray.train.snapshot(model, config["store"], step=step, epoch=step / len(loader))  # the final weights
 
 

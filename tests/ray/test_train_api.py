@@ -89,6 +89,7 @@ def test_import_needs_neither_ray_nor_integrations():
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_example_runs_at_tiny_size(ray_cluster, tmp_path):
     spec = importlib.util.spec_from_file_location("ray_train_loop_example", EXAMPLE)
     assert spec is not None and spec.loader is not None
