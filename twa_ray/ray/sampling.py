@@ -2,15 +2,18 @@
 
 SGD (momentum, weight decay) follows the learning-rate schedule of the *full* budget of
 ``SamplingConfig.epochs`` epochs but stops after ``sample_epochs = ceil(sample_frac * epochs)``:
-TWA then finishes training from the candidates taken on the way. Per epoch:
+TWA then finishes training from the candidates taken on the way. Every worker receives one
+frozen :class:`SamplingJob` (the configs themselves: they pickle), builds its data, model and
+optimizer (``_setup``), resumes from the last checkpoint if any (``_resume``), then per epoch:
 
-1. train on this worker's shard of the train split (a ``DistributedSampler`` seeded by
+1. train (``_train_epoch``) on this worker's shard of the train split (a ``DistributedSampler`` seeded by
    ``DataConfig.seed`` and reset with ``set_epoch``: the data order is a function of
    ``(seed, epoch)``, so a resumed run replays the same steps); the val split is never trained on;
-2. snapshot candidates every ``sample_interval`` epochs or steps (rank 0 writes; the final epoch
-   is always snapshotted, so the last candidate is the final SGD weights);
-3. evaluate val and test accuracy (each rank a strided shard, sums all-reduced);
-4. at the last epoch, and otherwise at most once per ``checkpoint_interval_s`` seconds,
+2. snapshot candidates every ``sample_interval`` epochs or steps with the public
+   :func:`twa_ray.train.snapshot` (rank 0 writes; the final epoch is always snapshotted, so the
+   last candidate is the final SGD weights, the ``sgd_sampled`` baseline);
+3. evaluate val and test accuracy (``_evaluate``: each rank a strided shard, sums all-reduced);
+4. (``_checkpoint``) at the last epoch, and otherwise at most once per ``checkpoint_interval_s`` seconds,
    ``ray.train.report`` on every rank; rank 0 attaches a checkpoint (model, optimizer, epoch,
    global step, candidates written, history, resolved config).
 
