@@ -1,8 +1,11 @@
-"""One end-to-end run on Ray: ``twa-ray run``.
+"""One end-to-end run on Ray: ``twa-ray run``, a recipe of six steps (torchtune style)::
 
-    sampling (Ray Train, sample_frac * E epochs) -> candidate store (pyarrow)
-      -> subspace shards (object store) -> TWA-t / TWA-v (coefficient worker group)
-      -> baselines (SGD at the stop, SWA, greedy soup) -> metrics.json, model, plots
+    setup               outputs claimed, data and model on the driver, Ray connected
+    sample              Ray Train, sample_frac * E epochs -> candidate store (pyarrow)
+    build_basis         the candidates' quantized subspace -> shards in the object store
+    learn_coefficients  TWA-t / TWA-v on the coefficient worker group
+    baselines           SGD at the stop (sgd_sampled), SWA, greedy soup, (SGD over E)
+    write               metrics.json, model, coefficients, plots, the table
 
 The epoch budget counts every epoch of SGD plus the TWA epochs; the saving is
 ``1 - epochs_used / E``.
@@ -15,7 +18,9 @@ import logging
 import os
 import time
 import uuid
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,9 +37,25 @@ from twa_ray.report import best_method, format_summary, format_table, plot_accur
 from twa_ray.storage import Storage, check_multi_node, open_storage
 from twa_ray.store import CandidateStore
 
+if TYPE_CHECKING:  # the Ray layer is imported when a step runs (importing Ray is slow)
+    from twa_ray.ray.coeff_group import TWAResult
+    from twa_ray.ray.sampling import SamplingResult
+    from twa_ray.ray.shards import ShardedSubspace
+
 log = logging.getLogger("twa_ray")
 
-__all__ = ["run_pipeline", "init_ray", "check_resources"]
+__all__ = [
+    "run_pipeline",
+    "setup",
+    "sample",
+    "build_basis",
+    "learn_coefficients",
+    "baselines",
+    "write",
+    "init_ray",
+    "check_resources",
+    "resume_out",
+]
 
 RUN_FILE = "run.json"
 
@@ -127,6 +148,49 @@ def check_resources(s: SamplingConfig, *, fixed: bool) -> None:
     log.warning("%s (waiting for the cluster to scale up)", "; ".join(problems))
 
 
+def resume_out(out: Path, *, storage: str | None, resume: bool) -> bool:
+    """Whether ``--resume`` applies to the local ``--out`` too: always, unless the run lives in
+    ``--storage`` and ``--out`` is new (the storage alone is resumed; a new ``--out`` is fine)."""
+    return resume and (not storage or outdir.owner(out) is not None)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What :func:`setup` resolves and builds once; every later step reads it."""
+
+    cfg: RunConfig  # with absolute local paths (workers may run in another directory)
+    out: Path
+    storage: Storage
+    run_id: str
+    splits: Any  # the dataset on the driver (greedy soup)
+    model: torch.nn.Module  # the architecture on the driver: the best method's weights go here
+    layout: Layout
+    given_store: str | None  # --store as given (None: the default under the storage), saved
+
+    @property
+    def work(self) -> str:
+        """Ray Train storage of both phases."""
+        return self.storage.join("work")
+
+
+@dataclass(frozen=True)
+class _Basis:
+    """This run's candidates and their quantized subspace (shards in the object store)."""
+
+    store: CandidateStore
+    names: list[str]
+    sharded: ShardedSubspace
+
+
+@dataclass(frozen=True)
+class _Methods:
+    """Each method's accuracies, epochs used and budget saved (the metrics' ``methods``), and
+    the history of SGD over the full budget (``--compare-full``), if it ran."""
+
+    methods: dict[str, dict[str, Any]]
+    full_history: list[dict[str, float]] | None
+
+
 def run_pipeline(
     cfg: RunConfig,
     *,
@@ -135,129 +199,214 @@ def run_pipeline(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Sample, average, evaluate and report; returns the metrics written to ``metrics.json``."""
-    from twa_ray.ray.coeff_group import run_twa
-    from twa_ray.ray.group import check_data_root_on_nodes
-    from twa_ray.ray.sampling import run_sampling
-    from twa_ray.ray.shards import put_subspace
-
     start = time.time()
+    run = setup(cfg, address=address, resume=resume, overwrite=overwrite)
+    sampled = sample(run)
+    basis = build_basis(run)
+    results = learn_coefficients(run, basis)
+    methods = baselines(run, sampled, basis, results)
+    return write(run, sampled, basis, results, methods, start=start)
+
+
+def setup(cfg: RunConfig, *, address: str | None, resume: bool, overwrite: bool) -> _Run:
+    """Check and claim the outputs, load the data and model on the driver, connect to Ray."""
+    from twa_ray.ray.group import check_data_root_on_nodes
+
     out = prepare_out_dir(cfg.out).resolve()
-    # --resume with --storage works from the storage alone: a new (empty) --out is fine
-    resume_out = resume and (not cfg.storage or outdir.owner(out) is not None)
-    outdir.check(out, "run", resume=resume_out, overwrite=overwrite)  # owned, not locked by another
+    resume_local = resume_out(out, storage=cfg.storage, resume=resume)
+    outdir.check(out, "run", resume=resume_local, overwrite=overwrite)  # owned, not locked by another
     storage, shared_paths = storage_of(cfg, str(out))
     _check_out_dir(storage, resume=resume, overwrite=overwrite, given=cfg.storage)  # refuse early
     # workers may run in another directory: every local path they see is absolute
     given_store = _ensure_abs(cfg.store) if cfg.store else None  # saved: --config repeats the run
+    data_root = _ensure_abs(cfg.data.data_root) if cfg.data.data_root else None
     cfg = dataclasses.replace(
         cfg,
         out=str(out),
         store=_ensure_abs(cfg.store) if cfg.store else storage.join("candidates"),
-        data=dataclasses.replace(cfg.data, data_root=_ensure_abs(cfg.data.data_root) if cfg.data.data_root else None),
+        data=dataclasses.replace(cfg.data, data_root=data_root),
     )
-    work = storage.join("work")
-    s = cfg.sampling
-    budget = s.epochs
     # the data and the model on the driver first: a missing dataset root or a bad model name is
     # one clear error here, not a failure inside every Ray Train worker
+    d = cfg.data
     splits = load_dataset(
-        cfg.data.dataset, root=cfg.data.data_root, val_frac=cfg.data.val_frac,
-        seed=cfg.data.seed, num_samples=cfg.data.num_samples,
-    )  # fmt: skip
-    model = build_model(cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
-    layout = Layout.from_module(model)
+        d.dataset, root=d.data_root, val_frac=d.val_frac, seed=d.seed, num_samples=d.num_samples
+    )
+    model = build_model(d.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
     local = address is None and not os.environ.get("RAY_ADDRESS")
     init_ray(address)
-    check_resources(s, fixed=local)
+    check_resources(cfg.sampling, fixed=local)
     check_multi_node(shared_paths, shared_fs=cfg.shared_fs)
     check_data_root_on_nodes(cfg.data)
     outdir.lock(out)  # one writer at a time
     run_id = _claim_out_dir(storage, resume=resume, overwrite=overwrite, given=cfg.storage)
     outdir.mark(out, "run", run_id)  # when --storage is elsewhere, --out is marked too
-
-    # -- sampling: sample_frac * E epochs of the full-budget schedule ------------------------
-    log.info("sampling: %d of %d epochs on %d workers, run %s", s.sample_epochs, budget, s.num_workers, run_id)
-    sampled = run_sampling(cfg.data, s, store_uri=cfg.store_uri, run_dir=work, run_id=run_id)
-    store = CandidateStore(cfg.store_uri)
-    log.info("sampling done: %d candidates in %.0f s", len(sampled.candidates), sampled.wall_time_s)
-
-    # -- subspace shards in the object store, then the coefficient worker group ---------------
-    names = [n for n in store.names() if store.info(n).run_id == run_id]
-    sharded = put_subspace(store, layout, cfg.twa)
-    modes = ("t", "v") if cfg.mode == "both" else (cfg.mode,)
-    log.info("TWA-%s on %d candidates: %s", "/".join(modes), len(names), format_summary(sharded.summary()))
-    results = run_twa(
-        sharded, cfg.data, cfg.twa, run_dir=work, modes=modes, num_workers=s.num_workers,
-        cpus_per_worker=s.cpus_per_worker, use_gpu=s.use_gpu, batch_size=s.batch_size,
-        max_failures=s.max_failures, checkpoint_interval_s=s.checkpoint_interval_s, run_id=run_id,
+    layout = Layout.from_module(model)
+    return _Run(
+        cfg, out, storage, run_id, splits=splits, model=model, layout=layout,
+        given_store=given_store,
     )  # fmt: skip
 
-    # -- baselines and the table -------------------------------------------------------------
-    twa_epochs = cfg.twa.epochs
-    last = sampled.history[-1]
+
+def sample(run: _Run) -> SamplingResult:
+    """The sampling phase: ``sample_frac * E`` epochs of the full-budget schedule on Ray Train."""
+    from twa_ray.ray.sampling import run_sampling
+
+    s = run.cfg.sampling
+    log.info(
+        "sampling: %d of %d epochs on %d workers, run %s",
+        s.sample_epochs, s.epochs, s.num_workers, run.run_id,
+    )  # fmt: skip
+    sampled = run_sampling(
+        run.cfg.data, s, store_uri=run.cfg.store_uri, run_dir=run.work, run_id=run.run_id
+    )
+    log.info("sampling done: %d candidates in %.0f s", len(sampled.candidates), sampled.wall_time_s)
+    return sampled
+
+
+def build_basis(run: _Run) -> _Basis:
+    """This run's candidates and their quantized subspace, in shards in the object store."""
+    from twa_ray.ray.shards import put_subspace
+
+    store = CandidateStore(run.cfg.store_uri)
+    names = [n for n in store.names() if store.info(n).run_id == run.run_id]
+    sharded = put_subspace(store, run.layout, run.cfg.twa)
+    log.info(
+        "TWA-%s on %d candidates: %s",
+        "/".join(_modes(run.cfg)), len(names), format_summary(sharded.summary()),
+    )  # fmt: skip
+    return _Basis(store, names, sharded)
+
+
+def learn_coefficients(run: _Run, basis: _Basis) -> dict[str, TWAResult]:
+    """TWA-t and/or TWA-v on the coefficient worker group, one mode after the other."""
+    from twa_ray.ray.coeff_group import run_twa
+
+    s = run.cfg.sampling
+    return run_twa(
+        basis.sharded, run.cfg.data, run.cfg.twa, run_dir=run.work, modes=_modes(run.cfg),
+        num_workers=s.num_workers, cpus_per_worker=s.cpus_per_worker, use_gpu=s.use_gpu,
+        batch_size=s.batch_size, max_failures=s.max_failures,
+        checkpoint_interval_s=s.checkpoint_interval_s, run_id=run.run_id,
+    )  # fmt: skip
+
+
+def baselines(
+    run: _Run, sampled: SamplingResult, basis: _Basis, results: dict[str, TWAResult]
+) -> _Methods:
+    """Every method's accuracies and epochs used: SGD at the stop (``sgd_sampled``: the final
+    SGD weights, the last candidate), SWA, greedy soup, TWA and (``--compare-full``) SGD over
+    the full budget. ``budget_saved = 1 - epochs_used / E``."""
+    s, twa_epochs = run.cfg.sampling, run.cfg.twa.epochs
     first = next(iter(results.values()))
     methods: dict[str, dict[str, Any]] = {
-        "sgd_sampled": {"test_acc": last["test_acc"], "val_acc": last["val_acc"], "epochs_used": s.sample_epochs},
+        "sgd_sampled": {**_accs(sampled.history[-1]), "epochs_used": s.sample_epochs}
     }
     if first.swa is not None:
         methods["swa"] = {**_accs(first.swa), "epochs_used": s.sample_epochs}
-    if cfg.greedy_soup:
-        methods["greedy_soup"] = {**_greedy_soup(store, names, model, layout, splits), "epochs_used": s.sample_epochs}
+    if run.cfg.greedy_soup:
+        soup = _greedy_soup(basis.store, basis.names, run.model, run.layout, run.splits)
+        methods["greedy_soup"] = {**soup, "epochs_used": s.sample_epochs}
     for mode, res in results.items():
         methods[f"twa_{mode}"] = {
             "test_acc": res.test_acc, "val_acc": res.val_acc, "epochs_used": s.sample_epochs + twa_epochs,
-            "bytes_allreduced_per_step": res.bytes_allreduced_per_step, "alpha_identical": res.alpha_identical,
-            "steps": res.steps,
+            "bytes_allreduced_per_step": res.bytes_allreduced_per_step,
+            "alpha_identical": res.alpha_identical, "steps": res.steps,
         }  # fmt: skip
-    full_history = None
-    if cfg.compare_full:
-        full = run_sampling(
-            cfg.data, dataclasses.replace(s, sample_frac=1.0, sample_interval=budget),
-            store_uri=storage.join("full_candidates"), run_dir=work, run_id=f"{run_id}-full",
-        )  # fmt: skip
-        full_history = full.history
-        methods["sgd_full"] = {"test_acc": full.history[-1]["test_acc"], "val_acc": full.history[-1]["val_acc"], "epochs_used": budget}
+    full_history = _sgd_full(run) if run.cfg.compare_full else None
+    if full_history is not None:
+        methods["sgd_full"] = {**_accs(full_history[-1]), "epochs_used": s.epochs}
     for m in methods.values():
-        m["budget_saved"] = 1.0 - m["epochs_used"] / budget
+        m["budget_saved"] = 1.0 - m["epochs_used"] / s.epochs
+    return _Methods(methods, full_history)
 
-    # the model written out: TWA-v when it ran (the paper's better variant), else TWA-t
+
+def _sgd_full(run: _Run) -> list[dict[str, float]]:
+    """The history of plain SGD over the whole budget (the reference ``--compare-full`` adds)."""
+    from twa_ray.ray.sampling import run_sampling
+
+    s = run.cfg.sampling
+    full = run_sampling(
+        run.cfg.data, dataclasses.replace(s, sample_frac=1.0, sample_interval=s.epochs),
+        store_uri=run.storage.join("full_candidates"), run_dir=run.work, run_id=f"{run.run_id}-full",
+    )  # fmt: skip
+    return full.history
+
+
+def write(
+    run: _Run,
+    sampled: SamplingResult,
+    basis: _Basis,
+    results: dict[str, TWAResult],
+    methods: _Methods,
+    *,
+    start: float,
+) -> dict[str, Any]:
+    """The best model (TWA-v when it ran, the paper's better variant, else TWA-t), metrics.json,
+    coefficients, plots and the table; a copy in ``--storage`` when it is elsewhere."""
+    cfg, out = run.cfg, run.out
     best_mode = "v" if "v" in results else "t"
-    results[best_mode].load_into_(model, sharded)
-    epochs_used = s.sample_epochs + twa_epochs
-    metrics = {
-        "run_id": run_id,
+    results[best_mode].load_into_(run.model, basis.sharded)
+    metrics = _metrics(run, sampled, basis, results, methods.methods, best=f"twa_{best_mode}")
+    metrics["wall_time_s"] = round(time.time() - start, 1)
+    write_outputs(
+        out, metrics=metrics, best_model=run.model,
+        coefficients={f"twa_{m}": r.alpha for m, r in results.items()},
+        block_labels=list(basis.sharded.blocks.labels), candidate_names=basis.names,
+        config=dataclasses.replace(cfg, store=run.given_store),
+    )  # fmt: skip
+    points = {k: (v["epochs_used"], v["test_acc"]) for k, v in methods.methods.items() if k != "sgd_full"}
+    plot_accuracy(out / "accuracy.png", sampled.history, points, full_history=methods.full_history)
+    if cfg.storage and run.storage.uri != str(out):  # --out is the local copy of <storage>/outputs
+        run.storage.upload_outputs(out)
+    _print_table(methods.methods)
+    copy = f", and in {redact(run.storage.join('outputs'))}" if cfg.storage else ""
+    print(f"outputs in {out} ({metrics['wall_time_s']:.0f} s){copy}")
+    return metrics
+
+
+def _metrics(
+    run: _Run,
+    sampled: SamplingResult,
+    basis: _Basis,
+    results: dict[str, TWAResult],
+    methods: dict[str, dict[str, Any]],
+    *,
+    best: str,
+) -> dict[str, Any]:
+    """metrics.json (``wall_time_s`` is added last)."""
+    budget = run.cfg.sampling.epochs
+    epochs_used = run.cfg.sampling.sample_epochs + run.cfg.twa.epochs
+    first = next(iter(results.values()))
+    return {
+        "run_id": run.run_id,
         "methods": methods,
-        **best_method(methods, saved_model=f"twa_{best_mode}"),
+        **best_method(methods, saved_model=best),
         "budget_epochs": budget,
         "epochs_used": epochs_used,
         "budget_saved": 1.0 - epochs_used / budget,
-        "num_candidates": len(names),
-        "numel": layout.numel,
-        "subspace": sharded.summary(),
+        "num_candidates": len(basis.names),
+        "numel": run.layout.numel,
+        "subspace": basis.sharded.summary(),
         "bytes_allreduced_per_step": first.bytes_allreduced_per_step,
         # placement of B (and why), bytes held / sent per step, the packed-kernel path of rank 0
         "coefficient_phase": first.extra,
         "sampling_history": sampled.history,
-        "wall_time_s": round(time.time() - start, 1),
     }
-    write_outputs(
-        out, metrics=metrics, best_model=model,
-        coefficients={f"twa_{m}": r.alpha for m, r in results.items()},
-        block_labels=list(sharded.blocks.labels), candidate_names=names,
-        config=dataclasses.replace(cfg, store=given_store),
-    )  # fmt: skip
-    points = {k: (v["epochs_used"], v["test_acc"]) for k, v in methods.items() if k not in ("sgd_full",)}
-    plot_accuracy(out / "accuracy.png", sampled.history, points, full_history=full_history)
+
+
+def _print_table(methods: dict[str, dict[str, Any]]) -> None:
+    columns = ("method", "test_acc", "val_acc", "epochs_used", "budget_saved_%")
     rows = [
-        {"method": k, "test_acc": v["test_acc"], "val_acc": v["val_acc"], "epochs_used": v["epochs_used"],
-         "budget_saved_%": round(100 * v["budget_saved"], 1)}
+        {"method": k, "test_acc": v["test_acc"], "val_acc": v["val_acc"],
+         "epochs_used": v["epochs_used"], "budget_saved_%": round(100 * v["budget_saved"], 1)}
         for k, v in methods.items()
     ]  # fmt: skip
-    if cfg.storage and storage.uri != str(out):  # --out is the local copy of <storage>/outputs
-        storage.upload_outputs(out)
-    print(format_table(rows, ("method", "test_acc", "val_acc", "epochs_used", "budget_saved_%")))
-    print(f"outputs in {out} ({metrics['wall_time_s']:.0f} s)" + (f", and in {redact(storage.join('outputs'))}" if cfg.storage else ""))
-    return metrics
+    print(format_table(rows, columns))
+
+
+def _modes(cfg: RunConfig) -> tuple[str, ...]:
+    return ("t", "v") if cfg.mode == "both" else (cfg.mode,)
 
 
 def _accs(m: dict[str, float]) -> dict[str, float]:

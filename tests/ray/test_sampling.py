@@ -6,6 +6,7 @@ MNIST-1D with 1,200 samples -> 864 train / 96 val / 240 test; a global batch of 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -16,12 +17,24 @@ from twa_ray.config import DataConfig, SamplingConfig
 from twa_ray.core.layout import Layout, flatten
 from twa_ray.data import held_out_split, load_dataset
 from twa_ray.models import build_model
+from twa_ray.ray.faults import FAULTS_ENV
 from twa_ray.ray.group import CheckpointClock
 from twa_ray.ray.sampling import run_sampling
 from twa_ray.ray.snapshot import Snapshotter, candidate_name
 from twa_ray.store.store import CandidateStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fault_plan(tmp_path_factory):
+    """The path of this module's fault plan (:mod:`twa_ray.ray.faults`), in the environment
+    before the module's Ray starts (autouse fixtures run first), so its workers inherit it;
+    the file exists only while a test plans faults."""
+    path = tmp_path_factory.mktemp("faults") / "faults.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAULTS_ENV, str(path))
+        yield path
 
 STEPS_PER_EPOCH = 6  # 432 train examples per worker // 64
 
@@ -123,7 +136,7 @@ def test_step_interval(step_run):
     assert [store.info(n).epoch for n in store.names()] == pytest.approx([5 / 6, 10 / 6, 2.0])
 
 
-def test_worker_failure_resumes_without_duplicates(data, step_run, tmp_path):
+def test_worker_failure_resumes_without_duplicates(data, step_run, fault_plan, tmp_path):
     """Two failures in epoch 2 (the last checkpoint is the end of epoch 1, step 6):
 
     - after step 8 the last rank raises (an exception in the loop);
@@ -136,10 +149,19 @@ def test_worker_failure_resumes_without_duplicates(data, step_run, tmp_path):
     """
     ref, ref_store = step_run
     sampling = _sampling(sample_interval=5, interval_unit="step", max_failures=2)
-    res = _run(data, sampling, tmp_path, "steps", fail_at_step=8, kill_at_step=10)
-    assert (tmp_path / "run" / ".sampling_steps.failure_injected").exists()  # it raised
-    killed = (tmp_path / "run" / ".sampling_steps.worker_killed").read_text()
-    assert killed.startswith("kill_at_step 10 (rank 0, pid ")
+    raised, killed_marker = tmp_path / "raised", tmp_path / "killed"
+    plan = [
+        {"phase": "sampling", "kind": "raise", "step": 8, "marker": str(raised)},
+        {"phase": "sampling", "kind": "kill", "step": 10, "marker": str(killed_marker)},
+    ]
+    fault_plan.write_text(json.dumps(plan))
+    try:
+        res = _run(data, sampling, tmp_path, "steps")
+    finally:
+        fault_plan.unlink()
+    assert raised.read_text().startswith("raise sampling 8 (rank 1, pid ")  # the last rank raised
+    killed = killed_marker.read_text()
+    assert killed.startswith("kill sampling 10 (rank 0, pid ")
     pid = int(killed.split("pid ")[1].rstrip(")\n"))
     assert not os.path.exists(f"/proc/{pid}")  # the worker process really died
     store = CandidateStore(str(tmp_path / "store"))

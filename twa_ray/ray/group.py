@@ -10,6 +10,7 @@ checkpoint files) and :class:`CheckpointClock` (when the next report is due).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -51,8 +52,8 @@ def marker_path(run_dir: Storage, name: str) -> str:
 
 
 def fit_group(
-    loop: Callable[[dict[str, Any]], None],
-    loop_config: dict[str, Any],
+    loop: Callable[[Any], None],
+    config: Any,
     *,
     name: str,
     run_dir: Storage,
@@ -61,16 +62,17 @@ def fit_group(
     use_gpu: bool,
     max_failures: int,
 ) -> Any:
-    """Run ``loop`` on ``num_workers`` Ray Train workers; checkpoints go to
-    ``run_dir/ray_train/<name>`` (the same ``name`` and ``run_dir`` resume). Returns the
-    ``ray.train.Result``; raises ``TrainingFailedError`` once ``max_failures`` is exhausted."""
+    """Run ``loop(config)`` on ``num_workers`` Ray Train workers; checkpoints go to
+    ``run_dir/ray_train/<name>`` (the same ``name`` and ``run_dir`` resume). ``config`` crosses
+    the process boundary as it is (a frozen config dataclass pickles; no dict in between).
+    Returns the ``ray.train.Result``; raises ``TrainingFailedError`` once ``max_failures`` is
+    exhausted."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
-        loop,
-        train_loop_config=loop_config,
+        functools.partial(loop, config),  # Ray's train_loop_config must be a dict
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),

@@ -2,15 +2,18 @@
 
 SGD (momentum, weight decay) follows the learning-rate schedule of the *full* budget of
 ``SamplingConfig.epochs`` epochs but stops after ``sample_epochs = ceil(sample_frac * epochs)``:
-TWA then finishes training from the candidates taken on the way. Per epoch:
+TWA then finishes training from the candidates taken on the way. Every worker receives one
+frozen :class:`SamplingJob` (the configs themselves: they pickle), builds its data, model and
+optimizer (``_setup``), resumes from the last checkpoint if any (``_resume``), then per epoch:
 
-1. train on this worker's shard of the train split (a ``DistributedSampler`` seeded by
+1. train (``_train_epoch``) on this worker's shard of the train split (a ``DistributedSampler`` seeded by
    ``DataConfig.seed`` and reset with ``set_epoch``: the data order is a function of
    ``(seed, epoch)``, so a resumed run replays the same steps); the val split is never trained on;
-2. snapshot candidates every ``sample_interval`` epochs or steps (rank 0 writes; the final epoch
-   is always snapshotted, so the last candidate is the final SGD weights);
-3. evaluate val and test accuracy (each rank a strided shard, sums all-reduced);
-4. at the last epoch, and otherwise at most once per ``checkpoint_interval_s`` seconds,
+2. snapshot candidates every ``sample_interval`` epochs or steps with the public
+   :func:`twa_ray.train.snapshot` (rank 0 writes; the final epoch is always snapshotted, so the
+   last candidate is the final SGD weights, the ``sgd_sampled`` baseline);
+3. evaluate val and test accuracy (``_evaluate``: each rank a strided shard, sums all-reduced);
+4. (``_checkpoint``) at the last epoch, and otherwise at most once per ``checkpoint_interval_s`` seconds,
    ``ray.train.report`` on every rank; rank 0 attaches a checkpoint (model, optimizer, epoch,
    global step, candidates written, history, resolved config).
 
@@ -29,29 +32,31 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+import twa_ray.train
 from twa_ray.config import TRAJECTORY_FREE_FIELDS, DataConfig, SamplingConfig
 from twa_ray.core.optim import lr_factor
+from twa_ray.ray.faults import inject
 from twa_ray.ray.group import (
     CheckpointClock,
     check_data_root_on_nodes,
     check_run_id,
     fit_group,
     load_worker_splits,
-    marker_path,
     report,
 )
-from twa_ray.ray.snapshot import Snapshotter, unwrap_model
+from twa_ray.ray.snapshot import snapshot_due, unwrap_model
 from twa_ray.ray.worker import (
     all_reduce_,
     evaluate_sharded,
     loader_options,
-    maybe_fail,
     strided,
     train_autocast,
 )
@@ -59,16 +64,35 @@ from twa_ray.redact import redact
 from twa_ray.storage import Storage, open_storage
 from twa_ray.store.store import CandidateStore
 
-__all__ = ["SamplingResult", "SamplingState", "run_sampling", "sampling_loop_per_worker"]
+__all__ = [
+    "SamplingJob",
+    "SamplingResult",
+    "SamplingState",
+    "run_sampling",
+    "sampling_loop_per_worker",
+]
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"  # model + optimizer state (torch.save; loaded with weights_only=True)
 META_FILE = "meta.json"  # a SamplingState (readable without torch)
 CONFIG_FILE = "sampling_{run_id}.json"  # resolved config of a run, next to its outputs in run_dir
-FAIL_MARKER = ".sampling_{run_id}.failure_injected"
-KILL_MARKER = ".sampling_{run_id}.worker_killed"
 _EVAL_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class SamplingJob:
+    """What every sampling worker receives: the frozen configs themselves (they pickle)."""
+
+    data: DataConfig
+    sampling: SamplingConfig
+    store_uri: str
+    run_id: str
+    progress: bool = True
+    """Rank 0 logs one line per epoch."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -127,7 +151,7 @@ class SamplingState:
         epoch: epochs completed; ``step``: global steps done.
         candidates: names written so far, in step order; ``history``: one dict per epoch.
         sizes: ``steps_per_epoch``, ``total_steps``, ``num_train``, ``num_val``.
-        config: the worker loop's config.
+        config: the run's :class:`SamplingJob` as a dict.
     """
 
     epoch: int = 0
@@ -159,8 +183,6 @@ def run_sampling(
     run_dir: str,
     run_id: str,
     progress: bool = True,
-    fail_at_step: int | None = None,
-    kill_at_step: int | None = None,
 ) -> SamplingResult:
     """Run the sampling phase as a Ray Train ``TorchTrainer`` and return what it wrote.
 
@@ -174,11 +196,6 @@ def run_sampling(
         run_id: names the run: calling again with the same ``run_id`` and ``run_dir`` resumes
             (or, when finished, just reads back) the run; ``[A-Za-z0-9._-]``.
         progress: rank 0 logs one line per epoch (Ray forwards worker logs to the driver).
-        fail_at_step: testing hook: the last worker raises once right after this global step
-            (a marker file in a local ``run_dir`` keeps the restarted attempt from failing again).
-        kill_at_step: testing hook: rank 0 (the writer of candidates and checkpoints) SIGKILLs
-            its own process once right after this global step, after that step's snapshot (a
-            real process death; its own marker file in ``run_dir``).
 
     Raises:
         ValueError: bad ``run_id``, a store holding another run's candidates, or a ``run_dir``
@@ -194,20 +211,12 @@ def run_sampling(
     _save_or_check_config(rd, run_id, data, sampling)
     check_data_root_on_nodes(data)
 
-    loop_config = {
-        "data": asdict(data),
-        "sampling": asdict(sampling),
-        "store_uri": store_uri,
-        "run_id": run_id,
-        "progress": progress,
-        "fail_at_step": fail_at_step,
-        "fail_marker": marker_path(rd, FAIL_MARKER.format(run_id=run_id)),
-        "kill_at_step": kill_at_step,
-        "kill_marker": marker_path(rd, KILL_MARKER.format(run_id=run_id)),
-    }
+    job = SamplingJob(
+        data=data, sampling=sampling, store_uri=store_uri, run_id=run_id, progress=progress
+    )
     # raises TrainingFailedError once max_failures is exhausted
     result = fit_group(
-        sampling_loop_per_worker, loop_config, name=f"sampling_{run_id}", run_dir=rd,
+        sampling_loop_per_worker, job, name=f"sampling_{run_id}", run_dir=rd,
         num_workers=sampling.num_workers, cpus_per_worker=sampling.cpus_per_worker,
         use_gpu=sampling.use_gpu, max_failures=sampling.max_failures,
     )  # fmt: skip
@@ -294,174 +303,260 @@ def _check_written(store_uri: str, run_id: str, candidates: list[str]) -> None:
 # --------------------------------------------------------------------------- workers
 
 
-def sampling_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train ``train_loop_per_worker`` of :func:`run_sampling` (see the module docstring)."""
-    import ray.train
-    import ray.train.torch
-    from torch.utils.data import DataLoader, DistributedSampler
+@dataclass
+class _Worker:
+    """What one sampling worker builds in :func:`_setup` and uses every epoch."""
 
-    from twa_ray.models import build_model
+    job: SamplingJob
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module  # as prepared by Ray Train (DDP-wrapped when world > 1)
+    inner: nn.Module  # the plain model: evaluated, snapshotted, checkpointed
+    opt: torch.optim.Optimizer
+    sampler: Any  # DistributedSampler over the train split
+    loader: Any  # this rank's train batches
+    eval_loaders: tuple[Any, Any]  # this rank's strided val and test shards
+    sizes: dict[str, int]  # steps_per_epoch, total_steps (of the full budget), num_train, num_val
+    lr_at: Callable[[int], float]  # the learning rate of a global step
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sizes["steps_per_epoch"]
+
+
+def sampling_loop_per_worker(job: SamplingJob) -> None:
+    """Ray Train ``train_loop_per_worker`` of :func:`run_sampling` (see the module docstring)."""
     from twa_ray.ray.logs import quiet_train_logs
 
     quiet_train_logs()
-    data = DataConfig(**config["data"])
-    sampling = SamplingConfig(**config["sampling"])
-    store_uri, run_id = config["store_uri"], config["run_id"]
+    w = _setup(job)
+    state = _resume(w)
+    clock = CheckpointClock(job.sampling.checkpoint_interval_s, w.device)
+    for epoch in range(state.epoch, job.sampling.sample_epochs):
+        t_epoch = time.perf_counter()
+        last = epoch + 1 == job.sampling.sample_epochs
+        loss_sum, lr = _train_epoch(w, state, epoch)
+        _snapshot_epoch_end(w, state, epoch + 1, last=last)
+        metrics = _evaluate(w, state, epoch + 1, loss_sum, lr)
+        state.epoch = epoch + 1
+        state.history.append(metrics)
+        _log_epoch(w, state, metrics, time.perf_counter() - t_epoch)
+        # the last epoch always; else at most once per checkpoint_interval_s
+        if clock.due(force=last):
+            _checkpoint(w, state, metrics)
+            clock.reported()
+
+
+def _setup(job: SamplingJob) -> _Worker:
+    """Data, model, optimizer and schedule of this worker (identical init on every rank)."""
+    import ray.train
+    import ray.train.torch
+
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    splits = load_worker_splits(job.data)
+    sampler, loader, eval_loaders = _setup_data(job, splits, rank, world, device)
+    model, opt = _setup_model(job, splits)
+    steps_per_epoch, split_sizes = len(loader), splits.sizes()
+    sizes = {
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": job.sampling.epochs * steps_per_epoch,  # the schedule spans the FULL budget
+        "num_train": split_sizes["train"],
+        "num_val": split_sizes["val"],
+    }
+    return _Worker(
+        job=job, rank=rank, world=world, device=device, model=model, inner=unwrap_model(model),
+        opt=opt, sampler=sampler, loader=loader, eval_loaders=eval_loaders, sizes=sizes,
+        lr_at=_lr_schedule(job.sampling, steps_per_epoch),
+    )  # fmt: skip
 
-    # ---- data: train sharded and reshuffled per (seed, epoch); val and test only evaluated
-    splits = load_worker_splits(data)
-    if sampling.batch_size < world:
+
+def _setup_data(
+    job: SamplingJob, splits: Any, rank: int, world: int, device: torch.device
+) -> tuple[Any, Any, tuple[Any, Any]]:
+    """Train batches sharded and reshuffled per ``(seed, epoch)``; val and test only evaluated."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    s = job.sampling
+    if s.batch_size < world:
         raise ValueError(
-            f"batch_size={sampling.batch_size} is smaller than num_workers={world}: the global "
+            f"batch_size={s.batch_size} is smaller than num_workers={world}: the global "
             "batch is split across workers; raise batch_size"
         )
-    split_sizes = splits.sizes()
     sampler: DistributedSampler[Any] = DistributedSampler(
-        splits.train, num_replicas=world, rank=rank, shuffle=True, seed=data.seed
+        splits.train, num_replicas=world, rank=rank, shuffle=True, seed=job.data.seed
     )
     # drop_last: equal batches on every rank and no 1-example BatchNorm batch at the epoch end
     loader_kw = loader_options(device)
     loader = DataLoader(
-        splits.train, batch_size=sampling.batch_size // world, sampler=sampler, drop_last=True,
+        splits.train, batch_size=s.batch_size // world, sampler=sampler, drop_last=True,
         persistent_workers=bool(loader_kw), **loader_kw,
     )  # fmt: skip
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
+    if len(loader) == 0:
         raise ValueError(
-            f"batch_size={sampling.batch_size} exceeds the {split_sizes['train']} training examples "
+            f"batch_size={s.batch_size} exceeds the {splits.sizes()['train']} training examples "
             "(split over the workers); lower batch_size"
         )
-    val_loader, test_loader = (
+    val, test = (
         DataLoader(strided(ds, rank, world), batch_size=_EVAL_BATCH, **loader_kw)
         for ds in (splits.val, splits.test)
     )
+    return sampler, loader, (val, test)
 
-    # ---- model and optimizer: identical init on every rank (DDP broadcasts rank 0's anyway)
-    torch.manual_seed(data.seed)
-    model = build_model(data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
-    model = ray.train.torch.prepare_model(model)
-    inner = unwrap_model(model)
-    opt = torch.optim.SGD(
-        model.parameters(),
-        lr=sampling.lr,
-        momentum=sampling.momentum,
-        weight_decay=sampling.weight_decay,
+
+def _setup_model(job: SamplingJob, splits: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model seeded by ``data.seed`` (DDP broadcasts rank 0's anyway) and its SGD."""
+    import ray.train.torch
+
+    from twa_ray.models import build_model
+
+    torch.manual_seed(job.data.seed)
+    model = build_model(
+        job.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape
     )
-    total_steps = sampling.epochs * steps_per_epoch  # the schedule spans the FULL budget
-    warmup_steps = round(sampling.warmup_epochs * steps_per_epoch)
-    step_size = max((total_steps - warmup_steps) // 3, 1)  # 'step': x0.1 at 1/3 and 2/3
+    model = ray.train.torch.prepare_model(model)
+    s = job.sampling
+    opt = torch.optim.SGD(
+        model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
+    )
+    return model, opt
+
+
+def _lr_schedule(s: SamplingConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """``lr(step) = lr * factor(step)`` over the full budget of ``s.epochs`` epochs ('step':
+    x0.1 at 1/3 and 2/3 of the steps after warm-up)."""
+    total_steps = s.epochs * steps_per_epoch
+    warmup_steps = round(s.warmup_epochs * steps_per_epoch)
+    step_size = max((total_steps - warmup_steps) // 3, 1)
 
     def lr_at(step: int) -> float:
-        return sampling.lr * lr_factor(
-            step, total_steps, schedule=sampling.schedule, warmup_steps=warmup_steps,
-            step_size=step_size, gamma=0.1,
-        )  # fmt: skip
+        return s.lr * lr_factor(
+            step,
+            total_steps,
+            schedule=s.schedule,
+            warmup_steps=warmup_steps,
+            step_size=step_size,
+            gamma=0.1,
+        )
 
-    snap = Snapshotter(
-        store_uri, model, every=sampling.sample_interval, unit=sampling.interval_unit,
-        run_id=run_id, source="sampling", seed=data.seed,
-    )  # fmt: skip
+    return lr_at
 
-    # ---- resume from the last reported checkpoint (after a worker failure or a driver restart)
-    resumed = SamplingState()
+
+def _resume(w: _Worker) -> SamplingState:
+    """The loop state: from the last reported checkpoint (after a worker failure or a driver
+    restart; the model and optimizer are restored in place), else a fresh one."""
+    import ray.train
+
+    state = SamplingState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=True)
-            resumed = SamplingState.from_dir(d)
-        inner.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-    start_epoch, global_step = resumed.epoch, resumed.step
-    candidates, history = resumed.candidates, resumed.history
-    if checkpoint is not None and rank == 0 and config["progress"]:
-        log.info("sampling: resumed at epoch %d, step %d", start_epoch, global_step)
-
-    sizes = {
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "num_train": split_sizes["train"],
-        "num_val": split_sizes["val"],
-    }
-    clock = CheckpointClock(sampling.checkpoint_interval_s, device)
-    for epoch in range(start_epoch, sampling.sample_epochs):
-        t_epoch = time.perf_counter()
-        # ---- train one epoch
-        model.train()
-        sampler.set_epoch(epoch)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        lr = sampling.lr
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            lr = lr_at(global_step)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with train_autocast(sampling.precision, device):
-                loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            global_step += 1
-            loss_sum += loss.detach()
-            if sampling.interval_unit == "step":
-                _record(
-                    candidates,
-                    snap.maybe_snapshot(step=global_step, epoch=global_step / steps_per_epoch),
-                )
-            maybe_fail(config, global_step, rank, world)
-
-        # ---- snapshot (the final epoch always) and evaluate
-        last = epoch + 1 == sampling.sample_epochs
-        if sampling.interval_unit == "epoch":
-            _record(candidates, snap.maybe_snapshot(step=global_step, epoch=epoch + 1, force=last))
-        elif last and not snap.due(step=global_step):
-            _record(candidates, snap.snapshot(step=global_step, epoch=epoch + 1))
-        train_loss = float(all_reduce_(loss_sum)) / (world * steps_per_epoch)
-        val = evaluate_sharded(inner, val_loader, device)
-        test = evaluate_sharded(inner, test_loader, device)
-        if not torch.isfinite(torch.tensor(train_loss)):
-            raise FloatingPointError(
-                f"sampling diverged in epoch {epoch + 1} (train loss {train_loss}); lower lr={sampling.lr}"
+            saved = torch.load(
+                os.path.join(d, STATE_FILE), map_location=w.device, weights_only=True
             )
-        metrics = {
-            "epoch": epoch + 1, "step": global_step, "lr": lr, "train_loss": train_loss,
-            "val_loss": val.loss, "val_acc": val.acc, "test_loss": test.loss, "test_acc": test.acc,
-        }  # fmt: skip
-        history.append(metrics)
-        if rank == 0 and config["progress"]:
-            # logging, not print: Ray Train 2.60 patches print() in workers and emits it twice
-            log.info(
-                "sampling epoch %d/%d (of %d), step %d: loss %.4f  lr %.4g  val %.2f%%  test %.2f%%  "
-                "candidates %d  [%.1f s]",
-                epoch + 1, sampling.sample_epochs, sampling.epochs, global_step, train_loss, lr,
-                100 * val.acc, 100 * test.acc, len(candidates), time.perf_counter() - t_epoch,
-            )  # fmt: skip
-
-        # ---- checkpoint (the last epoch always; else at most once per checkpoint_interval_s):
-        # every rank reports (a barrier); rank 0 attaches the files
-        if not clock.due(force=last):
-            continue
-        files = None
-        if rank == 0:
-            meta = SamplingState(epoch + 1, global_step, candidates, history, sizes, config)
-            files = {
-                STATE_FILE: {"model": inner.state_dict(), "optimizer": opt.state_dict()},
-                META_FILE: redact(asdict(meta)),  # no credential in a checkpoint
-            }
-        report(metrics, files, f"checkpoint_epoch{epoch + 1:04d}")
-        clock.reported()
+            state = SamplingState.from_dir(d)
+        w.inner.load_state_dict(saved["model"])
+        w.opt.load_state_dict(saved["optimizer"])
+        if w.rank == 0 and w.job.progress:
+            log.info("sampling: resumed at epoch %d, step %d", state.epoch, state.step)
+    state.sizes, state.config = w.sizes, w.job.to_dict()
+    return state
 
 
-def _record(candidates: list[str], name: str | None) -> None:
-    if name is not None and name not in candidates:
-        candidates.append(name)
+def _train_epoch(w: _Worker, state: SamplingState, epoch: int) -> tuple[torch.Tensor, float]:
+    """One epoch of SGD on this rank's shard (snapshots at a step interval); returns this
+    rank's summed loss and the learning rate of the last step."""
+    s = w.job.sampling
+    w.model.train()
+    w.sampler.set_epoch(epoch)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=w.device)
+    lr = s.lr
+    for x, y in w.loader:
+        x, y = x.to(w.device, non_blocking=True), y.to(w.device, non_blocking=True)
+        lr = w.lr_at(state.step)
+        for group in w.opt.param_groups:
+            group["lr"] = lr
+        with train_autocast(s.precision, w.device):
+            loss = F.cross_entropy(w.model(x), y)
+        w.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        w.opt.step()
+        state.step += 1
+        loss_sum += loss.detach()
+        if s.interval_unit == "step":
+            _snapshot(w, state, epoch=state.step / w.steps_per_epoch)
+        inject("sampling", state.step, w.rank, w.world)
+    return loss_sum, lr
 
 
+def _snapshot_epoch_end(w: _Worker, state: SamplingState, done: int, *, last: bool) -> None:
+    """The epoch interval's snapshot after ``done`` epochs; the final epoch always (its
+    weights, the SGD result at the stop, are the last candidate)."""
+    s = w.job.sampling
+    if s.interval_unit == "epoch":
+        _snapshot(w, state, epoch=done, force=last)
+    elif last and not snapshot_due(
+        step=state.step, epoch=0.0, every=s.sample_interval, unit="step"
+    ):
+        _snapshot(w, state, epoch=done, force=True)
 
 
+def _snapshot(w: _Worker, state: SamplingState, *, epoch: float, force: bool = False) -> None:
+    """:func:`twa_ray.train.snapshot` when the interval asks (or ``force``); rank 0 records it."""
+    s = w.job.sampling
+    if not (
+        force
+        or snapshot_due(step=state.step, epoch=epoch, every=s.sample_interval, unit=s.interval_unit)
+    ):
+        return
+    name = twa_ray.train.snapshot(
+        w.model, w.job.store_uri, step=state.step, epoch=epoch, run_id=w.job.run_id, source="sampling",
+        seed=w.job.data.seed,
+    )  # fmt: skip
+    if name is not None and name not in state.candidates:
+        state.candidates.append(name)
 
 
+def _evaluate(
+    w: _Worker, state: SamplingState, done: int, loss_sum: torch.Tensor, lr: float
+) -> dict[str, float]:
+    """The history entry of epoch ``done``: train loss (mean over every rank's steps), val
+    and test loss and accuracy (summed over the ranks' strided shards)."""
+    train_loss = float(all_reduce_(loss_sum)) / (w.world * w.steps_per_epoch)
+    val_loader, test_loader = w.eval_loaders
+    val = evaluate_sharded(w.inner, val_loader, w.device)
+    test = evaluate_sharded(w.inner, test_loader, w.device)
+    if not torch.isfinite(torch.tensor(train_loss)):
+        raise FloatingPointError(
+            f"sampling diverged in epoch {done} (train loss {train_loss}); lower lr={w.job.sampling.lr}"
+        )
+    return {
+        "epoch": done, "step": state.step, "lr": lr, "train_loss": train_loss,
+        "val_loss": val.loss, "val_acc": val.acc, "test_loss": test.loss, "test_acc": test.acc,
+    }  # fmt: skip
 
 
+def _log_epoch(w: _Worker, state: SamplingState, m: dict[str, float], seconds: float) -> None:
+    # logging, not print: Ray Train 2.60 patches print() in workers and emits it twice
+    if w.rank != 0 or not w.job.progress:
+        return
+    s = w.job.sampling
+    log.info(
+        "sampling epoch %d/%d (of %d), step %d: loss %.4f  lr %.4g  val %.2f%%  test %.2f%%  "
+        "candidates %d  [%.1f s]",
+        m["epoch"], s.sample_epochs, s.epochs, m["step"], m["train_loss"], m["lr"],
+        100 * m["val_acc"], 100 * m["test_acc"], len(state.candidates), seconds,
+    )  # fmt: skip
+
+
+def _checkpoint(w: _Worker, state: SamplingState, metrics: dict[str, float]) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the model, optimizer and loop state."""
+    files = None
+    if w.rank == 0:
+        files = {
+            STATE_FILE: {"model": w.inner.state_dict(), "optimizer": w.opt.state_dict()},
+            META_FILE: redact(state.to_dict()),  # no credential in a checkpoint
+        }
+    report(metrics, files, f"checkpoint_epoch{state.epoch:04d}")

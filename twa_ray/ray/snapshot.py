@@ -6,23 +6,17 @@ Names derive from the global step (``step00001200``), so a run restarted from it
 checkpoint rewrites the same names instead of adding duplicates: a candidate that already exists
 and belongs to the same ``run_id`` is replaced atomically; one from another run is refused.
 
-Example, in your own training function::
+The public entry point is :func:`twa_ray.train.snapshot` (one call per snapshot, in any
+``train_loop_per_worker``); :class:`Snapshotter` adds an interval (``every`` steps or epochs)::
 
-    from twa_ray.ray.snapshot import Snapshotter
+    snap = Snapshotter(config["store"], model, every=200, unit="step")
+    for x, y in loader:
+        ...  # forward, backward, optimizer.step()
+        step += 1
+        snap.maybe_snapshot(step=step, epoch=step / len(loader))
+    snap.maybe_snapshot(step=step, epoch=epochs, force=True)  # the final weights
 
-    def train_loop_per_worker(config):
-        model = ray.train.torch.prepare_model(MyNet())
-        snap = Snapshotter(config["store"], model, every=200, unit="step")
-        step = 0
-        for epoch in range(config["epochs"]):
-            for x, y in loader:
-                ...  # forward, backward, optimizer.step()
-                step += 1
-                snap.maybe_snapshot(step=step, epoch=step / len(loader))
-        snap.maybe_snapshot(step=step, epoch=config["epochs"], force=True)  # the final weights
-
-then ``twa-ray`` (or :func:`twa_ray.core.twa.build_subspace`) averages the candidates in the
-store. A resumed run should restart ``step`` from its checkpoint so that names repeat.
+A resumed run should restart ``step`` from its checkpoint so that names repeat.
 """
 
 from __future__ import annotations
@@ -36,12 +30,21 @@ from torch import nn
 from twa_ray.core.layout import Layout
 from twa_ray.store.store import CandidateStore
 
-__all__ = ["Snapshotter", "candidate_name", "unwrap_model", "world_rank"]
+__all__ = ["Snapshotter", "candidate_name", "snapshot_due", "unwrap_model", "world_rank"]
 
 
 def candidate_name(step: int) -> str:
     """The store name of the candidate taken after global step ``step`` (``step00001200``)."""
     return f"step{step:08d}"
+
+
+def snapshot_due(*, step: int, epoch: float, every: int, unit: Literal["step", "epoch"]) -> bool:
+    """Whether an interval of ``every`` ``unit`` asks for a snapshot: ``unit='step'``: when
+    ``step % every == 0``; ``'epoch'``: when ``epoch`` (completed epochs) is a whole multiple."""
+    if unit == "step":
+        return step > 0 and step % every == 0
+    whole = math.isclose(epoch, round(epoch), abs_tol=1e-9)
+    return whole and round(epoch) > 0 and round(epoch) % every == 0
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -125,10 +128,7 @@ class Snapshotter:
 
     def due(self, *, step: int, epoch: float = 0.0) -> bool:
         """Whether the interval asks for a snapshot at this point (on every rank)."""
-        if self.unit == "step":
-            return step > 0 and step % self.every == 0
-        whole = math.isclose(epoch, round(epoch), abs_tol=1e-9)
-        return whole and round(epoch) > 0 and round(epoch) % self.every == 0
+        return snapshot_due(step=step, epoch=epoch, every=self.every, unit=self.unit)
 
     def maybe_snapshot(self, *, step: int, epoch: float = 0.0, force: bool = False) -> str | None:
         """Snapshot when :meth:`due` (or ``force``); returns the name written on rank 0, else None.

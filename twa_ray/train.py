@@ -1,0 +1,126 @@
+"""TWA in any Ray Train loop: snapshot candidates while training, learn the average after.
+
+Two calls with stable names, the same ones ``twa-ray run``'s own sampling loop makes::
+
+    import twa_ray.train
+
+    def train_loop_per_worker(config):          # your loop, on every Ray Train worker
+        ...                                     # forward, backward, optimizer.step()
+        if step % 50 == 0:
+            twa_ray.train.snapshot(model, config["store"], step=step)   # rank 0 writes
+
+    TorchTrainer(train_loop_per_worker, ...).fit()
+    twa = twa_ray.train.learn(MyNet(), store, val_loader)   # TWA-v: alpha on held-out batches
+
+:func:`snapshot` writes the model's trainable parameters (unwrapped from DDP) into a
+:class:`~twa_ray.store.CandidateStore` at any storage URI (local path, ``s3://``, ``gs://``,
+any ``pyarrow.fs`` URI) as candidate ``step{step:08d}``, on world rank 0 only. It is idempotent
+by step: a run restarted from its last checkpoint replays the same steps and rewrites the same
+names (an atomic replace), so no candidate is lost or duplicated. :func:`learn` then fits the
+coefficients with the core engine (:class:`~twa_ray.core.twa.TWA`):
+
+.. math::
+    \\theta(\\alpha) = o + \\textstyle\\sum_{k,l} \\alpha_{k,l} B_{k,l},
+    \\qquad \\alpha \\leftarrow \\mathrm{step}(\\alpha, B\\,\\nabla_\\theta \\ell)
+
+From the command line, ``twa-ray average --store URI --model pkg.mod:fn --dataset pkg.mod:fn``
+does the second half for a project-style model and dataset. This module imports no Ray at import
+time and needs neither Lightning nor Transformers.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twa_ray.core.twa import TWA, TWAConfig
+from twa_ray.ray.snapshot import Snapshotter, candidate_name
+from twa_ray.store.store import CandidateStore
+
+__all__ = ["snapshot", "learn", "candidate_name", "Snapshotter"]
+
+# one writer per (model, store, run): the store is opened and the layout computed once
+_WRITERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Snapshotter]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def snapshot(
+    model: nn.Module,
+    store_uri: str,
+    *,
+    step: int,
+    epoch: float = 0.0,
+    run_id: str | None = None,
+    source: str = "snapshot",
+    seed: int | None = None,
+) -> str | None:
+    """Write ``model``'s trainable parameters as candidate ``step{step:08d}`` of ``store_uri``.
+
+    Call it on every rank (no collective); world rank 0 writes, the others return None.
+
+    Args:
+        model: the model being trained (a DDP wrapper is fine: its ``.module`` is stored).
+        store_uri: the candidate store (local path or ``pyarrow.fs`` URI; created if missing).
+        step: the global step: it names the candidate, so a replayed step overwrites it.
+        epoch: completed epochs (fractional allowed), stored as metadata.
+        run_id: tells this run's candidates from others' (a candidate of another run under the
+            same name is refused); default: the Ray Train run name, ``""`` outside Ray Train.
+        source, seed: metadata stored with the candidate.
+
+    Returns:
+        The candidate's name on rank 0, else None.
+    """
+    key = (store_uri, run_id, source, seed)
+    writers = _WRITERS.setdefault(model, {})
+    if key not in writers:
+        writers[key] = Snapshotter(
+            store_uri, model, every=1, run_id=run_id, source=source, seed=seed
+        )
+    return writers[key].snapshot(step=step, epoch=epoch)
+
+
+def learn(
+    model: nn.Module,
+    store_uri: str,
+    loader: Iterable[Any],
+    *,
+    config: TWAConfig | None = None,
+    epochs: float | None = None,
+    steps: int | None = None,
+    bn_loader: Iterable[Any] | None = None,
+    loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
+    **overrides: Any,
+) -> TWA:
+    """Learn the averaging coefficients of the candidates in ``store_uri`` and load the
+    averaged weights ``theta(alpha)`` into ``model``.
+
+    Args:
+        model: a fresh instance of the trained architecture (its layout must match the store's).
+        store_uri: the store :func:`snapshot` wrote.
+        loader: batches ``(x, y)`` for the coefficients: training data (TWA-t) or held-out data
+            the run never trained on (TWA-v).
+        config: subspace, quantization, optimizer and schedule (:class:`TWAConfig`); keyword
+            ``overrides`` replace its fields (``bits=8``, ``lr=0.1``, ...).
+        epochs, steps: how long (default ``config.epochs`` passes over ``loader``).
+        bn_loader: training batches to re-estimate BatchNorm statistics at the result.
+        loss_fn: ``loss_fn(model(x), y)``.
+
+    Returns:
+        The fitted :class:`~twa_ray.core.twa.TWA` engine (``.alpha``, ``.theta``).
+    """
+    store = CandidateStore(store_uri)
+    if len(store) == 0:
+        raise ValueError(
+            f"candidate store {store_uri!r} is empty; snapshot candidates into it first"
+        )
+    twa = TWA(model, store, config=config, loss_fn=loss_fn, **overrides)
+    twa.fit(loader, epochs=epochs, steps=steps)
+    if bn_loader is not None:
+        twa.update_bn(bn_loader)
+    return twa
