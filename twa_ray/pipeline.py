@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import os
 import time
-import uuid
 from typing import Any
 
 import torch
@@ -35,9 +34,6 @@ log = logging.getLogger("twa_ray")
 
 __all__ = ["run_pipeline", "init_ray", "check_resources"]
 
-RUN_FILE = "run.json"
-
-
 def init_ray(address: str | None = None) -> None:
     """Connect to ``address`` / ``RAY_ADDRESS`` (a cluster, or inside ``ray job submit``), or
     start a local Ray when neither is set."""
@@ -53,35 +49,26 @@ def _flag(storage: Storage, given: str | None) -> str:
 
 
 def _check_out_dir(
-    storage: Storage, *, resume: bool, overwrite: bool, marker: str = RUN_FILE, kind: str = "run",
-    given: str | None = None,
+    storage: Storage, *, resume: bool, overwrite: bool, kind: str = "run", given: str | None = None,
 ) -> None:  # fmt: skip
-    """Refuse the storage (``--storage``, default ``--out``) before anything starts: it holds a
-    ``kind`` and neither ``--resume`` nor ``--overwrite`` was given, or ``--resume`` finds
-    nothing to resume. Changes nothing."""
-    exists = storage.exists(marker)
-    if exists and not (resume or overwrite):
-        raise FileExistsError(
-            f"{_flag(storage, given)} already holds a {kind}; pass --resume to continue it or "
-            "--overwrite to delete it and start over"
-        )
-    if resume and not exists:
-        raise FileNotFoundError(f"--resume: no {kind} to resume in {_flag(storage, given)}; drop --resume")
+    """Refuse the storage (``--storage``, default ``--out``) before anything starts: the rules of
+    :func:`twa_ray.outdir.check_storage`. Changes nothing."""
+    outdir.check_storage(storage, kind, resume=resume, overwrite=overwrite, flag=_flag(storage, given))
 
 
 def _claim_out_dir(
-    storage: Storage, *, resume: bool, overwrite: bool, marker: str = RUN_FILE, kind: str = "run",
-    given: str | None = None,
+    storage: Storage, *, resume: bool, overwrite: bool, kind: str = "run", given: str | None = None,
+    out: os.PathLike[str] | str | None = None,
 ) -> str:  # fmt: skip
-    """The id of the ``kind`` in ``storage`` (recorded in ``storage/marker``): new, resumed
-    (``--resume``) or after deleting everything there (``--overwrite``)."""
-    _check_out_dir(storage, resume=resume, overwrite=overwrite, marker=marker, kind=kind, given=given)
-    if storage.exists(marker):
-        if not overwrite:  # --resume
-            return str(storage.read_json(marker)["run_id"])
-        storage.fs.delete_dir_contents(storage.path)
-    run_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    storage.write_json(marker, {"run_id": run_id})
+    """The id of the ``kind`` in ``storage``: new, resumed (``--resume``) or after deleting the
+    previous twa-ray output there (``--overwrite``); the storage's lease is held from now on.
+    ``out``: the local ``--out``, locked, and claimed with the same id when it is elsewhere."""
+    if out is not None:
+        outdir.lock(out)
+    run_id = outdir.claim_storage(storage, kind, resume=resume, overwrite=overwrite, flag=_flag(storage, given))
+    if out is not None and not (storage.local and os.path.abspath(out) == storage.path):
+        resumed = outdir.resume_out(out, given, resume)
+        outdir.claim(out, kind, resume=resumed, overwrite=overwrite, run_id=run_id)
     return run_id
 
 
@@ -143,8 +130,7 @@ def run_pipeline(
     start = time.time()
     out = prepare_out_dir(cfg.out).resolve()
     # --resume with --storage works from the storage alone: a new (empty) --out is fine
-    resume_out = resume and (not cfg.storage or outdir.owner(out) is not None)
-    outdir.check(out, "run", resume=resume_out, overwrite=overwrite)  # owned, not locked by another
+    outdir.check(out, "run", resume=outdir.resume_out(out, cfg.storage, resume), overwrite=overwrite)  # owned, not locked by another
     storage, shared_paths = storage_of(cfg, str(out))
     _check_out_dir(storage, resume=resume, overwrite=overwrite, given=cfg.storage)  # refuse early
     # workers may run in another directory: every local path they see is absolute
@@ -170,9 +156,7 @@ def run_pipeline(
     check_resources(s, fixed=local)
     check_multi_node(shared_paths, shared_fs=cfg.shared_fs)
     check_data_root_on_nodes(cfg.data)
-    outdir.lock(out)  # one writer at a time
-    run_id = _claim_out_dir(storage, resume=resume, overwrite=overwrite, given=cfg.storage)
-    outdir.mark(out, "run", run_id)  # when --storage is elsewhere, --out is marked too
+    run_id = _claim_out_dir(storage, resume=resume, overwrite=overwrite, given=cfg.storage, out=out)
 
     # -- sampling: sample_frac * E epochs of the full-budget schedule ------------------------
     log.info("sampling: %d of %d epochs on %d workers, run %s", s.sample_epochs, budget, s.num_workers, run_id)

@@ -56,7 +56,6 @@ log = logging.getLogger("twa_ray")
 
 __all__ = ["plan_sweep", "select_candidates", "run_sweep", "to_tune_space"]
 
-SWEEP_FILE = "sweep.json"  # the sweep id (refuse / --resume / --overwrite, as for a run)
 PLAN_FILE = "plan.json"  # the resolved trials and sampling groups (a resumed sweep reuses them)
 DONE_FILE = "sampling_done.json"  # next to a finished sampling run: its candidates and cost
 EXPERIMENT = "sweep"  # Tune experiment name under <storage>/tune
@@ -428,8 +427,7 @@ def run_sweep(
     start = time.time()
     out_path = prepare_out_dir(out).resolve()
     storage, shared_paths = storage_of(cfg.base, str(out_path))
-    claim = {"resume": resume, "overwrite": overwrite, "marker": SWEEP_FILE, "kind": "sweep",
-             "given": cfg.base.storage}  # fmt: skip
+    claim = {"resume": resume, "overwrite": overwrite, "kind": "sweep", "given": cfg.base.storage}
     if sampling_dir:
         shared_paths["--sampling-dir"] = sampling_dir
     _check_out_dir(storage, **claim)  # refuse early, before starting Ray
