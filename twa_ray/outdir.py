@@ -212,8 +212,9 @@ def check_storage(st: Storage, command: str, *, resume: bool = False, overwrite:
     """Refuse ``st`` for ``command`` before anything starts (foreign entries, another output,
     nothing to resume, a live writer); changes nothing."""
     flag = flag or f"--storage {st.uri!r}"
+    if not (resume and overwrite):  # a flag error first, then a live writer, then the contents
+        _check_lease(st, flag)
     _refuse(st, command, resume=resume, overwrite=overwrite, flag=flag)
-    _check_lease(st, flag)
 
 
 def claim_storage(
