@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "LAYOUT", "LEASE", "MARKERS", "check", "check_inputs", "check_storage", "claim", "claim_storage",
-    "foreign", "hold", "lock", "mark", "owner", "release_all", "resume_out",
+    "foreign", "hold", "lock", "mark", "owner", "release_all", "resume_out", "writable",
 ]  # fmt: skip
 
 MARKERS = {"run": "run.json", "sweep": "sweep.json", "average": "average.json"}
@@ -404,6 +404,24 @@ def _locked(out: Path) -> FileExistsError:
         f"another twa-ray command is writing to --out {str(out)!r}; wait for it to finish or "
         "choose another --out"
     )
+
+
+def writable(out: str | os.PathLike[str]) -> Path:
+    """``out`` as a path, checked before anything is written: a directory, or a name that can be
+    created (its nearest existing ancestor is a writable directory). Creates nothing: the
+    command's :func:`claim` / :func:`lock` does."""
+    path = Path(out).expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    problem = None
+    if not probe.is_dir():
+        problem = "a file is in the way" if probe != path else "it is a file"
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        problem = "permission denied"
+    if problem:
+        raise ValueError(f"--out {str(out)!r} is not a writable directory ({problem}); choose another --out")
+    return path
 
 
 def check(out: str | os.PathLike[str], command: str, *, resume: bool = False, overwrite: bool = False) -> Path:
