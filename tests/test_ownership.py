@@ -251,7 +251,7 @@ def test_import_into_a_store_being_written_is_refused(tmp_path, capsys):
         proc.wait()
 
 
-@pytest.mark.parametrize("extra", [[], ["--overwrite"], ["--resume"]])
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]])
 def test_cli_refuses_a_storage_with_foreign_files_before_ray(where, tmp_path, capsys, extra):
     import ray
 

@@ -182,9 +182,10 @@ def _refuse(st: Storage | None, command: str, *, resume: bool, overwrite: bool, 
 
 def _delete_owned(st: Storage, keep: Iterable[str] = ()) -> None:
     """Delete the entries twa-ray wrote in ``st`` (:data:`LAYOUT`), one by one, except ``keep``
-    and the lease; never ``st`` itself nor an entry that LAYOUT does not name."""
+    and the lease; never ``st`` itself nor an entry that LAYOUT does not name. The marker goes
+    last: a crash on the way leaves an output that is still marked, or nothing."""
     spare = {LEASE, *keep}
-    for info in _entries(st):
+    for info in sorted(_entries(st), key=lambda i: i.base_name in MARKERS.values()):
         n = info.base_name
         if n in spare or not any(fnmatch.fnmatchcase(n, p) for p in LAYOUT):
             continue
