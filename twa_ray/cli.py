@@ -337,12 +337,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     # --resume with --storage continues from the storage alone: a new --out is fine
     resume = outdir.resume_out(args.out, cfg.base.storage, args.resume)
     outdir.check(args.out, "sweep", resume=resume, overwrite=args.overwrite)
-    storage = cfg.base.storage
-    if storage and ("://" in storage or os.path.abspath(storage) != os.path.abspath(args.out)):
-        # the sweep claims its --storage; the local --out is claimed (locked, cleared, marked) here
-        outdir.claim(args.out, "sweep", resume=resume, overwrite=args.overwrite)
-    else:
-        outdir.lock(args.out)  # one writer at a time; the sweep marks --out (its storage) itself
+    outdir.lock(args.out)  # one writer at a time; the sweep claims --out with its --storage
     _interruptible()
     _local_ray_defaults(args.address)
     run_sweep(

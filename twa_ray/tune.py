@@ -37,7 +37,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from twa_ray import outdir
 from twa_ray.config import TRAJECTORY_FREE_FIELDS, RunConfig, SweepConfig, config_from_dict
 from twa_ray.pipeline import _check_out_dir, _claim_out_dir, _ensure_abs, init_ray, storage_of
 from twa_ray.report import (
@@ -434,9 +433,7 @@ def run_sweep(
     init_ray(address)
     check_multi_node(shared_paths, shared_fs=cfg.base.shared_fs)
     _check_trial_gpus(cfg.gpus_per_trial, local=address is None and not os.environ.get("RAY_ADDRESS"))
-    sweep_id = _claim_out_dir(storage, **claim)
-    if storage.uri != str(out_path):  # --storage elsewhere: --out is marked too
-        outdir.mark(out_path, "sweep", sweep_id)
+    sweep_id = _claim_out_dir(storage, **claim, out=out_path)
     if resume and storage.exists(PLAN_FILE):
         plan = storage.read_json(PLAN_FILE)
         log.info("resuming sweep %s: %d trials", sweep_id, len(plan["trials"]))
