@@ -283,3 +283,21 @@ def test_average_adds_to_a_runs_storage_under_the_same_rules(where):
     with pytest.raises(FileExistsError, match=r"did not write \(mine\.txt\)"):
         outdir.hold(st, "average")
     assert _hashes(fs, path) == before
+
+
+def test_out_and_storage_are_claimed_together_with_one_id(tmp_path):
+    """The claim of run and sweep: --storage first, then --out (elsewhere) with the same id; a
+    refused storage leaves --out as it was."""
+    from twa_ray.pipeline import _claim_out_dir
+
+    st, out = open_storage(str(tmp_path / "st")), tmp_path / "o"
+    run_id = _claim_out_dir(st, resume=False, overwrite=False, kind="sweep", given=st.uri, out=out)
+    assert outdir.owner(st) == outdir.owner(out) == ("sweep", run_id)
+    (out / "summary.json").write_text("{}")
+    outdir.release_all()
+    (tmp_path / "st" / "notes.txt").write_text("mine")
+    before = _hashes(pafs.LocalFileSystem(), str(tmp_path))
+    with pytest.raises(FileExistsError, match=r"did not write \(notes\.txt\)"):
+        _claim_out_dir(st, resume=False, overwrite=True, kind="sweep", given=st.uri, out=out)
+    outdir.release_all()
+    assert _hashes(pafs.LocalFileSystem(), str(tmp_path)) == before
