@@ -340,8 +340,6 @@ def _acquire(st: Storage, command: str, run_id: str, flag: str) -> None:
     held.thread = threading.Thread(target=_heartbeat, args=(held,), name="twa-ray-lease", daemon=True)
     _LEASES.append(held)
     held.thread.start()
-    if len(_LEASES) == 1:
-        atexit.register(_release_leases)
 
 
 def _heartbeat(held: _Lease) -> None:
@@ -371,6 +369,9 @@ def _release_leases() -> None:
                 held.st.fs.delete_file(f"{held.st.path.rstrip('/')}/{LEASE}")
         except (OSError, pa.ArrowException):
             pass  # it expires on its own
+
+
+atexit.register(_release_leases)  # a library caller's leases end with its process
 
 
 # --------------------------------------------------------------------------- a local --out
