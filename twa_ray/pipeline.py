@@ -34,6 +34,7 @@ log = logging.getLogger("twa_ray")
 
 __all__ = ["run_pipeline", "init_ray", "check_resources"]
 
+
 def init_ray(address: str | None = None) -> None:
     """Connect to ``address`` / ``RAY_ADDRESS`` (a cluster, or inside ``ray job submit``), or
     start a local Ray when neither is set."""
@@ -129,8 +130,7 @@ def run_pipeline(
 
     start = time.time()
     out = prepare_out_dir(cfg.out).resolve()
-    # --resume with --storage works from the storage alone: a new (empty) --out is fine
-    outdir.check(out, "run", resume=outdir.resume_out(out, cfg.storage, resume), overwrite=overwrite)  # owned, not locked by another
+    outdir.check(out, "run", resume=outdir.resume_out(out, cfg.storage, resume), overwrite=overwrite)
     storage, shared_paths = storage_of(cfg, str(out))
     _check_out_dir(storage, resume=resume, overwrite=overwrite, given=cfg.storage)  # refuse early
     # workers may run in another directory: every local path they see is absolute
