@@ -431,3 +431,51 @@ def test_overwrite_replaces_another_commands_output(fx, tmp_path):
     (out / "metrics.json").write_text("{}")
     assert main(["average", "--store", str(fx / "store"), "--out", str(out), "--overwrite", *FAST]) == 0
     assert not (out / "run.json").exists() and (out / "average.json").exists()
+
+
+# --------------------------------------------------------------------------- owner: --storage and stores (issues 23, 20)
+
+
+def _storage_holding_foreign(*extra: str):
+    def make(fx, tmp):
+        st = tmp / "st"
+        (st / "sub").mkdir(parents=True)
+        (st / "data.csv").write_text("a,b\n")
+        (st / "sub" / "x.txt").write_text("mine")
+        return ["run", "--smoke-test", "--storage", str(st), "--out", str(tmp / "o"), *extra]
+
+    return make
+
+
+def _leased(command: str):
+    """A location that a live command (the parent process: alive, this host) is writing."""
+
+    def make(fx, tmp):
+        import time
+
+        from twa_ray.outdir import LEASE
+
+        st = tmp / "st"
+        st.mkdir()
+        lease = {"command": command, "run_id": f"{command}-live", "host": socket.gethostname(), "pid": os.getppid(),
+                 "token": "t", "ttl_s": 600, "renewed": time.time()}  # fmt: skip
+        (st / LEASE).write_text(json.dumps(lease))
+        if command == "import":
+            return ["import", str(fx / "pt"), "--out", str(st)]
+        (st / "run.json").write_text(json.dumps({"command": "run", "run_id": "run-live"}))
+        return ["run", "--smoke-test", "--storage", str(st), "--out", str(tmp / "o"), "--resume"]
+
+    return make
+
+
+@pytest.mark.parametrize("make,needle", [
+    pytest.param(_storage_holding_foreign(), "holds files twa-ray did not write (data.csv, sub)", id="storage-holds-foreign-files"),
+    pytest.param(_storage_holding_foreign("--overwrite"), "choose a new or empty --storage", id="storage-overwrite-foreign-files"),
+    pytest.param(_leased("run"), "is being written by run run-live", id="storage-written-by-a-live-run"),
+    pytest.param(_leased("import"), "is being written by import import-live", id="import-into-a-store-being-imported"),
+])  # fmt: skip
+def test_storage_bad_input_is_one_line_exit_2_and_changes_nothing(fx, tmp_path, capsys, monkeypatch, make, needle):
+    import ray
+
+    test_bad_input_is_one_line_exit_2_and_changes_nothing(fx, tmp_path, capsys, monkeypatch, make, needle)
+    assert not ray.is_initialized()  # refused before Ray starts

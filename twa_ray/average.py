@@ -285,6 +285,8 @@ def run_average(cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = Fals
     out = prepare_out_dir(cfg.out)
     outdir.check_inputs(out, [("--store", cfg.store), ("--data-root", cfg.data.data_root)])
     outdir.check(out, "average", overwrite=overwrite)
+    if cfg.storage:  # the run's storage: average/ is added to it, one writer at a time
+        outdir.hold(open_storage(cfg.storage, create=False), "average")
     torch.manual_seed(cfg.data.seed)
     splits = load_dataset(
         cfg.data.dataset, root=cfg.data.data_root, val_frac=cfg.data.val_frac, seed=cfg.data.seed,

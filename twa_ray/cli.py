@@ -306,6 +306,7 @@ def smoke_sweep(cfg: Any) -> Any:
 def _cmd_import(args: argparse.Namespace) -> int:
     from twa_ray import outdir
     from twa_ray.core.layout import Layout
+    from twa_ray.storage import open_storage
     from twa_ray.store import import_checkpoints
 
     outdir.check_inputs(args.out, [("checkpoint", args.src), ("--data-root", args.data_root)])
@@ -318,6 +319,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
         splits = load_dataset(args.dataset, root=args.data_root)
         model = build_model(args.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
         layout, aliases = Layout.from_module(model), tied_names(model)
+    outdir.hold(open_storage(args.out, create=False), "import", flag=f"--out {args.out!r}")  # one import at a time
     print(import_checkpoints(args.src, args.out, layout=layout, aliases=aliases).summary(args.out))
     return 0
 
@@ -336,14 +338,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     cfg = sweep_config_from_args(args)
     outdir.check_inputs(args.out, [("--data-root", cfg.base.data.data_root)])
     # --resume with --storage continues from the storage alone: a new --out is fine
-    resume = args.resume and (not cfg.base.storage or outdir.owner(Path(args.out)) is not None)
+    resume = outdir.resume_out(args.out, cfg.base.storage, args.resume)
     outdir.check(args.out, "sweep", resume=resume, overwrite=args.overwrite)
-    storage = cfg.base.storage
-    if storage and ("://" in storage or os.path.abspath(storage) != os.path.abspath(args.out)):
-        # the sweep claims its --storage; the local --out is claimed (locked, cleared, marked) here
-        outdir.claim(args.out, "sweep", resume=resume, overwrite=args.overwrite)
-    else:
-        outdir.lock(args.out)  # one writer at a time; the sweep marks --out (its storage) itself
+    outdir.lock(args.out)  # one writer at a time; the sweep claims --out with its --storage
     _interruptible()
     _local_ray_defaults(args.address)
     run_sweep(
@@ -359,7 +356,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, smoke_test=args.smoke_test)
     outdir.check_inputs(cfg.out, [("--data-root", cfg.data.data_root)])
-    resume = args.resume and (not cfg.storage or outdir.owner(Path(cfg.out)) is not None)
+    resume = outdir.resume_out(cfg.out, cfg.storage, args.resume)
     outdir.check(cfg.out, "run", resume=resume, overwrite=args.overwrite)
     _interruptible()
     _local_ray_defaults(args.address)

@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,10 +53,7 @@ __all__ = [
     "write",
     "init_ray",
     "check_resources",
-    "resume_out",
 ]
-
-RUN_FILE = "run.json"
 
 
 def init_ray(address: str | None = None) -> None:
@@ -74,35 +70,26 @@ def _flag(storage: Storage, given: str | None) -> str:
 
 
 def _check_out_dir(
-    storage: Storage, *, resume: bool, overwrite: bool, marker: str = RUN_FILE, kind: str = "run",
-    given: str | None = None,
+    storage: Storage, *, resume: bool, overwrite: bool, kind: str = "run", given: str | None = None,
 ) -> None:  # fmt: skip
-    """Refuse the storage (``--storage``, default ``--out``) before anything starts: it holds a
-    ``kind`` and neither ``--resume`` nor ``--overwrite`` was given, or ``--resume`` finds
-    nothing to resume. Changes nothing."""
-    exists = storage.exists(marker)
-    if exists and not (resume or overwrite):
-        raise FileExistsError(
-            f"{_flag(storage, given)} already holds a {kind}; pass --resume to continue it or "
-            "--overwrite to delete it and start over"
-        )
-    if resume and not exists:
-        raise FileNotFoundError(f"--resume: no {kind} to resume in {_flag(storage, given)}; drop --resume")
+    """Refuse the storage (``--storage``, default ``--out``) before anything starts: the rules of
+    :func:`twa_ray.outdir.check_storage`. Changes nothing."""
+    outdir.check_storage(storage, kind, resume=resume, overwrite=overwrite, flag=_flag(storage, given))
 
 
 def _claim_out_dir(
-    storage: Storage, *, resume: bool, overwrite: bool, marker: str = RUN_FILE, kind: str = "run",
-    given: str | None = None,
+    storage: Storage, *, resume: bool, overwrite: bool, kind: str = "run", given: str | None = None,
+    out: os.PathLike[str] | str | None = None,
 ) -> str:  # fmt: skip
-    """The id of the ``kind`` in ``storage`` (recorded in ``storage/marker``): new, resumed
-    (``--resume``) or after deleting everything there (``--overwrite``)."""
-    _check_out_dir(storage, resume=resume, overwrite=overwrite, marker=marker, kind=kind, given=given)
-    if storage.exists(marker):
-        if not overwrite:  # --resume
-            return str(storage.read_json(marker)["run_id"])
-        storage.fs.delete_dir_contents(storage.path)
-    run_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    storage.write_json(marker, {"run_id": run_id})
+    """The id of the ``kind`` in ``storage``: new, resumed (``--resume``) or after deleting the
+    previous twa-ray output there (``--overwrite``); the storage's lease is held from now on.
+    ``out``: the local ``--out``, locked, and claimed with the same id when it is elsewhere."""
+    if out is not None:
+        outdir.lock(out)
+    run_id = outdir.claim_storage(storage, kind, resume=resume, overwrite=overwrite, flag=_flag(storage, given))
+    if out is not None and not (storage.local and os.path.abspath(out) == storage.path):
+        resumed = outdir.resume_out(out, given, resume)
+        outdir.claim(out, kind, resume=resumed, overwrite=overwrite, run_id=run_id)
     return run_id
 
 
@@ -146,12 +133,6 @@ def check_resources(s: SamplingConfig, *, fixed: bool) -> None:
     if fixed:
         raise ValueError("; ".join(problems))
     log.warning("%s (waiting for the cluster to scale up)", "; ".join(problems))
-
-
-def resume_out(out: Path, *, storage: str | None, resume: bool) -> bool:
-    """Whether ``--resume`` applies to the local ``--out`` too: always, unless the run lives in
-    ``--storage`` and ``--out`` is new (the storage alone is resumed; a new ``--out`` is fine)."""
-    return resume and (not storage or outdir.owner(out) is not None)
 
 
 @dataclass(frozen=True)
@@ -213,8 +194,7 @@ def setup(cfg: RunConfig, *, address: str | None, resume: bool, overwrite: bool)
     from twa_ray.ray.group import check_data_root_on_nodes
 
     out = prepare_out_dir(cfg.out).resolve()
-    resume_local = resume_out(out, storage=cfg.storage, resume=resume)
-    outdir.check(out, "run", resume=resume_local, overwrite=overwrite)  # owned, not locked by another
+    outdir.check(out, "run", resume=outdir.resume_out(out, cfg.storage, resume), overwrite=overwrite)
     storage, shared_paths = storage_of(cfg, str(out))
     _check_out_dir(storage, resume=resume, overwrite=overwrite, given=cfg.storage)  # refuse early
     # workers may run in another directory: every local path they see is absolute
@@ -238,9 +218,7 @@ def setup(cfg: RunConfig, *, address: str | None, resume: bool, overwrite: bool)
     check_resources(cfg.sampling, fixed=local)
     check_multi_node(shared_paths, shared_fs=cfg.shared_fs)
     check_data_root_on_nodes(cfg.data)
-    outdir.lock(out)  # one writer at a time
-    run_id = _claim_out_dir(storage, resume=resume, overwrite=overwrite, given=cfg.storage)
-    outdir.mark(out, "run", run_id)  # when --storage is elsewhere, --out is marked too
+    run_id = _claim_out_dir(storage, resume=resume, overwrite=overwrite, given=cfg.storage, out=out)
     layout = Layout.from_module(model)
     return _Run(
         cfg, out, storage, run_id, splits=splits, model=model, layout=layout,

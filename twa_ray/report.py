@@ -74,21 +74,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
 
 
 def prepare_out_dir(out: str) -> Path:
-    """``out`` as a path, checked before anything is written: a directory, or a name that can be
-    created (its nearest existing ancestor is a writable directory). Creates nothing: the
-    command's claim (:func:`twa_ray.outdir.claim` / :func:`~twa_ray.outdir.lock`) does."""
-    path = Path(out).expanduser()
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    problem = None
-    if not probe.is_dir():
-        problem = "a file is in the way" if probe != path else "it is a file"
-    elif not os.access(probe, os.W_OK | os.X_OK):
-        problem = "permission denied"
-    if problem:
-        raise ValueError(f"--out {out!r} is not a writable directory ({problem}); choose another --out")
-    return path
+    """``out`` as a path, checked before anything is written (see :func:`twa_ray.outdir.writable`)."""
+    from twa_ray.outdir import writable
+
+    return writable(out)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

@@ -3,11 +3,14 @@
 A local (or NFS) path, or any ``pyarrow.fs`` URI with pyarrow's query options, e.g.
 ``s3://bucket/prefix?endpoint_override=127.0.0.1:9000&scheme=http``. Under it a run keeps::
 
-    run.json          the run id (--resume finds the run here, from any machine)
+    run.json          the marker: the command and run id (--resume finds the run here)
+    .twa-ray-lease.json  the one-writer lease, renewed while a command writes
     candidates/       the candidate store
     work/ray_train/   Ray Train's storage (sampling and coefficient checkpoints)
     work/*.json       resolved configs of the phases
     outputs/          metrics.json, model.safetensors, coefficients.parquet, config.yaml, plots
+
+Who may write a location, and what ``--overwrite`` deletes there: :mod:`twa_ray.outdir`.
 
 ``--out`` stays a local folder with the outputs: the driver writes them there and uploads a copy
 to ``outputs/`` (nothing is read back from a path that a worker wrote on its own node).
@@ -147,7 +150,9 @@ class Storage:
     def upload_outputs(self, out: str | os.PathLike[str], rel: str = "outputs") -> int:
         """Copy the outputs in ``out`` (its top-level files, markers and hidden files aside) to
         ``rel/``; returns the bytes copied."""
-        skip = {"run.json", "sweep.json", "average.json"}
+        from twa_ray.outdir import MARKERS
+
+        skip = set(MARKERS.values())
         names = sorted(
             p.name for p in Path(out).iterdir()
             if p.is_file() and not p.name.startswith(".") and p.name not in skip

@@ -37,7 +37,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from twa_ray import outdir
 from twa_ray.config import TRAJECTORY_FREE_FIELDS, RunConfig, SweepConfig, config_from_dict
 from twa_ray.pipeline import _check_out_dir, _claim_out_dir, _ensure_abs, init_ray, storage_of
 from twa_ray.redact import redact
@@ -57,7 +56,6 @@ log = logging.getLogger("twa_ray")
 
 __all__ = ["plan_sweep", "select_candidates", "run_sweep", "to_tune_space"]
 
-SWEEP_FILE = "sweep.json"  # the sweep id (refuse / --resume / --overwrite, as for a run)
 PLAN_FILE = "plan.json"  # the resolved trials and sampling groups (a resumed sweep reuses them)
 DONE_FILE = "sampling_done.json"  # next to a finished sampling run: its candidates and cost
 EXPERIMENT = "sweep"  # Tune experiment name under <storage>/tune
@@ -429,17 +427,14 @@ def run_sweep(
     start = time.time()
     out_path = prepare_out_dir(out).resolve()
     storage, shared_paths = storage_of(cfg.base, str(out_path))
-    claim = {"resume": resume, "overwrite": overwrite, "marker": SWEEP_FILE, "kind": "sweep",
-             "given": cfg.base.storage}  # fmt: skip
+    claim = {"resume": resume, "overwrite": overwrite, "kind": "sweep", "given": cfg.base.storage}
     if sampling_dir:
         shared_paths["--sampling-dir"] = sampling_dir
     _check_out_dir(storage, **claim)  # refuse early, before starting Ray
     init_ray(address)
     check_multi_node(shared_paths, shared_fs=cfg.base.shared_fs)
     _check_trial_gpus(cfg.gpus_per_trial, local=address is None and not os.environ.get("RAY_ADDRESS"))
-    sweep_id = _claim_out_dir(storage, **claim)
-    if storage.uri != str(out_path):  # --storage elsewhere: --out is marked too
-        outdir.mark(out_path, "sweep", sweep_id)
+    sweep_id = _claim_out_dir(storage, **claim, out=out_path)
     if resume and storage.exists(PLAN_FILE):
         plan = storage.read_json(PLAN_FILE)
         log.info("resuming sweep %s: %d trials", sweep_id, len(plan["trials"]))
