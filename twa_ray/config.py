@@ -347,7 +347,7 @@ def config_from_dict(d: Mapping[str, Any], *, flags: Mapping[str, str] | None = 
     return _validate(RunConfig, d, flags or {})
 
 
-def _read_yaml(path: str, what: str) -> dict[str, Any]:
+def read_yaml(path: str, what: str) -> dict[str, Any]:
     """The mapping in a YAML file, with one clear error for a missing or malformed file."""
     import yaml
 
@@ -372,7 +372,7 @@ def _read_yaml(path: str, what: str) -> dict[str, Any]:
 
 def load_config(path: str) -> RunConfig:
     """Read a YAML config file into a :class:`RunConfig`."""
-    return config_from_dict(_read_yaml(path, "config file"))
+    return config_from_dict(read_yaml(path, "config file"))
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -534,4 +534,4 @@ def sweep_config_from_dict(d: Mapping[str, Any], *, flags: Mapping[str, str] | N
 
 def load_sweep_config(path: str) -> SweepConfig:
     """Read a YAML sweep file: the sections of a run config plus ``sweep:``."""
-    return sweep_config_from_dict(_read_yaml(path, "sweep config"))
+    return sweep_config_from_dict(read_yaml(path, "sweep config"))

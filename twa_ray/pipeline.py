@@ -43,9 +43,12 @@ def init_ray(address: str | None = None) -> None:
     start a local Ray when neither is set."""
     import ray
 
+    from twa_ray.ray.ray_internals import keep_signal_handlers
+
     if ray.is_initialized():
         return
-    ray.init(address=address, log_to_driver=True, configure_logging=False)
+    with keep_signal_handlers():  # twa-ray's SIGTERM handling (like Ctrl-C) survives ray.init
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
 
 
 def _flag(storage: Storage, given: str | None) -> str:
