@@ -17,8 +17,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Annotated, Any, Literal
 
-from annotated_types import Interval
-
 from twa_ray.core.twa import TWAConfig
 
 __all__ = [
@@ -43,8 +41,11 @@ class ConfigError(ValueError):
     sentence in ``rule``), shown as one line; :func:`config_from_dict` adds the flag or key."""
 
     def __init__(self, what: str, problems: list[tuple[str | None, Any, str]]) -> None:
+        super().__init__(what, problems)  # the arguments: it pickles
         self.what, self.problems = what, problems
-        super().__init__(self.render())
+
+    def __str__(self) -> str:
+        return self.render()
 
     def render(self, prefix: str = "", flags: Mapping[str, str] | None = None) -> str:
         """The one line; ``prefix + field`` looked up in ``flags`` names the flag it came from."""
@@ -55,13 +56,26 @@ class ConfigError(ValueError):
         return f"invalid {self.what}: " + "; ".join(parts)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The bounds of a numeric field, declared on its type (``Annotated[float, Range(gt=0, le=1)]``)
+    and checked by :func:`check_fields` in ``__post_init__`` (pydantic does not read it, so that a
+    config's problems are all reported at once, on the converted values). An upper bound of
+    ``inf`` (``lt=math.inf``) only asks for a finite number."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+
 _BOUNDS = (("gt", operator.gt, "(", ">"), ("ge", operator.ge, "[", ">="))
 _UPPER = (("lt", operator.lt, ")", "<"), ("le", operator.le, "]", "<="))
 
 
-def _rule(iv: Interval) -> str:
-    """An :class:`annotated_types.Interval` in words: ``must lie in (0, 1]``, ``must be >= 1``;
-    an upper bound of ``inf`` only asks for a finite number."""
+def _rule(iv: Range) -> str:
+    """A :class:`Range` in words: ``must lie in (0, 1]``, ``must be >= 1``, ``must be a positive
+    number``."""
     lo = next(((b, sym, cmp) for k, _, b, cmp in _BOUNDS if (sym := getattr(iv, k)) is not None), None)
     hi = next(((b, sym, cmp) for k, _, b, cmp in _UPPER if (sym := getattr(iv, k)) is not None), None)
     if hi is not None and math.isinf(hi[1]):
@@ -75,7 +89,7 @@ def _rule(iv: Interval) -> str:
     return f"must be {bound[2]} {bound[1]}"
 
 
-def _inside(value: float, iv: Interval) -> bool:
+def _inside(value: float, iv: Range) -> bool:
     """``value`` within ``iv`` (NaN never is)."""
     return all(getattr(iv, k) is None or op(value, getattr(iv, k)) for k, op, _, _ in _BOUNDS + _UPPER)
 
@@ -93,7 +107,7 @@ def _unwrap(hint: Any) -> tuple[Any, list[Any]]:
 
 def _field_problem(value: Any, hint: Any) -> str | None:
     """Why ``value`` is outside what ``hint`` declares (a ``Literal``'s choices, an
-    :class:`~annotated_types.Interval`, a 64-bit integer), or None."""
+    :class:`~annotated_types.Range`, a 64-bit integer), or None."""
     base, meta = _unwrap(hint)
     if value is None:
         return None
@@ -102,7 +116,7 @@ def _field_problem(value: Any, hint: Any) -> str | None:
         return None if value in choices else "use one of " + ", ".join(map(repr, choices))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None  # a type error: pydantic names it (the Python API trusts its caller's types)
-    for iv in (m for m in meta if isinstance(m, Interval)):
+    for iv in (m for m in meta if isinstance(m, Range)):
         if not _inside(value, iv):
             return _rule(iv)
     if base is int and not -INT64_MAX - 1 <= value <= INT64_MAX:
@@ -125,13 +139,13 @@ def check_fields(obj: Any, what: str, extra: list[str] | None = None) -> None:
         raise ConfigError(what, problems)
 
 
-def _fraction(*, closed_hi: bool = False) -> Interval:
-    return Interval(gt=0, le=1) if closed_hi else Interval(gt=0, lt=1)
+def _fraction(*, closed_hi: bool = False) -> Range:
+    return Range(gt=0, le=1) if closed_hi else Range(gt=0, lt=1)
 
 
-_POSITIVE = Interval(gt=0, lt=math.inf)  # finite and > 0
-_NON_NEGATIVE = Interval(ge=0, lt=math.inf)  # finite and >= 0
-_CPUS = Interval(gt=0, le=1024)
+_POSITIVE = Range(gt=0, lt=math.inf)  # finite and > 0
+_NON_NEGATIVE = Range(ge=0, lt=math.inf)  # finite and >= 0
+_CPUS = Range(gt=0, le=1024)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,9 +160,9 @@ class DataConfig:
     """'mlp', 'cnn1d', 'resnet20', 'vgg16_bn', 'tv:<torchvision name>', or 'pkg.module:function'."""
     val_frac: Annotated[float, _fraction()] = 0.1
     """Fraction of the training split held out for validation (never trained on)."""
-    num_samples: Annotated[int, Interval(ge=100)] | None = None
+    num_samples: Annotated[int, Range(ge=100)] | None = None
     """MNIST-1D: total generated samples (None: the package default)."""
-    seed: Annotated[int, Interval(ge=0, le=INT64_MAX)] = 0
+    seed: Annotated[int, Range(ge=0, le=INT64_MAX)] = 0
     """Seed of the data split, model init and data order."""
 
     def __post_init__(self) -> None:
@@ -164,19 +178,19 @@ TRAJECTORY_FREE_FIELDS = ("cpus_per_worker", "max_failures", "checkpoint_interva
 class SamplingConfig:
     """The sampling phase: data-parallel SGD on the full-budget schedule, snapshotting candidates."""
 
-    epochs: Annotated[int, Interval(ge=1)] = 40
+    epochs: Annotated[int, Range(ge=1)] = 40
     """Full epoch budget E: the learning-rate schedule spans E epochs."""
     sample_frac: Annotated[float, _fraction(closed_hi=True)] = 0.5
     """Train only the first sample_frac * E epochs (the saving); candidates come from these."""
-    sample_interval: Annotated[int, Interval(ge=1)] = 1
+    sample_interval: Annotated[int, Range(ge=1)] = 1
     """Snapshot every this many epochs (interval_unit='epoch') or steps ('step')."""
     interval_unit: Literal["epoch", "step"] = "epoch"
     """Unit of sample_interval."""
-    batch_size: Annotated[int, Interval(ge=1)] = 128
+    batch_size: Annotated[int, Range(ge=1)] = 128
     """Global batch size (split across workers)."""
     lr: Annotated[float, _POSITIVE] = 0.1
     """Peak SGD learning rate (scaled for the global batch)."""
-    momentum: Annotated[float, Interval(ge=0, lt=1)] = 0.9
+    momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
     """SGD momentum."""
     weight_decay: Annotated[float, _NON_NEGATIVE] = 5e-4
     """SGD weight decay."""
@@ -184,13 +198,13 @@ class SamplingConfig:
     """Learning-rate schedule over the full budget E."""
     warmup_epochs: Annotated[float, _NON_NEGATIVE] = 0.0
     """Linear warm-up length in epochs."""
-    num_workers: Annotated[int, Interval(ge=1)] = 2
+    num_workers: Annotated[int, Range(ge=1)] = 2
     """Ray Train workers."""
     use_gpu: bool = False
     """One GPU per worker (nccl) instead of CPU (gloo)."""
     cpus_per_worker: Annotated[float, _CPUS] = 1.0
     """CPUs reserved per Train worker (fractions allowed: 0.5 fits 2 workers + a Tune trial on 2 CPUs)."""
-    max_failures: Annotated[int, Interval(ge=0)] = 1
+    max_failures: Annotated[int, Range(ge=0)] = 1
     """Worker failures tolerated: the run restarts from the last Ray Train checkpoint."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Arithmetic of the forward and backward passes: fp32, or bf16 autocast (weights, optimizer
@@ -311,30 +325,11 @@ def _validate(cls: type, d: Mapping[str, Any], flags: Mapping[str, str], prefix:
         if e["type"] == "value_error":  # raised by a __post_init__: already a full sentence
             error = e["ctx"]["error"]
             raise ValueError(error.render(where, flags) if isinstance(error, ConfigError) else str(error)) from None
-        if e["type"] in _OUT_OF_RANGE:
-            raise _range_error(cls, e["loc"], e["input"], prefix, flags) from None
         key = prefix + ".".join(str(p) for p in e["loc"])
         expected = _EXPECTED.get(e["type"])
         if e["type"] == "literal_error":
             expected = f"one of {e['ctx']['expected']}"
         raise ValueError(_type_error(key, expected or e["msg"].lower(), e["input"], flags)) from None
-
-
-_OUT_OF_RANGE = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
-
-
-def _range_error(cls: type, loc: tuple[Any, ...], raw: Any, prefix: str, flags: Mapping[str, str]) -> ValueError:
-    """pydantic's refusal of a declared bound, worded as :func:`check_fields` words it: the
-    value (as the field's type), the whole interval, the flag it came from."""
-    *path, name = (str(p) for p in loc)
-    for part in path:
-        cls = _unwrap(_hints(cls)[part])[0]
-    hint = _hints(cls, extras=True)[name]
-    kind = _unwrap(hint)[0]
-    value = kind(raw) if kind in (int, float) else raw
-    what = f"{path[-1] if path else prefix.rstrip('.') or 'run'} config"
-    return ValueError(ConfigError(what, [(name, value, _field_problem(value, hint) or "out of range")]).render(
-        prefix + "".join(f"{p}." for p in path), flags))
 
 
 def config_from_dict(d: Mapping[str, Any], *, flags: Mapping[str, str] | None = None) -> RunConfig:
@@ -477,26 +472,26 @@ class SweepConfig:
     """Knob (``twa.lr``, ``sampling.sample_interval``, ``mode``, or a bare unique field name) ->
     space (``{grid: [..]}``, ``{choice: [..]}``, ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``,
     or a ``ray.tune`` search-space object)."""
-    num_samples: Annotated[int, Interval(ge=1)] = 1
+    num_samples: Annotated[int, Range(ge=1)] = 1
     """Repetitions of the grid; random spaces are drawn anew for each (Ray Tune semantics)."""
     scheduler: Literal["asha", "none"] = "asha"
     """ASHA early stopping on the selection accuracy, or run every trial to the end."""
-    grace_period: Annotated[int, Interval(ge=1)] = 1
+    grace_period: Annotated[int, Range(ge=1)] = 1
     """ASHA: TWA epochs every trial runs before it can be stopped."""
-    reduction_factor: Annotated[float, Interval(gt=1, lt=math.inf)] = 2.0
+    reduction_factor: Annotated[float, Range(gt=1, lt=math.inf)] = 2.0
     """ASHA: keep the top 1/reduction_factor of the trials at each rung."""
-    max_concurrent: Annotated[int, Interval(ge=1)] | None = None
+    max_concurrent: Annotated[int, Range(ge=1)] | None = None
     """Trials at once (None: the cluster's CPUs minus one, over cpus_per_trial; 1 on 2 CPUs)."""
     cpus_per_trial: Annotated[float, _CPUS] = 1.0
     """CPUs reserved per trial (its TWA phase runs in the trial's process with this many threads)."""
-    gpus_per_trial: Annotated[float, Interval(ge=0, le=64)] = 0.0
+    gpus_per_trial: Annotated[float, Range(ge=0, le=64)] = 0.0
     """GPUs reserved per trial (> 0: the trial's TWA phase runs on its GPU; fractions share one)."""
     metric: Literal["val_acc"] = "val_acc"
     """The selection metric (mode max): accuracy on the selection part of the val split.
     Test accuracy is reported, never used for selection."""
     select_frac: Annotated[float, _fraction()] = 0.5
     """Fraction of the val split held out for selection; TWA-v trials fit on the rest."""
-    seed: Annotated[int, Interval(ge=0, le=2**32 - 1)] = 0
+    seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 0
     """Seed of the random draws of the space (numpy's RandomState: 32 bits)."""
     reuse_sampling: bool = True
     """Share sampling runs between trials (False: every trial samples on its own, for comparison)."""
