@@ -358,10 +358,15 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def interrupted_line(command: str) -> str:
-    """What an interrupted command prints: how to continue it."""
-    again = {"run": " rerun with --resume", "sweep": " rerun with --resume", "average": " rerun with --overwrite"}
-    return f"twa-ray: interrupted;{again[command]}" if command in again else "twa-ray: interrupted"
+_AGAIN = {"run": "; rerun with --resume", "sweep": "; rerun with --resume", "average": "; rerun with --overwrite"}
+_told = threading.Event()  # the line is printed once, by main or by the forced exit
+
+
+def _tell_interrupted(command: str) -> None:
+    """Print the one line of an interrupted command: how to continue it."""
+    if not _told.is_set():
+        _told.set()
+        print(f"twa-ray: interrupted{_AGAIN.get(command, '')}", file=sys.stderr, flush=True)
 
 
 def _interruptible(command: str) -> None:
@@ -373,7 +378,7 @@ def _interruptible(command: str) -> None:
 
     def handler(signum: int, frame: Any) -> None:
         def force() -> None:
-            print(interrupted_line(command), file=sys.stderr, flush=True)
+            _tell_interrupted(command)
             os._exit(EXIT_CODES.get(signum, 128 + signum))
 
         timer = threading.Timer(_GRACE_S, force)
@@ -383,6 +388,7 @@ def _interruptible(command: str) -> None:
             signal.signal(s, lambda *_: force())
         raise Interrupted(signum)
 
+    _told.clear()
     if threading.current_thread() is threading.main_thread():
         for s in EXIT_CODES:
             signal.signal(s, handler)
@@ -486,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rc
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (Interrupted), or a plain Ctrl-C
         failed = False  # what ran is kept: --resume continues it
-        print(interrupted_line(args.command), file=sys.stderr)
+        _tell_interrupted(args.command)
         return EXIT_CODES[getattr(e, "signum", signal.SIGINT)]
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         print(_user_error(e), file=sys.stderr)

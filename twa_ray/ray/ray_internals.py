@@ -17,6 +17,7 @@ No other module imports a private Ray name. Each workaround is a function of our
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -57,8 +58,6 @@ def stop_train_sigint_handler() -> None:
     """Keep ``TorchTrainer.fit()`` from installing its own SIGINT handler in this process, so
     that a Ctrl-C reaches the command's handler (which stops the whole command). Ray Tune's
     handler is switched off by its documented ``TUNE_DISABLE_SIGINT_HANDLER``."""
-    import os
-
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
@@ -69,14 +68,32 @@ def stop_train_sigint_handler() -> None:
 def keep_signal_handlers() -> Iterator[None]:
     """Around ``ray.init``: the SIGINT and SIGTERM handlers of this process survive it.
 
-    ``ray.init`` sets a SIGTERM handler of its own, and the core worker it starts installs a C
-    handler that aborts the process with a stack dump; re-setting ours through ``signal.signal``
-    puts Python's handler back in place (only the main thread can)."""
-    main = threading.current_thread() is threading.main_thread()
-    before = {s: signal.getsignal(s) for s in _SIGNALS} if main else {}
+    ``ray.init`` sets a SIGTERM handler of its own (``sys.exit``; a local head's kills Ray's
+    processes first), and the core worker it starts installs a C handler that aborts the process
+    with a stack dump; re-setting ours through ``signal.signal`` puts Python's handler back. A
+    signal that reached Ray's handler meanwhile (seen through the wakeup fd) is sent again, to
+    ours. Only the main thread handles signals: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {s: signal.getsignal(s) for s in _SIGNALS}
+    r, w = os.pipe()
+    for fd in (r, w):
+        os.set_blocking(fd, False)
+    old_fd = signal.set_wakeup_fd(w)
     try:
         yield
     finally:
-        for s, handler in before.items():
-            if handler is not None:
-                signal.signal(s, handler)
+        signal.set_wakeup_fd(old_fd)
+        replaced = [s for s in _SIGNALS if signal.getsignal(s) is not before[s]]
+        for s in replaced:
+            signal.signal(s, before[s])
+        try:
+            arrived = os.read(r, 4096)
+        except BlockingIOError:
+            arrived = b""
+        os.close(r)
+        os.close(w)
+        for s in replaced:
+            if s in arrived:
+                signal.raise_signal(s)
