@@ -88,15 +88,18 @@ class _Option:
 
 
 def _sections() -> dict[str, type]:
-    from twa_ray.config import DataConfig, RunConfig, SamplingConfig, SweepConfig, TWAConfig
+    """The dataclass of each section of a dotted key ("": a top-level RunConfig field)."""
+    from twa_ray.config import SECTIONS, RunConfig, SweepConfig
 
-    return {"": RunConfig, "data": DataConfig, "sampling": SamplingConfig, "twa": TWAConfig, "sweep": SweepConfig}
+    return {"": RunConfig, **SECTIONS, "sweep": SweepConfig}
 
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """Each field's attribute docstring (the string literal under it), on one line."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    node = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+    assert isinstance(node, ast.ClassDef)
+    body = node.body
     docs = {}
     for node, after in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
@@ -111,8 +114,7 @@ def option(key: str) -> _Option:
     sections = _sections()
     section, _, name = key.rpartition(".")
     cls = sections[section]
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    default = getattr(cls(), name)  # every config dataclass has a default for each field
     kind = typing.get_type_hints(cls)[name]
     flag = name
     if section == "twa" and any(name in {g.name for g in dataclasses.fields(sections[s])} for s in ("data", "sampling")):
@@ -347,48 +349,50 @@ def _local_ray(address: str | None) -> None:
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 """Exit code of a command stopped by a signal: 128 + the signal's number, the shell's convention."""
 _GRACE_S = 5.0  # after a signal: time for a clean shutdown before the process exits anyway
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) or SIGTERM (a scheduler, ``timeout``, ``docker stop``, Kubernetes): the
-    command unwinds as from Ctrl-C, remembering the signal for its exit code."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
 _AGAIN = {"run": "; rerun with --resume", "sweep": "; rerun with --resume", "average": "; rerun with --overwrite"}
-_told = threading.Event()  # the line is printed once, by main or by the forced exit
 
 
-def _tell_interrupted(command: str) -> None:
-    """Print the one line of an interrupted command: how to continue it."""
-    if not _told.is_set():
-        _told.set()
-        print(f"twa-ray: interrupted{_AGAIN.get(command, '')}", file=sys.stderr, flush=True)
+class _Interrupt:
+    """The signal this command received, if any (the KeyboardInterrupt it raises may reach
+    :func:`main` re-raised by Ray, without it), and whether its one line was printed."""
+
+    signum: int = signal.SIGINT
+    told: bool = False
+
+    @classmethod
+    def tell(cls, command: str) -> None:
+        """Print the line of an interrupted command, once: how to continue it."""
+        if not cls.told:
+            cls.told = True
+            print(f"twa-ray: interrupted{_AGAIN.get(command, '')}", file=sys.stderr, flush=True)
+
+    @classmethod
+    def exit_code(cls) -> int:
+        return EXIT_CODES.get(signal.Signals(cls.signum), 128 + cls.signum)
 
 
 def _interruptible(command: str) -> None:
-    """SIGINT or SIGTERM at any phase: raise :class:`Interrupted` in the main thread (Ray
-    Train's polling loop then unwinds, and Ray is shut down), and exit with 128 + the signal
-    after a few seconds (at once on a second signal) even if something blocks. Writes are
-    atomic, so whatever is cut short leaves no half-written file. (``ray.init`` would replace
-    the SIGTERM handler: :func:`twa_ray.ray.ray_internals.keep_signal_handlers` keeps it.)"""
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler, ``timeout``, ``docker stop``, Kubernetes) at
+    any phase: raise KeyboardInterrupt in the main thread (Ray Train's polling loop then
+    unwinds, and Ray is shut down), and exit with 128 + the signal after a few seconds (at once
+    on a second signal) even if something blocks. Writes are atomic, so whatever is cut short
+    leaves no half-written file. (``ray.init`` would replace the SIGTERM handler:
+    :func:`twa_ray.ray.ray_internals.keep_signal_handlers` keeps it.)"""
 
     def handler(signum: int, frame: Any) -> None:
         def force() -> None:
-            _tell_interrupted(command)
-            os._exit(EXIT_CODES.get(signum, 128 + signum))
+            _Interrupt.tell(command)
+            os._exit(_Interrupt.exit_code())
 
+        _Interrupt.signum = signum
         timer = threading.Timer(_GRACE_S, force)
         timer.daemon = True
         timer.start()
         for s in EXIT_CODES:
             signal.signal(s, lambda *_: force())
-        raise Interrupted(signum)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    _told.clear()
+    _Interrupt.signum, _Interrupt.told = signal.SIGINT, False
     if threading.current_thread() is threading.main_thread():
         for s in EXIT_CODES:
             signal.signal(s, handler)
@@ -490,10 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = commands[args.command](args)
         failed = False
         return rc
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (Interrupted), or a plain Ctrl-C
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see _interruptible)
         failed = False  # what ran is kept: --resume continues it
-        _tell_interrupted(args.command)
-        return EXIT_CODES[getattr(e, "signum", signal.SIGINT)]
+        _Interrupt.tell(args.command)
+        return _Interrupt.exit_code()
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         print(_user_error(e), file=sys.stderr)
         return 2

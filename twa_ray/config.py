@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Annotated, Any, Literal
 
+from twa_ray.core.checks import INT64_MAX, ConfigError, Range, check_fields
 from twa_ray.core.twa import TWAConfig
 
 __all__ = [
@@ -31,113 +31,6 @@ __all__ = [
     "load_sweep_config",
     "sweep_config_from_dict",
 ]
-
-INT64_MAX = 2**63 - 1
-"""Integers of a config are stored and seeded as 64-bit integers."""
-
-
-class ConfigError(ValueError):
-    """Config values out of range: ``(field, value, rule)`` triples (field None: a whole
-    sentence in ``rule``), shown as one line; :func:`config_from_dict` adds the flag or key."""
-
-    def __init__(self, what: str, problems: list[tuple[str | None, Any, str]]) -> None:
-        super().__init__(what, problems)  # the arguments: it pickles
-        self.what, self.problems = what, problems
-
-    def __str__(self) -> str:
-        return self.render()
-
-    def render(self, prefix: str = "", flags: Mapping[str, str] | None = None) -> str:
-        """The one line; ``prefix + field`` looked up in ``flags`` names the flag it came from."""
-        parts = []
-        for name, value, rule in self.problems:
-            flag = (flags or {}).get(prefix + name) if name else None
-            parts.append(rule if name is None else f"{name}={value!r}{f' ({flag})' if flag else ''}: {rule}")
-        return f"invalid {self.what}: " + "; ".join(parts)
-
-
-@dataclass(frozen=True)
-class Range:
-    """The bounds of a numeric field, declared on its type (``Annotated[float, Range(gt=0, le=1)]``)
-    and checked by :func:`check_fields` in ``__post_init__`` (pydantic does not read it, so that a
-    config's problems are all reported at once, on the converted values). An upper bound of
-    ``inf`` (``lt=math.inf``) only asks for a finite number."""
-
-    gt: float | None = None
-    ge: float | None = None
-    lt: float | None = None
-    le: float | None = None
-
-
-_BOUNDS = (("gt", operator.gt, "(", ">"), ("ge", operator.ge, "[", ">="))
-_UPPER = (("lt", operator.lt, ")", "<"), ("le", operator.le, "]", "<="))
-
-
-def _rule(iv: Range) -> str:
-    """A :class:`Range` in words: ``must lie in (0, 1]``, ``must be >= 1``, ``must be a positive
-    number``."""
-    lo = next(((b, sym, cmp) for k, _, b, cmp in _BOUNDS if (sym := getattr(iv, k)) is not None), None)
-    hi = next(((b, sym, cmp) for k, _, b, cmp in _UPPER if (sym := getattr(iv, k)) is not None), None)
-    if hi is not None and math.isinf(hi[1]):
-        if lo == ("(", 0, ">"):
-            return "must be a positive number"
-        return f"must be a finite number {lo[2]} {lo[1]}" if lo else "must be a finite number"
-    if lo and hi:
-        return f"must lie in {lo[0]}{lo[1]}, {hi[1]}{hi[0]}"
-    bound = lo or hi
-    assert bound is not None
-    return f"must be {bound[2]} {bound[1]}"
-
-
-def _inside(value: float, iv: Range) -> bool:
-    """``value`` within ``iv`` (NaN never is)."""
-    return all(getattr(iv, k) is None or op(value, getattr(iv, k)) for k, op, _, _ in _BOUNDS + _UPPER)
-
-
-def _unwrap(hint: Any) -> tuple[Any, list[Any]]:
-    """(type, Annotated metadata) of a field's hint, ``X | None`` read as ``X``."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        hint = args[0] if len(args) == 1 else hint
-    if typing.get_origin(hint) is Annotated:
-        base, *meta = typing.get_args(hint)
-        return base, meta
-    return hint, []
-
-
-def _field_problem(value: Any, hint: Any) -> str | None:
-    """Why ``value`` is outside what ``hint`` declares (a ``Literal``'s choices, an
-    :class:`~annotated_types.Range`, a 64-bit integer), or None."""
-    base, meta = _unwrap(hint)
-    if value is None:
-        return None
-    if typing.get_origin(base) is Literal:
-        choices = typing.get_args(base)
-        return None if value in choices else "use one of " + ", ".join(map(repr, choices))
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None  # a type error: pydantic names it (the Python API trusts its caller's types)
-    for iv in (m for m in meta if isinstance(m, Range)):
-        if not _inside(value, iv):
-            return _rule(iv)
-    if base is int and not -INT64_MAX - 1 <= value <= INT64_MAX:
-        return f"must fit in 64 bits (at most {INT64_MAX})"
-    return None
-
-
-def check_fields(obj: Any, what: str, extra: list[str] | None = None) -> None:
-    """Check every field of the config dataclass ``obj`` against its declared type (raised as
-    one :class:`ConfigError` with ``extra`` problems, sentences of the caller's own)."""
-    hints = _hints(type(obj), extras=True)
-    problems: list[tuple[str | None, Any, str]] = []
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        problem = _field_problem(value, hints[f.name])
-        if problem:
-            problems.append((f.name, value, problem))
-    problems += [(None, None, e) for e in extra or []]
-    if problems:
-        raise ConfigError(what, problems)
-
 
 def _fraction(*, closed_hi: bool = False) -> Range:
     return Range(gt=0, le=1) if closed_hi else Range(gt=0, lt=1)
@@ -259,7 +152,8 @@ class RunConfig:
         return asdict(self)
 
 
-_SECTIONS = {"data": DataConfig, "sampling": SamplingConfig, "twa": TWAConfig}
+SECTIONS = {"data": DataConfig, "sampling": SamplingConfig, "twa": TWAConfig}
+"""The sections of a :class:`RunConfig` (YAML ``data:``, ``sampling:``, ``twa:``) by name."""
 
 
 # what a pydantic error type expects, in words
@@ -275,9 +169,9 @@ _WORDS = {bool: "true or false", int: "an integer", float: "a number"}
 
 
 @functools.cache
-def _hints(cls: type, *, extras: bool = False) -> dict[str, Any]:
-    """A dataclass's field types (``extras``: with their ``Annotated`` constraints)."""
-    return typing.get_type_hints(cls, include_extras=extras)
+def _hints(cls: type) -> dict[str, Any]:
+    """A dataclass's field types, ``Annotated`` bounds stripped."""
+    return typing.get_type_hints(cls)
 
 
 def _scalar(hint: Any) -> type | None:
@@ -338,7 +232,7 @@ def config_from_dict(d: Mapping[str, Any], *, flags: Mapping[str, str] | None = 
 
     ``flags``: dotted key -> CLI flag, named in errors for values that came from flags."""
     if isinstance(d, Mapping):  # an empty section (``twa:`` with nothing under it) is the defaults
-        d = {k: {} if k in _SECTIONS and v is None else v for k, v in d.items()}
+        d = {k: {} if k in SECTIONS and v is None else v for k, v in d.items()}
     return _validate(RunConfig, d, flags or {})
 
 
@@ -383,7 +277,7 @@ _NOT_KNOBS = {"sampling.cpus_per_worker", "sampling.max_failures"}
 
 def _knob_names() -> dict[str, str]:
     """Every sweepable knob by its dotted name (``twa.lr``), plus the top-level ``mode``."""
-    names = {f"{sec}.{f.name}": f"{sec}.{f.name}" for sec, cls in _SECTIONS.items() for f in fields(cls)}
+    names = {f"{sec}.{f.name}": f"{sec}.{f.name}" for sec, cls in SECTIONS.items() for f in fields(cls)}
     names["mode"] = "mode"
     return {k: v for k, v in names.items() if k not in _NOT_KNOBS}
 
@@ -437,7 +331,7 @@ def _flatten_space(space: Mapping[str, Any], errors: list[str]) -> dict[str, Any
     """``{twa: {lr: spec}}`` and ``{twa.lr: spec}`` both become ``{"twa.lr": spec}``."""
     flat: dict[str, Any] = {}
     for key, value in space.items():
-        is_section = key in _SECTIONS and isinstance(value, Mapping) and not _is_domain(value)
+        is_section = key in SECTIONS and isinstance(value, Mapping) and not _is_domain(value)
         if is_section and not (len(value) == 1 and next(iter(value)) in SPACE_KINDS):
             items = [(f"{key}.{k}", v) for k, v in value.items()]
         else:
