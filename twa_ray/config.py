@@ -3,7 +3,11 @@
 YAML files and CLI flags map onto these dataclasses (:func:`load_config`), validated by pydantic
 from the dataclasses' own type hints: unambiguous numeric strings are coerced (``"1e-3"`` -> 0.001,
 ``"40"`` -> 40), booleans come only from booleans, and every other mismatch is one error naming
-the key and the expected type. Every output directory gets the resolved config next to it.
+the key and the expected type. Bounds and choices are declared on the fields (``Literal``,
+``Annotated[float, Range(...)]``) and checked once, in ``__post_init__``, by
+:func:`twa_ray.core.checks.check_fields`: every value out of range is named (with its flag when
+it came from one) in one line. ``twa-ray``'s flags, choices and help are generated from these
+fields (:mod:`twa_ray.cli`). Every output directory gets the resolved config next to it.
 """
 
 from __future__ import annotations
@@ -132,7 +136,8 @@ class RunConfig:
     out: str = "runs/twa"
     """Output directory (local path; ``twa-ray average`` defaults to runs/average)."""
     store: str | None = None
-    """Candidate store URI (default: <out>/candidates)."""
+    """Candidate store URI: where run writes the candidates (default: <out>/candidates), what
+    average reads (a store, or a folder of .pt / .safetensors checkpoints)."""
     storage: str | None = None
     """One storage URI for every artifact: a local/NFS path or any pyarrow.fs URI such as
     s3://bucket/prefix?endpoint_override=...; default: a local folder under --out."""
