@@ -318,6 +318,31 @@ def test_version_and_help_show_every_flag_with_its_default(capsys):
     assert "(default: runs/average)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_flags_are_generated_from_the_config_fields():
+    """Each flag's help is its field's docstring, its choices the field's Literal, its default
+    the dataclass's; every config field has a docstring to give."""
+    import dataclasses
+    import typing
+
+    from twa_ray.cli import KEYS, build_parser, field_docs, option
+    from twa_ray.config import SECTIONS, RunConfig, SweepConfig
+
+    for cls in (RunConfig, SweepConfig, *SECTIONS.values()):
+        missing = {f.name for f in dataclasses.fields(cls)} - set(field_docs(cls)) - {"data", "sampling", "twa", "base"}
+        assert not missing, f"{cls.__name__}: fields without a docstring: {missing}"
+    run = next(a for a in build_parser()._actions if a.dest == "command").choices["run"]
+    actions = {a.dest: a for a in run._actions}
+    for key in KEYS["run"]:
+        o = option(key)
+        action = actions[o.name]
+        assert action.help.startswith(o.doc[:40]) and o.flag in action.option_strings, key
+        if typing.get_origin(o.kind) is typing.Literal:
+            assert tuple(action.choices) == typing.get_args(o.kind), key
+    assert option("twa.lr").flag == "--twa-lr" and option("twa.bits").flag == "--bits"  # twa- only where names clash
+    assert option("greedy_soup").flag == "--no-greedy-soup" and option("sampling.num_workers").flag == "--workers"
+    assert "(default: 0.2)" in actions["twa_lr"].help and "(default: 40)" in actions["epochs"].help
+
+
 def test_verbosity_after_the_subcommand_and_no_third_party_debug_lines(trained, tmp_path, capsys):
     argv = ["--store", str(trained / "store"), "--num-samples", str(NUM_SAMPLES), "--mode", "t", "--twa-epochs", "1",
             "--no-greedy-soup"]  # fmt: skip

@@ -97,14 +97,13 @@ def _sections() -> dict[str, type]:
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """Each field's attribute docstring (the string literal under it), on one line."""
-    node = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
-    assert isinstance(node, ast.ClassDef)
-    body = node.body
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+    assert isinstance(tree, ast.ClassDef)
     docs = {}
-    for node, after in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+    for stmt, after in zip(tree.body, tree.body[1:]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(after, ast.Expr) \
                 and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):  # fmt: skip
-            docs[node.target.id] = " ".join(after.value.value.replace("``", "").split())
+            docs[stmt.target.id] = " ".join(after.value.value.replace("``", "").split())
     return docs
 
 
