@@ -342,6 +342,43 @@ CORPUS += [
 ]
 
 
+# -- numbers out of range (issue 20): each names its flag (or its key in the file), before Ray starts
+_HUGE = "99999999999999999999"  # beyond 64 bits
+
+
+def _sweep_flags(*flags: str):
+    def make(fx, tmp):
+        return ["sweep", "--config", _yaml(tmp, "sweep:\n  space: {twa.lr: {grid: [0.1]}}\n"), "--out", str(tmp / "o"), *flags]
+
+    return make
+
+
+CORPUS += [
+    pytest.param(_run("--seed", _HUGE), f"seed={_HUGE} (--seed): must lie in [0, ", id="flag-seed-beyond-64-bits"),
+    pytest.param(_avg("--seed", "-1"), "seed=-1 (--seed): must lie in [0, ", id="flag-negative-seed"),
+    pytest.param(_run("--epochs", _HUGE), f"epochs={_HUGE} (--epochs): must fit in 64 bits", id="flag-epochs-beyond-64-bits"),
+    pytest.param(_run("--sample-interval", _HUGE), "(--sample-interval): must fit in 64 bits", id="flag-interval-beyond-64-bits"),
+    pytest.param(_run("--batch-size", "-64"), "batch_size=-64 (--batch-size): must be >= 1", id="flag-negative-batch-size"),
+    pytest.param(_run("--workers", "-2"), "num_workers=-2 (--workers): must be >= 1", id="flag-negative-workers"),
+    pytest.param(_run("--max-failures", "-1"), "max_failures=-1 (--max-failures): must be >= 0", id="flag-negative-max-failures"),
+    pytest.param(_run("--num-samples", "-5"), "num_samples=-5 (--num-samples): must be >= 100", id="flag-negative-num-samples"),
+    pytest.param(_run("--checkpoint-interval", "1e400"), "checkpoint_interval_s=inf (--checkpoint-interval)",
+                 id="flag-checkpoint-interval-overflows-float"),  # fmt: skip
+    pytest.param(_avg("--twa-epochs", "1e400"), "epochs=inf", id="flag-twa-epochs-overflows-float"),
+    pytest.param(_run_yaml(f"data: {{seed: {_HUGE}}}\n"), f"invalid data config: seed={_HUGE}: must lie in",
+                 id="yaml-seed-beyond-64-bits"),  # fmt: skip
+    pytest.param(_run_yaml("sampling: {batch_size: -64}\n"), "invalid sampling config: batch_size=-64: must be >= 1",
+                 id="yaml-negative-batch-size"),  # fmt: skip
+    pytest.param(_sweep_flags("--num-samples", "0"), "num_samples=0 (--num-samples): must be >= 1", id="sweep-flag-zero-samples"),
+    pytest.param(_sweep_flags("--max-concurrent", "-1"), "max_concurrent=-1 (--max-concurrent)", id="sweep-flag-negative-concurrency"),
+    pytest.param(_sweep_flags("--grace-period", _HUGE), "(--grace-period): must fit in 64 bits", id="sweep-flag-grace-beyond-64-bits"),
+    pytest.param(_sweep_flags("--gpus-per-trial", "-1"), "gpus_per_trial=-1.0 (--gpus-per-trial): must lie in [0, 64]",
+                 id="sweep-flag-negative-gpus"),  # fmt: skip
+    pytest.param(_sweep_yaml("  space: {twa.lr: {grid: [0.1]}}\n  seed: 4294967296\n"), "seed=4294967296: must lie in [0, 4294967295]",
+                 id="sweep-yaml-seed-beyond-32-bits"),  # fmt: skip
+]
+
+
 @pytest.mark.parametrize("make,needle", CORPUS)
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(fx, tmp_path, capsys, monkeypatch, make, needle):
     work = tmp_path / "w"
@@ -367,6 +404,7 @@ def test_corpus_is_large():
 
 @pytest.mark.parametrize("argv,needle", [
     pytest.param(["run", "--cpus-per-worker", "nan"], "cpus_per_worker=nan", id="subprocess-nan-cpus"),
+    pytest.param(["run", "--seed", "99999999999999999999"], "seed=99999999999999999999 (--seed)", id="subprocess-seed-beyond-64-bits"),
 ])  # fmt: skip
 def test_bad_input_as_a_subprocess(tmp_path, argv, needle):
     proc = subprocess.run([sys.executable, "-m", "twa_ray.cli", *argv, "--out", str(tmp_path / "o")],

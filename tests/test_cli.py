@@ -318,6 +318,31 @@ def test_version_and_help_show_every_flag_with_its_default(capsys):
     assert "(default: runs/average)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_flags_are_generated_from_the_config_fields():
+    """Each flag's help is its field's docstring, its choices the field's Literal, its default
+    the dataclass's; every config field has a docstring to give."""
+    import dataclasses
+    import typing
+
+    from twa_ray.cli import KEYS, build_parser, field_docs, option
+    from twa_ray.config import SECTIONS, RunConfig, SweepConfig
+
+    for cls in (RunConfig, SweepConfig, *SECTIONS.values()):
+        missing = {f.name for f in dataclasses.fields(cls)} - set(field_docs(cls)) - {"data", "sampling", "twa", "base"}
+        assert not missing, f"{cls.__name__}: fields without a docstring: {missing}"
+    run = next(a for a in build_parser()._actions if a.dest == "command").choices["run"]
+    actions = {a.dest: a for a in run._actions}
+    for key in KEYS["run"]:
+        o = option(key)
+        action = actions[o.name]
+        assert action.help.startswith(o.doc[:40]) and o.flag in action.option_strings, key
+        if typing.get_origin(o.kind) is typing.Literal:
+            assert tuple(action.choices) == typing.get_args(o.kind), key
+    assert option("twa.lr").flag == "--twa-lr" and option("twa.bits").flag == "--bits"  # twa- only where names clash
+    assert option("greedy_soup").flag == "--no-greedy-soup" and option("sampling.num_workers").flag == "--workers"
+    assert "(default: 0.2)" in actions["twa_lr"].help and "(default: 40)" in actions["epochs"].help
+
+
 def test_verbosity_after_the_subcommand_and_no_third_party_debug_lines(trained, tmp_path, capsys):
     argv = ["--store", str(trained / "store"), "--num-samples", str(NUM_SAMPLES), "--mode", "t", "--twa-epochs", "1",
             "--no-greedy-soup"]  # fmt: skip
@@ -349,56 +374,76 @@ def test_out_is_locked_while_a_command_writes(tmp_path):
     assert held.is_dir()  # created by the lock, released, not failed: kept
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_ctrl_c_during_sampling_and_coefficients_exits_130_and_resumes(tmp_path):
-    """SIGINT to ``twa-ray run`` in the sampling phase, then to the ``--resume`` in the
-    coefficient phase: each exits 130 within seconds with one line, Ray's processes gone, every
-    stored candidate whole, and the run resumable."""
+def _interrupt(argv: list[str], needle: str, signum: int) -> str:
+    """Start ``twa-ray ARGV`` in a session of its own, send ``signum`` to it (as a scheduler,
+    ``timeout``, ``docker stop`` or Kubernetes would: to the command alone) once a line holds
+    ``needle``, and check that it exits with 128 + signum within seconds, the one line last and
+    its whole session gone (Ray's processes included). Returns its output after the signal."""
     import os
     import signal
     import subprocess
     import time
 
-    out = tmp_path / "run"
-
-    def interrupt(needle: str, *extra: str) -> str:
-        proc = subprocess.Popen(
-            ["twa-ray", "run", "--smoke-test", "--out", str(out), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )  # fmt: skip
-        try:
-            seen = []
-            for line in proc.stdout:
-                seen.append(line)
-                if needle in line:
-                    break
-            assert needle in "".join(seen), "".join(seen)[-3000:]
-            proc.send_signal(signal.SIGINT)
-            rest = proc.communicate(timeout=90)[0]
-            assert proc.returncode == 130, rest[-3000:]
-            assert rest.strip().splitlines()[-1] == "twa-ray: interrupted; rerun with --resume"
-            for _ in range(60):  # Ray's processes (same session) go with the driver
-                try:
-                    os.killpg(proc.pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.5)
-            else:
-                pytest.fail("Ray processes survived the interrupt")
-            return rest
-        finally:
+    proc = subprocess.Popen(["twa-ray", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if needle in line:
+                break
+        assert needle in "".join(seen), "".join(seen)[-3000:]
+        proc.send_signal(signum)
+        rest = proc.communicate(timeout=90)[0]
+        assert proc.returncode == 128 + signum, rest[-3000:]
+        again = "--resume" if argv[0] == "run" else "--overwrite"
+        assert rest.strip().splitlines()[-1] == f"twa-ray: interrupted; rerun with {again}", rest[-3000:]
+        assert "Traceback" not in rest and "SIGTERM received" not in rest, rest[-3000:]
+        for _ in range(60):  # Ray's processes (same session) go with the driver
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(proc.pid, 0)
             except ProcessLookupError:
-                pass
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("processes of the command survived the signal")
+        return rest
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
-    interrupt("sampling epoch 1/")
+
+_SIGNALS = [pytest.param(2, id="SIGINT"), pytest.param(15, id="SIGTERM")]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", _SIGNALS)
+def test_signal_during_sampling_and_coefficients_exits_and_resumes(tmp_path, signum):
+    """Ctrl-C (SIGINT) or SIGTERM to ``twa-ray run`` in the sampling phase, then to the
+    ``--resume`` in the coefficient phase: each exits 130 / 143 within seconds with one line,
+    Ray's processes gone, every stored candidate whole, and the run resumable."""
+    out = tmp_path / "run"
+    _interrupt(["run", "--smoke-test", "--out", str(out)], "sampling epoch 1/", signum)
     assert json.loads((out / "run.json").read_text())["run_id"]
-    interrupt("TWA-t/v on", "--resume")
+    _interrupt(["run", "--smoke-test", "--out", str(out), "--resume"], "TWA-t/v on", signum)
     store = CandidateStore(str(out / "candidates"))
     assert len(store) >= 1 and all(store.read(n).numel() > 0 for n in store.names())  # whole, CRC-checked
     assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", _SIGNALS)
+def test_signal_during_average_exits_and_reruns(trained, tmp_path, signum):
+    """SIGINT or SIGTERM in the coefficient phase of ``twa-ray average``: 130 / 143, one line,
+    nothing half-written; the same command with --overwrite then finishes."""
+    argv = ["average", "--store", str(trained / "store"), "--num-samples", str(NUM_SAMPLES), "--mode", "t",
+            "--no-greedy-soup", "--out", str(tmp_path / "o")]  # fmt: skip
+    _interrupt([*argv, "--twa-epochs", "100000"], "subspace:", signum)
+    assert not (tmp_path / "o" / "metrics.json").exists()
+    assert main([*argv, "--twa-epochs", "1", "--overwrite"]) == 0
 
 
 @pytest.mark.ray

@@ -3,23 +3,28 @@
 Flags map onto the stage dataclasses of :mod:`twa_ray.config` (defaults live only there, and
 ``--help`` shows them); ``--config FILE`` loads a YAML file first, flags override it, and both are
 validated by the same typed models. User mistakes print one line and exit with code 2, never a
-traceback; Ctrl-C prints one line and exits with 130, the run resumable.
+traceback; Ctrl-C (SIGINT) and SIGTERM print one line and exit with 130 and 143, the run resumable.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import errno
+import functools
+import inspect
 import logging
 import os
 import re
 import signal
 import sys
+import textwrap
 import threading
+import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 __all__ = ["main", "build_parser", "config_from_args", "sweep_config_from_args", "smoke_sweep"]
 
@@ -28,108 +33,94 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 DEFAULT_OUT = {"run": "runs/twa", "average": "runs/average"}
 
-# flag -> (section, field); section None is a top-level RunConfig field
-_FLAGS: dict[str, tuple[str | None, str]] = {
-    "dataset": ("data", "dataset"),
-    "data_root": ("data", "data_root"),
-    "model": ("data", "model"),
-    "val_frac": ("data", "val_frac"),
-    "num_samples": ("data", "num_samples"),
-    "seed": ("data", "seed"),
-    "epochs": ("sampling", "epochs"),
-    "sample_frac": ("sampling", "sample_frac"),
-    "sample_interval": ("sampling", "sample_interval"),
-    "interval_unit": ("sampling", "interval_unit"),
-    "batch_size": ("sampling", "batch_size"),
-    "lr": ("sampling", "lr"),
-    "workers": ("sampling", "num_workers"),
-    "cpus_per_worker": ("sampling", "cpus_per_worker"),
-    "use_gpu": ("sampling", "use_gpu"),
-    "max_failures": ("sampling", "max_failures"),
-    "checkpoint_interval": ("sampling", "checkpoint_interval_s"),
-    "precision": ("sampling", "precision"),
-    "subspace": ("twa", "subspace"),
-    "bits": ("twa", "bits"),
-    "blocks": ("twa", "blocks"),
-    "optimizer": ("twa", "optimizer"),
-    "twa_lr": ("twa", "lr"),
-    "twa_epochs": ("twa", "epochs"),
-    "twa_schedule": ("twa", "schedule"),
-    "twa_weight_decay": ("twa", "weight_decay"),
-    "basis_placement": ("twa", "basis_placement"),
-    "mode": (None, "mode"),
-    "compare_full": (None, "compare_full"),
-    "no_greedy_soup": (None, "greedy_soup"),
-    "out": (None, "out"),
-    "store": (None, "store"),
-    "storage": (None, "storage"),
-    "shared_fs": (None, "shared_fs"),
-    "device": (None, "device"),
-}
-_BOOL_FLAGS = {"use_gpu", "compare_full", "no_greedy_soup", "shared_fs"}
-_CHOICES = {
-    "interval_unit": ("epoch", "step"), "subspace": ("affine", "span"), "optimizer": ("sgd", "adamw"),
-    "twa_schedule": ("constant", "step", "linear", "cosine"), "mode": ("t", "v", "both"),
-    "basis_placement": ("replicate", "shard", "auto"), "device": ("cpu", "cuda"),
-    "precision": ("fp32", "bf16"),
-}  # fmt: skip
+# The config fields each command takes as flags, by dotted key (a top-level RunConfig field has
+# no section). A flag's name, type, choices, help and default all come from the dataclass field:
+# its name (``twa.`` fields that share a name with a data or sampling field take a ``twa-``
+# prefix; a boolean that defaults to true is turned off by ``--no-<name>``), its ``Literal``
+# type, its docstring and its default.
+_RUN_KEYS = (
+    "data.dataset", "data.data_root", "data.model", "data.val_frac", "data.num_samples", "data.seed",
+    "sampling.epochs", "sampling.sample_frac", "sampling.sample_interval", "sampling.interval_unit",
+    "sampling.batch_size", "sampling.lr", "sampling.num_workers", "sampling.cpus_per_worker",
+    "sampling.use_gpu", "sampling.max_failures", "sampling.checkpoint_interval_s", "sampling.precision",
+    "twa.subspace", "twa.bits", "twa.blocks", "twa.optimizer", "twa.lr", "twa.epochs", "twa.schedule",
+    "twa.weight_decay", "twa.basis_placement",
+    "mode", "compare_full", "greedy_soup", "out", "store", "storage", "shared_fs",
+)  # fmt: skip
+_AVERAGE_KEYS = (
+    "store", "data.dataset", "data.data_root", "data.model", "data.val_frac", "data.num_samples", "data.seed",
+    "mode", "twa.subspace", "twa.bits", "twa.blocks", "twa.optimizer", "twa.lr", "twa.epochs",
+    "twa.schedule", "twa.weight_decay", "greedy_soup", "out", "storage", "shared_fs", "device",
+)  # fmt: skip
+_SWEEP_KEYS = (
+    "sweep.num_samples", "sweep.max_concurrent", "sweep.scheduler", "sweep.gpus_per_trial",
+    "sweep.grace_period", "sweep.reuse_sampling", "storage", "shared_fs",
+)  # fmt: skip
+KEYS = {"run": _RUN_KEYS, "average": _AVERAGE_KEYS, "sweep": _SWEEP_KEYS, "import": ("data.dataset", "data.data_root")}
 
-_HELP = {
-    "dataset": "mnist1d (generated) | cifar10 | cifar100 | imagefolder | pkg.module:function",
-    "data_root": "local folder of the CIFAR / ImageFolder files (never downloaded)",
-    "model": "mlp | cnn1d | resnet20 | vgg16_bn | tv:<torchvision name> | pkg.module:function",
-    "val_frac": "fraction of the training split held out for validation",
-    "num_samples": "MNIST-1D: samples generated (default: the package's)",
-    "seed": "seed of the data split, the model init and the data order",
-    "epochs": "full epoch budget E (the learning-rate schedule spans E epochs)",
-    "sample_frac": "train only sample_frac * E epochs, sampling candidates",
-    "sample_interval": "snapshot every N epochs (or steps with --interval-unit step)",
-    "interval_unit": "unit of --sample-interval",
-    "batch_size": "global batch size of SGD (split across the workers) and TWA",
-    "lr": "peak SGD learning rate of the sampling phase",
-    "workers": "Ray Train workers",
-    "cpus_per_worker": "CPUs reserved per Ray Train worker (fractions allowed)",
-    "use_gpu": "one GPU per worker (nccl) instead of CPU (gloo)",
-    "max_failures": "worker failures tolerated (restart from the last Ray Train checkpoint)",
-    "checkpoint_interval": "seconds between Ray Train checkpoints (at most; each phase's end "
-    "always checkpoints; 0: every epoch / coefficient pass)",
-    "subspace": "affine: layer-wise deltas around the mean; span: orthonormal basis",
-    "bits": "bits per code of the projection: 1, 2, 4, 8, 16, 32",
-    "blocks": "coefficient blocks: model | tensor | size:N",
-    "optimizer": "optimizer of the TWA coefficients",
-    "twa_lr": "peak learning rate of the TWA coefficients",
-    "twa_epochs": "TWA epochs (passes over the training data; fractions allowed)",
-    "twa_schedule": "learning-rate schedule of the TWA coefficients",
-    "twa_weight_decay": "decay of the coefficients towards the SWA point",
-    "basis_placement": "basis in the coefficient group: a copy per worker, sharded, or chosen by size",
-    "mode": "t (fit on train data), v (on held-out data) or both",
-    "compare_full": "also train the full budget E for comparison",
-    "no_greedy_soup": "skip the greedy-soup baseline (2K evaluations)",
-    "out": "output folder (owned: refused when it holds anything else)",
-    "store": "candidate store URI (run: where to write, default OUT/candidates; average: what to read, "
-    "or a folder of checkpoints)",
-    "storage": "one storage URI for every artifact: a local/NFS path or a pyarrow.fs URI "
-    "(s3://bucket/prefix?endpoint_override=...); default: a local folder under --out",
-    "shared_fs": "--storage is a local path that every Ray node mounts (NFS)",
-    "precision": "sampling arithmetic: fp32, or bf16 autocast on the forward/backward (GPU workers)",
-    "device": "device of the averaging (cuda: the model, B and the batches on the GPU)",
-}
+# flags whose name is not the field's
+_RENAMED = {"sampling.num_workers": "workers", "sampling.checkpoint_interval_s": "checkpoint_interval",
+            "sweep.reuse_sampling": "no_reuse"}  # fmt: skip
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+@dataclasses.dataclass(frozen=True)
+class _Option:
+    """A config field as a flag."""
+
+    key: str  # dotted config key: "sampling.epochs", "mode"
+    name: str  # the flag without dashes, argparse's dest: "epochs", "no_greedy_soup"
+    kind: Any  # the field's type, ``Annotated`` constraints stripped
+    default: Any
+    doc: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def negated(self) -> bool:
+        """A boolean that is on by default: the flag turns it off."""
+        return self.kind is bool and self.default is True
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        return typing.get_args(self.kind) if typing.get_origin(self.kind) is Literal else None
 
 
-def _defaults() -> dict[str, Any]:
-    """Each flag's default, from the config dataclasses."""
-    from twa_ray.config import RunConfig
+def _sections() -> dict[str, type]:
+    """The dataclass of each section of a dotted key ("": a top-level RunConfig field)."""
+    from twa_ray.config import SECTIONS, RunConfig, SweepConfig
 
-    cfg = RunConfig()
-    out = {}
-    for name, (section, field) in _FLAGS.items():
-        value = getattr(cfg if section is None else getattr(cfg, section), field)
-        out[name] = (not value) if name == "no_greedy_soup" else value
-    return out
+    return {"": RunConfig, **SECTIONS, "sweep": SweepConfig}
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's attribute docstring (the string literal under it), on one line."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+    assert isinstance(tree, ast.ClassDef)
+    docs = {}
+    for stmt, after in zip(tree.body, tree.body[1:]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(after, ast.Expr) \
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):  # fmt: skip
+            docs[stmt.target.id] = " ".join(after.value.value.replace("``", "").split())
+    return docs
+
+
+@functools.cache
+def option(key: str) -> _Option:
+    """The flag of the config field ``key`` (a dotted key of :data:`KEYS`)."""
+    sections = _sections()
+    section, _, name = key.rpartition(".")
+    cls = sections[section]
+    default = getattr(cls(), name)  # every config dataclass has a default for each field
+    kind = typing.get_type_hints(cls)[name]
+    flag = name
+    if section == "twa" and any(name in {g.name for g in dataclasses.fields(sections[s])} for s in ("data", "sampling")):
+        flag = f"twa_{name}"
+    if kind is bool and default is True:
+        flag = f"no_{flag}"
+    return _Option(key, _RENAMED.get(key, flag), kind, default, field_docs(cls).get(name, ""))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -140,23 +131,25 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _add_flags(p: argparse.ArgumentParser, names: Sequence[str], defaults: dict[str, Any], **override: Any) -> None:
-    """Config flags: values stay strings (the config models convert and validate them); the
-    help shows the dataclass default."""
-    for name in names:
-        default = override.get(name, defaults[name])
-        shown = "" if default is None or name in _BOOL_FLAGS else f" (default: {default})"
-        help_ = _HELP[name] + shown
-        if name in _BOOL_FLAGS:
-            p.add_argument(_flag(name), action="store_true", default=None, help=help_)
-        else:
-            p.add_argument(_flag(name), default=None, metavar=None if name in _CHOICES else name.upper(), choices=_CHOICES.get(name), help=help_)
+def _add_options(p: argparse.ArgumentParser, command: str, **defaults: Any) -> None:
+    """The config flags of ``command``: values stay strings (the config models convert and
+    validate them); the help is the field's docstring and its default (``defaults``: a
+    command's own, by key)."""
+    for key in KEYS[command]:
+        o = option(key)
+        if o.kind is bool:
+            help_ = f"{o.doc} This flag turns it off." if o.negated else o.doc
+            p.add_argument(o.flag, dest=o.name, action="store_true", default=None, help=help_)
+            continue
+        default = defaults.get(key, o.default)
+        shown = "" if default is None else f" (default: {default})"
+        metavar = None if o.choices else o.name.upper()
+        p.add_argument(o.flag, dest=o.name, default=None, metavar=metavar, choices=o.choices, help=o.doc + shown)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from twa_ray import __version__
 
-    defaults = _defaults()
     verbosity = _Parser(add_help=False)
     verbosity.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging of twa_ray")
     verbosity.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings and errors only")
@@ -175,63 +168,66 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--smoke-test", action="store_true", help="a tiny run for checks (seconds)")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     run.add_argument("--overwrite", action="store_true", help="delete an earlier twa-ray output in --out first")
-    _add_flags(run, [n for n in _FLAGS if n != "device"], defaults)
+    _add_options(run, "run")
 
     sw = command("sweep", "Ray Tune sweep over TWA's knobs, sampling once per group of trials")
     sw.add_argument("--config", required=True, help="YAML: run config sections plus a 'sweep:' section")
     sw.add_argument("--out", required=True, help="output folder (trials table, best.yaml, sweep.png)")
-    sw.add_argument("--num-samples", default=None, help="repetitions of the grid / random draws (default: 1)")
-    sw.add_argument("--max-concurrent", default=None, help="trials at once (default: CPUs - 1)")
-    sw.add_argument("--scheduler", choices=("asha", "none"), default=None, help="ASHA early stopping or none (default: asha)")
-    sw.add_argument("--gpus-per-trial", default=None, help="GPUs reserved per trial; > 0 runs its TWA phase on the GPU (default: 0)")
-    sw.add_argument("--grace-period", default=None, help="ASHA: TWA epochs before a trial can stop (default: 1)")
     sw.add_argument("--sampling-dir", default=None, help="sampling runs (default: OUT/sampling; share it to reuse runs)")
-    sw.add_argument("--no-reuse", action="store_true", help="every trial samples on its own (to measure the saving)")
     sw.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     sw.add_argument("--smoke-test", action="store_true", help="tiny data and epochs, two draws (a few minutes)")
     sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out (Tuner.restore)")
     sw.add_argument("--overwrite", action="store_true", help="delete an earlier twa-ray output in --out first")
-    _add_flags(sw, ["storage", "shared_fs"], defaults)
+    _add_options(sw, "sweep")
 
     avg = command("average", "TWA on an existing store or checkpoint folder, no Ray")
     avg.add_argument("--config", help="YAML config (flags override it)")
     avg.add_argument("--overwrite", action="store_true", help="delete an earlier twa-ray output in --out first")
-    _add_flags(avg, ["store", "dataset", "data_root", "model", "val_frac", "num_samples", "seed",
-                     "mode", "subspace", "bits", "blocks", "optimizer", "twa_lr", "twa_epochs",
-                     "twa_schedule", "twa_weight_decay", "no_greedy_soup", "out", "storage", "shared_fs", "device"],
-               defaults, out=DEFAULT_OUT["average"])  # fmt: skip
+    _add_options(avg, "average", out=DEFAULT_OUT["average"])
 
     imp = command("import", "import a folder of .pt / .safetensors checkpoints into a store")
     imp.add_argument("src", help="folder of checkpoints (or one checkpoint file)")
     imp.add_argument("--out", required=True, help="candidate store URI to create or add to")
     imp.add_argument("--model", help="model whose layout the checkpoints must match (recommended; default: "
                      "the checkpoints' own tensors, in file order)")  # fmt: skip
-    imp.add_argument("--dataset", default="mnist1d", help="dataset that fixes the model's input/classes (default: mnist1d)")
-    imp.add_argument("--data-root", default=None, help=_HELP["data_root"])
+    _add_options(imp, "import")
     return parser
 
 
 def _config_dict(args: argparse.Namespace) -> dict[str, Any]:
     """The YAML file's mapping (or {})."""
-    from twa_ray.config import _read_yaml
+    from twa_ray.config import read_yaml
 
-    return _read_yaml(args.config, "config file") if getattr(args, "config", None) else {}
+    return read_yaml(args.config, "config file") if getattr(args, "config", None) else {}
 
 
-def _overlay(d: dict[str, Any], section: str | None, field: str, value: Any) -> None:
-    """Set ``d[section][field]`` (a malformed section is left for the validator to name)."""
-    if section is None:
-        d[field] = value
+def _overlay(d: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted ``key`` in ``d`` (a missing section is created; a malformed one, or a
+    missing ``sweep:``, is left for the validator to name)."""
+    section, _, name = key.rpartition(".")
+    if not section:
+        d[name] = value
         return
-    sec = d.get(section)
-    if sec is None:
-        sec = d[section] = {}
-    if isinstance(sec, dict):
-        sec[field] = value
+    if d.get(section) is None and section != "sweep":
+        d[section] = {}
+    if isinstance(d.get(section), dict):
+        d[section][name] = value
 
 
-def _flag_names() -> dict[str, str]:
-    return {(f"{s}.{f}" if s else f): _flag(n) for n, (s, f) in _FLAGS.items()}
+def _overlay_flags(d: dict[str, Any], args: argparse.Namespace) -> dict[str, str]:
+    """Overlay the flags given on the command line onto ``d``; returns dotted key -> flag."""
+    given = {}
+    for key in KEYS[args.command]:
+        o = option(key)
+        value = getattr(args, o.name, None)
+        if value is not None:
+            _overlay(d, key, (not value) if o.negated else value)
+            given[key] = o.flag
+    return given
+
+
+_SMOKE = {"data.num_samples": 1500, "sampling.epochs": 4, "sampling.sample_frac": 0.5,
+          "sampling.batch_size": 64, "twa.epochs": 1.0, "greedy_soup": False}  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace, *, smoke_test: bool = False):
@@ -240,24 +236,11 @@ def config_from_args(args: argparse.Namespace, *, smoke_test: bool = False):
     from twa_ray.config import config_from_dict
 
     d = _config_dict(args)
-    if smoke_test:
-        for (section, field), smoke in {
-            ("data", "num_samples"): 1500, ("sampling", "epochs"): 4, ("sampling", "sample_frac"): 0.5,
-            ("sampling", "batch_size"): 64, ("twa", "epochs"): 1.0, (None, "greedy_soup"): False,
-        }.items():  # fmt: skip
-            _overlay(d, section, field, smoke)
-    if getattr(args, "command", None) in DEFAULT_OUT and "out" not in d:
+    for key, smoke in _SMOKE.items() if smoke_test else ():
+        _overlay(d, key, smoke)
+    if args.command in DEFAULT_OUT and "out" not in d:
         d["out"] = DEFAULT_OUT[args.command]
-    given = {}
-    for name, (section, field) in _FLAGS.items():
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        if name == "no_greedy_soup":
-            value = not value
-        _overlay(d, section, field, value)
-        given[f"{section}.{field}" if section else field] = _flag(name)
-    return config_from_dict(d, flags=given)
+    return config_from_dict(d, flags=_overlay_flags(d, args))
 
 
 def sweep_config_from_args(args: argparse.Namespace):
@@ -265,23 +248,7 @@ def sweep_config_from_args(args: argparse.Namespace):
     from twa_ray.config import sweep_config_from_dict
 
     d = _config_dict(args)
-    sweep = d.setdefault("sweep", None)
-    options = {
-        "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
-        "scheduler": args.scheduler, "grace_period": args.grace_period,
-        "gpus_per_trial": args.gpus_per_trial, "reuse_sampling": False if args.no_reuse else None,
-    }  # fmt: skip
-    given = {}
-    if isinstance(sweep, dict):
-        for k, v in options.items():
-            if v is not None:
-                sweep[k] = v
-                given[f"sweep.{k}"] = _flag(k) if k != "reuse_sampling" else "--no-reuse"
-    for name in ("storage", "shared_fs"):
-        if getattr(args, name, None) is not None:
-            d[name] = getattr(args, name)
-            given[name] = _flag(name)
-    cfg = sweep_config_from_dict(d, flags=given)
+    cfg = sweep_config_from_dict(d, flags=_overlay_flags(d, args))
     return smoke_sweep(cfg) if args.smoke_test else cfg
 
 
@@ -309,14 +276,15 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from twa_ray.storage import open_storage
     from twa_ray.store import import_checkpoints
 
-    outdir.check_inputs(args.out, [("checkpoint", args.src), ("--data-root", args.data_root)])
+    data = config_from_args(args).data
+    outdir.check_inputs(args.out, [("checkpoint", args.src), ("--data-root", data.data_root)])
     layout, aliases = None, None
     if args.model:
         from twa_ray.data import load_dataset
         from twa_ray.models import build_model
         from twa_ray.store import tied_names
 
-        splits = load_dataset(args.dataset, root=args.data_root)
+        splits = load_dataset(data.dataset, root=data.data_root)
         model = build_model(args.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
         layout, aliases = Layout.from_module(model), tied_names(model)
     outdir.hold(open_storage(args.out, create=False), "import", flag=f"--out {args.out!r}")  # one import at a time
@@ -341,8 +309,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     resume = outdir.resume_out(args.out, cfg.base.storage, args.resume)
     outdir.check(args.out, "sweep", resume=resume, overwrite=args.overwrite)
     outdir.lock(args.out)  # one writer at a time; the sweep claims --out with its --storage
-    _interruptible()
-    _local_ray_defaults(args.address)
+    _local_ray(args.address)
     run_sweep(
         cfg, out=args.out, address=args.address, sampling_dir=args.sampling_dir, resume=args.resume,
         overwrite=args.overwrite,
@@ -358,8 +325,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     outdir.check_inputs(cfg.out, [("--data-root", cfg.data.data_root)])
     resume = outdir.resume_out(cfg.out, cfg.storage, args.resume)
     outdir.check(cfg.out, "run", resume=resume, overwrite=args.overwrite)
-    _interruptible()
-    _local_ray_defaults(args.address)
+    _local_ray(args.address)
     run_pipeline(cfg, address=args.address, resume=args.resume, overwrite=args.overwrite)
     return 0
 
@@ -367,44 +333,68 @@ def _cmd_run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- signals, logging
 
 
-def _local_ray_defaults(address: str | None) -> None:
-    """On a local Ray (no ``--address`` / ``RAY_ADDRESS``) nothing is preempted: Ray Train's
-    preemption watcher (one more actor, and its ``core_worker.cc`` error line) is not started."""
+def _local_ray(address: str | None) -> None:
+    """Before Ray starts: Ray Train's own SIGINT handler is kept out (it would stop only the
+    current phase, and the next would start: the whole command stops instead). On a local Ray
+    (no ``--address`` / ``RAY_ADDRESS``) nothing is preempted: Ray Train's preemption watcher
+    (one more actor, and its ``core_worker.cc`` error line) is not started."""
+    from twa_ray.ray.ray_internals import stop_train_sigint_handler
+
+    stop_train_sigint_handler()
     if address is None and not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
-INTERRUPTED = "twa-ray: interrupted; rerun with --resume"
-_GRACE_S = 5.0  # after Ctrl-C: time for a clean shutdown before the process exits anyway
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+"""Exit code of a command stopped by a signal: 128 + the signal's number, the shell's convention."""
+_GRACE_S = 5.0  # after a signal: time for a clean shutdown before the process exits anyway
+_AGAIN = {"run": "; rerun with --resume", "sweep": "; rerun with --resume", "average": "; rerun with --overwrite"}
 
 
-def _interruptible() -> None:
-    """Ctrl-C (SIGINT) or SIGTERM at any phase: raise KeyboardInterrupt in the main thread (Ray
-    Train's polling loop then unwinds), and exit with 130 after a few seconds even if something
-    blocks. Writes are atomic, so whatever is cut short leaves no half-written file."""
+class _Interrupt:
+    """The signal this command received, if any (the KeyboardInterrupt it raises may reach
+    :func:`main` re-raised by Ray, without it), and whether its one line was printed."""
+
+    signum: int = signal.SIGINT
+    told: bool = False
+
+    @classmethod
+    def tell(cls, command: str) -> None:
+        """Print the line of an interrupted command, once: how to continue it."""
+        if not cls.told:
+            cls.told = True
+            print(f"twa-ray: interrupted{_AGAIN.get(command, '')}", file=sys.stderr, flush=True)
+
+    @classmethod
+    def exit_code(cls) -> int:
+        return EXIT_CODES.get(signal.Signals(cls.signum), 128 + cls.signum)
+
+
+def _interruptible(command: str) -> None:
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler, ``timeout``, ``docker stop``, Kubernetes) at
+    any phase: raise KeyboardInterrupt in the main thread (Ray Train's polling loop then
+    unwinds, and Ray is shut down), and exit with 128 + the signal after a few seconds (at once
+    on a second signal) even if something blocks. Writes are atomic, so whatever is cut short
+    leaves no half-written file. (``ray.init`` would replace the SIGTERM handler:
+    :func:`twa_ray.ray.ray_internals.keep_signal_handlers` keeps it.)"""
 
     def handler(signum: int, frame: Any) -> None:
         def force() -> None:
-            print(INTERRUPTED, file=sys.stderr, flush=True)
-            os._exit(130)
+            _Interrupt.tell(command)
+            os._exit(_Interrupt.exit_code())
 
+        _Interrupt.signum = signum
         timer = threading.Timer(_GRACE_S, force)
         timer.daemon = True
         timer.start()
-        signal.signal(signal.SIGINT, lambda *_: force())  # a second Ctrl-C: exit now
-        raise KeyboardInterrupt
+        for s in EXIT_CODES:
+            signal.signal(s, lambda *_: force())
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    if threading.current_thread() is not threading.main_thread():
-        return
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    # Ray Train's fit() and Ray Tune's fit() install SIGINT handlers of their own that stop only
-    # the current worker group or trial and then return, so that the next phase would start:
-    # the whole command stops instead
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
-    if hasattr(DataParallelTrainer, "_register_sigint_handler"):
-        DataParallelTrainer._register_sigint_handler = lambda self, controller: None  # type: ignore[method-assign]
+    _Interrupt.signum, _Interrupt.told = signal.SIGINT, False
+    if threading.current_thread() is threading.main_thread():
+        for s in EXIT_CODES:
+            signal.signal(s, handler)
 
 
 class _Console(logging.StreamHandler):
@@ -441,24 +431,15 @@ def _setup_logging(args: argparse.Namespace) -> None:
 _RAY_NOISE = re.compile(r"PreemptionWatcher|logging\.cc:\d+: Set ray log level|Found multiple active Ray instances")
 
 
+def _ray_noise(record: dict[str, Any], line: str) -> bool:
+    """A line of Ray's own that says nothing about the run (``-v`` shows everything)."""
+    return bool(record.get("actor_name") == "PlacementGroupCleaner" and record.get("is_err")) or bool(_RAY_NOISE.search(line))
+
+
 def _filter_ray_logs() -> None:
-    """Drop :data:`_RAY_NOISE` from the worker logs that Ray prints on the driver (``-v`` keeps
-    everything). Wraps the printer that ``ray.init`` installs, so it must run before it."""
-    import ray._private.worker as ray_worker
+    from twa_ray.ray.ray_internals import filter_driver_logs
 
-    original = ray_worker.print_to_stdstream
-    if getattr(original, "_twa_ray", False):
-        return
-
-    def filtered(data: dict[str, Any], ignore_prefix: bool) -> None:
-        if data.get("actor_name") == "PlacementGroupCleaner" and data.get("is_err"):
-            return
-        lines = [line for line in data.get("lines", []) if not _RAY_NOISE.search(line)]
-        if lines:
-            original({**data, "lines": lines}, ignore_prefix)
-
-    filtered._twa_ray = True  # type: ignore[attr-defined]
-    ray_worker.print_to_stdstream = filtered
+    filter_driver_logs(_ray_noise)
 
 
 # --------------------------------------------------------------------------- errors
@@ -514,6 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ray_was_up = _ray_up()  # a caller's Ray (tests, notebooks) is left running
     failed = True
+    _interruptible(args.command)
     try:
         from twa_ray.storage import connect_timeout
 
@@ -522,10 +504,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = commands[args.command](args)
         failed = False
         return rc
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see _interruptible)
         failed = False  # what ran is kept: --resume continues it
-        print(INTERRUPTED if args.command in ("run", "sweep") else "twa-ray: interrupted", file=sys.stderr)
-        return 130
+        _Interrupt.tell(args.command)
+        return _Interrupt.exit_code()
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         print(_user_error(e), file=sys.stderr)
         return 2

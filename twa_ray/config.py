@@ -3,7 +3,11 @@
 YAML files and CLI flags map onto these dataclasses (:func:`load_config`), validated by pydantic
 from the dataclasses' own type hints: unambiguous numeric strings are coerced (``"1e-3"`` -> 0.001,
 ``"40"`` -> 40), booleans come only from booleans, and every other mismatch is one error naming
-the key and the expected type. Every output directory gets the resolved config next to it.
+the key and the expected type. Bounds and choices are declared on the fields (``Literal``,
+``Annotated[float, Range(...)]``) and checked once, in ``__post_init__``, by
+:func:`twa_ray.core.checks.check_fields`: every value out of range is named (with its flag when
+it came from one) in one line. ``twa-ray``'s flags, choices and help are generated from these
+fields (:mod:`twa_ray.cli`). Every output directory gets the resolved config next to it.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from twa_ray.core.checks import INT64_MAX, ConfigError, Range, check_fields
 from twa_ray.core.twa import TWAConfig
 
 __all__ = [
@@ -23,6 +28,7 @@ __all__ = [
     "SamplingConfig",
     "RunConfig",
     "SweepConfig",
+    "ConfigError",
     "SPACE_KINDS",
     "load_config",
     "config_from_dict",
@@ -30,15 +36,13 @@ __all__ = [
     "sweep_config_from_dict",
 ]
 
-
-def _check(errors: list[str], what: str) -> None:
-    if errors:
-        raise ValueError(f"invalid {what}: " + "; ".join(errors))
+def _fraction(*, closed_hi: bool = False) -> Range:
+    return Range(gt=0, le=1) if closed_hi else Range(gt=0, lt=1)
 
 
-def _positive(x: float) -> bool:
-    """A finite number > 0 (NaN and Inf are not)."""
-    return x > 0 and math.isfinite(x)
+_POSITIVE = Range(gt=0, lt=math.inf)  # finite and > 0
+_NON_NEGATIVE = Range(ge=0, lt=math.inf)  # finite and >= 0
+_CPUS = Range(gt=0, le=1024)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,20 +55,15 @@ class DataConfig:
     """Local root of CIFAR / ImageFolder files (never downloaded)."""
     model: str = "mlp"
     """'mlp', 'cnn1d', 'resnet20', 'vgg16_bn', 'tv:<torchvision name>', or 'pkg.module:function'."""
-    val_frac: float = 0.1
+    val_frac: Annotated[float, _fraction()] = 0.1
     """Fraction of the training split held out for validation (never trained on)."""
-    num_samples: int | None = None
+    num_samples: Annotated[int, Range(ge=100)] | None = None
     """MNIST-1D: total generated samples (None: the package default)."""
-    seed: int = 0
+    seed: Annotated[int, Range(ge=0, le=INT64_MAX)] = 0
     """Seed of the data split, model init and data order."""
 
     def __post_init__(self) -> None:
-        errors = []
-        if not 0 < self.val_frac < 1:  # NaN fails too
-            errors.append(f"val_frac={self.val_frac}: must lie in (0, 1)")
-        if self.num_samples is not None and self.num_samples < 100:
-            errors.append(f"num_samples={self.num_samples}: use at least 100")
-        _check(errors, "data config")
+        check_fields(self, "data config")
 
 
 # sampling options that do not change the trajectory: a resume may change them, and sweep
@@ -76,73 +75,44 @@ TRAJECTORY_FREE_FIELDS = ("cpus_per_worker", "max_failures", "checkpoint_interva
 class SamplingConfig:
     """The sampling phase: data-parallel SGD on the full-budget schedule, snapshotting candidates."""
 
-    epochs: int = 40
+    epochs: Annotated[int, Range(ge=1)] = 40
     """Full epoch budget E: the learning-rate schedule spans E epochs."""
-    sample_frac: float = 0.5
+    sample_frac: Annotated[float, _fraction(closed_hi=True)] = 0.5
     """Train only the first sample_frac * E epochs (the saving); candidates come from these."""
-    sample_interval: int = 1
+    sample_interval: Annotated[int, Range(ge=1)] = 1
     """Snapshot every this many epochs (interval_unit='epoch') or steps ('step')."""
     interval_unit: Literal["epoch", "step"] = "epoch"
     """Unit of sample_interval."""
-    batch_size: int = 128
+    batch_size: Annotated[int, Range(ge=1)] = 128
     """Global batch size (split across workers)."""
-    lr: float = 0.1
+    lr: Annotated[float, _POSITIVE] = 0.1
     """Peak SGD learning rate (scaled for the global batch)."""
-    momentum: float = 0.9
+    momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
     """SGD momentum."""
-    weight_decay: float = 5e-4
+    weight_decay: Annotated[float, _NON_NEGATIVE] = 5e-4
     """SGD weight decay."""
     schedule: Literal["cosine", "linear", "step", "constant"] = "cosine"
     """Learning-rate schedule over the full budget E."""
-    warmup_epochs: float = 0.0
+    warmup_epochs: Annotated[float, _NON_NEGATIVE] = 0.0
     """Linear warm-up length in epochs."""
-    num_workers: int = 2
+    num_workers: Annotated[int, Range(ge=1)] = 2
     """Ray Train workers."""
     use_gpu: bool = False
     """One GPU per worker (nccl) instead of CPU (gloo)."""
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: Annotated[float, _CPUS] = 1.0
     """CPUs reserved per Train worker (fractions allowed: 0.5 fits 2 workers + a Tune trial on 2 CPUs)."""
-    max_failures: int = 1
+    max_failures: Annotated[int, Range(ge=0)] = 1
     """Worker failures tolerated: the run restarts from the last Ray Train checkpoint."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Arithmetic of the forward and backward passes: fp32, or bf16 autocast (weights, optimizer
     and candidates stay float32)."""
-    checkpoint_interval_s: float = 10.0
+    checkpoint_interval_s: Annotated[float, _NON_NEGATIVE] = 10.0
     """Ray Train checkpoints of both phases (sampling: at an epoch end; coefficients: every 50
     steps or at a pass end) at most once per this many seconds, plus one at each phase's end;
     0: at every epoch / pass end. A failure replays at most this much work."""
 
     def __post_init__(self) -> None:
-        errors = []
-        if not (self.checkpoint_interval_s >= 0 and math.isfinite(self.checkpoint_interval_s)):
-            errors.append(f"checkpoint_interval_s={self.checkpoint_interval_s}: must be a number >= 0")
-        if self.precision not in ("fp32", "bf16"):
-            errors.append(f"precision={self.precision!r}: use 'fp32' or 'bf16'")
-        if self.epochs < 1:
-            errors.append(f"epochs={self.epochs}: must be >= 1")
-        if not 0 < self.sample_frac <= 1:
-            errors.append(f"sample_frac={self.sample_frac}: must lie in (0, 1]")
-        if self.sample_interval < 1:
-            errors.append(f"sample_interval={self.sample_interval}: must be >= 1")
-        if self.interval_unit not in ("epoch", "step"):
-            errors.append(f"interval_unit={self.interval_unit!r}: use 'epoch' or 'step'")
-        if self.batch_size < 1:
-            errors.append(f"batch_size={self.batch_size}: must be >= 1")
-        if not _positive(self.lr):
-            errors.append(f"lr={self.lr}: must be a positive number")
-        if not 0 <= self.momentum < 1:
-            errors.append(f"momentum={self.momentum}: must lie in [0, 1)")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            errors.append(f"weight_decay={self.weight_decay}: must be >= 0")
-        if self.num_workers < 1:
-            errors.append(f"num_workers={self.num_workers}: must be >= 1")
-        if not (_positive(self.cpus_per_worker) and self.cpus_per_worker <= 1024):
-            errors.append(f"cpus_per_worker={self.cpus_per_worker}: must be a number in (0, 1024]")
-        if self.max_failures < 0:
-            errors.append(f"max_failures={self.max_failures}: must be >= 0")
-        if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)):
-            errors.append(f"warmup_epochs={self.warmup_epochs}: must be >= 0")
-        _check(errors, "sampling config")
+        check_fields(self, "sampling config")
 
     @property
     def sample_epochs(self) -> int:
@@ -166,7 +136,8 @@ class RunConfig:
     out: str = "runs/twa"
     """Output directory (local path; ``twa-ray average`` defaults to runs/average)."""
     store: str | None = None
-    """Candidate store URI (default: <out>/candidates)."""
+    """Candidate store URI: where run writes the candidates (default: <out>/candidates), what
+    average reads (a store, or a folder of .pt / .safetensors checkpoints)."""
     storage: str | None = None
     """One storage URI for every artifact: a local/NFS path or any pyarrow.fs URI such as
     s3://bucket/prefix?endpoint_override=...; default: a local folder under --out."""
@@ -176,12 +147,7 @@ class RunConfig:
     """Device of ``twa-ray average`` (``twa-ray run`` puts its workers on GPUs with use_gpu)."""
 
     def __post_init__(self) -> None:
-        if self.mode not in ("t", "v", "both"):
-            raise ValueError(f"invalid run config: mode={self.mode!r}: use 't', 'v' or 'both'")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"invalid run config: device={self.device!r}: use 'cpu' or 'cuda'")
-        if not self.out:
-            raise ValueError("invalid run config: out is empty; name an output folder")
+        check_fields(self, "run config", [] if self.out else ["out is empty; name an output folder"])
 
     @property
     def store_uri(self) -> str:
@@ -191,7 +157,8 @@ class RunConfig:
         return asdict(self)
 
 
-_SECTIONS = {"data": DataConfig, "sampling": SamplingConfig, "twa": TWAConfig}
+SECTIONS = {"data": DataConfig, "sampling": SamplingConfig, "twa": TWAConfig}
+"""The sections of a :class:`RunConfig` (YAML ``data:``, ``sampling:``, ``twa:``) by name."""
 
 
 # what a pydantic error type expects, in words
@@ -208,6 +175,7 @@ _WORDS = {bool: "true or false", int: "an integer", float: "a number"}
 
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
+    """A dataclass's field types, ``Annotated`` bounds stripped."""
     return typing.get_type_hints(cls)
 
 
@@ -252,8 +220,10 @@ def _validate(cls: type, d: Mapping[str, Any], flags: Mapping[str, str], prefix:
         return TypeAdapter(cls).validate_python(dict(d))
     except ValidationError as exc:
         e = exc.errors(include_url=False)[0]
+        where = prefix + "".join(f"{p}." for p in e["loc"])
         if e["type"] == "value_error":  # raised by a __post_init__: already a full sentence
-            raise ValueError(str(e["ctx"]["error"])) from None
+            error = e["ctx"]["error"]
+            raise ValueError(error.render(where, flags) if isinstance(error, ConfigError) else str(error)) from None
         key = prefix + ".".join(str(p) for p in e["loc"])
         expected = _EXPECTED.get(e["type"])
         if e["type"] == "literal_error":
@@ -267,11 +237,11 @@ def config_from_dict(d: Mapping[str, Any], *, flags: Mapping[str, str] | None = 
 
     ``flags``: dotted key -> CLI flag, named in errors for values that came from flags."""
     if isinstance(d, Mapping):  # an empty section (``twa:`` with nothing under it) is the defaults
-        d = {k: {} if k in _SECTIONS and v is None else v for k, v in d.items()}
+        d = {k: {} if k in SECTIONS and v is None else v for k, v in d.items()}
     return _validate(RunConfig, d, flags or {})
 
 
-def _read_yaml(path: str, what: str) -> dict[str, Any]:
+def read_yaml(path: str, what: str) -> dict[str, Any]:
     """The mapping in a YAML file, with one clear error for a missing or malformed file."""
     import yaml
 
@@ -296,7 +266,7 @@ def _read_yaml(path: str, what: str) -> dict[str, Any]:
 
 def load_config(path: str) -> RunConfig:
     """Read a YAML config file into a :class:`RunConfig`."""
-    return config_from_dict(_read_yaml(path, "config file"))
+    return config_from_dict(read_yaml(path, "config file"))
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -312,7 +282,7 @@ _NOT_KNOBS = {"sampling.cpus_per_worker", "sampling.max_failures"}
 
 def _knob_names() -> dict[str, str]:
     """Every sweepable knob by its dotted name (``twa.lr``), plus the top-level ``mode``."""
-    names = {f"{sec}.{f.name}": f"{sec}.{f.name}" for sec, cls in _SECTIONS.items() for f in fields(cls)}
+    names = {f"{sec}.{f.name}": f"{sec}.{f.name}" for sec, cls in SECTIONS.items() for f in fields(cls)}
     names["mode"] = "mode"
     return {k: v for k, v in names.items() if k not in _NOT_KNOBS}
 
@@ -366,7 +336,7 @@ def _flatten_space(space: Mapping[str, Any], errors: list[str]) -> dict[str, Any
     """``{twa: {lr: spec}}`` and ``{twa.lr: spec}`` both become ``{"twa.lr": spec}``."""
     flat: dict[str, Any] = {}
     for key, value in space.items():
-        is_section = key in _SECTIONS and isinstance(value, Mapping) and not _is_domain(value)
+        is_section = key in SECTIONS and isinstance(value, Mapping) and not _is_domain(value)
         if is_section and not (len(value) == 1 and next(iter(value)) in SPACE_KINDS):
             items = [(f"{key}.{k}", v) for k, v in value.items()]
         else:
@@ -401,27 +371,27 @@ class SweepConfig:
     """Knob (``twa.lr``, ``sampling.sample_interval``, ``mode``, or a bare unique field name) ->
     space (``{grid: [..]}``, ``{choice: [..]}``, ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``,
     or a ``ray.tune`` search-space object)."""
-    num_samples: int = 1
+    num_samples: Annotated[int, Range(ge=1)] = 1
     """Repetitions of the grid; random spaces are drawn anew for each (Ray Tune semantics)."""
     scheduler: Literal["asha", "none"] = "asha"
     """ASHA early stopping on the selection accuracy, or run every trial to the end."""
-    grace_period: int = 1
+    grace_period: Annotated[int, Range(ge=1)] = 1
     """ASHA: TWA epochs every trial runs before it can be stopped."""
-    reduction_factor: float = 2.0
+    reduction_factor: Annotated[float, Range(gt=1, lt=math.inf)] = 2.0
     """ASHA: keep the top 1/reduction_factor of the trials at each rung."""
-    max_concurrent: int | None = None
+    max_concurrent: Annotated[int, Range(ge=1)] | None = None
     """Trials at once (None: the cluster's CPUs minus one, over cpus_per_trial; 1 on 2 CPUs)."""
-    cpus_per_trial: float = 1.0
+    cpus_per_trial: Annotated[float, _CPUS] = 1.0
     """CPUs reserved per trial (its TWA phase runs in the trial's process with this many threads)."""
-    gpus_per_trial: float = 0.0
+    gpus_per_trial: Annotated[float, Range(ge=0, le=64)] = 0.0
     """GPUs reserved per trial (> 0: the trial's TWA phase runs on its GPU; fractions share one)."""
     metric: Literal["val_acc"] = "val_acc"
     """The selection metric (mode max): accuracy on the selection part of the val split.
     Test accuracy is reported, never used for selection."""
-    select_frac: float = 0.5
+    select_frac: Annotated[float, _fraction()] = 0.5
     """Fraction of the val split held out for selection; TWA-v trials fit on the rest."""
-    seed: int = 0
-    """Seed of the random draws of the space."""
+    seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 0
+    """Seed of the random draws of the space (numpy's RandomState: 32 bits)."""
     reuse_sampling: bool = True
     """Share sampling runs between trials (False: every trial samples on its own, for comparison)."""
 
@@ -430,25 +400,7 @@ class SweepConfig:
         if not isinstance(self.base, RunConfig):
             errors.append(f"base must be a RunConfig, got {type(self.base).__name__}")
         object.__setattr__(self, "space", _flatten_space(dict(self.space or {}), errors))
-        if self.num_samples < 1:
-            errors.append(f"num_samples={self.num_samples}: must be >= 1")
-        if self.scheduler not in ("asha", "none"):
-            errors.append(f"scheduler={self.scheduler!r}: use 'asha' or 'none'")
-        if self.grace_period < 1:
-            errors.append(f"grace_period={self.grace_period}: must be >= 1")
-        if not (self.reduction_factor > 1 and math.isfinite(self.reduction_factor)):
-            errors.append(f"reduction_factor={self.reduction_factor}: must be > 1")
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            errors.append(f"max_concurrent={self.max_concurrent}: must be >= 1 (or null: auto)")
-        if not (_positive(self.cpus_per_trial) and self.cpus_per_trial <= 1024):
-            errors.append(f"cpus_per_trial={self.cpus_per_trial}: must be a number in (0, 1024]")
-        if not (0 <= self.gpus_per_trial <= 64 and math.isfinite(self.gpus_per_trial)):
-            errors.append(f"gpus_per_trial={self.gpus_per_trial}: must be a number in [0, 64]")
-        if self.metric != "val_acc":
-            errors.append(f"metric={self.metric!r}: only 'val_acc' (never test accuracy)")
-        if not 0 < self.select_frac < 1:
-            errors.append(f"select_frac={self.select_frac}: must lie in (0, 1)")
-        _check(errors, "sweep config")
+        check_fields(self, "sweep config", errors)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/YAML-friendly: the base config, the space (Tune objects as their repr), options."""
@@ -476,4 +428,4 @@ def sweep_config_from_dict(d: Mapping[str, Any], *, flags: Mapping[str, str] | N
 
 def load_sweep_config(path: str) -> SweepConfig:
     """Read a YAML sweep file: the sections of a run config plus ``sweep:``."""
-    return sweep_config_from_dict(_read_yaml(path, "sweep config"))
+    return sweep_config_from_dict(read_yaml(path, "sweep config"))

@@ -81,8 +81,11 @@ def connect_ray(address: str | None = None) -> None:
                 "clears the record)", record, head,
             )  # fmt: skip
             address = "local"
+    from twa_ray.ray.ray_internals import keep_signal_handlers
+
     try:
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
+        with keep_signal_handlers():  # twa-ray's SIGTERM handling (like Ctrl-C) survives ray.init
+            ray.init(address=address, log_to_driver=True, configure_logging=False)
     except Exception as e:  # Ray's own bound on a new local node (30 s), as a bare Exception
         if "timed out during startup" not in str(e):
             raise

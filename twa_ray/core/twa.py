@@ -31,15 +31,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from twa_ray.core.bn import split_batch, update_bn
+from twa_ray.core.checks import Range, check_fields
 from twa_ray.core.layout import Layout, flatten, load_flat_, parse_blocks
-from twa_ray.core.optim import OPTIMIZERS, SCHEDULES, make_optimizer
+from twa_ray.core.optim import make_optimizer
 from twa_ray.core.placement import Placement, place
 from twa_ray.core.quant import ALLOWED_BITS
 from twa_ray.core.subspace import CandidateStream, Subspace, build_affine, build_span
@@ -64,22 +65,22 @@ class TWAConfig:
     """Quantization range per (candidate, block) ('row') or per block ('block')."""
     optimizer: Literal["sgd", "adamw"] = "sgd"
     """Optimizer over the coefficients."""
-    lr: float = 0.2
+    lr: Annotated[float, Range(gt=0, lt=math.inf)] = 0.2
     """Peak learning rate of the coefficients."""
-    momentum: float = 0.9
+    momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
     """SGD momentum (ignored by AdamW)."""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, Range(ge=0, lt=math.inf)] = 0.0
     """Decay of the coefficients towards the SWA point."""
-    epochs: float = 3.0
+    epochs: Annotated[float, Range(gt=0, lt=math.inf)] = 3.0
     """TWA epochs, counted in passes over the training data: TWA-v takes as many steps as
     TWA-t, cycling the (smaller) held-out split (fractions allowed)."""
     schedule: Literal["constant", "step", "linear", "cosine"] = "cosine"
     """Learning-rate decay after warm-up."""
-    warmup_frac: float = 0.0
+    warmup_frac: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """Fraction of the steps spent warming up linearly."""
-    step_size: int = 100
+    step_size: Annotated[int, Range(ge=1)] = 100
     """'step' schedule: steps between decays."""
-    gamma: float = 0.1
+    gamma: Annotated[float, Range(gt=0, le=1)] = 0.1
     """'step' schedule: decay factor."""
     basis_placement: Literal["replicate", "shard", "auto"] = "auto"
     """Where the quantized basis lives in the coefficient group: a full copy per worker
@@ -87,10 +88,6 @@ class TWAConfig:
 
     def __post_init__(self) -> None:
         errors = []
-        if self.basis_placement not in ("replicate", "shard", "auto"):
-            errors.append(f"basis_placement={self.basis_placement!r}: use 'replicate', 'shard' or 'auto'")
-        if self.subspace not in ("affine", "span"):
-            errors.append(f"subspace={self.subspace!r}: use 'affine' or 'span'")
         try:
             kind, _ = parse_blocks(self.blocks)
             if self.subspace == "span" and kind != "model":
@@ -99,26 +96,7 @@ class TWAConfig:
             errors.append(str(e))
         if self.bits not in ALLOWED_BITS:
             errors.append(f"bits={self.bits}: use one of {', '.join(map(str, ALLOWED_BITS))}")
-        if self.granularity not in ("row", "block"):
-            errors.append(f"granularity={self.granularity!r}: use 'row' or 'block'")
-        if self.optimizer not in OPTIMIZERS:
-            errors.append(f"optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            errors.append(f"schedule={self.schedule!r}: use one of {', '.join(SCHEDULES)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            errors.append(f"lr={self.lr}: must be a positive number")
-        if not 0 <= self.momentum < 1:
-            errors.append(f"momentum={self.momentum}: must lie in [0, 1)")
-        if not self.weight_decay >= 0:
-            errors.append(f"weight_decay={self.weight_decay}: must be >= 0")
-        if not (self.epochs > 0 and math.isfinite(self.epochs)):
-            errors.append(f"epochs={self.epochs}: must be a positive number")
-        if not 0 <= self.warmup_frac < 1:
-            errors.append(f"warmup_frac={self.warmup_frac}: must lie in [0, 1)")
-        if self.step_size < 1 or not 0 < self.gamma <= 1:
-            errors.append(f"step_size={self.step_size}, gamma={self.gamma}: need step_size >= 1, 0 < gamma <= 1")
-        if errors:
-            raise ValueError("invalid TWA config: " + "; ".join(errors))
+        check_fields(self, "TWA config", errors)  # the choices and bounds declared above
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TWAConfig:

@@ -1,0 +1,83 @@
+"""What twa_ray.ray.ray_internals relies on in Ray: each test fails loudly when a Ray upgrade
+changes it (then the workaround must change, or go if Ray now offers a public way)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from twa_ray.ray import ray_internals
+
+
+def test_driver_log_printer_is_the_module_global_that_ray_init_installs(monkeypatch, capsys):
+    import ray._private.worker as ray_worker
+
+    assert "print_to_stdstream" in inspect.getsource(ray_worker.connect), "ray.init no longer installs print_to_stdstream"
+    assert list(inspect.signature(ray_worker.print_to_stdstream).parameters) == ["data", "ignore_prefix"]
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # restored afterwards
+    ray_internals.filter_driver_logs(lambda record, line: "noise" in line)
+    ray_internals.filter_driver_logs(lambda record, line: False)  # idempotent: the first filter stays
+    record = {"lines": ["some noise", "a real line"], "is_err": False, "pid": 7, "ip": "10.0.0.1",
+              "actor_name": "A", "task_name": "", "job": "01000000"}  # fmt: skip
+    ray_worker.print_to_stdstream(record, True)
+    out = capsys.readouterr().out
+    assert "a real line" in out and "noise" not in out
+
+
+def test_train_report_logger_is_named_by_its_file():
+    import ray.train.v2._internal.execution.context as context
+
+    names = ray_internals.train_report_loggers()
+    assert context.logger.name == context.__file__ and context.__file__ in names
+    assert isinstance(logging.getLogger(names[-1]), logging.Logger)
+
+
+def test_train_fit_installs_its_sigint_handler_through_the_method_we_replace(monkeypatch):
+    import ray.tune.tune as tune_run
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    assert "self._register_sigint_handler(" in inspect.getsource(DataParallelTrainer), "Ray Train changed its SIGINT hook"
+    assert "TUNE_DISABLE_SIGINT_HANDLER" in inspect.getsource(tune_run)  # Tune's documented switch
+    monkeypatch.setattr(DataParallelTrainer, "_register_sigint_handler", DataParallelTrainer._register_sigint_handler)
+    monkeypatch.delenv("TUNE_DISABLE_SIGINT_HANDLER", raising=False)
+    ray_internals.stop_train_sigint_handler()
+    assert DataParallelTrainer._register_sigint_handler(None, None) is None  # ours: does nothing
+
+
+_SIGTERM_SCRIPT = """
+import json, os, signal, time
+import ray
+from twa_ray.ray.ray_internals import keep_signal_handlers
+
+def ours(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+signal.signal(signal.SIGTERM, ours)
+with keep_signal_handlers():
+    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=80 << 20)
+    replaced = signal.getsignal(signal.SIGTERM) is not ours
+kept = signal.getsignal(signal.SIGTERM) is ours
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+    handled = False
+except KeyboardInterrupt:
+    handled = True
+ray.shutdown()
+print(json.dumps({"replaced": replaced, "kept": kept, "handled": handled}))
+"""
+
+
+@pytest.mark.ray
+def test_ray_init_replaces_the_sigterm_handler_and_ours_is_kept(tmp_path):
+    """``ray.init`` still replaces the SIGTERM handler (else the workaround is moot), and with
+    keep_signal_handlers a SIGTERM after it reaches ours (not Ray's abort with a stack dump)."""
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_SCRIPT], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"replaced": True, "kept": True, "handled": True}, (result, proc.stderr[-2000:])

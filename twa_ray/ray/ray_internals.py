@@ -1,0 +1,99 @@
+"""Every reliance on Ray behaviour that Ray 2.60 does not expose publicly, in one place.
+
+No other module imports a private Ray name. Each workaround is a function of ours, and
+``tests/ray/test_ray_internals.py`` fails loudly when a Ray upgrade changes what it relies on:
+
+- :func:`filter_driver_logs`: Ray prints its processes' log lines on the driver through
+  ``ray._private.worker.print_to_stdstream``; there is no public filter.
+- :func:`train_report_loggers`: Ray Train 2.60 logs every report from a logger named by the
+  file ``ray/train/v2/_internal/execution/context.py``.
+- :func:`stop_train_sigint_handler`: ``TorchTrainer.fit()`` installs a SIGINT handler
+  (``DataParallelTrainer._register_sigint_handler``) that aborts the worker group and returns,
+  so the next phase of a command would start; twa-ray stops the whole command instead.
+- :func:`keep_signal_handlers`: ``ray.init`` replaces the driver's SIGTERM handler (Python's
+  ``sys.exit``, then the core worker's C++ handler that aborts with a stack dump).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+__all__ = ["filter_driver_logs", "train_report_loggers", "stop_train_sigint_handler", "keep_signal_handlers"]
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def filter_driver_logs(drop: Callable[[dict[str, Any], str], bool]) -> None:
+    """Drop the log lines that Ray forwards from its processes to the driver for which
+    ``drop(record, line)`` is true (``record``: Ray's dict with ``actor_name``, ``is_err``, ...).
+    Wraps the printer that ``ray.init`` installs, so it must run before it; idempotent."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "_twa_ray", False):
+        return
+
+    def filtered(data: dict[str, Any], ignore_prefix: bool) -> None:
+        lines = [line for line in data.get("lines", []) if not drop(data, line)]
+        if lines:
+            original({**data, "lines": lines}, ignore_prefix)
+
+    filtered._twa_ray = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = filtered
+
+
+def train_report_loggers() -> list[str]:
+    """The names of Ray Train's loggers that log every report and checkpoint at INFO."""
+    import ray.train.v2._internal.execution.context as context  # its logger is named by __file__
+
+    return ["ray.train", context.__file__]
+
+
+def stop_train_sigint_handler() -> None:
+    """Keep ``TorchTrainer.fit()`` from installing its own SIGINT handler in this process, so
+    that a Ctrl-C reaches the command's handler (which stops the whole command). Ray Tune's
+    handler is switched off by its documented ``TUNE_DISABLE_SIGINT_HANDLER``."""
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    DataParallelTrainer._register_sigint_handler = lambda self, controller: None  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def keep_signal_handlers() -> Iterator[None]:
+    """Around ``ray.init``: the SIGINT and SIGTERM handlers of this process survive it.
+
+    ``ray.init`` sets a SIGTERM handler of its own (``sys.exit``; a local head's kills Ray's
+    processes first), and the core worker it starts installs a C handler that aborts the process
+    with a stack dump; re-setting ours through ``signal.signal`` puts Python's handler back. A
+    signal that reached Ray's handler meanwhile (seen through the wakeup fd) is sent again, to
+    ours. Only the main thread handles signals: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {s: signal.getsignal(s) for s in _SIGNALS}
+    r, w = os.pipe()
+    for fd in (r, w):
+        os.set_blocking(fd, False)
+    old_fd = signal.set_wakeup_fd(w)
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        replaced = [s for s in _SIGNALS if signal.getsignal(s) is not before[s]]
+        for s in replaced:
+            signal.signal(s, before[s])
+        try:
+            arrived = os.read(r, 4096)
+        except BlockingIOError:
+            arrived = b""
+        os.close(r)
+        os.close(w)
+        for s in replaced:
+            if s in arrived:
+                signal.raise_signal(s)
