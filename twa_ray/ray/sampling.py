@@ -453,9 +453,8 @@ def _resume(w: _Worker) -> SamplingState:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            saved = torch.load(
-                os.path.join(d, STATE_FILE), map_location=w.device, weights_only=True
-            )
+            path = os.path.join(d, STATE_FILE)
+            saved = torch.load(path, map_location=w.device, weights_only=True)
             state = SamplingState.from_dir(d)
         w.inner.load_state_dict(saved["model"])
         w.opt.load_state_dict(saved["optimizer"])
