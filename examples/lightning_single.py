@@ -1,7 +1,7 @@
 # python examples/lightning_single.py --out /tmp/twa_lightning
 # python examples/lightning_single.py --out /tmp/twa_lightning_ddp --devices 2 --strategy ddp
-"""TWA as a Lightning callback on one machine: train 4 of 8 epochs at a high learning rate,
-snapshot every epoch... then learn the average (TWA-v on the val dataloader).
+"""TWA as a Lightning callback on one machine: train 4 of 8 epochs ("finish early"),
+snapshot every epoch, then learn the average on the val dataloader (TWA-v).
 
 The task is generated here (a noisy 4-class problem of 32 features, labels of a random teacher
 network with 20% flipped), the model is a small MLP: nothing is downloaded. Writes
@@ -60,7 +60,7 @@ def build(args):
     lightning_ray_train.py)."""
     torch.manual_seed(args.seed)
     train, val = make_task(n_train=args.n_train)
-    callback = TWA(os.path.join(args.out, "candidates"), every_n_epochs=1, sample_frac=0.5,
+    callback = TWA(args.store or os.path.join(args.out, "candidates"), every_n_epochs=1, sample_frac=0.5,
                    mode="twa-v", config=TWAConfig(blocks="tensor", bits=8, lr=0.1, epochs=1.0))  # fmt: skip
     loaders = (DataLoader(train, batch_size=args.batch_size, shuffle=False),
                DataLoader(val, batch_size=args.batch_size))  # fmt: skip
@@ -84,6 +84,8 @@ def save(args, callback, trainer) -> None:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True, help="folder for candidates, logs and result.json")
+    p.add_argument("--store", help="candidate store URI (default OUT/candidates); candidates "
+                   "already in it are kept (resume)")
     p.add_argument("--epochs", type=int, default=8, help="max_epochs (training stops at half)")
     p.add_argument("--n-train", type=int, default=2048, help="training examples")
     p.add_argument("--batch-size", type=int, default=32, help="batch size per device")
