@@ -145,7 +145,10 @@ def build_model(folder: str | os.PathLike[str]) -> HFLogits:
     the class named in ``architectures`` (e.g. ``ViTForImageClassification``), else ``AutoModel``."""
     from twa_ray.integrations._common import require
 
-    transformers = require("transformers", "hf")
+    try:
+        transformers = require("transformers", "hf")
+    except ImportError as e:  # a user error on the command line: one line, exit 2
+        raise ValueError(f"--model hf:{folder}: {e}") from None
     path = Path(folder)
     if not (path / CONFIG).is_file():
         raise ValueError(
