@@ -1,6 +1,6 @@
 # python examples/hf_trainer.py --out /tmp/twa_hf
 """TWA as a Hugging Face Trainer callback: a 2-layer BERT (hidden size 64, from a config) trains
-3 of 6 epochs ("finish early"), a candidate per epoch, then TWA-v on the eval dataset; the
+4 of 8 epochs ("finish early") at a high constant learning rate, a candidate per epoch, then TWA-v on the eval dataset; the
 averaged model is written with save_pretrained to <out>/twa.
 
 The task is generated here: sequences of 16 tokens over a vocabulary of 32; the label says
@@ -55,7 +55,7 @@ def build(args):
         data_seed=args.seed, disable_tqdm=True, logging_strategy="no", dataloader_num_workers=0,
     )  # fmt: skip
     callback = TWACallback(args.store, every_n_epochs=1, sample_frac=0.5, mode="twa-v",
-                           config=TWAConfig(blocks="tensor", bits=8, lr=0.1, epochs=1.0))  # fmt: skip
+                           config=TWAConfig(blocks="tensor", bits=8, lr=0.03, epochs=2.0))  # fmt: skip
     return tiny_bert(args.seed), train, val, targs, callback
 
 
@@ -71,10 +71,10 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True, help="output_dir: candidates, twa/ model, result.json")
     p.add_argument("--store", help="candidate store URI (default OUT/twa_candidates)")
-    p.add_argument("--epochs", type=int, default=6, help="num_train_epochs (training stops at half)")
-    p.add_argument("--n-train", type=int, default=1024, help="training examples")
+    p.add_argument("--epochs", type=int, default=8, help="num_train_epochs (training stops at half)")
+    p.add_argument("--n-train", type=int, default=512, help="training examples")
     p.add_argument("--batch-size", type=int, default=32, help="batch size per device")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (constant)")
+    p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (constant)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
