@@ -1,4 +1,5 @@
 # python examples/hf_trainer.py --out /tmp/twa_hf
+# python examples/hf_trainer.py --out /tmp/twa_hf_ray --num-workers 2 --batch-size 16   # in Ray Train
 """TWA as a Hugging Face Trainer callback: a 2-layer BERT (hidden size 64, from a config) trains
 4 of 8 epochs ("finish early") at a high constant learning rate, a candidate per epoch, then TWA-v on the eval dataset; the
 averaged model is written with save_pretrained to <out>/twa.
@@ -6,11 +7,16 @@ averaged model is written with save_pretrained to <out>/twa.
 The task is generated here: sequences of 16 tokens over a vocabulary of 32; the label says
 whether token 5 occurs more often than token 6 (15% of the train labels flipped). Nothing is
 downloaded. Writes <out>/result.json (alpha and the final / SWA / TWA eval metrics).
+
+With --num-workers N the same Trainer runs in a Ray Train TorchTrainer of N workers (next to
+ray.train.huggingface.transformers.RayTrainReportCallback, prepare_trainer); every worker runs the
+coefficient phase on its shard of the eval data and their coefficient gradients are averaged.
 """
 
 import argparse
 import json
 import os
+import sys
 
 import torch
 from torch.utils.data import Dataset
@@ -76,11 +82,39 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="batch size per device")
     p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (constant)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0, help="Ray Train workers (0: this process)")
     return p.parse_args(argv)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: the same Trainer, reporting to Ray Train."""
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    args = parse(config["argv"])
+    model, train, val, targs, callback = build(args)
+    trainer = Trainer(model=model, args=targs, train_dataset=train, eval_dataset=val,
+                      callbacks=[callback, RayTrainReportCallback()])  # fmt: skip
+    trainer = prepare_trainer(trainer)
+    trainer.train()
+    save(args, callback, trainer.is_world_process_zero())
 
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.num_workers:
+        import ray
+        import ray.train
+        from ray.train.torch import TorchTrainer
+
+        if not ray.is_initialized():
+            ray.init()
+        TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"argv": list(sys.argv[1:] if argv is None else argv)},
+            scaling_config=ray.train.ScalingConfig(num_workers=args.num_workers, resources_per_worker={"CPU": 0.5}),
+            run_config=ray.train.RunConfig(name="hf", storage_path=os.path.abspath(os.path.join(args.out, "ray"))),
+        ).fit()
+        return 0
     model, train, val, targs, callback = build(args)
     trainer = Trainer(model=model, args=targs, train_dataset=train, eval_dataset=val, callbacks=[callback])
     trainer.train()

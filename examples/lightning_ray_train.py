@@ -15,7 +15,12 @@ import lightning.pytorch as pl
 import ray
 import ray.cloudpickle
 import ray.train
-from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
+from ray.train.lightning import (
+    RayDDPStrategy,
+    RayLightningEnvironment,
+    RayTrainReportCallback,
+    prepare_trainer,
+)
 from ray.train.torch import TorchTrainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

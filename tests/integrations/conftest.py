@@ -42,3 +42,11 @@ def lightning_single(tmp_path_factory):
     pytest.importorskip("lightning")
     out = tmp_path_factory.mktemp("lightning_single")
     return out, run_example("lightning_single.py", out, *LIGHTNING_ARGS, "--batch-size", "32")
+
+
+@pytest.fixture(scope="session")
+def hf_single(tmp_path_factory):
+    """examples/hf_trainer.py in this process's interpreter, 32 examples per batch: (out, result)."""
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("hf_single")
+    return out, run_example("hf_trainer.py", out)
