@@ -14,7 +14,8 @@ SNIPPETS = re.findall(r"```python\n(.*?)```", SECTION, re.S)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index,needs", [(0, "lightning"), (1, "transformers")], ids=["lightning", "hf-trainer"])
+@pytest.mark.parametrize("index,needs", [(0, "lightning"), (1, "transformers"), (2, "transformers")],
+                         ids=["lightning", "hf-trainer", "hf-folders"])  # fmt: skip
 def test_snippet_runs_as_written(index, needs, tmp_path):
     pytest.importorskip(needs)
     script = tmp_path / "snippet.py"
@@ -23,4 +24,4 @@ def test_snippet_runs_as_written(index, needs, tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path,
                        timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "'twa/twa_acc'" in r.stdout
+    assert "twa/twa_acc" in r.stdout
