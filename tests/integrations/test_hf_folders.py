@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("transformers")
 
 from tests.integrations.tiny_hf import IMAGE, vit  # noqa: E402
+from twa_ray.core.layout import Layout  # noqa: E402
 from twa_ray.store import hf  # noqa: E402
 from twa_ray.store.importers import import_checkpoints, load_state_dict  # noqa: E402
 from twa_ray.store.store import CandidateStore  # noqa: E402
@@ -42,11 +43,11 @@ def fine_tuned(tmp_path_factory):
 def test_sharded_folder_reads_lazily_and_imports(fine_tuned, tmp_path):
     folder = fine_tuned / "src" / "ft0"
     assert (folder / hf.INDEX).is_file() and len(list(folder.glob("model-*.safetensors"))) > 1
-    state = load_state_dict(folder)
+    state = load_state_dict(folder)  # lazy: the model's names, read shard by shard
+    assert not isinstance(state, dict) and "vit.layers.0.attention.q_proj.weight" in state
     ref = vit()
     ref.load_state_dict(dict(state), strict=False)
-    names = import_checkpoints(fine_tuned / "src", str(tmp_path / "store"),
-                               layout=__import__("twa_ray.core.layout", fromlist=["Layout"]).Layout.from_module(hf.HFLogits(vit())))  # fmt: skip
+    names = import_checkpoints(fine_tuned / "src", str(tmp_path / "store"), layout=Layout.from_module(hf.HFLogits(vit())))
     assert names == ["ft0", "ft1", "ft2"]
     theta = CandidateStore(str(tmp_path / "store")).read_state("ft0")
     for n, p in ref.named_parameters():
