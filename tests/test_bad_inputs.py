@@ -517,3 +517,52 @@ def test_storage_bad_input_is_one_line_exit_2_and_changes_nothing(fx, tmp_path, 
 
     test_bad_input_is_one_line_exit_2_and_changes_nothing(fx, tmp_path, capsys, monkeypatch, make, needle)
     assert not ray.is_initialized()  # refused before Ray starts
+
+
+# --------------------------------------------------------------------------- Hugging Face folders
+# (integ) A tiny ViT saved with save_pretrained; the data function of tests/integrations/tiny_hf.py.
+HF_DATA = ["--dataset", "tests.integrations.tiny_hf:images"]
+
+
+def _vit_folder(tmp: Path, name: str, **kw) -> Path:
+    from tests.integrations.tiny_hf import vit
+
+    model = vit()
+    if kw:
+        from transformers import ViTForImageClassification
+
+        model = ViTForImageClassification(model.config.__class__(**{**model.config.to_dict(), **kw}))
+    model.save_pretrained(tmp / name, max_shard_size="40KB")
+    return tmp / name
+
+
+def _hf_no_config(fx, tmp):
+    folder = _vit_folder(tmp / "src", "vit")
+    (folder / "config.json").unlink()
+    return ["average", "--store", str(tmp / "src"), "--model", f"hf:{folder}", *HF_DATA, "--out", str(tmp / "o"), *FAST]
+
+
+def _hf_missing_shard(fx, tmp):
+    ref = _vit_folder(tmp, "ref")
+    folder = _vit_folder(tmp / "src", "vit")
+    sorted(folder.glob("model-*.safetensors"))[-1].unlink()
+    return ["import", str(tmp / "src"), "--out", str(tmp / "o"), "--model", f"hf:{ref}", *HF_DATA]
+
+
+def _hf_architecture_mismatch(fx, tmp):
+    other = _vit_folder(tmp, "wide", hidden_size=48)
+    _vit_folder(tmp / "src", "vit")
+    return ["average", "--store", str(tmp / "src"), "--model", f"hf:{other}", *HF_DATA, "--out", str(tmp / "o"), *FAST]
+
+
+HF_CORPUS = [
+    pytest.param(_hf_no_config, "config.json does not exist", id="hf-folder-without-config"),
+    pytest.param(_hf_missing_shard, "names shard(s)", id="hf-index-names-missing-shard"),
+    pytest.param(_hf_architecture_mismatch, "expected [", id="hf-architecture-mismatch"),
+]
+
+
+@pytest.mark.parametrize("make,needle", HF_CORPUS)
+def test_bad_hf_input_is_one_line_exit_2_and_changes_nothing(fx, tmp_path, capsys, monkeypatch, make, needle):
+    pytest.importorskip("transformers")
+    test_bad_input_is_one_line_exit_2_and_changes_nothing(fx, tmp_path, capsys, monkeypatch, make, needle)

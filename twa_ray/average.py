@@ -46,6 +46,7 @@ from twa_ray.report import (
 )
 from twa_ray.storage import join_uri, open_storage
 from twa_ray.store import CandidateStore, import_checkpoints, tied_names
+from twa_ray.store.hf import HFLogits, save_folder
 from twa_ray.store.importers import find_checkpoints
 
 log = logging.getLogger("twa_ray")
@@ -75,11 +76,13 @@ def checkpoint_sources(src: str | Path) -> dict[str, Any]:
     files = []
     for name, path in find_checkpoints(src):
         h = hashlib.blake2b(digest_size=16)
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
+        parts = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]  # HF folders
+        for part in parts:
+            with open(part, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
         files.append({"name": name, "file": str(path.relative_to(src)) if path != Path(src) else path.name,
-                      "size": path.stat().st_size, "blake2b": h.hexdigest()})  # fmt: skip
+                      "size": sum(p.stat().st_size for p in parts), "blake2b": h.hexdigest()})  # fmt: skip
     return {"source": str(Path(src).resolve()), "files": files}
 
 
@@ -342,6 +345,8 @@ def run_average(cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = Fals
     }
     write_outputs(out, metrics=metrics, best_model=model, coefficients=coefficients,
                   block_labels=list(subspace.blocks.labels), candidate_names=names, config=cfg)
+    if isinstance(model, HFLogits):  # --model hf:FOLDER: also a folder that from_pretrained loads
+        save_folder(model, out / "hf_model")
     if cfg.storage:  # --out is the local copy of <storage>/average (a run's are in outputs/)
         open_storage(cfg.storage).upload_outputs(out, "average")
     rows = [{"method": k, **v} for k, v in methods.items()]

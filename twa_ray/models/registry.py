@@ -78,6 +78,8 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int]) -> n
             - ``"cnn1d"``: 3 Conv1d-BN-ReLU layers + linear, for MNIST-1D (``(N, 40)`` inputs);
             - ``"resnet20"`` (also 32/44/56/110): CIFAR ResNet, option A shortcut (0.27M params);
             - ``"vgg16_bn"``: CIFAR VGG-16 with BN and a 512-512 classifier (15.3M params);
+            - ``"hf:<folder>"``: the ``transformers`` architecture of ``<folder>/config.json``
+              (fresh weights, nothing downloaded), called as ``model(x).logits``;
             - ``"tv:<name>"``: ``torchvision.models.get_model(name, weights=None, num_classes=...)``;
             - ``"pkg.module:function"``: a user function, called with ``num_classes=`` and
               ``input_shape=`` if its signature accepts them (each on its own), else with none.
@@ -99,6 +101,10 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int]) -> n
         )
     if name in MODELS:
         return MODELS[name](num_classes, shape)
+    if isinstance(name, str) and name.startswith("hf:"):
+        from twa_ray.store.hf import build_model as build_hf
+
+        return _check_forward(build_hf(name[3:]), name, shape, num_classes)
     if isinstance(name, str) and name.startswith("tv:"):
         return _check_forward(_torchvision_model(name[3:], num_classes), name, shape, num_classes)
     if isinstance(name, str) and is_import_path(name):
@@ -112,7 +118,7 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int]) -> n
         return _check_forward(model, name, shape, num_classes)
     raise ValueError(
         f"unknown model {name!r}; choose one of {', '.join(MODELS)}, 'tv:<torchvision model>' "
-        "(e.g. 'tv:resnet18') or a user function 'package.module:function'"
+        "(e.g. 'tv:resnet18'), 'hf:<Hugging Face model folder>' or a user function 'package.module:function'"
     )
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from twa_ray.core.layout import Layout, flatten
+from twa_ray.store import hf
 from twa_ray.store.store import CandidateStore, _Staged
 
 __all__ = [
@@ -87,6 +88,8 @@ def find_checkpoints(src_dir: str | os.PathLike[str]) -> list[tuple[str, Path]]:
         if src.suffix.lower() not in CHECKPOINT_SUFFIXES:
             raise ValueError(f"{src} is not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
         found = [(src.stem, src)]
+    elif hf.is_folder(src):  # one Hugging Face model (maybe sharded)
+        found = [(src.name, src)]
     elif src.is_dir():
         found = []
         for root, dirs, files in os.walk(src):
@@ -96,6 +99,10 @@ def find_checkpoints(src_dir: str | os.PathLike[str]) -> list[tuple[str, Path]]:
                 for f in sorted(files):
                     if not f.startswith(".") and Path(f).suffix.lower() in CHECKPOINT_SUFFIXES:
                         found.append((Path(f).stem, here / f))
+                continue
+            if hf.is_folder(here):
+                found.append(("-".join(here.relative_to(src).parts), here))
+                dirs[:] = []
                 continue
             match = next((f for f in CHECKPOINT_FILES if f in files), None)
             if match is not None:
@@ -128,6 +135,8 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     run. Any unreadable file raises ``ValueError`` naming it.
     """
     path = Path(path)
+    if path.is_dir():  # a Hugging Face folder: read lazily, tensor by tensor
+        return hf.load_folder(path)  # type: ignore[return-value]
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 

@@ -1,0 +1,109 @@
+"""TWA as a Lightning callback: candidates while you train, the learned average at fit end.
+
+>>> trainer = lightning.pytorch.Trainer(max_epochs=10, callbacks=[TWA("runs/cands", every_n_epochs=1,
+...                                      sample_frac=0.5, mode="twa-v")])  # doctest: +SKIP
+
+The LightningModule's ``forward(x)`` gives logits and ``loss_fn(logits, y)`` (cross entropy by
+default; it must take ``reduction=``) the loss of an ``(x, y)`` batch. Under ``ddp`` (or Ray
+Train's ``RayDDPStrategy``) every rank runs the coefficient phase on its part of the data and
+the ranks average their coefficient gradients (see :mod:`twa_ray.integrations._common`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from twa_ray.core.twa import TWAConfig
+from twa_ray.integrations._common import Snapshots, learn, require
+
+pl = require("lightning.pytorch", "lightning")
+
+__all__ = ["TWA"]
+
+
+class TWA(pl.Callback):
+    """Snapshot candidates during ``fit`` and replace the weights by their TWA at its end.
+
+    Args:
+        store: the candidate store (local path or ``pyarrow.fs`` URI); default
+            ``<trainer.default_root_dir>/twa_candidates``.
+        every_n_steps / every_n_epochs: the snapshot interval (one of them; default 1 epoch).
+        sample_frac: stop training after this fraction of ``max_epochs`` ("finish early");
+            ``None`` trains all epochs.
+        mode: ``"twa-t"`` learns alpha on the train dataloader, ``"twa-v"`` on the val dataloader.
+        config: the coefficient phase (:class:`~twa_ray.core.twa.TWAConfig`).
+        loss_fn: ``loss_fn(logits, y, reduction=...)`` of the module's outputs.
+
+    After ``fit``, :attr:`metrics` holds the val loss/accuracy of the final model, of SWA and of
+    TWA over the same candidates (also sent to ``trainer.logger``), :attr:`twa` the core object.
+    """
+
+    def __init__(
+        self,
+        store: str | None = None,
+        *,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        sample_frac: float | None = None,
+        mode: Literal["twa-t", "twa-v"] = "twa-t",
+        config: TWAConfig | None = None,
+        loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
+    ) -> None:
+        if mode not in ("twa-t", "twa-v"):
+            raise ValueError(f"mode={mode!r}: use 'twa-t' or 'twa-v'")
+        if sample_frac is not None and not 0 < sample_frac <= 1:
+            raise ValueError(f"sample_frac={sample_frac}: must lie in (0, 1]")
+        if every_n_steps is None and every_n_epochs is None:
+            every_n_epochs = 1
+        self.snapshots = Snapshots(store or "", every_n_steps=every_n_steps, every_n_epochs=every_n_epochs)
+        self.sample_frac = sample_frac
+        self.mode = mode
+        self.config = config or TWAConfig()
+        self.loss_fn = loss_fn
+        self.metrics: dict[str, float] = {}
+        self.twa: Any = None
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if not self.snapshots.store:
+            self.snapshots.store = f"{trainer.default_root_dir}/twa_candidates"
+
+    # -- sampling ----------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.snapshots.due(step=trainer.global_step):
+            self.snapshots.take(pl_module, step=trainer.global_step, epoch=trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        done = trainer.current_epoch + 1
+        if self.snapshots.due(step=trainer.global_step, epoch_end=done):
+            self.snapshots.take(pl_module, step=trainer.global_step, epoch=float(done))
+        if self.sample_frac is not None and trainer.max_epochs and trainer.max_epochs > 0:
+            if done >= math.ceil(self.sample_frac * trainer.max_epochs):
+                trainer.should_stop = True  # the same on every rank: a function of the epoch
+
+    # -- the coefficient phase -----------------------------------------------------------------
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        train = trainer.train_dataloader
+        val = trainer.val_dataloaders
+        val = val[0] if isinstance(val, (list, tuple)) and val else val
+        if self.mode == "twa-v" and val is None:
+            raise ValueError("mode='twa-v' needs a val dataloader: pass val_dataloaders to fit")
+        self.twa, self.metrics = learn(
+            pl_module, self.snapshots, self.config,
+            loader=train if self.mode == "twa-t" else val, bn_loader=train, eval_loader=val,
+            loss_fn=self.loss_fn,
+        )  # fmt: skip
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(self.metrics, step=trainer.global_step)
+
+    # -- resume --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"snapshots": self.snapshots.state_dict(), "twa": self.twa.state_dict() if self.twa else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.snapshots.store = self.snapshots.store or state_dict["snapshots"]["store"]
+        self.snapshots.load_state_dict(state_dict["snapshots"])
