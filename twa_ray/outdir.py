@@ -48,6 +48,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from twa_ray.redact import redact
 from twa_ray.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def _entries(st: Storage) -> list[pafs.FileInfo]:
     try:
         return list(st.fs.get_file_info(pafs.FileSelector(st.path, allow_not_found=True)))
     except (OSError, pa.ArrowException) as e:
-        raise ValueError(f"cannot list {st.uri!r} ({str(e).splitlines()[0]}); check the path and the credentials") from None
+        raise ValueError(f"cannot list {redact(st.uri)!r} ({str(e).splitlines()[0]}); check the path and the credentials") from None
 
 
 def _read(st: Storage, name: str) -> dict[str, Any] | None:
@@ -212,7 +213,7 @@ def mark(where: Storage | str | os.PathLike[str], command: str, run_id: str) -> 
 def check_storage(st: Storage, command: str, *, resume: bool = False, overwrite: bool = False, flag: str = "") -> None:
     """Refuse ``st`` for ``command`` before anything starts (foreign entries, another output,
     nothing to resume, a live writer); changes nothing."""
-    flag = flag or f"--storage {st.uri!r}"
+    flag = flag or f"--storage {redact(st.uri)!r}"
     if not (resume and overwrite):  # a flag error first, then a live writer, then the contents
         _check_lease(st, flag)
     _refuse(st, command, resume=resume, overwrite=overwrite, flag=flag)
@@ -224,7 +225,7 @@ def claim_storage(
 ) -> str:  # fmt: skip
     """Check ``st``, take its lease, delete the previous output (``--overwrite``; ``keep``
     survives one of the same command) and mark it; returns the run id: new, or the resumed one."""
-    flag = flag or f"--storage {st.uri!r}"
+    flag = flag or f"--storage {redact(st.uri)!r}"
     check_storage(st, command, resume=resume, overwrite=overwrite, flag=flag)
     mine = owner(st)
     run_id = mine[1] if resume and mine else _new_id(command)
@@ -242,7 +243,7 @@ def hold(st: Storage, command: str, *, flag: str = "") -> str:
     """Take the lease of ``st`` for a command that adds to it (``average`` next to a run's
     candidates, ``import`` into a store): refused when it holds files twa-ray did not write
     (a store: nothing checked) or another command writes it. Returns the lease's id."""
-    flag = flag or f"--storage {st.uri!r}"
+    flag = flag or f"--storage {redact(st.uri)!r}"
     if command != "import" and foreign(st):
         _refuse(st, command, resume=False, overwrite=True, flag=flag)
     run_id = _new_id(command)
