@@ -135,7 +135,7 @@ def run_pipeline(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Sample, average, evaluate and report; returns the metrics written to ``metrics.json``."""
-    from twa_ray.ray.coeff_group import run_twa
+    from twa_ray.ray.coeff_group import CoeffGroupConfig, run_twa
     from twa_ray.ray.group import check_data_root_on_nodes
     from twa_ray.ray.sampling import run_sampling
     from twa_ray.ray.shards import put_subspace
@@ -185,11 +185,7 @@ def run_pipeline(
     sharded = put_subspace(store, layout, cfg.twa)
     modes = ("t", "v") if cfg.mode == "both" else (cfg.mode,)
     log.info("TWA-%s on %d candidates: %s", "/".join(modes), len(names), format_summary(sharded.summary()))
-    results = run_twa(
-        sharded, cfg.data, cfg.twa, run_dir=work, modes=modes, num_workers=s.num_workers,
-        cpus_per_worker=s.cpus_per_worker, use_gpu=s.use_gpu, batch_size=s.batch_size,
-        max_failures=s.max_failures, checkpoint_interval_s=s.checkpoint_interval_s, run_id=run_id,
-    )  # fmt: skip
+    results = run_twa(sharded, cfg.data, cfg.twa, CoeffGroupConfig.of_sampling(s, modes), run_dir=work, run_id=run_id)
 
     # -- baselines and the table -------------------------------------------------------------
     twa_epochs = cfg.twa.epochs

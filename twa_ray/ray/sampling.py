@@ -37,13 +37,13 @@ import torch.nn.functional as F
 
 from twa_ray.config import TRAJECTORY_FREE_FIELDS, DataConfig, SamplingConfig
 from twa_ray.core.optim import lr_factor
+from twa_ray.ray.faults import inject
 from twa_ray.ray.group import (
     CheckpointClock,
     check_data_root_on_nodes,
     check_run_id,
     fit_group,
     load_worker_splits,
-    marker_path,
     report,
 )
 from twa_ray.ray.snapshot import Snapshotter, unwrap_model
@@ -51,7 +51,6 @@ from twa_ray.ray.worker import (
     all_reduce_,
     evaluate_sharded,
     loader_options,
-    maybe_fail,
     strided,
     train_autocast,
 )
@@ -65,8 +64,6 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"  # model + optimizer state (torch.save; loaded with weights_only=True)
 META_FILE = "meta.json"  # a SamplingState (readable without torch)
 CONFIG_FILE = "sampling_{run_id}.json"  # resolved config of a run, next to its outputs in run_dir
-FAIL_MARKER = ".sampling_{run_id}.failure_injected"
-KILL_MARKER = ".sampling_{run_id}.worker_killed"
 _EVAL_BATCH = 1024
 
 
@@ -158,8 +155,6 @@ def run_sampling(
     run_dir: str,
     run_id: str,
     progress: bool = True,
-    fail_at_step: int | None = None,
-    kill_at_step: int | None = None,
 ) -> SamplingResult:
     """Run the sampling phase as a Ray Train ``TorchTrainer`` and return what it wrote.
 
@@ -173,11 +168,6 @@ def run_sampling(
         run_id: names the run: calling again with the same ``run_id`` and ``run_dir`` resumes
             (or, when finished, just reads back) the run; ``[A-Za-z0-9._-]``.
         progress: rank 0 logs one line per epoch (Ray forwards worker logs to the driver).
-        fail_at_step: testing hook: the last worker raises once right after this global step
-            (a marker file in a local ``run_dir`` keeps the restarted attempt from failing again).
-        kill_at_step: testing hook: rank 0 (the writer of candidates and checkpoints) SIGKILLs
-            its own process once right after this global step, after that step's snapshot (a
-            real process death; its own marker file in ``run_dir``).
 
     Raises:
         ValueError: bad ``run_id``, a store holding another run's candidates, or a ``run_dir``
@@ -199,10 +189,6 @@ def run_sampling(
         "store_uri": store_uri,
         "run_id": run_id,
         "progress": progress,
-        "fail_at_step": fail_at_step,
-        "fail_marker": marker_path(rd, FAIL_MARKER.format(run_id=run_id)),
-        "kill_at_step": kill_at_step,
-        "kill_marker": marker_path(rd, KILL_MARKER.format(run_id=run_id)),
     }
     # raises TrainingFailedError once max_failures is exhausted
     result = fit_group(
@@ -409,7 +395,7 @@ def sampling_loop_per_worker(config: dict[str, Any]) -> None:
                     candidates,
                     snap.maybe_snapshot(step=global_step, epoch=global_step / steps_per_epoch),
                 )
-            maybe_fail(config, global_step, rank, world)
+            inject("sampling", global_step, rank, world)
 
         # ---- snapshot (the final epoch always) and evaluate
         last = epoch + 1 == sampling.sample_epochs
