@@ -29,6 +29,7 @@ from twa_ray.core.bn import update_bn
 from twa_ray.core.evaluate import evaluate, make_scorer
 from twa_ray.core.kernels.cpu import kernel_info
 from twa_ray.core.layout import Layout, load_flat_
+from twa_ray.core.loop import CoefficientLoop, ShuffledBatches, steps_per_epoch, total_steps
 from twa_ray.core.subspace import Subspace
 from twa_ray.core.twa import TWA, TWAConfig, build_subspace
 from twa_ray.data import DataSplits, load_dataset
@@ -52,9 +53,6 @@ __all__ = [
     "run_average", "open_candidates", "InModelOrder", "checkpoint_sources", "check_finite", "Baselines", "compute_baselines", "fit_twa", "make_loader", "make_loaders",
     "write_outputs",
 ]
-
-METHOD_COLUMNS = ("method", "test_acc", "val_acc", "epochs_used", "budget_saved_%")
-
 
 def make_loader(
     ds: Dataset[Any], batch_size: int, *, shuffle: bool, seed: int = 0, pin_memory: bool = False
@@ -254,19 +252,32 @@ def make_loaders(
 
 
 def fit_twa(
-    model: nn.Module, subspace: Subspace, config: TWAConfig, loaders: dict[str, DataLoader[Any]], mode: str
-) -> tuple[TWA, dict[str, float]]:
+    model: nn.Module, subspace: Subspace, config: TWAConfig, loaders: dict[str, DataLoader[Any]], mode: str,
+    *, seed: int = 0,
+) -> tuple[TWA, dict[str, float]]:  # fmt: skip
     """TWA-t (``mode='t'``, train batches) or TWA-v (``'v'``, held-out batches) from the SWA
-    point, BatchNorm re-estimated on train data; returns the engine and its accuracies.
+    point with the core :class:`~twa_ray.core.loop.CoefficientLoop`, BatchNorm re-estimated on
+    train data; returns the engine and its accuracies.
 
-    TWA-v takes as many steps as TWA-t (``config.epochs`` passes over the train split),
+    The loop reads the datasets and batch size of ``loaders["train"]`` / ``["val_train"]`` in
+    its own seeded order (:class:`~twa_ray.core.loop.ShuffledBatches`, ``seed``), as every host
+    does: an epoch is ``N_train // batch`` steps, and TWA-v takes as many steps as TWA-t,
     cycling the smaller held-out split.
     """
+    train, fit = loaders["train"], loaders["train" if mode == "t" else "val_train"]
+    assert train.batch_size is not None and fit.batch_size is not None
+    per_epoch = steps_per_epoch(len(train.dataset), train.batch_size)  # type: ignore[arg-type]
+    data = ShuffledBatches(fit.dataset, fit.batch_size, seed=seed, split="train" if mode == "t" else "val",
+                           loader_options={"pin_memory": fit.pin_memory})  # fmt: skip
+
+    def accuracies(twa: TWA) -> dict[str, float]:
+        twa.update_bn(loaders["bn"])
+        return {f"{s}_acc": evaluate(model, loaders[s], device=twa.device).acc for s in ("val", "test")}
+
     twa = TWA(model, subspace, config=config)
-    steps = max(1, round(config.epochs * len(loaders["train"])))
-    twa.fit(loaders["train" if mode == "t" else "val_train"], steps=steps)
-    twa.update_bn(loaders["bn"])
-    return twa, {f"{s}_acc": evaluate(model, loaders[s], device=twa.device).acc for s in ("val", "test")}
+    loop = CoefficientLoop(twa, data, total_steps=total_steps(config.epochs, per_epoch),
+                           steps_per_epoch=per_epoch, evaluate=accuracies).run()  # fmt: skip
+    return twa, loop.final
 
 
 def run_average(cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = False) -> dict[str, Any]:
@@ -318,7 +329,7 @@ def run_average(cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = Fals
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     for mode in ("t", "v") if cfg.mode == "both" else (cfg.mode,):
         name = f"twa_{mode}"
-        twa, methods[name] = fit_twa(model, subspace, cfg.twa, loaders, mode)
+        twa, methods[name] = fit_twa(model, subspace, cfg.twa, loaders, mode, seed=cfg.data.seed)
         coefficients[name] = twa.alpha.detach().cpu().clone()
         if best is None or methods[name]["val_acc"] > best[0]:
             best = (methods[name]["val_acc"], {k: v.clone() for k, v in model.state_dict().items()})

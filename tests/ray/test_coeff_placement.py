@@ -20,7 +20,7 @@ from twa_ray.config import DataConfig
 from twa_ray.core.twa import TWA, TWAConfig
 from twa_ray.data import load_dataset
 from twa_ray.models import build_model
-from twa_ray.ray.coeff_group import run_twa
+from twa_ray.ray.coeff_group import CoeffGroupConfig, run_twa
 from twa_ray.ray.shards import put_subspace
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
@@ -53,11 +53,9 @@ def runs(setup):
     def run(workers: int, bits: int, placement: str):
         key = (workers, bits, placement)
         if key not in done:
-            res = run_twa(
-                sharded[bits], data, _cfg(bits, placement), run_dir=str(root / "_".join(map(str, key))),
-                modes=("t",), num_workers=workers, cpus_per_worker=2 / 3 if workers == 3 else 1.0,
-                batch_size=BATCH, max_failures=0, eval_swa=False, progress=False,
-            )  # fmt: skip
+            group = CoeffGroupConfig(modes=("t",), num_workers=workers, cpus_per_worker=2 / 3 if workers == 3 else 1.0,
+                                     batch_size=BATCH, max_failures=0, eval_swa=False, progress=False)  # fmt: skip
+            res = run_twa(sharded[bits], data, _cfg(bits, placement), group, run_dir=str(root / "_".join(map(str, key))))
             done[key] = res["t"]
         return done[key]
 

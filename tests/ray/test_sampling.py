@@ -123,7 +123,7 @@ def test_step_interval(step_run):
     assert [store.info(n).epoch for n in store.names()] == pytest.approx([5 / 6, 10 / 6, 2.0])
 
 
-def test_worker_failure_resumes_without_duplicates(data, step_run, tmp_path):
+def test_worker_failure_resumes_without_duplicates(data, step_run, tmp_path, plan_faults):
     """Two failures in epoch 2 (the last checkpoint is the end of epoch 1, step 6):
 
     - after step 8 the last rank raises (an exception in the loop);
@@ -136,10 +136,12 @@ def test_worker_failure_resumes_without_duplicates(data, step_run, tmp_path):
     """
     ref, ref_store = step_run
     sampling = _sampling(sample_interval=5, interval_unit="step", max_failures=2)
-    res = _run(data, sampling, tmp_path, "steps", fail_at_step=8, kill_at_step=10)
-    assert (tmp_path / "run" / ".sampling_steps.failure_injected").exists()  # it raised
-    killed = (tmp_path / "run" / ".sampling_steps.worker_killed").read_text()
-    assert killed.startswith("kill_at_step 10 (rank 0, pid ")
+    plan_faults([{"phase": "sampling", "kind": "raise", "step": 8, "marker": tmp_path / "raised"},
+                 {"phase": "sampling", "kind": "kill", "step": 10, "marker": tmp_path / "killed"}])  # fmt: skip
+    res = _run(data, sampling, tmp_path, "steps")
+    assert (tmp_path / "raised").read_text().startswith("raise sampling 8 (rank 1, pid ")  # it raised
+    killed = (tmp_path / "killed").read_text()
+    assert killed.startswith("kill sampling 10 (rank 0, pid ")
     pid = int(killed.split("pid ")[1].rstrip(")\n"))
     assert not os.path.exists(f"/proc/{pid}")  # the worker process really died
     store = CandidateStore(str(tmp_path / "store"))
