@@ -262,12 +262,13 @@ def fit_twa(
     The loop reads the datasets and batch size of ``loaders["train"]`` / ``["val_train"]`` in
     its own seeded order (:class:`~twa_ray.core.loop.ShuffledBatches`, ``seed``), as every host
     does: an epoch is ``N_train // batch`` steps, and TWA-v takes as many steps as TWA-t,
-    cycling the smaller held-out split.
+    cycling the smaller held-out split (in one batch when it is smaller than a batch).
     """
     train, fit = loaders["train"], loaders["train" if mode == "t" else "val_train"]
     assert train.batch_size is not None and fit.batch_size is not None
     per_epoch = steps_per_epoch(len(train.dataset), train.batch_size)  # type: ignore[arg-type]
-    data = ShuffledBatches(fit.dataset, fit.batch_size, seed=seed, split="train" if mode == "t" else "val",
+    batch = min(fit.batch_size, len(fit.dataset))  # type: ignore[arg-type]  # a small val split: one batch
+    data = ShuffledBatches(fit.dataset, batch, seed=seed, split="train" if mode == "t" else "val",
                            loader_options={"pin_memory": fit.pin_memory})  # fmt: skip
 
     def accuracies(twa: TWA) -> dict[str, float]:
@@ -284,26 +285,11 @@ def run_average(cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = Fals
     """Baselines and TWA on ``cfg.store`` with the model and data of ``cfg.data``; writes the
     outputs to ``cfg.out`` (owned: see :mod:`twa_ray.outdir`) and returns the metrics."""
     start = time.time()
-    if cfg.store is None and cfg.storage:  # the candidates of a run in --storage
-        cfg = dataclasses.replace(cfg, store=join_uri(cfg.storage, "candidates"))
-    if cfg.store is None:
-        raise ValueError("twa-ray average needs --store (a candidate store or a folder of checkpoints)")
-    out = prepare_out_dir(cfg.out)
-    outdir.check_inputs(out, [("--store", cfg.store), ("--data-root", cfg.data.data_root)])
-    outdir.check(out, "average", overwrite=overwrite)
+    cfg, out = _check_out(cfg, overwrite)
     torch.manual_seed(cfg.data.seed)
-    splits = load_dataset(
-        cfg.data.dataset, root=cfg.data.data_root, val_frac=cfg.data.val_frac, seed=cfg.data.seed,
-        num_samples=cfg.data.num_samples,
-    )
-    model = build_model(cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
-    layout = Layout.from_module(model)
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this machine has no usable CUDA device; use --device cpu")
-    model.to(device)  # TWA places B on the model's device, once
+    splits, model, layout, device = _setup_model(cfg)
     outdir.claim(out, "average", overwrite=overwrite, keep=("candidates", IMPORT_FILE))
-    store = open_candidates(cfg.store, out, layout)
+    store = open_candidates(cfg.store, out, layout)  # type: ignore[arg-type]
     names = store.names()
     loaders = make_loaders(splits, batch_size, cfg.data.seed, pin_memory=device.type == "cuda")
     log.info("%d candidates, D=%d; baselines ...", len(names), layout.numel)
@@ -311,12 +297,7 @@ def run_average(cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = Fals
     methods: dict[str, dict[str, Any]] = {"last_candidate": base.last, "swa": base.swa}
     if base.greedy_soup:
         methods["greedy_soup"] = base.greedy_soup
-    peak = max(float(store.read(n).abs().max()) for n in names)
-    if peak > torch.finfo(torch.float32).max / 2:  # |candidate - mean| <= 2 peak must fit float32
-        raise ValueError(
-            f"the candidates hold values up to {peak:.3g}: their differences from the mean overflow "
-            "float32 (diverged training?); drop those checkpoints (nothing was written)"
-        )
+    _check_range(store, names)
     subspace = build_subspace(store, layout, cfg.twa)
     summary: dict[str, Any] = {"kind": subspace.kind, "bits": cfg.twa.bits, "num_rows": subspace.num_rows,
                "num_blocks": subspace.num_blocks, "numel": layout.numel, "num_candidates": len(names),
@@ -325,6 +306,63 @@ def run_average(cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = Fals
     kernel = kernel_info() if device.type == "cpu" else {"path": "cuda"}
     log.debug("coefficient kernel: %s path (%s), %s threads, %s", kernel["path"],
               kernel.get("chosen_by", "device"), kernel.get("threads", "-"), kernel.get("cpu", cfg.device))  # fmt: skip
+    coefficients = _fit_modes(cfg, model, subspace, loaders, methods)
+    metrics = {"methods": methods, "num_candidates": len(names), "numel": layout.numel,
+               "subspace": {**summary, "rows": subspace.num_rows, "blocks": subspace.num_blocks},
+               "kernel": kernel, "wall_time_s": round(time.time() - start, 2)}  # fmt: skip
+    write_outputs(out, metrics=metrics, best_model=model, coefficients=coefficients,
+                  block_labels=list(subspace.blocks.labels), candidate_names=names, config=cfg)
+    if cfg.storage:  # --out is the local copy of <storage>/average (a run's are in outputs/)
+        open_storage(cfg.storage).upload_outputs(out, "average")
+    rows = [{"method": k, **v} for k, v in methods.items()]
+    print(format_table(rows, ("method", "test_acc", "val_acc")))
+    print(f"outputs in {out.resolve()} ({metrics['wall_time_s']:.0f} s)")
+    return metrics
+
+
+def _check_out(cfg: RunConfig, overwrite: bool) -> tuple[RunConfig, Path]:
+    """The config with its store resolved and the checked (not yet claimed) output folder."""
+    if cfg.store is None and cfg.storage:  # the candidates of a run in --storage
+        cfg = dataclasses.replace(cfg, store=join_uri(cfg.storage, "candidates"))
+    if cfg.store is None:
+        raise ValueError("twa-ray average needs --store (a candidate store or a folder of checkpoints)")
+    out = prepare_out_dir(cfg.out)
+    outdir.check_inputs(out, [("--store", cfg.store), ("--data-root", cfg.data.data_root)])
+    outdir.check(out, "average", overwrite=overwrite)
+    return cfg, out
+
+
+def _setup_model(cfg: RunConfig) -> tuple[DataSplits, nn.Module, Layout, torch.device]:
+    """The dataset and the model on ``cfg.device`` (TWA places B on the model's device, once)."""
+    splits = load_dataset(
+        cfg.data.dataset, root=cfg.data.data_root, val_frac=cfg.data.val_frac, seed=cfg.data.seed,
+        num_samples=cfg.data.num_samples,
+    )  # fmt: skip
+    model = build_model(cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
+    layout = Layout.from_module(model)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no usable CUDA device; use --device cpu")
+    model.to(device)
+    return splits, model, layout, device
+
+
+def _check_range(store: CandidateStore | InModelOrder, names: Sequence[str]) -> None:
+    """Refuse candidates whose differences from their mean overflow float32."""
+    peak = max(float(store.read(n).abs().max()) for n in names)
+    if peak > torch.finfo(torch.float32).max / 2:  # |candidate - mean| <= 2 peak must fit float32
+        raise ValueError(
+            f"the candidates hold values up to {peak:.3g}: their differences from the mean overflow "
+            "float32 (diverged training?); drop those checkpoints (nothing was written)"
+        )
+
+
+def _fit_modes(
+    cfg: RunConfig, model: nn.Module, subspace: Subspace, loaders: dict[str, DataLoader[Any]],
+    methods: dict[str, dict[str, Any]],
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """TWA-t and/or TWA-v (their accuracies into ``methods``); leaves the model at the best on
+    val (the model written out); returns the coefficients."""
     coefficients: dict[str, torch.Tensor] = {}
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     for mode in ("t", "v") if cfg.mode == "both" else (cfg.mode,):
@@ -335,19 +373,4 @@ def run_average(cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = Fals
             best = (methods[name]["val_acc"], {k: v.clone() for k, v in model.state_dict().items()})
     assert best is not None
     model.load_state_dict(best[1])
-    metrics = {
-        "methods": methods,
-        "num_candidates": len(names),
-        "numel": layout.numel,
-        "subspace": {**summary, "rows": subspace.num_rows, "blocks": subspace.num_blocks},
-        "kernel": kernel,
-        "wall_time_s": round(time.time() - start, 2),
-    }
-    write_outputs(out, metrics=metrics, best_model=model, coefficients=coefficients,
-                  block_labels=list(subspace.blocks.labels), candidate_names=names, config=cfg)
-    if cfg.storage:  # --out is the local copy of <storage>/average (a run's are in outputs/)
-        open_storage(cfg.storage).upload_outputs(out, "average")
-    rows = [{"method": k, **v} for k, v in methods.items()]
-    print(format_table(rows, ("method", "test_acc", "val_acc")))
-    print(f"outputs in {out.resolve()} ({metrics['wall_time_s']:.0f} s)")
-    return metrics
+    return coefficients

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from twa_ray.core.loop import CoefficientLoop, CoeffState, ShuffledBatches, steps_per_epoch, total_steps
+from twa_ray.core.loop import (
+    CoefficientLoop,
+    CoeffState,
+    ShuffledBatches,
+    steps_per_epoch,
+    total_steps,
+)
 from twa_ray.core.twa import TWA
 
 

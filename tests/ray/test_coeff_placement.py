@@ -13,7 +13,8 @@ import itertools
 
 import pytest
 import torch
-from test_shards import make_store, one_thread  # noqa: F401  (tests/ray is on sys.path)
+from test_one_loop import library_alpha  # tests/ray is on sys.path
+from test_shards import make_store, one_thread  # noqa: F401
 from torch.utils.data import DistributedSampler
 
 from twa_ray.config import DataConfig
@@ -124,3 +125,12 @@ def test_auto_replicates_a_small_basis(runs):
     assert "object store" in auto.extra["basis_placement_reason"]
     assert torch.equal(auto.alpha, shard.alpha)
 
+
+
+def test_library_fit_on_two_gloo_processes_learns_the_ray_group_alpha(setup, runs, tmp_path):
+    """The same loop across two workers: ``TWA.fit`` on a gloo group of two processes (each its
+    ShuffledBatches share) against the 2-worker Ray Train group's run."""
+    root, data, _ = setup
+    ray2 = runs(2, 4, "auto")
+    alpha = library_alpha(tmp_path, 2, str(root / "store"), data, _cfg(4, "replicate"), BATCH)
+    torch.testing.assert_close(ray2.alpha, alpha, rtol=1e-6, atol=0)

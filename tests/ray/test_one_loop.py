@@ -2,9 +2,9 @@
 
 Same candidates (a tiny MNIST-1D MLP store), data order (``ShuffledBatches``, seed 0) and
 config: the library's ``TWA.fit``, ``twa-ray average``'s ``fit_twa``, a Tune trial's loop and
-the Ray Train coefficient group end bit for bit at the same alpha on one worker; on two workers
-the Ray Train group and ``TWA.fit`` in two torch.distributed (gloo) processes agree within
-rtol 1e-6.
+the Ray Train coefficient group end bit for bit at the same alpha on one worker. On two workers
+(tests/ray/test_coeff_placement.py, reusing its runs) the Ray Train group and ``TWA.fit`` in two
+torch.distributed (gloo) processes (:func:`library_alpha`) agree within rtol 1e-6.
 """
 
 from __future__ import annotations
@@ -101,35 +101,33 @@ def test_four_entry_points_learn_the_same_alpha_on_one_worker(setup):
         assert torch.equal(alpha, ray1.alpha), host
 
 
-def _gloo_fit(rank: int, world: int, init: str, setup_args, out: str) -> None:
-    """``TWA.fit`` as rank ``rank`` of a gloo group: its shard of every batch, ``a`` averaged by
-    the placement (the library across workers)."""
+def gloo_fit(rank: int, world: int, init: str, store: str, data: DataConfig, cfg: TWAConfig, batch: int,
+             out: str) -> None:  # fmt: skip
+    """``TWA.fit`` as rank ``rank`` of a gloo group of ``world`` processes (the library across
+    workers): its share of every batch, ``a`` averaged by the placement; rank 0 saves alpha."""
     import torch.distributed as dist
+
+    from twa_ray.store.store import CandidateStore
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        root, layout, data = setup_args
-        from twa_ray.store.store import CandidateStore
-
         splits = _splits(data)
         model = _model(data, splits)
-        subspace = build_subspace(CandidateStore(str(root / "store")), layout, TWA_CFG)
-        twa = TWA(model, place(subspace, "replicate", rank=rank, world=world), config=TWA_CFG)
-        twa.fit(ShuffledBatches(splits.train, BATCH, rank=rank, world=world, seed=data.seed),
-                steps_per_epoch=steps_per_epoch(len(splits.train), BATCH, world))  # fmt: skip
+        subspace = build_subspace(CandidateStore(store), Layout.from_module(model), cfg)
+        twa = TWA(model, place(subspace, "replicate", rank=rank, world=world), config=cfg)
+        twa.fit(ShuffledBatches(splits.train, batch, rank=rank, world=world, seed=data.seed),
+                steps_per_epoch=steps_per_epoch(len(splits.train), batch, world))  # fmt: skip
         if rank == 0:
             torch.save(twa.alpha.clone(), out)
     finally:
         dist.destroy_process_group()
 
 
-def test_ray_group_and_library_agree_across_two_workers(setup, tmp_path):
+def library_alpha(tmp_path, world: int, store: str, data: DataConfig, cfg: TWAConfig, batch: int) -> torch.Tensor:
+    """:func:`gloo_fit` in ``world`` spawned processes; rank 0's alpha."""
     import torch.multiprocessing as mp
 
-    root, _, layout, data = setup
-    ray2 = _ray_group(setup, 2)
-    assert ray2.alpha_identical and ray2.num_workers == 2
     out = str(tmp_path / "alpha.pt")
-    mp.spawn(_gloo_fit, args=(2, f"file://{tmp_path / 'pg'}", (root, layout, data), out), nprocs=2)
-    torch.testing.assert_close(ray2.alpha, torch.load(out, weights_only=True), rtol=1e-6, atol=0)
+    mp.spawn(gloo_fit, args=(world, f"file://{tmp_path / 'pg'}", store, data, cfg, batch, out), nprocs=world)
+    return torch.load(out, weights_only=True)

@@ -15,6 +15,11 @@ instead (:mod:`twa_ray.core.placement`; the same alpha bit for bit); ``'auto'`` 
 the model do not fit comfortably in a worker's memory. The choice, its reason, the bytes of B
 held per worker and sent per step are in every result's ``extra``.
 
+The steps are the core's :class:`~twa_ray.core.loop.CoefficientLoop` (the same loop as
+``TWA.fit``, ``twa-ray average`` and a Tune trial); this module is its Ray shell: the placement
+(decided once, on the driver, and passed to the workers in the :class:`CoeffJob`), the sums
+all-reduced, checkpoints through Ray Train, the BN and evaluation collectives.
+
 TWA-t optimizes on the train split, TWA-v on the held-out val split; both take
 ``round(epochs * steps per training epoch)`` steps (TWA-v cycles its smaller split). Then:
 
