@@ -266,10 +266,10 @@ def run_twa(
         ValueError: a bad run_id or sharded (named in the message).
         ray.train.TrainingFailedError: the workers failed more than ``group.max_failures`` times.
     """
-    problem = check_run_id(run_id)
-    if problem or not isinstance(sharded, ShardedSubspace):
-        raise ValueError("invalid coefficient-phase arguments: " + (
-            problem or f"sharded is a {type(sharded).__name__}; pass shards.put_subspace(...)"))  # fmt: skip
+    if not isinstance(sharded, ShardedSubspace):
+        raise ValueError(f"sharded is a {type(sharded).__name__}; pass shards.put_subspace(...)")
+    if problem := check_run_id(run_id):
+        raise ValueError(problem)
     rd = open_storage(run_dir)
     check_data_root_on_nodes(data)
     job = CoeffJob(data, twa, group, sharded, choose_placement(sharded, twa, group))
