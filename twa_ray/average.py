@@ -29,6 +29,7 @@ from twa_ray.core.bn import update_bn
 from twa_ray.core.evaluate import evaluate, make_scorer
 from twa_ray.core.kernels.cpu import kernel_info
 from twa_ray.core.layout import Layout, load_flat_
+from twa_ray.core.loop import CoefficientLoop, ShuffledBatches, steps_per_epoch, total_steps
 from twa_ray.core.subspace import Subspace
 from twa_ray.core.twa import TWA, TWAConfig, build_subspace
 from twa_ray.data import DataSplits, load_dataset
@@ -55,9 +56,6 @@ __all__ = [
     "run_average", "open_candidates", "InModelOrder", "checkpoint_sources", "check_finite", "Baselines", "compute_baselines", "fit_twa", "make_loader", "make_loaders",
     "write_outputs",
 ]
-
-METHOD_COLUMNS = ("method", "test_acc", "val_acc", "epochs_used", "budget_saved_%")
-
 
 def make_loader(
     ds: Dataset[Any], batch_size: int, *, shuffle: bool, seed: int = 0, pin_memory: bool = False
@@ -262,47 +260,44 @@ def make_loaders(
 
 
 def fit_twa(
-    model: nn.Module, subspace: Subspace, config: TWAConfig, loaders: dict[str, DataLoader[Any]], mode: str
-) -> tuple[TWA, dict[str, float]]:
+    model: nn.Module, subspace: Subspace, config: TWAConfig, loaders: dict[str, DataLoader[Any]], mode: str,
+    *, seed: int = 0,
+) -> tuple[TWA, dict[str, float]]:  # fmt: skip
     """TWA-t (``mode='t'``, train batches) or TWA-v (``'v'``, held-out batches) from the SWA
-    point, BatchNorm re-estimated on train data; returns the engine and its accuracies.
+    point with the core :class:`~twa_ray.core.loop.CoefficientLoop`, BatchNorm re-estimated on
+    train data; returns the engine and its accuracies.
 
-    TWA-v takes as many steps as TWA-t (``config.epochs`` passes over the train split),
-    cycling the smaller held-out split.
+    The loop reads the datasets and batch size of ``loaders["train"]`` / ``["val_train"]`` in
+    its own seeded order (:class:`~twa_ray.core.loop.ShuffledBatches`, ``seed``), as every host
+    does: an epoch is ``N_train // batch`` steps, and TWA-v takes as many steps as TWA-t,
+    cycling the smaller held-out split (in one batch when it is smaller than a batch).
     """
+    train, fit = loaders["train"], loaders["train" if mode == "t" else "val_train"]
+    assert train.batch_size is not None and fit.batch_size is not None
+    per_epoch = steps_per_epoch(len(train.dataset), train.batch_size)  # type: ignore[arg-type]
+    batch = min(fit.batch_size, len(fit.dataset))  # type: ignore[arg-type]  # a small val split: one batch
+    data = ShuffledBatches(fit.dataset, batch, seed=seed, split="train" if mode == "t" else "val",
+                           loader_options={"pin_memory": fit.pin_memory})  # fmt: skip
+
+    def accuracies(twa: TWA) -> dict[str, float]:
+        twa.update_bn(loaders["bn"])
+        return {f"{s}_acc": evaluate(model, loaders[s], device=twa.device).acc for s in ("val", "test")}
+
     twa = TWA(model, subspace, config=config)
-    steps = max(1, round(config.epochs * len(loaders["train"])))
-    twa.fit(loaders["train" if mode == "t" else "val_train"], steps=steps)
-    twa.update_bn(loaders["bn"])
-    return twa, {f"{s}_acc": evaluate(model, loaders[s], device=twa.device).acc for s in ("val", "test")}
+    loop = CoefficientLoop(twa, data, total_steps=total_steps(config.epochs, per_epoch),
+                           steps_per_epoch=per_epoch, evaluate=accuracies).run()  # fmt: skip
+    return twa, loop.final
 
 
 def run_average(cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = False) -> dict[str, Any]:
     """Baselines and TWA on ``cfg.store`` with the model and data of ``cfg.data``; writes the
     outputs to ``cfg.out`` (owned: see :mod:`twa_ray.outdir`) and returns the metrics."""
     start = time.time()
-    if cfg.store is None and cfg.storage:  # the candidates of a run in --storage
-        cfg = dataclasses.replace(cfg, store=join_uri(cfg.storage, "candidates"))
-    if cfg.store is None:
-        raise ValueError("twa-ray average needs --store (a candidate store or a folder of checkpoints)")
-    out = prepare_out_dir(cfg.out)
-    outdir.check_inputs(out, [("--store", cfg.store), ("--data-root", cfg.data.data_root)])
-    outdir.check(out, "average", overwrite=overwrite)
-    if cfg.storage:  # the run's storage: average/ is added to it, one writer at a time
-        outdir.hold(open_storage(cfg.storage, create=False), "average")
+    cfg, out = _check_out(cfg, overwrite)
     torch.manual_seed(cfg.data.seed)
-    splits = load_dataset(
-        cfg.data.dataset, root=cfg.data.data_root, val_frac=cfg.data.val_frac, seed=cfg.data.seed,
-        num_samples=cfg.data.num_samples,
-    )
-    model = build_model(cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
-    layout = Layout.from_module(model)
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this machine has no usable CUDA device; use --device cpu")
-    model.to(device)  # TWA places B on the model's device, once
+    splits, model, layout, device = _setup_model(cfg)
     outdir.claim(out, "average", overwrite=overwrite, keep=("candidates", IMPORT_FILE))
-    store = open_candidates(cfg.store, out, layout, tied_names(model))
+    store = open_candidates(cfg.store, out, layout, tied_names(model))  # type: ignore[arg-type]
     names = store.names()
     loaders = make_loaders(splits, batch_size, cfg.data.seed, pin_memory=device.type == "cuda")
     log.info("%d candidates, D=%d; baselines ...", len(names), layout.numel)
@@ -310,12 +305,7 @@ def run_average(cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = Fals
     methods: dict[str, dict[str, Any]] = {"last_candidate": base.last, "swa": base.swa}
     if base.greedy_soup:
         methods["greedy_soup"] = base.greedy_soup
-    peak = max(float(store.read(n).abs().max()) for n in names)
-    if peak > torch.finfo(torch.float32).max / 2:  # |candidate - mean| <= 2 peak must fit float32
-        raise ValueError(
-            f"the candidates hold values up to {peak:.3g}: their differences from the mean overflow "
-            "float32 (diverged training?); drop those checkpoints (nothing was written)"
-        )
+    _check_range(store, names)
     subspace = build_subspace(store, layout, cfg.twa)
     summary: dict[str, Any] = {"kind": subspace.kind, "bits": cfg.twa.bits, "num_rows": subspace.num_rows,
                "num_blocks": subspace.num_blocks, "numel": layout.numel, "num_candidates": len(names),
@@ -324,25 +314,11 @@ def run_average(cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = Fals
     kernel = kernel_info() if device.type == "cpu" else {"path": "cuda"}
     log.debug("coefficient kernel: %s path (%s), %s threads, %s", kernel["path"],
               kernel.get("chosen_by", "device"), kernel.get("threads", "-"), kernel.get("cpu", cfg.device))  # fmt: skip
-    coefficients: dict[str, torch.Tensor] = {}
-    best: tuple[float, str, dict[str, torch.Tensor]] | None = None  # the TWA variant saved
-    for mode in ("t", "v") if cfg.mode == "both" else (cfg.mode,):
-        name = f"twa_{mode}"
-        twa, methods[name] = fit_twa(model, subspace, cfg.twa, loaders, mode)
-        coefficients[name] = twa.alpha.detach().cpu().clone()
-        if best is None or methods[name]["val_acc"] > best[0]:
-            best = (methods[name]["val_acc"], name, {k: v.clone() for k, v in model.state_dict().items()})
-    assert best is not None
-    model.load_state_dict(best[2])
-    metrics = {
-        "methods": methods,
-        **best_method(methods, saved_model=best[1]),
-        "num_candidates": len(names),
-        "numel": layout.numel,
-        "subspace": {**summary, "rows": subspace.num_rows, "blocks": subspace.num_blocks},
-        "kernel": kernel,
-        "wall_time_s": round(time.time() - start, 2),
-    }
+    coefficients, saved = _fit_modes(cfg, model, subspace, loaders, methods)
+    metrics = {"methods": methods, **best_method(methods, saved_model=saved),
+               "num_candidates": len(names), "numel": layout.numel,
+               "subspace": {**summary, "rows": subspace.num_rows, "blocks": subspace.num_blocks},
+               "kernel": kernel, "wall_time_s": round(time.time() - start, 2)}  # fmt: skip
     write_outputs(out, metrics=metrics, best_model=model, coefficients=coefficients,
                   block_labels=list(subspace.blocks.labels), candidate_names=names, config=cfg)
     if isinstance(model, HFLogits):  # --model hf:FOLDER: also a folder that from_pretrained loads
@@ -353,3 +329,61 @@ def run_average(cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = Fals
     print(format_table(rows, ("method", "test_acc", "val_acc")))
     print(f"outputs in {out.resolve()} ({metrics['wall_time_s']:.0f} s)")
     return metrics
+
+
+def _check_out(cfg: RunConfig, overwrite: bool) -> tuple[RunConfig, Path]:
+    """The config with its store resolved and the checked (not yet claimed) output folder."""
+    if cfg.store is None and cfg.storage:  # the candidates of a run in --storage
+        cfg = dataclasses.replace(cfg, store=join_uri(cfg.storage, "candidates"))
+    if cfg.store is None:
+        raise ValueError("twa-ray average needs --store (a candidate store or a folder of checkpoints)")
+    out = prepare_out_dir(cfg.out)
+    outdir.check_inputs(out, [("--store", cfg.store), ("--data-root", cfg.data.data_root)])
+    outdir.check(out, "average", overwrite=overwrite)
+    if cfg.storage:  # the run's storage: average/ is added to it, one writer at a time
+        outdir.hold(open_storage(cfg.storage, create=False), "average")
+    return cfg, out
+
+
+def _setup_model(cfg: RunConfig) -> tuple[DataSplits, nn.Module, Layout, torch.device]:
+    """The dataset and the model on ``cfg.device`` (TWA places B on the model's device, once)."""
+    splits = load_dataset(
+        cfg.data.dataset, root=cfg.data.data_root, val_frac=cfg.data.val_frac, seed=cfg.data.seed,
+        num_samples=cfg.data.num_samples,
+    )  # fmt: skip
+    model = build_model(cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
+    layout = Layout.from_module(model)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no usable CUDA device; use --device cpu")
+    model.to(device)
+    return splits, model, layout, device
+
+
+def _check_range(store: CandidateStore | InModelOrder, names: Sequence[str]) -> None:
+    """Refuse candidates whose differences from their mean overflow float32."""
+    peak = max(float(store.read(n).abs().max()) for n in names)
+    if peak > torch.finfo(torch.float32).max / 2:  # |candidate - mean| <= 2 peak must fit float32
+        raise ValueError(
+            f"the candidates hold values up to {peak:.3g}: their differences from the mean overflow "
+            "float32 (diverged training?); drop those checkpoints (nothing was written)"
+        )
+
+
+def _fit_modes(
+    cfg: RunConfig, model: nn.Module, subspace: Subspace, loaders: dict[str, DataLoader[Any]],
+    methods: dict[str, dict[str, Any]],
+) -> tuple[dict[str, torch.Tensor], str]:  # fmt: skip
+    """TWA-t and/or TWA-v (their accuracies into ``methods``); leaves the model at the best on
+    val (the model written out); returns the coefficients and the saved variant's name."""
+    coefficients: dict[str, torch.Tensor] = {}
+    best: tuple[float, str, dict[str, torch.Tensor]] | None = None
+    for mode in ("t", "v") if cfg.mode == "both" else (cfg.mode,):
+        name = f"twa_{mode}"
+        twa, methods[name] = fit_twa(model, subspace, cfg.twa, loaders, mode, seed=cfg.data.seed)
+        coefficients[name] = twa.alpha.detach().cpu().clone()
+        if best is None or methods[name]["val_acc"] > best[0]:
+            best = (methods[name]["val_acc"], name, {k: v.clone() for k, v in model.state_dict().items()})
+    assert best is not None
+    model.load_state_dict(best[2])
+    return coefficients, best[1]

@@ -258,15 +258,12 @@ def build_basis(run: _Run) -> _Basis:
 
 def learn_coefficients(run: _Run, basis: _Basis) -> dict[str, TWAResult]:
     """TWA-t and/or TWA-v on the coefficient worker group, one mode after the other."""
-    from twa_ray.ray.coeff_group import run_twa
+    from twa_ray.ray.coeff_group import CoeffGroupConfig, run_twa
 
-    s = run.cfg.sampling
+    group = CoeffGroupConfig.of_sampling(run.cfg.sampling, _modes(run.cfg))
     return run_twa(
-        basis.sharded, run.cfg.data, run.cfg.twa, run_dir=run.work, modes=_modes(run.cfg),
-        num_workers=s.num_workers, cpus_per_worker=s.cpus_per_worker, use_gpu=s.use_gpu,
-        batch_size=s.batch_size, max_failures=s.max_failures,
-        checkpoint_interval_s=s.checkpoint_interval_s, run_id=run.run_id,
-    )  # fmt: skip
+        basis.sharded, run.cfg.data, run.cfg.twa, group, run_dir=run.work, run_id=run.run_id
+    )
 
 
 def baselines(

@@ -1,12 +1,15 @@
-"""One local Ray cluster per test module (start ~3 s, shutdown ~1.5 s)."""
+"""One local Ray cluster per test module (start ~3 s, shutdown ~1.5 s), and planned faults."""
 
+import json
 import os
 
 import pytest
 
+from twa_ray.ray.faults import FAULTS_ENV
+
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(tmp_path_factory):
     import ray
 
     # Ray Train reads these on the driver and passes them on. On a loaded 2-CPU machine a
@@ -14,6 +17,25 @@ def ray_cluster():
     # one more actor process per run that a local test does not need.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # before ray.init: the Ray workers inherit it; the file exists only while a test plans faults
+    os.environ[FAULTS_ENV] = str(tmp_path_factory.mktemp("faults") / "faults.json")
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 << 20)
     yield
     ray.shutdown()
+    os.environ.pop(FAULTS_ENV, None)
+
+
+@pytest.fixture
+def plan_faults(ray_cluster):
+    """``plan_faults([{"phase", "kind", "step", "marker"}, ...])`` (see twa_ray.ray.faults) for
+    the runs of one test; removed afterwards."""
+    path = os.environ[FAULTS_ENV]
+
+    def plan(faults):
+        with open(path + ".tmp", "w") as f:
+            json.dump([{**fault, "marker": str(fault["marker"])} for fault in faults], f)
+        os.replace(path + ".tmp", path)
+
+    yield plan
+    if os.path.exists(path):
+        os.remove(path)

@@ -8,6 +8,7 @@ one TWA epoch is 12 steps in both modes (TWA-v cycles val 4 times).
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 
@@ -22,7 +23,8 @@ from twa_ray.core.layout import load_flat_
 from twa_ray.core.twa import TWA, TWAConfig
 from twa_ray.data import load_dataset
 from twa_ray.models import build_model
-from twa_ray.ray.coeff_group import run_twa
+from twa_ray.ray.coeff_group import CoeffGroupConfig, run_twa
+from twa_ray.ray.faults import FAULTS_ENV
 from twa_ray.ray.shards import put_subspace
 from twa_ray.ray.worker import strided
 
@@ -49,26 +51,33 @@ def setup(tmp_path_factory):
     return data, put_subspace(store, layout, TWA_CFG, num_shards=2)
 
 
-def _run(setup, run_dir, **kw):
+def _run(setup, run_dir, run_id="twa", **kw):
     data, sharded = setup
     # every CHECKPOINT_EVERY steps, without a time limit: the failure tests resume from given steps
     base = dict(num_workers=WORKERS, cpus_per_worker=1.0, batch_size=BATCH, max_failures=0,
                 checkpoint_every=CHECKPOINT_EVERY, checkpoint_interval_s=0, progress=False)  # fmt: skip
-    return run_twa(sharded, data, TWA_CFG, run_dir=str(run_dir), **{**base, **kw})
+    group = CoeffGroupConfig(**{**base, **kw})
+    return run_twa(sharded, data, TWA_CFG, group, run_dir=str(run_dir), run_id=run_id)
 
 
 @pytest.fixture(scope="module")
-def both(setup, tmp_path_factory):
+def both(setup, tmp_path_factory, ray_cluster):
     """TWA-t and TWA-v in one worker group, with two failures in TWA-t: the last worker raises
     after step 6 (last checkpoint: step 4), then rank 0 -- the checkpoint writer -- SIGKILLs its
     own process after step 11 (last checkpoint: step 8). Each time the group restarts from the
     last coefficient checkpoint (alpha, optimizer and schedule state, step)."""
     run_dir = tmp_path_factory.mktemp("both")
-    res = _run(setup, run_dir, modes=("t", "v"), run_id="both", max_failures=2, fail_at_step=6,
-               kill_at_step=11)  # fmt: skip
-    assert os.path.exists(run_dir / ".twa_both.failure_injected")
-    killed = (run_dir / ".twa_both.worker_killed").read_text()
-    assert killed.startswith("kill_at_step 11 (rank 0, pid ")
+    faults = os.environ[FAULTS_ENV]
+    with open(faults, "w") as f:
+        json.dump([{"phase": "coefficients", "kind": "raise", "step": 6, "marker": str(run_dir / "raised")},
+                   {"phase": "coefficients", "kind": "kill", "step": 11, "marker": str(run_dir / "killed")}], f)  # fmt: skip
+    try:
+        res = _run(setup, run_dir, modes=("t", "v"), run_id="both", max_failures=2)
+    finally:
+        os.remove(faults)
+    assert (run_dir / "raised").read_text().startswith(f"raise coefficients 6 (rank {WORKERS - 1}, pid ")
+    killed = (run_dir / "killed").read_text()
+    assert killed.startswith("kill coefficients 11 (rank 0, pid ")
     assert not os.path.exists(f"/proc/{int(killed.split('pid ')[1].rstrip(chr(10) + ')'))}")
     return res
 

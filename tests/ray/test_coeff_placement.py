@@ -13,14 +13,15 @@ import itertools
 
 import pytest
 import torch
-from test_shards import make_store, one_thread  # noqa: F401  (tests/ray is on sys.path)
+from test_one_loop import library_alpha  # tests/ray is on sys.path
+from test_shards import make_store, one_thread  # noqa: F401
 from torch.utils.data import DistributedSampler
 
 from twa_ray.config import DataConfig
 from twa_ray.core.twa import TWA, TWAConfig
 from twa_ray.data import load_dataset
 from twa_ray.models import build_model
-from twa_ray.ray.coeff_group import run_twa
+from twa_ray.ray.coeff_group import CoeffGroupConfig, run_twa
 from twa_ray.ray.shards import put_subspace
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
@@ -53,11 +54,9 @@ def runs(setup):
     def run(workers: int, bits: int, placement: str):
         key = (workers, bits, placement)
         if key not in done:
-            res = run_twa(
-                sharded[bits], data, _cfg(bits, placement), run_dir=str(root / "_".join(map(str, key))),
-                modes=("t",), num_workers=workers, cpus_per_worker=2 / 3 if workers == 3 else 1.0,
-                batch_size=BATCH, max_failures=0, eval_swa=False, progress=False,
-            )  # fmt: skip
+            group = CoeffGroupConfig(modes=("t",), num_workers=workers, cpus_per_worker=2 / 3 if workers == 3 else 1.0,
+                                     batch_size=BATCH, max_failures=0, eval_swa=False, progress=False)  # fmt: skip
+            res = run_twa(sharded[bits], data, _cfg(bits, placement), group, run_dir=str(root / "_".join(map(str, key))))
             done[key] = res["t"]
         return done[key]
 
@@ -126,3 +125,12 @@ def test_auto_replicates_a_small_basis(runs):
     assert "object store" in auto.extra["basis_placement_reason"]
     assert torch.equal(auto.alpha, shard.alpha)
 
+
+
+def test_library_fit_on_two_gloo_processes_learns_the_ray_group_alpha(setup, runs, tmp_path):
+    """The same loop across two workers: ``TWA.fit`` on a gloo group of two processes (each its
+    ShuffledBatches share) against the 2-worker Ray Train group's run."""
+    root, data, _ = setup
+    ray2 = runs(2, 4, "auto")
+    alpha = library_alpha(tmp_path, 2, str(root / "store"), data, _cfg(4, "replicate"), BATCH)
+    torch.testing.assert_close(ray2.alpha, alpha, rtol=1e-6, atol=0)

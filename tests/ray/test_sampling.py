@@ -6,7 +6,6 @@ MNIST-1D with 1,200 samples -> 864 train / 96 val / 240 test; a global batch of 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -136,7 +135,7 @@ def test_step_interval(step_run):
     assert [store.info(n).epoch for n in store.names()] == pytest.approx([5 / 6, 10 / 6, 2.0])
 
 
-def test_worker_failure_resumes_without_duplicates(data, step_run, fault_plan, tmp_path):
+def test_worker_failure_resumes_without_duplicates(data, step_run, tmp_path, plan_faults):
     """Two failures in epoch 2 (the last checkpoint is the end of epoch 1, step 6):
 
     - after step 8 the last rank raises (an exception in the loop);
@@ -149,18 +148,11 @@ def test_worker_failure_resumes_without_duplicates(data, step_run, fault_plan, t
     """
     ref, ref_store = step_run
     sampling = _sampling(sample_interval=5, interval_unit="step", max_failures=2)
-    raised, killed_marker = tmp_path / "raised", tmp_path / "killed"
-    plan = [
-        {"phase": "sampling", "kind": "raise", "step": 8, "marker": str(raised)},
-        {"phase": "sampling", "kind": "kill", "step": 10, "marker": str(killed_marker)},
-    ]
-    fault_plan.write_text(json.dumps(plan))
-    try:
-        res = _run(data, sampling, tmp_path, "steps")
-    finally:
-        fault_plan.unlink()
-    assert raised.read_text().startswith("raise sampling 8 (rank 1, pid ")  # the last rank raised
-    killed = killed_marker.read_text()
+    plan_faults([{"phase": "sampling", "kind": "raise", "step": 8, "marker": tmp_path / "raised"},
+                 {"phase": "sampling", "kind": "kill", "step": 10, "marker": tmp_path / "killed"}])  # fmt: skip
+    res = _run(data, sampling, tmp_path, "steps")
+    assert (tmp_path / "raised").read_text().startswith("raise sampling 8 (rank 1, pid ")  # it raised
+    killed = (tmp_path / "killed").read_text()
     assert killed.startswith("kill sampling 10 (rank 0, pid ")
     pid = int(killed.split("pid ")[1].rstrip(")\n"))
     assert not os.path.exists(f"/proc/{pid}")  # the worker process really died

@@ -4,6 +4,7 @@ from twa_ray.core.baselines import greedy_soup, uniform_average
 from twa_ray.core.bn import update_bn
 from twa_ray.core.evaluate import EvalResult, evaluate
 from twa_ray.core.layout import Blocks, Layout, flatten, load_flat_, unflatten
+from twa_ray.core.loop import CoefficientLoop, CoeffState, ShuffledBatches, steps_per_epoch
 from twa_ray.core.subspace import Subspace, build_affine, build_span
 from twa_ray.core.twa import TWA, TWAConfig, build_subspace
 
@@ -11,6 +12,9 @@ __all__ = [
     "TWA",
     "TWAConfig",
     "Blocks",
+    "CoeffState",
+    "CoefficientLoop",
+    "ShuffledBatches",
     "EvalResult",
     "Layout",
     "Subspace",
@@ -21,6 +25,7 @@ __all__ = [
     "flatten",
     "greedy_soup",
     "load_flat_",
+    "steps_per_epoch",
     "unflatten",
     "uniform_average",
     "update_bn",

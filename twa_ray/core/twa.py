@@ -40,6 +40,7 @@ from torch import nn
 from twa_ray.core.bn import split_batch, update_bn
 from twa_ray.core.checks import Range, check_fields
 from twa_ray.core.layout import Layout, flatten, load_flat_, parse_blocks
+from twa_ray.core.loop import BatchSource, CoefficientLoop, LoaderBatches, total_steps
 from twa_ray.core.optim import make_optimizer
 from twa_ray.core.placement import Placement, place
 from twa_ray.core.quant import ALLOWED_BITS
@@ -275,29 +276,41 @@ class TWA:
 
     def fit(
         self,
-        loader: Iterable[Any],
+        data: Iterable[Any] | BatchSource,
         *,
         epochs: float | None = None,
         steps: int | None = None,
+        steps_per_epoch: int | None = None,
         on_step: Callable[[int, float], None] | None = None,
+        **hooks: Any,
     ) -> TWA:
-        """Optimize alpha for ``steps`` steps (default: ``epochs`` passes over ``loader``),
-        cycling ``loader`` (train data: TWA-t; held-out data: TWA-v). ``on_step(step, loss)``
-        is called after every step."""
-        epochs = self.config.epochs if epochs is None else epochs
-        total = steps if steps is not None else max(1, round(epochs * len(loader)))  # type: ignore[arg-type]
+        """Optimize alpha with the :class:`~twa_ray.core.loop.CoefficientLoop` for ``steps``
+        more steps (default: ``epochs`` epochs of ``steps_per_epoch`` steps, by default one
+        pass over ``data``), cycling ``data`` (train data: TWA-t; held-out data: TWA-v).
+
+        Args:
+            data: a re-iterable loader or list of batches, or a
+                :class:`~twa_ray.core.loop.BatchSource` (:class:`~twa_ray.core.loop.ShuffledBatches`:
+                the seeded, replayable order every twa_ray host uses).
+            epochs: default ``config.epochs``.
+            on_step: ``on_step(step, loss)`` after every step.
+            hooks: more :class:`~twa_ray.core.loop.CoefficientLoop` callbacks (``on_sync``,
+                ``evaluate``, ``on_epoch``, ``should_stop``, ``sync_every``, ``progress``).
+
+        The first call creates the optimizer and a schedule over its steps; later calls go on
+        with them.
+        """
+        source: BatchSource = data if hasattr(data, "batches") else LoaderBatches(data)  # type: ignore[assignment]
+        per_epoch = steps_per_epoch or source.steps_per_pass
+        if steps is None:
+            if not per_epoch:
+                raise ValueError("data has no length: pass steps= or steps_per_epoch=")
+            steps = total_steps(self.config.epochs if epochs is None else epochs, per_epoch)
+        loop = CoefficientLoop(self, source, total_steps=self.step_count + steps,
+                               steps_per_epoch=per_epoch or steps, on_step=on_step, **hooks)  # fmt: skip
         if self.optimizer is None:
-            self.start(total)
-        step = 0
-        while step < total:
-            for batch in loader:
-                a, loss_sum, _, count = self.coefficient_grad(batch)
-                self.apply_(a)
-                if on_step is not None:
-                    on_step(self.step_count, loss_sum / max(count, 1))
-                step += 1
-                if step >= total:
-                    break
+            self.start(steps)
+        loop.run()
         return self
 
     def update_bn(self, loader: Iterable[Any], **kw: Any) -> int:

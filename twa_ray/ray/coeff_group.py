@@ -15,6 +15,11 @@ instead (:mod:`twa_ray.core.placement`; the same alpha bit for bit); ``'auto'`` 
 the model do not fit comfortably in a worker's memory. The choice, its reason, the bytes of B
 held per worker and sent per step are in every result's ``extra``.
 
+The steps are the core's :class:`~twa_ray.core.loop.CoefficientLoop` (the same loop as
+``TWA.fit``, ``twa-ray average`` and a Tune trial); this module is its Ray shell: the placement
+(decided once, on the driver, and passed to the workers in the :class:`CoeffJob`), the sums
+all-reduced, checkpoints through Ray Train, the BN and evaluation collectives.
+
 TWA-t optimizes on the train split, TWA-v on the held-out val split; both take
 ``round(epochs * steps per training epoch)`` steps (TWA-v cycles its smaller split). Then:
 
@@ -32,7 +37,7 @@ workers from the last checkpoint, and the data order (a function of seed, pass a
 replays exactly.
 
 >>> sharded = put_subspace(store, layout, TWAConfig(bits=4))               # doctest: +SKIP
->>> res = run_twa(sharded, DataConfig(), TWAConfig(bits=4), run_dir="runs/a")  # doctest: +SKIP
+>>> res = run_twa(sharded, DataConfig(), TWAConfig(bits=4), CoeffGroupConfig(), run_dir="runs/a")  # doctest: +SKIP
 >>> res["v"].test_acc, res["v"].swa["test_acc"]                            # doctest: +SKIP
 """
 
@@ -40,43 +45,120 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from twa_ray.config import DataConfig
+from twa_ray.config import DataConfig, SamplingConfig
 from twa_ray.core.bn import bn_state, load_bn_state_, update_bn
 from twa_ray.core.kernels.cpu import kernel_info
 from twa_ray.core.layout import Layout, load_flat_
+from twa_ray.core.loop import (
+    CoefficientLoop,
+    CoeffState,
+    ShuffledBatches,
+    steps_per_epoch,
+    total_steps,
+)
+from twa_ray.core.placement import PlacementKind, choose
 from twa_ray.core.twa import TWA, TWAConfig
+from twa_ray.ray.faults import inject
 from twa_ray.ray.group import (
     CheckpointClock,
     check_data_root_on_nodes,
     check_run_id,
     fit_group,
     load_worker_splits,
-    marker_path,
     report,
 )
-from twa_ray.ray.shards import ShardedSubspace
-from twa_ray.ray.worker import evaluate_sharded, loader_options, maybe_fail, strided
-from twa_ray.storage import open_storage
+from twa_ray.ray.shards import ShardedSubspace, group_capacity
+from twa_ray.ray.worker import evaluate_sharded, loader_options, strided
+from twa_ray.storage import Storage, open_storage
 
-__all__ = ["MODES", "TWAResult", "coeff_loop_per_worker", "run_twa"]
+__all__ = ["MODES", "CoeffGroupConfig", "CoeffJob", "TWAResult", "coeff_loop_per_worker", "run_twa"]
 
 log = logging.getLogger(__name__)
 
 MODES = ("t", "v")
-STATE_FILE = "coeff.pt"  # alpha, optimizer, scheduler, step + loop state (torch.save)
+STATE_FILE = "coeff.pt"  # PhaseState: finished modes, the loop state of the mode in flight
 RESULT_FILE = "result.pt"  # the final TWAResult fields (alpha, BN state, metrics)
-FAIL_MARKER = ".twa_{run_id}.failure_injected"
-KILL_MARKER = ".twa_{run_id}.worker_killed"
 _EVAL_BATCH = 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoeffGroupConfig:
+    """How the coefficient phase runs on Ray Train (the loop's own settings are the TWAConfig)."""
+
+    modes: tuple[str, ...] = MODES
+    """"t" (coefficients fitted on the train split) and/or "v" (on the held-out val split)."""
+    num_workers: int = 2
+    """Ray Train workers."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    batch_size: int = 128
+    """Global batch of a coefficient step (batch_size // num_workers per worker)."""
+    bn_batches: int | None = None
+    """Cap on each worker's BN re-estimation batches (None: its whole train shard)."""
+    checkpoint_every: int = 50
+    """Rank 0 checkpoints every this many steps and at every pass end..."""
+    checkpoint_interval_s: float = 10.0
+    """...at most once per this many seconds (0: every time); each mode's end always does."""
+    max_failures: int = 1
+    """Worker-group failures survived by restarting from the last checkpoint."""
+    eval_swa: bool = True
+    """Also evaluate the SWA point (alpha0; BN re-estimated the same way)."""
+    progress: bool = True
+    """Rank 0 logs one line per pass."""
+
+    def __post_init__(self) -> None:
+        errors = []
+        if not self.modes or any(m not in MODES for m in self.modes):
+            errors.append(f"modes={tuple(self.modes)!r}: use a non-empty subset of {MODES}")
+        if self.num_workers < 1:
+            errors.append(f"num_workers={self.num_workers}: must be >= 1")
+        if self.batch_size < self.num_workers:
+            errors.append(f"batch_size={self.batch_size}: must be >= num_workers={self.num_workers}")
+        if self.checkpoint_every < 1:
+            errors.append(f"checkpoint_every={self.checkpoint_every}: must be >= 1")
+        if not self.checkpoint_interval_s >= 0:
+            errors.append(f"checkpoint_interval_s={self.checkpoint_interval_s}: must be >= 0")
+        if self.bn_batches is not None and self.bn_batches < 1:
+            errors.append(f"bn_batches={self.bn_batches}: must be >= 1 or None")
+        if self.max_failures < 0:
+            errors.append(f"max_failures={self.max_failures}: must be >= 0")
+        if errors:
+            raise ValueError("invalid coefficient-phase config: " + "; ".join(errors))
+
+    @classmethod
+    def of_sampling(cls, s: SamplingConfig, modes: tuple[str, ...]) -> CoeffGroupConfig:
+        """The group of a ``twa-ray run``: the sampling phase's workers, batch and failures."""
+        return cls(modes=modes, num_workers=s.num_workers, cpus_per_worker=s.cpus_per_worker,
+                   use_gpu=s.use_gpu, batch_size=s.batch_size, max_failures=s.max_failures,
+                   checkpoint_interval_s=s.checkpoint_interval_s)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PlacementChoice:
+    """Where B lives in the group (decided once, on the driver) and why."""
+
+    kind: PlacementKind
+    reason: str
+
+
+@dataclass(frozen=True)
+class CoeffJob:
+    """What every coefficient worker receives (pickled as it is)."""
+
+    data: DataConfig
+    twa: TWAConfig
+    group: CoeffGroupConfig
+    sharded: ShardedSubspace
+    placement: PlacementChoice
 
 
 @dataclass
@@ -156,24 +238,12 @@ def run_twa(
     sharded: ShardedSubspace,
     data: DataConfig,
     twa: TWAConfig,
+    group: CoeffGroupConfig = CoeffGroupConfig(),
     *,
     run_dir: str,
-    modes: Sequence[str] = MODES,
-    num_workers: int = 2,
-    cpus_per_worker: float = 1.0,
-    use_gpu: bool = False,
-    batch_size: int = 128,
-    bn_batches: int | None = None,
-    checkpoint_every: int = 50,
-    checkpoint_interval_s: float = 10.0,
-    max_failures: int = 1,
-    eval_swa: bool = True,
     run_id: str = "twa",
-    progress: bool = True,
-    fail_at_step: int | None = None,
-    kill_at_step: int | None = None,
 ) -> dict[str, TWAResult]:
-    """Learn the coefficients on ``num_workers`` Ray Train workers, for each mode in turn.
+    """Learn the coefficients on ``group.num_workers`` Ray Train workers, for each mode in turn.
 
     One ``TorchTrainer`` runs all modes (data, model and the subspace view are set up once per
     worker); a checkpoint records the finished modes, so a restart skips them.
@@ -182,86 +252,56 @@ def run_twa(
         sharded: the subspace in the object store (:func:`twa_ray.ray.shards.put_subspace`);
             keep the handle alive until this returns.
         data: dataset and model (the model must have the subspace's layout).
-        twa: optimizer, schedule and epochs of the coefficient phase.
+        twa: the coefficient loop: optimizer, schedule, epochs, basis placement.
+        group: the worker group, batch, checkpoints and modes.
         run_dir: the run's storage (a local path or a ``pyarrow.fs`` URI, shared by the nodes);
             Ray Train writes under ``run_dir/ray_train``, the resolved config goes to
             ``run_dir/twa_<run_id>.json``, each mode's summary to ``twa_<run_id>_<mode>.json``.
-        modes: "t" (train split) and/or "v" (held-out val split).
-        num_workers, cpus_per_worker, use_gpu: the worker group.
-        batch_size: global batch of the coefficient steps (split across workers).
-        bn_batches: cap on each worker's BN re-estimation batches (None: its whole shard).
-        checkpoint_every: rank 0 checkpoints every this many steps and at every pass end...
-        checkpoint_interval_s: ...at most once per this many seconds (0: every time); each
-            mode's end always checkpoints.
-        max_failures: worker-group failures survived by restarting from the last checkpoint.
-        eval_swa: also evaluate the SWA point (alpha0; BN re-estimated the same way).
         run_id: names the Ray Train run (``twa_<run_id>``); the same id and run_dir resume.
-        progress: rank 0 prints one line per epoch.
-        fail_at_step: testing hook: the last worker raises once per run, after this step of the
-            first mode that reaches it (a marker file in ``run_dir`` prevents a second failure).
-        kill_at_step: testing hook: the same, but rank 0 (the checkpoint writer) SIGKILLs its
-            own process (a real process death; its own marker file).
 
     Returns:
-        ``{mode: TWAResult}``; every result carries the SWA metrics when ``eval_swa``.
+        ``{mode: TWAResult}``; every result carries the SWA metrics when ``group.eval_swa``.
 
     Raises:
-        ValueError: a bad argument (named in the message).
-        ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
+        ValueError: a bad run_id or sharded (named in the message).
+        ray.train.TrainingFailedError: the workers failed more than ``group.max_failures`` times.
     """
-    errors = []
-    bad_modes = [m for m in modes if m not in MODES]
-    if not modes or bad_modes:
-        errors.append(f"modes={tuple(modes)!r}: use a non-empty subset of {MODES}")
-    if num_workers < 1:
-        errors.append(f"num_workers={num_workers}: must be >= 1")
-    if batch_size < num_workers:
-        errors.append(f"batch_size={batch_size}: must be >= num_workers={num_workers}")
-    if checkpoint_every < 1:
-        errors.append(f"checkpoint_every={checkpoint_every}: must be >= 1")
-    if not checkpoint_interval_s >= 0:
-        errors.append(f"checkpoint_interval_s={checkpoint_interval_s}: must be >= 0")
-    if bn_batches is not None and bn_batches < 1:
-        errors.append(f"bn_batches={bn_batches}: must be >= 1 or None")
-    if max_failures < 0:
-        errors.append(f"max_failures={max_failures}: must be >= 0")
-    if check_run_id(run_id):
-        errors.append(str(check_run_id(run_id)))
     if not isinstance(sharded, ShardedSubspace):
-        errors.append(f"sharded is a {type(sharded).__name__}; pass shards.put_subspace(...)")
-    if errors:
-        raise ValueError("invalid coefficient-phase arguments: " + "; ".join(errors))
+        raise ValueError(f"sharded is a {type(sharded).__name__}; pass shards.put_subspace(...)")
+    if problem := check_run_id(run_id):
+        raise ValueError(problem)
     rd = open_storage(run_dir)
     check_data_root_on_nodes(data)
-    options = {
-        "num_workers": num_workers, "cpus_per_worker": cpus_per_worker, "use_gpu": use_gpu,
-        "batch_size": batch_size, "bn_batches": bn_batches, "checkpoint_every": checkpoint_every,
-        "checkpoint_interval_s": checkpoint_interval_s, "max_failures": max_failures,
-        "modes": list(modes),
-    }  # fmt: skip
-    resolved = {
-        "run_id": run_id, "data": asdict(data), "twa": twa.to_dict(), "options": options,
-        "subspace": sharded.summary(),
-    }  # fmt: skip
-    rd.write_json(f"twa_{run_id}.json", resolved)
-
-    loop_config = {
-        "data": asdict(data), "twa": twa.to_dict(), "sharded": sharded, "modes": list(modes),
-        "batch_size": batch_size, "bn_batches": bn_batches, "checkpoint_every": checkpoint_every,
-        "checkpoint_interval_s": checkpoint_interval_s, "eval_swa": eval_swa, "progress": progress,
-        "fail_at_step": fail_at_step,
-        "fail_marker": marker_path(rd, FAIL_MARKER.format(run_id=run_id)),
-        "kill_at_step": kill_at_step,
-        "kill_marker": marker_path(rd, KILL_MARKER.format(run_id=run_id)),
-    }  # fmt: skip
+    job = CoeffJob(data, twa, group, sharded, choose_placement(sharded, twa, group))
+    rd.write_json(f"twa_{run_id}.json", {"run_id": run_id, "data": asdict(data), "twa": twa.to_dict(),
+                  "options": asdict(group), "subspace": sharded.summary(),
+                  "placement": asdict(job.placement)})  # fmt: skip
     # one worker group for all modes: data, model and the subspace view are set up once
     t0 = time.perf_counter()
     result = fit_group(
-        coeff_loop_per_worker, loop_config, name=f"twa_{run_id}", run_dir=rd,
-        num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu,
-        max_failures=max_failures,
+        coeff_loop_per_worker, {"job": job}, name=f"twa_{run_id}", run_dir=rd,
+        num_workers=group.num_workers, cpus_per_worker=group.cpus_per_worker, use_gpu=group.use_gpu,
+        max_failures=group.max_failures,
     )  # fmt: skip  # raises TrainingFailedError once max_failures is exhausted
-    wall = time.perf_counter() - t0
+    return _read_results(result, group.modes, time.perf_counter() - t0, rd, run_id)
+
+
+def choose_placement(sharded: ShardedSubspace, twa: TWAConfig, group: CoeffGroupConfig) -> PlacementChoice:
+    """:func:`twa_ray.core.placement.choose` for the group, on the driver: 'auto' weighs B (and
+    on a GPU the model's weights, gradients, theta and g) against the smallest worker's memory."""
+    capacity, where = group_capacity(group.use_gpu)
+    model_bytes = 4 * 4 * sharded.layout.numel if group.use_gpu else 0  # CPU: B is in the object store
+    kind, reason = choose(
+        twa.basis_placement, basis_bytes=sharded.nbytes, model_bytes=model_bytes,
+        capacity_bytes=capacity, world=group.num_workers, num_shards=sharded.num_shards, where=where,
+    )  # fmt: skip
+    return PlacementChoice(kind, reason)
+
+
+def _read_results(
+    result: Any, modes: tuple[str, ...], wall: float, rd: Storage, run_id: str
+) -> dict[str, TWAResult]:
+    """Every mode's :class:`TWAResult` from the run's final checkpoint; summaries to ``rd``."""
     with result.checkpoint.as_directory() as d:
         out = torch.load(os.path.join(d, RESULT_FILE), map_location="cpu", weights_only=True)
     results = {}
@@ -275,43 +315,104 @@ def run_twa(
 # --------------------------------------------------------------------------- workers
 
 
+@dataclass
+class PhaseState:
+    """What rank 0 checkpoints (``coeff.pt``, saved as a plain dict: ``weights_only`` loads)."""
+
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Finished modes: their result fields."""
+    mode: str | None = None
+    """The mode in flight, if any..."""
+    current: CoeffState | None = None
+    """...and its loop state."""
+    swa: dict[str, float] | None = None
+    """Metrics of the SWA point (evaluated once, before the first mode)."""
+    restarts: int = 0
+    """Worker-group restarts in this checkpoint's lineage."""
+
+    def to_dict(self) -> dict[str, Any]:
+        cur = None if self.current is None else self.current.to_dict()
+        return {"done": self.done, "mode": self.mode, "current": cur, "swa": self.swa,
+                "restarts": self.restarts}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PhaseState:
+        cur = d["current"]
+        return cls(done=d["done"], mode=d["mode"], current=None if cur is None else CoeffState.from_dict(cur),
+                   swa=d["swa"], restarts=int(d["restarts"]))  # fmt: skip
+
+
+@dataclass
+class Worker:
+    """One coefficient worker's setup, shared by all modes."""
+
+    rank: int
+    world: int
+    device: torch.device
+    splits: Any
+    model: torch.nn.Module
+    placement: Any
+    extra: dict[str, Any]
+    loaders: dict[str, Any]
+    """``bn`` (train shard), ``val`` and ``test`` (strided shards)."""
 
 
 def coeff_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train ``train_loop_per_worker`` of :func:`run_twa` (see the module docstring)."""
+    from twa_ray.ray.logs import quiet_train_logs
+
+    quiet_train_logs()
+    job: CoeffJob = config["job"]
+    w = _setup_worker(job)
+    state = _resume(w.rank, job.group.progress)
+    clock = CheckpointClock(job.group.checkpoint_interval_s, w.device)
+    for mode in job.group.modes:
+        if mode in state.done:
+            continue
+        twa = TWA(w.model, w.placement, config=job.twa)  # no copy of B: it is on the device already
+        # ---- the SWA point (alpha0, where the first mode starts), BN re-estimated, for the report
+        # (the BN statistics it leaves behind do not matter: coefficient steps run in train mode)
+        if job.group.eval_swa and state.swa is None:
+            state.swa = _finish(twa, w, job.group.bn_batches)[1]
+        out = _fit_mode(twa, mode, w, state, job, clock)
+        state.done[mode], state.mode, state.current = {**out, "extra": w.extra}, None, None
+        metrics = {k: out[k] for k in ("mode", "steps", "val_loss", "val_acc", "test_loss", "test_acc")}
+        _report(metrics, state.to_dict() if w.rank == 0 else None, f"checkpoint_{mode}_final")
+        clock.reported()
+    # ---- the result: every mode's outcome, read back by the driver from the last checkpoint
+    results = {m: {**state.done[m], "swa": state.swa, "restarts": state.restarts}
+               for m in job.group.modes}  # fmt: skip
+    metrics = {f"{m}_{k}": r[k] for m, r in results.items() for k in ("val_acc", "test_acc")}
+    _report(metrics, state.to_dict() if w.rank == 0 else None, "checkpoint_final",
+            result=results if w.rank == 0 else None)  # fmt: skip
+
+
+def _setup_worker(job: CoeffJob) -> Worker:
+    """Data shards, the model and this worker's part of B (placed once on its device: every
+    mode, the BN update and the evaluation reuse it; CPU: zero-copy views of the object store)."""
     import ray.train
     import ray.train.torch
     from torch.utils.data import DataLoader
 
     from twa_ray.models import build_model
-    from twa_ray.ray.logs import quiet_train_logs
 
-    quiet_train_logs()
-    data = DataConfig(**config["data"])
-    twa_cfg = TWAConfig.from_dict(config["twa"])
-    sharded: ShardedSubspace = config["sharded"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    per_worker = int(config["batch_size"]) // world
-
     # ---- data: train (TWA-t, BN statistics), held-out val (TWA-v, report), test (report)
-    splits = load_worker_splits(data)
-    loader_kw = loader_options(device)
-    bn_loader = DataLoader(strided(splits.train, rank, world), batch_size=per_worker, **loader_kw)
-    val_loader, test_loader = (
-        DataLoader(strided(ds, rank, world), batch_size=_EVAL_BATCH, **loader_kw)
-        for ds in (splits.val, splits.test)
-    )
-
-    # ---- model + B placed once on this worker's device (all of it, or its shards): every
-    # mode, the BN update and the evaluation reuse it. CPU: zero-copy views of the object store
-    torch.manual_seed(data.seed)
-    model = build_model(data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
+    splits = load_worker_splits(job.data)
+    kw = loader_options(device)
+    loaders = {
+        "bn": DataLoader(strided(splits.train, rank, world), batch_size=job.group.batch_size // world, **kw),
+        "val": DataLoader(strided(splits.val, rank, world), batch_size=_EVAL_BATCH, **kw),
+        "test": DataLoader(strided(splits.test, rank, world), batch_size=_EVAL_BATCH, **kw),
+    }
+    torch.manual_seed(job.data.seed)
+    model = build_model(job.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
     model = model.to(device)
-    Layout.from_module(model).check_compatible(sharded.layout, "the subspace")
-    kind, reason = _choose_placement(twa_cfg.basis_placement, sharded, model, device, world)
-    placement = sharded.place(kind, rank=rank, world=world, device=device)
+    Layout.from_module(model).check_compatible(job.sharded.layout, "the subspace")
+    kind, reason = job.placement.kind, job.placement.reason
+    placement = job.sharded.place(kind, rank=rank, world=world, device=device)
     extra = {"basis_placement": kind, "basis_placement_reason": reason,
              "basis_held_bytes": placement.held_bytes,
              "wire_bytes_per_step": placement.wire_bytes_per_step}  # fmt: skip
@@ -319,241 +420,98 @@ def coeff_loop_per_worker(config: dict[str, Any]) -> None:
         extra["kernel"] = kernel_info()
     if rank == 0:
         log.info("twa: basis placement %s (%s); B held per worker %.1f MiB of %.1f MiB",
-                 kind, reason, placement.held_bytes / 2**20, sharded.nbytes / 2**20)  # fmt: skip
+                 kind, reason, placement.held_bytes / 2**20, job.sharded.nbytes / 2**20)  # fmt: skip
+    return Worker(rank, world, device, splits, model, placement, extra, loaders)
 
-    def finish(twa: TWA) -> tuple[torch.Tensor, dict[str, float]]:
-        return _finish(twa, bn_loader, val_loader, test_loader, device, config["bn_batches"])
 
-    # ---- resume from the last reported checkpoint: finished modes, the current mode's state
-    ckpt = CoeffState()
+def _resume(rank: int, progress: bool) -> PhaseState:
+    """The state of the last reported checkpoint (finished modes, the current mode's loop), or
+    a fresh one."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            ckpt = CoeffState.from_dict(
-                torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-            )
-        ckpt.restarts += 1
-        if rank == 0 and config["progress"]:
-            cur = ckpt.current
-            where = f"mode {cur.mode} step {cur.twa['step']}" if cur else "a mode boundary"
-            log.info("twa: resumed at %s (done: %s)", where, sorted(ckpt.done))
-
-    clock = CheckpointClock(config["checkpoint_interval_s"], device)
-    for mode in config["modes"]:
-        if mode in ckpt.done:
-            continue
-        twa = TWA(model, placement, config=twa_cfg)  # no copy of B: it is on the device already
-        # ---- the SWA point (alpha0, where the first mode starts), BN re-estimated, for the report
-        # (the BN statistics it leaves behind do not matter: coefficient steps run in train mode)
-        if config["eval_swa"] and ckpt.swa is None:
-            ckpt.swa = finish(twa)[1]
-        out = _fit_mode(twa, mode, splits, ckpt, config, finish, clock, rank=rank, world=world)
-        ckpt.done[mode], ckpt.current = {**out, "extra": extra}, None
-        metrics = {
-            k: out[k] for k in ("mode", "steps", "val_loss", "val_acc", "test_loss", "test_acc")
-        }
-        _report(metrics, ckpt.to_dict() if rank == 0 else None, f"checkpoint_{mode}_final")
-        clock.reported()
-    # ---- the result: every mode's outcome, read back by the driver from the last checkpoint
-    results = {m: {**ckpt.done[m], "swa": ckpt.swa, "restarts": ckpt.restarts}
-               for m in config["modes"]}  # fmt: skip
-    metrics = {f"{m}_{k}": r[k] for m, r in results.items() for k in ("val_acc", "test_acc")}
-    _report(
-        metrics,
-        ckpt.to_dict() if rank == 0 else None,
-        "checkpoint_final",
-        result=results if rank == 0 else None,
-    )
-
-
-@dataclass
-class ModeProgress:
-    """The coefficient steps of one mode in flight (checkpointed every ``checkpoint_every``)."""
-
-    mode: str
-    twa: dict[str, Any]
-    """:meth:`TWA.state_dict`: alpha, optimizer, schedule, step."""
-    history: list[dict[str, Any]]
-    """One dict per finished pass over the fit split."""
-    pass_sums: torch.Tensor
-    """(3,) float64 loss sum, correct, count of the current pass, all workers."""
-
-
-@dataclass
-class CoeffState:
-    """What rank 0 checkpoints (``coeff.pt``, saved as a plain dict: ``weights_only`` loads)."""
-
-    done: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Finished modes: their result fields."""
-    current: ModeProgress | None = None
-    """The mode in flight, if any."""
-    swa: dict[str, float] | None = None
-    """Metrics of the SWA point (evaluated once, before the first mode)."""
-    restarts: int = 0
-    """Worker-group restarts in this checkpoint's lineage."""
-
-    def to_dict(self) -> dict[str, Any]:
-        cur = None if self.current is None else vars(self.current)
-        return {"done": self.done, "current": cur, "swa": self.swa, "restarts": self.restarts}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CoeffState:
-        cur = d["current"]
-        return cls(done=d["done"], current=None if cur is None else ModeProgress(**cur),
-                   swa=d["swa"], restarts=int(d["restarts"]))  # fmt: skip
-
-
-def _choose_placement(
-    requested: str, sharded: ShardedSubspace, model: torch.nn.Module, device: torch.device,
-    world: int,
-) -> tuple[str, str]:  # fmt: skip
-    """:func:`twa_ray.core.placement.choose` with this worker's memory; every worker takes
-    'shard' when one of them must (a MAX all-reduce), so that all agree."""
-    import torch.distributed as dist
-
-    from twa_ray.core.placement import choose
-    from twa_ray.ray.shards import worker_capacity
-
-    capacity, where = worker_capacity(device)
-    # GPU: weights, gradients, the flat theta and g next to B; CPU: B lives in the object store
-    model_bytes = 4 * sum(p.numel() * 4 for p in model.parameters()) if device.type == "cuda" else 0
-    kind, reason = choose(
-        requested, basis_bytes=sharded.nbytes, model_bytes=model_bytes, capacity_bytes=capacity,
-        world=world, num_shards=sharded.num_shards, where=where,
-    )  # fmt: skip
-    if requested == "auto" and world > 1:
-        flag = torch.tensor([float(kind == "shard")], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0 and kind == "replicate":
-            kind, reason = "shard", "auto: B does not fit comfortably on another worker"
-    return kind, reason
+    if checkpoint is None:
+        return PhaseState()
+    with checkpoint.as_directory() as d:
+        state = PhaseState.from_dict(
+            torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        )
+    state.restarts += 1
+    if rank == 0 and progress:
+        cur = state.current
+        where = f"mode {state.mode} step {cur.twa['step']}" if cur else "a mode boundary"
+        log.info("twa: resumed at %s (done: %s)", where, sorted(state.done))
+    return state
 
 
 def _fit_mode(
-    twa: TWA,
-    mode: str,
-    splits: Any,
-    ckpt: CoeffState,
-    config: dict[str, Any],
-    finish: Any,
-    clock: CheckpointClock,
-    *,
-    rank: int,
-    world: int,
+    twa: TWA, mode: str, w: Worker, state: PhaseState, job: CoeffJob, clock: CheckpointClock
 ) -> dict[str, Any]:
-    """One mode's coefficient steps (resuming ``ckpt.current``), BN, evaluation, checks;
-    checkpoints when ``clock`` says so."""
+    """One mode's :class:`CoefficientLoop` (resuming ``state.current``), BN, evaluation, checks;
+    checkpoints at its sync points when ``clock`` says so."""
     import torch.distributed as dist
-    from torch.utils.data import DataLoader, DistributedSampler
 
-    data = DataConfig(**config["data"])
-    per_worker = int(config["batch_size"]) // world
-    fit_ds = splits.train if mode == "t" else splits.val
-    sampler: DistributedSampler[Any] = DistributedSampler(
-        fit_ds, num_replicas=world, rank=rank, shuffle=True, seed=data.seed
-    )
-    steps_per_pass = len(sampler) // per_worker  # drop_last: equal batches on every rank
-    if steps_per_pass == 0:
-        raise ValueError(
-            f"batch_size={config['batch_size']} exceeds the {len(fit_ds)} examples of the "
-            f"{'train' if mode == 't' else 'val'} split (over {world} workers); lower batch_size"
-        )
+    g = job.group
+    fit_ds = w.splits.train if mode == "t" else w.splits.val
+    data = ShuffledBatches(fit_ds, g.batch_size, rank=w.rank, world=w.world, seed=job.data.seed,
+                           split="train" if mode == "t" else "val",
+                           loader_options=loader_options(w.device))  # fmt: skip
     # the budget is counted in epochs of the training data, for both modes: TWA-v takes as many
     # steps as TWA-t, cycling the (smaller) held-out split
-    steps_per_epoch = max(1, math.ceil(len(splits.train) / world) // per_worker)
-    total = max(1, round(twa.config.epochs * steps_per_epoch))
-    twa.start(total)
-    coeff_bytes = twa.alpha.numel() * twa.alpha.element_size()  # K·L·4: the coefficients' size
-    history: list[dict[str, Any]] = []
-    # loss_sum, correct, count of all workers in this pass (on the device: nccl reduces there)
-    pass_sums = torch.zeros(3, dtype=torch.float64, device=twa.device)
-    current = ckpt.current
-    if current is not None and current.mode == mode:
-        twa.load_state_dict(current.twa, total_steps=total)
-        history, pass_sums = current.history, current.pass_sums.double().to(twa.device)
+    per_epoch = steps_per_epoch(len(w.splits.train), g.batch_size, w.world)
 
-    local_sums = torch.zeros_like(pass_sums)  # since the last report, this worker only
-    t0 = time.perf_counter()
-    while twa.step_count < total:
-        passes = twa.step_count // steps_per_pass  # completed passes over the fit split
-        skip = twa.step_count - passes * steps_per_pass  # steps of this pass done before a restart
-        sampler.set_epoch(passes)  # the data order is a function of (seed, pass): replayable
-        order = list(sampler)[skip * per_worker :]
-        loader = DataLoader(fit_ds, batch_size=per_worker, sampler=order, drop_last=True,
-                            **loader_options(twa.device))  # fmt: skip
-        for batch in loader:
-            # a: the mean over all workers' batches, through the placement's collectives
-            # (replicate: an all-gather of R·L numbers; shard: see twa_ray.core.placement)
-            a, loss_sum, correct, count = twa.coefficient_grad(batch)
-            twa.apply_(a)
-            step = twa.step_count
-            local_sums += torch.tensor(
-                [loss_sum, correct, count], dtype=torch.float64, device=twa.device
-            )
-            maybe_fail(config, step, rank, world)
-            pass_end = step % steps_per_pass == 0 or step == total
-            if pass_end or step % config["checkpoint_every"] == 0:
-                dist.all_reduce(local_sums)
-                pass_sums += local_sums
-                local_sums.zero_()
-                loss, acc = (
-                    (pass_sums[0] / pass_sums[2]).item(),
-                    (pass_sums[1] / pass_sums[2]).item(),
-                )
-                lr = twa.optimizer.param_groups[0]["lr"]  # type: ignore[union-attr]
-                metrics = {"mode": mode, "epoch": step / steps_per_epoch, "step": step,
-                           "pass": math.ceil(step / steps_per_pass), "lr": lr, "loss": loss,
-                           "acc": acc}  # fmt: skip
-                if pass_end:
-                    history.append(metrics)
-                    pass_sums.zero_()
-                    if rank == 0 and config["progress"]:
-                        # logging, not print: Ray Train patches print() in workers and emits it twice
-                        log.info("twa-%s epoch %.2f step %d/%d: loss %.4f acc %.2f%% lr %.4g",
-                                 mode, step / steps_per_epoch, step, total, loss, 100 * acc, lr)  # fmt: skip
-                if clock.due():
-                    ckpt.current = ModeProgress(mode, twa.state_dict(), history, pass_sums.cpu())
-                    _report(metrics, ckpt.to_dict() if rank == 0 else None,
-                            f"checkpoint_{mode}_step{step:07d}")  # fmt: skip
-                    clock.reported()
-            if step >= total:
-                break
-    train_time = time.perf_counter() - t0
+    def checkpoint(loop: CoefficientLoop, record: dict[str, Any]) -> None:
+        if clock.due():
+            state.mode, state.current = mode, loop.state()
+            _report(record, state.to_dict() if w.rank == 0 else None,
+                    f"checkpoint_{mode}_step{record['step']:07d}")  # fmt: skip
+            clock.reported()
 
-    # ---- BN re-estimation on all workers' train shards, evaluation, consistency check
-    bn, final = finish(twa)
+    def evaluate(twa: TWA) -> dict[str, Any]:
+        bn, metrics = _finish(twa, w, g.bn_batches)
+        return {"bn_state": bn, **metrics}
+
+    loop = CoefficientLoop(
+        twa, data, total_steps=total_steps(job.twa.epochs, per_epoch), steps_per_epoch=per_epoch,
+        sync_every=g.checkpoint_every, all_reduce=dist.all_reduce,
+        on_step=lambda step, _loss: inject("coefficients", step, w.rank, w.world),
+        on_sync=checkpoint, evaluate=evaluate, labels={"mode": mode}, progress=w.rank == 0 and g.progress,
+    )  # fmt: skip
+    if state.current is not None and state.mode == mode:
+        loop.load_state(state.current)
+    loop.run()
+    return _mode_result(loop, mode, w, state, g.progress)
+
+
+def _mode_result(loop: CoefficientLoop, mode: str, w: Worker, state: PhaseState, progress: bool) -> dict[str, Any]:
+    """The finished mode's result fields; checks that every worker holds the same alpha."""
+    import torch.distributed as dist
+
+    twa, final = loop.twa, dict(loop.final)
+    bn = final.pop("bn_state")
     digest = hashlib.sha256(twa.alpha.detach().cpu().numpy().tobytes()).hexdigest()
-    digests: list[str | None] = [None] * world
+    digests: list[str | None] = [None] * w.world
     dist.all_gather_object(digests, digest)
     identical = len(set(digests)) == 1
-    if rank == 0 and config["progress"]:
-        swa = ckpt.swa
-        swa_txt = f" (SWA {100 * swa['test_acc']:.2f}%)" if swa else ""
+    if w.rank == 0 and progress:
+        swa_txt = f" (SWA {100 * state.swa['test_acc']:.2f}%)" if state.swa else ""
         log.info("twa-%s done: val %.2f%% test %.2f%%%s; alpha identical on %d workers: %s",
-                 mode, 100 * final["val_acc"], 100 * final["test_acc"], swa_txt, world, identical)  # fmt: skip
+                 mode, 100 * final["val_acc"], 100 * final["test_acc"], swa_txt, w.world, identical)  # fmt: skip
     return {
         "mode": mode, "alpha": twa.alpha.detach().cpu().clone(), "bn_state": bn.cpu(), **final,
-        "history": history, "steps": twa.step_count, "steps_per_epoch": steps_per_epoch,
-        "steps_per_pass": steps_per_pass,
-        "bytes_allreduced_per_step": coeff_bytes, "num_workers": world,
-        "alpha_identical": identical, "train_time_s": train_time,
+        "history": loop.history, "steps": twa.step_count, "steps_per_epoch": loop.steps_per_epoch,
+        "steps_per_pass": loop.steps_per_pass,
+        "bytes_allreduced_per_step": twa.alpha.numel() * twa.alpha.element_size(),  # K·L·4
+        "num_workers": w.world, "alpha_identical": identical, "train_time_s": loop.train_time_s,
     }  # fmt: skip
 
 
-def _finish(
-    twa: TWA, bn_loader: Any, val_loader: Any, test_loader: Any, device: torch.device,
-    bn_batches: int | None,
-) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+def _finish(twa: TWA, w: Worker, bn_batches: int | None) -> tuple[torch.Tensor, dict[str, float]]:
     """BN statistics combined over all workers, loaded into the model; val and test metrics."""
-    bn = all_reduce_bn_(twa.model, bn_loader, device=device, max_batches=bn_batches)
-    val = evaluate_sharded(twa.model, val_loader, device)
-    test = evaluate_sharded(twa.model, test_loader, device)
-    return bn, {
-        "val_loss": val.loss,
-        "val_acc": val.acc,
-        "test_loss": test.loss,
-        "test_acc": test.acc,
-    }
+    bn = all_reduce_bn_(twa.model, w.loaders["bn"], device=w.device, max_batches=bn_batches)
+    val = evaluate_sharded(twa.model, w.loaders["val"], w.device)
+    test = evaluate_sharded(twa.model, w.loaders["test"], w.device)
+    return bn, {"val_loss": val.loss, "val_acc": val.acc, "test_loss": test.loss, "test_acc": test.acc}
 
 
 def all_reduce_bn_(

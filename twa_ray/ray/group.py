@@ -28,7 +28,6 @@ from twa_ray.storage import Storage, alive_nodes
 __all__ = [
     "check_run_id",
     "fit_group",
-    "marker_path",
     "check_data_root_on_nodes",
     "load_worker_splits",
     "report",
@@ -43,12 +42,6 @@ def check_run_id(run_id: Any) -> str | None:
     if not isinstance(run_id, str) or not _RUN_ID_RE.fullmatch(run_id):
         return f"run_id={run_id!r}: use 1-100 characters from [A-Za-z0-9._-]"
     return None
-
-
-def marker_path(run_dir: Storage, name: str) -> str:
-    """A testing hook's marker file: in the run folder when it is local, else in this
-    machine's temp folder (the hooks are for one-machine tests)."""
-    return run_dir.join(name) if run_dir.local else os.path.join(tempfile.gettempdir(), name)
 
 
 def fit_group(

@@ -39,6 +39,7 @@ from twa_ray.core.placement import Placement, PlacementKind, ShardedBasis, place
 from twa_ray.core.quant import PackedMatrix, resolve_device
 from twa_ray.core.subspace import Subspace
 from twa_ray.core.twa import TWAConfig, build_subspace
+from twa_ray.storage import alive_nodes
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
@@ -51,7 +52,7 @@ __all__ = [
     "plan_shards",
     "put_subspace",
     "shard_subspace",
-    "worker_capacity",
+    "group_capacity",
 ]
 
 log = logging.getLogger(__name__)
@@ -384,13 +385,20 @@ def put_subspace(
     return shard_subspace(subspace, layout, max_shard_bytes=max_shard_bytes, num_shards=num_shards)
 
 
-def worker_capacity(device: torch.device) -> tuple[int, str]:
-    """``(bytes, what)`` that B must fit in on this worker: the GPU's memory, or on the CPU the
-    object store of this node (where every worker of the node maps the same copy of B)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory, "GPU memory"
-    node = ray.get_runtime_context().get_node_id()
-    for info in ray.nodes():
-        if info["NodeID"] == node:
-            return int(info["Resources"].get("object_store_memory", 0)), "object store of the node"
-    raise RuntimeError(f"node {node} is not in ray.nodes()")
+def group_capacity(use_gpu: bool) -> tuple[int, str]:
+    """``(bytes, what)`` that B must fit in on every coefficient worker, decided on the driver:
+    the memory of a GPU (one probed by a task; the group's GPUs are alike), or on the CPU the
+    smallest object store among the nodes that can host a worker (every worker of a node maps
+    the same copy of B there)."""
+    if use_gpu:
+        probe = ray.remote(num_gpus=1, num_cpus=0)(_gpu_memory)
+        return int(ray.get(probe.remote())), "GPU memory"
+    stores = [int(n["Resources"].get("object_store_memory", 0)) for n in alive_nodes()
+              if n.get("Resources", {}).get("CPU", 0) > 0]  # fmt: skip
+    if not stores:
+        raise RuntimeError("no alive Ray node with CPUs to host the coefficient workers")
+    return min(stores), "object store of the node"
+
+
+def _gpu_memory() -> int:
+    return int(torch.cuda.get_device_properties(0).total_memory)

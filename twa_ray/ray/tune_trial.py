@@ -3,7 +3,8 @@ epoch by epoch so that ASHA can stop it early.
 
 The trial's candidates were written by a sampling run that it shares with other trials
 (:mod:`twa_ray.tune`); it builds the subspace over its own subset of them and runs the coefficient
-phase in its own process with the core engine (:class:`twa_ray.core.twa.TWA`). Per TWA epoch:
+phase in its own process with the core loop (:class:`twa_ray.core.loop.CoefficientLoop`, the
+same steps, epochs and data order as every other host). Per TWA epoch:
 
 1. an epoch of coefficient steps, as many as one pass over the train split takes (TWA-t: on the
    train split; TWA-v: cycling the fit part of the val split), on a learning-rate schedule that
@@ -11,8 +12,8 @@ phase in its own process with the core engine (:class:`twa_ray.core.twa.TWA`). P
 2. BatchNorm re-estimated on the train split (cumulative average), then accuracy on the
    *selection* part of the val split (``val_acc``: the metric ASHA and the sweep select on; no
    trial fits on it) and on the test split (``test_acc``: reported, never used to select);
-3. ``tune.report`` with a checkpoint of alpha + optimizer + schedule (a restored sweep resumes
-   the trial from it).
+3. ``tune.report`` with a checkpoint of the loop state (alpha, optimizer, schedule, step; a
+   restored sweep resumes the trial from it).
 
 Why in-process and not on a Ray Train worker group: MNIST-1D-sized coefficient phases take
 seconds, less than a worker group takes to start; the sweep's parallelism is its trials. A trial
@@ -22,10 +23,10 @@ the dashboard's State API to clean those up).
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,14 +35,21 @@ from twa_ray.config import config_from_dict
 from twa_ray.core.bn import update_bn
 from twa_ray.core.evaluate import evaluate
 from twa_ray.core.layout import Layout
+from twa_ray.core.loop import (
+    CoefficientLoop,
+    CoeffState,
+    ShuffledBatches,
+    steps_per_epoch,
+    total_steps,
+)
 from twa_ray.core.twa import TWA, build_subspace
 from twa_ray.models import build_model
 from twa_ray.ray.group import load_worker_splits
 from twa_ray.store import CandidateStore
 
-__all__ = ["twa_trial", "split_val"]
+__all__ = ["twa_trial", "trial_loop", "split_val"]
 
-STATE_FILE = "twa_trial.pt"  # TWA.state_dict() + the epoch it ends (torch.save)
+STATE_FILE = "twa_trial.pt"  # the CoeffState at an epoch end (torch.save)
 _EVAL_BATCH = 1024
 
 
@@ -74,58 +82,69 @@ def twa_trial(config: dict[str, Any], *, plan: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(plan["cpus_per_trial"])))
     # a trial with GPUs sees them (Ray sets CUDA_VISIBLE_DEVICES): TWA places B on the model's device
     device = torch.device("cuda" if plan.get("gpus_per_trial", 0) > 0 else "cpu")
-    torch.manual_seed(cfg.data.seed)
+    static = {"num_candidates": len(trial["candidates"]), "index": trial["index"], "node_id": node_id}
+    loop = trial_loop(cfg, trial, select_frac=plan["select_frac"], device=device,
+                      report=lambda metrics, state: _report({**metrics, **static}, state))  # fmt: skip
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        loop.load_state(CoeffState.from_dict(state))
+    loop.run()
 
+
+def trial_loop(
+    cfg: Any, trial: dict[str, Any], *, select_frac: float, device: torch.device,
+    report: Callable[[dict[str, Any], CoeffState], None],
+) -> CoefficientLoop:  # fmt: skip
+    """The trial's :class:`~twa_ray.core.loop.CoefficientLoop`: its subspace over its subset of
+    the shared store, the fit split of its mode, and after every epoch BN re-estimation,
+    evaluation and ``report(metrics, state)``."""
+    torch.manual_seed(cfg.data.seed)
     # ---- data: train (TWA-t, BN), val = fit (TWA-v) + select (the metric), test (reported)
     splits = load_worker_splits(cfg.data)  # checks --data-root on this node first
-    val_fit, val_select = split_val(splits.val, select_frac=plan["select_frac"], seed=cfg.data.seed)
+    val_fit, val_select = split_val(splits.val, select_frac=select_frac, seed=cfg.data.seed)
     fit_ds = splits.train if cfg.mode == "t" else val_fit
     bn_loader = _loader(splits.train, 512)
     select_loader, test_loader = _loader(val_select, _EVAL_BATCH), _loader(splits.test, _EVAL_BATCH)
 
     # ---- subspace over this trial's subset of the shared store (streamed, one at a time)
-    model = build_model(
-        cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape
-    )
+    model = build_model(cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
     layout = Layout.from_module(model)
     model.to(device)
     store = CandidateStore(trial["store"])
     names = trial["candidates"]
-    subspace = build_subspace(lambda: (store.read(n) for n in names), layout, cfg.twa)
-    twa = TWA(model, subspace, config=cfg.twa)
+    twa = TWA(model, build_subspace(lambda: (store.read(n) for n in names), layout, cfg.twa), config=cfg.twa)
 
-    # ---- as in the full pipeline: the global batch is sampling's, an epoch is one pass over the
+    # ---- as in the full pipeline: the global batch is sampling's, an epoch is counted on the
     # train split in both modes (TWA-v cycles its smaller split), the schedule spans all epochs
-    batch_size = min(cfg.sampling.batch_size, len(fit_ds))
-    steps_per_epoch = max(1, len(splits.train) // cfg.sampling.batch_size)
-    total = max(1, round(cfg.twa.epochs * steps_per_epoch))
-    num_epochs = math.ceil(total / steps_per_epoch)
-    twa.start(total)
-    start_epoch = 0
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        twa.load_state_dict(state["twa"], total_steps=total)
-        start_epoch = int(state["epoch"])
+    per_epoch = steps_per_epoch(len(splits.train), cfg.sampling.batch_size)
+    total = total_steps(cfg.twa.epochs, per_epoch)
+    data = ShuffledBatches(fit_ds, min(cfg.sampling.batch_size, len(fit_ds)), seed=cfg.data.seed)
 
-    for epoch in range(start_epoch, num_epochs):
-        t0 = time.perf_counter()
-        steps = min(steps_per_epoch, total - twa.step_count)
-        losses: list[float] = []
-        # the data order is a function of (seed, epoch): a resumed trial replays it
-        loader = _loader(fit_ds, batch_size, seed=cfg.data.seed * 100_003 + epoch)
-        twa.fit(loader, steps=steps, on_step=lambda _s, loss, acc=losses: acc.append(loss))
+    def evaluate_now(twa: TWA) -> dict[str, Any]:
         update_bn(bn_loader, model, device=device)
         val, test = evaluate(model, select_loader, device=device), evaluate(model, test_loader, device=device)
-        twa_epoch = twa.step_count / steps_per_epoch
-        metrics = {
-            "val_acc": val.acc, "val_loss": val.loss, "test_acc": test.acc, "test_loss": test.loss,
-            "train_loss": sum(losses) / max(len(losses), 1), "twa_epoch": twa_epoch,
-            "epochs_used": trial["sample_epochs"] + twa_epoch, "num_candidates": len(names),
-            "index": trial["index"], "epoch_s": time.perf_counter() - t0, "finished": epoch + 1 == num_epochs,
-            "node_id": node_id,
-        }  # fmt: skip
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save({"twa": twa.state_dict(), "epoch": epoch + 1}, os.path.join(tmp, STATE_FILE))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        return {"val_acc": val.acc, "val_loss": val.loss, "test_acc": test.acc, "test_loss": test.loss}
+
+    clock = [time.perf_counter()]
+
+    def on_epoch(loop: CoefficientLoop, record: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        epoch_s, clock[0] = now - clock[0], now
+        metrics = {k: record[k] for k in ("val_acc", "val_loss", "test_acc", "test_loss")}
+        report({**metrics, "train_loss": record["loss"], "twa_epoch": record["epoch"],
+                "epochs_used": trial["sample_epochs"] + record["epoch"], "epoch_s": epoch_s,
+                "finished": record["step"] == total}, loop.state())  # fmt: skip
+
+    return CoefficientLoop(twa, data, total_steps=total, steps_per_epoch=per_epoch,
+                           evaluate=evaluate_now, on_epoch=on_epoch)  # fmt: skip
+
+
+def _report(metrics: dict[str, Any], state: CoeffState) -> None:
+    """``tune.report`` with a checkpoint of the loop state (a restored sweep resumes from it)."""
+    from ray import tune
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state.to_dict(), os.path.join(tmp, STATE_FILE))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))

@@ -1,17 +1,15 @@
 """Pieces shared by the Ray Train worker loops: data shards and loaders, mixed precision, summed
-evaluation, fault injection."""
+evaluation."""
 
 from __future__ import annotations
 
-import os
-import signal
 from typing import Any
 
 import torch
 
 from twa_ray.core.evaluate import EvalResult, evaluate
 
-__all__ = ["strided", "loader_options", "train_autocast", "all_reduce_", "evaluate_sharded", "maybe_fail"]
+__all__ = ["strided", "loader_options", "train_autocast", "all_reduce_", "evaluate_sharded"]
 
 GPU_LOADER_WORKERS = 4
 """DataLoader worker processes of a Ray Train worker on a GPU."""
@@ -55,28 +53,3 @@ def evaluate_sharded(model: torch.nn.Module, loader: Any, device: torch.device) 
     r = evaluate(model, loader, device=device)
     sums = all_reduce_(torch.tensor([r.loss_sum, r.correct, r.count], dtype=torch.float64, device=device))
     return EvalResult(float(sums[0]), int(sums[1]), int(sums[2]))
-
-
-def maybe_fail(config: dict[str, Any], step: int, rank: int, world: int) -> None:
-    """Testing hook, called right after global step ``step``:
-
-    - ``config['fail_at_step']``: the last rank raises once (an exception in the training loop);
-    - ``config['kill_at_step']``: rank 0, the rank that writes candidates and checkpoints, kills
-      its own process once with SIGKILL (a real process death, as from the OOM killer or a lost
-      node: no exception, no cleanup).
-
-    A marker file per kind (``fail_marker`` / ``kill_marker``) keeps the restarted attempt from
-    failing again.
-    """
-    for key, marker_key, victim in (("fail_at_step", "fail_marker", world - 1), ("kill_at_step", "kill_marker", 0)):
-        if config.get(key) != step or rank != victim:
-            continue
-        marker = config[marker_key]
-        try:
-            with open(marker, "x") as f:
-                f.write(f"{key} {step} (rank {rank}, pid {os.getpid()})\n")
-        except FileExistsError:
-            continue
-        if key == "kill_at_step":
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError(f"injected worker failure at step {step} (rank {rank}; marker {marker})")
