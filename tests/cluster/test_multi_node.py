@@ -1,7 +1,7 @@
 """``twa-ray`` on a head + 3 worker nodes that share nothing but an S3 server (see harness.py).
 
-The run folders (``--out``) and /tmp of every worker node are private tmpfs mounts: a file a
-worker writes there is invisible to the head and the other nodes, as on separate machines.
+The run folders (``--out``) and Ray's temp dir of every worker node are private tmpfs mounts: a
+file a worker writes there is invisible to the head and the other nodes, as on separate machines.
 """
 
 from __future__ import annotations
