@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from twa_ray.config import config_from_dict
 from twa_ray.core.bn import update_bn
 from twa_ray.core.evaluate import evaluate
 from twa_ray.core.layout import Layout
@@ -38,6 +37,7 @@ from twa_ray.core.twa import TWA, build_subspace
 from twa_ray.models import build_model
 from twa_ray.ray.group import load_worker_splits
 from twa_ray.store import CandidateStore
+from twa_ray.tune_plan import SweepPlan
 
 __all__ = ["twa_trial", "split_val"]
 
@@ -63,22 +63,22 @@ def _loader(ds: Any, batch_size: int, *, seed: int | None = None) -> Any:
     return DataLoader(ds, batch_size=batch_size, shuffle=seed is not None, generator=gen)
 
 
-def twa_trial(config: dict[str, Any], *, plan: dict[str, Any]) -> None:
+def twa_trial(config: dict[str, Any], *, plan: SweepPlan) -> None:
     """Ray Tune trainable of one planned trial (``config["trial"]["index"]`` into ``plan``)."""
     import ray
     from ray import tune
 
     node_id = ray.get_runtime_context().get_node_id()  # the Ray node (several may share one IP)
-    trial = plan["trials"][config["trial"]["index"]]
-    cfg = config_from_dict(trial["config"])
-    torch.set_num_threads(max(1, int(plan["cpus_per_trial"])))
+    trial = plan.trials[config["trial"]["index"]]
+    cfg = trial.config
+    torch.set_num_threads(max(1, int(plan.cpus_per_trial)))
     # a trial with GPUs sees them (Ray sets CUDA_VISIBLE_DEVICES): TWA places B on the model's device
-    device = torch.device("cuda" if plan.get("gpus_per_trial", 0) > 0 else "cpu")
+    device = torch.device("cuda" if plan.gpus_per_trial > 0 else "cpu")
     torch.manual_seed(cfg.data.seed)
 
     # ---- data: train (TWA-t, BN), val = fit (TWA-v) + select (the metric), test (reported)
     splits = load_worker_splits(cfg.data)  # checks --data-root on this node first
-    val_fit, val_select = split_val(splits.val, select_frac=plan["select_frac"], seed=cfg.data.seed)
+    val_fit, val_select = split_val(splits.val, select_frac=plan.select_frac, seed=cfg.data.seed)
     fit_ds = splits.train if cfg.mode == "t" else val_fit
     bn_loader = _loader(splits.train, 512)
     select_loader, test_loader = _loader(val_select, _EVAL_BATCH), _loader(splits.test, _EVAL_BATCH)
@@ -89,8 +89,8 @@ def twa_trial(config: dict[str, Any], *, plan: dict[str, Any]) -> None:
     )
     layout = Layout.from_module(model)
     model.to(device)
-    store = CandidateStore(trial["store"])
-    names = trial["candidates"]
+    store = CandidateStore(plan.groups[trial.group].store)
+    names = trial.candidates
     subspace = build_subspace(lambda: (store.read(n) for n in names), layout, cfg.twa)
     twa = TWA(model, subspace, config=cfg.twa)
 
@@ -122,8 +122,8 @@ def twa_trial(config: dict[str, Any], *, plan: dict[str, Any]) -> None:
         metrics = {
             "val_acc": val.acc, "val_loss": val.loss, "test_acc": test.acc, "test_loss": test.loss,
             "train_loss": sum(losses) / max(len(losses), 1), "twa_epoch": twa_epoch,
-            "epochs_used": trial["sample_epochs"] + twa_epoch, "num_candidates": len(names),
-            "index": trial["index"], "epoch_s": time.perf_counter() - t0, "finished": epoch + 1 == num_epochs,
+            "epochs_used": trial.sample_epochs + twa_epoch, "num_candidates": len(names),
+            "index": trial.index, "epoch_s": time.perf_counter() - t0, "finished": epoch + 1 == num_epochs,
             "node_id": node_id,
         }  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
