@@ -51,7 +51,7 @@ from twa_ray.tune_plan import PlannedTrial, SamplingGroup, SweepPlan, plan_sweep
 
 log = logging.getLogger("twa_ray")
 
-__all__ = ["run_sweep", "read_plan"]
+__all__ = ["run_sweep"]
 
 SWEEP_FILE = "sweep.json"  # the sweep id (refuse / --resume / --overwrite, as for a run)
 PLAN_FILE = "plan.json"  # SweepPlan.to_dict(): the trials and sampling groups (--resume reuses them)
@@ -62,11 +62,11 @@ EXPERIMENT = "sweep"  # Tune experiment name under <storage>/tune
 # --------------------------------------------------------------------------- the plan file
 
 
-def write_plan(storage: Storage, plan: SweepPlan) -> None:
+def _write_plan(storage: Storage, plan: SweepPlan) -> None:
     storage.write_json(PLAN_FILE, plan.to_dict())
 
 
-def read_plan(storage: Storage) -> SweepPlan:
+def _read_plan(storage: Storage) -> SweepPlan:
     """The plan a sweep saved in its storage (``plan.json``)."""
     return SweepPlan.from_dict(storage.read_json(PLAN_FILE))
 
@@ -280,13 +280,13 @@ def run_sweep(
         plan = _new_plan(cfg, storage, sampling_dir)  # a bad space is refused before Ray starts
     sweep_id = _start(cfg, storage, out_path, address=address, claim=claim, shared_paths=shared_paths)
     plan = dataclasses.replace(plan, sweep_id=sweep_id)
-    write_plan(storage, plan)
+    _write_plan(storage, plan)
     log.info("sweep %s: %d trials, %d sampling run(s)", sweep_id, len(plan.trials), len(plan.groups))
 
     # -- phase 1: one sampling run per group (Ray Train, the whole cluster) ------------------
     t_sampling = time.time()
     plan, groups = _run_groups(plan)
-    write_plan(storage, plan)  # now with every trial's candidates
+    _write_plan(storage, plan)  # now with every trial's candidates
     sampling_wall = time.time() - t_sampling
 
     # -- phase 2: the trials (Ray Tune, ASHA on val_acc) ---------------------------------------
@@ -318,7 +318,7 @@ def _new_plan(cfg: SweepConfig, storage: Storage, sampling_dir: str | None) -> S
 
 
 def _saved_plan(storage: Storage, cfg: SweepConfig) -> SweepPlan:
-    plan = read_plan(storage)
+    plan = _read_plan(storage)
     log.info("resuming sweep %s: %d trials", plan.sweep_id, len(plan.trials))
     if json.loads(json.dumps(cfg.to_dict()["space"])) != plan.space:
         log.warning(
