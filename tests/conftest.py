@@ -13,3 +13,30 @@ torch.set_num_threads(2)
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+def _ray_session() -> str | None:
+    """The session a local Ray started by this process last (Ray links
+    ``<temp dir>/ray/session_latest`` to ``session_<time>_<pid of the starting process>``; the
+    temp dir found as Ray finds it, without importing Ray). Sessions that other processes start
+    meanwhile (another user's Ray on the same temp dir) are not this test's."""
+    tmp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    try:
+        name = os.readlink(os.path.join(tmp, "ray", "session_latest"))
+    except OSError:
+        return None
+    return name if name.endswith(f"_{os.getpid()}") else None
+
+
+@pytest.fixture(autouse=True)
+def _unmarked_tests_start_no_ray(request):
+    """A test that starts a Ray in the test process is marked ``ray``: the fast inner loop
+    (README "Development": ``-m "not ray and not slow and not cluster"``) deselects it."""
+    if request.node.get_closest_marker("ray") is not None:
+        yield
+        return
+    before = _ray_session()
+    yield
+    after = _ray_session()
+    if after is not None and after != before:
+        pytest.fail(f"{request.node.nodeid} started a Ray but is not marked ray: add @pytest.mark.ray")

@@ -379,6 +379,32 @@ CORPUS += [
 ]
 
 
+# -- sweep spaces, value by value (issue 21 item 8): refused before Ray starts. RAY_ADDRESS names
+# a closed port, so a sweep that reached Ray first would fail on that instead of this line.
+def _sweep_space(space: str):
+    def make(fx, tmp, monkeypatch):
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_closed_port()}")
+        return _sweep_yaml(f"  space: {space}\n")(fx, tmp)
+
+    return make
+
+
+CORPUS += [
+    pytest.param(_sweep_space("{twa.bits: {choice: [3, 4]}}"),
+                 "invalid sweep space: twa.bits: {choice: [3, 4]}: the value 3 is refused (invalid TWA config: bits=3: use one of",
+                 id="sweep-choice-bad-value"),
+    pytest.param(_sweep_space("{twa.bits: {uniform: [1, 8]}}"),
+                 "twa.bits: {uniform: [1, 8]}: uniform draws fractional numbers but twa.bits takes integer values; use {choice: [..]}",
+                 id="sweep-uniform-on-integer"),
+    pytest.param(_sweep_space("{twa.lr: {uniform: [-0.1, 0.1]}}"),
+                 "twa.lr: {uniform: [-0.1, 0.1]}: the bound -0.1 is refused (invalid TWA config: lr=-0.1: must be a positive number)",
+                 id="sweep-negative-lr-range"),
+    pytest.param(_sweep_space("{sampling.lr: {grid: [0.1, fast]}}"), "the value 'fast' is refused (config key 'sampling.lr': expected a number",
+                 id="sweep-word-in-grid"),
+    pytest.param(_sweep_space("{twa: {lrr: {grid: [0.1]}}}"), "unknown knob 'twa.lrr'", id="sweep-unknown-nested-knob"),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize("make,needle", CORPUS)
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(fx, tmp_path, capsys, monkeypatch, make, needle):
     work = tmp_path / "w"

@@ -40,8 +40,9 @@ def run_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(s3, run_root):
+def cluster(s3, tmp_path_factory):
     _require_unshare()
-    c = start_cluster(3, env=s3.env, hide=[run_root])
+    # every folder of this session's tests (run_root among them) is hidden from the worker nodes
+    c = start_cluster(3, env=s3.env, hide=[tmp_path_factory.getbasetemp()])
     yield c
     stop_cluster(c)

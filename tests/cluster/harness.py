@@ -9,9 +9,12 @@
 - The head (``ray start --head --num-cpus 0``) holds the GCS, the dashboard, the job server and
   the drivers; it sees the machine's filesystem.
 - Each worker node runs ``ray start --address HEAD --block`` inside its own mount namespace
-  (``unshare --mount --propagation private``) with a private tmpfs over ``/tmp`` and over every
-  folder in ``hide`` (the tests' run folders): nothing a worker node writes there is visible to
-  the head or to another node, exactly as on separate machines. Only the S3 server is shared.
+  (``unshare --mount --propagation private``) with a private tmpfs over Ray's temp dir (the
+  head's ``--temp-dir``, which the nodes take from the GCS; it is also their ``TMPDIR``) and
+  over every folder in ``hide`` (the tests' run folders): nothing a worker node writes there is
+  visible to the head or to another node, exactly as on separate machines. Only the S3 server
+  is shared. The rest of the filesystem stays visible, as a machine image would be: the
+  checkout and its virtual environment work wherever they lie (``/tmp`` included).
 - Each node gets its own ports (node manager, object manager, dashboard agent HTTP + gRPC,
   metrics export, runtime-env agent). Token auth is off (a throwaway cluster on localhost).
 - Nodes are stopped by the process ids started here (every process in a node's mount namespace
@@ -224,7 +227,7 @@ def start_cluster(
     timeout_s: float = 240.0,
 ) -> Cluster:
     """A head with ``--num-cpus 0`` and ``num_nodes`` worker nodes, each in its own mount
-    namespace with a private tmpfs over /tmp and over every path in ``hide``."""
+    namespace with a private tmpfs over Ray's temp dir and over every path in ``hide``."""
     # a loaded 2-core machine can take over a minute to start a worker group (default 60 s)
     extra = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300", **(env or {})}
     head = start_head(num_cpus=0, object_store_mb=object_store_mb, auth=False, extra_env=extra)
@@ -232,9 +235,9 @@ def start_cluster(
     cluster = Cluster(head, [], cluster_env, f"{_node_ip()}:{head.gcs_port}",
                       cpus_per_node=cpus_per_node, object_store_mb=object_store_mb)  # fmt: skip
     cluster.env["RAY_ADDRESS"] = cluster.gcs_address
-    hidden = [*(os.fspath(h) for h in hide), "/tmp"]  # /tmp last: hide may lie below it
-    cluster.hidden = hidden
     try:
+        # not /tmp as a whole: the checkout and its virtual environment may lie below it
+        cluster.hidden = _hidden(hide, head.temp_dir)
         # one node at a time, each retried once: on a loaded 2-core machine a raylet can miss
         # its deadline to register with the GCS ("Failed to get node info ... Deadline Exceeded")
         for i in range(num_nodes):
@@ -255,9 +258,27 @@ def start_cluster(
     return cluster
 
 
+def _hidden(hide: Sequence[str | os.PathLike[str]], ray_temp_dir: Path) -> list[str]:
+    """The folders a worker node gets a private tmpfs over: Ray's temp dir and ``hide``, none
+    holding this interpreter or the checkout (a node could not start its Python then)."""
+    def below(path: str, folder: str) -> bool:
+        return os.path.commonpath([folder, path]) == folder
+
+    paths = sorted({os.path.abspath(h) for h in (*hide, ray_temp_dir)}, key=len)
+    hidden = [h for k, h in enumerate(paths) if not any(below(h, p) for p in paths[:k])]
+    needed = [sys.prefix, sys.executable, str(Path(__file__).resolve().parents[2])]
+    for h in hidden:
+        clash = [p for p in needed if below(os.path.abspath(p), h)]
+        if clash:
+            raise ValueError(f"cannot hide {h!r} from the worker nodes: it holds {clash[0]!r}")
+    return hidden
+
+
 def _start_node(cluster: Cluster, i: int) -> Node:
     """``unshare`` + private tmpfs mounts + ``ray start --address ... --block`` for node ``i``."""
     env = {k: v for k, v in cluster.env.items() if k != "RAY_ADDRESS"}
+    # the node's own scratch space (Ray's and Python's), private like the rest of its temp dir
+    env["TMPDIR"] = env["RAY_TMPDIR"] = str(cluster.head.temp_dir)
     hidden = cluster.hidden
     node_mgr, obj_mgr, agent_http, agent_grpc, metrics, rt_env = free_ports(6)
     mounts = " && ".join(f"mount -t tmpfs tmpfs {shlex.quote(h)}" for h in hidden)

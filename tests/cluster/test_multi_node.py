@@ -1,7 +1,7 @@
 """``twa-ray`` on a head + 3 worker nodes that share nothing but an S3 server (see harness.py).
 
-The run folders (``--out``) and /tmp of every worker node are private tmpfs mounts: a file a
-worker writes there is invisible to the head and the other nodes, as on separate machines.
+The run folders (``--out``) and Ray's temp dir of every worker node are private tmpfs mounts: a
+file a worker writes there is invisible to the head and the other nodes, as on separate machines.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from twa_ray.store import CandidateStore
 pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-# 20 sampled epochs (one candidate each, ~0.5 s each here) of the 40-epoch budget, 1 TWA epoch
-RUN = ["python", "jobs/run_twa.py", "--smoke-test", "--epochs", "40", "--workers", "2"]
-NUM_CANDIDATES = 20
+# 10 sampled epochs (one candidate each, ~0.5 s each here; 2 s each with KILLABLE) of the
+# 20-epoch budget, 1 TWA epoch
+RUN = ["python", "jobs/run_twa.py", "--smoke-test", "--epochs", "20", "--workers", "2"]
+NUM_CANDIDATES = 10
+LAST_CHECKPOINT = f"/checkpoint_epoch{NUM_CANDIDATES:04d}/"
 # the runs that lose a node: one failure tolerated, a checkpoint at every epoch / coefficient
 # pass end (each then takes 2 s, Ray Train's report cadence): a window of seconds to kill in
 KILLABLE = ["--max-failures", "1", "--checkpoint-interval", "0"]
@@ -127,7 +129,7 @@ def test_smoke_job_on_two_nodes_with_s3_matches_one_node(cluster, s3, run_root, 
     objs = s3.list("a")
     names = sorted(objs)
     assert sum(k.startswith("candidates/") and k.endswith(".arrow") for k in names) == NUM_CANDIDATES
-    assert any(k.startswith("work/ray_train/sampling_") and "/checkpoint_epoch0020/state.pt" in k for k in names)
+    assert any(k.startswith("work/ray_train/sampling_") and f"{LAST_CHECKPOINT}state.pt" in k for k in names)
     assert any(k.startswith("work/ray_train/twa_") and k.endswith("/result.pt") for k in names), names
     for f in ("run.json", "outputs/metrics.json", "outputs/model.safetensors",
               "outputs/coefficients.parquet", "outputs/config.yaml"):  # fmt: skip
@@ -299,7 +301,7 @@ def test_worker_node_killed_mid_sampling_resumes_from_s3(cluster, s3, run_root, 
         if not any("/checkpoint_epoch0003/meta.json" in k for k in written):
             return
         for i in sorted(_train_nodes(cluster)):
-            last = any("/checkpoint_epoch0020/" in k for k in written)
+            last = any(LAST_CHECKPOINT in k for k in written)
             killed.update(node=i, pids=cluster.kill_node(i), mid_sampling=not last)
             return
 

@@ -104,6 +104,7 @@ def spawned(request, tmp_path_factory):
     return world, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
+@pytest.mark.slow  # spawns 2 and 3 gloo processes (the fast subset starts none)
 @pytest.mark.parametrize("bits", [4, 32])
 def test_shard_equals_replicate_bitwise(spawned, bits):
     world, ranks = spawned

@@ -243,6 +243,7 @@ def test_bad_inputs():
         tp.project_triton(codes, 4, bounds, byte_bounds, scale.double(), zero, g)
 
 
+@pytest.mark.slow  # a pytest subprocess under the triton interpreter (minutes on 2 cores)
 def test_small_cases_under_interpreter():
     """Without a GPU: run this file's kernel tests under the triton interpreter in a subprocess."""
     if _RUNS_HERE or os.environ.get(_INNER):

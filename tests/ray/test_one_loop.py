@@ -24,6 +24,7 @@ from twa_ray.models import build_model
 from twa_ray.ray.coeff_group import CoeffGroupConfig, run_twa
 from twa_ray.ray.shards import put_subspace
 from twa_ray.ray.tune_trial import trial_loop
+from twa_ray.tune_plan import PlannedTrial
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
@@ -72,9 +73,9 @@ def _average(setup) -> torch.Tensor:
 def _tune_trial(setup) -> torch.Tensor:
     root, store, _, data = setup
     cfg = RunConfig(data=data, sampling=SamplingConfig(batch_size=BATCH), twa=TWA_CFG, mode="t")
-    trial = {"store": str(root / "store"), "candidates": store.names(), "sample_epochs": 3}
+    trial = PlannedTrial(index=0, params={}, config=cfg, group="g", candidates=tuple(store.names()))
     reports: list = []
-    loop = trial_loop(cfg, trial, select_frac=0.5, device=torch.device("cpu"),
+    loop = trial_loop(cfg, trial, store=str(root / "store"), select_frac=0.5, device=torch.device("cpu"),
                       report=lambda metrics, state: reports.append((metrics, state)))  # fmt: skip
     loop.run()
     assert [m["finished"] for m, _ in reports] == [True]  # one epoch, reported once

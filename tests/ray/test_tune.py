@@ -13,6 +13,7 @@ import yaml
 from twa_ray.cli import build_parser, config_from_args, main
 from twa_ray.config import config_from_dict
 from twa_ray.store import CandidateStore
+from twa_ray.tune_plan import SweepPlan
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -91,13 +92,13 @@ def test_grid_sweep_samples_once_and_writes_outputs(grid_sweep):
     by_interval = table.groupby("sampling.sample_interval")["num_candidates"].unique()
     assert list(by_interval[1]) == [4] and list(by_interval[2]) == [2]  # every 2nd candidate
 
-    # the interval-2 trials took the even epochs of the one store
-    plan = json.loads((out / "plan.json").read_text())
-    (group,) = plan["groups"].values()
-    store = CandidateStore(group["store"])
-    for t in plan["trials"]:
-        epochs = [round(store.info(n).epoch) for n in t["candidates"]]
-        assert epochs == ([1, 2, 3, 4] if t["interval"] == 1 else [2, 4])
+    # the interval-2 trials took the even epochs of the one store (plan.json: the typed plan)
+    plan = SweepPlan.from_dict(json.loads((out / "plan.json").read_text()))
+    (group,) = plan.groups.values()
+    store = CandidateStore(group.store)
+    for t in plan.trials:
+        epochs = [round(store.info(n).epoch) for n in t.candidates]
+        assert epochs == ([1, 2, 3, 4] if t.config.sampling.sample_interval == 1 else [2, 4])
 
     # best: the highest val_acc; test accuracy reported beside it, not used to pick
     best = summary["best"]
@@ -149,6 +150,17 @@ def test_asha_stops_a_trial_early_and_finishes(grid_sweep):
     assert len(stopped) >= 1 and (stopped["twa_epochs"] < 4).all()
     assert summary["counts"]["stopped_early"] == len(stopped)
     assert summary["best"]["index"] == 0
+
+
+def test_tune_search_space_objects_draw_themselves():
+    """From Python a space may hold Ray Tune's own objects; the plan draws them (no Ray needed)."""
+    from ray import tune
+
+    from twa_ray.tune_plan import draw_trials
+
+    drawn = draw_trials({"a": tune.grid_search([1, 2]), "b": tune.uniform(0.0, 1.0)}, num_samples=2, seed=0)
+    assert [t["a"] for t in drawn] == [1, 2, 1, 2]
+    assert len({t["b"] for t in drawn}) == 4 and all(0 <= t["b"] < 1 and isinstance(t["b"], float) for t in drawn)
 
 
 def test_gpu_trials_are_refused_where_no_node_has_the_gpus(ray_dashboard, tmp_path, capsys):

@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 
-from twa_ray.config import config_from_dict
 from twa_ray.core.bn import update_bn
 from twa_ray.core.evaluate import evaluate
 from twa_ray.core.layout import Layout
@@ -46,6 +45,7 @@ from twa_ray.core.twa import TWA, build_subspace
 from twa_ray.models import build_model
 from twa_ray.ray.group import load_worker_splits
 from twa_ray.store import CandidateStore
+from twa_ray.tune_plan import PlannedTrial, SweepPlan
 
 __all__ = ["twa_trial", "trial_loop", "split_val"]
 
@@ -71,20 +71,20 @@ def _loader(ds: Any, batch_size: int, *, seed: int | None = None) -> Any:
     return DataLoader(ds, batch_size=batch_size, shuffle=seed is not None, generator=gen)
 
 
-def twa_trial(config: dict[str, Any], *, plan: dict[str, Any]) -> None:
+def twa_trial(config: dict[str, Any], *, plan: SweepPlan) -> None:
     """Ray Tune trainable of one planned trial (``config["trial"]["index"]`` into ``plan``)."""
     import ray
     from ray import tune
 
     node_id = ray.get_runtime_context().get_node_id()  # the Ray node (several may share one IP)
-    trial = plan["trials"][config["trial"]["index"]]
-    cfg = config_from_dict(trial["config"])
-    torch.set_num_threads(max(1, int(plan["cpus_per_trial"])))
+    trial = plan.trials[config["trial"]["index"]]
+    cfg = trial.config
+    torch.set_num_threads(max(1, int(plan.cpus_per_trial)))
     # a trial with GPUs sees them (Ray sets CUDA_VISIBLE_DEVICES): TWA places B on the model's device
-    device = torch.device("cuda" if plan.get("gpus_per_trial", 0) > 0 else "cpu")
-    static = {"num_candidates": len(trial["candidates"]), "index": trial["index"], "node_id": node_id}
-    loop = trial_loop(cfg, trial, select_frac=plan["select_frac"], device=device,
-                      report=lambda metrics, state: _report({**metrics, **static}, state))  # fmt: skip
+    device = torch.device("cuda" if plan.gpus_per_trial > 0 else "cpu")
+    static = {"num_candidates": len(trial.candidates), "index": trial.index, "node_id": node_id}
+    loop = trial_loop(cfg, trial, store=plan.groups[trial.group].store, select_frac=plan.select_frac,
+                      device=device, report=lambda metrics, state: _report({**metrics, **static}, state))  # fmt: skip
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -94,7 +94,7 @@ def twa_trial(config: dict[str, Any], *, plan: dict[str, Any]) -> None:
 
 
 def trial_loop(
-    cfg: Any, trial: dict[str, Any], *, select_frac: float, device: torch.device,
+    cfg: Any, trial: PlannedTrial, *, store: str, select_frac: float, device: torch.device,
     report: Callable[[dict[str, Any], CoeffState], None],
 ) -> CoefficientLoop:  # fmt: skip
     """The trial's :class:`~twa_ray.core.loop.CoefficientLoop`: its subspace over its subset of
@@ -112,9 +112,10 @@ def trial_loop(
     model = build_model(cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
     layout = Layout.from_module(model)
     model.to(device)
-    store = CandidateStore(trial["store"])
-    names = trial["candidates"]
-    twa = TWA(model, build_subspace(lambda: (store.read(n) for n in names), layout, cfg.twa), config=cfg.twa)
+    candidates = CandidateStore(store)
+    names = trial.candidates
+    subspace = build_subspace(lambda: (candidates.read(n) for n in names), layout, cfg.twa)
+    twa = TWA(model, subspace, config=cfg.twa)
 
     # ---- as in the full pipeline: the global batch is sampling's, an epoch is counted on the
     # train split in both modes (TWA-v cycles its smaller split), the schedule spans all epochs
@@ -134,7 +135,7 @@ def trial_loop(
         epoch_s, clock[0] = now - clock[0], now
         metrics = {k: record[k] for k in ("val_acc", "val_loss", "test_acc", "test_loss")}
         report({**metrics, "train_loss": record["loss"], "twa_epoch": record["epoch"],
-                "epochs_used": trial["sample_epochs"] + record["epoch"], "epoch_s": epoch_s,
+                "epochs_used": trial.sample_epochs + record["epoch"], "epoch_s": epoch_s,
                 "finished": record["step"] == total}, loop.state())  # fmt: skip
 
     return CoefficientLoop(twa, data, total_steps=total, steps_per_epoch=per_epoch,
