@@ -47,7 +47,7 @@ def test_sharded_folder_reads_lazily_and_imports(fine_tuned, tmp_path):
     assert not isinstance(state, dict) and "vit.layers.0.attention.q_proj.weight" in state
     ref = vit()
     ref.load_state_dict(dict(state), strict=False)
-    names = import_checkpoints(fine_tuned / "src", str(tmp_path / "store"), layout=Layout.from_module(hf.HFLogits(vit())))
+    names = import_checkpoints(fine_tuned / "src", str(tmp_path / "store"), layout=Layout.from_module(hf.HFLogits(vit()))).names
     assert names == ["ft0", "ft1", "ft2"]
     theta = CandidateStore(str(tmp_path / "store")).read_state("ft0")
     for n, p in ref.named_parameters():
