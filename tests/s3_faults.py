@@ -24,9 +24,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def moto_s3(bucket: str = "bkt") -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 with ``bucket``; yields its ``host:port``. Moto takes any
-    key: the environment gets throwaway ones (restored afterwards)."""
+def moto_s3(bucket: str | None = "bkt") -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 with ``bucket`` (None: no bucket); yields its ``host:port``.
+    Moto takes any key: the environment gets throwaway ones (restored afterwards)."""
     import pyarrow.fs as pafs
     from moto.server import ThreadedMotoServer
 
@@ -40,7 +40,8 @@ def moto_s3(bucket: str = "bkt") -> Iterator[str]:
     os.environ.update(keys)
     try:
         endpoint = f"127.0.0.1:{port}"
-        pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True).create_dir(bucket)
+        if bucket is not None:
+            pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True).create_dir(bucket)
         yield endpoint
     finally:
         server.stop()

@@ -5,10 +5,8 @@ a time through a heartbeat lease (issue 20)."""
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,29 +18,20 @@ from twa_ray import outdir
 from twa_ray.cli import main
 from twa_ray.storage import open_storage
 
+try:  # tests/ is on sys.path under pytest's default (prepend) import mode
+    from s3_faults import moto_s3
+except ImportError:  # tests/ became a package
+    from tests.s3_faults import moto_s3
+
 TTL = "2"  # seconds: a lease of a dead holder expires fast here
 
 
 @pytest.fixture(scope="module")
 def s3():
-    """``(endpoint query, filesystem)`` of a moto S3 server with an empty bucket ``bkt``."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True)
-    yield f"?endpoint_override=127.0.0.1:{port}&scheme=http", fs
-    server.stop()
-    for k, v in old.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    """``(endpoint query, filesystem)`` of a moto S3 server without buckets."""
+    with moto_s3(bucket=None) as endpoint:
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True)
+        yield f"?endpoint_override={endpoint}&scheme=http", fs
 
 
 @pytest.fixture(autouse=True)

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import socket
-
-import pyarrow.fs as pafs
 import pytest
 import torch
 
@@ -14,30 +9,16 @@ from twa_ray.core.layout import Layout
 from twa_ray.storage import check_multi_node, join_uri, open_storage
 from twa_ray.store import CandidateStore
 
+try:  # tests/ is on sys.path under pytest's default (prepend) import mode
+    from s3_faults import moto_s3
+except ImportError:  # tests/ became a package
+    from tests.s3_faults import moto_s3
+
 
 @pytest.fixture(scope="module")
 def s3_uri():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    endpoint = f"127.0.0.1:{port}"
-    pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True).create_dir("bkt")
-    yield f"s3://bkt/runs/x?endpoint_override={endpoint}&scheme=http"
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with moto_s3() as endpoint:
+        yield f"s3://bkt/runs/x?endpoint_override={endpoint}&scheme=http"
 
 
 def test_join_keeps_the_query_of_a_uri():
