@@ -99,6 +99,20 @@ class Snapshots:
         self.names = list(state["names"])
 
 
+def schedule(
+    store: str | None, *, every_n_steps: int | None, every_n_epochs: int | None,
+    sample_frac: float | None, mode: str,
+) -> Snapshots:  # fmt: skip
+    """Check a callback's options; its snapshot schedule (every epoch unless one is given)."""
+    if mode not in ("twa-t", "twa-v"):
+        raise ValueError(f"mode={mode!r}: use 'twa-t' or 'twa-v'")
+    if sample_frac is not None and not 0 < sample_frac <= 1:
+        raise ValueError(f"sample_frac={sample_frac}: must lie in (0, 1]")
+    if every_n_steps is None and every_n_epochs is None:
+        every_n_epochs = 1
+    return Snapshots(store or "", every_n_steps=every_n_steps, every_n_epochs=every_n_epochs)
+
+
 def _evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device,
               loss_fn: Callable[..., torch.Tensor]) -> EvalResult:  # fmt: skip
     """Loss and accuracy summed over every rank's part of ``loader``."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from twa_ray.core.twa import TWAConfig
-from twa_ray.integrations._common import Snapshots, learn, require
+from twa_ray.integrations._common import learn, require, schedule
 from twa_ray.store.hf import HFLogits, save_folder
 
 transformers = require("transformers", "hf")
@@ -77,13 +77,10 @@ class TWACallback(transformers.TrainerCallback, transformers.trainer_callback.Ex
         save_dir: str | None = None,
         loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
     ) -> None:
-        if mode not in ("twa-t", "twa-v"):
-            raise ValueError(f"mode={mode!r}: use 'twa-t' or 'twa-v'")
-        if sample_frac is not None and not 0 < sample_frac <= 1:
-            raise ValueError(f"sample_frac={sample_frac}: must lie in (0, 1]")
-        if every_n_steps is None and every_n_epochs is None:
-            every_n_epochs = 1
-        self.snapshots = Snapshots(store or "", every_n_steps=every_n_steps, every_n_epochs=every_n_epochs)
+        self.snapshots = schedule(
+            store, every_n_steps=every_n_steps, every_n_epochs=every_n_epochs,
+            sample_frac=sample_frac, mode=mode,
+        )  # fmt: skip
         self.sample_frac = sample_frac
         self.mode = mode
         self.config = config if isinstance(config, TWAConfig) else TWAConfig.from_dict(config or {})
