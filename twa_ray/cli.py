@@ -477,6 +477,45 @@ def _user_error(e: BaseException) -> str:
     return f"twa-ray: error: {text}"
 
 
+def _os_error_line(e: OSError, command: str) -> str | None:
+    """The one line for a storage that keeps failing or a full disk; None: not ours to explain."""
+    from twa_ray.storage import storage_fault
+
+    if e.errno not in _DISK_FULL:
+        return storage_fault(e)
+    # writes are atomic (temp file + rename): what failed left no partial file behind
+    where = f" writing {e.filename}" if e.filename else ""
+    again = "rerun with --resume" if command in ("run", "sweep") else "rerun"
+    return (
+        f"out of disk space{where} ({errno.errorcode.get(e.errno, e.errno)}: "
+        f"{os.strerror(e.errno)}); nothing half-written was kept: free space or point --out / "
+        f"--store at a larger disk, then {again}"
+    )
+
+
+def _restore(
+    *, ray_was_up: bool, failed: bool, created: list[Path], streams: Any, timeout_env: str | None
+) -> None:
+    """Leave the process as :func:`main` found it: Ray (when it started it), locks and leases,
+    the console streams, the connect timeout and the signal handlers."""
+    from twa_ray import outdir
+
+    if _ray_up() and not ray_was_up:
+        try:
+            sys.modules["ray"].shutdown()
+        except KeyboardInterrupt:
+            pass
+    outdir.release_all(failed=failed, created=created)
+    sys.stdout, sys.stderr = streams
+    if timeout_env is None:
+        os.environ.pop("TWA_RAY_CONNECT_TIMEOUT", None)
+    else:
+        os.environ["TWA_RAY_CONNECT_TIMEOUT"] = timeout_env
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -491,8 +530,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args)
     out = getattr(args, "out", None) or DEFAULT_OUT.get(args.command)
     created = [] if out is None or "://" in str(out) or os.path.exists(out) else [Path(os.path.abspath(out))]
-    from twa_ray import outdir
-
     ray_was_up = _ray_up()  # a caller's Ray (tests, notebooks) is left running
     failed = True
     _interruptible(args.command)
@@ -512,22 +549,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_user_error(e), file=sys.stderr)
         return 2
     except OSError as e:
-        from twa_ray.storage import storage_fault
-
-        if e.errno not in _DISK_FULL and storage_fault(e) is not None:
-            print(f"twa-ray: error: {storage_fault(e)}", file=sys.stderr)
-            return 2
-        if e.errno not in _DISK_FULL:
+        line = _os_error_line(e, args.command)
+        if line is None:
             raise
-        # writes are atomic (temp file + rename): what failed left no partial file behind
-        where = f" writing {e.filename}" if e.filename else ""
-        again = "rerun with --resume" if args.command in ("run", "sweep") else "rerun"
-        print(
-            f"twa-ray: error: out of disk space{where} ({errno.errorcode.get(e.errno, e.errno)}: "
-            f"{os.strerror(e.errno)}); nothing half-written was kept: free space or point --out / "
-            f"--store at a larger disk, then {again}",
-            file=sys.stderr,
-        )
+        print(f"twa-ray: error: {line}", file=sys.stderr)
         return 2
     except Exception as e:
         from twa_ray.storage import storage_fault
@@ -538,21 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"twa-ray: error: {line}", file=sys.stderr)
         return 2
     finally:
-        if _ray_up() and not ray_was_up:
-            try:
-                sys.modules["ray"].shutdown()
-            except KeyboardInterrupt:
-                pass
-        outdir.release_all(failed=failed, created=created)
-        sys.stdout, sys.stderr = streams
-        if timeout_env is None:
-            os.environ.pop("TWA_RAY_CONNECT_TIMEOUT", None)
-        else:
-            os.environ["TWA_RAY_CONNECT_TIMEOUT"] = timeout_env
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
+        _restore(ray_was_up=ray_was_up, failed=failed, created=created, streams=streams, timeout_env=timeout_env)
 
 if __name__ == "__main__":
     sys.exit(main())
