@@ -5,10 +5,13 @@ snapshot every epoch, then learn the average on the val dataloader (TWA-v).
 
 The task is generated here (a noisy 4-class problem of 32 features, labels of a random teacher
 network with 20% flipped), the model is a small MLP: nothing is downloaded. Writes
-``<out>/result.json`` (alpha and the final / SWA / TWA val metrics) on rank 0.
+``<out>/result.json`` on rank 0: alpha, the callback's final / SWA / TWA metrics on the val split
+(which TWA-v fits on) and, held out from everything, the test accuracy of the final SGD weights
+(the last candidate) and of the TWA model.
 """
 
 import argparse
+import copy
 import json
 import os
 
@@ -18,19 +21,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.core.twa import TWAConfig
 from twa_ray.integrations.lightning import TWA
+from twa_ray.store import CandidateStore
 
 
-def make_task(n_train: int = 2048, n_val: int = 512, dim: int = 32, classes: int = 4, seed: int = 0):
-    """Train and val datasets: a random teacher's labels, 20% of the train labels flipped."""
+def make_task(n_train: int = 2048, n_val: int = 512, dim: int = 32, classes: int = 4, seed: int = 0,
+              n_test: int = 2048):
+    """Train, val and test datasets: a random teacher's labels, 20% of the train labels flipped."""
     g = torch.Generator().manual_seed(seed)
     teacher = torch.randn(dim, 64, generator=g), torch.randn(64, classes, generator=g)
     x = torch.randn(n_train + n_val, dim, generator=g)
     y = (torch.tanh(x @ teacher[0]) @ teacher[1]).argmax(1)
     flip = torch.rand(n_train, generator=g) < 0.2
     y[:n_train][flip] = torch.randint(0, classes, (int(flip.sum()),), generator=g)
-    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
+    x_test = torch.randn(n_test, dim, generator=g)  # drawn last: train and val do not depend on it
+    y_test = (torch.tanh(x_test @ teacher[0]) @ teacher[1]).argmax(1)
+    return (TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:]),
+            TensorDataset(x_test, y_test))  # fmt: skip
 
 
 class MLP(pl.LightningModule):
@@ -59,7 +68,7 @@ def build(args):
     """The trainer, module, loaders and callback of this example (also used by
     lightning_ray_train.py)."""
     torch.manual_seed(args.seed)
-    train, val = make_task(n_train=args.n_train)
+    train, val, _ = make_task(n_train=args.n_train)
     callback = TWA(args.store or os.path.join(args.out, "candidates"), every_n_epochs=1, sample_frac=0.5,
                    mode="twa-v", config=TWAConfig(blocks="tensor", bits=8, lr=0.1, epochs=1.0))  # fmt: skip
     loaders = (DataLoader(train, batch_size=args.batch_size, shuffle=False),
@@ -73,9 +82,24 @@ def trainer_kwargs(args) -> dict:
                 num_sanity_val_steps=0, logger=pl.loggers.CSVLogger(args.out, name="logs"))  # fmt: skip
 
 
+@torch.no_grad()
+def held_out(args, callback, model) -> dict:
+    """Test accuracy (a split nothing was fit on) of the final SGD weights (the last candidate),
+    SWA (their mean) and the TWA model."""
+    _, _, test = make_task(n_train=args.n_train)
+    x, y = test.tensors
+    store = CandidateStore(callback.snapshots.store)
+    flats = [store.read(n) for n in callback.snapshots.names]
+    models = {"twa": model}
+    for name, flat in (("final", flats[-1]), ("swa", torch.stack(flats).mean(0))):
+        models[name] = load_flat_(copy.deepcopy(model), flat, Layout.from_module(model))
+    return {f"test/{k}_acc": float((m(x).argmax(1) == y).float().mean()) for k, m in models.items()}
+
+
 def save(args, callback, trainer) -> None:
     if trainer.is_global_zero:
-        result = {"alpha": callback.twa.alpha.flatten().tolist(), **callback.metrics}
+        result = {"alpha": callback.twa.alpha.flatten().tolist(), **callback.metrics,
+                  **held_out(args, callback, trainer.lightning_module)}  # fmt: skip
         with open(os.path.join(args.out, "result.json"), "w") as f:
             json.dump(result, f, indent=1)
         print(json.dumps({k: v for k, v in result.items() if k != "alpha"}, indent=1))

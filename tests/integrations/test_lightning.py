@@ -15,6 +15,9 @@ def test_callback_twa_beats_the_shortened_run(lightning_single):
     assert result["twa/twa_loss"] < result["twa/final_loss"]
     assert result["twa/twa_acc"] > result["twa/final_acc"]
     assert "twa/swa_acc" in result  # SWA of the same candidates, next to it
+    # held out (TWA-v fits on val): the TWA model beats the final SGD weights on the test split
+    assert result["test/twa_acc"] > result["test/final_acc"]
+    assert "test/swa_acc" in result
     logged = (out / "logs" / "version_0" / "metrics.csv").read_text()
     assert "twa/twa_acc" in logged  # through the trainer's logger
 
