@@ -1,12 +1,15 @@
 # python examples/hf_trainer.py --out /tmp/twa_hf
 # python examples/hf_trainer.py --out /tmp/twa_hf_ray --num-workers 2 --batch-size 16   # in Ray Train
 """TWA as a Hugging Face Trainer callback: a 2-layer BERT (hidden size 64, from a config) trains
-4 of 8 epochs ("finish early") at a high constant learning rate, a candidate per epoch, then TWA-v on the eval dataset; the
-averaged model is written with save_pretrained to <out>/twa.
+4 of 8 epochs ("finish early") at a constant learning rate, a candidate per epoch, then TWA-v
+(AdamW on the per-tensor coefficients) on the eval dataset; the averaged model is written with
+save_pretrained to <out>/twa.
 
 The task is generated here: sequences of 16 tokens over a vocabulary of 32; the label says
-whether token 5 occurs more often than token 6 (15% of the train labels flipped). Nothing is
-downloaded. Writes <out>/result.json (alpha and the final / SWA / TWA eval metrics).
+whether most tokens come from the lower half of the vocabulary (15% of the train labels flipped).
+Nothing is downloaded. Writes <out>/result.json: alpha, the callback's final / SWA / TWA metrics
+on the eval dataset (which TWA-v fits on) and, held out from everything, the test accuracy of
+the final weights (the last candidate), of SWA (their mean) and of the TWA model.
 
 With --num-workers N the same Trainer runs in a Ray Train TorchTrainer of N workers (next to
 ray.train.huggingface.transformers.RayTrainReportCallback, prepare_trainer); every worker runs the
@@ -14,6 +17,7 @@ coefficient phase on its shard of the eval data and their coefficient gradients 
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -22,8 +26,10 @@ import torch
 from torch.utils.data import Dataset
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
+from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.core.twa import TWAConfig
 from twa_ray.integrations.hf import TWACallback
+from twa_ray.store import CandidateStore
 
 
 class Tokens(Dataset):
@@ -32,7 +38,7 @@ class Tokens(Dataset):
     def __init__(self, n: int, *, seed: int, noise: float = 0.0, length: int = 16, vocab: int = 32) -> None:
         g = torch.Generator().manual_seed(seed)
         self.ids = torch.randint(0, vocab, (n, length), generator=g)
-        self.labels = ((self.ids == 5).sum(1) > (self.ids == 6).sum(1)).long()
+        self.labels = ((self.ids < vocab // 2).sum(1) > length // 2).long()
         flip = torch.rand(n, generator=g) < noise
         self.labels[flip] = 1 - self.labels[flip]
 
@@ -61,13 +67,31 @@ def build(args):
         data_seed=args.seed, disable_tqdm=True, logging_strategy="no", dataloader_num_workers=0,
     )  # fmt: skip
     callback = TWACallback(args.store, every_n_epochs=1, sample_frac=0.5, mode="twa-v",
-                           config=TWAConfig(blocks="tensor", bits=8, lr=0.03, epochs=2.0))  # fmt: skip
+                           config=TWAConfig(blocks="tensor", bits=8, optimizer="adamw", lr=0.05, epochs=4.0))  # fmt: skip
     return tiny_bert(args.seed), train, val, targs, callback
 
 
-def save(args, callback, is_zero: bool = True) -> None:
+@torch.no_grad()
+def held_out(args, callback, model) -> dict:
+    """Test accuracy (a split nothing was fit on) of the final weights, SWA and the TWA model."""
+    test = Tokens(1024, seed=args.seed + 2)
+    store = CandidateStore(callback.snapshots.store)
+    flats = [store.read(n) for n in callback.snapshots.names]
+    models = {"twa": model}
+    for name, flat in (("final", flats[-1]), ("swa", torch.stack(flats).mean(0))):
+        models[name] = load_flat_(copy.deepcopy(model), flat, Layout.from_module(model))
+    acc = {}
+    for name, m in models.items():
+        m.eval()
+        logits = m(input_ids=test.ids, attention_mask=torch.ones_like(test.ids)).logits
+        acc[f"test/{name}_acc"] = float((logits.argmax(1) == test.labels).float().mean())
+    return acc
+
+
+def save(args, callback, model, is_zero: bool = True) -> None:
     if is_zero:
-        result = {"alpha": callback.twa.alpha.flatten().tolist(), **callback.metrics}
+        result = {"alpha": callback.twa.alpha.flatten().tolist(), **callback.metrics,
+                  **held_out(args, callback, model)}  # fmt: skip
         with open(os.path.join(args.out, "result.json"), "w") as f:
             json.dump(result, f, indent=1)
         print(json.dumps({k: v for k, v in result.items() if k != "alpha"}, indent=1))
@@ -80,7 +104,7 @@ def parse(argv=None):
     p.add_argument("--epochs", type=int, default=8, help="num_train_epochs (training stops at half)")
     p.add_argument("--n-train", type=int, default=512, help="training examples")
     p.add_argument("--batch-size", type=int, default=32, help="batch size per device")
-    p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (constant)")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (constant)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0, help="Ray Train workers (0: this process)")
     return p.parse_args(argv)
@@ -96,7 +120,7 @@ def train_loop_per_worker(config: dict) -> None:
                       callbacks=[callback, RayTrainReportCallback()])  # fmt: skip
     trainer = prepare_trainer(trainer)
     trainer.train()
-    save(args, callback, trainer.is_world_process_zero())
+    save(args, callback, trainer.model, trainer.is_world_process_zero())
 
 
 def main(argv=None) -> int:
@@ -118,7 +142,7 @@ def main(argv=None) -> int:
     model, train, val, targs, callback = build(args)
     trainer = Trainer(model=model, args=targs, train_dataset=train, eval_dataset=val, callbacks=[callback])
     trainer.train()
-    save(args, callback, trainer.is_world_process_zero())
+    save(args, callback, trainer.model, trainer.is_world_process_zero())
     return 0
 
 
