@@ -19,7 +19,9 @@ def test_driver_log_printer_is_the_module_global_that_ray_init_installs(monkeypa
 
     assert "print_to_stdstream" in inspect.getsource(ray_worker.connect), "ray.init no longer installs print_to_stdstream"
     assert list(inspect.signature(ray_worker.print_to_stdstream).parameters) == ["data", "ignore_prefix"]
-    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # restored afterwards
+    # Ray's own printer (an earlier CLI run in this process may have wrapped it), restored afterwards
+    printer = ray_worker.print_to_stdstream
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", getattr(printer, "__wrapped__", printer))
     ray_internals.filter_driver_logs(lambda record, line: "noise" in line)
     ray_internals.filter_driver_logs(lambda record, line: False)  # idempotent: the first filter stays
     record = {"lines": ["some noise", "a real line"], "is_err": False, "pid": 7, "ip": "10.0.0.1",

@@ -44,6 +44,7 @@ def filter_driver_logs(drop: Callable[[dict[str, Any], str], bool]) -> None:
             original({**data, "lines": lines}, ignore_prefix)
 
     filtered._twa_ray = True  # type: ignore[attr-defined]
+    filtered.__wrapped__ = original  # type: ignore[attr-defined]
     ray_worker.print_to_stdstream = filtered
 
 
