@@ -2,7 +2,7 @@
 # python examples/hf_trainer.py --out /tmp/twa_hf_ray --num-workers 2 --batch-size 16   # in Ray Train
 """TWA as a Hugging Face Trainer callback: a 2-layer BERT (hidden size 64, from a config) trains
 4 of 8 epochs ("finish early") at a constant learning rate, a candidate per epoch, then TWA-v
-(AdamW on the per-tensor coefficients) on the eval dataset; the averaged model is written with
+(SGD on the per-tensor coefficients) on the eval dataset; the averaged model is written with
 save_pretrained to <out>/twa.
 
 The task is generated here: sequences of 16 tokens over a vocabulary of 32; the label says
@@ -67,7 +67,7 @@ def build(args):
         data_seed=args.seed, disable_tqdm=True, logging_strategy="no", dataloader_num_workers=0,
     )  # fmt: skip
     callback = TWACallback(args.store, every_n_epochs=1, sample_frac=0.5, mode="twa-v",
-                           config=TWAConfig(blocks="tensor", bits=8, optimizer="adamw", lr=0.05, epochs=4.0))  # fmt: skip
+                           config=TWAConfig(blocks="tensor", bits=8, lr=0.1, epochs=4.0))  # fmt: skip
     return tiny_bert(args.seed), train, val, targs, callback
 
 
