@@ -43,7 +43,7 @@ _RUN_KEYS = (
     "sampling.epochs", "sampling.sample_frac", "sampling.sample_interval", "sampling.interval_unit",
     "sampling.batch_size", "sampling.lr", "sampling.num_workers", "sampling.cpus_per_worker",
     "sampling.use_gpu", "sampling.max_failures", "sampling.checkpoint_interval_s", "sampling.precision",
-    "twa.subspace", "twa.bits", "twa.blocks", "twa.optimizer", "twa.lr", "twa.epochs", "twa.schedule",
+    "sampling.ema", "twa.subspace", "twa.bits", "twa.blocks", "twa.optimizer", "twa.lr", "twa.epochs", "twa.schedule",
     "twa.weight_decay", "twa.basis_placement",
     "mode", "compare_full", "greedy_soup", "out", "store", "storage", "shared_fs",
 )  # fmt: skip

@@ -106,6 +106,9 @@ class SamplingConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     """Arithmetic of the forward and backward passes: fp32, or bf16 autocast (weights, optimizer
     and candidates stay float32)."""
+    ema: bool = True
+    """Keep exponential moving averages of the weights during sampling (rank 0; decays
+    0.99 / 0.998 / 0.9995 per step, the ``ema`` baseline, chosen on val)."""
     checkpoint_interval_s: Annotated[float, _NON_NEGATIVE] = 10.0
     """Ray Train checkpoints of both phases (sampling: at an epoch end; coefficients: every 50
     steps or at a pass end) at most once per this many seconds, plus one at each phase's end;

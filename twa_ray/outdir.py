@@ -67,13 +67,13 @@ ttl_s, renewed}`` (hidden: a candidate store ignores it)."""
 
 LAYOUT = (
     *MARKERS.values(), LEASE,
-    "candidates", "full_candidates", "work", "outputs", "average", "sampling", "tune", "plan.json",
+    "candidates", "full_candidates", "short_candidates", "work", "outputs", "average", "sampling", "tune", "plan.json",
     "import.json", "best_run", "metrics.json", "config.yaml", "model.safetensors", "coefficients.parquet",
     "coefficients_*.png", "accuracy.png", "trials.parquet", "trials.csv", "sweep.png", "best.yaml",
     "summary.json", ".*.tmp", "*.json.*.tmp", "config.yaml.tmp",
 )  # fmt: skip
 """The top-level names twa-ray writes under a location it marked (``fnmatch`` patterns):
-``--storage`` of a run (candidates, work, outputs, full_candidates, average), of a sweep
+``--storage`` of a run (candidates, work, outputs, full_candidates, short_candidates, average), of a sweep
 (plan.json, sampling, tune, outputs), an ``--out`` (the output files, and the storage layout
 when no ``--storage`` is given), and temporary files of atomic writes."""
 

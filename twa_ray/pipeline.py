@@ -4,22 +4,27 @@
     sample              Ray Train, sample_frac * E epochs -> candidate store (pyarrow)
     build_basis         the candidates' quantized subspace -> shards in the object store
     learn_coefficients  TWA-t / TWA-v on the coefficient worker group
-    baselines           SGD at the stop (sgd_sampled), SWA, greedy soup, (SGD over E)
+    baselines           SGD at the stop (sgd_sampled), SWA, greedy soup, EMA,
+                        (--compare-full) SGD over E and SGD on a schedule compressed to TWA's epochs
     write               metrics.json, model, coefficients, plots, the table
 
 The epoch budget counts every epoch of SGD plus the TWA epochs; the saving is
-``1 - epochs_used / E``.
+``1 - epochs_used / E``. Wall-clock is counted too: ``metrics["wall_s"]`` holds each phase's
+seconds and every method's ``wall_s`` is what a run producing only that model takes on this
+cluster (Ray start and data included), so ``time_saved = 1 - wall_s / wall_s(sgd_full)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -42,6 +47,7 @@ if TYPE_CHECKING:  # the Ray layer is imported when a step runs (importing Ray i
     from twa_ray.ray.shards import ShardedSubspace
 
 log = logging.getLogger("twa_ray")
+_T = TypeVar("_T")
 
 __all__ = [
     "run_pipeline",
@@ -165,11 +171,13 @@ class _Basis:
 
 @dataclass(frozen=True)
 class _Methods:
-    """Each method's accuracies, epochs used and budget saved (the metrics' ``methods``), and
-    the history of SGD over the full budget (``--compare-full``), if it ran."""
+    """Each method's accuracies, epochs used, budget saved and wall seconds (the metrics'
+    ``methods``), the history of SGD over the full budget (``--compare-full``), if it ran, and
+    the wall seconds of every phase (the metrics' ``wall_s``)."""
 
     methods: dict[str, dict[str, Any]]
     full_history: list[dict[str, float]] | None
+    wall: dict[str, Any]
 
 
 def run_pipeline(
@@ -180,13 +188,27 @@ def run_pipeline(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Sample, average, evaluate and report; returns the metrics written to ``metrics.json``."""
-    start = time.time()
-    run = setup(cfg, address=address, resume=resume, overwrite=overwrite)
-    sampled = sample(run)
-    basis = build_basis(run)
-    results = learn_coefficients(run, basis)
-    methods = baselines(run, sampled, basis, results)
+    start, wall = time.time(), _Stopwatch()
+    run = wall("setup", setup, cfg, address=address, resume=resume, overwrite=overwrite)
+    sampled = wall("sampling", sample, run)
+    basis = wall("basis", build_basis, run)
+    results = wall("coefficients", learn_coefficients, run, basis)
+    methods = baselines(run, sampled, basis, results, wall=wall.seconds)
     return write(run, sampled, basis, results, methods, start=start)
+
+
+class _Stopwatch:
+    """``wall(name, fn, *args)`` calls ``fn`` and adds its wall seconds to ``seconds[name]``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def setup(cfg: RunConfig, *, address: str | None, resume: bool, overwrite: bool) -> _Run:
@@ -267,45 +289,81 @@ def learn_coefficients(run: _Run, basis: _Basis) -> dict[str, TWAResult]:
 
 
 def baselines(
-    run: _Run, sampled: SamplingResult, basis: _Basis, results: dict[str, TWAResult]
-) -> _Methods:
-    """Every method's accuracies and epochs used: SGD at the stop (``sgd_sampled``: the final
-    SGD weights, the last candidate), SWA, greedy soup, TWA and (``--compare-full``) SGD over
-    the full budget. ``budget_saved = 1 - epochs_used / E``."""
+    run: _Run, sampled: SamplingResult, basis: _Basis, results: dict[str, TWAResult],
+    *, wall: dict[str, float],
+) -> _Methods:  # fmt: skip
+    """Every method's accuracies, epochs used and wall seconds: SGD at the stop
+    (``sgd_sampled``: the final SGD weights, the last candidate), SWA, greedy soup, EMA, TWA
+    and (``--compare-full``) SGD over the full budget E and SGD on the same schedule compressed
+    to TWA's epochs (``sgd_short``). ``budget_saved = 1 - epochs_used / E``; ``wall`` (the
+    phases timed so far) gains the baselines' own seconds."""
     s, twa_epochs = run.cfg.sampling, run.cfg.twa.epochs
     first = next(iter(results.values()))
+    stopwatch = _Stopwatch()
     methods: dict[str, dict[str, Any]] = {
         "sgd_sampled": {**_accs(sampled.history[-1]), "epochs_used": s.sample_epochs}
     }
     if first.swa is not None:
         methods["swa"] = {**_accs(first.swa), "epochs_used": s.sample_epochs}
     if run.cfg.greedy_soup:
-        soup = _greedy_soup(basis.store, basis.names, run.model, run.layout, run.splits)
+        soup = stopwatch("greedy_soup", _greedy_soup, basis.store, basis.names, run.model, run.layout, run.splits)
         methods["greedy_soup"] = {**soup, "epochs_used": s.sample_epochs}
+    ema = stopwatch("ema", _ema, sampled, run.model, run.splits)
+    if ema is not None:
+        methods["ema"] = {**ema, "epochs_used": s.sample_epochs}
     for mode, res in results.items():
         methods[f"twa_{mode}"] = {
             "test_acc": res.test_acc, "val_acc": res.val_acc, "epochs_used": s.sample_epochs + twa_epochs,
             "bytes_allreduced_per_step": res.bytes_allreduced_per_step,
             "alpha_identical": res.alpha_identical, "steps": res.steps,
         }  # fmt: skip
-    full_history = _sgd_full(run) if run.cfg.compare_full else None
-    if full_history is not None:
+    full_history = None
+    if run.cfg.compare_full:
+        short_epochs = s.sample_epochs + math.ceil(twa_epochs)
+        short = stopwatch("sgd_short", _sgd_run, run, short_epochs, "short")
+        methods["sgd_short"] = {**_accs(short[-1]), "epochs_used": short_epochs}
+        full_history = stopwatch("sgd_full", _sgd_run, run, s.epochs, "full")
         methods["sgd_full"] = {**_accs(full_history[-1]), "epochs_used": s.epochs}
+    phases = {**wall, **stopwatch.seconds, "sampling_epochs": sampled.epoch_time_s}
+    _add_wall(methods, phases, results)
     for m in methods.values():
         m["budget_saved"] = 1.0 - m["epochs_used"] / s.epochs
-    return _Methods(methods, full_history)
+    return _Methods(methods, full_history, phases)
 
 
-def _sgd_full(run: _Run) -> list[dict[str, float]]:
-    """The history of plain SGD over the whole budget (the reference ``--compare-full`` adds)."""
+def _add_wall(methods: dict[str, dict[str, Any]], phases: dict[str, Any], results: dict[str, TWAResult]) -> None:
+    """Each method's ``wall_s``: the seconds of the phases a run producing only that model goes
+    through here (setup: data and Ray; sampling; TWA and SWA: B, the coefficient group's
+    start-up and their own part of it), and ``time_saved`` against ``sgd_full`` when it ran."""
+    first = next(iter(results.values()))
+    swa_s = (first.swa or {}).get("time_s", 0.0)
+    modes = {f"twa_{m}": r.mode_time_s for m, r in results.items()}
+    group_s = phases["coefficients"] - sum(modes.values()) - swa_s  # start-up, checkpoints, teardown
+    phases.update(coefficient_modes=modes, swa=swa_s, coefficient_group_overhead=group_s)
+    sampled = phases["setup"] + phases["sampling"]
+    twa_path = sampled + phases["basis"] + group_s
+    walls = {"sgd_sampled": sampled, "swa": twa_path + swa_s, **{k: twa_path + v for k, v in modes.items()},
+             **{k: sampled + phases[k] for k in ("greedy_soup", "ema") if k in phases},
+             **{k: phases["setup"] + phases[k] for k in ("sgd_short", "sgd_full") if k in phases}}  # fmt: skip
+    full = walls["sgd_full"] if "sgd_full" in methods else None
+    for name, m in methods.items():
+        m["wall_s"] = round(walls[name], 1)
+        m["time_saved"] = None if full is None else 1.0 - walls[name] / full
+
+
+def _sgd_run(run: _Run, epochs: int, tag: str) -> list[dict[str, float]]:
+    """The history of plain SGD over ``epochs`` on the sampling run's schedule shape, data,
+    seed and workers: the whole budget (``tag`` 'full') or TWA's epochs ('short')."""
     from twa_ray.ray.sampling import run_sampling
 
-    s = run.cfg.sampling
-    full = run_sampling(
-        run.cfg.data, dataclasses.replace(s, sample_frac=1.0, sample_interval=s.epochs),
-        store_uri=run.storage.join("full_candidates"), run_dir=run.work, run_id=f"{run.run_id}-full",
+    s = dataclasses.replace(
+        run.cfg.sampling, epochs=epochs, sample_frac=1.0, sample_interval=epochs, interval_unit="epoch", ema=False,
     )  # fmt: skip
-    return full.history
+    res = run_sampling(
+        run.cfg.data, s, store_uri=run.storage.join(f"{tag}_candidates"), run_dir=run.work,
+        run_id=f"{run.run_id}-{tag}",
+    )  # fmt: skip
+    return res.history
 
 
 def write(
@@ -323,6 +381,7 @@ def write(
     best_mode = "v" if "v" in results else "t"
     results[best_mode].load_into_(run.model, basis.sharded)
     metrics = _metrics(run, sampled, basis, results, methods.methods, best=f"twa_{best_mode}")
+    metrics["wall_s"] = {k: _round(v) for k, v in methods.wall.items()}
     metrics["wall_time_s"] = round(time.time() - start, 1)
     write_outputs(
         out, metrics=metrics, best_model=run.model,
@@ -371,13 +430,19 @@ def _metrics(
 
 
 def _print_table(methods: dict[str, dict[str, Any]]) -> None:
-    columns = ("method", "test_acc", "val_acc", "epochs_used", "budget_saved_%")
+    columns = ("method", "test_acc", "val_acc", "epochs_used", "budget_saved_%", "wall_s", "time_saved_%")
     rows = [
         {"method": k, "test_acc": v["test_acc"], "val_acc": v["val_acc"],
-         "epochs_used": v["epochs_used"], "budget_saved_%": round(100 * v["budget_saved"], 1)}
+         "epochs_used": v["epochs_used"], "budget_saved_%": round(100 * v["budget_saved"], 1),
+         "wall_s": f"{v['wall_s']:.1f}",
+         "time_saved_%": "-" if v["time_saved"] is None else f"{100 * v['time_saved']:.1f}"}
         for k, v in methods.items()
     ]  # fmt: skip
     print(format_table(rows, columns))
+
+
+def _round(v: Any) -> Any:
+    return {k: _round(x) for k, x in v.items()} if isinstance(v, dict) else round(v, 2)
 
 
 def _modes(cfg: RunConfig) -> tuple[str, ...]:
@@ -386,6 +451,23 @@ def _modes(cfg: RunConfig) -> tuple[str, ...]:
 
 def _accs(m: dict[str, float]) -> dict[str, float]:
     return {"test_acc": m["test_acc"], "val_acc": m["val_acc"]}
+
+
+def _ema(sampled: SamplingResult, model: torch.nn.Module, splits: Any) -> dict[str, Any] | None:
+    """The sampling run's moving average whose decay scores best on val (BN re-estimated on
+    train for each), or None when the run kept none."""
+    from twa_ray.core.bn import update_bn
+
+    bn, val, test = (make_loader(ds, 512, shuffle=False) for ds in (splits.train, splits.val, splits.test))
+    scores = {}
+    for decay, params in sampled.read_ema().items():
+        model.load_state_dict(params, strict=False)  # the parameters; BN statistics re-estimated
+        update_bn(bn, model)
+        scores[decay] = {"val_acc": evaluate(model, val).acc, "test_acc": evaluate(model, test).acc}
+    if not scores:
+        return None
+    decay = max(scores, key=lambda d: scores[d]["val_acc"])  # first on a tie; never test
+    return {**scores[decay], "decay": decay, "val_acc_by_decay": {str(d): s["val_acc"] for d, s in scores.items()}}
 
 
 def _greedy_soup(store: CandidateStore, names: list[str], model: torch.nn.Module, layout: Layout, splits: Any) -> dict[str, Any]:

@@ -27,11 +27,12 @@ SMOKE = ["run", "--smoke-test", "--epochs", "8"]
 
 @pytest.fixture(scope="module")
 def smoke(ray_cluster, tmp_path_factory):
-    """``twa-ray run --smoke-test --epochs 8``, uninterrupted: (out dir, what it printed)."""
+    """``twa-ray run --smoke-test --epochs 8 --compare-full``, uninterrupted: (out dir, what it
+    printed)."""
     out = tmp_path_factory.mktemp("smoke") / "run"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main([*SMOKE, "--out", str(out)]) == 0
+        assert main([*SMOKE, "--compare-full", "--out", str(out)]) == 0
     return out, printed.getvalue()
 
 
@@ -58,7 +59,7 @@ def test_run_smoke_end_to_end(smoke, capsys):
     out, table = smoke
     metrics = json.loads((out / "metrics.json").read_text())
     methods = metrics["methods"]
-    assert set(methods) >= {"sgd_sampled", "swa", "twa_t", "twa_v"}
+    assert set(methods) >= {"sgd_sampled", "swa", "ema", "twa_t", "twa_v", "sgd_short", "sgd_full"}
     for name, m in methods.items():
         assert m["test_acc"] > 0.2, (name, m)  # 10 classes: chance is 0.1
     assert methods["twa_t"]["alpha_identical"] and methods["twa_v"]["alpha_identical"]
@@ -76,10 +77,34 @@ def test_run_smoke_end_to_end(smoke, capsys):
     for name in ("model.safetensors", "coefficients.parquet", "accuracy.png", "config.yaml"):
         assert (out / name).stat().st_size > 0
     assert "| twa_v" in table and "budget_saved_%" in table
+    _check_baselines_and_wall_clock(metrics, table)
 
     # the same --out again: refused unless --resume / --overwrite
     assert main([*SMOKE, "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def _check_baselines_and_wall_clock(metrics, table):
+    """``--compare-full``: SGD over the budget and compressed to TWA's epochs, the EMA chosen on
+    val, and every method's wall seconds built from the phases timed in this run."""
+    methods, wall = metrics["methods"], metrics["wall_s"]
+    assert methods["sgd_full"]["epochs_used"] == 8 and methods["sgd_short"]["epochs_used"] == 5  # 4 + 1 TWA epoch
+    assert len(metrics["sampling_history"]) == 4
+    ema = methods["ema"]
+    assert set(ema["val_acc_by_decay"]) == {"0.99", "0.998", "0.9995"}
+    assert ema["val_acc"] == max(ema["val_acc_by_decay"].values()) == ema["val_acc_by_decay"][str(ema["decay"])]
+    for phase in ("setup", "sampling", "basis", "coefficients", "ema", "sgd_short", "sgd_full"):
+        assert wall[phase] > 0, phase
+    assert 0 < wall["sampling_epochs"] < wall["sampling"]  # start-up and checkpoints are the rest
+    modes = wall["coefficient_modes"]
+    assert wall["coefficients"] == pytest.approx(sum(modes.values()) + wall["swa"] + wall["coefficient_group_overhead"], abs=0.02)
+    path = wall["setup"] + wall["sampling"] + wall["basis"] + wall["coefficient_group_overhead"]
+    assert methods["twa_v"]["wall_s"] == pytest.approx(path + modes["twa_v"], abs=0.1)
+    assert methods["sgd_full"]["wall_s"] == pytest.approx(wall["setup"] + wall["sgd_full"], abs=0.1)
+    for name, m in methods.items():
+        assert m["time_saved"] == pytest.approx(1 - m["wall_s"] / methods["sgd_full"]["wall_s"], abs=0.01), name
+    header = next(line for line in table.splitlines() if line.startswith("| method"))
+    assert "wall_s" in header and "time_saved_%" in header
 
 
 def test_more_workers_than_cpus_refused_up_front(ray_cluster, tmp_path, capsys):
@@ -171,6 +196,9 @@ def test_driver_crash_then_resume_gives_the_uninterrupted_candidates(smoke, tmp_
         if info.epoch <= epoch:  # covered by the checkpoint it resumed from: not written again
             assert (out / "candidates" / f"{name}.arrow").stat().st_ino == written[f"{name}.arrow"]
     assert [h["epoch"] for h in metrics["sampling_history"]] == [1, 2, 3, 4]
+    # the moving averages went through the checkpoint too: the same EMA as without the crash
+    ref_ema = json.loads((ref_out / "metrics.json").read_text())["methods"]["ema"]
+    assert metrics["methods"]["ema"]["val_acc_by_decay"] == ref_ema["val_acc_by_decay"]
     alpha = pq.read_table(out / "coefficients.parquet").column("alpha").to_numpy()
     ref_alpha = pq.read_table(ref_out / "coefficients.parquet").column("alpha").to_numpy()
     torch.testing.assert_close(torch.from_numpy(alpha), torch.from_numpy(ref_alpha), rtol=1e-4, atol=1e-5)

@@ -188,6 +188,8 @@ class TWAResult:
             it, and the failures since the checkpoint before then count once).
         wall_time_s: driver seconds of the whole Ray Train run (all modes: one worker group);
             ``train_time_s``: seconds of this mode's coefficient loop (rank 0, last attempt).
+            ``mode_time_s``: the whole mode (loop, BN, evaluation; rank 0, last attempt); the
+            SWA point's evaluation is ``swa["time_s"]``, the rest of the wall time start-up.
         checkpoint_path: the final Ray Train checkpoint (holds ``result.pt`` and ``coeff.pt``).
     """
 
@@ -208,6 +210,7 @@ class TWAResult:
     restarts: int = 0
     wall_time_s: float = 0.0
     train_time_s: float = 0.0
+    mode_time_s: float = 0.0
     checkpoint_path: str | None = None
     steps_per_pass: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -372,9 +375,12 @@ def coeff_loop_per_worker(config: dict[str, Any]) -> None:
         twa = TWA(w.model, w.placement, config=job.twa)  # no copy of B: it is on the device already
         # ---- the SWA point (alpha0, where the first mode starts), BN re-estimated, for the report
         # (the BN statistics it leaves behind do not matter: coefficient steps run in train mode)
+        t0 = time.perf_counter()
         if job.group.eval_swa and state.swa is None:
-            state.swa = _finish(twa, w, job.group.bn_batches)[1]
+            state.swa = {**_finish(twa, w, job.group.bn_batches)[1], "time_s": time.perf_counter() - t0}
+        t0 = time.perf_counter()
         out = _fit_mode(twa, mode, w, state, job, clock)
+        out["mode_time_s"] = time.perf_counter() - t0
         state.done[mode], state.mode, state.current = {**out, "extra": w.extra}, None, None
         metrics = {k: out[k] for k in ("mode", "steps", "val_loss", "val_acc", "test_loss", "test_acc")}
         _report(metrics, state.to_dict() if w.rank == 0 else None, f"checkpoint_{mode}_final")

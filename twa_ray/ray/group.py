@@ -44,6 +44,10 @@ def check_run_id(run_id: Any) -> str | None:
     return None
 
 
+HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+HEALTH_CHECK_INTERVAL_S = "0.5"
+
+
 def fit_group(
     loop: Callable[[Any], None],
     config: Any,
@@ -64,6 +68,10 @@ def fit_group(
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    # Ray Train's controller notices a started, reporting or finished group at its next poll
+    # (every 2 s by default): 0.5 s cuts ~15 s off the default job's three groups (a value the
+    # user set is kept; the driver's environment reaches the controller)
+    os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, HEALTH_CHECK_INTERVAL_S)
     trainer = TorchTrainer(
         functools.partial(loop, config),  # Ray's train_loop_config must be a dict
         scaling_config=ray.train.ScalingConfig(

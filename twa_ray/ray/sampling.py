@@ -14,7 +14,7 @@ optimizer (``_setup``), resumes from the last checkpoint if any (``_resume``), t
    last candidate is the final SGD weights, the ``sgd_sampled`` baseline);
 3. evaluate val and test accuracy (``_evaluate``: each rank a strided shard, sums all-reduced);
 4. (``_checkpoint``) at the last epoch, and otherwise at most once per ``checkpoint_interval_s`` seconds,
-   ``ray.train.report`` on every rank; rank 0 attaches a checkpoint (model, optimizer, epoch,
+   ``ray.train.report`` on every rank; rank 0 attaches a checkpoint (model, optimizer, EMAs, epoch,
    global step, candidates written, history, resolved config).
 
 Fault tolerance: with ``max_failures=N`` Ray restarts all workers from the last checkpoint.
@@ -42,6 +42,7 @@ from torch import nn
 
 import twa_ray.train
 from twa_ray.config import TRAJECTORY_FREE_FIELDS, DataConfig, SamplingConfig
+from twa_ray.core.ema import EMA, averages
 from twa_ray.core.optim import lr_factor
 from twa_ray.ray.faults import inject
 from twa_ray.ray.group import (
@@ -74,7 +75,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"  # model + optimizer state (torch.save; loaded with weights_only=True)
+STATE_FILE = "state.pt"  # model, optimizer and EMA state (torch.save; loaded with weights_only=True)
 META_FILE = "meta.json"  # a SamplingState (readable without torch)
 CONFIG_FILE = "sampling_{run_id}.json"  # resolved config of a run, next to its outputs in run_dir
 _EVAL_BATCH = 1024
@@ -110,6 +111,8 @@ class SamplingResult:
         final_metrics: the last history entry plus ``steps_per_epoch``, ``total_steps`` (of the
             full budget), ``num_train``, ``num_val``, ``num_candidates``.
         wall_time_s: seconds spent in :func:`run_sampling`.
+        epoch_time_s: seconds of the epochs themselves (rank 0; the rest is start-up,
+            checkpoints and teardown).
         checkpoint_path: the final Ray Train checkpoint directory (holds ``state.pt`` with the
             full model state, BN statistics included).
     """
@@ -121,6 +124,7 @@ class SamplingResult:
     final_metrics: dict[str, float]
     wall_time_s: float
     checkpoint_path: str | None
+    epoch_time_s: float = 0.0
     checkpoint: Any = None  # the final ray.train.Checkpoint (local or remote storage)
 
     @property
@@ -142,6 +146,14 @@ class SamplingResult:
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
         return state["model"]
 
+    def read_ema(self) -> dict[float, dict[str, torch.Tensor]]:
+        """``{decay: averaged parameters}`` of the run's EMAs (empty without ``sampling.ema``)."""
+        if self.checkpoint is None:
+            raise ValueError(f"sampling run {self.run_id!r} has no checkpoint")
+        with self.checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        return averages(state["ema"]) if "ema" in state else {}
+
 
 @dataclass
 class SamplingState:
@@ -152,6 +164,7 @@ class SamplingState:
         candidates: names written so far, in step order; ``history``: one dict per epoch.
         sizes: ``steps_per_epoch``, ``total_steps``, ``num_train``, ``num_val``.
         config: the run's :class:`SamplingJob` as a dict.
+        epoch_time_s: see below.
     """
 
     epoch: int = 0
@@ -160,6 +173,9 @@ class SamplingState:
     history: list[dict[str, float]] = field(default_factory=list)
     sizes: dict[str, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    epoch_time_s: float = 0.0
+    """Seconds of the epochs themselves (train, snapshots, evaluation; rank 0), summed over
+    attempts: the rest of the phase's wall time is start-up, checkpoints and teardown."""
 
     @classmethod
     def from_dir(cls, checkpoint_dir: str) -> SamplingState:
@@ -233,6 +249,7 @@ def run_sampling(
         history=history,
         final_metrics=final,
         wall_time_s=time.perf_counter() - t0,
+        epoch_time_s=state.epoch_time_s,
         checkpoint_path=result.checkpoint.path,
         checkpoint=result.checkpoint,
     )
@@ -319,6 +336,7 @@ class _Worker:
     eval_loaders: tuple[Any, Any]  # this rank's strided val and test shards
     sizes: dict[str, int]  # steps_per_epoch, total_steps (of the full budget), num_train, num_val
     lr_at: Callable[[int], float]  # the learning rate of a global step
+    ema: EMA | None  # rank 0 with sampling.ema: moving averages of the weights
 
     @property
     def steps_per_epoch(self) -> int:
@@ -341,6 +359,7 @@ def sampling_loop_per_worker(job: SamplingJob) -> None:
         metrics = _evaluate(w, state, epoch + 1, loss_sum, lr)
         state.epoch = epoch + 1
         state.history.append(metrics)
+        state.epoch_time_s += time.perf_counter() - t_epoch
         _log_epoch(w, state, metrics, time.perf_counter() - t_epoch)
         # the last epoch always; else at most once per checkpoint_interval_s
         if clock.due(force=last):
@@ -370,6 +389,7 @@ def _setup(job: SamplingJob) -> _Worker:
         job=job, rank=rank, world=world, device=device, model=model, inner=unwrap_model(model),
         opt=opt, sampler=sampler, loader=loader, eval_loaders=eval_loaders, sizes=sizes,
         lr_at=_lr_schedule(job.sampling, steps_per_epoch),
+        ema=EMA(unwrap_model(model)) if rank == 0 and job.sampling.ema else None,
     )  # fmt: skip
 
 
@@ -458,6 +478,8 @@ def _resume(w: _Worker) -> SamplingState:
             state = SamplingState.from_dir(d)
         w.inner.load_state_dict(saved["model"])
         w.opt.load_state_dict(saved["optimizer"])
+        if w.ema is not None:
+            w.ema.load_state_dict(saved["ema"])
         if w.rank == 0 and w.job.progress:
             log.info("sampling: resumed at epoch %d, step %d", state.epoch, state.step)
     state.sizes, state.config = w.sizes, w.job.to_dict()
@@ -482,6 +504,8 @@ def _train_epoch(w: _Worker, state: SamplingState, epoch: int) -> tuple[torch.Te
         w.opt.zero_grad(set_to_none=True)
         loss.backward()
         w.opt.step()
+        if w.ema is not None:
+            w.ema.update()
         state.step += 1
         loss_sum += loss.detach()
         if s.interval_unit == "step":
@@ -555,7 +579,10 @@ def _checkpoint(w: _Worker, state: SamplingState, metrics: dict[str, float]) -> 
     files = None
     if w.rank == 0:
         files = {
-            STATE_FILE: {"model": w.inner.state_dict(), "optimizer": w.opt.state_dict()},
+            STATE_FILE: {
+                "model": w.inner.state_dict(), "optimizer": w.opt.state_dict(),
+                **({"ema": w.ema.state_dict()} if w.ema is not None else {}),
+            },
             META_FILE: redact(state.to_dict()),  # no credential in a checkpoint
         }
     report(metrics, files, f"checkpoint_epoch{state.epoch:04d}")
