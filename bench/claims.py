@@ -1,184 +1,143 @@
-"""The paper's epoch-budget claim at CPU scale (results: bench/RESULTS.md, "The paper's claims"): MNIST-1D, MLP and 1-D CNN, 3 seeds.
+"""The promise, measured the way a user meets it: ``twa-ray run --compare-full`` on held-out seeds.
 
-For every (model, seed) one sampling run of the *full* budget E on Ray Train (``run_sampling``,
-2 workers, snapshot every ``--interval`` epochs) gives full-budget SGD and, because the schedule
-and the data order depend only on (seed, epoch), the exact trajectory of a run stopped at f*E for
-every f. For each window f the candidates are the snapshots of the first f*E epochs, and the
-product's own code (``twa_ray.average``: the path of ``twa-ray average``) computes SGD at the
-stop, SWA, greedy soup, TWA-t and TWA-v with the default :class:`TWAConfig`.
+Each seed is one run of the product's own command (a local Ray, 2 workers), which trains, in one
+process and on the same cluster, the TWA path (sampling for f*E epochs, B, TWA-t and TWA-v) and
+every baseline a user could pick instead: SGD at the stop, SWA, greedy soup, the EMA of the
+sampling run, SGD on the same schedule compressed to TWA's epochs (``sgd_short``) and SGD over the
+full budget (``sgd_full``). Accuracy and wall seconds come from each run's ``metrics.json``
+(``methods.<name>.wall_s``: what a run producing only that model takes here, Ray start included).
 
-Epochs used = f*E (+ TWA epochs for TWA); saved = 1 - used / E.
+Per method: test accuracy mean ± std over the seeds, the paired difference to ``sgd_full`` with a
+95 % t-interval, and the wall-clock ratio to ``sgd_full``. The checks of issue 19: the TWA
+variant the product saves (chosen before the test split is seen) within 0.2 points of full
+training and above SWA, EMA and sgd_short, at <= 0.65x its wall time.
 
-    python bench/claims.py                      # all: ~25 min on 2 cores
-    python bench/claims.py --models mlp --seeds 0 --fracs 0.5  # one cell
+    python bench/claims.py                       # seeds 200-204 (never used for tuning): ~12 min
+    python bench/claims.py --seeds 200 --out bench/claims_large -- --num-samples 60000
 
-Writes ``bench/claims.json``, ``bench/claims.md`` and ``bench/claims.png``; sampling runs are
-kept under ``--work`` and reused (delete it to re-sample).
+Flags after ``--`` go to ``twa-ray run``. Writes ``OUT.json``, ``OUT.md`` and ``OUT.png``; every
+run stays under ``--work`` (``--reuse`` reads finished runs back instead of running them again).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from twa_ray.average import compute_baselines, fit_twa, make_loaders
-from twa_ray.config import DataConfig, SamplingConfig
-from twa_ray.core.layout import Layout
-from twa_ray.core.twa import TWAConfig, build_subspace
-from twa_ray.data import load_dataset
-from twa_ray.models import build_model
-from twa_ray.store import CandidateStore
-
 HERE = Path(__file__).resolve().parent
-METHODS = ("sgd_full", "sgd_stop", "swa", "greedy_soup", "twa_t", "twa_v")
+METHODS = ("sgd_full", "sgd_short", "sgd_sampled", "swa", "ema", "greedy_soup", "twa_t", "twa_v")
+# two-sided 95 % quantiles of Student's t by degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def sample(model: str, seed: int, args: argparse.Namespace) -> tuple[CandidateStore, list[dict[str, Any]]]:
-    """Full-budget SGD on Ray Train with a snapshot every ``args.interval`` epochs (cached)."""
-    from twa_ray.pipeline import init_ray
-    from twa_ray.ray.sampling import run_sampling
+def cpu() -> str:
+    """lscpu's model name with the family and model numbers (figures hold for this CPU only)."""
+    from twa_ray.core.kernels.cpu import cpu_model
 
-    run_dir = Path(args.work) / f"{model}-s{seed}"
-    sampling = SamplingConfig(epochs=args.epochs, sample_frac=1.0, sample_interval=args.interval, num_workers=2)
-    run_id = f"claims-{model}-s{seed}"
-    # a finished run is read back from its last Ray Train checkpoint without starting workers
-    final = run_dir / "ray_train" / f"sampling_{run_id}" / f"checkpoint_epoch{args.epochs:04d}" / "meta.json"
-    if final.exists():
-        meta = json.loads(final.read_text())
-        if meta["config"]["sampling"] == asdict(sampling):
-            return CandidateStore(str(run_dir / "candidates")), meta["history"]
-    init_ray()
-    res = run_sampling(
-        DataConfig(model=model, seed=seed), sampling,
-        store_uri=str(run_dir / "candidates"), run_dir=str(run_dir), run_id=run_id,
-    )  # fmt: skip
-    return CandidateStore(res.store_uri), res.history
+    return cpu_model()
 
 
-def evaluate_window(
-    store: CandidateStore, history: list[dict[str, Any]], model_name: str, seed: int, frac: float, twa_cfg: TWAConfig
-) -> dict[str, dict[str, float]]:
-    """Every method on the candidates of the first ``frac * E`` epochs."""
-    budget = len(history)
-    stop = max(1, math.ceil(frac * budget - 1e-9))
-    names = [n for n in store.names() if store.info(n).epoch <= stop + 1e-9]
-    splits = load_dataset("mnist1d", val_frac=DataConfig().val_frac, seed=seed)
-    torch.manual_seed(seed)
-    model = build_model(model_name, num_classes=splits.num_classes, input_shape=splits.input_shape)
-    layout = Layout.from_module(model)
-    loaders = make_loaders(splits, SamplingConfig().batch_size, seed)
-    base = compute_baselines(store, model, loaders, names=names)
-    rows = {
-        "sgd_full": {"test_acc": history[-1]["test_acc"], "epochs_used": budget},
-        "sgd_stop": {"test_acc": history[stop - 1]["test_acc"], "epochs_used": stop},
-        "swa": {"test_acc": base.swa["test_acc"], "epochs_used": stop},
-        "greedy_soup": {"test_acc": base.greedy_soup["test_acc"], "epochs_used": stop},
-    }
-    subspace = build_subspace(lambda: (store.read(n) for n in names), layout, twa_cfg)
-    for mode in ("t", "v"):
-        _, acc = fit_twa(model, subspace, twa_cfg, loaders, mode)
-        rows[f"twa_{mode}"] = {"test_acc": acc["test_acc"], "epochs_used": stop + twa_cfg.epochs}
-    for r in rows.values():
-        r["budget_saved"] = 1 - r["epochs_used"] / budget
-    rows["_meta"] = {"num_candidates": len(names), "stop_epoch": stop,
-                     "full_outside_span": outside_span(store, names, store.names()[-1])}  # fmt: skip
+def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """``twa-ray run --compare-full`` for one seed; its metrics.json."""
+    out = Path(args.work) / f"seed{seed}"
+    metrics = out / "metrics.json"
+    if args.reuse and metrics.exists():
+        return json.loads(metrics.read_text())
+    cmd = [sys.executable, "-m", "twa_ray.cli", "run", "--compare-full", "--seed", str(seed),
+           "--out", str(out), "--overwrite", *args.run_args]  # fmt: skip
+    log = Path(args.work) / f"seed{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=os.environ).returncode
+    if rc != 0:
+        raise SystemExit(f"seed {seed}: twa-ray run exited {rc}; see {log}")
+    return json.loads(metrics.read_text())
+
+
+def interval(xs: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % t-interval."""
+    n = len(xs)
+    if n < 2:
+        return statistics.mean(xs), math.nan
+    return statistics.mean(xs), T95.get(n - 1, 1.96) * statistics.stdev(xs) / math.sqrt(n)
+
+
+def summarize(runs: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method: accuracies, the paired difference to sgd_full, wall seconds and their ratio."""
+    rows = []
+    for m in METHODS:
+        have = [r["methods"] for r in runs.values() if m in r["methods"]]
+        if not have:
+            continue
+        acc = [100 * x[m]["test_acc"] for x in have]
+        diff, diff_ci = interval([100 * (x[m]["test_acc"] - x["sgd_full"]["test_acc"]) for x in have])
+        ratio = [x[m]["wall_s"] / x["sgd_full"]["wall_s"] for x in have]
+        rows.append({
+            "method": m, "seeds": len(have), "epochs_used": have[0][m]["epochs_used"],
+            "test_acc_mean": statistics.mean(acc), "test_acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "val_acc_mean": 100 * statistics.mean(x[m]["val_acc"] for x in have),
+            "minus_full_mean": diff, "minus_full_ci95": diff_ci,
+            "wall_s_mean": statistics.mean(x[m]["wall_s"] for x in have), "wall_ratio_mean": statistics.mean(ratio),
+        })  # fmt: skip
     return rows
 
 
-def outside_span(store: CandidateStore, names: list[str], target: str) -> float:
-    """How much of the way from the last candidate to ``target`` (the full-budget weights) no
-    combination of the candidates can reach: ``|r| / |target - last|`` with ``r`` the residual
-    of ``target - o`` projected onto span{w_k - o} (float64 least squares, o = their mean)."""
-    w = torch.stack([store.read(n).double() for n in names])
-    o = w.mean(0)
-    goal = store.read(target).double()
-    coef = torch.linalg.lstsq((w - o).T, (goal - o).unsqueeze(1)).solution
-    r = goal - o - ((w - o).T @ coef).squeeze(1)
-    return float(r.norm() / (goal - w[-1]).norm().clamp_min(1e-12))
+def checks(rows: list[dict[str, Any]], saved: str) -> dict[str, Any]:
+    """Issue 19's bar for the saved TWA variant."""
+    by = {r["method"]: r for r in rows}
+    twa = by[saved]
+    beats = {b: twa["test_acc_mean"] > by[b]["test_acc_mean"] for b in ("swa", "ema", "sgd_short") if b in by}
+    return {
+        "twa_variant": saved, "minus_full": twa["minus_full_mean"], "within_0.2_of_full": twa["minus_full_mean"] >= -0.2,
+        "beats": beats, "wall_ratio": twa["wall_ratio_mean"], "wall_ratio_at_most_0.65": twa["wall_ratio_mean"] <= 0.65,
+    }  # fmt: skip
 
 
-def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and std over seeds per (model, frac, method)."""
-    out = []
-    keys = sorted({(c["model"], c["frac"]) for c in cells})
-    for model, frac in keys:
-        group = [c for c in cells if c["model"] == model and c["frac"] == frac]
-        for m in METHODS:
-            accs = [100 * c["rows"][m]["test_acc"] for c in group]
-            used = group[0]["rows"][m]["epochs_used"]
-            out.append({
-                "model": model, "frac": frac, "method": m, "seeds": len(accs),
-                "full_outside_span": statistics.mean(c["full_outside_span"] for c in group),
-                "test_acc_mean": statistics.mean(accs),
-                "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                "epochs_used": used, "budget_saved_pct": 100 * group[0]["rows"][m]["budget_saved"],
-            })  # fmt: skip
-    return out
-
-
-def markdown(summary: list[dict[str, Any]], budget: int) -> str:
-    lines = [
-        f"| model | f | method | test acc % (mean ± std) | epochs used of {budget} | budget saved % |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in summary:
+def markdown(rows: list[dict[str, Any]], check: dict[str, Any], phases: dict[str, float], head: str) -> str:
+    lines = [head, "",
+             "| method | epochs used | test acc % (mean ± std) | − sgd_full (95 % CI) | val acc % | wall s | wall / sgd_full |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
         lines.append(
-            f"| {r['model']} | {r['frac']} | {r['method']} | {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} "
-            f"| {r['epochs_used']:g} | {r['budget_saved_pct']:.1f} |"
+            f"| {r['method']} | {r['epochs_used']:g} | {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} "
+            f"| {r['minus_full_mean']:+.2f} ± {r['minus_full_ci95']:.2f} | {r['val_acc_mean']:.2f} "
+            f"| {r['wall_s_mean']:.1f} | {r['wall_ratio_mean']:.2f} |"
         )
-    return "\n".join(lines)
+    lines += ["", "Phases (mean wall seconds): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), "",
+              f"Checks ({check['twa_variant']}): {check['minus_full']:+.2f} pt vs full (within 0.2: "
+              f"{check['within_0.2_of_full']}); beats {check['beats']}; wall ratio {check['wall_ratio']:.2f} "
+              f"(<= 0.65: {check['wall_ratio_at_most_0.65']})"]  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
-def targets(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets per (model, f): TWA-v within 0.2 and TWA-t within 0.5 points of full
-    SGD, both above SWA."""
-    by = {(r["model"], r["frac"], r["method"]): r for r in summary}
-    out = []
-    for model, frac in sorted({(r["model"], r["frac"]) for r in summary}):
-        full, swa = by[model, frac, "sgd_full"]["test_acc_mean"], by[model, frac, "swa"]["test_acc_mean"]
-        t, v = by[model, frac, "twa_t"], by[model, frac, "twa_v"]
-        out.append({
-            "model": model, "frac": frac, "twa_saved_pct": v["budget_saved_pct"],
-            "twa_v_gap": v["test_acc_mean"] - full, "twa_t_gap": t["test_acc_mean"] - full,
-            "twa_v_beats_swa": v["test_acc_mean"] > swa, "twa_t_beats_swa": t["test_acc_mean"] > swa,
-            "twa_v_within_0.2": v["test_acc_mean"] >= full - 0.2, "twa_t_within_0.5": t["test_acc_mean"] >= full - 0.5,
-            "full_outside_span": v["full_outside_span"],
-        })  # fmt: skip
-    return out
+def mean_phases(runs: dict[int, dict[str, Any]]) -> dict[str, float]:
+    keys = [k for k, v in next(iter(runs.values()))["wall_s"].items() if isinstance(v, int | float)]
+    return {k: statistics.mean(r["wall_s"][k] for r in runs.values()) for k in keys}
 
 
-def plot(summary: list[dict[str, Any]], path: Path, budget: int) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({r["model"] for r in summary})
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    markers = {0.4: "o", 0.5: "s", 0.6: "^"}
-    colors = dict(zip(METHODS, ("black", "gray", "tab:orange", "tab:green", "tab:blue", "tab:red")))
-    for ax, model in zip(axes[0], models):
-        for r in (r for r in summary if r["model"] == model):
-            label = f"{r['method']}" if r["frac"] == 0.5 or r["method"] == "sgd_full" else None
-            ax.errorbar(r["epochs_used"], r["test_acc_mean"], yerr=r["test_acc_std"], fmt=markers.get(r["frac"], "D"),
-                        color=colors[r["method"]], label=label, capsize=3)  # fmt: skip
-        ax.set_title(f"MNIST-1D {model}: marker o/s/^ = f 0.4/0.5/0.6")
-        ax.set_xlabel(f"epochs used (budget {budget})")
-        ax.set_ylabel("test accuracy % (mean ± std, 3 seeds)")
-        ax.grid(alpha=0.3)
-        handles, labels = ax.get_legend_handles_labels()
-        uniq = dict(zip(labels, handles))
-        ax.legend(uniq.values(), uniq.keys(), fontsize=8)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for r in rows:
+        ax.errorbar(r["wall_s_mean"], r["test_acc_mean"], yerr=r["test_acc_std"], fmt="o", capsize=3)
+        ax.annotate(r["method"], (r["wall_s_mean"], r["test_acc_mean"]), fontsize=8, xytext=(4, 4),
+                    textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("wall seconds of a run producing only that model")
+    ax.set_ylabel("test accuracy % (mean ± std)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -186,62 +145,32 @@ def plot(summary: list[dict[str, Any]], path: Path, budget: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["mlp", "cnn1d"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--fracs", nargs="+", type=float, default=[0.4, 0.5, 0.6])
-    p.add_argument("--epochs", type=int, default=SamplingConfig().epochs, help="full budget E")
-    p.add_argument("--interval", type=int, default=SamplingConfig().sample_interval, help="epochs between snapshots")
-    p.add_argument("--twa", default="{}", help='JSON overrides of the TWA config, e.g. \'{"lr": 0.1}\'')
-    p.add_argument("--sample-only", action="store_true", help="run (or finish) the sampling runs and stop")
+    p.add_argument("--seeds", nargs="+", type=int, default=[200, 201, 202, 203, 204])
     p.add_argument("--work", default=str(HERE / "_work" / "claims"))
     p.add_argument("--out", default=str(HERE / "claims"), help="writes OUT.json, OUT.md, OUT.png")
+    p.add_argument("--reuse", action="store_true", help="read finished runs under --work back")
+    p.add_argument("run_args", nargs="*", help="flags for twa-ray run (after --)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)  # small models: a second intra-op thread costs more than it gives
-    twa_cfg = replace(TWAConfig(), **json.loads(args.twa))
-    t0 = time.time()
-    cells = []
-    for model in args.models:
-        for seed in args.seeds:
-            ts = time.time()
-            store, history = sample(model, seed, args)
-            print(f"[{time.time() - t0:5.0f}s] sampled {model} seed {seed}: {len(store)} candidates, "
-                  f"full SGD {100 * history[-1]['test_acc']:.2f}% ({time.time() - ts:.0f} s)", flush=True)  # fmt: skip
-            if args.sample_only:
-                continue
-            for frac in args.fracs:
-                ts = time.time()
-                rows = evaluate_window(store, history, model, seed, frac, twa_cfg)
-                meta = rows.pop("_meta")
-                cells.append({"model": model, "seed": seed, "frac": frac, "rows": rows, **meta})
-                accs = " ".join(f"{m} {100 * rows[m]['test_acc']:.2f}" for m in METHODS)
-                print(f"[{time.time() - t0:5.0f}s]   f={frac} K={meta['num_candidates']}: {accs} ({time.time() - ts:.0f} s)",
-                      flush=True)  # fmt: skip
-    if args.sample_only:
-        return 0
-    summary = summarize(cells)
-    table = markdown(summary, args.epochs)
-    checks = targets(summary)
-    print(table)
-    for c in checks:
-        print(f"{c['model']} f={c['frac']}: TWA-v {c['twa_v_gap']:+.2f} (≤0.2 under: {c['twa_v_within_0.2']}), "
-              f"TWA-t {c['twa_t_gap']:+.2f} (≤0.5 under: {c['twa_t_within_0.5']}), "
-              f"beat SWA: v {c['twa_v_beats_swa']} t {c['twa_t_beats_swa']}, saved {c['twa_saved_pct']:.1f}%, "
-              f"{100 * c['full_outside_span']:.0f}% of the way to full SGD outside the candidates' span")  # fmt: skip
+    t0, runs = time.time(), {}
+    for seed in args.seeds:
+        runs[seed] = run_seed(seed, args)
+        m = runs[seed]["methods"]
+        print(f"[{time.time() - t0:5.0f} s] seed {seed}: " + " ".join(
+            f"{k} {100 * m[k]['test_acc']:.2f}/{m[k]['wall_s']:.0f}s" for k in METHODS if k in m), flush=True)  # fmt: skip
+    rows = summarize(runs)
+    saved = next(iter(runs.values()))["saved_model"]
+    check, phases = checks(rows, saved), mean_phases(runs)
+    head = (f"`twa-ray run --compare-full {' '.join(args.run_args)}`, seeds {args.seeds}, {time.strftime('%Y-%m-%d')}, "
+            f"CPU {cpu()}, {os.cpu_count()} cores")  # fmt: skip
+    text = markdown(rows, check, phases, head)
+    print(text)
     out = Path(args.out)
-    result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": "2-core x86_64 CPU", "budget_epochs": args.epochs,
-        "interval": args.interval, "twa": twa_cfg.to_dict(), "wall_time_s": round(time.time() - t0, 1),
-        "summary": summary, "targets": checks, "cells": cells,
-    }  # fmt: skip
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    lines = [table, "", "| model | f | saved % | TWA-v − full | TWA-t − full | beat SWA (v, t) | way to full SGD outside the span |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for c in checks:
-        lines.append(f"| {c['model']} | {c['frac']} | {c['twa_saved_pct']:.1f} | {c['twa_v_gap']:+.2f} | {c['twa_t_gap']:+.2f} "
-                     f"| {c['twa_v_beats_swa']}, {c['twa_t_beats_swa']} | {100 * c['full_outside_span']:.0f}% |")  # fmt: skip
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    plot(summary, out.with_suffix(".png"), args.epochs)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"command": head, "cpu": cpu(), "seeds": args.seeds, "rows": rows, "checks": check, "phases": phases,
+         "runs": {s: {"methods": r["methods"], "wall_s": r["wall_s"]} for s, r in runs.items()},
+         "wall_time_s": round(time.time() - t0, 1)}, indent=1))  # fmt: skip
+    out.with_suffix(".md").write_text(text)
+    plot(rows, out.with_suffix(".png"), head[:90])
     print(f"wrote {out}.json/.md/.png in {time.time() - t0:.0f} s")
     return 0
 
