@@ -8,8 +8,9 @@ The learning rate is a pure function of the step (nanoGPT's ``get_lr``):
         s\\big((t - T_w) / (T - T_w)\\big) & \\text{otherwise}
     \\end{cases}
 
-with :math:`s` constant (1), linear (1 - u), cosine (½(1 + cos πu)) or step
-(``gamma ** floor((t - T_w) / step_size)``).
+with :math:`s` constant (1), linear (1 - u), cosine (½(1 + cos πu)), step
+(``gamma ** floor((t - T_w) / step_size)``), multistep (``gamma ** ([u >= 1/2] + [u >= 3/4])``,
+the step schedule of the TWA paper) or flat_cosine (1 for u < 1/2, then ½(1 + cos π(2u - 1))).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import torch
 
 __all__ = ["SCHEDULES", "OPTIMIZERS", "lr_factor", "make_optimizer"]
 
-SCHEDULES = ("constant", "step", "linear", "cosine")
+SCHEDULES = ("constant", "step", "linear", "cosine", "multistep", "flat_cosine")
 OPTIMIZERS = ("sgd", "adamw")
-Schedule = Literal["constant", "step", "linear", "cosine"]
+Schedule = Literal["constant", "step", "linear", "cosine", "multistep", "flat_cosine"]
 
 
 def lr_factor(
@@ -39,6 +40,10 @@ def lr_factor(
 
     >>> lr_factor(0, 10, schedule="linear", warmup_steps=2)
     0.5
+    >>> [lr_factor(t, 8, schedule="multistep") for t in (3, 4, 5, 6, 7)]  # x0.1 at 50 % and 75 %
+    [1.0, 0.1, 0.1, 0.010000000000000002, 0.010000000000000002]
+    >>> [lr_factor(t, 8, schedule="flat_cosine") for t in (0, 3, 4, 6)]  # flat, then cosine to 0
+    [1.0, 1.0, 1.0, 0.5]
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -53,6 +58,10 @@ def lr_factor(
         return 0.5 * (1.0 + math.cos(math.pi * u))
     if schedule == "step":
         return gamma ** (t // max(step_size, 1))
+    if schedule == "multistep":  # integer comparisons: the drops fall on exact steps
+        return gamma ** ((2 * t >= span) + (4 * t >= 3 * span))
+    if schedule == "flat_cosine":
+        return 1.0 if 2 * t < span else 0.5 * (1.0 + math.cos(math.pi * min(2 * u - 1.0, 1.0)))
     raise ValueError(f"schedule={schedule!r} is not supported; use one of {', '.join(SCHEDULES)}")
 
 
