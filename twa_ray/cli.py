@@ -41,7 +41,7 @@ DEFAULT_OUT = {"run": "runs/twa", "average": "runs/average"}
 _RUN_KEYS = (
     "data.dataset", "data.data_root", "data.model", "data.val_frac", "data.num_samples", "data.seed",
     "sampling.epochs", "sampling.sample_frac", "sampling.sample_interval", "sampling.interval_unit",
-    "sampling.batch_size", "sampling.lr", "sampling.num_workers", "sampling.cpus_per_worker",
+    "sampling.batch_size", "sampling.lr", "sampling.schedule", "sampling.num_workers", "sampling.cpus_per_worker",
     "sampling.use_gpu", "sampling.max_failures", "sampling.checkpoint_interval_s", "sampling.precision",
     "sampling.ema", "twa.subspace", "twa.bits", "twa.blocks", "twa.optimizer", "twa.lr", "twa.epochs", "twa.schedule",
     "twa.weight_decay", "twa.basis_placement",
