@@ -11,7 +11,8 @@
 The epoch budget counts every epoch of SGD plus the TWA epochs; the saving is
 ``1 - epochs_used / E``. Wall-clock is counted too: ``metrics["wall_s"]`` holds each phase's
 seconds and every method's ``wall_s`` is what a run producing only that model takes on this
-cluster (Ray start and data included), so ``time_saved = 1 - wall_s / wall_s(sgd_full)``.
+cluster (Ray start and data included), so ``time_saved = 1 - wall_s / wall_s(sgd_full)``
+(a ``--resume``d run counts what this process ran).
 """
 
 from __future__ import annotations
