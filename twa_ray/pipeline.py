@@ -454,12 +454,17 @@ def _accs(m: dict[str, float]) -> dict[str, float]:
     return {"test_acc": m["test_acc"], "val_acc": m["val_acc"]}
 
 
+def _driver_loaders(splits: Any) -> tuple[Any, Any, Any]:
+    """The driver's baselines' loaders: train (BN re-estimation), val (selection), test."""
+    return tuple(make_loader(ds, 512, shuffle=False) for ds in (splits.train, splits.val, splits.test))  # type: ignore[return-value]
+
+
 def _ema(sampled: SamplingResult, model: torch.nn.Module, splits: Any) -> dict[str, Any] | None:
     """The sampling run's moving average whose decay scores best on val (BN re-estimated on
     train for each), or None when the run kept none."""
     from twa_ray.core.bn import update_bn
 
-    bn, val, test = (make_loader(ds, 512, shuffle=False) for ds in (splits.train, splits.val, splits.test))
+    bn, val, test = _driver_loaders(splits)
     scores = {}
     for decay, params in sampled.read_ema().items():
         model.load_state_dict(params, strict=False)  # the parameters; BN statistics re-estimated
@@ -473,9 +478,7 @@ def _ema(sampled: SamplingResult, model: torch.nn.Module, splits: Any) -> dict[s
 
 def _greedy_soup(store: CandidateStore, names: list[str], model: torch.nn.Module, layout: Layout, splits: Any) -> dict[str, Any]:
     """Greedy soup on the driver: ranked and accepted on val, BN re-estimated on train."""
-    bn = make_loader(splits.train, 512, shuffle=False)
-    val = make_loader(splits.val, 512, shuffle=False)
-    test = make_loader(splits.test, 512, shuffle=False)
+    bn, val, test = _driver_loaders(splits)
     res = greedy_soup(lambda i: store.read(names[i]), len(names), make_scorer(model, layout, bn_loader=bn, eval_loader=val))
     load_flat_(model, res.theta, layout)
     from twa_ray.core.bn import update_bn

@@ -140,19 +140,19 @@ class SamplingResult:
 
     def read_final_state(self) -> dict[str, torch.Tensor]:
         """The final model state dict (with BN buffers) from the last Ray Train checkpoint."""
-        if self.checkpoint is None:
-            raise ValueError(f"sampling run {self.run_id!r} has no checkpoint")
-        with self.checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        return state["model"]
+        return self._read_state()["model"]
 
     def read_ema(self) -> dict[float, dict[str, torch.Tensor]]:
         """``{decay: averaged parameters}`` of the run's EMAs (empty without ``sampling.ema``)."""
+        state = self._read_state()
+        return averages(state["ema"]) if "ema" in state else {}
+
+    def _read_state(self) -> dict[str, Any]:
+        """``state.pt`` of the last Ray Train checkpoint."""
         if self.checkpoint is None:
             raise ValueError(f"sampling run {self.run_id!r} has no checkpoint")
         with self.checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        return averages(state["ema"]) if "ema" in state else {}
+            return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
 
 
 @dataclass
