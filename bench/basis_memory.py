@@ -57,13 +57,58 @@ BITS = 4
 BLOCK = 1 << 16
 SHARDS = 64
 RESNET18_TENSORS = [  # torchvision resnet18 parameter sizes, in order (62 tensors)
-    9408, 64, 64,
+    9408,
+    64,
+    64,
     *[36864, 64, 64] * 4,
-    73728, 128, 128, 147456, 128, 128, 8192, 128, 128, 147456, 128, 128, 147456, 128, 128,
-    294912, 256, 256, 589824, 256, 256, 32768, 256, 256, 589824, 256, 256, 589824, 256, 256,
-    1179648, 512, 512, 2359296, 512, 512, 131072, 512, 512, 2359296, 512, 512, 2359296, 512, 512,
-    512000, 1000,
-]  # fmt: skip
+    73728,
+    128,
+    128,
+    147456,
+    128,
+    128,
+    8192,
+    128,
+    128,
+    147456,
+    128,
+    128,
+    147456,
+    128,
+    128,
+    294912,
+    256,
+    256,
+    589824,
+    256,
+    256,
+    32768,
+    256,
+    256,
+    589824,
+    256,
+    256,
+    589824,
+    256,
+    256,
+    1179648,
+    512,
+    512,
+    2359296,
+    512,
+    512,
+    131072,
+    512,
+    512,
+    2359296,
+    512,
+    512,
+    2359296,
+    512,
+    512,
+    512000,
+    1000,
+]
 
 
 def _blocks(numel: int, width: int) -> Blocks:
@@ -106,7 +151,9 @@ def _worker(rank: int, world: int, port: int, kind: str, args: dict, out: str) -
     device = torch.device(args["device"])
     if device.type == "cuda":
         torch.cuda.set_device(0)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     warnings.filterwarnings("ignore", message=".*not writable.*")  # B is only read
     try:
         try:
@@ -124,28 +171,47 @@ def _case(kind: str, rank: int, world: int, device: torch.device, args: dict) ->
     rows, numel = codes.shape[0], meta["bounds"][-1]
     # the full B as zero-copy views of the memory map; a worker copies only what it holds
     full = PackedMatrix(
-        bits=BITS, num_rows=rows, bounds=meta["bounds"], data=torch.from_numpy(codes),
-        byte_bounds=tuple(np.cumsum([0, *[packed_size(b - a, BITS) for a, b in
-                                          zip(meta["bounds"], meta["bounds"][1:])]]).tolist()),
-        scale=meta["scale"], zero=meta["zero"],
-    )  # fmt: skip
+        bits=BITS,
+        num_rows=rows,
+        bounds=meta["bounds"],
+        data=torch.from_numpy(codes),
+        byte_bounds=tuple(
+            np.cumsum(
+                [0, *[packed_size(b - a, BITS) for a, b in zip(meta["bounds"], meta["bounds"][1:])]]
+            ).tolist()
+        ),
+        scale=meta["scale"],
+        zero=meta["zero"],
+    )
     origin = torch.zeros(numel)  # kept: RSS growth = the copy of B and of this worker's origin
-    sub = SimpleNamespace(basis=ShardedBasis.split(full, meta["shard_bounds"]),
-                          origin=origin, alpha0=torch.zeros(rows, full.num_blocks))
+    sub = SimpleNamespace(
+        basis=ShardedBasis.split(full, meta["shard_bounds"]),
+        origin=origin,
+        alpha0=torch.zeros(rows, full.num_blocks),
+    )
     _trim()
     rss0 = _rss()
     view = place(sub, kind, rank=rank, world=world)  # type: ignore[arg-type]
     # the copy a worker makes of what it holds: PackedMatrix.to, rows padded (as on a GPU)
-    basis = ShardedBasis([pm.to(device, pad=True) for pm in view.basis.shards],
-                         view.basis.block_bounds)  # fmt: skip
-    held = replace(view, basis=basis, origin=view.origin.to(device).clone(),
-                   alpha0=view.alpha0.to(device))  # fmt: skip
+    basis = ShardedBasis(
+        [pm.to(device, pad=True) for pm in view.basis.shards], view.basis.block_bounds
+    )
+    held = replace(
+        view, basis=basis, origin=view.origin.to(device).clone(), alpha0=view.alpha0.to(device)
+    )
     del view, sub, full, codes  # unmap the file: RSS counts the copy only
     gc.collect()
     rss = _rss() - rss0
     alpha = held.alpha0.clone()
-    opt, sched = make_optimizer(alpha, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.0,
-                                total_steps=args["steps"], schedule="constant")  # fmt: skip
+    opt, sched = make_optimizer(
+        alpha,
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=0.0,
+        total_steps=args["steps"],
+        schedule="constant",
+    )
     theta = torch.empty(numel, device=device)
     times = []
     for step in range(args["steps"] + 1):  # step 0: warm-up, not timed
@@ -163,9 +229,13 @@ def _case(kind: str, rank: int, world: int, device: torch.device, args: dict) ->
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     del origin
-    return {"held_bytes": held.held_bytes, "rss_delta_bytes": rss,
-            "wire_bytes_per_step": held.wire_bytes_per_step,
-            "step_ms": 1e3 * statistics.median(times[1:]), "alpha": alpha.detach().cpu()}  # fmt: skip
+    return {
+        "held_bytes": held.held_bytes,
+        "rss_delta_bytes": rss,
+        "wire_bytes_per_step": held.wire_bytes_per_step,
+        "step_ms": 1e3 * statistics.median(times[1:]),
+        "alpha": alpha.detach().cpu(),
+    }
 
 
 def _free_port() -> int:
@@ -181,8 +251,10 @@ def run_world(world: int, args: dict) -> dict[str, list[dict]]:
     for kind in ("replicate", "shard"):
         with tempfile.TemporaryDirectory() as out:
             mp.spawn(_worker, args=(world, _free_port(), kind, args, out), nprocs=world, join=True)
-            results[kind] = [torch.load(os.path.join(out, f"{kind}{r}.pt"), weights_only=True)
-                             for r in range(world)]  # fmt: skip
+            results[kind] = [
+                torch.load(os.path.join(out, f"{kind}{r}.pt"), weights_only=True)
+                for r in range(world)
+            ]
     return results
 
 
@@ -207,7 +279,9 @@ def layer_block_shares(workers: list[int]) -> dict:
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(x.split(":", 1)[1].strip() for x in out.splitlines() if x.startswith("Model name"))
+        return next(
+            x.split(":", 1)[1].strip() for x in out.splitlines() if x.startswith("Model name")
+        )
     except Exception:
         return "unknown"
 
@@ -229,15 +303,27 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         codes_path = Path(tmp) / "codes.npy"
         meta = write_basis(codes_path, a.numel, a.rows)
-        block_sizes = [a.rows * (packed_size(y - x, BITS) + 8) for x, y in
-                       zip(meta["bounds"], meta["bounds"][1:])]  # fmt: skip
+        block_sizes = [
+            a.rows * (packed_size(y - x, BITS) + 8)
+            for x, y in zip(meta["bounds"], meta["bounds"][1:])
+        ]
         shards = min(SHARDS, len(block_sizes))
         meta["shard_bounds"] = balanced_bounds(block_sizes, shards)
-        torch.save({**meta, "scale": torch.as_tensor(meta["scale"]), "zero": torch.as_tensor(meta["zero"])},
-                   Path(tmp) / "meta.pt")  # plain tensors: read back with weights_only=True
+        torch.save(
+            {
+                **meta,
+                "scale": torch.as_tensor(meta["scale"]),
+                "zero": torch.as_tensor(meta["zero"]),
+            },
+            Path(tmp) / "meta.pt",
+        )  # plain tensors: read back with weights_only=True
         B_bytes = sum(block_sizes)
-        common = {"device": a.device, "codes": str(codes_path), "meta": str(Path(tmp) / "meta.pt"),
-                  "steps": a.steps}  # fmt: skip
+        common = {
+            "device": a.device,
+            "codes": str(codes_path),
+            "meta": str(Path(tmp) / "meta.pt"),
+            "steps": a.steps,
+        }
         cases = []
         for w in workers:
             t0 = time.monotonic()
@@ -246,37 +332,56 @@ def main(argv: list[str] | None = None) -> int:
             for kind, ranks in both.items():
                 errors = [r["error"] for r in ranks if "error" in r]
                 if errors:
-                    cases.append({"placement": kind, "workers": w, "error": errors[0],
-                                  "traceback": next(r["traceback"] for r in ranks if "error" in r)})
+                    cases.append(
+                        {
+                            "placement": kind,
+                            "workers": w,
+                            "error": errors[0],
+                            "traceback": next(r["traceback"] for r in ranks if "error" in r),
+                        }
+                    )
                     print(f"{kind} W={w}: FAILED {errors[0]}", flush=True)
                     continue
                 alpha = ranks[0]["alpha"]
                 assert all(torch.equal(r["alpha"], alpha) for r in ranks), "replicas differ"
                 ref = alpha if kind == "replicate" else ref
                 case = {
-                    "placement": kind, "workers": w, "B_bytes": B_bytes,
+                    "placement": kind,
+                    "workers": w,
+                    "B_bytes": B_bytes,
                     "held_bytes_per_worker": max(r["held_bytes"] for r in ranks),
                     "rss_delta_bytes": max(r["rss_delta_bytes"] for r in ranks),
                     "wire_bytes_per_step": max(r["wire_bytes_per_step"] for r in ranks),
                     "step_ms": max(r["step_ms"] for r in ranks),
                     "alpha_max_rel_diff": None if ref is None else _max_rel(alpha, ref),
                     "held_over_B_per_W": max(r["held_bytes"] for r in ranks) / (B_bytes / w),
-                }  # fmt: skip
+                }
                 cases.append(case)
                 diff = case["alpha_max_rel_diff"]
-                print(f"{kind:9s} W={w}: held {case['held_bytes_per_worker'] / 2**20:8.1f} MiB "
-                      f"(rss +{case['rss_delta_bytes'] / 2**20:.0f} MiB), wire "
-                      f"{case['wire_bytes_per_step'] / 2**20:6.1f} MiB/step, "
-                      f"{case['step_ms']:8.1f} ms/step, alpha diff {diff}", flush=True)  # fmt: skip
+                print(
+                    f"{kind:9s} W={w}: held {case['held_bytes_per_worker'] / 2**20:8.1f} MiB "
+                    f"(rss +{case['rss_delta_bytes'] / 2**20:.0f} MiB), wire "
+                    f"{case['wire_bytes_per_step'] / 2**20:6.1f} MiB/step, "
+                    f"{case['step_ms']:8.1f} ms/step, alpha diff {diff}",
+                    flush=True,
+                )
             print(f"W={w}: {time.monotonic() - t0:.0f} s", flush=True)
     device_name = torch.cuda.get_device_name() if a.device == "cuda" else cpu_model()
     result = {
-        "cpu": cpu_model(), "device": device_name, "numel": a.numel, "rows": a.rows, "bits": BITS,
-        "block_columns": BLOCK, "num_shards": shards, "steps": a.steps,
-        "threads_per_worker": 1, "torch": torch.__version__, "cases": cases,
+        "cpu": cpu_model(),
+        "device": device_name,
+        "numel": a.numel,
+        "rows": a.rows,
+        "bits": BITS,
+        "block_columns": BLOCK,
+        "num_shards": shards,
+        "steps": a.steps,
+        "threads_per_worker": 1,
+        "torch": torch.__version__,
+        "cases": cases,
         "resnet18_layer_blocks_largest_share_over_B_per_W": layer_block_shares(workers),
         "total_seconds": time.monotonic() - t_start,
-    }  # fmt: skip
+    }
     Path(a.out).write_text(json.dumps(result, indent=2))
     print_table(result)
     return 0
@@ -284,21 +389,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(result: dict) -> None:
     mib = 2**20
-    print(f"\n{result['device']}: D={result['numel']:,} K={result['rows']} bits={result['bits']}, "
-          f"{result['num_shards']} shards of blocks of {result['block_columns']} columns")  # fmt: skip
-    print("| placement | W | B MiB | held/worker MiB | held / (B/W) | wire MiB/step | step ms | alpha max rel diff |")
+    print(
+        f"\n{result['device']}: D={result['numel']:,} K={result['rows']} bits={result['bits']}, "
+        f"{result['num_shards']} shards of blocks of {result['block_columns']} columns"
+    )
+    print(
+        "| placement | W | B MiB | held/worker MiB | held / (B/W) | wire MiB/step | step ms | alpha max rel diff |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for c in result["cases"]:
         if "error" in c:
             print(f"| {c['placement']} | {c['workers']} | failed: {c['error'][:80]} |")
             continue
-        print(f"| {c['placement']} | {c['workers']} | {c['B_bytes'] / mib:.1f} | "
-              f"{c['held_bytes_per_worker'] / mib:.1f} | {c['held_over_B_per_W']:.3f} | "
-              f"{c['wire_bytes_per_step'] / mib:.1f} | {c['step_ms']:.1f} | "
-              f"{c['alpha_max_rel_diff']} |")  # fmt: skip
+        print(
+            f"| {c['placement']} | {c['workers']} | {c['B_bytes'] / mib:.1f} | "
+            f"{c['held_bytes_per_worker'] / mib:.1f} | {c['held_over_B_per_W']:.3f} | "
+            f"{c['wire_bytes_per_step'] / mib:.1f} | {c['step_ms']:.1f} | "
+            f"{c['alpha_max_rel_diff']} |"
+        )
     shares = result["resnet18_layer_blocks_largest_share_over_B_per_W"]
-    print("ResNet-18 layer-wise blocks, largest worker share / (B/W): "
-          + ", ".join(f"W={w}: {s:.2f}" for w, s in shares.items()))  # fmt: skip
+    print(
+        "ResNet-18 layer-wise blocks, largest worker share / (B/W): "
+        + ", ".join(f"W={w}: {s:.2f}" for w, s in shares.items())
+    )
 
 
 if __name__ == "__main__":

@@ -35,13 +35,17 @@ CADENCES = {"every chance (0)": ["--checkpoint-interval", "0"], "default (10 s)"
 
 def cpu_model() -> str:
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((x.split(":", 1)[1].strip() for x in out.splitlines() if x.startswith("Model name")), "?")
+    return next(
+        (x.split(":", 1)[1].strip() for x in out.splitlines() if x.startswith("Model name")), "?"
+    )
 
 
 def _reports(out: Path) -> dict[str, int]:
     """Reports Ray Train took per phase (its checkpoint manager's snapshot)."""
     found = {}
-    for snap in glob.glob(str(out / "work" / "ray_train" / "*" / "checkpoint_manager_snapshot.json")):
+    for snap in glob.glob(
+        str(out / "work" / "ray_train" / "*" / "checkpoint_manager_snapshot.json")
+    ):
         phase = Path(snap).parent.name.split("_")[0]
         found[phase] = json.loads(Path(snap).read_text())["current_report_index"]
     return found
@@ -49,7 +53,16 @@ def _reports(out: Path) -> dict[str, int]:
 
 def run_once(case: str, cadence: str, tmp: Path, i: int) -> dict:
     out = tmp / f"{case}-{i}"
-    cmd = [sys.executable, "-m", "twa_ray.cli", "run", *CASES[case], *CADENCES[cadence], "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "twa_ray.cli",
+        "run",
+        *CASES[case],
+        *CADENCES[cadence],
+        "--out",
+        str(out),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -57,9 +70,12 @@ def run_once(case: str, cadence: str, tmp: Path, i: int) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     return {
-        "case": case, "cadence": cadence, "wall_s": round(wall, 1), "reports": _reports(out),
+        "case": case,
+        "cadence": cadence,
+        "wall_s": round(wall, 1),
+        "reports": _reports(out),
         "twa_v_test_acc": metrics["methods"]["twa_v"]["test_acc"],
-    }  # fmt: skip
+    }
 
 
 def main() -> int:
@@ -68,21 +84,30 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2, help="pairs of smoke runs (order alternates)")
     args = p.parse_args()
     names = list(CADENCES)
-    order = [("smoke", n) for i in range(args.repeats) for n in (names if i % 2 == 0 else names[::-1])]
+    order = [
+        ("smoke", n) for i in range(args.repeats) for n in (names if i % 2 == 0 else names[::-1])
+    ]
     order += [("readme", n) for n in names]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (case, cadence) in enumerate(order):
             rows.append(run_once(case, cadence, Path(tmp), i))
             r = rows[-1]
-            print(f"{case:6s} {cadence:17s} {r['wall_s']:7.1f} s  reports {r['reports']}", flush=True)
+            print(
+                f"{case:6s} {cadence:17s} {r['wall_s']:7.1f} s  reports {r['reports']}", flush=True
+            )
     summary = {}
     for case in CASES:
-        walls = {c: [r["wall_s"] for r in rows if r["case"] == case and r["cadence"] == c] for c in names}
+        walls = {
+            c: [r["wall_s"] for r in rows if r["case"] == case and r["cadence"] == c] for c in names
+        }
         accs = {r["twa_v_test_acc"] for r in rows if r["case"] == case}
         best = {c: min(w) for c, w in walls.items()}
-        summary[case] = {"wall_s": walls, "speedup": round(best[names[0]] / best[names[1]], 2),
-                         "same_twa_v_test_acc": len(accs) == 1}  # fmt: skip
+        summary[case] = {
+            "wall_s": walls,
+            "speedup": round(best[names[0]] / best[names[1]], 2),
+            "same_twa_v_test_acc": len(accs) == 1,
+        }
     result = {"cpu": cpu_model(), "runs": rows, "summary": summary}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"CPU: {result['cpu']}")
@@ -90,8 +115,10 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for case, s in summary.items():
         w = s["wall_s"]
-        print(f"| {case} | {', '.join(map(str, w[names[0]]))} | {', '.join(map(str, w[names[1]]))} | "
-              f"{s['speedup']}x | {s['same_twa_v_test_acc']} |")  # fmt: skip
+        print(
+            f"| {case} | {', '.join(map(str, w[names[0]]))} | {', '.join(map(str, w[names[1]]))} | "
+            f"{s['speedup']}x | {s['same_twa_v_test_acc']} |"
+        )
     return 0
 
 

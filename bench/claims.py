@@ -35,7 +35,18 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 METHODS = ("sgd_full", "sgd_short", "sgd_sampled", "swa", "ema", "greedy_soup", "twa_t", "twa_v")
 # two-sided 95 % quantiles of Student's t by degrees of freedom
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+T95 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+}
 
 
 def cpu() -> str:
@@ -51,8 +62,19 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     metrics = out / "metrics.json"
     if args.reuse and metrics.exists():
         return json.loads(metrics.read_text())
-    cmd = [sys.executable, "-m", "twa_ray.cli", "run", "--compare-full", "--seed", str(seed),
-           "--out", str(out), "--overwrite", *args.run_args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "twa_ray.cli",
+        "run",
+        "--compare-full",
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+        "--overwrite",
+        *args.run_args,
+    ]
     log = Path(args.work) / f"seed{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -78,15 +100,24 @@ def summarize(runs: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
         if not have:
             continue
         acc = [100 * x[m]["test_acc"] for x in have]
-        diff, diff_ci = interval([100 * (x[m]["test_acc"] - x["sgd_full"]["test_acc"]) for x in have])
+        diff, diff_ci = interval(
+            [100 * (x[m]["test_acc"] - x["sgd_full"]["test_acc"]) for x in have]
+        )
         ratio = [x[m]["wall_s"] / x["sgd_full"]["wall_s"] for x in have]
-        rows.append({
-            "method": m, "seeds": len(have), "epochs_used": have[0][m]["epochs_used"],
-            "test_acc_mean": statistics.mean(acc), "test_acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-            "val_acc_mean": 100 * statistics.mean(x[m]["val_acc"] for x in have),
-            "minus_full_mean": diff, "minus_full_ci95": diff_ci,
-            "wall_s_mean": statistics.mean(x[m]["wall_s"] for x in have), "wall_ratio_mean": statistics.mean(ratio),
-        })  # fmt: skip
+        rows.append(
+            {
+                "method": m,
+                "seeds": len(have),
+                "epochs_used": have[0][m]["epochs_used"],
+                "test_acc_mean": statistics.mean(acc),
+                "test_acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                "val_acc_mean": 100 * statistics.mean(x[m]["val_acc"] for x in have),
+                "minus_full_mean": diff,
+                "minus_full_ci95": diff_ci,
+                "wall_s_mean": statistics.mean(x[m]["wall_s"] for x in have),
+                "wall_ratio_mean": statistics.mean(ratio),
+            }
+        )
     return rows
 
 
@@ -94,27 +125,44 @@ def checks(rows: list[dict[str, Any]], saved: str) -> dict[str, Any]:
     """Issue 19's bar for the saved TWA variant."""
     by = {r["method"]: r for r in rows}
     twa = by[saved]
-    beats = {b: twa["test_acc_mean"] > by[b]["test_acc_mean"] for b in ("swa", "ema", "sgd_short") if b in by}
+    beats = {
+        b: twa["test_acc_mean"] > by[b]["test_acc_mean"]
+        for b in ("swa", "ema", "sgd_short")
+        if b in by
+    }
     return {
-        "twa_variant": saved, "minus_full": twa["minus_full_mean"], "within_0.2_of_full": twa["minus_full_mean"] >= -0.2,
-        "beats": beats, "wall_ratio": twa["wall_ratio_mean"], "wall_ratio_at_most_0.65": twa["wall_ratio_mean"] <= 0.65,
-    }  # fmt: skip
+        "twa_variant": saved,
+        "minus_full": twa["minus_full_mean"],
+        "within_0.2_of_full": twa["minus_full_mean"] >= -0.2,
+        "beats": beats,
+        "wall_ratio": twa["wall_ratio_mean"],
+        "wall_ratio_at_most_0.65": twa["wall_ratio_mean"] <= 0.65,
+    }
 
 
-def markdown(rows: list[dict[str, Any]], check: dict[str, Any], phases: dict[str, float], head: str) -> str:
-    lines = [head, "",
-             "| method | epochs used | test acc % (mean ± std) | − sgd_full (95 % CI) | val acc % | wall s | wall / sgd_full |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+def markdown(
+    rows: list[dict[str, Any]], check: dict[str, Any], phases: dict[str, float], head: str
+) -> str:
+    lines = [
+        head,
+        "",
+        "| method | epochs used | test acc % (mean ± std) | − sgd_full (95 % CI) | val acc % | wall s | wall / sgd_full |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['epochs_used']:g} | {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} "
             f"| {r['minus_full_mean']:+.2f} ± {r['minus_full_ci95']:.2f} | {r['val_acc_mean']:.2f} "
             f"| {r['wall_s_mean']:.1f} | {r['wall_ratio_mean']:.2f} |"
         )
-    lines += ["", "Phases (mean wall seconds): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), "",
-              f"Checks ({check['twa_variant']}): {check['minus_full']:+.2f} pt vs full (within 0.2: "
-              f"{check['within_0.2_of_full']}); beats {check['beats']}; wall ratio {check['wall_ratio']:.2f} "
-              f"(<= 0.65: {check['wall_ratio_at_most_0.65']})"]  # fmt: skip
+    lines += [
+        "",
+        "Phases (mean wall seconds): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
+        "",
+        f"Checks ({check['twa_variant']}): {check['minus_full']:+.2f} pt vs full (within 0.2: "
+        f"{check['within_0.2_of_full']}); beats {check['beats']}; wall ratio {check['wall_ratio']:.2f} "
+        f"(<= 0.65: {check['wall_ratio_at_most_0.65']})",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -131,9 +179,16 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for r in rows:
-        ax.errorbar(r["wall_s_mean"], r["test_acc_mean"], yerr=r["test_acc_std"], fmt="o", capsize=3)
-        ax.annotate(r["method"], (r["wall_s_mean"], r["test_acc_mean"]), fontsize=8, xytext=(4, 4),
-                    textcoords="offset points")  # fmt: skip
+        ax.errorbar(
+            r["wall_s_mean"], r["test_acc_mean"], yerr=r["test_acc_std"], fmt="o", capsize=3
+        )
+        ax.annotate(
+            r["method"],
+            (r["wall_s_mean"], r["test_acc_mean"]),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     ax.set_xlabel("wall seconds of a run producing only that model")
     ax.set_ylabel("test accuracy % (mean ± std)")
     ax.set_title(title, fontsize=9)
@@ -144,7 +199,9 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[200, 201, 202, 203, 204])
     p.add_argument("--work", default=str(HERE / "_work" / "claims"))
     p.add_argument("--out", default=str(HERE / "claims"), help="writes OUT.json, OUT.md, OUT.png")
@@ -155,20 +212,40 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         runs[seed] = run_seed(seed, args)
         m = runs[seed]["methods"]
-        print(f"[{time.time() - t0:5.0f} s] seed {seed}: " + " ".join(
-            f"{k} {100 * m[k]['test_acc']:.2f}/{m[k]['wall_s']:.0f}s" for k in METHODS if k in m), flush=True)  # fmt: skip
+        print(
+            f"[{time.time() - t0:5.0f} s] seed {seed}: "
+            + " ".join(
+                f"{k} {100 * m[k]['test_acc']:.2f}/{m[k]['wall_s']:.0f}s" for k in METHODS if k in m
+            ),
+            flush=True,
+        )
     rows = summarize(runs)
     saved = next(iter(runs.values()))["saved_model"]
     check, phases = checks(rows, saved), mean_phases(runs)
-    head = (f"`twa-ray run --compare-full {' '.join(args.run_args)}`, seeds {args.seeds}, {time.strftime('%Y-%m-%d')}, "
-            f"CPU {cpu()}, {os.cpu_count()} cores")  # fmt: skip
+    head = (
+        f"`twa-ray run --compare-full {' '.join(args.run_args)}`, seeds {args.seeds}, {time.strftime('%Y-%m-%d')}, "
+        f"CPU {cpu()}, {os.cpu_count()} cores"
+    )
     text = markdown(rows, check, phases, head)
     print(text)
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(
-        {"command": head, "cpu": cpu(), "seeds": args.seeds, "rows": rows, "checks": check, "phases": phases,
-         "runs": {s: {"methods": r["methods"], "wall_s": r["wall_s"]} for s, r in runs.items()},
-         "wall_time_s": round(time.time() - t0, 1)}, indent=1))  # fmt: skip
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "command": head,
+                "cpu": cpu(),
+                "seeds": args.seeds,
+                "rows": rows,
+                "checks": check,
+                "phases": phases,
+                "runs": {
+                    s: {"methods": r["methods"], "wall_s": r["wall_s"]} for s, r in runs.items()
+                },
+                "wall_time_s": round(time.time() - t0, 1),
+            },
+            indent=1,
+        )
+    )
     out.with_suffix(".md").write_text(text)
     plot(rows, out.with_suffix(".png"), head[:90])
     print(f"wrote {out}.json/.md/.png in {time.time() - t0:.0f} s")

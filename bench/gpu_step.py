@@ -129,8 +129,16 @@ class Encoder(nn.Module):
 
 
 class ViT(nn.Module):
-    def __init__(self, image: int = 224, patch: int = 32, dim: int = 768, depth: int = 12,
-                 heads: int = 12, mlp: int = 3072, num_classes: int = 1000) -> None:  # fmt: skip
+    def __init__(
+        self,
+        image: int = 224,
+        patch: int = 32,
+        dim: int = 768,
+        depth: int = 12,
+        heads: int = 12,
+        mlp: int = 3072,
+        num_classes: int = 1000,
+    ) -> None:
         super().__init__()
         self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.conv_proj = nn.Conv2d(3, dim, patch, patch)
@@ -203,8 +211,16 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
 class Packed:
     """Random packed b-bit codes of a K x D matrix cut into blocks, plus scale / zero."""
 
-    def __init__(self, sizes: list[int], K: int, bits: int, device: torch.device, seed: int,
-                 *, aligned: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        sizes: list[int],
+        K: int,
+        bits: int,
+        device: torch.device,
+        seed: int,
+        *,
+        aligned: bool = True,
+    ) -> None:
         gen = torch.Generator(device=device).manual_seed(seed)
         self.bits, self.K, self.sizes = bits, K, sizes
         self.bounds, self.byte_bounds = [0], [0]
@@ -257,8 +273,16 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-def reference_step(qs: list[torch.Tensor], pk: Packed, g: torch.Tensor, alpha: torch.Tensor,
-                   buf: torch.Tensor, centre: torch.Tensor, lr: float, momentum: float) -> torch.Tensor:  # fmt: skip
+def reference_step(
+    qs: list[torch.Tensor],
+    pk: Packed,
+    g: torch.Tensor,
+    alpha: torch.Tensor,
+    buf: torch.Tensor,
+    centre: torch.Tensor,
+    lr: float,
+    momentum: float,
+) -> torch.Tensor:
     """The published step (the paper's implementation): unpacked codes, float temporaries, a Python loop."""
     grads = []
     for i, q in enumerate(qs):
@@ -297,8 +321,17 @@ def sweep_configs(tp: ModuleType, bits: int, tiny: bool) -> tuple[list, list]:
     return [dp] + [c for c in proj if c != dp], [dr] + [c for c in rec if c != dr]
 
 
-def run_case(tp: ModuleType, model: str, sizes: list[int], K: int, bits: int, bw: float,
-             device: torch.device, args: argparse.Namespace, deadline: float) -> dict:  # fmt: skip
+def run_case(
+    tp: ModuleType,
+    model: str,
+    sizes: list[int],
+    K: int,
+    bits: int,
+    bw: float,
+    device: torch.device,
+    args: argparse.Namespace,
+    deadline: float,
+) -> dict:
     iters, warmup = (1, 0) if args.tiny else (30, 3)
     pk = Packed(sizes, K, bits, device, seed=bits)
     D, L = pk.bounds[-1], len(sizes)
@@ -307,8 +340,17 @@ def run_case(tp: ModuleType, model: str, sizes: list[int], K: int, bits: int, bw
     centre = torch.randn(D, device=device, generator=gen) * 0.05
     alpha0 = torch.randn(K, L, device=device, generator=gen) * 0.01
     floor_ms = 2 * pk.nbytes / bw * 1e3
-    row: dict = {"model": model, "bits": bits, "D": D, "K": K, "L": L, "packed_bytes": pk.nbytes,
-                 "bandwidth_GBps": bw / 1e9, "floor_ms": floor_ms, "device": args.device_name}  # fmt: skip
+    row: dict = {
+        "model": model,
+        "bits": bits,
+        "D": D,
+        "K": K,
+        "L": L,
+        "packed_bytes": pk.nbytes,
+        "bandwidth_GBps": bw / 1e9,
+        "floor_ms": floor_ms,
+        "device": args.device_name,
+    }
     args_pk = (pk.codes, bits, pk.bounds, pk.byte_bounds, pk.scale, pk.zero)
 
     # correctness against float64 (sum alpha B without the centre: the stricter comparison)
@@ -423,11 +465,15 @@ def small_checks(tp: ModuleType, device: torch.device, tiny: bool) -> list[dict]
             a_ref, theta_ref = reference64(pk, g.float(), alpha)
             a = tp.project_triton(*args, g)
             theta = tp.reconstruct_triton(*args, alpha, origin)
-            rows.append({
-                "bits": bits, "aligned": aligned, "g_dtype": str(g.dtype),
-                "rel_err_project": rel_err(a, a_ref),
-                "rel_err_reconstruct": rel_err(theta, theta_ref + origin.double()),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "bits": bits,
+                    "aligned": aligned,
+                    "g_dtype": str(g.dtype),
+                    "rel_err_project": rel_err(a, a_ref),
+                    "rel_err_reconstruct": rel_err(theta, theta_ref + origin.double()),
+                }
+            )
     return rows
 
 
@@ -492,8 +538,13 @@ def main(argv: list[str] | None = None) -> int:
 
     bw = copy_bandwidth(device, (1 << 20) if args.tiny else (2 << 30))
     print(f"device: {args.device_name}  copy bandwidth: {bw / 1e9:.1f} GB/s", flush=True)
-    result: dict = {"device": args.device_name, "copy_bandwidth_GBps": bw / 1e9, "cases": [],
-                    "torch": torch.__version__, "triton": _triton_version()}  # fmt: skip
+    result: dict = {
+        "device": args.device_name,
+        "copy_bandwidth_GBps": bw / 1e9,
+        "cases": [],
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+    }
     for model in args.models.split(","):
         factory, K, _, _ = table[model]
         sizes = [p.numel() for p in factory().parameters()]
@@ -503,8 +554,13 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 row = run_case(tp, model, sizes, K, bits, bw, device, args, deadline)
             except Exception as e:
-                row = {"model": model, "bits": bits, "device": args.device_name,
-                       "error": f"{e!r}"[:2000], "traceback": traceback.format_exc()[-4000:]}  # fmt: skip
+                row = {
+                    "model": model,
+                    "bits": bits,
+                    "device": args.device_name,
+                    "error": f"{e!r}"[:2000],
+                    "traceback": traceback.format_exc()[-4000:],
+                }
                 print(f"{model} b={bits}: FAILED {e!r}", flush=True)
             row["case_seconds"] = time.monotonic() - t0
             rows.append(row)
@@ -552,10 +608,21 @@ def _triton_version() -> str:
 
 
 def print_table(result: dict) -> None:
-    cols = [("model", "{}"), ("bits", "{}"), ("step_ms", "{:.3f}"), ("floor_ms", "{:.3f}"),
-            ("ratio_to_floor", "{:.2f}"), ("project_ms", "{:.3f}"), ("reconstruct_ms", "{:.3f}"),
-            ("step_ms_default", "{:.3f}"), ("reference_ms", "{:.2f}"), ("speedup_vs_reference", "{:.0f}"),
-            ("train_step_ms", "{:.2f}"), ("share_of_train_step", "{:.3f}"), ("max_rel_err", "{:.1e}")]  # fmt: skip
+    cols = [
+        ("model", "{}"),
+        ("bits", "{}"),
+        ("step_ms", "{:.3f}"),
+        ("floor_ms", "{:.3f}"),
+        ("ratio_to_floor", "{:.2f}"),
+        ("project_ms", "{:.3f}"),
+        ("reconstruct_ms", "{:.3f}"),
+        ("step_ms_default", "{:.3f}"),
+        ("reference_ms", "{:.2f}"),
+        ("speedup_vs_reference", "{:.0f}"),
+        ("train_step_ms", "{:.2f}"),
+        ("share_of_train_step", "{:.3f}"),
+        ("max_rel_err", "{:.1e}"),
+    ]
     print(" | ".join(name for name, _ in cols))
     for row in result["cases"]:
         cells = []
@@ -566,8 +633,10 @@ def print_table(result: dict) -> None:
         if "error" in row:
             line += f"  ERROR {row['error'][:200]}"
         print(line)
-    print(f"device {result['device']}; copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s; "
-          f"total {result['total_seconds']:.0f} s")  # fmt: skip
+    print(
+        f"device {result['device']}; copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s; "
+        f"total {result['total_seconds']:.0f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ RUN = ["python", "jobs/run_twa.py", "--smoke-test", "--epochs", "40"]
 
 def cpu_model() -> str:
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((x.split(":", 1)[1].strip() for x in out.splitlines() if x.startswith("Model name")), "?")
+    return next(
+        (x.split(":", 1)[1].strip() for x in out.splitlines() if x.startswith("Model name")), "?"
+    )
 
 
 def _bytes_by_folder(s3, prefix: str) -> dict[str, int]:
@@ -58,8 +60,12 @@ def _object_store_per_node(cluster) -> dict[str, int]:
         out = {}
         for n in ray.nodes():
             if n["Alive"]:
-                name = next((r for r in n["Resources"] if r.startswith("node") and r[4:].isdigit()), "head")
-                st = node_stats(n["NodeManagerAddress"], n["NodeManagerPort"], include_memory_info=False)
+                name = next(
+                    (r for r in n["Resources"] if r.startswith("node") and r[4:].isdigit()), "head"
+                )
+                st = node_stats(
+                    n["NodeManagerAddress"], n["NodeManagerPort"], include_memory_info=False
+                )
                 out[name] = int(st.store_stats.object_store_bytes_used)
         return out
 
@@ -83,7 +89,9 @@ def _object_store_per_node(cluster) -> dict[str, int]:
             def ready(self) -> bool:
                 return True
 
-        readers = [Reader.options(resources={f"node{i}": 0.01}).remote(sharded) for i in (0, 0, 1, 1)]
+        readers = [
+            Reader.options(resources={f"node{i}": 0.01}).remote(sharded) for i in (0, 0, 1, 1)
+        ]
         ray.get([r.ready.remote() for r in readers])
         after = used()
         res = {k: after[k] - before.get(k, 0) for k in sorted(after)}
@@ -103,17 +111,28 @@ def main(argv: list[str] | None = None) -> int:
     cluster = start_cluster(3, env=s3.env, hide=[run_root])
     rows = []
     try:
-        for label, extra in (("1 node (3 workers x 0.33 CPU)", ["--workers", "3", "--cpus-per-worker", "0.33"]),
-                             ("3 nodes (3 workers x 1 CPU)", ["--workers", "3"])):  # fmt: skip
+        for label, extra in (
+            ("1 node (3 workers x 0.33 CPU)", ["--workers", "3", "--cpus-per-worker", "0.33"]),
+            ("3 nodes (3 workers x 1 CPU)", ["--workers", "3"]),
+        ):
             prefix = "one" if label.startswith("1") else "three"
-            res = submit(cluster, [*RUN, *extra, "--storage", s3.uri(prefix), "--out", str(run_root / prefix)],
-                         working_dir=ROOT)  # fmt: skip
+            res = submit(
+                cluster,
+                [*RUN, *extra, "--storage", s3.uri(prefix), "--out", str(run_root / prefix)],
+                working_dir=ROOT,
+            )
             if res.status != "SUCCEEDED":
                 print(res.logs[-4000:])
                 return 1
             metrics = json.loads((run_root / prefix / "metrics.json").read_text())
-            rows.append({"run": label, "job_wall_s": round(res.wall_s, 1),
-                         "run_wall_s": metrics["wall_time_s"], "bytes_in_storage": _bytes_by_folder(s3, prefix)})  # fmt: skip
+            rows.append(
+                {
+                    "run": label,
+                    "job_wall_s": round(res.wall_s, 1),
+                    "run_wall_s": metrics["wall_time_s"],
+                    "bytes_in_storage": _bytes_by_folder(s3, prefix),
+                }
+            )
         store_bytes = _object_store_per_node(cluster)
     finally:
         stop_cluster(cluster)
@@ -121,13 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     result = {"cpu": cpu_model(), "runs": rows, "object_store_bytes_per_node": store_bytes}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"CPU: {result['cpu']}")
-    print("| run | job wall s | run wall s | bytes in storage (total) | candidates | ray_train | outputs |")
+    print(
+        "| run | job wall s | run wall s | bytes in storage (total) | candidates | ray_train | outputs |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         b = r["bytes_in_storage"]
         train = sum(v for k, v in b.items() if k.startswith("work/"))
-        print(f"| {r['run']} | {r['job_wall_s']} | {r['run_wall_s']} | {b['total']} | "
-              f"{b.get('candidates', 0)} | {train} | {b.get('outputs', 0)} |")  # fmt: skip
+        print(
+            f"| {r['run']} | {r['job_wall_s']} | {r['run_wall_s']} | {b['total']} | "
+            f"{b.get('candidates', 0)} | {train} | {b.get('outputs', 0)} |"
+        )
     print("object-store bytes per node (B put once, 2 readers on node0 and on node1):", store_bytes)
     return 0
 

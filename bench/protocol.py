@@ -110,7 +110,9 @@ TRAJS = {
     "cosine_val20": Traj(val_frac=0.2),
     "cnn1d_4k": Traj(model="cnn1d", num_samples=4000, sel_size=500),
     "cnn1d_2k": Traj(model="cnn1d", num_samples=2000, sel_size=300),
-    "cosine_nosel": Traj(sel_size=0),  # the product's exact data (9,000 train): what the carve-out costs
+    "cosine_nosel": Traj(
+        sel_size=0
+    ),  # the product's exact data (9,000 train): what the carve-out costs
 }
 SPAN = {"subspace": "span", "blocks": "model"}
 CELLS = {
@@ -130,7 +132,9 @@ CELLS = {
     "cnn1d_4k": Cell("cnn1d_4k"),
     "cnn1d_2k": Cell("cnn1d_2k"),
     "nosel": Cell("cosine_nosel"),
-    "paper": Cell("multistep", twa={**SPAN, "lr": 2.0, "epochs": 10.0}),  # the ICLR protocol as a whole
+    "paper": Cell(
+        "multistep", twa={**SPAN, "lr": 2.0, "epochs": 10.0}
+    ),  # the ICLR protocol as a whole
 }
 # one factor at a time from the base: the selection split picks within each group
 GROUPS = {
@@ -170,25 +174,41 @@ def _tensors(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def load_data(traj: Traj, seed: int) -> Data:
     """The product's splits for ``seed``, and ``sel_size`` selection examples out of train."""
-    splits = load_dataset("mnist1d", val_frac=traj.val_frac, seed=seed, num_samples=traj.num_samples)
+    splits = load_dataset(
+        "mnist1d", val_frac=traj.val_frac, seed=seed, num_samples=traj.num_samples
+    )
     x, y = _tensors(splits.train)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 7919))
     sel, train = perm[: traj.sel_size].sort().values, perm[traj.sel_size :].sort().values
-    return Data((x[train], y[train]), _tensors(splits.val), _tensors(splits.test), (x[sel], y[sel]),
-                splits.num_classes, splits.input_shape)  # fmt: skip
+    return Data(
+        (x[train], y[train]),
+        _tensors(splits.val),
+        _tensors(splits.test),
+        (x[sel], y[sel]),
+        splits.num_classes,
+        splits.input_shape,
+    )
 
 
-def _chunks(xy: tuple[torch.Tensor, torch.Tensor], size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _chunks(
+    xy: tuple[torch.Tensor, torch.Tensor], size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(xy[0][i : i + size], xy[1][i : i + size]) for i in range(0, len(xy[1]), size)]
 
 
 def accuracies(model: torch.nn.Module, data: Data) -> dict[str, float]:
     """Test, val and selection accuracy of ``model`` as it is (NaN without a selection split)."""
-    return {s: evaluate(model, _chunks(getattr(data, s), 1000)).acc if len(getattr(data, s)[1]) else math.nan
-            for s in SPLITS}  # fmt: skip
+    return {
+        s: evaluate(model, _chunks(getattr(data, s), 1000)).acc
+        if len(getattr(data, s)[1])
+        else math.nan
+        for s in SPLITS
+    }
 
 
-def flat_accuracies(model: torch.nn.Module, layout: Layout, theta: torch.Tensor, data: Data) -> tuple[dict[str, float], float]:
+def flat_accuracies(
+    model: torch.nn.Module, layout: Layout, theta: torch.Tensor, data: Data
+) -> tuple[dict[str, float], float]:
     """Load ``theta``, re-estimate BN on train (the product's 512-example batches), evaluate;
     returns the accuracies and the seconds of the load + BN re-estimation."""
     t0 = time.perf_counter()
@@ -208,7 +228,9 @@ class Run:
     model: torch.nn.Module
     layout: Layout
     cands: list[tuple[float, torch.Tensor]] = field(default_factory=list)  # (epoch, flat weights)
-    emas: dict[int, dict[float, torch.Tensor]] = field(default_factory=dict)  # stop -> decay -> flat
+    emas: dict[int, dict[float, torch.Tensor]] = field(
+        default_factory=dict
+    )  # stop -> decay -> flat
     acc: dict[int, dict[str, float]] = field(default_factory=dict)  # epoch -> split -> acc
     train_s: list[float] = field(default_factory=lambda: [0.0])  # after each epoch
     ema_s: list[float] = field(default_factory=lambda: [0.0])
@@ -225,7 +247,9 @@ def sgd_run(traj: Traj, data: Data, seed: int, epochs: int, stops: tuple[int, ..
     x, y = data.train
     per_epoch = len(y) // BATCH  # drop_last
     total, half = epochs * per_epoch, per_epoch // 2
-    emas = {d: [torch.zeros_like(p) for p in params] for d in EMA_DECAYS + EMA_WIDE} if stops else {}
+    emas = (
+        {d: [torch.zeros_like(p) for p in params] for d in EMA_DECAYS + EMA_WIDE} if stops else {}
+    )
     step = 0
     for epoch in range(epochs):
         t0, ema_s = time.perf_counter(), 0.0
@@ -248,11 +272,19 @@ def sgd_run(traj: Traj, data: Data, seed: int, epochs: int, stops: tuple[int, ..
         if epoch + 1 in stops or epoch + 1 == epochs:
             run.acc[epoch + 1] = accuracies(model, data)
         if epoch + 1 in stops:
-            run.emas[epoch + 1] = {d: torch.cat([t.flatten() for t in e]) / (1 - d**step) for d, e in emas.items()}
+            run.emas[epoch + 1] = {
+                d: torch.cat([t.flatten() for t in e]) / (1 - d**step) for d, e in emas.items()
+            }
     return run
 
 
-def ddp_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+def ddp_step(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    opt: torch.optim.Optimizer,
+) -> None:
     """One step of the product's ``WORLD``-worker DDP in one process: rank r takes ``idx[r::W]``
     (``DistributedSampler``'s interleave), its BatchNorm sees only those examples, the gradient
     is the mean over ranks, and rank 0's BN running statistics are kept (DDP broadcasts them)."""
@@ -279,12 +311,22 @@ def _ema_update(emas: dict[float, list[torch.Tensor]], params: list[torch.Tensor
 # --------------------------------------------------------------------------- methods
 
 
-def row(cell: str, seed: int, method: str, acc: dict[str, float], compute_s: float, **extra: Any) -> dict[str, Any]:
-    return {"cell": cell, "seed": seed, "method": method, **{f"{s}_acc": acc[s] for s in SPLITS},
-            "compute_s": round(compute_s, 3), **extra}  # fmt: skip
+def row(
+    cell: str, seed: int, method: str, acc: dict[str, float], compute_s: float, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "cell": cell,
+        "seed": seed,
+        "method": method,
+        **{f"{s}_acc": acc[s] for s in SPLITS},
+        "compute_s": round(compute_s, 3),
+        **extra,
+    }
 
 
-def averages(run: Run, data: Data, cell: Cell) -> dict[str, tuple[dict[str, float], float, dict[str, Any]]]:
+def averages(
+    run: Run, data: Data, cell: Cell
+) -> dict[str, tuple[dict[str, float], float, dict[str, Any]]]:
     """sgd_full, sgd_stop, swa and ema of ``cell`` on ``run``: (accuracies, compute s, extra)."""
     stop = round(cell.frac * E)
     cands = [w for e, w in run.cands if e <= stop and (cell.per_epoch == 2 or e == int(e))]
@@ -305,7 +347,9 @@ def averages(run: Run, data: Data, cell: Cell) -> dict[str, tuple[dict[str, floa
     return out
 
 
-def twa_methods(run: Run, data: Data, cell: Cell, seed: int) -> dict[str, tuple[dict[str, float], float, dict[str, Any]]]:
+def twa_methods(
+    run: Run, data: Data, cell: Cell, seed: int
+) -> dict[str, tuple[dict[str, float], float, dict[str, Any]]]:
     """TWA-t and TWA-v of ``cell`` with the product's core (:func:`twa_ray.average.fit_twa`)."""
     stop = round(cell.frac * E)
     cands = [w for e, w in run.cands if e <= stop and (cell.per_epoch == 2 or e == int(e))]
@@ -319,8 +363,11 @@ def twa_methods(run: Run, data: Data, cell: Cell, seed: int) -> dict[str, tuple[
         t1 = time.perf_counter()
         _, final = fit_twa(run.model, subspace, config, loaders, mode, seed=seed)  # BN re-estimated
         fit_s = time.perf_counter() - t1
-        out[f"twa_{mode}"] = (accuracies(run.model, data), run.train_s[stop] + build_s + fit_s,
-                              {"fit_s": round(fit_s, 3), "build_s": round(build_s, 3)})  # fmt: skip
+        out[f"twa_{mode}"] = (
+            accuracies(run.model, data),
+            run.train_s[stop] + build_s + fit_s,
+            {"fit_s": round(fit_s, 3), "build_s": round(build_s, 3)},
+        )
     return out
 
 
@@ -341,7 +388,10 @@ def traj_job(job: tuple[str, int, list[str]]) -> list[dict[str, Any]]:
         key = (cell.frac, cell.per_epoch)
         if key not in cache:
             cache[key] = averages(run, data, cell)
-        for method, (acc, seconds, extra) in {**cache[key], **twa_methods(run, data, cell, seed)}.items():
+        for method, (acc, seconds, extra) in {
+            **cache[key],
+            **twa_methods(run, data, cell, seed),
+        }.items():
             rows.append(row(c, seed, method, acc, seconds, **extra))
     return rows
 
@@ -353,7 +403,13 @@ def short_job(job: tuple[str, int, int]) -> dict[str, Any]:
     traj = TRAJS[name]
     data = load_data(traj, seed)
     run = sgd_run(traj, data, seed, epochs)
-    return {"traj": name, "seed": seed, "epochs": epochs, "acc": run.acc[epochs], "compute_s": run.train_s[-1]}
+    return {
+        "traj": name,
+        "seed": seed,
+        "epochs": epochs,
+        "acc": run.acc[epochs],
+        "compute_s": run.train_s[-1],
+    }
 
 
 def run_jobs(cells: list[str], seeds: list[int], workers: int) -> list[dict[str, Any]]:
@@ -365,7 +421,9 @@ def run_jobs(cells: list[str], seeds: list[int], workers: int) -> list[dict[str,
     shorts = sorted({(CELLS[c].traj, s, CELLS[c].short_epochs) for c in cells for s in seeds})
     with mp.get_context("fork").Pool(workers, maxtasksperchild=1) as pool:
         long = pool.map_async(traj_job, sorted(jobs, key=lambda j: -len(j[2])), chunksize=1)
-        short = {(r["traj"], r["seed"], r["epochs"]): r for r in pool.map(short_job, shorts, chunksize=1)}
+        short = {
+            (r["traj"], r["seed"], r["epochs"]): r for r in pool.map(short_job, shorts, chunksize=1)
+        }
         rows = [r for rs in long.get() for r in rs]
     for c in cells:
         for s in seeds:
@@ -388,7 +446,9 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 def paired(diffs: list[float]) -> dict[str, float]:
     """Mean paired difference and its 95 % t-interval (n - 1 degrees of freedom)."""
     m, sd = mean_std(diffs)
-    half = T95.get(len(diffs) - 1, 1.96) * sd / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    half = (
+        T95.get(len(diffs) - 1, 1.96) * sd / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    )
     return {"mean": m, "lo": m - half, "hi": m + half, "n": len(diffs)}
 
 
@@ -404,35 +464,61 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         stats["compute_s"] = mean_std([r["compute_s"] for r in seeds.values()])
         full = by[(cell, "sgd_full")]
         common = sorted(set(seeds) & set(full))
-        stats["minus_full"] = paired([100 * (seeds[s]["test_acc"] - full[s]["test_acc"]) for s in common])
+        stats["minus_full"] = paired(
+            [100 * (seeds[s]["test_acc"] - full[s]["test_acc"]) for s in common]
+        )
         traj = TRAJS[CELLS[cell].traj]
-        ref = [c for c in CELLS if TRAJS[CELLS[c].traj] == replace(traj, schedule="cosine") and (c, "sgd_full") in by]
+        ref = [
+            c
+            for c in CELLS
+            if TRAJS[CELLS[c].traj] == replace(traj, schedule="cosine") and (c, "sgd_full") in by
+        ]
         if traj.schedule != "cosine" and ref:
-            cosine = by[(ref[0], "sgd_full")]  # the default schedule's full run: same data, init, order
+            cosine = by[
+                (ref[0], "sgd_full")
+            ]  # the default schedule's full run: same data, init, order
             both = sorted(set(seeds) & set(cosine))
-            stats["minus_cosine_full"] = paired([100 * (seeds[s]["test_acc"] - cosine[s]["test_acc"]) for s in both])
+            stats["minus_cosine_full"] = paired(
+                [100 * (seeds[s]["test_acc"] - cosine[s]["test_acc"]) for s in both]
+            )
         out[cell][method] = stats
     return dict(out)
 
 
-def pick(summary: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def pick(
+    summary: dict[str, dict[str, Any]], rows: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
     """Per factor group, the cell and TWA mode with the best mean SELECTION accuracy."""
     picks = {}
     for group, cells in GROUPS.items():
         if sum(c in summary for c in cells) < 2:
             continue
-        options = [(summary[c][m]["sel"][0], c, m) for c in cells if c in summary for m in ("twa_t", "twa_v")]
-        sel, cell, method = max(options, key=lambda o: o[0])  # ties: the first listed (the base first)
-        picks[group] = {"cell": cell, "method": method, "sel": sel, "test": summary[cell][method]["test"],
-                        "minus_full": summary[cell][method]["minus_full"],
-                        "sel_minus_base": paired(_sel_diffs(rows, cell, "base", method))}  # fmt: skip
+        options = [
+            (summary[c][m]["sel"][0], c, m)
+            for c in cells
+            if c in summary
+            for m in ("twa_t", "twa_v")
+        ]
+        sel, cell, method = max(
+            options, key=lambda o: o[0]
+        )  # ties: the first listed (the base first)
+        picks[group] = {
+            "cell": cell,
+            "method": method,
+            "sel": sel,
+            "test": summary[cell][method]["test"],
+            "minus_full": summary[cell][method]["minus_full"],
+            "sel_minus_base": paired(_sel_diffs(rows, cell, "base", method)),
+        }
     return picks
 
 
 def _sel_diffs(rows: list[dict[str, Any]], cell: str, other: str, method: str) -> list[float]:
     """Per seed, selection accuracy of ``method`` in ``cell`` minus in ``other`` (points)."""
     sel = {(r["cell"], r["seed"]): r["sel_acc"] for r in rows if r["method"] == method}
-    return [100 * (v - sel[(other, s)]) for (c, s), v in sel.items() if c == cell and (other, s) in sel]
+    return [
+        100 * (v - sel[(other, s)]) for (c, s), v in sel.items() if c == cell and (other, s) in sel
+    ]
 
 
 def _ci(d: dict[str, float]) -> str:
@@ -443,31 +529,47 @@ def _pm(ms: tuple[float, float]) -> str:
     return f"{ms[0]:.2f} ± {ms[1]:.2f}"
 
 
-def markdown(summary: dict[str, dict[str, Any]], picks: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+def markdown(
+    summary: dict[str, dict[str, Any]], picks: dict[str, dict[str, Any]], meta: dict[str, Any]
+) -> str:
     """bench/protocol.md: one table per cell, then the selection split's picks."""
-    lines = ["# Protocol study (issue 19, item 3)", "",
-             f"`python bench/protocol.py` — {meta['cpu']}, {meta['date']}, seeds {meta['seeds']}, "
-             f"{meta['wall_s']:.0f} s wall on {meta['workers']} processes. Test accuracy (%) mean ± std "
-             "over seeds; `sel`: the selection split (1,000 examples carved out of train, never trained "
-             "on; it alone chooses settings); `TWA − full`: paired difference of test accuracy per seed, "
-             "mean [95 % t-interval]; compute s: one thread, training + averaging/TWA + BN.", ""]  # fmt: skip
+    lines = [
+        "# Protocol study (issue 19, item 3)",
+        "",
+        f"`python bench/protocol.py` — {meta['cpu']}, {meta['date']}, seeds {meta['seeds']}, "
+        f"{meta['wall_s']:.0f} s wall on {meta['workers']} processes. Test accuracy (%) mean ± std "
+        "over seeds; `sel`: the selection split (1,000 examples carved out of train, never trained "
+        "on; it alone chooses settings); `TWA − full`: paired difference of test accuracy per seed, "
+        "mean [95 % t-interval]; compute s: one thread, training + averaging/TWA + BN.",
+        "",
+    ]
     for cell, methods in summary.items():
-        lines += [f"## {cell}: `{json.dumps(asdict(CELLS[cell]))}`", "",
-                  "| method | test | sel | − sgd_full (test) | − cosine sgd_full (test) | compute s |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"## {cell}: `{json.dumps(asdict(CELLS[cell]))}`",
+            "",
+            "| method | test | sel | − sgd_full (test) | − cosine sgd_full (test) | compute s |",
+            "|---|---|---|---|---|---|",
+        ]
         for m in METHODS:
             if m in methods:
                 st = methods[m]
                 diff = "" if m == "sgd_full" else _ci(st["minus_full"])
                 cross = _ci(st["minus_cosine_full"]) if "minus_cosine_full" in st else ""
-                lines.append(f"| {m} | {_pm(st['test'])} | {_pm(st['sel'])} | {diff} | {cross} | {st['compute_s'][0]:.1f} |")
+                lines.append(
+                    f"| {m} | {_pm(st['test'])} | {_pm(st['sel'])} | {diff} | {cross} | {st['compute_s'][0]:.1f} |"
+                )
         lines.append("")
-    lines += ["## What the selection split picks (one factor at a time from the base)", "",
-              "| factor | cells | picked (best mean sel acc of TWA-t/-v) | sel | sel − base (same mode) | test | TWA − full |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "## What the selection split picks (one factor at a time from the base)",
+        "",
+        "| factor | cells | picked (best mean sel acc of TWA-t/-v) | sel | sel − base (same mode) | test | TWA − full |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for group, p in picks.items():
-        lines.append(f"| {group} | {', '.join(GROUPS[group])} | {p['cell']} / {p['method']} | {p['sel']:.2f} | "
-                     f"{_ci(p['sel_minus_base'])} | {_pm(p['test'])} | {_ci(p['minus_full'])} |")  # fmt: skip
+        lines.append(
+            f"| {group} | {', '.join(GROUPS[group])} | {p['cell']} / {p['method']} | {p['sel']:.2f} | "
+            f"{_ci(p['sel_minus_base'])} | {_pm(p['test'])} | {_ci(p['minus_full'])} |"
+        )
     return "\n".join(lines + ["", NOTES]) + "\n"
 
 
@@ -502,16 +604,25 @@ def cpu_model() -> str:
     """``lscpu``'s model name, CPU family and model."""
     out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return ", ".join(f"{k} {info.get(k, '?').strip()}" for k in ("Model name", "CPU family", "Model"))
+    return ", ".join(
+        f"{k} {info.get(k, '?').strip()}" for k in ("Model name", "CPU family", "Model")
+    )
 
 
 def compose(picks: dict[str, dict[str, Any]]) -> Cell:
     """The cell that combines every factor's pick (registered, with its trajectory, as 'chosen')."""
+
     def cell(group: str) -> Cell:
         return CELLS[picks[group]["cell"]] if group in picks else CELLS["base"]
 
-    traj = Traj(schedule=TRAJS[cell("schedule").traj].schedule, val_frac=TRAJS[cell("val_frac").traj].val_frac)
-    name = next((n for n, t in TRAJS.items() if t == traj), f"{traj.schedule}_val{round(100 * traj.val_frac)}")
+    traj = Traj(
+        schedule=TRAJS[cell("schedule").traj].schedule,
+        val_frac=TRAJS[cell("val_frac").traj].val_frac,
+    )
+    name = next(
+        (n for n, t in TRAJS.items() if t == traj),
+        f"{traj.schedule}_val{round(100 * traj.val_frac)}",
+    )
     TRAJS[name] = traj
     twa = {**cell("twa_lr").twa, **cell("twa_epochs").twa}
     if picks.get("span", {}).get("cell", "base") != "base":
@@ -541,9 +652,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE / "protocol")
-    parser.add_argument("--no-chosen", dest="chosen", action="store_false",
-                        help="skip the follow-up cell that combines the selection split's picks")
-    parser.add_argument("--from-json", action="store_true", help="only rewrite the .md from the .json")
+    parser.add_argument(
+        "--no-chosen",
+        dest="chosen",
+        action="store_false",
+        help="skip the follow-up cell that combines the selection split's picks",
+    )
+    parser.add_argument(
+        "--from-json", action="store_true", help="only rewrite the .md from the .json"
+    )
     args = parser.parse_args(argv)
     if args.from_json:
         old = json.loads(args.out.with_suffix(".json").read_text())
@@ -556,17 +673,31 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("seeds 200-204 are the lead's final check; use others (default 100-104)")
     t0 = time.perf_counter()
     rows = run_jobs(args.cells, args.seeds, args.workers)
-    args.out.with_suffix(".json").write_text(json.dumps({"partial": True, "rows": rows}))  # kept if the report fails
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"partial": True, "rows": rows})
+    )  # kept if the report fails
     cells = list(args.cells)
     chosen = compose(pick({c: v for c, v in summarize(rows).items() if c in cells}, rows))
-    if args.chosen and chosen not in [CELLS[c] for c in cells]:  # item 6: the picks measured as a whole
-        TRAJS["chosen_nosel"] = replace(TRAJS[chosen.traj], sel_size=0)  # and on the product's exact data
+    if args.chosen and chosen not in [
+        CELLS[c] for c in cells
+    ]:  # item 6: the picks measured as a whole
+        TRAJS["chosen_nosel"] = replace(
+            TRAJS[chosen.traj], sel_size=0
+        )  # and on the product's exact data
         CELLS["chosen"], CELLS["chosen_nosel"] = chosen, replace(chosen, traj="chosen_nosel")
         rows += run_jobs(["chosen", "chosen_nosel"], args.seeds, args.workers)
         cells += ["chosen", "chosen_nosel"]
-    meta = {"cpu": cpu_model(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seeds": args.seeds,
-            "workers": args.workers, "wall_s": time.perf_counter() - t0, "E": E, "world": WORLD,
-            "ema_decays": EMA_DECAYS, "chosen": asdict(chosen)}  # fmt: skip
+    meta = {
+        "cpu": cpu_model(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "seeds": args.seeds,
+        "workers": args.workers,
+        "wall_s": time.perf_counter() - t0,
+        "E": E,
+        "world": WORLD,
+        "ema_decays": EMA_DECAYS,
+        "chosen": asdict(chosen),
+    }
     print(write(args.out, rows, cells, meta))
 
 

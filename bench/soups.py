@@ -46,7 +46,9 @@ ROWS = ("best_single", "uniform_soup", "greedy_soup", "twa_v")
 GRID = list(itertools.product((0.003, 0.01, 0.03, 0.1), (0.0, 5e-4, 5e-3)))
 
 
-def train(model: nn.Module, loader: DataLoader[Any], *, epochs: int, lr: float, weight_decay: float) -> None:
+def train(
+    model: nn.Module, loader: DataLoader[Any], *, epochs: int, lr: float, weight_decay: float
+) -> None:
     """SGD with momentum 0.9 on a cosine schedule over ``epochs``."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     total = epochs * len(loader)
@@ -67,7 +69,13 @@ def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     model = build_model("mlp", num_classes=splits.num_classes, input_shape=splits.input_shape)
     half = Subset(splits.train, range(len(splits.train) // 2))
     gen = torch.Generator().manual_seed(seed)
-    train(model, DataLoader(half, 128, shuffle=True, generator=gen), epochs=args.pretrain_epochs, lr=0.1, weight_decay=5e-4)
+    train(
+        model,
+        DataLoader(half, 128, shuffle=True, generator=gen),
+        epochs=args.pretrain_epochs,
+        lr=0.1,
+        weight_decay=5e-4,
+    )
     start = {k: v.clone() for k, v in model.state_dict().items()}
     folder = Path(args.work) / f"s{seed}" / "variants"
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,17 +83,33 @@ def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     for i, (lr, wd) in enumerate(GRID[: args.variants]):
         model.load_state_dict(start)
         gen = torch.Generator().manual_seed(1000 * seed + i)
-        train(model, DataLoader(splits.train, 128, shuffle=True, generator=gen), epochs=args.finetune_epochs, lr=lr, weight_decay=wd)
+        train(
+            model,
+            DataLoader(splits.train, 128, shuffle=True, generator=gen),
+            epochs=args.finetune_epochs,
+            lr=lr,
+            weight_decay=wd,
+        )
         name = f"ft{i:02d}_lr{lr:g}_wd{wd:g}"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / f"{name}.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()},
+            str(folder / f"{name}.safetensors"),
+        )
         update_bn(loaders["bn"], model)
-        variants[name] = {"lr": lr, "weight_decay": wd, "val_acc": evaluate(model, loaders["val"]).acc,
-                          "test_acc": evaluate(model, loaders["test"]).acc}  # fmt: skip
+        variants[name] = {
+            "lr": lr,
+            "weight_decay": wd,
+            "val_acc": evaluate(model, loaders["val"]).acc,
+            "test_acc": evaluate(model, loaders["test"]).acc,
+        }
     best = max(variants, key=lambda n: variants[n]["val_acc"])
     cfg = RunConfig(
-        data=DataConfig(model="mlp", seed=seed), twa=TWAConfig(blocks="tensor", bits=4), mode="v",
-        store=str(folder), out=str(Path(args.work) / f"s{seed}" / "average"),
-    )  # fmt: skip
+        data=DataConfig(model="mlp", seed=seed),
+        twa=TWAConfig(blocks="tensor", bits=4),
+        mode="v",
+        store=str(folder),
+        out=str(Path(args.work) / f"s{seed}" / "average"),
+    )
     metrics = run_average(cfg)
     m = metrics["methods"]
     return {
@@ -94,16 +118,21 @@ def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "rows": {
             "best_single": {**variants[best], "name": best},
             "uniform_soup": m["swa"],
-            "greedy_soup": {k: m["greedy_soup"][k] for k in ("val_acc", "test_acc")} | {"kept": len(m["greedy_soup"]["kept"])},
+            "greedy_soup": {k: m["greedy_soup"][k] for k in ("val_acc", "test_acc")}
+            | {"kept": len(m["greedy_soup"]["kept"])},
             "twa_v": m["twa_v"],
         },
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--variants", type=int, default=len(GRID), help=f"K fine-tuned variants (<= {len(GRID)})")
+    p.add_argument(
+        "--variants", type=int, default=len(GRID), help=f"K fine-tuned variants (<= {len(GRID)})"
+    )
     p.add_argument("--pretrain-epochs", type=int, default=10)
     p.add_argument("--finetune-epochs", type=int, default=5)
     p.add_argument("--work", default=str(HERE / "_work" / "soups"))
@@ -126,8 +155,17 @@ def main(argv: list[str] | None = None) -> int:
         test = [100 * run["rows"][r]["test_acc"] for run in runs]
         val = [100 * run["rows"][r]["val_acc"] for run in runs]
         std = statistics.stdev(test) if len(test) > 1 else 0.0
-        summary.append({"method": r, "test_acc_mean": statistics.mean(test), "test_acc_std": std, "val_acc_mean": statistics.mean(val)})
-        lines.append(f"| {r} | {statistics.mean(test):.2f} ± {std:.2f} | {statistics.mean(val):.2f} |")
+        summary.append(
+            {
+                "method": r,
+                "test_acc_mean": statistics.mean(test),
+                "test_acc_std": std,
+                "val_acc_mean": statistics.mean(val),
+            }
+        )
+        lines.append(
+            f"| {r} | {statistics.mean(test):.2f} ± {std:.2f} | {statistics.mean(val):.2f} |"
+        )
     mean = {s["method"]: s["test_acc_mean"] for s in summary}
     target = mean["twa_v"] >= mean["greedy_soup"] >= mean["uniform_soup"]
     table = "\n".join(lines)
@@ -135,10 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"TWA-v >= greedy soup >= uniform soup: {target}")
     out = Path(args.out)
     result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": "2-core x86_64 CPU", "variants": args.variants,
-        "pretrain_epochs": args.pretrain_epochs, "finetune_epochs": args.finetune_epochs, "grid": GRID[: args.variants],
-        "wall_time_s": round(time.time() - t0, 1), "summary": summary, "target_met": target, "runs": runs,
-    }  # fmt: skip
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": "2-core x86_64 CPU",
+        "variants": args.variants,
+        "pretrain_epochs": args.pretrain_epochs,
+        "finetune_epochs": args.finetune_epochs,
+        "grid": GRID[: args.variants],
+        "wall_time_s": round(time.time() - t0, 1),
+        "summary": summary,
+        "target_met": target,
+        "runs": runs,
+    }
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(table + "\n")
     print(f"wrote {out}.json/.md in {time.time() - t0:.0f} s")

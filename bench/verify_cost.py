@@ -57,14 +57,34 @@ def _average_share(tmp: Path, k: int, num_samples: int) -> dict[str, float]:
     store_module.zlib.crc32 = timed  # type: ignore[attr-defined]
     try:
         t = time.perf_counter()
-        rc = main(["average", "-q", "--store", str(tmp / "store"), "--out", str(tmp / "avg"), "--num-samples",
-                   str(num_samples), "--twa-epochs", "3", "--mode", "both"])  # fmt: skip
+        rc = main(
+            [
+                "average",
+                "-q",
+                "--store",
+                str(tmp / "store"),
+                "--out",
+                str(tmp / "avg"),
+                "--num-samples",
+                str(num_samples),
+                "--twa-epochs",
+                "3",
+                "--mode",
+                "both",
+            ]
+        )
         wall = time.perf_counter() - t
     finally:
         store_module.zlib.crc32 = crc32  # type: ignore[attr-defined]
     assert rc == 0
-    return {"k": k, "numel": layout.numel, "wall_s": wall, "crc_s": spent[0], "crc_calls": spent[1],
-            "share": spent[0] / wall}  # fmt: skip
+    return {
+        "k": k,
+        "numel": layout.numel,
+        "wall_s": wall,
+        "crc_s": spent[0],
+        "crc_calls": spent[1],
+        "share": spent[0] / wall,
+    }
 
 
 def _read_pair(tmp: Path, numel: int, k: int, repeats: int) -> dict[str, float]:
@@ -82,8 +102,14 @@ def _read_pair(tmp: Path, numel: int, k: int, repeats: int) -> dict[str, float]:
                 float(store.read(n, verify=verify).sum())
             best[verify] = min(best[verify], time.perf_counter() - t)
     gbps = k * numel * 4 / best[True] / 1e9
-    return {"numel": numel, "k": k, "read_s": best[False], "read_verified_s": best[True],
-            "overhead": best[True] / best[False] - 1, "verified_GBps": gbps}  # fmt: skip
+    return {
+        "numel": numel,
+        "k": k,
+        "read_s": best[False],
+        "read_verified_s": best[True],
+        "overhead": best[True] / best[False] - 1,
+        "verified_GBps": gbps,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,14 +127,20 @@ def main(argv: list[str] | None = None) -> int:
         reads = [_read_pair(tmp, int(s), args.k, args.repeats) for s in args.sizes.split(",")]
     cpu = cpu_model()
     print(f"CPU: {cpu}")
-    print(f"twa-ray average, MNIST-1D MLP, K={avg['k']}, D={avg['numel']:,}: wall {avg['wall_s']:.2f} s, "
-          f"CRC-32 checks {avg['crc_s'] * 1e3:.1f} ms in {avg['crc_calls']} reads = {100 * avg['share']:.2f}% of the command")  # fmt: skip
+    print(
+        f"twa-ray average, MNIST-1D MLP, K={avg['k']}, D={avg['numel']:,}: wall {avg['wall_s']:.2f} s, "
+        f"CRC-32 checks {avg['crc_s'] * 1e3:.1f} ms in {avg['crc_calls']} reads = {100 * avg['share']:.2f}% of the command"
+    )
     print("| D | K | read+sum (s) | read+verify+sum (s) | overhead | verified GB/s |")
     print("|---|---|---|---|---|---|")
     for r in reads:
-        print(f"| {r['numel']:,} | {r['k']} | {r['read_s']:.4f} | {r['read_verified_s']:.4f} | "
-              f"{100 * r['overhead']:.0f}% | {r['verified_GBps']:.2f} |")  # fmt: skip
-    Path(args.out).write_text(json.dumps({"cpu": cpu, "average": avg, "reads": reads}, indent=2) + "\n")
+        print(
+            f"| {r['numel']:,} | {r['k']} | {r['read_s']:.4f} | {r['read_verified_s']:.4f} | "
+            f"{100 * r['overhead']:.0f}% | {r['verified_GBps']:.2f} |"
+        )
+    Path(args.out).write_text(
+        json.dumps({"cpu": cpu, "average": avg, "reads": reads}, indent=2) + "\n"
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -35,7 +35,9 @@ from twa_ray.store import CandidateStore
 class Tokens(Dataset):
     """``{"input_ids", "attention_mask", "labels"}`` examples of the counting task."""
 
-    def __init__(self, n: int, *, seed: int, noise: float = 0.0, length: int = 16, vocab: int = 32) -> None:
+    def __init__(
+        self, n: int, *, seed: int, noise: float = 0.0, length: int = 16, vocab: int = 32
+    ) -> None:
         g = torch.Generator().manual_seed(seed)
         self.ids = torch.randint(0, vocab, (n, length), generator=g)
         self.labels = ((self.ids < vocab // 2).sum(1) > length // 2).long()
@@ -46,14 +48,26 @@ class Tokens(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": torch.ones_like(self.ids[i]),
+            "labels": self.labels[i],
+        }
 
 
 def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=16, num_labels=2,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    config = BertConfig(
+        vocab_size=32,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=16,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertForSequenceClassification(config)
 
 
@@ -61,13 +75,29 @@ def build(args):
     """Model, datasets, training arguments and callback (also used by the Ray Train test)."""
     train, val = Tokens(args.n_train, seed=args.seed, noise=0.15), Tokens(256, seed=args.seed + 1)
     targs = TrainingArguments(
-        output_dir=args.out, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="constant",
-        eval_strategy="epoch", save_strategy="no", report_to=[], use_cpu=True, seed=args.seed,
-        data_seed=args.seed, disable_tqdm=True, logging_strategy="no", dataloader_num_workers=0,
-    )  # fmt: skip
-    callback = TWACallback(args.store, every_n_epochs=1, sample_frac=0.5, mode="twa-v",
-                           config=TWAConfig(blocks="tensor", bits=8, lr=0.1, epochs=4.0))  # fmt: skip
+        output_dir=args.out,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        eval_strategy="epoch",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=args.seed,
+        data_seed=args.seed,
+        disable_tqdm=True,
+        logging_strategy="no",
+        dataloader_num_workers=0,
+    )
+    callback = TWACallback(
+        args.store,
+        every_n_epochs=1,
+        sample_frac=0.5,
+        mode="twa-v",
+        config=TWAConfig(blocks="tensor", bits=8, lr=0.1, epochs=4.0),
+    )
     return tiny_bert(args.seed), train, val, targs, callback
 
 
@@ -90,8 +120,11 @@ def held_out(args, callback, model) -> dict:
 
 def save(args, callback, model, is_zero: bool = True) -> None:
     if is_zero:
-        result = {"alpha": callback.twa.alpha.flatten().tolist(), **callback.metrics,
-                  **held_out(args, callback, model)}  # fmt: skip
+        result = {
+            "alpha": callback.twa.alpha.flatten().tolist(),
+            **callback.metrics,
+            **held_out(args, callback, model),
+        }
         with open(os.path.join(args.out, "result.json"), "w") as f:
             json.dump(result, f, indent=1)
         print(json.dumps({k: v for k, v in result.items() if k != "alpha"}, indent=1))
@@ -101,7 +134,9 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True, help="output_dir: candidates, twa/ model, result.json")
     p.add_argument("--store", help="candidate store URI (default OUT/twa_candidates)")
-    p.add_argument("--epochs", type=int, default=8, help="num_train_epochs (training stops at half)")
+    p.add_argument(
+        "--epochs", type=int, default=8, help="num_train_epochs (training stops at half)"
+    )
     p.add_argument("--n-train", type=int, default=512, help="training examples")
     p.add_argument("--batch-size", type=int, default=32, help="batch size per device")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (constant)")
@@ -116,8 +151,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     args = parse(config["argv"])
     model, train, val, targs, callback = build(args)
-    trainer = Trainer(model=model, args=targs, train_dataset=train, eval_dataset=val,
-                      callbacks=[callback, RayTrainReportCallback()])  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=train,
+        eval_dataset=val,
+        callbacks=[callback, RayTrainReportCallback()],
+    )
     trainer = prepare_trainer(trainer)
     trainer.train()
     save(args, callback, trainer.model, trainer.is_world_process_zero())
@@ -135,12 +175,18 @@ def main(argv=None) -> int:
         TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"argv": list(sys.argv[1:] if argv is None else argv)},
-            scaling_config=ray.train.ScalingConfig(num_workers=args.num_workers, resources_per_worker={"CPU": 0.5}),
-            run_config=ray.train.RunConfig(name="hf", storage_path=os.path.abspath(os.path.join(args.out, "ray"))),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=args.num_workers, resources_per_worker={"CPU": 0.5}
+            ),
+            run_config=ray.train.RunConfig(
+                name="hf", storage_path=os.path.abspath(os.path.join(args.out, "ray"))
+            ),
         ).fit()
         return 0
     model, train, val, targs, callback = build(args)
-    trainer = Trainer(model=model, args=targs, train_dataset=train, eval_dataset=val, callbacks=[callback])
+    trainer = Trainer(
+        model=model, args=targs, train_dataset=train, eval_dataset=val, callbacks=[callback]
+    )
     trainer.train()
     save(args, callback, trainer.model, trainer.is_world_process_zero())
     return 0

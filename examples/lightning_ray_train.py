@@ -32,9 +32,14 @@ ray.cloudpickle.register_pickle_by_value(lightning_single)  # workers need not f
 def train_loop_per_worker(config: dict) -> None:
     args = lightning_single.parse(config["argv"])
     model, (train, val), callback = lightning_single.build(args)
-    trainer = pl.Trainer(accelerator="cpu", devices="auto", strategy=RayDDPStrategy(),
-                         plugins=[RayLightningEnvironment()], callbacks=[callback, RayTrainReportCallback()],
-                         **lightning_single.trainer_kwargs(args))  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices="auto",
+        strategy=RayDDPStrategy(),
+        plugins=[RayLightningEnvironment()],
+        callbacks=[callback, RayTrainReportCallback()],
+        **lightning_single.trainer_kwargs(args),
+    )
     trainer = prepare_trainer(trainer)
     trainer.fit(model, train, val)
     lightning_single.save(args, callback, trainer)
@@ -53,8 +58,12 @@ def main(argv=None) -> int:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"argv": argv},
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": 0.5}),
-        run_config=ray.train.RunConfig(name="lightning", storage_path=os.path.abspath(os.path.join(args.out, "ray"))),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, resources_per_worker={"CPU": 0.5}
+        ),
+        run_config=ray.train.RunConfig(
+            name="lightning", storage_path=os.path.abspath(os.path.join(args.out, "ray"))
+        ),
     )
     trainer.fit()
     return 0

@@ -27,8 +27,14 @@ from twa_ray.integrations.lightning import TWA
 from twa_ray.store import CandidateStore
 
 
-def make_task(n_train: int = 2048, n_val: int = 512, dim: int = 32, classes: int = 4, seed: int = 0,
-              n_test: int = 2048):
+def make_task(
+    n_train: int = 2048,
+    n_val: int = 512,
+    dim: int = 32,
+    classes: int = 4,
+    seed: int = 0,
+    n_test: int = 2048,
+):
     """Train, val and test datasets: a random teacher's labels, 20% of the train labels flipped."""
     g = torch.Generator().manual_seed(seed)
     teacher = torch.randn(dim, 64, generator=g), torch.randn(64, classes, generator=g)
@@ -38,15 +44,23 @@ def make_task(n_train: int = 2048, n_val: int = 512, dim: int = 32, classes: int
     y[:n_train][flip] = torch.randint(0, classes, (int(flip.sum()),), generator=g)
     x_test = torch.randn(n_test, dim, generator=g)  # drawn last: train and val do not depend on it
     y_test = (torch.tanh(x_test @ teacher[0]) @ teacher[1]).argmax(1)
-    return (TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:]),
-            TensorDataset(x_test, y_test))  # fmt: skip
+    return (
+        TensorDataset(x[:n_train], y[:n_train]),
+        TensorDataset(x[n_train:], y[n_train:]),
+        TensorDataset(x_test, y_test),
+    )
 
 
 class MLP(pl.LightningModule):
     def __init__(self, dim: int = 32, hidden: int = 128, classes: int = 4, lr: float = 0.1) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                                 nn.ReLU(), nn.Linear(hidden, classes))  # fmt: skip
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, classes),
+        )
         self.lr = lr
 
     def forward(self, x):
@@ -69,17 +83,31 @@ def build(args):
     lightning_ray_train.py)."""
     torch.manual_seed(args.seed)
     train, val, _ = make_task(n_train=args.n_train)
-    callback = TWA(args.store or os.path.join(args.out, "candidates"), every_n_epochs=1, sample_frac=0.5,
-                   mode="twa-v", config=TWAConfig(blocks="tensor", bits=8, lr=0.1, epochs=1.0))  # fmt: skip
-    loaders = (DataLoader(train, batch_size=args.batch_size, shuffle=False),
-               DataLoader(val, batch_size=args.batch_size))  # fmt: skip
+    callback = TWA(
+        args.store or os.path.join(args.out, "candidates"),
+        every_n_epochs=1,
+        sample_frac=0.5,
+        mode="twa-v",
+        config=TWAConfig(blocks="tensor", bits=8, lr=0.1, epochs=1.0),
+    )
+    loaders = (
+        DataLoader(train, batch_size=args.batch_size, shuffle=False),
+        DataLoader(val, batch_size=args.batch_size),
+    )
     return MLP(), loaders, callback
 
 
 def trainer_kwargs(args) -> dict:
-    return dict(max_epochs=args.epochs, default_root_dir=args.out, enable_progress_bar=False,
-                enable_model_summary=False, enable_checkpointing=False, deterministic=True,
-                num_sanity_val_steps=0, logger=pl.loggers.CSVLogger(args.out, name="logs"))  # fmt: skip
+    return dict(
+        max_epochs=args.epochs,
+        default_root_dir=args.out,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        deterministic=True,
+        num_sanity_val_steps=0,
+        logger=pl.loggers.CSVLogger(args.out, name="logs"),
+    )
 
 
 @torch.no_grad()
@@ -98,8 +126,11 @@ def held_out(args, callback, model) -> dict:
 
 def save(args, callback, trainer) -> None:
     if trainer.is_global_zero:
-        result = {"alpha": callback.twa.alpha.flatten().tolist(), **callback.metrics,
-                  **held_out(args, callback, trainer.lightning_module)}  # fmt: skip
+        result = {
+            "alpha": callback.twa.alpha.flatten().tolist(),
+            **callback.metrics,
+            **held_out(args, callback, trainer.lightning_module),
+        }
         with open(os.path.join(args.out, "result.json"), "w") as f:
             json.dump(result, f, indent=1)
         print(json.dumps({k: v for k, v in result.items() if k != "alpha"}, indent=1))
@@ -108,8 +139,11 @@ def save(args, callback, trainer) -> None:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True, help="folder for candidates, logs and result.json")
-    p.add_argument("--store", help="candidate store URI (default OUT/candidates); candidates "
-                   "already in it are kept (resume)")
+    p.add_argument(
+        "--store",
+        help="candidate store URI (default OUT/candidates); candidates "
+        "already in it are kept (resume)",
+    )
     p.add_argument("--epochs", type=int, default=8, help="max_epochs (training stops at half)")
     p.add_argument("--n-train", type=int, default=2048, help="training examples")
     p.add_argument("--batch-size", type=int, default=32, help="batch size per device")
@@ -122,8 +156,13 @@ def parse(argv=None):
 def main(argv=None) -> int:
     args = parse(argv)
     model, (train, val), callback = build(args)
-    trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy=args.strategy,
-                         callbacks=[callback], **trainer_kwargs(args))  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=args.strategy,
+        callbacks=[callback],
+        **trainer_kwargs(args),
+    )
     trainer.fit(model, train, val)
     save(args, callback, trainer)
     return 0

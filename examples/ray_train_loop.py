@@ -32,7 +32,9 @@ from twa_ray.store import CandidateStore
 NUM_CLASSES, DIM = 4, 16
 
 
-def make_splits(num_samples: int, seed: int = 0) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+def make_splits(
+    num_samples: int, seed: int = 0
+) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
     """Noisy Gaussian clusters, 60% train / 20% held-out val / 20% test (the same on every call)."""
     g = torch.Generator().manual_seed(seed)
     centers = 1.5 * torch.randn(NUM_CLASSES, DIM, generator=g)
@@ -50,13 +52,17 @@ def train_loop_per_worker(config: dict) -> None:
     """Plain data-parallel SGD; the one TWA line is ``twa_ray.train.snapshot``."""
     ctx = ray.train.get_context()
     train, _, _ = make_splits(config["samples"])
-    sampler = DistributedSampler(train, num_replicas=ctx.get_world_size(), rank=ctx.get_world_rank(), seed=0)
+    sampler = DistributedSampler(
+        train, num_replicas=ctx.get_world_size(), rank=ctx.get_world_rank(), seed=0
+    )
     loader = DataLoader(train, batch_size=32, sampler=sampler, drop_last=True)
     torch.manual_seed(0)
     model = ray.train.torch.prepare_model(make_model())
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     total = config["epochs"] * len(loader)  # the cosine schedule spans the full budget
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total))
+    )
     step = 0
     for epoch in range(config["epochs"] // 2):  # stop halfway: TWA finishes the training
         sampler.set_epoch(epoch)
@@ -70,13 +76,17 @@ def train_loop_per_worker(config: dict) -> None:
             if step % config["every"] == 0:
                 twa_ray.train.snapshot(model, config["store"], step=step, epoch=step / len(loader))
         ray.train.report({"epoch": epoch + 1, "loss": loss.item()})
-    twa_ray.train.snapshot(model, config["store"], step=step, epoch=step / len(loader))  # the final weights
+    twa_ray.train.snapshot(
+        model, config["store"], step=step, epoch=step / len(loader)
+    )  # the final weights
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/ray_train_loop", help="candidates and Ray Train storage")
-    p.add_argument("--epochs", type=int, default=20, help="epoch budget of the schedule (half is trained)")
+    p.add_argument(
+        "--epochs", type=int, default=20, help="epoch budget of the schedule (half is trained)"
+    )
     p.add_argument("--every", type=int, default=10, help="snapshot every this many steps")
     p.add_argument("--samples", type=int, default=4000, help="size of the generated task")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
@@ -87,8 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=args.workers, resources_per_worker={"CPU": 1}),
-        run_config=ray.train.RunConfig(name="ray_train_loop", storage_path=os.path.join(out, "ray")),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=args.workers, resources_per_worker={"CPU": 1}
+        ),
+        run_config=ray.train.RunConfig(
+            name="ray_train_loop", storage_path=os.path.join(out, "ray")
+        ),
     ).fit()
 
     _, val, test = make_splits(args.samples)
@@ -96,11 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     last = make_model()
     load_flat_(last, CandidateStore(store).read(names[-1]), Layout.from_module(last))
     model = make_model()
-    twa = twa_ray.train.learn(model, store, DataLoader(val, batch_size=64, shuffle=True), bits=8, epochs=5)
+    twa = twa_ray.train.learn(
+        model, store, DataLoader(val, batch_size=64, shuffle=True), bits=8, epochs=5
+    )
     test_loader = DataLoader(test, batch_size=256)
     print(f"{len(names)} candidates in {store}")
-    print(f"test accuracy: last SGD weights {evaluate(last, test_loader).acc:.4f}, "
-          f"TWA-v {evaluate(model, test_loader).acc:.4f} ({twa.step_count} coefficient steps)")  # fmt: skip
+    print(
+        f"test accuracy: last SGD weights {evaluate(last, test_loader).acc:.4f}, "
+        f"TWA-v {evaluate(model, test_loader).acc:.4f} ({twa.step_count} coefficient steps)"
+    )
     return 0
 
 

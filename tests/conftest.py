@@ -39,4 +39,6 @@ def _unmarked_tests_start_no_ray(request):
     yield
     after = _ray_session()
     if after is not None and after != before:
-        pytest.fail(f"{request.node.nodeid} started a Ray but is not marked ray: add @pytest.mark.ray")
+        pytest.fail(
+            f"{request.node.nodeid} started a Ray but is not marked ray: add @pytest.mark.ray"
+        )

@@ -34,14 +34,20 @@ def moto_s3(bucket: str | None = "bkt") -> Iterator[str]:
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    keys = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     old = {k: os.environ.get(k) for k in keys}
     os.environ.update(keys)
     try:
         endpoint = f"127.0.0.1:{port}"
         if bucket is not None:
-            pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True).create_dir(bucket)
+            pafs.S3FileSystem(
+                endpoint_override=endpoint, scheme="http", allow_bucket_creation=True
+            ).create_dir(bucket)
         yield endpoint
     finally:
         server.stop()

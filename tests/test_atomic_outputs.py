@@ -137,12 +137,16 @@ def test_out_of_disk_is_one_clear_error_and_changes_nothing(tmp_path):
     src.mkdir()
     for i in range(2):
         torch.save({"w": torch.full((100, 200), float(i)), "b": torch.zeros(100)}, src / f"c{i}.pt")
-    code, err = _with_file_size_limit(lambda: main(["import", str(src), "--out", str(tmp_path / "store")]))
+    code, err = _with_file_size_limit(
+        lambda: main(["import", str(src), "--out", str(tmp_path / "store")])
+    )
     assert code == 2, err
     assert err.startswith("twa-ray: error: out of disk space") and err.count("\n") == 1, err
     assert "EFBIG" in err and "free space" in err and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in (tmp_path / "store").iterdir()} == before
-    assert flatten({"w": torch.zeros(100, 200), "b": torch.zeros(100)}, layout).equal(store.read("existing"))
+    assert flatten({"w": torch.zeros(100, 200), "b": torch.zeros(100)}, layout).equal(
+        store.read("existing")
+    )
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -162,7 +166,9 @@ def test_out_of_disk_while_writing_outputs_keeps_the_old_file(tmp_path, what):
             if what == "model":
                 write_model(final, _model(1), {"step": "1"})
             else:
-                write_coefficients(final, {"twa_v": torch.randn(100, L)}, block_labels=labels)  # > 64 KiB
+                write_coefficients(
+                    final, {"twa_v": torch.randn(100, L)}, block_labels=labels
+                )  # > 64 KiB
         except OSError as e:
             print(f"errno {e.errno}", file=sys.stderr)
             return 0

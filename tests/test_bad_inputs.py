@@ -50,7 +50,10 @@ def fx(tmp_path_factory):
         sd = {k: v.contiguous() for k, v in model.state_dict().items()}
         torch.save(sd, root / "pt" / f"c{i}.pt")
         save_file(sd, root / "st" / f"c{i}.safetensors")
-        torch.save({"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": i}, root / "lightning" / f"c{i}.ckpt")
+        torch.save(
+            {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": i},
+            root / "lightning" / f"c{i}.ckpt",
+        )
     return root
 
 
@@ -110,7 +113,10 @@ def _ckpts(tmp: Path, edit) -> Path:
 
 def _overflow(fx, tmp):
     def huge(sd):
-        return {k: torch.sign(torch.randn_like(v)) * 3e38 if k.endswith(("weight", "bias")) else v for k, v in sd.items()}
+        return {
+            k: torch.sign(torch.randn_like(v)) * 3e38 if k.endswith(("weight", "bias")) else v
+            for k, v in sd.items()
+        }
 
     return ["average", "--store", str(_ckpts(tmp, huge)), "--out", str(tmp / "o"), *FAST]
 
@@ -123,7 +129,9 @@ def _unknown_keys(fx, tmp):
 def _cifar_py(tmp: Path, bad: bytes) -> Path:
     d = tmp / "cifar" / "cifar-10-batches-py"
     d.mkdir(parents=True)
-    ok = pickle.dumps({b"data": np.zeros((10, 3072), np.uint8), b"labels": list(range(10))}, protocol=2)
+    ok = pickle.dumps(
+        {b"data": np.zeros((10, 3072), np.uint8), b"labels": list(range(10))}, protocol=2
+    )
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         (d / name).write_bytes(bad if name == "data_batch_2" else ok)
     return tmp / "cifar"
@@ -138,15 +146,39 @@ class _Evil:
 
 
 def _cifar_truncated(fx, tmp):
-    good = pickle.dumps({b"data": np.zeros((10, 3072), np.uint8), b"labels": list(range(10))}, protocol=2)
+    good = pickle.dumps(
+        {b"data": np.zeros((10, 3072), np.uint8), b"labels": list(range(10))}, protocol=2
+    )
     root = _cifar_py(tmp, good[: len(good) // 2])
-    return ["average", "--dataset", "cifar10", "--data-root", str(root), "--store", str(fx / "store"), "--out", str(tmp / "o")]
+    return [
+        "average",
+        "--dataset",
+        "cifar10",
+        "--data-root",
+        str(root),
+        "--store",
+        str(fx / "store"),
+        "--out",
+        str(tmp / "o"),
+    ]
 
 
 def _cifar_evil(fx, tmp):
-    evil = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [_Evil(str(tmp / "pwned"))]}, protocol=2)
+    evil = pickle.dumps(
+        {b"data": np.zeros((1, 3072), np.uint8), b"labels": [_Evil(str(tmp / "pwned"))]}, protocol=2
+    )
     root = _cifar_py(tmp, evil)
-    return ["average", "--dataset", "cifar10", "--data-root", str(root), "--store", str(fx / "store"), "--out", str(tmp / "o")]
+    return [
+        "average",
+        "--dataset",
+        "cifar10",
+        "--data-root",
+        str(root),
+        "--store",
+        str(fx / "store"),
+        "--out",
+        str(tmp / "o"),
+    ]
 
 
 def _user_pkg(tmp: Path, monkeypatch, body: str) -> None:
@@ -158,13 +190,37 @@ def _user_pkg(tmp: Path, monkeypatch, body: str) -> None:
 
 
 def _input_mismatch(fx, tmp, monkeypatch):
-    _user_pkg(tmp, monkeypatch, "def build(num_classes):\n    return nn.Sequential(nn.Linear(10, num_classes))\n")
-    return ["average", "--model", "user_models_14:build", "--store", str(fx / "store"), "--out", str(tmp / "o"), *FAST]
+    _user_pkg(
+        tmp,
+        monkeypatch,
+        "def build(num_classes):\n    return nn.Sequential(nn.Linear(10, num_classes))\n",
+    )
+    return [
+        "average",
+        "--model",
+        "user_models_14:build",
+        "--store",
+        str(fx / "store"),
+        "--out",
+        str(tmp / "o"),
+        *FAST,
+    ]
 
 
 def _wrong_classes(fx, tmp, monkeypatch):
-    _user_pkg(tmp, monkeypatch, "def build(input_shape):\n    return nn.Linear(input_shape[0], 3)\n")
-    return ["average", "--model", "user_models_14:build", "--store", str(fx / "store"), "--out", str(tmp / "o"), *FAST]
+    _user_pkg(
+        tmp, monkeypatch, "def build(input_shape):\n    return nn.Linear(input_shape[0], 3)\n"
+    )
+    return [
+        "average",
+        "--model",
+        "user_models_14:build",
+        "--store",
+        str(fx / "store"),
+        "--out",
+        str(tmp / "o"),
+        *FAST,
+    ]
 
 
 def _non_image(fx, tmp, monkeypatch):
@@ -178,8 +234,12 @@ def _non_image(fx, tmp, monkeypatch):
             for i in range(3):
                 Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / split / cls / f"{i}.png")
     (root / "train" / "a" / "notes.png").write_text("not an image")
-    _user_pkg(tmp, monkeypatch, "def build(num_classes, input_shape):\n"
-              "    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(input_shape[0], num_classes))\n")  # fmt: skip
+    _user_pkg(
+        tmp,
+        monkeypatch,
+        "def build(num_classes, input_shape):\n"
+        "    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(input_shape[0], num_classes))\n",
+    )
     import user_models_14
 
     store = CandidateStore(tmp / "img_store", create=True)
@@ -188,9 +248,24 @@ def _non_image(fx, tmp, monkeypatch):
         m = user_models_14.build(2, (3, 224, 224))
         layout = Layout.from_module(m)
         store.write(flatten(m, layout), layout, step=i)
-    return ["average", "--dataset", "imagefolder", "--data-root", str(root), "--model", "user_models_14:build",
-            "--store", str(tmp / "img_store"), "--out", str(tmp / "o"), "--twa-epochs", "1", "--mode", "t",
-            "--no-greedy-soup"]  # fmt: skip
+    return [
+        "average",
+        "--dataset",
+        "imagefolder",
+        "--data-root",
+        str(root),
+        "--model",
+        "user_models_14:build",
+        "--store",
+        str(tmp / "img_store"),
+        "--out",
+        str(tmp / "o"),
+        "--twa-epochs",
+        "1",
+        "--mode",
+        "t",
+        "--no-greedy-soup",
+    ]
 
 
 def _out_holding(kind: str):
@@ -249,73 +324,194 @@ def _run(*flags: str):
 
 CORPUS = [
     # -- YAML written by hand: types named by key, booleans only from booleans
-    pytest.param(_run_yaml("sampling: {use_gpu: 'no'}\n"), "'sampling.use_gpu': expected true or false", id="yaml-string-boolean"),
-    pytest.param(_run_yaml("compare_full: 'yes'\n"), "'compare_full': expected true or false", id="yaml-string-boolean-top"),
-    pytest.param(_run_yaml("data: 5\n"), "'data': expected a mapping", id="yaml-section-not-mapping"),
-    pytest.param(_run_yaml("twa: {lr: fast}\n"), "'twa.lr': expected a number", id="yaml-word-for-number"),
-    pytest.param(_run_yaml("sampling: {epochs: '4.5'}\n"), "'sampling.epochs': expected an integer", id="yaml-fraction-for-integer"),
-    pytest.param(_run_yaml("sampling: {epochs: true}\n"), "'sampling.epochs': expected an integer", id="yaml-boolean-for-integer"),
-    pytest.param(_run_yaml("twa: {lr: [0.1]}\n"), "'twa.lr': expected a number", id="yaml-list-for-number"),
-    pytest.param(_run_yaml("data: {model: 3}\n"), "'data.model': expected a string", id="yaml-number-for-string"),
+    pytest.param(
+        _run_yaml("sampling: {use_gpu: 'no'}\n"),
+        "'sampling.use_gpu': expected true or false",
+        id="yaml-string-boolean",
+    ),
+    pytest.param(
+        _run_yaml("compare_full: 'yes'\n"),
+        "'compare_full': expected true or false",
+        id="yaml-string-boolean-top",
+    ),
+    pytest.param(
+        _run_yaml("data: 5\n"), "'data': expected a mapping", id="yaml-section-not-mapping"
+    ),
+    pytest.param(
+        _run_yaml("twa: {lr: fast}\n"), "'twa.lr': expected a number", id="yaml-word-for-number"
+    ),
+    pytest.param(
+        _run_yaml("sampling: {epochs: '4.5'}\n"),
+        "'sampling.epochs': expected an integer",
+        id="yaml-fraction-for-integer",
+    ),
+    pytest.param(
+        _run_yaml("sampling: {epochs: true}\n"),
+        "'sampling.epochs': expected an integer",
+        id="yaml-boolean-for-integer",
+    ),
+    pytest.param(
+        _run_yaml("twa: {lr: [0.1]}\n"), "'twa.lr': expected a number", id="yaml-list-for-number"
+    ),
+    pytest.param(
+        _run_yaml("data: {model: 3}\n"),
+        "'data.model': expected a string",
+        id="yaml-number-for-string",
+    ),
     pytest.param(_run_yaml("mode: tv\n"), "'mode': expected one of", id="yaml-bad-choice"),
     pytest.param(_run_yaml("bogus: 1\n"), "unknown option(s) ['bogus']", id="yaml-unknown-key"),
-    pytest.param(_run_yaml("twa: {lrr: 0.1}\n"), "unknown option(s) ['lrr'] in 'twa'", id="yaml-unknown-option"),
+    pytest.param(
+        _run_yaml("twa: {lrr: 0.1}\n"),
+        "unknown option(s) ['lrr'] in 'twa'",
+        id="yaml-unknown-option",
+    ),
     pytest.param(_run_yaml("- a\n- b\n"), "must hold a mapping", id="yaml-list-file"),
     pytest.param(_run_yaml("twa: {lr: [\n"), "is not valid YAML", id="yaml-syntax"),
-    pytest.param(_run_yaml("sampling: {cpus_per_worker: .nan}\n"), "cpus_per_worker=nan", id="yaml-nan-resource"),
-    pytest.param(lambda fx, tmp: ["run", "--config", str(tmp), "--out", str(tmp / "o")], "is a folder", id="config-is-folder"),
-    pytest.param(lambda fx, tmp: ["run", "--config", str(tmp / "nope.yaml")], "does not exist", id="config-missing"),
-    pytest.param(lambda fx, tmp: ["run", "--config", str(fx / "store" / "step-000000000.arrow")], "not a text file",
-                 id="config-binary"),  # fmt: skip
-    pytest.param(_sweep_yaml("  space: {twa.lr: {grid: [0.1]}}\n  num_samples: four\n"), "'sweep.num_samples': expected an integer",
-                 id="sweep-word-for-integer"),  # fmt: skip
-    pytest.param(_sweep_yaml("  space: 5\n"), "'sweep.space': expected a mapping", id="sweep-space-not-mapping"),
-    pytest.param(_sweep_yaml("  space: {twa.lr: {grid: [0.1]}}\n  reuse_sampling: 'no'\n"), "expected true or false",
-                 id="sweep-string-boolean"),  # fmt: skip
-    pytest.param(_sweep_yaml("  space: {twa.lrr: {grid: [0.1]}}\n"), "unknown knob", id="sweep-unknown-knob"),
-    pytest.param(_sweep_yaml("  space: {twa.lr: {uniform: [1, 0]}}\n"), "lo < hi", id="sweep-bad-range"),
+    pytest.param(
+        _run_yaml("sampling: {cpus_per_worker: .nan}\n"),
+        "cpus_per_worker=nan",
+        id="yaml-nan-resource",
+    ),
+    pytest.param(
+        lambda fx, tmp: ["run", "--config", str(tmp), "--out", str(tmp / "o")],
+        "is a folder",
+        id="config-is-folder",
+    ),
+    pytest.param(
+        lambda fx, tmp: ["run", "--config", str(tmp / "nope.yaml")],
+        "does not exist",
+        id="config-missing",
+    ),
+    pytest.param(
+        lambda fx, tmp: ["run", "--config", str(fx / "store" / "step-000000000.arrow")],
+        "not a text file",
+        id="config-binary",
+    ),
+    pytest.param(
+        _sweep_yaml("  space: {twa.lr: {grid: [0.1]}}\n  num_samples: four\n"),
+        "'sweep.num_samples': expected an integer",
+        id="sweep-word-for-integer",
+    ),
+    pytest.param(
+        _sweep_yaml("  space: 5\n"),
+        "'sweep.space': expected a mapping",
+        id="sweep-space-not-mapping",
+    ),
+    pytest.param(
+        _sweep_yaml("  space: {twa.lr: {grid: [0.1]}}\n  reuse_sampling: 'no'\n"),
+        "expected true or false",
+        id="sweep-string-boolean",
+    ),
+    pytest.param(
+        _sweep_yaml("  space: {twa.lrr: {grid: [0.1]}}\n"), "unknown knob", id="sweep-unknown-knob"
+    ),
+    pytest.param(
+        _sweep_yaml("  space: {twa.lr: {uniform: [1, 0]}}\n"), "lo < hi", id="sweep-bad-range"
+    ),
     # -- flags: validated by the same typed models; resources refused before Ray starts
-    pytest.param(_run("--epochs", "abc"), "(--epochs): expected an integer", id="flag-word-for-integer"),
+    pytest.param(
+        _run("--epochs", "abc"), "(--epochs): expected an integer", id="flag-word-for-integer"
+    ),
     pytest.param(_run("--cpus-per-worker", "nan"), "cpus_per_worker=nan", id="flag-nan-cpus"),
     pytest.param(_run("--cpus-per-worker", "inf"), "cpus_per_worker=inf", id="flag-inf-cpus"),
     pytest.param(_run("--cpus-per-worker", "0"), "cpus_per_worker=0.0", id="flag-zero-cpus"),
-    pytest.param(_run("--checkpoint-interval", "-1"), "checkpoint_interval_s=-1.0", id="flag-negative-checkpoint-interval"),
-    pytest.param(_run("--checkpoint-interval", "nan"), "checkpoint_interval_s=nan", id="flag-nan-checkpoint-interval"),
+    pytest.param(
+        _run("--checkpoint-interval", "-1"),
+        "checkpoint_interval_s=-1.0",
+        id="flag-negative-checkpoint-interval",
+    ),
+    pytest.param(
+        _run("--checkpoint-interval", "nan"),
+        "checkpoint_interval_s=nan",
+        id="flag-nan-checkpoint-interval",
+    ),
     pytest.param(_run("--lr", "inf"), "lr=inf", id="flag-inf-lr"),
     pytest.param(_run("--val-frac", "nan"), "val_frac=nan", id="flag-nan-val-frac"),
     pytest.param(_run("--mode", "x"), "invalid choice", id="flag-bad-choice"),
-    pytest.param(_run("--basis-placement", "everywhere"), "invalid choice", id="flag-bad-placement"),
+    pytest.param(
+        _run("--basis-placement", "everywhere"), "invalid choice", id="flag-bad-placement"
+    ),
     pytest.param(_run("--bogus"), "unrecognized arguments", id="flag-unknown"),
     pytest.param(_avg("--twa-lr", "1e30"), "coefficients hold NaN/Inf", id="diverged-coefficients"),
     # -- output folders: owned, inputs never written
-    pytest.param(_run("--resume", "--overwrite"), "--resume and --overwrite", id="resume-with-overwrite"),
+    pytest.param(
+        _run("--resume", "--overwrite"), "--resume and --overwrite", id="resume-with-overwrite"
+    ),
     pytest.param(_run("--resume"), "no run to resume", id="resume-nothing"),
     pytest.param(_out_holding("run"), "already holds a run", id="out-holds-another-command"),
     pytest.param(_out_holding("foreign"), "twa-ray did not write", id="out-holds-foreign-files"),
-    pytest.param(lambda fx, tmp: ["average", "--store", str(fx / "pt"), "--out", str(fx / "pt"), *FAST], "is the --store folder",
-                 id="out-is-checkpoint-folder"),  # fmt: skip
-    pytest.param(lambda fx, tmp: ["average", "--store", str(fx / "store"), "--out", str(fx / "store" / "avg"), *FAST],
-                 "inside the --store folder", id="out-inside-store"),  # fmt: skip
-    pytest.param(lambda fx, tmp: ["average", "--store", str(fx / "pt"), "--out", str(fx), *FAST], "holds the --store",
-                 id="out-holds-input"),  # fmt: skip
-    pytest.param(lambda fx, tmp: ["import", str(fx / "pt"), "--out", str(fx / "pt" / "store")], "inside the checkpoint folder",
-                 id="import-into-its-source"),  # fmt: skip
+    pytest.param(
+        lambda fx, tmp: ["average", "--store", str(fx / "pt"), "--out", str(fx / "pt"), *FAST],
+        "is the --store folder",
+        id="out-is-checkpoint-folder",
+    ),
+    pytest.param(
+        lambda fx, tmp: [
+            "average",
+            "--store",
+            str(fx / "store"),
+            "--out",
+            str(fx / "store" / "avg"),
+            *FAST,
+        ],
+        "inside the --store folder",
+        id="out-inside-store",
+    ),
+    pytest.param(
+        lambda fx, tmp: ["average", "--store", str(fx / "pt"), "--out", str(fx), *FAST],
+        "holds the --store",
+        id="out-holds-input",
+    ),
+    pytest.param(
+        lambda fx, tmp: ["import", str(fx / "pt"), "--out", str(fx / "pt" / "store")],
+        "inside the checkpoint folder",
+        id="import-into-its-source",
+    ),
     pytest.param(_locked, "another twa-ray command is writing", id="out-locked-by-another-writer"),
     # -- stores and checkpoints
     pytest.param(_flip_float, "does not match the stored CRC-32", id="corrupt-float-data"),
     pytest.param(_bad_name, "not candidate names", id="store-file-bad-name"),
-    pytest.param(lambda fx, tmp: ["average", "--store", f"s3://bkt/x?endpoint_override=127.0.0.1:{_closed_port()}&scheme=http",
-                 "--out", str(tmp / "o"), *FAST], "cannot access candidate store",
-                 id="unreachable-s3-store"),  # fmt: skip
-    pytest.param(lambda fx, tmp: ["average", "--store", str(fx / "pt" / "c0.pt"), "--out", str(tmp / "o"), *FAST], "is a file",
-                 id="store-is-a-file"),  # fmt: skip
-    pytest.param(_unknown_keys, "the checkpoint holds 14 tensors (tensor_0", id="checkpoint-keys-unrecognised"),
+    pytest.param(
+        lambda fx, tmp: [
+            "average",
+            "--store",
+            f"s3://bkt/x?endpoint_override=127.0.0.1:{_closed_port()}&scheme=http",
+            "--out",
+            str(tmp / "o"),
+            *FAST,
+        ],
+        "cannot access candidate store",
+        id="unreachable-s3-store",
+    ),
+    pytest.param(
+        lambda fx, tmp: [
+            "average",
+            "--store",
+            str(fx / "pt" / "c0.pt"),
+            "--out",
+            str(tmp / "o"),
+            *FAST,
+        ],
+        "is a file",
+        id="store-is-a-file",
+    ),
+    pytest.param(
+        _unknown_keys,
+        "the checkpoint holds 14 tensors (tensor_0",
+        id="checkpoint-keys-unrecognised",
+    ),
     pytest.param(_overflow, "overflow float32", id="averaging-overflows"),
     # -- datasets and models
-    pytest.param(_cifar_truncated, "data_batch_2: pickle data was truncated", id="cifar-corrupt-python-batch"),
+    pytest.param(
+        _cifar_truncated, "data_batch_2: pickle data was truncated", id="cifar-corrupt-python-batch"
+    ),
     pytest.param(_cifar_evil, "refusing to load global", id="cifar-malicious-pickle"),
     pytest.param(_non_image, "is not a readable image", id="imagefolder-non-image"),
-    pytest.param(_input_mismatch, "does not accept the data's inputs of shape [40]", id="model-input-size-mismatch"),
+    pytest.param(
+        _input_mismatch,
+        "does not accept the data's inputs of shape [40]",
+        id="model-input-size-mismatch",
+    ),
     pytest.param(_wrong_classes, "expected [2, 10] logits", id="model-wrong-class-count"),
 ]
 
@@ -329,16 +525,49 @@ def _s3_at_closed_port(query: str = "") -> str:
 
 
 CORPUS += [
-    pytest.param(lambda fx, tmp: ["run", "--smoke-test", "--out", str(tmp / "o"), "--connect-timeout", "2", "--storage",
-                 _s3_at_closed_port().replace("s3://", f"s3://AKIDLEAK0123:{SECRET}@")],
-                 "--storage 's3://***@bkt/x?endpoint_override=", id="secret-in-uri-of-unreachable-storage"),  # fmt: skip
-    pytest.param(lambda fx, tmp: ["run", "--smoke-test", "--out", str(tmp / "o"), "--storage",
-                 _s3_at_closed_port(f"&secret_key={SECRET}")], "secret_key=***", id="secret-in-uri-query-option"),  # fmt: skip
-    pytest.param(lambda fx, tmp: _run("--address", f"127.0.0.1:{_closed_port()}", "--connect-timeout", "2")(fx, tmp),
-                 "no Ray head answered there within 2 s", id="address-that-does-not-answer"),  # fmt: skip
-    pytest.param(_run("--connect-timeout", "0"), "--connect-timeout / TWA_RAY_CONNECT_TIMEOUT='0' is not a positive number",
-                 id="connect-timeout-not-positive"),  # fmt: skip
-    pytest.param(_run("--connect-timeout", "soon"), "is not a positive number of seconds", id="connect-timeout-word"),
+    pytest.param(
+        lambda fx, tmp: [
+            "run",
+            "--smoke-test",
+            "--out",
+            str(tmp / "o"),
+            "--connect-timeout",
+            "2",
+            "--storage",
+            _s3_at_closed_port().replace("s3://", f"s3://AKIDLEAK0123:{SECRET}@"),
+        ],
+        "--storage 's3://***@bkt/x?endpoint_override=",
+        id="secret-in-uri-of-unreachable-storage",
+    ),
+    pytest.param(
+        lambda fx, tmp: [
+            "run",
+            "--smoke-test",
+            "--out",
+            str(tmp / "o"),
+            "--storage",
+            _s3_at_closed_port(f"&secret_key={SECRET}"),
+        ],
+        "secret_key=***",
+        id="secret-in-uri-query-option",
+    ),
+    pytest.param(
+        lambda fx, tmp: _run("--address", f"127.0.0.1:{_closed_port()}", "--connect-timeout", "2")(
+            fx, tmp
+        ),
+        "no Ray head answered there within 2 s",
+        id="address-that-does-not-answer",
+    ),
+    pytest.param(
+        _run("--connect-timeout", "0"),
+        "--connect-timeout / TWA_RAY_CONNECT_TIMEOUT='0' is not a positive number",
+        id="connect-timeout-not-positive",
+    ),
+    pytest.param(
+        _run("--connect-timeout", "soon"),
+        "is not a positive number of seconds",
+        id="connect-timeout-word",
+    ),
 ]
 
 
@@ -348,34 +577,98 @@ _HUGE = "99999999999999999999"  # beyond 64 bits
 
 def _sweep_flags(*flags: str):
     def make(fx, tmp):
-        return ["sweep", "--config", _yaml(tmp, "sweep:\n  space: {twa.lr: {grid: [0.1]}}\n"), "--out", str(tmp / "o"), *flags]
+        return [
+            "sweep",
+            "--config",
+            _yaml(tmp, "sweep:\n  space: {twa.lr: {grid: [0.1]}}\n"),
+            "--out",
+            str(tmp / "o"),
+            *flags,
+        ]
 
     return make
 
 
 CORPUS += [
-    pytest.param(_run("--seed", _HUGE), f"seed={_HUGE} (--seed): must lie in [0, ", id="flag-seed-beyond-64-bits"),
-    pytest.param(_avg("--seed", "-1"), "seed=-1 (--seed): must lie in [0, ", id="flag-negative-seed"),
-    pytest.param(_run("--epochs", _HUGE), f"epochs={_HUGE} (--epochs): must fit in 64 bits", id="flag-epochs-beyond-64-bits"),
-    pytest.param(_run("--sample-interval", _HUGE), "(--sample-interval): must fit in 64 bits", id="flag-interval-beyond-64-bits"),
-    pytest.param(_run("--batch-size", "-64"), "batch_size=-64 (--batch-size): must be >= 1", id="flag-negative-batch-size"),
-    pytest.param(_run("--workers", "-2"), "num_workers=-2 (--workers): must be >= 1", id="flag-negative-workers"),
-    pytest.param(_run("--max-failures", "-1"), "max_failures=-1 (--max-failures): must be >= 0", id="flag-negative-max-failures"),
-    pytest.param(_run("--num-samples", "-5"), "num_samples=-5 (--num-samples): must be >= 100", id="flag-negative-num-samples"),
-    pytest.param(_run("--checkpoint-interval", "1e400"), "checkpoint_interval_s=inf (--checkpoint-interval)",
-                 id="flag-checkpoint-interval-overflows-float"),  # fmt: skip
+    pytest.param(
+        _run("--seed", _HUGE),
+        f"seed={_HUGE} (--seed): must lie in [0, ",
+        id="flag-seed-beyond-64-bits",
+    ),
+    pytest.param(
+        _avg("--seed", "-1"), "seed=-1 (--seed): must lie in [0, ", id="flag-negative-seed"
+    ),
+    pytest.param(
+        _run("--epochs", _HUGE),
+        f"epochs={_HUGE} (--epochs): must fit in 64 bits",
+        id="flag-epochs-beyond-64-bits",
+    ),
+    pytest.param(
+        _run("--sample-interval", _HUGE),
+        "(--sample-interval): must fit in 64 bits",
+        id="flag-interval-beyond-64-bits",
+    ),
+    pytest.param(
+        _run("--batch-size", "-64"),
+        "batch_size=-64 (--batch-size): must be >= 1",
+        id="flag-negative-batch-size",
+    ),
+    pytest.param(
+        _run("--workers", "-2"),
+        "num_workers=-2 (--workers): must be >= 1",
+        id="flag-negative-workers",
+    ),
+    pytest.param(
+        _run("--max-failures", "-1"),
+        "max_failures=-1 (--max-failures): must be >= 0",
+        id="flag-negative-max-failures",
+    ),
+    pytest.param(
+        _run("--num-samples", "-5"),
+        "num_samples=-5 (--num-samples): must be >= 100",
+        id="flag-negative-num-samples",
+    ),
+    pytest.param(
+        _run("--checkpoint-interval", "1e400"),
+        "checkpoint_interval_s=inf (--checkpoint-interval)",
+        id="flag-checkpoint-interval-overflows-float",
+    ),
     pytest.param(_avg("--twa-epochs", "1e400"), "epochs=inf", id="flag-twa-epochs-overflows-float"),
-    pytest.param(_run_yaml(f"data: {{seed: {_HUGE}}}\n"), f"invalid data config: seed={_HUGE}: must lie in",
-                 id="yaml-seed-beyond-64-bits"),  # fmt: skip
-    pytest.param(_run_yaml("sampling: {batch_size: -64}\n"), "invalid sampling config: batch_size=-64: must be >= 1",
-                 id="yaml-negative-batch-size"),  # fmt: skip
-    pytest.param(_sweep_flags("--num-samples", "0"), "num_samples=0 (--num-samples): must be >= 1", id="sweep-flag-zero-samples"),
-    pytest.param(_sweep_flags("--max-concurrent", "-1"), "max_concurrent=-1 (--max-concurrent)", id="sweep-flag-negative-concurrency"),
-    pytest.param(_sweep_flags("--grace-period", _HUGE), "(--grace-period): must fit in 64 bits", id="sweep-flag-grace-beyond-64-bits"),
-    pytest.param(_sweep_flags("--gpus-per-trial", "-1"), "gpus_per_trial=-1.0 (--gpus-per-trial): must lie in [0, 64]",
-                 id="sweep-flag-negative-gpus"),  # fmt: skip
-    pytest.param(_sweep_yaml("  space: {twa.lr: {grid: [0.1]}}\n  seed: 4294967296\n"), "seed=4294967296: must lie in [0, 4294967295]",
-                 id="sweep-yaml-seed-beyond-32-bits"),  # fmt: skip
+    pytest.param(
+        _run_yaml(f"data: {{seed: {_HUGE}}}\n"),
+        f"invalid data config: seed={_HUGE}: must lie in",
+        id="yaml-seed-beyond-64-bits",
+    ),
+    pytest.param(
+        _run_yaml("sampling: {batch_size: -64}\n"),
+        "invalid sampling config: batch_size=-64: must be >= 1",
+        id="yaml-negative-batch-size",
+    ),
+    pytest.param(
+        _sweep_flags("--num-samples", "0"),
+        "num_samples=0 (--num-samples): must be >= 1",
+        id="sweep-flag-zero-samples",
+    ),
+    pytest.param(
+        _sweep_flags("--max-concurrent", "-1"),
+        "max_concurrent=-1 (--max-concurrent)",
+        id="sweep-flag-negative-concurrency",
+    ),
+    pytest.param(
+        _sweep_flags("--grace-period", _HUGE),
+        "(--grace-period): must fit in 64 bits",
+        id="sweep-flag-grace-beyond-64-bits",
+    ),
+    pytest.param(
+        _sweep_flags("--gpus-per-trial", "-1"),
+        "gpus_per_trial=-1.0 (--gpus-per-trial): must lie in [0, 64]",
+        id="sweep-flag-negative-gpus",
+    ),
+    pytest.param(
+        _sweep_yaml("  space: {twa.lr: {grid: [0.1]}}\n  seed: 4294967296\n"),
+        "seed=4294967296: must lie in [0, 4294967295]",
+        id="sweep-yaml-seed-beyond-32-bits",
+    ),
 ]
 
 
@@ -390,23 +683,38 @@ def _sweep_space(space: str):
 
 
 CORPUS += [
-    pytest.param(_sweep_space("{twa.bits: {choice: [3, 4]}}"),
-                 "invalid sweep space: twa.bits: {choice: [3, 4]}: the value 3 is refused (invalid TWA config: bits=3: use one of",
-                 id="sweep-choice-bad-value"),
-    pytest.param(_sweep_space("{twa.bits: {uniform: [1, 8]}}"),
-                 "twa.bits: {uniform: [1, 8]}: uniform draws fractional numbers but twa.bits takes integer values; use {choice: [..]}",
-                 id="sweep-uniform-on-integer"),
-    pytest.param(_sweep_space("{twa.lr: {uniform: [-0.1, 0.1]}}"),
-                 "twa.lr: {uniform: [-0.1, 0.1]}: the bound -0.1 is refused (invalid TWA config: lr=-0.1: must be a positive number)",
-                 id="sweep-negative-lr-range"),
-    pytest.param(_sweep_space("{sampling.lr: {grid: [0.1, fast]}}"), "the value 'fast' is refused (config key 'sampling.lr': expected a number",
-                 id="sweep-word-in-grid"),
-    pytest.param(_sweep_space("{twa: {lrr: {grid: [0.1]}}}"), "unknown knob 'twa.lrr'", id="sweep-unknown-nested-knob"),
-]  # fmt: skip
+    pytest.param(
+        _sweep_space("{twa.bits: {choice: [3, 4]}}"),
+        "invalid sweep space: twa.bits: {choice: [3, 4]}: the value 3 is refused (invalid TWA config: bits=3: use one of",
+        id="sweep-choice-bad-value",
+    ),
+    pytest.param(
+        _sweep_space("{twa.bits: {uniform: [1, 8]}}"),
+        "twa.bits: {uniform: [1, 8]}: uniform draws fractional numbers but twa.bits takes integer values; use {choice: [..]}",
+        id="sweep-uniform-on-integer",
+    ),
+    pytest.param(
+        _sweep_space("{twa.lr: {uniform: [-0.1, 0.1]}}"),
+        "twa.lr: {uniform: [-0.1, 0.1]}: the bound -0.1 is refused (invalid TWA config: lr=-0.1: must be a positive number)",
+        id="sweep-negative-lr-range",
+    ),
+    pytest.param(
+        _sweep_space("{sampling.lr: {grid: [0.1, fast]}}"),
+        "the value 'fast' is refused (config key 'sampling.lr': expected a number",
+        id="sweep-word-in-grid",
+    ),
+    pytest.param(
+        _sweep_space("{twa: {lrr: {grid: [0.1]}}}"),
+        "unknown knob 'twa.lrr'",
+        id="sweep-unknown-nested-knob",
+    ),
+]
 
 
 @pytest.mark.parametrize("make,needle", CORPUS)
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(fx, tmp_path, capsys, monkeypatch, make, needle):
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(
+    fx, tmp_path, capsys, monkeypatch, make, needle
+):
     work = tmp_path / "w"
     work.mkdir()
     argv = make(fx, work, monkeypatch) if make.__code__.co_argcount == 3 else make(fx, work)
@@ -428,14 +736,29 @@ def test_corpus_is_large():
     assert len(CORPUS) >= 40
 
 
-@pytest.mark.parametrize("argv,needle", [
-    pytest.param(["run", "--cpus-per-worker", "nan"], "cpus_per_worker=nan", id="subprocess-nan-cpus"),
-    pytest.param(["run", "--seed", "99999999999999999999"], "seed=99999999999999999999 (--seed)", id="subprocess-seed-beyond-64-bits"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        pytest.param(
+            ["run", "--cpus-per-worker", "nan"], "cpus_per_worker=nan", id="subprocess-nan-cpus"
+        ),
+        pytest.param(
+            ["run", "--seed", "99999999999999999999"],
+            "seed=99999999999999999999 (--seed)",
+            id="subprocess-seed-beyond-64-bits",
+        ),
+    ],
+)
 def test_bad_input_as_a_subprocess(tmp_path, argv, needle):
-    proc = subprocess.run([sys.executable, "-m", "twa_ray.cli", *argv, "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and needle in proc.stderr, proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "twa_ray.cli", *argv, "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and needle in proc.stderr, (
+        proc.stderr
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -446,9 +769,13 @@ def test_yaml_numeric_strings_are_coerced(fx, tmp_path):
     """``lr: 1e-3`` (PyYAML: a string), ``epochs: "40"``, sweep ``num_samples: "4"``."""
     from twa_ray.config import load_config, load_sweep_config
 
-    cfg = load_config(_yaml(tmp_path, "twa: {lr: 1e-3}\nsampling: {epochs: '40', cpus_per_worker: '0.5'}\n"))
+    cfg = load_config(
+        _yaml(tmp_path, "twa: {lr: 1e-3}\nsampling: {epochs: '40', cpus_per_worker: '0.5'}\n")
+    )
     assert cfg.twa.lr == 0.001 and cfg.sampling.epochs == 40 and cfg.sampling.cpus_per_worker == 0.5
-    sweep = load_sweep_config(_yaml(tmp_path, "sweep:\n  space: {twa.lr: {grid: [0.1]}}\n  num_samples: '4'\n"))
+    sweep = load_sweep_config(
+        _yaml(tmp_path, "sweep:\n  space: {twa.lr: {grid: [0.1]}}\n  num_samples: '4'\n")
+    )
     assert sweep.num_samples == 4
 
 
@@ -456,13 +783,19 @@ def test_safetensors_imported_without_model_then_averaged(fx, tmp_path, capsys):
     """Alphabetical tensor order (no --model at import) is matched by name at average."""
     store = tmp_path / "imported"
     assert main(["import", str(fx / "st"), "--out", str(store)]) == 0
-    assert CandidateStore(store).layout.names != Layout.from_module(build_model("mlp", num_classes=10, input_shape=(40,))).names
+    assert (
+        CandidateStore(store).layout.names
+        != Layout.from_module(build_model("mlp", num_classes=10, input_shape=(40,))).names
+    )
     assert main(["average", "--store", str(store), "--out", str(tmp_path / "o"), *FAST]) == 0
     assert f"outputs in {tmp_path / 'o'}" in capsys.readouterr().out
 
 
 def test_lightning_checkpoints_are_recognised(fx, tmp_path):
-    assert main(["average", "--store", str(fx / "lightning"), "--out", str(tmp_path / "o"), *FAST]) == 0
+    assert (
+        main(["average", "--store", str(fx / "lightning"), "--out", str(tmp_path / "o"), *FAST])
+        == 0
+    )
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["num_candidates"] == 4
 
 
@@ -472,9 +805,13 @@ def test_imports_are_keyed_by_content(fx, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["average", "--store", str(fx / "pt"), "--out", str(out), *FAST]) == 0
     first = json.loads((out / "import.json").read_text())
-    assert main(["average", "--store", str(fx / "pt"), "--out", str(out), *FAST]) == 2  # owned: refused
+    assert (
+        main(["average", "--store", str(fx / "pt"), "--out", str(out), *FAST]) == 2
+    )  # owned: refused
     capsys.readouterr()
-    assert main(["average", "--store", str(fx / "pt"), "--out", str(out), "--overwrite", *FAST]) == 0
+    assert (
+        main(["average", "--store", str(fx / "pt"), "--out", str(out), "--overwrite", *FAST]) == 0
+    )
     assert "reusing the candidates imported" in capsys.readouterr().out  # progress: stdout
     other = tmp_path / "other"
     other.mkdir()
@@ -493,7 +830,10 @@ def test_overwrite_replaces_another_commands_output(fx, tmp_path):
     out.mkdir()
     (out / "run.json").write_text('{"run_id": "run-x"}')
     (out / "metrics.json").write_text("{}")
-    assert main(["average", "--store", str(fx / "store"), "--out", str(out), "--overwrite", *FAST]) == 0
+    assert (
+        main(["average", "--store", str(fx / "store"), "--out", str(out), "--overwrite", *FAST])
+        == 0
+    )
     assert not (out / "run.json").exists() and (out / "average.json").exists()
 
 
@@ -521,8 +861,15 @@ def _leased(command: str):
 
         st = tmp / "st"
         st.mkdir()
-        lease = {"command": command, "run_id": f"{command}-live", "host": socket.gethostname(), "pid": os.getppid(),
-                 "token": "t", "ttl_s": 600, "renewed": time.time()}  # fmt: skip
+        lease = {
+            "command": command,
+            "run_id": f"{command}-live",
+            "host": socket.gethostname(),
+            "pid": os.getppid(),
+            "token": "t",
+            "ttl_s": 600,
+            "renewed": time.time(),
+        }
         (st / LEASE).write_text(json.dumps(lease))
         if command == "import":
             return ["import", str(fx / "pt"), "--out", str(st)]
@@ -532,16 +879,37 @@ def _leased(command: str):
     return make
 
 
-@pytest.mark.parametrize("make,needle", [
-    pytest.param(_storage_holding_foreign(), "holds files twa-ray did not write (data.csv, sub)", id="storage-holds-foreign-files"),
-    pytest.param(_storage_holding_foreign("--overwrite"), "choose a new or empty --storage", id="storage-overwrite-foreign-files"),
-    pytest.param(_leased("run"), "is being written by run run-live", id="storage-written-by-a-live-run"),
-    pytest.param(_leased("import"), "is being written by import import-live", id="import-into-a-store-being-imported"),
-])  # fmt: skip
-def test_storage_bad_input_is_one_line_exit_2_and_changes_nothing(fx, tmp_path, capsys, monkeypatch, make, needle):
+@pytest.mark.parametrize(
+    "make,needle",
+    [
+        pytest.param(
+            _storage_holding_foreign(),
+            "holds files twa-ray did not write (data.csv, sub)",
+            id="storage-holds-foreign-files",
+        ),
+        pytest.param(
+            _storage_holding_foreign("--overwrite"),
+            "choose a new or empty --storage",
+            id="storage-overwrite-foreign-files",
+        ),
+        pytest.param(
+            _leased("run"), "is being written by run run-live", id="storage-written-by-a-live-run"
+        ),
+        pytest.param(
+            _leased("import"),
+            "is being written by import import-live",
+            id="import-into-a-store-being-imported",
+        ),
+    ],
+)
+def test_storage_bad_input_is_one_line_exit_2_and_changes_nothing(
+    fx, tmp_path, capsys, monkeypatch, make, needle
+):
     import ray
 
-    test_bad_input_is_one_line_exit_2_and_changes_nothing(fx, tmp_path, capsys, monkeypatch, make, needle)
+    test_bad_input_is_one_line_exit_2_and_changes_nothing(
+        fx, tmp_path, capsys, monkeypatch, make, needle
+    )
     assert not ray.is_initialized()  # refused before Ray starts
 
 
@@ -557,7 +925,9 @@ def _vit_folder(tmp: Path, name: str, **kw) -> Path:
     if kw:
         from transformers import ViTForImageClassification
 
-        model = ViTForImageClassification(model.config.__class__(**{**model.config.to_dict(), **kw}))
+        model = ViTForImageClassification(
+            model.config.__class__(**{**model.config.to_dict(), **kw})
+        )
     model.save_pretrained(tmp / name, max_shard_size="40KB")
     return tmp / name
 
@@ -565,7 +935,17 @@ def _vit_folder(tmp: Path, name: str, **kw) -> Path:
 def _hf_no_config(fx, tmp):
     folder = _vit_folder(tmp / "src", "vit")
     (folder / "config.json").unlink()
-    return ["average", "--store", str(tmp / "src"), "--model", f"hf:{folder}", *HF_DATA, "--out", str(tmp / "o"), *FAST]
+    return [
+        "average",
+        "--store",
+        str(tmp / "src"),
+        "--model",
+        f"hf:{folder}",
+        *HF_DATA,
+        "--out",
+        str(tmp / "o"),
+        *FAST,
+    ]
 
 
 def _hf_missing_shard(fx, tmp):
@@ -578,7 +958,17 @@ def _hf_missing_shard(fx, tmp):
 def _hf_architecture_mismatch(fx, tmp):
     other = _vit_folder(tmp, "wide", hidden_size=48)
     _vit_folder(tmp / "src", "vit")
-    return ["average", "--store", str(tmp / "src"), "--model", f"hf:{other}", *HF_DATA, "--out", str(tmp / "o"), *FAST]
+    return [
+        "average",
+        "--store",
+        str(tmp / "src"),
+        "--model",
+        f"hf:{other}",
+        *HF_DATA,
+        "--out",
+        str(tmp / "o"),
+        *FAST,
+    ]
 
 
 HF_CORPUS = [
@@ -589,6 +979,10 @@ HF_CORPUS = [
 
 
 @pytest.mark.parametrize("make,needle", HF_CORPUS)
-def test_bad_hf_input_is_one_line_exit_2_and_changes_nothing(fx, tmp_path, capsys, monkeypatch, make, needle):
+def test_bad_hf_input_is_one_line_exit_2_and_changes_nothing(
+    fx, tmp_path, capsys, monkeypatch, make, needle
+):
     pytest.importorskip("transformers")
-    test_bad_input_is_one_line_exit_2_and_changes_nothing(fx, tmp_path, capsys, monkeypatch, make, needle)
+    test_bad_input_is_one_line_exit_2_and_changes_nothing(
+        fx, tmp_path, capsys, monkeypatch, make, needle
+    )

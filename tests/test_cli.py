@@ -44,13 +44,34 @@ def trained(tmp_path_factory):
 
 def test_average_writes_metrics_model_and_coefficients(trained, tmp_path):
     out = tmp_path / "avg"
-    argv = ["average", "--store", str(trained / "store"), "--dataset", "mnist1d", "--num-samples",
-            str(NUM_SAMPLES), "--model", "mlp", "--mode", "v", "--bits", "4", "--blocks", "tensor",
-            "--twa-epochs", "2", "--out", str(out)]  # fmt: skip
+    argv = [
+        "average",
+        "--store",
+        str(trained / "store"),
+        "--dataset",
+        "mnist1d",
+        "--num-samples",
+        str(NUM_SAMPLES),
+        "--model",
+        "mlp",
+        "--mode",
+        "v",
+        "--bits",
+        "4",
+        "--blocks",
+        "tensor",
+        "--twa-epochs",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for name in ("swa", "greedy_soup", "twa_v"):
-        assert metrics["methods"][name]["test_acc"] > 0.2, (name, metrics["methods"][name])  # chance: 0.1
+        assert metrics["methods"][name]["test_acc"] > 0.2, (
+            name,
+            metrics["methods"][name],
+        )  # chance: 0.1
     assert metrics["num_candidates"] == 4
     state = load_file(out / "model.safetensors")
     assert "layers.0.weight" in state or len(state) > 4  # parameters and BN buffers
@@ -62,9 +83,22 @@ def test_average_writes_metrics_model_and_coefficients(trained, tmp_path):
 def test_average_device_flag(trained, tmp_path, capsys):
     """--device reaches the averaging: cpu runs (config.yaml records it); cuda on a machine
     without CUDA is one line, exit 2, nothing written."""
-    base = ["average", "--store", str(trained / "store"), "--dataset", "mnist1d", "--num-samples",
-            str(NUM_SAMPLES), "--model", "mlp", "--mode", "v", "--twa-epochs", "1",
-            "--no-greedy-soup"]  # fmt: skip
+    base = [
+        "average",
+        "--store",
+        str(trained / "store"),
+        "--dataset",
+        "mnist1d",
+        "--num-samples",
+        str(NUM_SAMPLES),
+        "--model",
+        "mlp",
+        "--mode",
+        "v",
+        "--twa-epochs",
+        "1",
+        "--no-greedy-soup",
+    ]
     assert main([*base, "--device", "cpu", "--out", str(tmp_path / "cpu")]) == 0
     assert "device: cpu" in (tmp_path / "cpu" / "config.yaml").read_text()
     kernel = json.loads((tmp_path / "cpu" / "metrics.json").read_text())["kernel"]
@@ -83,8 +117,20 @@ def test_import_then_average_from_a_checkpoint_folder(trained, tmp_path):
     assert main(["import", str(trained / "pt"), "--out", str(store), "--model", "mlp"]) == 0
     assert len(CandidateStore(str(store))) == 4
     out = tmp_path / "avg"
-    argv = ["average", "--store", str(trained / "pt"), "--num-samples", str(NUM_SAMPLES), "--mode", "t",
-            "--no-greedy-soup", "--twa-epochs", "1", "--out", str(out)]  # fmt: skip
+    argv = [
+        "average",
+        "--store",
+        str(trained / "pt"),
+        "--num-samples",
+        str(NUM_SAMPLES),
+        "--mode",
+        "t",
+        "--no-greedy-soup",
+        "--twa-epochs",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     assert "greedy_soup" not in json.loads((out / "metrics.json").read_text())["methods"]
 
@@ -172,16 +218,27 @@ BAD_AVERAGE = [
     pytest.param(["--model", "cnn1d"], "layout", id="other-model"),
     pytest.param(_empty_dir, "no checkpoints", id="empty-folder"),
     pytest.param(_empty_store_uri, "is empty", id="k0"),
-    pytest.param(lambda t, p: ["--store", str(_store_copy(t, p, keep=1))], "at least 2 candidates", id="k1"),
+    pytest.param(
+        lambda t, p: ["--store", str(_store_copy(t, p, keep=1))], "at least 2 candidates", id="k1"
+    ),
     pytest.param(_truncated, "corrupt or truncated", id="truncated-arrow"),
     pytest.param(_evil, "weights_only", id="pickle-code"),
     pytest.param(lambda t, p: ["--store", str(_ckpt_folder(t, p, _nan))], "NaN/Inf", id="nan"),
-    pytest.param(lambda t, p: ["--store", str(_ckpt_folder(t, p, _drop_tensor, ".safetensors"))], "is missing",
-                 id="safetensors-missing-tensor"),  # fmt: skip
-    pytest.param(lambda t, p: ["--store", str(_ckpt_folder(t, p, _to_double))], "dtype float64, expected float32",
-                 id="dtype"),  # fmt: skip
-    pytest.param(["--dataset", "cifar10", "--data-root", "/nonexistent/cifar"], "data_batch_1.bin",
-                 id="dataset-root-missing"),  # fmt: skip
+    pytest.param(
+        lambda t, p: ["--store", str(_ckpt_folder(t, p, _drop_tensor, ".safetensors"))],
+        "is missing",
+        id="safetensors-missing-tensor",
+    ),
+    pytest.param(
+        lambda t, p: ["--store", str(_ckpt_folder(t, p, _to_double))],
+        "dtype float64, expected float32",
+        id="dtype",
+    ),
+    pytest.param(
+        ["--dataset", "cifar10", "--data-root", "/nonexistent/cifar"],
+        "data_batch_1.bin",
+        id="dataset-root-missing",
+    ),
 ]
 
 
@@ -189,7 +246,11 @@ BAD_AVERAGE = [
 def test_bad_input_exits_2_with_one_clear_line(trained, tmp_path, capsys, argv, needle):
     if callable(argv):
         argv = argv(trained, tmp_path)
-    base = {"--store": str(trained / "store"), "--num-samples": str(NUM_SAMPLES), "--out": str(tmp_path / "o")}
+    base = {
+        "--store": str(trained / "store"),
+        "--num-samples": str(NUM_SAMPLES),
+        "--out": str(tmp_path / "o"),
+    }
     for flag, value in zip(argv[::2], argv[1::2]):
         base[flag] = value
     store = Path(base["--store"].removeprefix("file://"))
@@ -222,8 +283,11 @@ BAD_RUN = [
     pytest.param(["--workers", "0"], "num_workers=0", id="workers-zero"),
     pytest.param(["--bits", "5"], "bits=5", id="run-bits"),
     pytest.param(["--twa-lr", "0"], "lr=0.0", id="run-twa-lr-zero"),
-    pytest.param(["--dataset", "cifar10", "--data-root", "/nonexistent/cifar"], "data_batch_1.bin",
-                 id="run-dataset-root-missing"),  # fmt: skip
+    pytest.param(
+        ["--dataset", "cifar10", "--data-root", "/nonexistent/cifar"],
+        "data_batch_1.bin",
+        id="run-dataset-root-missing",
+    ),
     pytest.param(["--model", "no_such_model"], "no_such_model", id="run-unknown-model"),
 ]
 
@@ -271,10 +335,26 @@ def test_bring_your_own_model_and_data(trained, tmp_path, monkeypatch):
     store = CandidateStore(str(tmp_path / "byo"), create=True)
     for step in range(3):
         torch.manual_seed(step)
-        store.write(flatten(my_pkg.build(splits.num_classes, splits.input_shape), layout), layout, step=step)
+        store.write(
+            flatten(my_pkg.build(splits.num_classes, splits.input_shape), layout), layout, step=step
+        )
     out = tmp_path / "out"
-    argv = ["average", "--store", str(tmp_path / "byo"), "--dataset", "my_pkg:data", "--model", "my_pkg:build",
-            "--mode", "t", "--twa-epochs", "1", "--no-greedy-soup", "--out", str(out)]  # fmt: skip
+    argv = [
+        "average",
+        "--store",
+        str(tmp_path / "byo"),
+        "--dataset",
+        "my_pkg:data",
+        "--model",
+        "my_pkg:build",
+        "--mode",
+        "t",
+        "--twa-epochs",
+        "1",
+        "--no-greedy-soup",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     assert "twa_t" in json.loads((out / "metrics.json").read_text())["methods"]
 
@@ -312,7 +392,13 @@ def test_version_and_help_show_every_flag_with_its_default(capsys):
             assert action.help, f"twa-ray {name} {action.option_strings}: no help text"
     assert main(["run", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    for default in ("(default: 40)", "(default: 0.1)", "(default: runs/twa)", "(default: size:16384)", "(default: auto)"):
+    for default in (
+        "(default: 40)",
+        "(default: 0.1)",
+        "(default: runs/twa)",
+        "(default: size:16384)",
+        "(default: auto)",
+    ):
         assert default in text, default
     assert main(["average", "--help"]) == 0
     assert "(default: runs/average)" in " ".join(capsys.readouterr().out.split())
@@ -328,7 +414,11 @@ def test_flags_are_generated_from_the_config_fields():
     from twa_ray.config import SECTIONS, RunConfig, SweepConfig
 
     for cls in (RunConfig, SweepConfig, *SECTIONS.values()):
-        missing = {f.name for f in dataclasses.fields(cls)} - set(field_docs(cls)) - {"data", "sampling", "twa", "base"}
+        missing = (
+            {f.name for f in dataclasses.fields(cls)}
+            - set(field_docs(cls))
+            - {"data", "sampling", "twa", "base"}
+        )
         assert not missing, f"{cls.__name__}: fields without a docstring: {missing}"
     run = next(a for a in build_parser()._actions if a.dest == "command").choices["run"]
     actions = {a.dest: a for a in run._actions}
@@ -338,19 +428,36 @@ def test_flags_are_generated_from_the_config_fields():
         assert action.help.startswith(o.doc[:40]) and o.flag in action.option_strings, key
         if typing.get_origin(o.kind) is typing.Literal:
             assert tuple(action.choices) == typing.get_args(o.kind), key
-    assert option("twa.lr").flag == "--twa-lr" and option("twa.bits").flag == "--bits"  # twa- only where names clash
-    assert option("greedy_soup").flag == "--no-greedy-soup" and option("sampling.num_workers").flag == "--workers"
+    assert (
+        option("twa.lr").flag == "--twa-lr" and option("twa.bits").flag == "--bits"
+    )  # twa- only where names clash
+    assert (
+        option("greedy_soup").flag == "--no-greedy-soup"
+        and option("sampling.num_workers").flag == "--workers"
+    )
     assert "(default: 0.2)" in actions["twa_lr"].help and "(default: 40)" in actions["epochs"].help
 
 
 def test_verbosity_after_the_subcommand_and_no_third_party_debug_lines(trained, tmp_path, capsys):
-    argv = ["--store", str(trained / "store"), "--num-samples", str(NUM_SAMPLES), "--mode", "t", "--twa-epochs", "1",
-            "--no-greedy-soup"]  # fmt: skip
+    argv = [
+        "--store",
+        str(trained / "store"),
+        "--num-samples",
+        str(NUM_SAMPLES),
+        "--mode",
+        "t",
+        "--twa-epochs",
+        "1",
+        "--no-greedy-soup",
+    ]
     assert main(["average", "-v", *argv, "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr()
     assert "findfont" not in out.out + out.err and "matplotlib" not in out.out + out.err
     assert out.err == ""  # stderr holds problems only
-    assert "subspace: affine subspace of 4 candidates" in out.out and f"outputs in {tmp_path / 'a'}" in out.out
+    assert (
+        "subspace: affine subspace of 4 candidates" in out.out
+        and f"outputs in {tmp_path / 'a'}" in out.out
+    )
     assert main(["average", "-q", *argv, "--out", str(tmp_path / "b")]) == 0
     assert "subspace:" not in capsys.readouterr().out
 
@@ -367,7 +474,9 @@ def test_out_is_locked_while_a_command_writes(tmp_path):
         import subprocess
         import sys
 
-        proc = subprocess.run([sys.executable, "-c", code, str(held)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(held)], capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 3 and "another twa-ray command is writing" in proc.stdout
     finally:
         outdir.release_all()
@@ -384,8 +493,13 @@ def _interrupt(argv: list[str], needle: str, signum: int) -> str:
     import subprocess
     import time
 
-    proc = subprocess.Popen(["twa-ray", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        ["twa-ray", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         seen = []
         for line in proc.stdout:
@@ -397,7 +511,9 @@ def _interrupt(argv: list[str], needle: str, signum: int) -> str:
         rest = proc.communicate(timeout=90)[0]
         assert proc.returncode == 128 + signum, rest[-3000:]
         again = "--resume" if argv[0] == "run" else "--overwrite"
-        assert rest.strip().splitlines()[-1] == f"twa-ray: interrupted; rerun with {again}", rest[-3000:]
+        assert rest.strip().splitlines()[-1] == f"twa-ray: interrupted; rerun with {again}", rest[
+            -3000:
+        ]
         assert "Traceback" not in rest and "SIGTERM received" not in rest, rest[-3000:]
         for _ in range(60):  # Ray's processes (same session) go with the driver
             try:
@@ -430,7 +546,9 @@ def test_signal_during_sampling_and_coefficients_exits_and_resumes(tmp_path, sig
     assert json.loads((out / "run.json").read_text())["run_id"]
     _interrupt(["run", "--smoke-test", "--out", str(out), "--resume"], "TWA-t/v on", signum)
     store = CandidateStore(str(out / "candidates"))
-    assert len(store) >= 1 and all(store.read(n).numel() > 0 for n in store.names())  # whole, CRC-checked
+    assert len(store) >= 1 and all(
+        store.read(n).numel() > 0 for n in store.names()
+    )  # whole, CRC-checked
     assert not (out / "metrics.json").exists()
 
 
@@ -439,8 +557,18 @@ def test_signal_during_sampling_and_coefficients_exits_and_resumes(tmp_path, sig
 def test_signal_during_average_exits_and_reruns(trained, tmp_path, signum):
     """SIGINT or SIGTERM in the coefficient phase of ``twa-ray average``: 130 / 143, one line,
     nothing half-written; the same command with --overwrite then finishes."""
-    argv = ["average", "--store", str(trained / "store"), "--num-samples", str(NUM_SAMPLES), "--mode", "t",
-            "--no-greedy-soup", "--out", str(tmp_path / "o")]  # fmt: skip
+    argv = [
+        "average",
+        "--store",
+        str(trained / "store"),
+        "--num-samples",
+        str(NUM_SAMPLES),
+        "--mode",
+        "t",
+        "--no-greedy-soup",
+        "--out",
+        str(tmp_path / "o"),
+    ]
     _interrupt([*argv, "--twa-epochs", "100000"], "subspace:", signum)
     assert not (tmp_path / "o" / "metrics.json").exists()
     assert main([*argv, "--twa-epochs", "1", "--overwrite"]) == 0
@@ -458,8 +586,18 @@ def test_worker_group_that_cannot_be_placed_is_one_line(tmp_path, capsys, monkey
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20)
     try:
-        argv = ["run", "--smoke-test", "--workers", "3", "--max-failures", "0", "--address", "auto",
-                "--out", str(tmp_path / "o")]  # fmt: skip
+        argv = [
+            "run",
+            "--smoke-test",
+            "--workers",
+            "3",
+            "--max-failures",
+            "0",
+            "--address",
+            "auto",
+            "--out",
+            str(tmp_path / "o"),
+        ]
         assert main(argv) == 2
     finally:
         ray.shutdown()

@@ -26,12 +26,27 @@ from twa_ray.core.twa import TWAConfig
     [
         ({"twa": {"lr": "1e-3"}}, lambda c: c.twa.lr == 0.001),
         ({"sampling": {"epochs": "40"}}, lambda c: c.sampling.epochs == 40),
-        ({"sampling": {"epochs": 40.0}}, lambda c: c.sampling.epochs == 40 and isinstance(c.sampling.epochs, int)),
+        (
+            {"sampling": {"epochs": 40.0}},
+            lambda c: c.sampling.epochs == 40 and isinstance(c.sampling.epochs, int),
+        ),
         ({"sampling": {"cpus_per_worker": "0.5"}}, lambda c: c.sampling.cpus_per_worker == 0.5),
-        ({"twa": {"bits": "8", "basis_placement": "shard"}}, lambda c: c.twa.bits == 8 and c.twa.basis_placement == "shard"),
-        ({"sampling": {"use_gpu": False}, "shared_fs": True}, lambda c: not c.sampling.use_gpu and c.shared_fs),
-        ({"twa": None, "data": {"num_samples": None}}, lambda c: c.twa == TWAConfig() and c.data.num_samples is None),
-        ({"storage": "s3://b/p?endpoint_override=127.0.0.1:9000"}, lambda c: c.storage.startswith("s3://")),
+        (
+            {"twa": {"bits": "8", "basis_placement": "shard"}},
+            lambda c: c.twa.bits == 8 and c.twa.basis_placement == "shard",
+        ),
+        (
+            {"sampling": {"use_gpu": False}, "shared_fs": True},
+            lambda c: not c.sampling.use_gpu and c.shared_fs,
+        ),
+        (
+            {"twa": None, "data": {"num_samples": None}},
+            lambda c: c.twa == TWAConfig() and c.data.num_samples is None,
+        ),
+        (
+            {"storage": "s3://b/p?endpoint_override=127.0.0.1:9000"},
+            lambda c: c.storage.startswith("s3://"),
+        ),
     ],
 )
 def test_unambiguous_values_are_coerced(d, check):
@@ -62,13 +77,20 @@ def test_type_errors_name_the_key_and_the_expected_type(d, needle):
 
 
 def test_cli_flags_are_named_in_errors():
-    with pytest.raises(ValueError, match=r"'sampling.epochs' \(--epochs\): expected an integer, got 'x'; fix --epochs"):
+    with pytest.raises(
+        ValueError,
+        match=r"'sampling.epochs' \(--epochs\): expected an integer, got 'x'; fix --epochs",
+    ):
         config_from_dict({"sampling": {"epochs": "x"}}, flags={"sampling.epochs": "--epochs"})
 
 
 def test_the_dataclass_api_stays():
     cfg = config_from_dict({"twa": {"lr": "0.5"}})
-    assert isinstance(cfg, RunConfig) and isinstance(cfg.twa, TWAConfig) and isinstance(cfg.data, DataConfig)
+    assert (
+        isinstance(cfg, RunConfig)
+        and isinstance(cfg.twa, TWAConfig)
+        and isinstance(cfg.data, DataConfig)
+    )
     assert dataclasses.replace(cfg, out="x").store_uri == "x/candidates"
     assert config_from_dict(cfg.to_dict()) == cfg  # round trip
     assert dataclasses.asdict(cfg)["twa"]["lr"] == 0.5
@@ -77,25 +99,63 @@ def test_the_dataclass_api_stays():
         SamplingConfig(cpus_per_worker=math.nan)  # the Python API refuses it too
     with pytest.raises(ValueError, match="basis_placement"):
         TWAConfig(basis_placement="both")  # type: ignore[arg-type]
-    sweep = sweep_config_from_dict({"sweep": {"space": {"twa.lr": {"grid": [0.1, 0.2]}}, "num_samples": "3"}})
-    assert isinstance(sweep, SweepConfig) and sweep.num_samples == 3 and isinstance(sweep.base, RunConfig)
+    sweep = sweep_config_from_dict(
+        {"sweep": {"space": {"twa.lr": {"grid": [0.1, 0.2]}}, "num_samples": "3"}}
+    )
+    assert (
+        isinstance(sweep, SweepConfig)
+        and sweep.num_samples == 3
+        and isinstance(sweep.base, RunConfig)
+    )
 
 
 # --------------------------------------------------------------------------- fuzzing
 
 _scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.sampled_from(["1e-3", "40", "no", "yes", "nan", "-inf", "affine", "t", "size:16", ""]),
-)  # fmt: skip
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["1e-3", "40", "no", "yes", "nan", "-inf", "affine", "t", "size:16", ""]),
+)
 _keys = st.one_of(
-    st.sampled_from(["data", "sampling", "twa", "mode", "out", "store", "storage", "shared_fs", "greedy_soup",
-                     "compare_full", "sweep", "space", "num_samples", "lr", "epochs", "bits", "use_gpu",
-                     "cpus_per_worker", "dataset", "model", "val_frac", "twa.lr", "grid", "uniform", "scheduler"]),
+    st.sampled_from(
+        [
+            "data",
+            "sampling",
+            "twa",
+            "mode",
+            "out",
+            "store",
+            "storage",
+            "shared_fs",
+            "greedy_soup",
+            "compare_full",
+            "sweep",
+            "space",
+            "num_samples",
+            "lr",
+            "epochs",
+            "bits",
+            "use_gpu",
+            "cpus_per_worker",
+            "dataset",
+            "model",
+            "val_frac",
+            "twa.lr",
+            "grid",
+            "uniform",
+            "scheduler",
+        ]
+    ),
     st.text(max_size=8),
-)  # fmt: skip
+)
 _trees = st.recursive(
     _scalars,
-    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(_keys, children, max_size=5)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(_keys, children, max_size=5)
+    ),
     max_leaves=20,
 )
 

@@ -21,4 +21,7 @@ def test_precision_flag_reaches_the_sampling_config_and_the_step():
 
 def test_loader_options_only_on_gpu_workers():
     assert loader_options(torch.device("cpu")) == {}
-    assert loader_options(torch.device("cuda", 0)) == {"num_workers": GPU_LOADER_WORKERS, "pin_memory": True}
+    assert loader_options(torch.device("cuda", 0)) == {
+        "num_workers": GPU_LOADER_WORKERS,
+        "pin_memory": True,
+    }

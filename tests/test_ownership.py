@@ -30,7 +30,9 @@ TTL = "2"  # seconds: a lease of a dead holder expires fast here
 def s3():
     """``(endpoint query, filesystem)`` of a moto S3 server without buckets."""
     with moto_s3(bucket=None) as endpoint:
-        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True)
+        fs = pafs.S3FileSystem(
+            endpoint_override=endpoint, scheme="http", allow_bucket_creation=True
+        )
         yield f"?endpoint_override={endpoint}&scheme=http", fs
 
 
@@ -79,7 +81,11 @@ def _foreign(fs: pafs.FileSystem, path: str) -> None:
     _put(fs, f"{path}x/notes.txt", b"beside")
 
 
-def _a_run(st, command: str = "run", entries=("candidates/c0.arrow", "work/ray_train/ckpt/state.pt", "outputs/metrics.json")):
+def _a_run(
+    st,
+    command: str = "run",
+    entries=("candidates/c0.arrow", "work/ray_train/ckpt/state.pt", "outputs/metrics.json"),
+):
     """What a command leaves under its storage: its marker and entries of its layout."""
     outdir.mark(st, command, f"{command}-earlier")
     for rel in entries:
@@ -92,7 +98,10 @@ def test_foreign_files_refused_up_front_and_untouched(where, overwrite):
     _foreign(fs, path)
     before = _hashes(fs, path.rsplit("/", 1)[0])
     st = open_storage(uri)
-    with pytest.raises(FileExistsError, match=r"holds files twa-ray did not write \(data\.csv, sub\).*new or empty --storage"):
+    with pytest.raises(
+        FileExistsError,
+        match=r"holds files twa-ray did not write \(data\.csv, sub\).*new or empty --storage",
+    ):
         outdir.claim_storage(st, "run", overwrite=overwrite)
     assert _hashes(fs, path.rsplit("/", 1)[0]) == before  # nothing written, nothing deleted
 
@@ -108,7 +117,9 @@ def test_a_bucket_root_is_a_prefix_like_any_other(s3):
     assert outdir.claim_storage(root, "run", overwrite=True) != run_id
     assert outdir.foreign(root) == [] and not root.exists("candidates")  # the bucket itself stays
     outdir.release_all()
-    _put(fs, "rootb/team/important.csv", b"theirs")  # someone else's object: the bucket is shared now
+    _put(
+        fs, "rootb/team/important.csv", b"theirs"
+    )  # someone else's object: the bucket is shared now
     before = _hashes(fs, "rootb/team")
     for kw in ({"overwrite": True}, {"resume": True}):
         with pytest.raises(FileExistsError, match=r"did not write \(team\).*move them out"):
@@ -141,15 +152,28 @@ def test_overwrite_deletes_only_what_the_earlier_command_wrote(where, earlier):
     if earlier == "run":
         _a_run(st)
     else:
-        _a_run(st, "sweep", ("plan.json", "sampling/g0/candidates/c.arrow", "tune/sweep/state.json", "outputs/summary.json"))
-    outside = {p: h for p, h in _hashes(fs, path.rsplit("/", 1)[0]).items() if not p.startswith(path + "/")}
+        _a_run(
+            st,
+            "sweep",
+            (
+                "plan.json",
+                "sampling/g0/candidates/c.arrow",
+                "tune/sweep/state.json",
+                "outputs/summary.json",
+            ),
+        )
+    outside = {
+        p: h for p, h in _hashes(fs, path.rsplit("/", 1)[0]).items() if not p.startswith(path + "/")
+    }
     with pytest.raises(FileExistsError, match=f"already holds a {earlier}"):
         outdir.claim_storage(st, "run")
     run_id = outdir.claim_storage(st, "run", overwrite=True)
     assert outdir.owner(st) == ("run", run_id)
     left = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path)))
     assert left == sorted([outdir.LEASE, "run.json"])
-    assert {p: h for p, h in _hashes(fs, path.rsplit("/", 1)[0]).items() if not p.startswith(path + "/")} == outside
+    assert {
+        p: h for p, h in _hashes(fs, path.rsplit("/", 1)[0]).items() if not p.startswith(path + "/")
+    } == outside
 
 
 HOLDER = """
@@ -182,7 +206,9 @@ def test_live_writer_refuses_a_second_claim_and_a_crashed_one_does_not(where):
         st = open_storage(uri)
         lease = st.read_json(outdir.LEASE)
         for kw in ({}, {"resume": True}, {"overwrite": True}):
-            with pytest.raises(FileExistsError, match=f"is being written by run {run_id} \\(pid {proc.pid} "):
+            with pytest.raises(
+                FileExistsError, match=f"is being written by run {run_id} \\(pid {proc.pid} "
+            ):
                 outdir.claim_storage(st, "run", **kw)
         assert st.read_json(outdir.LEASE)["token"] == lease["token"]  # the live run keeps it
         assert st.read_json("work/phase.json") == {"at": "sampling"}
@@ -224,17 +250,24 @@ def test_a_lease_without_heartbeat_expires(where):
 def test_import_into_a_store_being_written_is_refused(tmp_path, capsys):
     store = tmp_path / "store"
     proc = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from twa_ray import outdir; from twa_ray.storage import open_storage\n"
-         "outdir.hold(open_storage(sys.argv[1]), 'import'); print('held', flush=True); time.sleep(600)",
-         str(store)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from twa_ray import outdir; from twa_ray.storage import open_storage\n"
+            "outdir.hold(open_storage(sys.argv[1]), 'import'); print('held', flush=True); time.sleep(600)",
+            str(store),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "held"
         assert main(["import", str(tmp_path / "ckpts"), "--out", str(store)]) == 2
         err = capsys.readouterr().err
-        assert f"--out {str(store)!r} is being written by import import-" in err and err.count("\n") == 1
+        assert (
+            f"--out {str(store)!r} is being written by import import-" in err
+            and err.count("\n") == 1
+        )
     finally:
         proc.kill()
         proc.wait()
@@ -250,7 +283,11 @@ def test_cli_refuses_a_storage_with_foreign_files_before_ray(where, tmp_path, ca
     out = tmp_path / "o"
     assert main(["run", "--smoke-test", "--storage", uri, "--out", str(out), *extra]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("twa-ray: error: --storage ") and "did not write (data.csv, sub)" in err and err.count("\n") == 1
+    assert (
+        err.startswith("twa-ray: error: --storage ")
+        and "did not write (data.csv, sub)" in err
+        and err.count("\n") == 1
+    )
     assert _hashes(fs, path.rsplit("/", 1)[0]) == before
     assert not out.exists() and not ray.is_initialized()
 

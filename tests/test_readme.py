@@ -49,17 +49,27 @@ def test_bad_input_table_names_tests_that_exist():
                 path, func = m.group(1), m.group(2)
             if path not in functions:
                 source = (root / path).read_text()
-                names = {n.name for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)}
+                names = {
+                    n.name for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)
+                }
                 functions[path] = (names, source)
             names, source = functions[path]
             assert func in names, f"{path}::{func} does not exist ({row})"
             if m.group(3):
-                assert f'id="{m.group(3)}"' in source, f"{path}: no parametrize id {m.group(3)!r} ({row})"
+                assert f'id="{m.group(3)}"' in source, (
+                    f"{path}: no parametrize id {m.group(3)!r} ({row})"
+                )
 
 
 def test_security_section_says_how_to_submit_with_token_auth():
-    for phrase in ("RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN", "ray dashboard cluster.yaml", "127.0.0.1",
-                   "Never bind the dashboard to 0.0.0.0", "weights_only=True"):
+    for phrase in (
+        "RAY_AUTH_MODE=token",
+        "RAY_AUTH_TOKEN",
+        "ray dashboard cluster.yaml",
+        "127.0.0.1",
+        "Never bind the dashboard to 0.0.0.0",
+        "weights_only=True",
+    ):
         assert phrase in README, phrase
 
 
@@ -69,8 +79,16 @@ def test_docs_cite_only_files_in_the_repository():
     absent = "BENCH" + "MARKS.md"  # split: this file must not match itself
     files = [root / "README.md", *root.glob("*.toml")]
     for folder in ("twa_ray", "tests", "bench", "jobs", "configs", "docs"):
-        files += [p for p in (root / folder).rglob("*") if p.suffix in (".py", ".md", ".yaml", ".toml", ".txt")]
-    citing = [str(p.relative_to(root)) for p in files if p.is_file() and absent in p.read_text(errors="ignore")]
+        files += [
+            p
+            for p in (root / folder).rglob("*")
+            if p.suffix in (".py", ".md", ".yaml", ".toml", ".txt")
+        ]
+    citing = [
+        str(p.relative_to(root))
+        for p in files
+        if p.is_file() and absent in p.read_text(errors="ignore")
+    ]
     assert not citing, citing
 
 
@@ -79,17 +97,27 @@ def test_docs_cite_only_files_in_the_repository():
 ROOT = Path(__file__).resolve().parents[1]
 NOT_USER_FACING = ("Layout", "Development")  # sections for contributors, not users
 SKIP = [  # (command pattern, why it is not run here)
-    (r"python3? -m venv |\. \S*activate\b|source \S*activate\b", "creates / enters a fresh virtual environment: the test runs in the installed one (.ci/run does the install)"),
-    (r"(python -m )?pip install\b", "installs packages: .ci/run installs the checkout as the README says"),
+    (
+        r"python3? -m venv |\. \S*activate\b|source \S*activate\b",
+        "creates / enters a fresh virtual environment: the test runs in the installed one (.ci/run does the install)",
+    ),
+    (
+        r"(python -m )?pip install\b",
+        "installs packages: .ci/run installs the checkout as the README says",
+    ),
     (r"(python -m )?pytest\b|\.ci/run\b|ruff\b|mypy\b", "the test suite and linters themselves"),
-    (r"aws\b|ray (up|down|dashboard|attach|exec|submit|job|get-auth-token)\b|export RAY_AUTH_MODE=|chmod .*auth_token",
-     "cluster only: needs AWS and the cluster of cluster.yaml (tests/cluster covers the multi-node paths)"),
-]  # fmt: skip
+    (
+        r"aws\b|ray (up|down|dashboard|attach|exec|submit|job|get-auth-token)\b|export RAY_AUTH_MODE=|chmod .*auth_token",
+        "cluster only: needs AWS and the cluster of cluster.yaml (tests/cluster covers the multi-node paths)",
+    ),
+]
 SMOKE = [  # commands that would take minutes, and the flags that make them smoke size
     (r"(twa-ray (run|sweep)|python jobs/(run_twa|sweep)\.py)\b", ["--smoke-test"]),
-    (r"(twa-ray average|python jobs/average\.py)\b",  # the sizes --smoke-test gives a run
-     ["--num-samples 1500", "--twa-epochs 1", "--no-greedy-soup"]),
-]  # fmt: skip
+    (
+        r"(twa-ray average|python jobs/average\.py)\b",  # the sizes --smoke-test gives a run
+        ["--num-samples 1500", "--twa-epochs 1", "--no-greedy-soup"],
+    ),
+]
 
 
 def _sections() -> list[tuple[str, str]]:
@@ -105,7 +133,9 @@ def _blocks(kinds: tuple[str, ...]) -> list[tuple[str, str]]:
     for title, text in _sections():
         for i, code in enumerate(re.findall(r"```(\w*)\n(.*?)```", text, re.S)):
             if code[0] in kinds:
-                found.append((f"{re.sub(r'[^a-z0-9]+', '-', title.lower()).strip('-')}-{i}", code[1]))
+                found.append(
+                    (f"{re.sub(r'[^a-z0-9]+', '-', title.lower()).strip('-')}-{i}", code[1])
+                )
     return found
 
 
@@ -221,8 +251,15 @@ def test_readme_shell_block_runs_as_written(block, workdir):
         if any(name in cmd for cmd in run) and not (workdir / name).exists():
             make(workdir / name)
     bindir = str(Path(sys.executable).parent)  # twa-ray and python of this environment
-    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+    }
     for cmd in run:
-        proc = subprocess.run(["bash", "-c", cmd], cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, f"README command failed ({proc.returncode}): {cmd}\n{proc.stderr[-3000:]}"
+        proc = subprocess.run(
+            ["bash", "-c", cmd], cwd=workdir, env=env, capture_output=True, text=True, timeout=900
+        )
+        assert proc.returncode == 0, (
+            f"README command failed ({proc.returncode}): {cmd}\n{proc.stderr[-3000:]}"
+        )

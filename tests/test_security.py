@@ -21,7 +21,11 @@ def test_torch_load_only_with_weights_only():
     for folder in ("twa_ray", "jobs", "bench", "tests"):
         for path in (ROOT / folder).rglob("*.py"):
             for n, line in enumerate(path.read_text().splitlines(), 1):
-                if re.search(r"torch\.load\(", line) and "weights_only=True" not in line and path.name != "test_security.py":
+                if (
+                    re.search(r"torch\.load\(", line)
+                    and "weights_only=True" not in line
+                    and path.name != "test_security.py"
+                ):
                     offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not offenders, "torch.load without weights_only=True:\n" + "\n".join(offenders)
 
@@ -53,22 +57,43 @@ def test_no_credential_leaves_the_command_line(tmp_path):
         query = f"endpoint_override={proxy.endpoint}&scheme=http"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         proc = subprocess.run(
-            [sys.executable, "-m", "twa_ray.cli", "run", "--smoke-test", "--mode", "t", "--out", str(tmp_path / "out"),
-             "--storage", f"s3://{AKID}:{SECRET}@bkt/runs/sec?{query}"],
-            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "twa_ray.cli",
+                "run",
+                "--smoke-test",
+                "--mode",
+                "t",
+                "--out",
+                str(tmp_path / "out"),
+                "--storage",
+                f"s3://{AKID}:{SECRET}@bkt/runs/sec?{query}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+            cwd=tmp_path,
+        )
         console = proc.stdout + proc.stderr
         assert proc.returncode == 0, console[-3000:]
         assert proxy.dropped == 2  # the faults happened, and were retried
         objects = bucket_objects(endpoint)
         metrics = json.loads(objects["bkt/runs/sec/outputs/metrics.json"])
-        store = CandidateStore(f"s3://bkt/runs/sec/candidates?endpoint_override={endpoint}&scheme=http")
+        store = CandidateStore(
+            f"s3://bkt/runs/sec/candidates?endpoint_override={endpoint}&scheme=http"
+        )
         mine = [n for n in store.names() if store.info(n).run_id == metrics["run_id"]]
         assert len(mine) == metrics["num_candidates"] and all(store.read(n).numel() for n in mine)
     assert f"and in s3://***@bkt/runs/sec/outputs?{query}" in console
     files = {str(p): p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     assert "config.yaml" in " ".join(files) and any("meta.json" in k for k in objects)
-    for where, blobs in (("local outputs", files), ("bucket", objects), ("console", {"console": console.encode()})):
+    for where, blobs in (
+        ("local outputs", files),
+        ("bucket", objects),
+        ("console", {"console": console.encode()}),
+    ):
         for name, data in blobs.items():
             for secret in (AKID, SECRET):
                 assert secret.encode() not in data, f"{secret} in {where}: {name}"
@@ -98,9 +123,17 @@ def test_saved_records_are_masked_and_read_back_with_the_credentials_given(tmp_p
     st = open_storage(tmp_path / "st")
     st.write_json("plan.json", {"run_dir": uri})
     raw = (tmp_path / "st" / "plan.json").read_text()
-    assert "savedSECRET0002" not in raw and "AKIDSAVED0001" not in raw and "s3://***@bkt9/runs/a" in raw
-    assert st.read_json("plan.json")["run_dir"] == "s3://bkt9/runs/a?endpoint_override=h:1&scheme=http"
-    redact.remember(uri.replace("/runs/a", "/other"))  # --storage of the same bucket on this command line
+    assert (
+        "savedSECRET0002" not in raw
+        and "AKIDSAVED0001" not in raw
+        and "s3://***@bkt9/runs/a" in raw
+    )
+    assert (
+        st.read_json("plan.json")["run_dir"] == "s3://bkt9/runs/a?endpoint_override=h:1&scheme=http"
+    )
+    redact.remember(
+        uri.replace("/runs/a", "/other")
+    )  # --storage of the same bucket on this command line
     try:
         assert st.read_json("plan.json")["run_dir"] == uri
     finally:
@@ -121,7 +154,9 @@ def test_log_records_are_masked(caplog):
     import twa_ray.redact  # noqa: F401  (installs the masking log-record factory)
 
     with caplog.at_level(logging.INFO, logger="twa_ray.any"):
-        logging.getLogger("twa_ray.any").info("reusing the run in %s", "s3://AK:logSECRET0001@bkt/p")
+        logging.getLogger("twa_ray.any").info(
+            "reusing the run in %s", "s3://AK:logSECRET0001@bkt/p"
+        )
     assert caplog.messages == ["reusing the run in s3://***@bkt/p"]
 
 
@@ -132,11 +167,16 @@ def test_a_reused_config_takes_the_credentials_again(tmp_path):
     from twa_ray.pipeline import _ensure_abs
     from twa_ray.storage import open_storage
 
-    storage = "s3://AKIDREUSE0001:reuseSECRET0002@bkt8/runs/a?endpoint_override=127.0.0.1:9&scheme=http"
+    storage = (
+        "s3://AKIDREUSE0001:reuseSECRET0002@bkt8/runs/a?endpoint_override=127.0.0.1:9&scheme=http"
+    )
     store = storage.replace("/runs/a?", "/runs/a/candidates?")
     saved = redact.redact(store)  # what config.yaml holds
     assert "reuseSECRET0002" not in saved
-    assert _ensure_abs(saved) == "s3://bkt8/runs/a/candidates?endpoint_override=127.0.0.1:9&scheme=http"
+    assert (
+        _ensure_abs(saved)
+        == "s3://bkt8/runs/a/candidates?endpoint_override=127.0.0.1:9&scheme=http"
+    )
     try:
         open_storage(storage, create=False)  # --storage with the credentials, on this command line
         assert _ensure_abs(saved) == store

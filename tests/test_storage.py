@@ -23,7 +23,10 @@ def s3_uri():
 
 def test_join_keeps_the_query_of_a_uri():
     uri = "s3://b/p?endpoint_override=h:1&scheme=http"
-    assert join_uri(uri, "work", "ray_train") == "s3://b/p/work/ray_train?endpoint_override=h:1&scheme=http"
+    assert (
+        join_uri(uri, "work", "ray_train")
+        == "s3://b/p/work/ray_train?endpoint_override=h:1&scheme=http"
+    )
     assert join_uri("s3://b/p/", "c") == "s3://b/p/c"
     assert join_uri("/a/b", "c", "d") == "/a/b/c/d"
 
@@ -57,7 +60,9 @@ def test_candidate_store_on_s3(s3_uri):
     store = CandidateStore(join_uri(s3_uri, "candidates"), create=True)
     name = store.write(model.state_dict(), layout, step=7)
     assert store.names() == [name] and store.info(name).step == 7
-    assert torch.equal(store.read(name), torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(
+        store.read(name), torch.cat([p.detach().flatten() for p in model.parameters()])
+    )
 
 
 def test_bad_uri_is_one_clear_error():

@@ -54,10 +54,14 @@ def test_uploads_survive_reset_and_stalled_connections(s3):
         st = open_storage(uri)
         st.write_json("run.json", {"run_id": "r", "pad": "x" * 8192})
         assert (proxy.dropped, proxy.stalled) == (2, 1)
-    store = CandidateStore(f"s3://bkt/faults/ok/candidates?endpoint_override={s3}&scheme=http")  # no proxy
+    store = CandidateStore(
+        f"s3://bkt/faults/ok/candidates?endpoint_override={s3}&scheme=http"
+    )  # no proxy
     assert sorted(store.names()) == names
     for n in names:
-        assert torch.equal(store.read(n), torch.cat([p.detach().flatten() for p in model.parameters()]))
+        assert torch.equal(
+            store.read(n), torch.cat([p.detach().flatten() for p in model.parameters()])
+        )
     objects = bucket_objects(s3)
     assert sorted(k for k in objects if k.startswith("bkt/faults/ok/")) == sorted(
         [f"bkt/faults/ok/candidates/{n}.arrow" for n in names] + ["bkt/faults/ok/run.json"]
@@ -69,7 +73,9 @@ def test_a_write_that_keeps_failing_leaves_nothing_and_one_line(s3):
     into one line, and the store holds no partial candidate."""
     model, layout = _model()
     with FaultProxy(s3, drop=1000) as proxy:
-        store = CandidateStore(f"s3://bkt/faults/bad?endpoint_override={proxy.endpoint}&scheme=http", create=True)
+        store = CandidateStore(
+            f"s3://bkt/faults/bad?endpoint_override={proxy.endpoint}&scheme=http", create=True
+        )
         with pytest.raises(OSError) as err:
             store.write(model.state_dict(), layout, step=1)
         assert proxy.dropped >= 5  # retried, then given up
@@ -79,9 +85,13 @@ def test_a_write_that_keeps_failing_leaves_nothing_and_one_line(s3):
 
 
 def test_bad_connect_timeout_is_one_line(capsys, tmp_path):
-    assert main(["run", "--smoke-test", "--connect-timeout", "-1", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["run", "--smoke-test", "--connect-timeout", "-1", "--out", str(tmp_path / "o")]) == 2
+    )
     err = capsys.readouterr().err.strip()
-    assert err.startswith("twa-ray: error: --connect-timeout") and "positive number of seconds" in err
+    assert (
+        err.startswith("twa-ray: error: --connect-timeout") and "positive number of seconds" in err
+    )
 
 
 @pytest.mark.ray
@@ -91,7 +101,10 @@ def test_address_that_does_not_answer_fails_fast(capsys, tmp_path):
     argv = ["run", "--smoke-test", "--address", f"127.0.0.1:{port}", "--out", str(tmp_path / "o")]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--address 127.0.0.1:{port}: no Ray head answered there within 3 s" in err[0], err
+    assert (
+        len(err) == 1
+        and f"--address 127.0.0.1:{port}: no Ray head answered there within 3 s" in err[0]
+    ), err
     assert not (tmp_path / "o" / "run.json").exists()
 
 
@@ -106,16 +119,25 @@ def test_stale_local_ray_record_starts_a_fresh_ray():
     tmp = Path(tempfile.mkdtemp(prefix="twa-rt-", dir="/tmp"))  # Ray's socket paths must be short
     (tmp / "ray").mkdir()
     (tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}\n")
-    env = {**os.environ, "RAY_TMPDIR": str(tmp), "PYTHONPATH": str(ROOT), "TWA_RAY_CONNECT_TIMEOUT": "3"}
+    env = {
+        **os.environ,
+        "RAY_TMPDIR": str(tmp),
+        "PYTHONPATH": str(ROOT),
+        "TWA_RAY_CONNECT_TIMEOUT": "3",
+    }
     env.pop("RAY_ADDRESS", None)
     code = "from twa_ray.pipeline import init_ray; import ray; init_ray(); print('CPUs', ray.cluster_resources()['CPU']); ray.shutdown()"
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "CPUs" in proc.stdout
-    assert "does not answer" in proc.stderr and "starting a fresh local Ray instead" in proc.stderr, proc.stderr[-3000:]
+    assert (
+        "does not answer" in proc.stderr and "starting a fresh local Ray instead" in proc.stderr
+    ), proc.stderr[-3000:]
 
 
 def test_answers_tries_the_port():

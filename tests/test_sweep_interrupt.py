@@ -22,15 +22,39 @@ def test_ctrl_c_during_a_sweep_then_resume_finishes(tmp_path):
     """SIGINT while the sweep's sampling run trains: exit 130 with one line; the same command
     with --resume finishes the sampling run and the (one) trial."""
     config = tmp_path / "sweep.yaml"
-    config.write_text(yaml.safe_dump({
-        "mode": "v",
-        "sweep": {"scheduler": "none", "max_concurrent": 1, "space": {"twa.lr": {"grid": [0.1]}}},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "mode": "v",
+                "sweep": {
+                    "scheduler": "none",
+                    "max_concurrent": 1,
+                    "space": {"twa.lr": {"grid": [0.1]}},
+                },
+            }
+        )
+    )
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "twa_ray.cli", "sweep", "--smoke-test", "--config", str(config), "--out", str(out)]
+    argv = [
+        sys.executable,
+        "-m",
+        "twa_ray.cli",
+        "sweep",
+        "--smoke-test",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         seen = []
         for line in proc.stdout:

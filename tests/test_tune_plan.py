@@ -40,8 +40,15 @@ def test_space_nested_dotted_and_bare_names_agree():
 
 def test_space_errors_are_reported_together():
     with pytest.raises(ValueError) as e:
-        _sweep({"lr": {"grid": [0.1]}, "nope": {"grid": [1]}, "bits": 4, "twa.epochs": {"loguniform": [0, 1]}},
-               num_samples=0)  # fmt: skip
+        _sweep(
+            {
+                "lr": {"grid": [0.1]},
+                "nope": {"grid": [1]},
+                "bits": 4,
+                "twa.epochs": {"loguniform": [0, 1]},
+            },
+            num_samples=0,
+        )
     msg = str(e.value)
     for part in (
         "'lr' is ambiguous",
@@ -58,72 +65,144 @@ def test_space_errors_are_reported_together():
 
 
 def test_trials_grid_times_num_samples_with_seeded_draws():
-    cfg = _sweep({"twa.lr": {"loguniform": [1e-3, 1.0]}, "twa.bits": {"grid": [2, 4]},
-                  "twa.optimizer": {"choice": ["sgd", "adamw"]}}, num_samples=3)  # fmt: skip
+    cfg = _sweep(
+        {
+            "twa.lr": {"loguniform": [1e-3, 1.0]},
+            "twa.bits": {"grid": [2, 4]},
+            "twa.optimizer": {"choice": ["sgd", "adamw"]},
+        },
+        num_samples=3,
+    )
     plan = plan_sweep(cfg, sampling_dir="/tmp/unused")
     params = [t.params for t in plan.trials]
     assert len(params) == 6 and [p["twa.bits"] for p in params] == [2, 4] * 3
     assert all(1e-3 <= p["twa.lr"] <= 1.0 and isinstance(p["twa.lr"], float) for p in params)
     assert params == [t.params for t in plan_sweep(cfg, sampling_dir="/tmp/unused").trials]
     assert len({p["twa.lr"] for p in params}) == 6  # every trial draws anew
-    assert plan_sweep(_sweep(dict(cfg.space), num_samples=3, seed=1), sampling_dir="/x").trials[0].params != params[0]
+    assert (
+        plan_sweep(_sweep(dict(cfg.space), num_samples=3, seed=1), sampling_dir="/x")
+        .trials[0]
+        .params
+        != params[0]
+    )
     # mode 'both' in the base: each trial trains one model, so the sweep tries both
     both = plan_sweep(_sweep({"twa.bits": {"grid": [2, 4]}}, mode="both"), sampling_dir="/x")
     assert sorted(t.params["mode"] for t in both.trials) == ["t", "t", "v", "v"]
 
 
 def test_grids_are_crossed_first_name_fastest_then_repeated():
-    trials = draw_trials({"twa.lr": {"grid": [0.1, 0.2]}, "twa.bits": {"grid": [2, 4, 8]}}, num_samples=2, seed=0)
-    assert [(t["twa.bits"], t["twa.lr"]) for t in trials] == [(b, lr) for lr in (0.1, 0.2) for b in (2, 4, 8)] * 2
+    trials = draw_trials(
+        {"twa.lr": {"grid": [0.1, 0.2]}, "twa.bits": {"grid": [2, 4, 8]}}, num_samples=2, seed=0
+    )
+    assert [(t["twa.bits"], t["twa.lr"]) for t in trials] == [
+        (b, lr) for lr in (0.1, 0.2) for b in (2, 4, 8)
+    ] * 2
     assert draw_trials({}, num_samples=3, seed=0) == [{}, {}, {}]
 
 
 def test_invalid_trials_fail_before_anything_runs():
     with pytest.raises(ValueError, match="gives 1 candidate"):  # interval 6 over 6 sampled epochs
-        plan_sweep(_sweep({"twa.bits": {"grid": [2, 4]}, "sample_interval": {"grid": [6]}}), sampling_dir="/x")
+        plan_sweep(
+            _sweep({"twa.bits": {"grid": [2, 4]}, "sample_interval": {"grid": [6]}}),
+            sampling_dir="/x",
+        )
     with pytest.raises(ValueError, match="a trial trains one model"):
         plan_sweep(_sweep({"mode": {"choice": ["t", "both"]}}, num_samples=8), sampling_dir="/x")
 
 
-@pytest.mark.parametrize("space,needle", [
-    pytest.param({"twa.bits": {"choice": [4, 3]}}, "twa.bits: {choice: [4, 3]}: the value 3 is refused (invalid TWA config: bits=3: use one of",
-                 id="choice-value"),
-    pytest.param({"twa.bits": {"uniform": [1, 8]}}, "twa.bits: {uniform: [1, 8]}: uniform draws fractional numbers but twa.bits takes integer values; use {choice: [..]}",
-                 id="uniform-on-integer"),
-    pytest.param({"sampling.sample_interval": {"loguniform": [1, 4]}}, "loguniform draws fractional numbers", id="loguniform-on-integer"),
-    pytest.param({"data.model": {"uniform": [0, 1]}}, "data.model takes string values", id="uniform-on-string"),
-    pytest.param({"mode": {"uniform": [0, 1]}}, "mode takes one of ['t', 'v', 'both']", id="uniform-on-literal"),
-    pytest.param({"twa.lr": {"uniform": [-0.1, 0.1]}}, "twa.lr: {uniform: [-0.1, 0.1]}: the bound -0.1 is refused (invalid TWA config: lr=-0.1",
-                 id="negative-lr-range"),
-    pytest.param({"sample_frac": {"uniform": [0.5, 1.5]}}, "the bound 1.5 is refused (invalid sampling config: sample_frac=1.5", id="range-upper-bound"),
-    pytest.param({"twa.lr": {"grid": [0.1, "fast"]}}, "the value 'fast' is refused (config key 'twa.lr': expected a number", id="grid-type"),
-    pytest.param({"mode": {"grid": ["t", "x"]}}, "mode: {grid: [t, x]}: the value 'x' is refused", id="mode-value"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "space,needle",
+    [
+        pytest.param(
+            {"twa.bits": {"choice": [4, 3]}},
+            "twa.bits: {choice: [4, 3]}: the value 3 is refused (invalid TWA config: bits=3: use one of",
+            id="choice-value",
+        ),
+        pytest.param(
+            {"twa.bits": {"uniform": [1, 8]}},
+            "twa.bits: {uniform: [1, 8]}: uniform draws fractional numbers but twa.bits takes integer values; use {choice: [..]}",
+            id="uniform-on-integer",
+        ),
+        pytest.param(
+            {"sampling.sample_interval": {"loguniform": [1, 4]}},
+            "loguniform draws fractional numbers",
+            id="loguniform-on-integer",
+        ),
+        pytest.param(
+            {"data.model": {"uniform": [0, 1]}},
+            "data.model takes string values",
+            id="uniform-on-string",
+        ),
+        pytest.param(
+            {"mode": {"uniform": [0, 1]}},
+            "mode takes one of ['t', 'v', 'both']",
+            id="uniform-on-literal",
+        ),
+        pytest.param(
+            {"twa.lr": {"uniform": [-0.1, 0.1]}},
+            "twa.lr: {uniform: [-0.1, 0.1]}: the bound -0.1 is refused (invalid TWA config: lr=-0.1",
+            id="negative-lr-range",
+        ),
+        pytest.param(
+            {"sample_frac": {"uniform": [0.5, 1.5]}},
+            "the bound 1.5 is refused (invalid sampling config: sample_frac=1.5",
+            id="range-upper-bound",
+        ),
+        pytest.param(
+            {"twa.lr": {"grid": [0.1, "fast"]}},
+            "the value 'fast' is refused (config key 'twa.lr': expected a number",
+            id="grid-type",
+        ),
+        pytest.param(
+            {"mode": {"grid": ["t", "x"]}},
+            "mode: {grid: [t, x]}: the value 'x' is refused",
+            id="mode-value",
+        ),
+    ],
+)
 def test_every_value_of_the_space_is_checked_before_any_draw(space, needle):
     """Each value of a choice is checked, not only those a draw happens to pick (8 draws of
     ``choice: [4, 3]`` may all be 4), and a range by its bounds and its knob's type."""
     with pytest.raises(ValueError) as e:
         plan_sweep(_sweep(space, num_samples=1, seed=0), sampling_dir="/x")
     msg = str(e.value)
-    assert msg.startswith("invalid sweep space: ") and needle in msg and msg.endswith("fix the sweep: section"), msg
+    assert (
+        msg.startswith("invalid sweep space: ")
+        and needle in msg
+        and msg.endswith("fix the sweep: section")
+    ), msg
 
 
 def test_a_value_valid_with_another_knobs_value_is_not_refused():
     base = _sweep({}).base
     # blocks 'tensor' is refused with the span subspace alone, fine with the swept 'affine'
     span = config_from_dict({"twa": {"subspace": "span", "blocks": "model"}})
-    check_space(span, {"twa.subspace": {"grid": ["affine"]}, "twa.blocks": {"grid": ["model", "tensor"]}})
+    check_space(
+        span, {"twa.subspace": {"grid": ["affine"]}, "twa.blocks": {"grid": ["model", "tensor"]}}
+    )
     with pytest.raises(ValueError, match="twa.blocks"):
         check_space(span, {"twa.blocks": {"grid": ["model", "tensor"]}})
-    check_space(base, {"twa.lr": {"loguniform": [1e-4, 1]}, "twa.epochs": {"uniform": [1, 3]}, "mode": {"choice": ["t", "v"]}})
+    check_space(
+        base,
+        {
+            "twa.lr": {"loguniform": [1e-4, 1]},
+            "twa.epochs": {"uniform": [1, 3]},
+            "mode": {"choice": ["t", "v"]},
+        },
+    )
 
 
 # ----------------------------------------------------------------------------- groups
 
 
 def test_trials_that_share_sampling_knobs_share_one_run(tmp_path):
-    cfg = _sweep({"sampling.lr": {"grid": [0.05, 0.1]}, "sample_interval": {"grid": [2, 3]},
-                  "twa.lr": {"grid": [0.01, 0.1]}})  # fmt: skip
+    cfg = _sweep(
+        {
+            "sampling.lr": {"grid": [0.05, 0.1]},
+            "sample_interval": {"grid": [2, 3]},
+            "twa.lr": {"grid": [0.01, 0.1]},
+        }
+    )
     plan = plan_sweep(cfg, sampling_dir=str(tmp_path))
     assert len(plan.trials) == 8 and len(plan.groups) == 2
     for g in plan.groups.values():
@@ -143,14 +222,22 @@ def test_plan_round_trips_through_json_and_pickle(tmp_path):
     import json
     import pickle
 
-    cfg = _sweep({"sampling.lr": {"grid": [0.05, 0.1]}, "twa.lr": {"loguniform": [1e-3, 1.0]}, "twa.bits": {"choice": [1, 2]}},
-                 num_samples=2)  # fmt: skip
+    cfg = _sweep(
+        {
+            "sampling.lr": {"grid": [0.05, 0.1]},
+            "twa.lr": {"loguniform": [1e-3, 1.0]},
+            "twa.bits": {"choice": [1, 2]},
+        },
+        num_samples=2,
+    )
     plan = plan_sweep(cfg, sampling_dir=str(tmp_path))
     plan = plan.with_candidates({t.index: [f"c{t.index}", "c9"] for t in plan.trials})
     plan = SweepPlan.from_dict(json.loads(json.dumps(plan.to_dict())))  # what resume reads
     assert SweepPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     assert pickle.loads(pickle.dumps(plan)) == plan
-    assert plan.trials[3].candidates == ("c3", "c9") and plan.space == json.loads(json.dumps(dict(cfg.space)))
+    assert plan.trials[3].candidates == ("c3", "c9") and plan.space == json.loads(
+        json.dumps(dict(cfg.space))
+    )
     with pytest.raises(ValueError, match="--overwrite"):
         SweepPlan.from_dict({"trials": [], "groups": {}})
 
@@ -162,8 +249,13 @@ def test_epoch_fractions_share_the_longest_run_step_fractions_do_not():
     assert g.sampling.sample_frac == 0.5 and g.sample_epochs == 8
     assert sorted(t.sample_epochs for t in plan.trials) == [4, 8]
     # interval 2 with a 6-epoch member: the run needs epoch 3 too (its final snapshot) -> gcd 1
-    plan = plan_sweep(_sweep({"sample_frac": {"grid": [0.25, 0.5]}, "sample_interval": {"grid": [2]}},
-                             sampling={"epochs": 24}), sampling_dir="/x")  # fmt: skip
+    plan = plan_sweep(
+        _sweep(
+            {"sample_frac": {"grid": [0.25, 0.5]}, "sample_interval": {"grid": [2]}},
+            sampling={"epochs": 24},
+        ),
+        sampling_dir="/x",
+    )
     (g,) = plan.groups.values()
     assert (g.sample_epochs, g.sampling.sample_interval) == (12, 2)  # 6 is even: gcd 2
     step = plan_sweep(
@@ -224,9 +316,14 @@ def test_selection_equals_a_direct_run_with_the_coarser_interval(unit):
 
 def test_cli_sweep_flags_and_smoke(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({
-        "mode": "t", "sweep": {"space": {"sample_interval": {"choice": [1, 2, 4]}}, "num_samples": 5},
-    }))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "mode": "t",
+                "sweep": {"space": {"sample_interval": {"choice": [1, 2, 4]}}, "num_samples": 5},
+            }
+        )
+    )
     args = build_parser().parse_args(
         [
             "sweep",

@@ -53,17 +53,32 @@ from twa_ray.store.importers import find_checkpoints
 log = logging.getLogger("twa_ray")
 
 __all__ = [
-    "run_average", "open_candidates", "InModelOrder", "checkpoint_sources", "check_finite", "Baselines", "compute_baselines", "fit_twa", "make_loader", "make_loaders",
+    "run_average",
+    "open_candidates",
+    "InModelOrder",
+    "checkpoint_sources",
+    "check_finite",
+    "Baselines",
+    "compute_baselines",
+    "fit_twa",
+    "make_loader",
+    "make_loaders",
     "write_outputs",
 ]
+
 
 def make_loader(
     ds: Dataset[Any], batch_size: int, *, shuffle: bool, seed: int = 0, pin_memory: bool = False
 ) -> DataLoader[Any]:
     """``pin_memory``: page-locked batches, so that copies to a GPU overlap compute."""
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None,
-                      pin_memory=pin_memory)  # fmt: skip
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=gen if shuffle else None,
+        pin_memory=pin_memory,
+    )
 
 
 IMPORT_FILE = "import.json"  # what out/candidates was imported from (names, sizes, digests)
@@ -74,13 +89,21 @@ def checkpoint_sources(src: str | Path) -> dict[str, Any]:
     files = []
     for name, path in find_checkpoints(src):
         h = hashlib.blake2b(digest_size=16)
-        parts = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]  # HF folders
+        parts = (
+            sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        )  # HF folders
         for part in parts:
             with open(part, "rb") as f:
                 while chunk := f.read(1 << 22):
                     h.update(chunk)
-        files.append({"name": name, "file": str(path.relative_to(src)) if path != Path(src) else path.name,
-                      "size": sum(p.stat().st_size for p in parts), "blake2b": h.hexdigest()})  # fmt: skip
+        files.append(
+            {
+                "name": name,
+                "file": str(path.relative_to(src)) if path != Path(src) else path.name,
+                "size": sum(p.stat().st_size for p in parts),
+                "blake2b": h.hexdigest(),
+            }
+        )
     return {"source": str(Path(src).resolve()), "files": files}
 
 
@@ -103,14 +126,21 @@ def open_candidates(
             record.unlink(missing_ok=True)
             shutil.rmtree(dest, ignore_errors=True)
             log.info("importing checkpoints from %s into %s", src, dest)
-            log.info("%s", import_checkpoints(src, str(dest), layout=layout, aliases=aliases).summary(str(dest)))
+            log.info(
+                "%s",
+                import_checkpoints(src, str(dest), layout=layout, aliases=aliases).summary(
+                    str(dest)
+                ),
+            )
             write_json(record, sources)
         else:
             log.info("reusing the candidates imported from %s (same checkpoints)", src)
         src = str(dest)
     store = CandidateStore(src)
     if len(store) == 0:
-        raise ValueError(f"candidate store {src!r} is empty; run the sampling phase or import checkpoints")
+        raise ValueError(
+            f"candidate store {src!r} is empty; run the sampling phase or import checkpoints"
+        )
     assert store.layout is not None
     if _same_tensors(store.layout, layout):
         return InModelOrder(store, layout)
@@ -120,9 +150,9 @@ def open_candidates(
 
 def _same_tensors(stored: Layout, model: Layout) -> bool:
     """The same named tensors (shapes, dtypes) in another order."""
-    return stored.fingerprint != model.fingerprint and sorted(zip(stored.names, stored.shapes, stored.dtypes)) == sorted(
-        zip(model.names, model.shapes, model.dtypes)
-    )
+    return stored.fingerprint != model.fingerprint and sorted(
+        zip(stored.names, stored.shapes, stored.dtypes)
+    ) == sorted(zip(model.names, model.shapes, model.dtypes))
 
 
 class InModelOrder:
@@ -164,10 +194,14 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _accuracies(model: nn.Module, layout: Layout, theta: torch.Tensor, loaders: dict[str, DataLoader[Any]]) -> dict[str, float]:
+def _accuracies(
+    model: nn.Module, layout: Layout, theta: torch.Tensor, loaders: dict[str, DataLoader[Any]]
+) -> dict[str, float]:
     load_flat_(model, theta, layout)
     update_bn(loaders["bn"], model, device=_device(model))
-    return {f"{s}_acc": evaluate(model, loaders[s], device=_device(model)).acc for s in ("val", "test")}
+    return {
+        f"{s}_acc": evaluate(model, loaders[s], device=_device(model)).acc for s in ("val", "test")
+    }
 
 
 def compute_baselines(
@@ -186,8 +220,13 @@ def compute_baselines(
     out.last = _accuracies(model, layout, store.read(names[-1]).clone(), loaders)
     out.swa = _accuracies(model, layout, uniform_average(store.read(n) for n in names), loaders)
     if soup:
-        score = make_scorer(model, layout, bn_loader=loaders["bn"], eval_loader=loaders["val"],
-                            device=_device(model))  # fmt: skip
+        score = make_scorer(
+            model,
+            layout,
+            bn_loader=loaders["bn"],
+            eval_loader=loaders["val"],
+            device=_device(model),
+        )
         res = greedy_soup(lambda i: store.read(names[i]), len(names), score)
         out.greedy_soup = _accuracies(model, layout, res.theta, loaders)
         out.greedy_soup["kept"] = [names[i] for i in res.kept]
@@ -217,11 +256,17 @@ def write_outputs(
     (out / "config.yaml.tmp").replace(out / "config.yaml")
     if coefficients:
         write_coefficients(
-            out / "coefficients.parquet", coefficients, block_labels=block_labels, candidate_names=candidate_names
+            out / "coefficients.parquet",
+            coefficients,
+            block_labels=block_labels,
+            candidate_names=candidate_names,
         )
         for variant, alpha in coefficients.items():
             plot_coefficients(
-                out / f"coefficients_{variant}.png", alpha, block_labels=block_labels, title=f"{variant} coefficients"
+                out / f"coefficients_{variant}.png",
+                alpha,
+                block_labels=block_labels,
+                title=f"{variant} coefficients",
             )
     if best_model is not None:  # last: a model safetensors cannot hold leaves the rest written
         write_model(out / "model.safetensors", best_model, {"format": "pt", "source": "twa_ray"})
@@ -235,7 +280,7 @@ def check_finite(model: nn.Module | None, coefficients: dict[str, torch.Tensor])
                 f"the {variant} coefficients hold NaN/Inf: TWA diverged; lower --twa-lr or check the "
                 "candidates for huge values (nothing was written)"
             )
-    for name, t in (model.state_dict().items() if model is not None else ()):
+    for name, t in model.state_dict().items() if model is not None else ():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(
@@ -260,9 +305,14 @@ def make_loaders(
 
 
 def fit_twa(
-    model: nn.Module, subspace: Subspace, config: TWAConfig, loaders: dict[str, DataLoader[Any]], mode: str,
-    *, seed: int = 0,
-) -> tuple[TWA, dict[str, float]]:  # fmt: skip
+    model: nn.Module,
+    subspace: Subspace,
+    config: TWAConfig,
+    loaders: dict[str, DataLoader[Any]],
+    mode: str,
+    *,
+    seed: int = 0,
+) -> tuple[TWA, dict[str, float]]:
     """TWA-t (``mode='t'``, train batches) or TWA-v (``'v'``, held-out batches) from the SWA
     point with the core :class:`~twa_ray.core.loop.CoefficientLoop`, BatchNorm re-estimated on
     train data; returns the engine and its accuracies.
@@ -276,20 +326,34 @@ def fit_twa(
     assert train.batch_size is not None and fit.batch_size is not None
     per_epoch = steps_per_epoch(len(train.dataset), train.batch_size)  # type: ignore[arg-type]
     batch = min(fit.batch_size, len(fit.dataset))  # type: ignore[arg-type]  # a small val split: one batch
-    data = ShuffledBatches(fit.dataset, batch, seed=seed, split="train" if mode == "t" else "val",
-                           loader_options={"pin_memory": fit.pin_memory})  # fmt: skip
+    data = ShuffledBatches(
+        fit.dataset,
+        batch,
+        seed=seed,
+        split="train" if mode == "t" else "val",
+        loader_options={"pin_memory": fit.pin_memory},
+    )
 
     def accuracies(twa: TWA) -> dict[str, float]:
         twa.update_bn(loaders["bn"])
-        return {f"{s}_acc": evaluate(model, loaders[s], device=twa.device).acc for s in ("val", "test")}
+        return {
+            f"{s}_acc": evaluate(model, loaders[s], device=twa.device).acc for s in ("val", "test")
+        }
 
     twa = TWA(model, subspace, config=config)
-    loop = CoefficientLoop(twa, data, total_steps=total_steps(config.epochs, per_epoch),
-                           steps_per_epoch=per_epoch, evaluate=accuracies).run()  # fmt: skip
+    loop = CoefficientLoop(
+        twa,
+        data,
+        total_steps=total_steps(config.epochs, per_epoch),
+        steps_per_epoch=per_epoch,
+        evaluate=accuracies,
+    ).run()
     return twa, loop.final
 
 
-def run_average(cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = False) -> dict[str, Any]:
+def run_average(
+    cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = False
+) -> dict[str, Any]:
     """Baselines and TWA on ``cfg.store`` with the model and data of ``cfg.data``; writes the
     outputs to ``cfg.out`` (owned: see :mod:`twa_ray.outdir`) and returns the metrics."""
     start = time.time()
@@ -307,20 +371,44 @@ def run_average(cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = Fals
         methods["greedy_soup"] = base.greedy_soup
     _check_range(store, names)
     subspace = build_subspace(store, layout, cfg.twa)
-    summary: dict[str, Any] = {"kind": subspace.kind, "bits": cfg.twa.bits, "num_rows": subspace.num_rows,
-               "num_blocks": subspace.num_blocks, "numel": layout.numel, "num_candidates": len(names),
-               "dropped": list(subspace.dropped), "quant_error_max": float(subspace.quant_error.max())}  # fmt: skip
+    summary: dict[str, Any] = {
+        "kind": subspace.kind,
+        "bits": cfg.twa.bits,
+        "num_rows": subspace.num_rows,
+        "num_blocks": subspace.num_blocks,
+        "numel": layout.numel,
+        "num_candidates": len(names),
+        "dropped": list(subspace.dropped),
+        "quant_error_max": float(subspace.quant_error.max()),
+    }
     log.info("subspace: %s", format_summary(summary))
     kernel = kernel_info() if device.type == "cpu" else {"path": "cuda"}
-    log.debug("coefficient kernel: %s path (%s), %s threads, %s", kernel["path"],
-              kernel.get("chosen_by", "device"), kernel.get("threads", "-"), kernel.get("cpu", cfg.device))  # fmt: skip
+    log.debug(
+        "coefficient kernel: %s path (%s), %s threads, %s",
+        kernel["path"],
+        kernel.get("chosen_by", "device"),
+        kernel.get("threads", "-"),
+        kernel.get("cpu", cfg.device),
+    )
     coefficients, saved = _fit_modes(cfg, model, subspace, loaders, methods)
-    metrics = {"methods": methods, **best_method(methods, saved_model=saved),
-               "num_candidates": len(names), "numel": layout.numel,
-               "subspace": {**summary, "rows": subspace.num_rows, "blocks": subspace.num_blocks},
-               "kernel": kernel, "wall_time_s": round(time.time() - start, 2)}  # fmt: skip
-    write_outputs(out, metrics=metrics, best_model=model, coefficients=coefficients,
-                  block_labels=list(subspace.blocks.labels), candidate_names=names, config=cfg)
+    metrics = {
+        "methods": methods,
+        **best_method(methods, saved_model=saved),
+        "num_candidates": len(names),
+        "numel": layout.numel,
+        "subspace": {**summary, "rows": subspace.num_rows, "blocks": subspace.num_blocks},
+        "kernel": kernel,
+        "wall_time_s": round(time.time() - start, 2),
+    }
+    write_outputs(
+        out,
+        metrics=metrics,
+        best_model=model,
+        coefficients=coefficients,
+        block_labels=list(subspace.blocks.labels),
+        candidate_names=names,
+        config=cfg,
+    )
     if isinstance(model, HFLogits):  # --model hf:FOLDER: also a folder that from_pretrained loads
         save_folder(model, out / "hf_model")
     if cfg.storage:  # --out is the local copy of <storage>/average (a run's are in outputs/)
@@ -336,7 +424,9 @@ def _check_out(cfg: RunConfig, overwrite: bool) -> tuple[RunConfig, Path]:
     if cfg.store is None and cfg.storage:  # the candidates of a run in --storage
         cfg = dataclasses.replace(cfg, store=join_uri(cfg.storage, "candidates"))
     if cfg.store is None:
-        raise ValueError("twa-ray average needs --store (a candidate store or a folder of checkpoints)")
+        raise ValueError(
+            "twa-ray average needs --store (a candidate store or a folder of checkpoints)"
+        )
     out = prepare_out_dir(cfg.out)
     outdir.check_inputs(out, [("--store", cfg.store), ("--data-root", cfg.data.data_root)])
     outdir.check(out, "average", overwrite=overwrite)
@@ -348,10 +438,15 @@ def _check_out(cfg: RunConfig, overwrite: bool) -> tuple[RunConfig, Path]:
 def _setup_model(cfg: RunConfig) -> tuple[DataSplits, nn.Module, Layout, torch.device]:
     """The dataset and the model on ``cfg.device`` (TWA places B on the model's device, once)."""
     splits = load_dataset(
-        cfg.data.dataset, root=cfg.data.data_root, val_frac=cfg.data.val_frac, seed=cfg.data.seed,
+        cfg.data.dataset,
+        root=cfg.data.data_root,
+        val_frac=cfg.data.val_frac,
+        seed=cfg.data.seed,
         num_samples=cfg.data.num_samples,
-    )  # fmt: skip
-    model = build_model(cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
+    )
+    model = build_model(
+        cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape
+    )
     layout = Layout.from_module(model)
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -371,9 +466,12 @@ def _check_range(store: CandidateStore | InModelOrder, names: Sequence[str]) -> 
 
 
 def _fit_modes(
-    cfg: RunConfig, model: nn.Module, subspace: Subspace, loaders: dict[str, DataLoader[Any]],
+    cfg: RunConfig,
+    model: nn.Module,
+    subspace: Subspace,
+    loaders: dict[str, DataLoader[Any]],
     methods: dict[str, dict[str, Any]],
-) -> tuple[dict[str, torch.Tensor], str]:  # fmt: skip
+) -> tuple[dict[str, torch.Tensor], str]:
     """TWA-t and/or TWA-v (their accuracies into ``methods``); leaves the model at the best on
     val (the model written out); returns the coefficients and the saved variant's name."""
     coefficients: dict[str, torch.Tensor] = {}
@@ -383,7 +481,11 @@ def _fit_modes(
         twa, methods[name] = fit_twa(model, subspace, cfg.twa, loaders, mode, seed=cfg.data.seed)
         coefficients[name] = twa.alpha.detach().cpu().clone()
         if best is None or methods[name]["val_acc"] > best[0]:
-            best = (methods[name]["val_acc"], name, {k: v.clone() for k, v in model.state_dict().items()})
+            best = (
+                methods[name]["val_acc"],
+                name,
+                {k: v.clone() for k, v in model.state_dict().items()},
+            )
     assert best is not None
     model.load_state_dict(best[2])
     return coefficients, best[1]

@@ -39,28 +39,89 @@ DEFAULT_OUT = {"run": "runs/twa", "average": "runs/average"}
 # prefix; a boolean that defaults to true is turned off by ``--no-<name>``), its ``Literal``
 # type, its docstring and its default.
 _RUN_KEYS = (
-    "data.dataset", "data.data_root", "data.model", "data.val_frac", "data.num_samples", "data.seed",
-    "sampling.epochs", "sampling.sample_frac", "sampling.sample_interval", "sampling.interval_unit",
-    "sampling.batch_size", "sampling.lr", "sampling.schedule", "sampling.num_workers", "sampling.cpus_per_worker",
-    "sampling.use_gpu", "sampling.max_failures", "sampling.checkpoint_interval_s", "sampling.precision",
-    "sampling.ema", "twa.subspace", "twa.bits", "twa.blocks", "twa.optimizer", "twa.lr", "twa.epochs", "twa.schedule",
-    "twa.weight_decay", "twa.basis_placement",
-    "mode", "compare_full", "greedy_soup", "out", "store", "storage", "shared_fs",
-)  # fmt: skip
+    "data.dataset",
+    "data.data_root",
+    "data.model",
+    "data.val_frac",
+    "data.num_samples",
+    "data.seed",
+    "sampling.epochs",
+    "sampling.sample_frac",
+    "sampling.sample_interval",
+    "sampling.interval_unit",
+    "sampling.batch_size",
+    "sampling.lr",
+    "sampling.schedule",
+    "sampling.num_workers",
+    "sampling.cpus_per_worker",
+    "sampling.use_gpu",
+    "sampling.max_failures",
+    "sampling.checkpoint_interval_s",
+    "sampling.precision",
+    "sampling.ema",
+    "twa.subspace",
+    "twa.bits",
+    "twa.blocks",
+    "twa.optimizer",
+    "twa.lr",
+    "twa.epochs",
+    "twa.schedule",
+    "twa.weight_decay",
+    "twa.basis_placement",
+    "mode",
+    "compare_full",
+    "greedy_soup",
+    "out",
+    "store",
+    "storage",
+    "shared_fs",
+)
 _AVERAGE_KEYS = (
-    "store", "data.dataset", "data.data_root", "data.model", "data.val_frac", "data.num_samples", "data.seed",
-    "mode", "twa.subspace", "twa.bits", "twa.blocks", "twa.optimizer", "twa.lr", "twa.epochs",
-    "twa.schedule", "twa.weight_decay", "greedy_soup", "out", "storage", "shared_fs", "device",
-)  # fmt: skip
+    "store",
+    "data.dataset",
+    "data.data_root",
+    "data.model",
+    "data.val_frac",
+    "data.num_samples",
+    "data.seed",
+    "mode",
+    "twa.subspace",
+    "twa.bits",
+    "twa.blocks",
+    "twa.optimizer",
+    "twa.lr",
+    "twa.epochs",
+    "twa.schedule",
+    "twa.weight_decay",
+    "greedy_soup",
+    "out",
+    "storage",
+    "shared_fs",
+    "device",
+)
 _SWEEP_KEYS = (
-    "sweep.num_samples", "sweep.max_concurrent", "sweep.scheduler", "sweep.gpus_per_trial",
-    "sweep.grace_period", "sweep.reuse_sampling", "storage", "shared_fs",
-)  # fmt: skip
-KEYS = {"run": _RUN_KEYS, "average": _AVERAGE_KEYS, "sweep": _SWEEP_KEYS, "import": ("data.dataset", "data.data_root")}
+    "sweep.num_samples",
+    "sweep.max_concurrent",
+    "sweep.scheduler",
+    "sweep.gpus_per_trial",
+    "sweep.grace_period",
+    "sweep.reuse_sampling",
+    "storage",
+    "shared_fs",
+)
+KEYS = {
+    "run": _RUN_KEYS,
+    "average": _AVERAGE_KEYS,
+    "sweep": _SWEEP_KEYS,
+    "import": ("data.dataset", "data.data_root"),
+}
 
 # flags whose name is not the field's
-_RENAMED = {"sampling.num_workers": "workers", "sampling.checkpoint_interval_s": "checkpoint_interval",
-            "sweep.reuse_sampling": "no_reuse"}  # fmt: skip
+_RENAMED = {
+    "sampling.num_workers": "workers",
+    "sampling.checkpoint_interval_s": "checkpoint_interval",
+    "sweep.reuse_sampling": "no_reuse",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +162,13 @@ def field_docs(cls: type) -> dict[str, str]:
     assert isinstance(tree, ast.ClassDef)
     docs = {}
     for stmt, after in zip(tree.body, tree.body[1:]):
-        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(after, ast.Expr) \
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):  # fmt: skip
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
             docs[stmt.target.id] = " ".join(after.value.value.replace("``", "").split())
     return docs
 
@@ -116,7 +182,9 @@ def option(key: str) -> _Option:
     default = getattr(cls(), name)  # every config dataclass has a default for each field
     kind = typing.get_type_hints(cls)[name]
     flag = name
-    if section == "twa" and any(name in {g.name for g in dataclasses.fields(sections[s])} for s in ("data", "sampling")):
+    if section == "twa" and any(
+        name in {g.name for g in dataclasses.fields(sections[s])} for s in ("data", "sampling")
+    ):
         flag = f"twa_{name}"
     if kind is bool and default is True:
         flag = f"no_{flag}"
@@ -144,18 +212,43 @@ def _add_options(p: argparse.ArgumentParser, command: str, **defaults: Any) -> N
         default = defaults.get(key, o.default)
         shown = "" if default is None else f" (default: {default})"
         metavar = None if o.choices else o.name.upper()
-        p.add_argument(o.flag, dest=o.name, default=None, metavar=metavar, choices=o.choices, help=o.doc + shown)
+        p.add_argument(
+            o.flag,
+            dest=o.name,
+            default=None,
+            metavar=metavar,
+            choices=o.choices,
+            help=o.doc + shown,
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from twa_ray import __version__
 
     verbosity = _Parser(add_help=False)
-    verbosity.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging of twa_ray")
-    verbosity.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings and errors only")
-    verbosity.add_argument("--connect-timeout", default=argparse.SUPPRESS, metavar="S",
-                           help="seconds to wait for Ray and the storage to answer (default: 60)")  # fmt: skip
-    parser = _Parser(prog="twa-ray", description="Trainable Weight Averaging on Ray.", parents=[verbosity])
+    verbosity.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="debug logging of twa_ray",
+    )
+    verbosity.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="warnings and errors only",
+    )
+    verbosity.add_argument(
+        "--connect-timeout",
+        default=argparse.SUPPRESS,
+        metavar="S",
+        help="seconds to wait for Ray and the storage to answer (default: 60)",
+    )
+    parser = _Parser(
+        prog="twa-ray", description="Trainable Weight Averaging on Ray.", parents=[verbosity]
+    )
     parser.add_argument("--version", action="version", version=f"twa-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -167,29 +260,52 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     run.add_argument("--smoke-test", action="store_true", help="a tiny run for checks (seconds)")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    run.add_argument("--overwrite", action="store_true", help="delete an earlier twa-ray output in --out first")
+    run.add_argument(
+        "--overwrite", action="store_true", help="delete an earlier twa-ray output in --out first"
+    )
     _add_options(run, "run")
 
     sw = command("sweep", "Ray Tune sweep over TWA's knobs, sampling once per group of trials")
-    sw.add_argument("--config", required=True, help="YAML: run config sections plus a 'sweep:' section")
-    sw.add_argument("--out", required=True, help="output folder (trials table, best.yaml, sweep.png)")
-    sw.add_argument("--sampling-dir", default=None, help="sampling runs (default: OUT/sampling; share it to reuse runs)")
+    sw.add_argument(
+        "--config", required=True, help="YAML: run config sections plus a 'sweep:' section"
+    )
+    sw.add_argument(
+        "--out", required=True, help="output folder (trials table, best.yaml, sweep.png)"
+    )
+    sw.add_argument(
+        "--sampling-dir",
+        default=None,
+        help="sampling runs (default: OUT/sampling; share it to reuse runs)",
+    )
     sw.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    sw.add_argument("--smoke-test", action="store_true", help="tiny data and epochs, two draws (a few minutes)")
-    sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out (Tuner.restore)")
-    sw.add_argument("--overwrite", action="store_true", help="delete an earlier twa-ray output in --out first")
+    sw.add_argument(
+        "--smoke-test", action="store_true", help="tiny data and epochs, two draws (a few minutes)"
+    )
+    sw.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted sweep in --out (Tuner.restore)",
+    )
+    sw.add_argument(
+        "--overwrite", action="store_true", help="delete an earlier twa-ray output in --out first"
+    )
     _add_options(sw, "sweep")
 
     avg = command("average", "TWA on an existing store or checkpoint folder, no Ray")
     avg.add_argument("--config", help="YAML config (flags override it)")
-    avg.add_argument("--overwrite", action="store_true", help="delete an earlier twa-ray output in --out first")
+    avg.add_argument(
+        "--overwrite", action="store_true", help="delete an earlier twa-ray output in --out first"
+    )
     _add_options(avg, "average", out=DEFAULT_OUT["average"])
 
     imp = command("import", "import a folder of .pt / .safetensors checkpoints into a store")
     imp.add_argument("src", help="folder of checkpoints (or one checkpoint file)")
     imp.add_argument("--out", required=True, help="candidate store URI to create or add to")
-    imp.add_argument("--model", help="model whose layout the checkpoints must match (recommended; default: "
-                     "the checkpoints' own tensors, in file order)")  # fmt: skip
+    imp.add_argument(
+        "--model",
+        help="model whose layout the checkpoints must match (recommended; default: "
+        "the checkpoints' own tensors, in file order)",
+    )
     _add_options(imp, "import")
     return parser
 
@@ -226,8 +342,14 @@ def _overlay_flags(d: dict[str, Any], args: argparse.Namespace) -> dict[str, str
     return given
 
 
-_SMOKE = {"data.num_samples": 1500, "sampling.epochs": 4, "sampling.sample_frac": 0.5,
-          "sampling.batch_size": 64, "twa.epochs": 1.0, "greedy_soup": False}  # fmt: skip
+_SMOKE = {
+    "data.num_samples": 1500,
+    "sampling.epochs": 4,
+    "sampling.sample_frac": 0.5,
+    "sampling.batch_size": 64,
+    "twa.epochs": 1.0,
+    "greedy_soup": False,
+}
 
 
 def config_from_args(args: argparse.Namespace, *, smoke_test: bool = False):
@@ -285,9 +407,13 @@ def _cmd_import(args: argparse.Namespace) -> int:
         from twa_ray.store import tied_names
 
         splits = load_dataset(data.dataset, root=data.data_root)
-        model = build_model(args.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
+        model = build_model(
+            args.model, num_classes=splits.num_classes, input_shape=splits.input_shape
+        )
         layout, aliases = Layout.from_module(model), tied_names(model)
-    outdir.hold(open_storage(args.out, create=False), "import", flag=f"--out {args.out!r}")  # one import at a time
+    outdir.hold(
+        open_storage(args.out, create=False), "import", flag=f"--out {args.out!r}"
+    )  # one import at a time
     print(import_checkpoints(args.src, args.out, layout=layout, aliases=aliases).summary(args.out))
     return 0
 
@@ -311,9 +437,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     outdir.lock(args.out)  # one writer at a time; the sweep claims --out with its --storage
     _local_ray(args.address)
     run_sweep(
-        cfg, out=args.out, address=args.address, sampling_dir=args.sampling_dir, resume=args.resume,
+        cfg,
+        out=args.out,
+        address=args.address,
+        sampling_dir=args.sampling_dir,
+        resume=args.resume,
         overwrite=args.overwrite,
-    )  # fmt: skip
+    )
     return 0
 
 
@@ -348,7 +478,11 @@ def _local_ray(address: str | None) -> None:
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 """Exit code of a command stopped by a signal: 128 + the signal's number, the shell's convention."""
 _GRACE_S = 5.0  # after a signal: time for a clean shutdown before the process exits anyway
-_AGAIN = {"run": "; rerun with --resume", "sweep": "; rerun with --resume", "average": "; rerun with --overwrite"}
+_AGAIN = {
+    "run": "; rerun with --resume",
+    "sweep": "; rerun with --resume",
+    "average": "; rerun with --overwrite",
+}
 
 
 class _Interrupt:
@@ -406,14 +540,22 @@ class _Console(logging.StreamHandler):
         self.setFormatter(logging.Formatter("%(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno < logging.WARNING and not (record.name == "twa_ray" or record.name.startswith("twa_ray.")):
+        if record.levelno < logging.WARNING and not (
+            record.name == "twa_ray" or record.name.startswith("twa_ray.")
+        ):
             return  # other libraries' debug and info lines
         self.stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
         super().emit(record)
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    level = (
+        logging.DEBUG
+        if getattr(args, "verbose", False)
+        else logging.WARNING
+        if getattr(args, "quiet", False)
+        else logging.INFO
+    )
     root = logging.getLogger()
     if not any(isinstance(h, _Console) for h in root.handlers):
         root.addHandler(_Console())
@@ -428,12 +570,16 @@ def _setup_logging(args: argparse.Namespace) -> None:
 # Ray-internal lines that Ray forwards from its processes and that say nothing about the run: the
 # core worker's PreemptionWatcher error, log-level notices, and Ray Train's placement-group
 # cleaner failing to pick between several Ray instances on one machine (it retries on its own)
-_RAY_NOISE = re.compile(r"PreemptionWatcher|logging\.cc:\d+: Set ray log level|Found multiple active Ray instances")
+_RAY_NOISE = re.compile(
+    r"PreemptionWatcher|logging\.cc:\d+: Set ray log level|Found multiple active Ray instances"
+)
 
 
 def _ray_noise(record: dict[str, Any], line: str) -> bool:
     """A line of Ray's own that says nothing about the run (``-v`` shows everything)."""
-    return bool(record.get("actor_name") == "PlacementGroupCleaner" and record.get("is_err")) or bool(_RAY_NOISE.search(line))
+    return bool(
+        record.get("actor_name") == "PlacementGroupCleaner" and record.get("is_err")
+    ) or bool(_RAY_NOISE.search(line))
 
 
 def _filter_ray_logs() -> None:
@@ -443,6 +589,7 @@ def _filter_ray_logs() -> None:
 
 
 # --------------------------------------------------------------------------- errors
+
 
 def _startup_timeout(e: BaseException) -> str | None:
     """One line for a Ray Train worker group that could not be placed in time, or None."""
@@ -526,10 +673,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     streams = redact.install()  # no credential reaches the console, whoever prints it
     timeout_env = os.environ.get("TWA_RAY_CONNECT_TIMEOUT")
     if hasattr(args, "connect_timeout"):
-        os.environ["TWA_RAY_CONNECT_TIMEOUT"] = args.connect_timeout  # read by Ray's and the storage's waits
+        os.environ["TWA_RAY_CONNECT_TIMEOUT"] = (
+            args.connect_timeout
+        )  # read by Ray's and the storage's waits
     _setup_logging(args)
     out = getattr(args, "out", None) or DEFAULT_OUT.get(args.command)
-    created = [] if out is None or "://" in str(out) or os.path.exists(out) else [Path(os.path.abspath(out))]
+    created = (
+        []
+        if out is None or "://" in str(out) or os.path.exists(out)
+        else [Path(os.path.abspath(out))]
+    )
     ray_was_up = _ray_up()  # a caller's Ray (tests, notebooks) is left running
     failed = True
     _interruptible(args.command)
@@ -537,7 +690,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from twa_ray.storage import connect_timeout
 
         connect_timeout()  # a bad --connect-timeout is one line here
-        commands = {"import": _cmd_import, "average": _cmd_average, "sweep": _cmd_sweep, "run": _cmd_run}
+        commands = {
+            "import": _cmd_import,
+            "average": _cmd_average,
+            "sweep": _cmd_sweep,
+            "run": _cmd_run,
+        }
         rc = commands[args.command](args)
         failed = False
         return rc
@@ -545,7 +703,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed = False  # what ran is kept: --resume continues it
         _Interrupt.tell(args.command)
         return _Interrupt.exit_code()
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        PermissionError,
+        IsADirectoryError,
+        NotADirectoryError,
+    ) as e:
         print(_user_error(e), file=sys.stderr)
         return 2
     except OSError as e:
@@ -563,7 +728,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"twa-ray: error: {line}", file=sys.stderr)
         return 2
     finally:
-        _restore(ray_was_up=ray_was_up, failed=failed, created=created, streams=streams, timeout_env=timeout_env)
+        _restore(
+            ray_was_up=ray_was_up,
+            failed=failed,
+            created=created,
+            streams=streams,
+            timeout_env=timeout_env,
+        )
+
 
 if __name__ == "__main__":
     sys.exit(main())

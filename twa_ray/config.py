@@ -36,6 +36,7 @@ __all__ = [
     "sweep_config_from_dict",
 ]
 
+
 def _fraction(*, closed_hi: bool = False) -> Range:
     return Range(gt=0, le=1) if closed_hi else Range(gt=0, lt=1)
 
@@ -91,7 +92,9 @@ class SamplingConfig:
     """SGD momentum."""
     weight_decay: Annotated[float, _NON_NEGATIVE] = 5e-4
     """SGD weight decay."""
-    schedule: Literal["cosine", "linear", "step", "constant", "multistep", "flat_cosine"] = "multistep"
+    schedule: Literal["cosine", "linear", "step", "constant", "multistep", "flat_cosine"] = (
+        "multistep"
+    )
     """Learning-rate schedule over the full budget E ('multistep': x0.1 at 1/2 and 3/4, the TWA
     paper's, chosen on a selection split by bench/protocol.py; 'step': x0.1 at 1/3 and 2/3;
     'flat_cosine': constant for 1/2, then cosine to 0)."""
@@ -152,7 +155,9 @@ class RunConfig:
     """Device of ``twa-ray average`` (``twa-ray run`` puts its workers on GPUs with use_gpu)."""
 
     def __post_init__(self) -> None:
-        check_fields(self, "run config", [] if self.out else ["out is empty; name an output folder"])
+        check_fields(
+            self, "run config", [] if self.out else ["out is empty; name an output folder"]
+        )
 
     @property
     def store_uri(self) -> str:
@@ -168,11 +173,19 @@ SECTIONS = {"data": DataConfig, "sampling": SamplingConfig, "twa": TWAConfig}
 
 # what a pydantic error type expects, in words
 _EXPECTED = {
-    "float_parsing": "a number", "float_type": "a number", "finite_number": "a finite number",
-    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
-    "string_type": "a string", "bool_type": "true or false", "bool_parsing": "true or false",
-    "dataclass_type": "a mapping of options", "dict_type": "a mapping", "mapping_type": "a mapping",
-}  # fmt: skip
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "dataclass_type": "a mapping of options",
+    "dict_type": "a mapping",
+    "mapping_type": "a mapping",
+}
 
 
 _WORDS = {bool: "true or false", int: "an integer", float: "a number"}
@@ -186,7 +199,9 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def _scalar(hint: Any) -> type | None:
     """``bool``, ``int`` or ``float`` for a field of that type (optional or not), else None."""
-    args = set(typing.get_args(hint)) - {type(None)} if isinstance(hint, types.UnionType) else {hint}
+    args = (
+        set(typing.get_args(hint)) - {type(None)} if isinstance(hint, types.UnionType) else {hint}
+    )
     kind = next(iter(args)) if len(args) == 1 else None
     return kind if kind in _WORDS else None
 
@@ -195,7 +210,9 @@ def _check_types(cls: type, d: Any, prefix: str, flags: Mapping[str, str]) -> No
     """Unknown keys, and what pydantic's lax mode would accept but a config must not: a
     boolean only from a boolean (``use_gpu: "no"`` is not False), a number never from one."""
     if not isinstance(d, Mapping):
-        raise ValueError(_type_error(prefix.rstrip(".") or "config", "a mapping of options", d, flags))
+        raise ValueError(
+            _type_error(prefix.rstrip(".") or "config", "a mapping of options", d, flags)
+        )
     hints = _hints(cls)
     unknown = sorted(str(k) for k in set(d) - set(hints))
     if unknown:
@@ -206,7 +223,11 @@ def _check_types(cls: type, d: Any, prefix: str, flags: Mapping[str, str]) -> No
         kind = _scalar(hint)
         if kind is not None and value is not None and (kind is bool) != isinstance(value, bool):
             raise ValueError(_type_error(prefix + key, _WORDS[kind], value, flags))
-        if isinstance(hint, type) and hasattr(hint, "__dataclass_fields__") and not isinstance(value, hint):
+        if (
+            isinstance(hint, type)
+            and hasattr(hint, "__dataclass_fields__")
+            and not isinstance(value, hint)
+        ):
             _check_types(hint, value, f"{prefix}{key}.", flags)
 
 
@@ -228,12 +249,16 @@ def _validate(cls: type, d: Mapping[str, Any], flags: Mapping[str, str], prefix:
         where = prefix + "".join(f"{p}." for p in e["loc"])
         if e["type"] == "value_error":  # raised by a __post_init__: already a full sentence
             error = e["ctx"]["error"]
-            raise ValueError(error.render(where, flags) if isinstance(error, ConfigError) else str(error)) from None
+            raise ValueError(
+                error.render(where, flags) if isinstance(error, ConfigError) else str(error)
+            ) from None
         key = prefix + ".".join(str(p) for p in e["loc"])
         expected = _EXPECTED.get(e["type"])
         if e["type"] == "literal_error":
             expected = f"one of {e['ctx']['expected']}"
-        raise ValueError(_type_error(key, expected or e["msg"].lower(), e["input"], flags)) from None
+        raise ValueError(
+            _type_error(key, expected or e["msg"].lower(), e["input"], flags)
+        ) from None
 
 
 def config_from_dict(d: Mapping[str, Any], *, flags: Mapping[str, str] | None = None) -> RunConfig:
@@ -260,7 +285,9 @@ def read_yaml(path: str, what: str) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ValueError(f"{what} {path!r} is not a text file; pass --config a YAML file") from None
     except OSError as e:
-        raise ValueError(f"cannot read {what} {path!r} ({e.strerror}); pass --config a readable YAML file") from None
+        raise ValueError(
+            f"cannot read {what} {path!r} ({e.strerror}); pass --config a readable YAML file"
+        ) from None
     except yaml.YAMLError as e:
         first = " ".join(str(e).split())
         raise ValueError(f"{what} {path!r} is not valid YAML ({first}); fix the file") from None
@@ -287,7 +314,9 @@ _NOT_KNOBS = {"sampling.cpus_per_worker", "sampling.max_failures"}
 
 def _knob_names() -> dict[str, str]:
     """Every sweepable knob by its dotted name (``twa.lr``), plus the top-level ``mode``."""
-    names = {f"{sec}.{f.name}": f"{sec}.{f.name}" for sec, cls in SECTIONS.items() for f in fields(cls)}
+    names = {
+        f"{sec}.{f.name}": f"{sec}.{f.name}" for sec, cls in SECTIONS.items() for f in fields(cls)
+    }
     names["mode"] = "mode"
     return {k: v for k, v in names.items() if k not in _NOT_KNOBS}
 
@@ -329,7 +358,9 @@ def _check_spec(name: str, spec: Any) -> str | None:
     if not isinstance(values, (list, tuple)) or not values:
         return f"{name}: {kind} needs a non-empty list, got {values!r}"
     if kind in ("uniform", "loguniform"):
-        ok = len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        ok = len(values) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        )
         if not ok or not values[0] < values[1]:
             return f"{name}: {kind} needs [lo, hi] with lo < hi, got {list(values)!r}"
         if kind == "loguniform" and values[0] <= 0:
@@ -414,7 +445,9 @@ class SweepConfig:
         return {"base": self.base.to_dict(), "space": space, **d}
 
 
-def sweep_config_from_dict(d: Mapping[str, Any], *, flags: Mapping[str, str] | None = None) -> SweepConfig:
+def sweep_config_from_dict(
+    d: Mapping[str, Any], *, flags: Mapping[str, str] | None = None
+) -> SweepConfig:
     """A :class:`SweepConfig` from a run config dict with a ``sweep:`` section
     (``{"data": .., "sampling": .., "twa": .., "mode": .., "sweep": {"space": .., ...}}``)."""
     d = dict(d)

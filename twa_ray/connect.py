@@ -64,7 +64,9 @@ def connect_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     limit = connect_timeout()
-    given, flag = (address, "--address") if address else (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")
+    given, flag = (
+        (address, "--address") if address else (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")
+    )
     if given and given not in ("auto", "local"):
         if not answers(given, limit):
             raise ValueError(
@@ -78,8 +80,10 @@ def connect_ray(address: str | None = None) -> None:
             log.warning(
                 "the local Ray recorded in %s (%s) does not answer (its `ray start --head` has "
                 "stopped); starting a fresh local Ray instead (`ray stop` or deleting that file "
-                "clears the record)", record, head,
-            )  # fmt: skip
+                "clears the record)",
+                record,
+                head,
+            )
             address = "local"
     from twa_ray.ray.ray_internals import keep_signal_handlers
 

@@ -54,9 +54,24 @@ from twa_ray.storage import Storage, open_storage
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "LAYOUT", "LEASE", "MARKERS", "check", "check_inputs", "check_storage", "claim", "claim_storage",
-    "foreign", "hold", "keep", "lock", "mark", "owner", "release_all", "resume_out", "writable",
-]  # fmt: skip
+    "LAYOUT",
+    "LEASE",
+    "MARKERS",
+    "check",
+    "check_inputs",
+    "check_storage",
+    "claim",
+    "claim_storage",
+    "foreign",
+    "hold",
+    "keep",
+    "lock",
+    "mark",
+    "owner",
+    "release_all",
+    "resume_out",
+    "writable",
+]
 
 MARKERS = {"run": "run.json", "sweep": "sweep.json", "average": "average.json"}
 """The marker of each command's output."""
@@ -66,12 +81,34 @@ LEASE = ".twa-ray-lease.json"
 ttl_s, renewed}`` (hidden: a candidate store ignores it)."""
 
 LAYOUT = (
-    *MARKERS.values(), LEASE,
-    "candidates", "full_candidates", "short_candidates", "work", "outputs", "average", "sampling", "tune", "plan.json",
-    "import.json", "best_run", "metrics.json", "config.yaml", "model.safetensors", "coefficients.parquet",
-    "coefficients_*.png", "accuracy.png", "trials.parquet", "trials.csv", "sweep.png", "best.yaml",
-    "summary.json", ".*.tmp", "*.json.*.tmp", "config.yaml.tmp",
-)  # fmt: skip
+    *MARKERS.values(),
+    LEASE,
+    "candidates",
+    "full_candidates",
+    "short_candidates",
+    "work",
+    "outputs",
+    "average",
+    "sampling",
+    "tune",
+    "plan.json",
+    "import.json",
+    "best_run",
+    "metrics.json",
+    "config.yaml",
+    "model.safetensors",
+    "coefficients.parquet",
+    "coefficients_*.png",
+    "accuracy.png",
+    "trials.parquet",
+    "trials.csv",
+    "sweep.png",
+    "best.yaml",
+    "summary.json",
+    ".*.tmp",
+    "*.json.*.tmp",
+    "config.yaml.tmp",
+)
 """The top-level names twa-ray writes under a location it marked (``fnmatch`` patterns):
 ``--storage`` of a run (candidates, work, outputs, full_candidates, short_candidates, average), of a sweep
 (plan.json, sampling, tune, outputs), an ``--out`` (the output files, and the storage layout
@@ -93,7 +130,9 @@ def _entries(st: Storage) -> list[pafs.FileInfo]:
     try:
         return list(st.fs.get_file_info(pafs.FileSelector(st.path, allow_not_found=True)))
     except (OSError, pa.ArrowException) as e:
-        raise ValueError(f"cannot list {redact(st.uri)!r} ({str(e).splitlines()[0]}); check the path and the credentials") from None
+        raise ValueError(
+            f"cannot list {redact(st.uri)!r} ({str(e).splitlines()[0]}); check the path and the credentials"
+        ) from None
 
 
 def _read(st: Storage, name: str) -> dict[str, Any] | None:
@@ -160,7 +199,9 @@ def _refuse(st: Storage | None, command: str, *, resume: bool, overwrite: bool, 
     does not exist yet); changes nothing. ``flag``: how the user named it (``--storage 's3://..'``)."""
     name = flag.split()[0]
     if resume and overwrite:
-        raise ValueError("--resume and --overwrite contradict each other (continue or delete); pass one")
+        raise ValueError(
+            "--resume and --overwrite contradict each other (continue or delete); pass one"
+        )
     mine = owner(st) if st is not None else None
     alien = foreign(st) if st is not None else []
     if alien:
@@ -173,7 +214,9 @@ def _refuse(st: Storage | None, command: str, *, resume: bool, overwrite: bool, 
     if resume and (mine is None or mine[0] != command):
         raise FileNotFoundError(f"--resume: no {command} to resume in {flag}; drop --resume")
     if mine is not None and not (resume or overwrite):
-        what = f"{'an' if mine[0][0] in 'aeiou' else 'a'} {mine[0]}" + (f" ({mine[1]})" if mine[1] != "?" else "")
+        what = f"{'an' if mine[0][0] in 'aeiou' else 'a'} {mine[0]}" + (
+            f" ({mine[1]})" if mine[1] != "?" else ""
+        )
         fix = "--resume to continue it or " if mine[0] == command and command != "average" else ""
         raise FileExistsError(
             f"{flag} already holds {what}; pass {fix}--overwrite to delete it and start over, or "
@@ -210,7 +253,9 @@ def mark(where: Storage | str | os.PathLike[str], command: str, run_id: str) -> 
 # --------------------------------------------------------------------------- --storage
 
 
-def check_storage(st: Storage, command: str, *, resume: bool = False, overwrite: bool = False, flag: str = "") -> None:
+def check_storage(
+    st: Storage, command: str, *, resume: bool = False, overwrite: bool = False, flag: str = ""
+) -> None:
     """Refuse ``st`` for ``command`` before anything starts (foreign entries, another output,
     nothing to resume, a live writer); changes nothing."""
     flag = flag or f"--storage {redact(st.uri)!r}"
@@ -220,9 +265,14 @@ def check_storage(st: Storage, command: str, *, resume: bool = False, overwrite:
 
 
 def claim_storage(
-    st: Storage, command: str, *, resume: bool = False, overwrite: bool = False, flag: str = "",
+    st: Storage,
+    command: str,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    flag: str = "",
     keep: Iterable[str] = (),
-) -> str:  # fmt: skip
+) -> str:
     """Check ``st``, take its lease, delete the previous output (``--overwrite``; ``keep``
     survives one of the same command) and mark it; returns the run id: new, or the resumed one."""
     flag = flag or f"--storage {redact(st.uri)!r}"
@@ -230,7 +280,9 @@ def claim_storage(
     mine = owner(st)
     run_id = mine[1] if resume and mine else _new_id(command)
     _acquire(st, command, run_id, flag)
-    _refuse(st, command, resume=resume, overwrite=overwrite, flag=flag)  # again, now that we hold it
+    _refuse(
+        st, command, resume=resume, overwrite=overwrite, flag=flag
+    )  # again, now that we hold it
     if resume:
         return run_id
     if mine is not None:
@@ -260,7 +312,9 @@ def _ttl() -> float:
     except ValueError:
         ttl = -1.0
     if not ttl > 0:
-        raise ValueError(f"{LEASE_TTL_ENV}={os.environ[LEASE_TTL_ENV]!r}: expected seconds > 0; unset it or fix it")
+        raise ValueError(
+            f"{LEASE_TTL_ENV}={os.environ[LEASE_TTL_ENV]!r}: expected seconds > 0; unset it or fix it"
+        )
     return ttl
 
 
@@ -327,18 +381,29 @@ def _acquire(st: Storage, command: str, run_id: str, flag: str) -> None:
         return
     _check_lease(st, flag)
     ttl = _ttl()
-    body = {"command": command, "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-            "token": uuid.uuid4().hex, "ttl_s": ttl, "renewed": time.time()}  # fmt: skip
+    body = {
+        "command": command,
+        "run_id": run_id,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "token": uuid.uuid4().hex,
+        "ttl_s": ttl,
+        "renewed": time.time(),
+    }
     try:
         st.write_json(LEASE, body)
     except (OSError, pa.ArrowException) as e:
-        raise ValueError(f"{flag} is not writable ({str(e).splitlines()[0]}); check the path and the credentials") from None
+        raise ValueError(
+            f"{flag} is not writable ({str(e).splitlines()[0]}); check the path and the credentials"
+        ) from None
     time.sleep(min(1.0, ttl / 10))
     now_held = _read(st, LEASE) or {}
     if now_held.get("token") != body["token"]:
         raise _busy(now_held, flag, time.time())
     held = _Lease(st, body, flag)
-    held.thread = threading.Thread(target=_heartbeat, args=(held,), name="twa-ray-lease", daemon=True)
+    held.thread = threading.Thread(
+        target=_heartbeat, args=(held,), name="twa-ray-lease", daemon=True
+    )
     _LEASES.append(held)
     held.thread.start()
 
@@ -350,12 +415,20 @@ def _heartbeat(held: _Lease) -> None:
         try:
             now_held = _read(held.st, LEASE) or {}
             if now_held.get("token") != held.body["token"]:
-                log.error("lost the lease of %s to %s %s; stop this command: two writers now share it",
-                          held.flag, now_held.get("command", "?"), now_held.get("run_id", "?"))  # fmt: skip
+                log.error(
+                    "lost the lease of %s to %s %s; stop this command: two writers now share it",
+                    held.flag,
+                    now_held.get("command", "?"),
+                    now_held.get("run_id", "?"),
+                )
                 return
             held.st.write_json(LEASE, {**held.body, "renewed": time.time()})
         except (OSError, pa.ArrowException, ValueError) as e:  # transient: the next beat retries
-            log.warning("could not renew the lease of %s (%s)", held.flag, str(e).splitlines()[0] if str(e) else e)
+            log.warning(
+                "could not renew the lease of %s (%s)",
+                held.flag,
+                str(e).splitlines()[0] if str(e) else e,
+            )
 
 
 def _release_leases() -> None:
@@ -423,11 +496,15 @@ def writable(out: str | os.PathLike[str]) -> Path:
     elif not os.access(probe, os.W_OK | os.X_OK):
         problem = "permission denied"
     if problem:
-        raise ValueError(f"--out {str(out)!r} is not a writable directory ({problem}); choose another --out")
+        raise ValueError(
+            f"--out {str(out)!r} is not a writable directory ({problem}); choose another --out"
+        )
     return path
 
 
-def check(out: str | os.PathLike[str], command: str, *, resume: bool = False, overwrite: bool = False) -> Path:
+def check(
+    out: str | os.PathLike[str], command: str, *, resume: bool = False, overwrite: bool = False
+) -> Path:
     """Refuse ``out`` for ``command`` before anything starts; changes nothing."""
     path = _abs(out)
     if path.exists() and not path.is_dir():
@@ -458,7 +535,9 @@ def lock(out: str | os.PathLike[str], *, disposable: bool = False) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         fd = _try_lock(path)
     except OSError as e:
-        raise ValueError(f"--out {str(out)!r} is not a writable directory ({e.strerror}); choose another --out") from None
+        raise ValueError(
+            f"--out {str(out)!r} is not a writable directory ({e.strerror}); choose another --out"
+        ) from None
     if fd is None:
         raise _locked(path)
     _HELD.append(_Held(path, created, fd, disposable))

@@ -77,23 +77,37 @@ def _flag(storage: Storage, given: str | None) -> str:
 
 
 def _check_out_dir(
-    storage: Storage, *, resume: bool, overwrite: bool, kind: str = "run", given: str | None = None,
-) -> None:  # fmt: skip
+    storage: Storage,
+    *,
+    resume: bool,
+    overwrite: bool,
+    kind: str = "run",
+    given: str | None = None,
+) -> None:
     """Refuse the storage (``--storage``, default ``--out``) before anything starts: the rules of
     :func:`twa_ray.outdir.check_storage`. Changes nothing."""
-    outdir.check_storage(storage, kind, resume=resume, overwrite=overwrite, flag=_flag(storage, given))
+    outdir.check_storage(
+        storage, kind, resume=resume, overwrite=overwrite, flag=_flag(storage, given)
+    )
 
 
 def _claim_out_dir(
-    storage: Storage, *, resume: bool, overwrite: bool, kind: str = "run", given: str | None = None,
+    storage: Storage,
+    *,
+    resume: bool,
+    overwrite: bool,
+    kind: str = "run",
+    given: str | None = None,
     out: os.PathLike[str] | str | None = None,
-) -> str:  # fmt: skip
+) -> str:
     """The id of the ``kind`` in ``storage``: new, resumed (``--resume``) or after deleting the
     previous twa-ray output there (``--overwrite``); the storage's lease is held from now on.
     ``out``: the local ``--out``, locked, and claimed with the same id when it is elsewhere."""
     if out is not None:
         outdir.lock(out)
-    run_id = outdir.claim_storage(storage, kind, resume=resume, overwrite=overwrite, flag=_flag(storage, given))
+    run_id = outdir.claim_storage(
+        storage, kind, resume=resume, overwrite=overwrite, flag=_flag(storage, given)
+    )
     if out is not None and not (storage.local and os.path.abspath(out) == storage.path):
         resumed = outdir.resume_out(out, given, resume)
         outdir.claim(out, kind, resume=resumed, overwrite=overwrite, run_id=run_id)
@@ -217,7 +231,9 @@ def setup(cfg: RunConfig, *, address: str | None, resume: bool, overwrite: bool)
     from twa_ray.ray.group import check_data_root_on_nodes
 
     out = prepare_out_dir(cfg.out).resolve()
-    outdir.check(out, "run", resume=outdir.resume_out(out, cfg.storage, resume), overwrite=overwrite)
+    outdir.check(
+        out, "run", resume=outdir.resume_out(out, cfg.storage, resume), overwrite=overwrite
+    )
     storage, shared_paths = storage_of(cfg, str(out))
     _check_out_dir(storage, resume=resume, overwrite=overwrite, given=cfg.storage)  # refuse early
     # workers may run in another directory: every local path they see is absolute
@@ -244,9 +260,15 @@ def setup(cfg: RunConfig, *, address: str | None, resume: bool, overwrite: bool)
     run_id = _claim_out_dir(storage, resume=resume, overwrite=overwrite, given=cfg.storage, out=out)
     layout = Layout.from_module(model)
     return _Run(
-        cfg, out, storage, run_id, splits=splits, model=model, layout=layout,
+        cfg,
+        out,
+        storage,
+        run_id,
+        splits=splits,
+        model=model,
+        layout=layout,
         given_store=given_store,
-    )  # fmt: skip
+    )
 
 
 def sample(run: _Run) -> SamplingResult:
@@ -256,8 +278,11 @@ def sample(run: _Run) -> SamplingResult:
     s = run.cfg.sampling
     log.info(
         "sampling: %d of %d epochs on %d workers, run %s",
-        s.sample_epochs, s.epochs, s.num_workers, run.run_id,
-    )  # fmt: skip
+        s.sample_epochs,
+        s.epochs,
+        s.num_workers,
+        run.run_id,
+    )
     sampled = run_sampling(
         run.cfg.data, s, store_uri=run.cfg.store_uri, run_dir=run.work, run_id=run.run_id
     )
@@ -274,8 +299,10 @@ def build_basis(run: _Run) -> _Basis:
     sharded = put_subspace(store, run.layout, run.cfg.twa)
     log.info(
         "TWA-%s on %d candidates: %s",
-        "/".join(_modes(run.cfg)), len(names), format_summary(sharded.summary()),
-    )  # fmt: skip
+        "/".join(_modes(run.cfg)),
+        len(names),
+        format_summary(sharded.summary()),
+    )
     return _Basis(store, names, sharded)
 
 
@@ -290,9 +317,13 @@ def learn_coefficients(run: _Run, basis: _Basis) -> dict[str, TWAResult]:
 
 
 def baselines(
-    run: _Run, sampled: SamplingResult, basis: _Basis, results: dict[str, TWAResult],
-    *, wall: dict[str, float],
-) -> _Methods:  # fmt: skip
+    run: _Run,
+    sampled: SamplingResult,
+    basis: _Basis,
+    results: dict[str, TWAResult],
+    *,
+    wall: dict[str, float],
+) -> _Methods:
     """Every method's accuracies, epochs used and wall seconds: SGD at the stop
     (``sgd_sampled``: the final SGD weights, the last candidate), SWA, greedy soup, EMA, TWA
     and (``--compare-full``) SGD over the full budget E and SGD on the same schedule compressed
@@ -307,17 +338,22 @@ def baselines(
     if first.swa is not None:
         methods["swa"] = {**_accs(first.swa), "epochs_used": s.sample_epochs}
     if run.cfg.greedy_soup:
-        soup = stopwatch("greedy_soup", _greedy_soup, basis.store, basis.names, run.model, run.layout, run.splits)
+        soup = stopwatch(
+            "greedy_soup", _greedy_soup, basis.store, basis.names, run.model, run.layout, run.splits
+        )
         methods["greedy_soup"] = {**soup, "epochs_used": s.sample_epochs}
     ema = stopwatch("ema", _ema, sampled, run.model, run.splits)
     if ema is not None:
         methods["ema"] = {**ema, "epochs_used": s.sample_epochs}
     for mode, res in results.items():
         methods[f"twa_{mode}"] = {
-            "test_acc": res.test_acc, "val_acc": res.val_acc, "epochs_used": s.sample_epochs + twa_epochs,
+            "test_acc": res.test_acc,
+            "val_acc": res.val_acc,
+            "epochs_used": s.sample_epochs + twa_epochs,
             "bytes_allreduced_per_step": res.bytes_allreduced_per_step,
-            "alpha_identical": res.alpha_identical, "steps": res.steps,
-        }  # fmt: skip
+            "alpha_identical": res.alpha_identical,
+            "steps": res.steps,
+        }
     full_history = None
     if run.cfg.compare_full:
         short_epochs = s.sample_epochs + math.ceil(twa_epochs)
@@ -332,20 +368,28 @@ def baselines(
     return _Methods(methods, full_history, phases)
 
 
-def _add_wall(methods: dict[str, dict[str, Any]], phases: dict[str, Any], results: dict[str, TWAResult]) -> None:
+def _add_wall(
+    methods: dict[str, dict[str, Any]], phases: dict[str, Any], results: dict[str, TWAResult]
+) -> None:
     """Each method's ``wall_s``: the seconds of the phases a run producing only that model goes
     through here (setup: data and Ray; sampling; TWA and SWA: B, the coefficient group's
     start-up and their own part of it), and ``time_saved`` against ``sgd_full`` when it ran."""
     first = next(iter(results.values()))
     swa_s = (first.swa or {}).get("time_s", 0.0)
     modes = {f"twa_{m}": r.mode_time_s for m, r in results.items()}
-    group_s = phases["coefficients"] - sum(modes.values()) - swa_s  # start-up, checkpoints, teardown
+    group_s = (
+        phases["coefficients"] - sum(modes.values()) - swa_s
+    )  # start-up, checkpoints, teardown
     phases.update(coefficient_modes=modes, swa=swa_s, coefficient_group_overhead=group_s)
     sampled = phases["setup"] + phases["sampling"]
     twa_path = sampled + phases["basis"] + group_s
-    walls = {"sgd_sampled": sampled, "swa": twa_path + swa_s, **{k: twa_path + v for k, v in modes.items()},
-             **{k: sampled + phases[k] for k in ("greedy_soup", "ema") if k in phases},
-             **{k: phases["setup"] + phases[k] for k in ("sgd_short", "sgd_full") if k in phases}}  # fmt: skip
+    walls = {
+        "sgd_sampled": sampled,
+        "swa": twa_path + swa_s,
+        **{k: twa_path + v for k, v in modes.items()},
+        **{k: sampled + phases[k] for k in ("greedy_soup", "ema") if k in phases},
+        **{k: phases["setup"] + phases[k] for k in ("sgd_short", "sgd_full") if k in phases},
+    }
     full = walls["sgd_full"] if "sgd_full" in methods else None
     for name, m in methods.items():
         m["wall_s"] = round(walls[name], 1)
@@ -358,12 +402,20 @@ def _sgd_run(run: _Run, epochs: int, tag: str) -> list[dict[str, float]]:
     from twa_ray.ray.sampling import run_sampling
 
     s = dataclasses.replace(
-        run.cfg.sampling, epochs=epochs, sample_frac=1.0, sample_interval=epochs, interval_unit="epoch", ema=False,
-    )  # fmt: skip
+        run.cfg.sampling,
+        epochs=epochs,
+        sample_frac=1.0,
+        sample_interval=epochs,
+        interval_unit="epoch",
+        ema=False,
+    )
     res = run_sampling(
-        run.cfg.data, s, store_uri=run.storage.join(f"{tag}_candidates"), run_dir=run.work,
+        run.cfg.data,
+        s,
+        store_uri=run.storage.join(f"{tag}_candidates"),
+        run_dir=run.work,
         run_id=f"{run.run_id}-{tag}",
-    )  # fmt: skip
+    )
     return res.history
 
 
@@ -385,12 +437,17 @@ def write(
     metrics["wall_s"] = {k: _round(v) for k, v in methods.wall.items()}
     metrics["wall_time_s"] = round(time.time() - start, 1)
     write_outputs(
-        out, metrics=metrics, best_model=run.model,
+        out,
+        metrics=metrics,
+        best_model=run.model,
         coefficients={f"twa_{m}": r.alpha for m, r in results.items()},
-        block_labels=list(basis.sharded.blocks.labels), candidate_names=basis.names,
+        block_labels=list(basis.sharded.blocks.labels),
+        candidate_names=basis.names,
         config=dataclasses.replace(cfg, store=run.given_store),
-    )  # fmt: skip
-    points = {k: (v["epochs_used"], v["test_acc"]) for k, v in methods.methods.items() if k != "sgd_full"}
+    )
+    points = {
+        k: (v["epochs_used"], v["test_acc"]) for k, v in methods.methods.items() if k != "sgd_full"
+    }
     plot_accuracy(out / "accuracy.png", sampled.history, points, full_history=methods.full_history)
     if cfg.storage and run.storage.uri != str(out):  # --out is the local copy of <storage>/outputs
         run.storage.upload_outputs(out)
@@ -431,14 +488,27 @@ def _metrics(
 
 
 def _print_table(methods: dict[str, dict[str, Any]]) -> None:
-    columns = ("method", "test_acc", "val_acc", "epochs_used", "budget_saved_%", "wall_s", "time_saved_%")
+    columns = (
+        "method",
+        "test_acc",
+        "val_acc",
+        "epochs_used",
+        "budget_saved_%",
+        "wall_s",
+        "time_saved_%",
+    )
     rows = [
-        {"method": k, "test_acc": v["test_acc"], "val_acc": v["val_acc"],
-         "epochs_used": v["epochs_used"], "budget_saved_%": round(100 * v["budget_saved"], 1),
-         "wall_s": f"{v['wall_s']:.1f}",
-         "time_saved_%": "-" if v["time_saved"] is None else f"{100 * v['time_saved']:.1f}"}
+        {
+            "method": k,
+            "test_acc": v["test_acc"],
+            "val_acc": v["val_acc"],
+            "epochs_used": v["epochs_used"],
+            "budget_saved_%": round(100 * v["budget_saved"], 1),
+            "wall_s": f"{v['wall_s']:.1f}",
+            "time_saved_%": "-" if v["time_saved"] is None else f"{100 * v['time_saved']:.1f}",
+        }
         for k, v in methods.items()
-    ]  # fmt: skip
+    ]
     print(format_table(rows, columns))
 
 
@@ -456,7 +526,9 @@ def _accs(m: dict[str, float]) -> dict[str, float]:
 
 def _driver_loaders(splits: Any) -> tuple[Any, Any, Any]:
     """The driver's baselines' loaders: train (BN re-estimation), val (selection), test."""
-    return tuple(make_loader(ds, 512, shuffle=False) for ds in (splits.train, splits.val, splits.test))  # type: ignore[return-value]
+    return tuple(
+        make_loader(ds, 512, shuffle=False) for ds in (splits.train, splits.val, splits.test)
+    )  # type: ignore[return-value]
 
 
 def _ema(sampled: SamplingResult, model: torch.nn.Module, splits: Any) -> dict[str, Any] | None:
@@ -473,18 +545,32 @@ def _ema(sampled: SamplingResult, model: torch.nn.Module, splits: Any) -> dict[s
     if not scores:
         return None
     decay = max(scores, key=lambda d: scores[d]["val_acc"])  # first on a tie; never test
-    return {**scores[decay], "decay": decay, "val_acc_by_decay": {str(d): s["val_acc"] for d, s in scores.items()}}
+    return {
+        **scores[decay],
+        "decay": decay,
+        "val_acc_by_decay": {str(d): s["val_acc"] for d, s in scores.items()},
+    }
 
 
-def _greedy_soup(store: CandidateStore, names: list[str], model: torch.nn.Module, layout: Layout, splits: Any) -> dict[str, Any]:
+def _greedy_soup(
+    store: CandidateStore, names: list[str], model: torch.nn.Module, layout: Layout, splits: Any
+) -> dict[str, Any]:
     """Greedy soup on the driver: ranked and accepted on val, BN re-estimated on train."""
     bn, val, test = _driver_loaders(splits)
-    res = greedy_soup(lambda i: store.read(names[i]), len(names), make_scorer(model, layout, bn_loader=bn, eval_loader=val))
+    res = greedy_soup(
+        lambda i: store.read(names[i]),
+        len(names),
+        make_scorer(model, layout, bn_loader=bn, eval_loader=val),
+    )
     load_flat_(model, res.theta, layout)
     from twa_ray.core.bn import update_bn
 
     update_bn(bn, model)
-    return {"test_acc": evaluate(model, test).acc, "val_acc": res.score, "kept": [names[i] for i in res.kept]}
+    return {
+        "test_acc": evaluate(model, test).acc,
+        "val_acc": res.score,
+        "kept": [names[i] for i in res.kept],
+    }
 
 
 def _ensure_abs(path: str) -> str:

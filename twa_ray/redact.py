@@ -35,10 +35,18 @@ __all__ = ["MASK", "CREDENTIAL_ENV", "redact", "remember", "restore", "Redacting
 MASK = "***"
 
 CREDENTIAL_ENV = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
-    "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING",
-    "GOOGLE_OAUTH_ACCESS_TOKEN", "RAY_AUTH_TOKEN", "HF_TOKEN",
-)  # fmt: skip
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "GOOGLE_OAUTH_ACCESS_TOKEN",
+    "RAY_AUTH_TOKEN",
+    "HF_TOKEN",
+)
 """Environment variables whose values are masked in every text shown or saved."""
 
 _MIN_LITERAL = 8  # shorter values (moto's "testing") are not masked as plain words
@@ -46,9 +54,7 @@ _MIN_LITERAL = 8  # shorter values (moto's "testing") are not masked as plain wo
 # scheme://USERINFO@ : everything up to the first @ (a raw / in a secret included)
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^\s'\"@]+)@")
 # ?name=value or &name=value, for names that carry a credential
-_OPTION = re.compile(
-    r"(?P<pre>[?&;](?P<name>[A-Za-z_][\w.-]*)=)(?P<value>[^&;\s'\"#]*)"
-)
+_OPTION = re.compile(r"(?P<pre>[?&;](?P<name>[A-Za-z_][\w.-]*)=)(?P<value>[^&;\s'\"#]*)")
 _SECRET_NAME = re.compile(r"key|secret|token|session|passw|credential|signature|^sig$|^sas", re.I)
 
 _KNOWN: dict[str, tuple[str | None, dict[str, str]]] = {}
@@ -66,7 +72,9 @@ def _literals() -> set[str]:
 
 def _redact_text(text: str) -> str:
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
-    text = _OPTION.sub(lambda m: m["pre"] + (MASK if _SECRET_NAME.search(m["name"]) else m["value"]), text)
+    text = _OPTION.sub(
+        lambda m: m["pre"] + (MASK if _SECRET_NAME.search(m["name"]) else m["value"]), text
+    )
     for value in sorted(_literals(), key=len, reverse=True):
         text = text.replace(value, MASK)
     return text

@@ -82,7 +82,9 @@ def prepare_out_dir(out: str) -> Path:
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(redact(obj), f, indent=2, sort_keys=True, default=_json_default)  # no credential saved
+        json.dump(
+            redact(obj), f, indent=2, sort_keys=True, default=_json_default
+        )  # no credential saved
         f.write("\n")
 
 
@@ -94,7 +96,9 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot serialize {type(obj).__name__}")
 
 
-def write_model(path: str | os.PathLike[str], model: torch.nn.Module, metadata: Mapping[str, str]) -> None:
+def write_model(
+    path: str | os.PathLike[str], model: torch.nn.Module, metadata: Mapping[str, str]
+) -> None:
     """The full state dict (parameters and BN buffers) as safetensors, tied tensors once.
 
     ``safetensors.torch.save_model`` semantics: of the names of one tied tensor (``head.weight =
@@ -108,7 +112,9 @@ def write_model(path: str | os.PathLike[str], model: torch.nn.Module, metadata: 
     with atomic_path(path) as tmp:
         try:
             save_file(state, tmp, metadata={**meta, **metadata})
-        except Exception as e:  # safetensors reports I/O errors as SafetensorError("... (os error N)")
+        except (
+            Exception
+        ) as e:  # safetensors reports I/O errors as SafetensorError("... (os error N)")
             code = re.search(r"os error (\d+)", str(e))
             if code is not None:
                 raise OSError(int(code.group(1)), f"cannot write {path}: {e}", str(path)) from None
@@ -119,7 +125,9 @@ def write_model(path: str | os.PathLike[str], model: torch.nn.Module, metadata: 
             ) from None
 
 
-def shared_once(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def shared_once(
+    state: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``state`` with each tensor that several names share (same storage, offset, shape,
     strides) kept under its first name in sorted order, and ``{dropped name: kept name}``."""
     kept: dict[tuple[Any, ...], str] = {}
@@ -127,7 +135,14 @@ def shared_once(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     dropped: dict[str, str] = {}
     for name in sorted(state):
         t = state[name]
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        key = (
+            t.device,
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            t.stride(),
+            t.dtype,
+        )
         if t.numel() and key in kept:
             dropped[name] = kept[key]
         else:
@@ -156,14 +171,18 @@ def write_coefficients(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    cols: dict[str, list[Any]] = {k: [] for k in ("variant", "row", "candidate", "block", "block_label", "alpha")}
+    cols: dict[str, list[Any]] = {
+        k: [] for k in ("variant", "row", "candidate", "block", "block_label", "alpha")
+    }
     for variant, alpha in coefficients.items():
         rows, blocks = alpha.shape
         for k in range(rows):
             for l in range(blocks):
                 cols["variant"].append(variant)
                 cols["row"].append(k)
-                cols["candidate"].append(candidate_names[k] if candidate_names and k < len(candidate_names) else str(k))
+                cols["candidate"].append(
+                    candidate_names[k] if candidate_names and k < len(candidate_names) else str(k)
+                )
                 cols["block"].append(l)
                 cols["block_label"].append(block_labels[l])
                 cols["alpha"].append(float(alpha[k, l]))
@@ -179,7 +198,9 @@ def format_summary(s: Mapping[str, Any]) -> str:
         f"{s.get('num_rows', '?')} rows x {s.get('num_blocks', '?')} blocks",
         f"D={s['numel']:,}" if "numel" in s else None,
         (f"{bits}-bit basis" if bits in (1, 2, 4, 8) else "unquantized basis") if bits else None,
-        f"{s['nbytes'] / 2**20:.1f} MiB in {s.get('num_shards', 1)} shard(s)" if "nbytes" in s else None,
+        f"{s['nbytes'] / 2**20:.1f} MiB in {s.get('num_shards', 1)} shard(s)"
+        if "nbytes" in s
+        else None,
         f"max quantization error {s['quant_error_max']:.2g}" if "quant_error_max" in s else None,
         f"dropped {len(s['dropped'])} collinear" if s.get("dropped") else None,
     ]
@@ -224,8 +245,18 @@ def plot_accuracy(
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if full_history:
-        ax.plot([h["epoch"] for h in full_history], [h["test_acc"] for h in full_history], color="0.7", label="SGD (full budget)")
-    ax.plot([h["epoch"] for h in history], [h["test_acc"] for h in history], color="C0", label="SGD (sampling)")
+        ax.plot(
+            [h["epoch"] for h in full_history],
+            [h["test_acc"] for h in full_history],
+            color="0.7",
+            label="SGD (full budget)",
+        )
+    ax.plot(
+        [h["epoch"] for h in history],
+        [h["test_acc"] for h in history],
+        color="C0",
+        label="SGD (sampling)",
+    )
     markers = iter("os^Dv*P")
     for name, (epochs, acc) in points.items():
         ax.scatter([epochs], [acc], marker=next(markers, "o"), s=60, zorder=3, label=name)
@@ -318,7 +349,7 @@ def plot_sweep(
         ax.set_xlabel(knob)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(knobs):]:
+    for ax in list(axes.flat)[len(knobs) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()

@@ -35,9 +35,15 @@ import pyarrow.fs as pafs
 from twa_ray.redact import redact, remember, restore
 
 __all__ = [
-    "Storage", "open_storage", "filesystem_from_uri", "join_uri", "check_multi_node", "alive_nodes",
-    "job_argv", "connect_timeout",
-]  # fmt: skip
+    "Storage",
+    "open_storage",
+    "filesystem_from_uri",
+    "join_uri",
+    "check_multi_node",
+    "alive_nodes",
+    "job_argv",
+    "connect_timeout",
+]
 
 STORAGE_ENV = "TWA_RAY_STORAGE"
 """A cluster's default ``--storage`` for the jobs (set once, in cluster.yaml)."""
@@ -141,9 +147,11 @@ class Storage:
             if not src.is_file():
                 continue
             pafs.copy_files(
-                str(src), f"{dest}/{name}",
-                source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs,
-            )  # fmt: skip
+                str(src),
+                f"{dest}/{name}",
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=self.fs,
+            )
             total += src.stat().st_size
         return total
 
@@ -154,18 +162,21 @@ class Storage:
 
         skip = set(MARKERS.values())
         names = sorted(
-            p.name for p in Path(out).iterdir()
+            p.name
+            for p in Path(out).iterdir()
             if p.is_file() and not p.name.startswith(".") and p.name not in skip
-        )  # fmt: skip
+        )
         return self.upload(out, rel, names)
 
     def download(self, rel: str, local_dir: str | os.PathLike[str]) -> None:
         """Copy the folder ``rel`` to ``local_dir`` (created)."""
         os.makedirs(local_dir, exist_ok=True)
         pafs.copy_files(
-            self._p(rel), str(local_dir),
-            source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem(),
-        )  # fmt: skip
+            self._p(rel),
+            str(local_dir),
+            source_filesystem=self.fs,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
 
     def bytes_under(self, rel: str = "") -> int:
         """Total size of the files below ``rel`` (for the report of bytes uploaded)."""
@@ -220,9 +231,10 @@ def filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
         options = fs.__reduce__()[1][0]  # the options parsed from the URI
         limit = connect_timeout()
         options.update(
-            connect_timeout=max(limit / (S3_MAX_ATTEMPTS + 1), 0.5), request_timeout=limit,
+            connect_timeout=max(limit / (S3_MAX_ATTEMPTS + 1), 0.5),
+            request_timeout=limit,
             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
-        )  # fmt: skip
+        )
         fs = pafs.S3FileSystem(**options)
     return fs, path
 
@@ -285,7 +297,9 @@ def check_multi_node(paths: dict[str, str], *, shared_fs: bool) -> None:
     """Refuse local paths (``flag -> path``) on a Ray cluster of more than one node: the other
     nodes cannot see them, and Ray Train fails at its first checkpoint. ``--shared-fs`` says the
     paths are mounted on every node (NFS)."""
-    local = {flag: p for flag, p in paths.items() if p and ("://" not in p or p.startswith("file://"))}
+    local = {
+        flag: p for flag, p in paths.items() if p and ("://" not in p or p.startswith("file://"))
+    }
     if shared_fs or not local:
         return
     nodes = alive_nodes()

@@ -53,7 +53,9 @@ log = logging.getLogger("twa_ray")
 
 __all__ = ["run_sweep"]
 
-PLAN_FILE = "plan.json"  # SweepPlan.to_dict(): the trials and sampling groups (--resume reuses them)
+PLAN_FILE = (
+    "plan.json"  # SweepPlan.to_dict(): the trials and sampling groups (--resume reuses them)
+)
 DONE_FILE = "sampling_done.json"  # next to a finished sampling run: its candidates and cost
 EXPERIMENT = "sweep"  # Tune experiment name under <storage>/tune
 
@@ -85,8 +87,12 @@ def _finished_runs(plan: SweepPlan) -> tuple[dict[str, dict[str, Any]], list[Sam
             s = g.sampling
             log.info(
                 "sampling group %s (%d trials): %d epochs, every %d %s(s)",
-                key, len(g.trials), s.sample_epochs, s.sample_interval, s.interval_unit,
-            )  # fmt: skip
+                key,
+                len(g.trials),
+                s.sample_epochs,
+                s.sample_interval,
+                s.interval_unit,
+            )
             todo.append(g)
         else:
             log.info("sampling group %s: reusing the finished run in %s", key, g.run_dir)
@@ -103,7 +109,10 @@ def _choose_candidates(plan: SweepPlan, done: dict[str, dict[str, Any]]) -> Swee
         for i in g.trials:
             s = plan.trials[i].config.sampling
             chosen[i] = select_candidates(
-                infos, interval=s.sample_interval, unit=s.interval_unit, sample_epochs=s.sample_epochs
+                infos,
+                interval=s.sample_interval,
+                unit=s.interval_unit,
+                sample_epochs=s.sample_epochs,
             )
     few = [i for i, names in sorted(chosen.items()) if len(names) < 2]
     if few:
@@ -121,9 +130,12 @@ def _run_groups(plan: SweepPlan) -> tuple[SweepPlan, dict[str, dict[str, Any]]]:
     done, todo = _finished_runs(plan)
     for g, res in zip(todo, _sample(todo)):
         record = {
-            "run_id": res.run_id, "candidates": res.candidates, "sample_epochs": g.sample_epochs,
-            "wall_time_s": round(res.wall_time_s, 2), "final_metrics": res.final_metrics,
-        }  # fmt: skip
+            "run_id": res.run_id,
+            "candidates": res.candidates,
+            "sample_epochs": g.sample_epochs,
+            "wall_time_s": round(res.wall_time_s, 2),
+            "final_metrics": res.final_metrics,
+        }
         open_storage(g.run_dir).write_json(DONE_FILE, record)
         done[g.key] = {**record, "ran": True}
     return _choose_candidates(plan, done), done
@@ -140,7 +152,11 @@ def _sample(todo: list[SamplingGroup]) -> list[Any]:
     from twa_ray.ray.sampling import run_sampling
 
     def args(g: SamplingGroup) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return (g.data, g.sampling), {"store_uri": g.store, "run_dir": g.run_dir, "run_id": g.run_id}
+        return (g.data, g.sampling), {
+            "store_uri": g.store,
+            "run_dir": g.run_dir,
+            "run_id": g.run_id,
+        }
 
     need = max((g.sampling.num_workers * g.sampling.cpus_per_worker for g in todo), default=1.0)
     room = int(ray.cluster_resources().get("CPU", 0.0) // need)
@@ -177,8 +193,10 @@ def _check_trial_gpus(gpus_per_trial: float, *, local: bool) -> None:
     have = max((n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n["Alive"]), default=0.0)
     if gpus_per_trial <= have:
         return
-    msg = (f"--gpus-per-trial {gpus_per_trial:g}: no Ray node has that many GPUs (the most on one "
-           f"node is {have:g}); lower --gpus-per-trial or set it to 0")  # fmt: skip
+    msg = (
+        f"--gpus-per-trial {gpus_per_trial:g}: no Ray node has that many GPUs (the most on one "
+        f"node is {have:g}); lower --gpus-per-trial or set it to 0"
+    )
     if local:
         raise ValueError(msg)
     log.warning("%s (waiting for the cluster to scale up)", msg)
@@ -192,9 +210,11 @@ def _scheduler(cfg: SweepConfig, plan: SweepPlan) -> Any:
         return FIFOScheduler()
     max_t = max(math.ceil(t.twa_epochs) for t in plan.trials)
     return ASHAScheduler(
-        time_attr="training_iteration", max_t=max_t, grace_period=min(cfg.grace_period, max_t),
+        time_attr="training_iteration",
+        max_t=max_t,
+        grace_period=min(cfg.grace_period, max_t),
         reduction_factor=cfg.reduction_factor,
-    )  # fmt: skip
+    )
 
 
 def _tuner(cfg: SweepConfig, plan: SweepPlan, storage: Storage, *, restore: bool) -> Any:
@@ -203,7 +223,10 @@ def _tuner(cfg: SweepConfig, plan: SweepPlan, storage: Storage, *, restore: bool
 
     from twa_ray.ray.tune_trial import twa_trial
 
-    resources = {"cpu": cfg.cpus_per_trial, **({"gpu": cfg.gpus_per_trial} if cfg.gpus_per_trial else {})}
+    resources = {
+        "cpu": cfg.cpus_per_trial,
+        **({"gpu": cfg.gpus_per_trial} if cfg.gpus_per_trial else {}),
+    }
     trainable = tune.with_resources(tune.with_parameters(twa_trial, plan=plan), resources)
     tune_dir = storage.child("tune")
     path, fs = tune_dir.child(EXPERIMENT).path, tune_dir.train_args()["storage_filesystem"]
@@ -227,7 +250,7 @@ def _tuner(cfg: SweepConfig, plan: SweepPlan, storage: Storage, *, restore: bool
             num_samples=1,
             max_concurrent_trials=concurrent,
             trial_dirname_creator=_trial_dirname,
-        ),  # fmt: skip
+        ),
         run_config=tune.RunConfig(
             # checkpoints are a few KB of alpha; keeping all of them spares Tune the forced
             # experiment snapshot after every report that num_to_keep would trigger
@@ -235,7 +258,7 @@ def _tuner(cfg: SweepConfig, plan: SweepPlan, storage: Storage, *, restore: bool
             **tune_dir.train_args(),
             verbose=1,
             failure_config=tune.FailureConfig(max_failures=1),
-        ),  # fmt: skip
+        ),
     )
 
 
@@ -276,10 +299,14 @@ def run_sweep(
         plan = _saved_plan(storage, cfg)
     else:
         plan = _new_plan(cfg, storage, sampling_dir)  # a bad space is refused before Ray starts
-    sweep_id = _start(cfg, storage, out_path, address=address, claim=claim, shared_paths=shared_paths)
+    sweep_id = _start(
+        cfg, storage, out_path, address=address, claim=claim, shared_paths=shared_paths
+    )
     plan = dataclasses.replace(plan, sweep_id=sweep_id)
     _write_plan(storage, plan)
-    log.info("sweep %s: %d trials, %d sampling run(s)", sweep_id, len(plan.trials), len(plan.groups))
+    log.info(
+        "sweep %s: %d trials, %d sampling run(s)", sweep_id, len(plan.trials), len(plan.groups)
+    )
 
     # -- phase 1: one sampling run per group (Ray Train, the whole cluster) ------------------
     t_sampling = time.time()
@@ -296,9 +323,10 @@ def run_sweep(
     rows = _rows(grid, plan)
     summary = _summarize(rows, plan, groups, out=storage.join("tune"))
     summary.update(
-        wall_time_s=round(time.time() - start, 1), sampling_wall_s=round(sampling_wall, 1),
+        wall_time_s=round(time.time() - start, 1),
+        sampling_wall_s=round(sampling_wall, 1),
         tune_wall_s=round(tune_wall, 1),
-    )  # fmt: skip
+    )
     _write_outputs(cfg, plan, rows, summary, storage, out_path)
     _print_results(rows, plan, summary, out_path)
     return summary
@@ -327,14 +355,21 @@ def _saved_plan(storage: Storage, cfg: SweepConfig) -> SweepPlan:
 
 
 def _start(
-    cfg: SweepConfig, storage: Storage, out_path: Path, *, address: str | None,
-    claim: dict[str, Any], shared_paths: dict[str, str],
-) -> str:  # fmt: skip
+    cfg: SweepConfig,
+    storage: Storage,
+    out_path: Path,
+    *,
+    address: str | None,
+    claim: dict[str, Any],
+    shared_paths: dict[str, str],
+) -> str:
     """Start (or join) Ray, check the cluster can run the sweep, claim the storage (and mark
     ``out_path`` when the storage lies elsewhere). Returns the sweep id."""
     init_ray(address)
     check_multi_node(shared_paths, shared_fs=cfg.base.shared_fs)
-    _check_trial_gpus(cfg.gpus_per_trial, local=address is None and not os.environ.get("RAY_ADDRESS"))
+    _check_trial_gpus(
+        cfg.gpus_per_trial, local=address is None and not os.environ.get("RAY_ADDRESS")
+    )
     return _claim_out_dir(storage, **claim, out=out_path)
 
 
@@ -343,9 +378,13 @@ def _knobs(plan: SweepPlan) -> list[str]:
 
 
 def _write_outputs(
-    cfg: SweepConfig, plan: SweepPlan, rows: list[dict[str, Any]], summary: dict[str, Any],
-    storage: Storage, out_path: Path,
-) -> None:  # fmt: skip
+    cfg: SweepConfig,
+    plan: SweepPlan,
+    rows: list[dict[str, Any]],
+    summary: dict[str, Any],
+    storage: Storage,
+    out_path: Path,
+) -> None:
     """trials.parquet / .csv, sweep.png, best.yaml, summary.json; with ``--storage`` elsewhere,
     copied to the local ``--out`` too."""
     write_table(out_path / "trials", rows)
@@ -400,7 +439,7 @@ def _rows(grid: Any, plan: SweepPlan) -> list[dict[str, Any]]:
                 "time_s": m.get("time_total_s", math.nan),
                 "node_id": m.get("node_id", ""),
                 "error": str(r.error).splitlines()[0][:300] if r.error else "",
-            }  # fmt: skip
+            }
         )
     return sorted(rows, key=lambda r: r["index"])
 
@@ -431,7 +470,10 @@ def _summarize(
         "best": {
             k: best[k] for k in ("index", "trial_id", "val_acc", "val_loss", "twa_epochs", "group")
         }
-        | {"params": dict(trials[best["index"]].params), "config": trials[best["index"]].config.to_dict()},
+        | {
+            "params": dict(trials[best["index"]].params),
+            "config": trials[best["index"]].config.to_dict(),
+        },
         "best_test_acc": best["test_acc"],
         "counts": {
             "trials": len(rows),

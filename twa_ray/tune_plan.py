@@ -115,7 +115,9 @@ class SweepPlan:
 
     def with_candidates(self, chosen: Mapping[int, Sequence[str]]) -> SweepPlan:
         """The plan with each trial's candidates (trial index -> names)."""
-        trials = tuple(dataclasses.replace(t, candidates=tuple(chosen[t.index])) for t in self.trials)
+        trials = tuple(
+            dataclasses.replace(t, candidates=tuple(chosen[t.index])) for t in self.trials
+        )
         return dataclasses.replace(self, trials=trials)
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,15 +129,25 @@ class SweepPlan:
             "gpus_per_trial": self.gpus_per_trial,
             "select_frac": self.select_frac,
             "groups": {
-                k: {"key": g.key, "run_dir": g.run_dir, "trials": list(g.trials),
-                    "data": asdict(g.data), "sampling": asdict(g.sampling)}
+                k: {
+                    "key": g.key,
+                    "run_dir": g.run_dir,
+                    "trials": list(g.trials),
+                    "data": asdict(g.data),
+                    "sampling": asdict(g.sampling),
+                }
                 for k, g in self.groups.items()
-            },  # fmt: skip
+            },
             "trials": [
-                {"index": t.index, "params": dict(t.params), "group": t.group,
-                 "candidates": list(t.candidates), "config": t.config.to_dict()}
+                {
+                    "index": t.index,
+                    "params": dict(t.params),
+                    "group": t.group,
+                    "candidates": list(t.candidates),
+                    "config": t.config.to_dict(),
+                }
                 for t in self.trials
-            ],  # fmt: skip
+            ],
         }
 
     @classmethod
@@ -143,18 +155,34 @@ class SweepPlan:
         """The plan that :meth:`to_dict` gave; ``ValueError`` for anything else."""
         try:
             groups = {
-                k: SamplingGroup(key=g["key"], run_dir=g["run_dir"], trials=tuple(g["trials"]),
-                                 data=DataConfig(**g["data"]), sampling=SamplingConfig(**g["sampling"]))
+                k: SamplingGroup(
+                    key=g["key"],
+                    run_dir=g["run_dir"],
+                    trials=tuple(g["trials"]),
+                    data=DataConfig(**g["data"]),
+                    sampling=SamplingConfig(**g["sampling"]),
+                )
                 for k, g in d["groups"].items()
-            }  # fmt: skip
+            }
             trials = tuple(
-                PlannedTrial(index=t["index"], params=t["params"], group=t["group"],
-                             candidates=tuple(t["candidates"]), config=config_from_dict(t["config"]))
+                PlannedTrial(
+                    index=t["index"],
+                    params=t["params"],
+                    group=t["group"],
+                    candidates=tuple(t["candidates"]),
+                    config=config_from_dict(t["config"]),
+                )
                 for t in d["trials"]
-            )  # fmt: skip
-            return cls(trials=trials, groups=groups, space=d["space"], sweep_id=d["sweep_id"],
-                       cpus_per_trial=d["cpus_per_trial"], gpus_per_trial=d["gpus_per_trial"],
-                       select_frac=d["select_frac"])  # fmt: skip
+            )
+            return cls(
+                trials=trials,
+                groups=groups,
+                space=d["space"],
+                sweep_id=d["sweep_id"],
+                cpus_per_trial=d["cpus_per_trial"],
+                gpus_per_trial=d["gpus_per_trial"],
+                select_frac=d["select_frac"],
+            )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(
                 f"the saved sweep plan is not one this version writes (missing or bad {e}); "
@@ -233,9 +261,13 @@ def _values_of(hint: Any) -> str:
     """What a field of type ``hint`` takes, in words: ``integer values``, ``one of ['t', 'v']``."""
     if typing.get_origin(hint) is typing.Literal:
         return f"one of {list(typing.get_args(hint))}"
-    args = set(typing.get_args(hint)) - {type(None)} if isinstance(hint, types.UnionType) else {hint}
+    args = (
+        set(typing.get_args(hint)) - {type(None)} if isinstance(hint, types.UnionType) else {hint}
+    )
     words = {int: "integer", bool: "true/false", str: "string"}
-    return " or ".join(sorted(words.get(a, getattr(a, "__name__", str(a))) for a in args)) + " values"
+    return (
+        " or ".join(sorted(words.get(a, getattr(a, "__name__", str(a))) for a in args)) + " values"
+    )
 
 
 def _flow(spec: Any) -> str:
@@ -247,7 +279,9 @@ def _flow(spec: Any) -> str:
     return yaml.safe_dump(dict(spec), default_flow_style=True, width=10**6).strip()
 
 
-def _bad_value(base: Mapping[str, Any], knob: str, value: Any, others: Mapping[str, Any]) -> str | None:
+def _bad_value(
+    base: Mapping[str, Any], knob: str, value: Any, others: Mapping[str, Any]
+) -> str | None:
     """Why the run config refuses ``knob=value``, or None. The value is tried on the base, and
     where the base refuses it, once more with the other knobs at their first values (a value
     may need another knob's: ``blocks`` with ``subspace``); refused only if both refuse."""
@@ -278,8 +312,10 @@ def check_space(base: RunConfig, space: Mapping[str, Any]) -> None:
         kind, values = next(iter(spec.items()))
         others = {k: v for k, v in firsts.items() if k != knob}
         if kind in _RANGES and not _takes_floats(_knob_type(knob)):
-            errors.append(f"{knob}: {_flow(spec)}: {kind} draws fractional numbers but {knob} "
-                          f"takes {_values_of(_knob_type(knob))}; use {{choice: [..]}} or {{grid: [..]}}")  # fmt: skip
+            errors.append(
+                f"{knob}: {_flow(spec)}: {kind} draws fractional numbers but {knob} "
+                f"takes {_values_of(_knob_type(knob))}; use {{choice: [..]}} or {{grid: [..]}}"
+            )
             continue
         for value in [float(v) for v in values] if kind in _RANGES else values:
             problem = _bad_value(d, knob, value, others)
@@ -328,8 +364,10 @@ def _resolve_trials(base: RunConfig, drawn: Iterable[dict[str, Any]]) -> list[Pl
         count = _num_candidates(run.sampling)
         if count is not None and count < 2:
             s = run.sampling
-            errors.append(f"trial {i} {params}: sample_interval={s.sample_interval} epochs over "
-                          f"{s.sample_epochs} sampled epochs gives {count} candidate; TWA needs at least 2")  # fmt: skip
+            errors.append(
+                f"trial {i} {params}: sample_interval={s.sample_interval} epochs over "
+                f"{s.sample_epochs} sampled epochs gives {count} candidate; TWA needs at least 2"
+            )
         trials.append(PlannedTrial(index=i, params=params, config=run, group=""))
     if errors:
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
@@ -348,7 +386,9 @@ def _sharing_key(run: RunConfig) -> dict[str, Any]:
     return {"data": asdict(run.data), "sampling": s}
 
 
-def _make_group(members: Sequence[PlannedTrial], *, sampling_dir: str, reuse: bool) -> SamplingGroup:
+def _make_group(
+    members: Sequence[PlannedTrial], *, sampling_dir: str, reuse: bool
+) -> SamplingGroup:
     """The one run of ``members``: the longest member's config at the finest interval that
     holds every member's snapshots (and, for epoch intervals, the last epoch of every shorter
     member: a run always snapshots its final epoch)."""
@@ -365,8 +405,13 @@ def _make_group(members: Sequence[PlannedTrial], *, sampling_dir: str, reuse: bo
     if not reuse:
         ident["trial"] = members[0].index
     key = _hash(ident)
-    return SamplingGroup(key=key, data=longest.data, sampling=sampling,
-                         run_dir=join_uri(sampling_dir, key), trials=tuple(m.index for m in members))  # fmt: skip
+    return SamplingGroup(
+        key=key,
+        data=longest.data,
+        sampling=sampling,
+        run_dir=join_uri(sampling_dir, key),
+        trials=tuple(m.index for m in members),
+    )
 
 
 def plan_sweep(cfg: SweepConfig, *, sampling_dir: str) -> SweepPlan:
@@ -379,12 +424,16 @@ def plan_sweep(cfg: SweepConfig, *, sampling_dir: str) -> SweepPlan:
     """
     space = _trial_space(cfg)
     check_space(cfg.base, space)
-    trials = _resolve_trials(cfg.base, draw_trials(space, num_samples=cfg.num_samples, seed=cfg.seed))
+    trials = _resolve_trials(
+        cfg.base, draw_trials(space, num_samples=cfg.num_samples, seed=cfg.seed)
+    )
     by_key: dict[str, list[PlannedTrial]] = {}
     for t in trials:
         key = _sharing_key(t.config) | ({} if cfg.reuse_sampling else {"trial": t.index})
         by_key.setdefault(_hash(key), []).append(t)
-    groups = [_make_group(m, sampling_dir=sampling_dir, reuse=cfg.reuse_sampling) for m in by_key.values()]
+    groups = [
+        _make_group(m, sampling_dir=sampling_dir, reuse=cfg.reuse_sampling) for m in by_key.values()
+    ]
     group_of = {i: g.key for g in groups for i in g.trials}
     return SweepPlan(
         trials=tuple(dataclasses.replace(t, group=group_of[t.index]) for t in trials),
@@ -411,10 +460,11 @@ def select_candidates(
     infos = sorted(infos, key=lambda i: i.step)
     if unit == "epoch":
         kept = [
-            i for i in infos
+            i
+            for i in infos
             if round(i.epoch) <= sample_epochs
             and (round(i.epoch) % interval == 0 or round(i.epoch) == sample_epochs)
-        ]  # fmt: skip
+        ]
     else:
         kept = [i for i in infos if i.step % interval == 0 or i is infos[-1]]
     return [i.name for i in kept]

@@ -51,10 +51,22 @@ def can_unshare() -> str | None:
     """None when this process may build private mount namespaces, else the reason it may not."""
     try:
         r = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "--",
-             "mount", "-t", "tmpfs", "tmpfs", "/mnt"],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "mount",
+                "-t",
+                "tmpfs",
+                "tmpfs",
+                "/mnt",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"unshare unavailable: {e}"
     if r.returncode != 0:
@@ -84,9 +96,12 @@ class S3:
         import pyarrow.fs as pafs
 
         return pafs.S3FileSystem(
-            access_key="testing", secret_key="testing", region="us-east-1",
-            endpoint_override=self.endpoint, scheme="http",
-        )  # fmt: skip
+            access_key="testing",
+            secret_key="testing",
+            region="us-east-1",
+            endpoint_override=self.endpoint,
+            scheme="http",
+        )
 
     def list(self, prefix: str) -> dict[str, int]:
         """``path -> size`` of every object under ``bucket/prefix`` (paths relative to it)."""
@@ -200,7 +215,13 @@ def _alive_nodes(cluster: Cluster) -> set[str] | None:
     return {s["raylet"]["nodeId"] for s in summary if s["raylet"]["state"] == "ALIVE"}
 
 
-def _wait_nodes(cluster: Cluster, n: int, timeout_s: float, *, new_since: frozenset[str] | set[str] = frozenset()) -> None:
+def _wait_nodes(
+    cluster: Cluster,
+    n: int,
+    timeout_s: float,
+    *,
+    new_since: frozenset[str] | set[str] = frozenset(),
+) -> None:
     """Until the GCS lists ``n`` alive nodes (head included) not in ``new_since``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -229,11 +250,21 @@ def start_cluster(
     """A head with ``--num-cpus 0`` and ``num_nodes`` worker nodes, each in its own mount
     namespace with a private tmpfs over Ray's temp dir and over every path in ``hide``."""
     # a loaded 2-core machine can take over a minute to start a worker group (default 60 s)
-    extra = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300", **(env or {})}
+    extra = {
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+        **(env or {}),
+    }
     head = start_head(num_cpus=0, object_store_mb=object_store_mb, auth=False, extra_env=extra)
     cluster_env = {**client_env(None), **extra}
-    cluster = Cluster(head, [], cluster_env, f"{_node_ip()}:{head.gcs_port}",
-                      cpus_per_node=cpus_per_node, object_store_mb=object_store_mb)  # fmt: skip
+    cluster = Cluster(
+        head,
+        [],
+        cluster_env,
+        f"{_node_ip()}:{head.gcs_port}",
+        cpus_per_node=cpus_per_node,
+        object_store_mb=object_store_mb,
+    )
     cluster.env["RAY_ADDRESS"] = cluster.gcs_address
     try:
         # not /tmp as a whole: the checkout and its virtual environment may lie below it
@@ -261,6 +292,7 @@ def start_cluster(
 def _hidden(hide: Sequence[str | os.PathLike[str]], ray_temp_dir: Path) -> list[str]:
     """The folders a worker node gets a private tmpfs over: Ray's temp dir and ``hide``, none
     holding this interpreter or the checkout (a node could not start its Python then)."""
+
     def below(path: str, folder: str) -> bool:
         return os.path.commonpath([folder, path]) == folder
 
@@ -282,22 +314,55 @@ def _start_node(cluster: Cluster, i: int) -> Node:
     hidden = cluster.hidden
     node_mgr, obj_mgr, agent_http, agent_grpc, metrics, rt_env = free_ports(6)
     mounts = " && ".join(f"mount -t tmpfs tmpfs {shlex.quote(h)}" for h in hidden)
-    ray = " ".join(shlex.quote(a) for a in [
-        *RAY_CLI, "start", "--block", "--address", cluster.gcs_address,
-        "--num-cpus", str(cluster.cpus_per_node), "--num-gpus", "0",
-        "--object-store-memory", str(cluster.object_store_mb << 20),
-        "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
-        "--dashboard-agent-listen-port", str(agent_http),
-        "--dashboard-agent-grpc-port", str(agent_grpc),
-        "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(rt_env),
-        "--resources", f'{{"node{i}": 1}}', "--disable-usage-stats",
-    ])  # fmt: skip
+    ray = " ".join(
+        shlex.quote(a)
+        for a in [
+            *RAY_CLI,
+            "start",
+            "--block",
+            "--address",
+            cluster.gcs_address,
+            "--num-cpus",
+            str(cluster.cpus_per_node),
+            "--num-gpus",
+            "0",
+            "--object-store-memory",
+            str(cluster.object_store_mb << 20),
+            "--node-manager-port",
+            str(node_mgr),
+            "--object-manager-port",
+            str(obj_mgr),
+            "--dashboard-agent-listen-port",
+            str(agent_http),
+            "--dashboard-agent-grpc-port",
+            str(agent_grpc),
+            "--metrics-export-port",
+            str(metrics),
+            "--runtime-env-agent-port",
+            str(rt_env),
+            "--resources",
+            f'{{"node{i}": 1}}',
+            "--disable-usage-stats",
+        ]
+    )
     log_path = cluster.head.temp_dir / f"node{i}.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "--", "bash", "-c", f"{mounts} && exec {ray}"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "bash",
+                "-c",
+                f"{mounts} && exec {ray}",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     node = Node(i, proc, log_path)
     for _ in range(100):  # the namespace exists once unshare has exec'd bash
         try:
@@ -340,8 +405,14 @@ def stop_cluster(cluster: Cluster) -> None:
     stop_head(cluster.head)
 
 
-def submit(cluster: Cluster, entrypoint: Sequence[str], *, working_dir: str | os.PathLike[str],
-           timeout_s: float = 600.0, on_poll=None):  # fmt: skip
+def submit(
+    cluster: Cluster,
+    entrypoint: Sequence[str],
+    *,
+    working_dir: str | os.PathLike[str],
+    timeout_s: float = 600.0,
+    on_poll=None,
+):
     """``ray job submit --working-dir`` (retried while the fresh head answers "No available
     agent to submit job"); ``on_poll()`` is called every half second while the job runs.
     Returns the :class:`ray_cluster.JobResult`."""
@@ -352,9 +423,21 @@ def submit(cluster: Cluster, entrypoint: Sequence[str], *, working_dir: str | os
     import uuid
 
     job_id = f"twa-cluster-{uuid.uuid4().hex[:10]}"
-    args = ["job", "submit", "--address", cluster.dashboard_url, "--submission-id", job_id,
-            "--working-dir", os.fspath(working_dir),
-            "--runtime-env-json", '{"excludes": [".git"]}', "--no-wait", "--", *entrypoint]  # fmt: skip
+    args = [
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard_url,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        os.fspath(working_dir),
+        "--runtime-env-json",
+        '{"excludes": [".git"]}',
+        "--no-wait",
+        "--",
+        *entrypoint,
+    ]
     t0 = time.monotonic()
     while True:
         proc = ray_cli(cluster.head, *args, env=cluster.env)
@@ -372,8 +455,11 @@ def submit(cluster: Cluster, entrypoint: Sequence[str], *, working_dir: str | os
             break
         time.sleep(0.5)
     else:
-        ray_cli(cluster.head, "job", "stop", "--address", cluster.dashboard_url, job_id, env=cluster.env)
+        ray_cli(
+            cluster.head, "job", "stop", "--address", cluster.dashboard_url, job_id, env=cluster.env
+        )
         status = "TIMEOUT"
-    logs = ray_cli(cluster.head, "job", "logs", "--address", cluster.dashboard_url, job_id,
-                   env=cluster.env)  # fmt: skip
+    logs = ray_cli(
+        cluster.head, "job", "logs", "--address", cluster.dashboard_url, job_id, env=cluster.env
+    )
     return JobResult(job_id, status, logs.stdout + logs.stderr, time.monotonic() - t0)

@@ -64,19 +64,31 @@ def _train_nodes(cluster) -> set[int]:
     """Worker nodes running a Ray Train worker now (every node has the same IP here, so Ray
     Train's node_rank cannot tell them apart: ask the nodes' mount namespaces)."""
     return {
-        n.index for n in cluster.nodes
+        n.index
+        for n in cluster.nodes
         if not n.killed and any(b"RayTrainWorker" in c for c in _cmdlines(n))
-    }  # fmt: skip
+    }
 
 
 def test_local_storage_is_refused_on_a_multi_node_cluster(cluster, run_root):
     """Item 3: exit 2 and one line, before any training; nothing written."""
     out = run_root / "refused"
     proc = subprocess.run(
-        [sys.executable, "jobs/run_twa.py", "--smoke-test", "--address", cluster.gcs_address,
-         "--out", str(out)],
-        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "jobs/run_twa.py",
+            "--smoke-test",
+            "--address",
+            cluster.gcs_address,
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert err[-1].startswith("twa-ray: error: the Ray cluster has 4 nodes and --out"), err[-1]
@@ -91,15 +103,32 @@ def test_data_root_missing_on_the_worker_nodes_is_one_line(cluster, s3, run_root
     root = run_root / "data"
     root.mkdir()
     proc = subprocess.run(
-        [sys.executable, "jobs/run_twa.py", "--smoke-test", "--dataset", "node_data:splits",
-         "--data-root", str(root), "--address", cluster.gcs_address, "--storage", s3.uri("nodata"),
-         "--out", str(run_root / "nodata")],
-        cwd=REPO, env={**cluster.env, "PYTHONPATH": str(Path(__file__).parent)},
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "jobs/run_twa.py",
+            "--smoke-test",
+            "--dataset",
+            "node_data:splits",
+            "--data-root",
+            str(root),
+            "--address",
+            cluster.gcs_address,
+            "--storage",
+            s3.uri("nodata"),
+            "--out",
+            str(run_root / "nodata"),
+        ],
+        cwd=REPO,
+        env={**cluster.env, "PYTHONPATH": str(Path(__file__).parent)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert last.startswith(f"twa-ray: error: --data-root {str(root)!r} does not exist on node "), last
+    assert last.startswith(f"twa-ray: error: --data-root {str(root)!r} does not exist on node "), (
+        last
+    )
     assert "Traceback" not in proc.stderr
     assert "run.json" not in s3.list("nodata")
 
@@ -109,8 +138,12 @@ def run_a(cluster, s3, run_root):
     """The uninterrupted run on two nodes under prefix "a": the kill tests compare with it.
     Returns the job and the sets of nodes that ran Ray Train workers, one per poll."""
     seen: list[set[int]] = []
-    res = submit(cluster, [*RUN, "--storage", s3.uri("a"), "--out", str(run_root / "a")],
-                 working_dir=REPO, on_poll=lambda: seen.append(_train_nodes(cluster)))  # fmt: skip
+    res = submit(
+        cluster,
+        [*RUN, "--storage", s3.uri("a"), "--out", str(run_root / "a")],
+        working_dir=REPO,
+        on_poll=lambda: seen.append(_train_nodes(cluster)),
+    )
     return res, seen
 
 
@@ -128,21 +161,47 @@ def test_smoke_job_on_two_nodes_with_s3_matches_one_node(cluster, s3, run_root, 
 
     objs = s3.list("a")
     names = sorted(objs)
-    assert sum(k.startswith("candidates/") and k.endswith(".arrow") for k in names) == NUM_CANDIDATES
-    assert any(k.startswith("work/ray_train/sampling_") and f"{LAST_CHECKPOINT}state.pt" in k for k in names)
-    assert any(k.startswith("work/ray_train/twa_") and k.endswith("/result.pt") for k in names), names
-    for f in ("run.json", "outputs/metrics.json", "outputs/model.safetensors",
-              "outputs/coefficients.parquet", "outputs/config.yaml"):  # fmt: skip
+    assert (
+        sum(k.startswith("candidates/") and k.endswith(".arrow") for k in names) == NUM_CANDIDATES
+    )
+    assert any(
+        k.startswith("work/ray_train/sampling_") and f"{LAST_CHECKPOINT}state.pt" in k
+        for k in names
+    )
+    assert any(k.startswith("work/ray_train/twa_") and k.endswith("/result.pt") for k in names), (
+        names
+    )
+    for f in (
+        "run.json",
+        "outputs/metrics.json",
+        "outputs/model.safetensors",
+        "outputs/coefficients.parquet",
+        "outputs/config.yaml",
+    ):
         assert objs.get(f, 0) > 0, f
     # the driver ran on the head: --out there holds the local copy of the outputs
     local = json.loads((run_root / "a" / "metrics.json").read_text())
-    assert local["run_id"] == json.loads(s3.fs().open_input_stream(f"{s3.bucket}/a/run.json").read())["run_id"]
+    assert (
+        local["run_id"]
+        == json.loads(s3.fs().open_input_stream(f"{s3.bucket}/a/run.json").read())["run_id"]
+    )
 
     # the same run with both workers on one node (0.5 CPU each: Ray packs them together)
     seen = []
-    ref = submit(cluster, [*RUN, "--cpus-per-worker", "0.5", "--storage", s3.uri("one"),
-                           "--out", str(run_root / "one")], working_dir=REPO,
-                 on_poll=lambda: seen.append(_train_nodes(cluster)))  # fmt: skip
+    ref = submit(
+        cluster,
+        [
+            *RUN,
+            "--cpus-per-worker",
+            "0.5",
+            "--storage",
+            s3.uri("one"),
+            "--out",
+            str(run_root / "one"),
+        ],
+        working_dir=REPO,
+        on_poll=lambda: seen.append(_train_nodes(cluster)),
+    )
     assert ref.status == "SUCCEEDED", _explain(ref)
     assert max(map(len, seen)) == 1, f"the workers ran on nodes {seen}"
     a, one = _alpha(s3, "a"), _alpha(s3, "one")
@@ -169,9 +228,13 @@ def test_basis_one_copy_per_node_zero_copy_on_workers(cluster, tmp_path):
     def used() -> dict[str, int]:
         out = {}
         for n in ray.nodes():
-            name = next((r for r in n["Resources"] if r.startswith("node") and r[4:].isdigit()), "head")
+            name = next(
+                (r for r in n["Resources"] if r.startswith("node") and r[4:].isdigit()), "head"
+            )
             if n["Alive"]:
-                st = node_stats(n["NodeManagerAddress"], n["NodeManagerPort"], include_memory_info=False)
+                st = node_stats(
+                    n["NodeManagerAddress"], n["NodeManagerPort"], include_memory_info=False
+                )
                 out[name] = st.store_stats.object_store_bytes_used
         return out
 
@@ -196,13 +259,17 @@ def test_basis_one_copy_per_node_zero_copy_on_workers(cluster, tmp_path):
                 ranges = []  # this process's mappings of the object store (plasma's shared memory)
                 for line in open("/proc/self/maps").read().splitlines():
                     parts = line.split(maxsplit=5)
-                    if len(parts) == 6 and ("plasma" in parts[5] or parts[5].startswith("/dev/shm")):
+                    if len(parts) == 6 and (
+                        "plasma" in parts[5] or parts[5].startswith("/dev/shm")
+                    ):
                         lo, hi = (int(x, 16) for x in parts[0].split("-"))
                         ranges.append((lo, hi))
                 inside = [any(lo <= t.data_ptr() < hi for lo, hi in ranges) for t in tensors]
                 return ray.get_runtime_context().get_node_id(), inside
 
-        workers = [Worker.options(resources={f"node{i}": 0.01}).remote(sharded) for i in (0, 0, 1, 1)]
+        workers = [
+            Worker.options(resources={f"node{i}": 0.01}).remote(sharded) for i in (0, 0, 1, 1)
+        ]
         checks = ray.get([w.check.remote() for w in workers])
         after = used()
         assert len({node for node, _ in checks}) == 2
@@ -233,9 +300,12 @@ SWEEP = {
     "sampling": {"epochs": 8, "sample_frac": 0.5, "batch_size": 64, "num_workers": 1},
     "twa": {"epochs": 3},
     "mode": "v",
-    "sweep": {"scheduler": "none", "cpus_per_trial": 1,
-              "space": {"sampling.lr": {"grid": [0.05, 0.1]}, "twa.lr": {"grid": [0.05, 0.2]}}},
-}  # fmt: skip
+    "sweep": {
+        "scheduler": "none",
+        "cpus_per_trial": 1,
+        "space": {"sampling.lr": {"grid": [0.05, 0.1]}, "twa.lr": {"grid": [0.05, 0.2]}},
+    },
+}
 
 
 def test_sweep_on_the_cluster_resumes_from_s3_after_its_driver_died(cluster, s3, run_root):
@@ -250,11 +320,27 @@ def test_sweep_on_the_cluster_resumes_from_s3_after_its_driver_died(cluster, s3,
 
     config = run_root / "sweep.yaml"
     config.write_text(yaml.safe_dump(SWEEP))
-    cmd = [sys.executable, "-c", "import sys; from twa_ray.cli import main; sys.exit(main(sys.argv[1:]))",
-           "sweep", "--config", str(config), "--address", cluster.gcs_address, "--storage", s3.uri("sw")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from twa_ray.cli import main; sys.exit(main(sys.argv[1:]))",
+        "sweep",
+        "--config",
+        str(config),
+        "--address",
+        cluster.gcs_address,
+        "--storage",
+        s3.uri("sw"),
+    ]
     log = open(run_root / "sweep1.log", "w")
-    first = subprocess.Popen([*cmd, "--out", str(run_root / "sw1")], cwd=REPO, env=cluster.env,
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    first = subprocess.Popen(
+        [*cmd, "--out", str(run_root / "sw1")],
+        cwd=REPO,
+        env=cluster.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     t0 = time.monotonic()
     while first.poll() is None and time.monotonic() - t0 < 600:
         if any("/checkpoint_" in k for k in s3.list("sw/tune/sweep")):
@@ -271,8 +357,14 @@ def test_sweep_on_the_cluster_resumes_from_s3_after_its_driver_died(cluster, s3,
     spans = [_span(s3, f"sw/sampling/{k.split('/')[0]}/ray_train") for k in done]
     assert spans[0][0] <= spans[1][1] and spans[1][0] <= spans[0][1], spans
 
-    second = subprocess.run([*cmd, "--resume", "--out", str(run_root / "sw2")], cwd=REPO,
-                            env=cluster.env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    second = subprocess.run(
+        [*cmd, "--resume", "--out", str(run_root / "sw2")],
+        cwd=REPO,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     summary = json.loads((run_root / "sw2" / "summary.json").read_text())
     assert summary["counts"]["trials"] == 4 and summary["counts"]["completed"] == 4
@@ -306,10 +398,14 @@ def test_worker_node_killed_mid_sampling_resumes_from_s3(cluster, s3, run_root, 
             return
 
     res = submit(
-        cluster, [*RUN, *KILLABLE, "--storage", s3.uri("b"), "--out", str(run_root / "b")],
-        working_dir=REPO, on_poll=kill_after_third_checkpoint,
-    )  # fmt: skip
-    assert killed and killed["mid_sampling"], f"no worker node killed mid-sampling: {killed}\n{_explain(res)}"
+        cluster,
+        [*RUN, *KILLABLE, "--storage", s3.uri("b"), "--out", str(run_root / "b")],
+        working_dir=REPO,
+        on_poll=kill_after_third_checkpoint,
+    )
+    assert killed and killed["mid_sampling"], (
+        f"no worker node killed mid-sampling: {killed}\n{_explain(res)}"
+    )
     assert res.status == "SUCCEEDED", _explain(res)
     assert "sampling: resumed at epoch" in res.logs, _explain(res)
     cb = _candidates(s3, "b")
@@ -322,8 +418,11 @@ def _registered_checkpoint(s3, prefix: str, group: str) -> str | None:
     """The latest checkpoint that Ray Train has registered for the run ``group_*`` under
     ``prefix`` (its controller's snapshot in storage; an uploaded checkpoint is registered a
     poll later, and one that is not may be lost with a dead worker)."""
-    snaps = [k for k in s3.list(f"{prefix}/work/ray_train")
-             if k.startswith(f"{group}_") and k.endswith("/checkpoint_manager_snapshot.json")]  # fmt: skip
+    snaps = [
+        k
+        for k in s3.list(f"{prefix}/work/ray_train")
+        if k.startswith(f"{group}_") and k.endswith("/checkpoint_manager_snapshot.json")
+    ]
     if not snaps:
         return None
     with s3.fs().open_input_stream(f"{s3.bucket}/{prefix}/work/ray_train/{snaps[0]}") as f:
@@ -353,12 +452,16 @@ def test_worker_node_killed_mid_coefficient_phase_resumes_from_s3(cluster, s3, r
             return
 
     res = submit(
-        cluster, [*RUN, *KILLABLE, "--storage", s3.uri("c"), "--out", str(run_root / "c")],
-        working_dir=REPO, on_poll=kill_once_twa_v_is_under_way,
-    )  # fmt: skip
+        cluster,
+        [*RUN, *KILLABLE, "--storage", s3.uri("c"), "--out", str(run_root / "c")],
+        working_dir=REPO,
+        on_poll=kill_once_twa_v_is_under_way,
+    )
     assert killed, f"no worker node killed mid-coefficient phase\n{_explain(res)}"
     assert res.status == "SUCCEEDED", _explain(res)
-    resumed = re.findall(r"twa: resumed at (mode v step \d+|a mode boundary) \(done: \['t'\]\)", res.logs)
+    resumed = re.findall(
+        r"twa: resumed at (mode v step \d+|a mode boundary) \(done: \['t'\]\)", res.logs
+    )
     assert resumed, f"killed after {killed['registered']}, no resume past TWA-t:\n{_explain(res)}"
     assert "sampling: resumed" not in res.logs  # the kill came after sampling
     a, c = _alpha(s3, "a"), _alpha(s3, "c")

@@ -60,7 +60,9 @@ def test_state_dict_round_trip_resumes_exactly():
     resumed.load_state_dict(ema_b.state_dict())
     _walk(a, ema_a, 5, seed=2)
     _walk(b, resumed, 5, seed=2)
-    for (da, pa), (db, pb) in zip(averages(ema_a.state_dict()).items(), averages(resumed.state_dict()).items()):
+    for (da, pa), (db, pb) in zip(
+        averages(ema_a.state_dict()).items(), averages(resumed.state_dict()).items()
+    ):
         assert da == db and set(pa) == {"0.weight", "0.bias", "1.weight", "1.bias"}  # no buffers
         for n in pa:
             torch.testing.assert_close(pa[n], pb[n], rtol=0, atol=0)

@@ -20,7 +20,11 @@ def test_layout_excludes_frozen_and_buffers():
 
 
 def test_flatten_unflatten_round_trip_keeps_dtypes():
-    tensors = {"a": torch.randn(2, 3), "b": torch.randn(5).to(torch.float16), "c": torch.randn(1, 1, 2)}
+    tensors = {
+        "a": torch.randn(2, 3),
+        "b": torch.randn(5).to(torch.float16),
+        "c": torch.randn(1, 1, 2),
+    }
     layout = Layout.from_tensors(tensors)
     flat = flatten(tensors, layout)
     assert flat.dtype == torch.float32 and flat.shape == (layout.numel,)
@@ -56,7 +60,11 @@ def test_flatten_shape_mismatch_is_clear():
 
 @given(st.lists(st.integers(1, 50), min_size=1, max_size=12), st.integers(1, 120))
 def test_size_blocks_partition(sizes, min_size):
-    layout = Layout(tuple(f"p{i}" for i in range(len(sizes))), tuple((s,) for s in sizes), ("float32",) * len(sizes))
+    layout = Layout(
+        tuple(f"p{i}" for i in range(len(sizes))),
+        tuple((s,) for s in sizes),
+        ("float32",) * len(sizes),
+    )
     blocks = layout.blocks(f"size:{min_size}")
     assert blocks.bounds[0] == 0 and blocks.bounds[-1] == layout.numel
     assert set(blocks.bounds) <= set(layout.offsets)  # blocks never cut a tensor

@@ -25,13 +25,18 @@ def mse(out, y):
 def problem(seed=0, n=50):
     g = torch.Generator().manual_seed(seed)
     model = nn.Linear(5, 3)
-    cands = [{k: torch.randn(p.shape, generator=g) for k, p in model.named_parameters()} for _ in range(4)]
+    cands = [
+        {k: torch.randn(p.shape, generator=g) for k, p in model.named_parameters()}
+        for _ in range(4)
+    ]
     ds = TensorDataset(torch.randn(n, 5, generator=g), torch.randn(n, 3, generator=g))
     return model, cands, ds
 
 
-@pytest.mark.parametrize("n,batch,world,expected", [(50, 8, 1, 6), (50, 8, 2, 6), (51, 8, 2, 6), (7, 8, 1, 1),
-                                                    (1000, 128, 3, 7)])  # fmt: skip
+@pytest.mark.parametrize(
+    "n,batch,world,expected",
+    [(50, 8, 1, 6), (50, 8, 2, 6), (51, 8, 2, 6), (7, 8, 1, 1), (1000, 128, 3, 7)],
+)
 def test_steps_per_epoch_counts_whole_batches_per_worker(n, batch, world, expected):
     assert steps_per_epoch(n, batch, world) == expected
     if n >= batch:  # one pass of ShuffledBatches over the training split is one epoch
@@ -51,8 +56,13 @@ def test_shuffled_batches_replay_a_pass_from_any_step():
 def _loop(model, cands, ds, **kw):
     twa = TWA(model, cands, bits=8, lr=0.05, loss_fn=mse)
     per_epoch = steps_per_epoch(len(ds), 8)
-    return CoefficientLoop(twa, ShuffledBatches(ds, 8, seed=1), total_steps=total_steps(2.5, per_epoch),
-                           steps_per_epoch=per_epoch, **kw)  # fmt: skip
+    return CoefficientLoop(
+        twa,
+        ShuffledBatches(ds, 8, seed=1),
+        total_steps=total_steps(2.5, per_epoch),
+        steps_per_epoch=per_epoch,
+        **kw,
+    )
 
 
 def test_a_stopped_and_resumed_loop_ends_where_an_uninterrupted_one_does():
@@ -60,9 +70,14 @@ def test_a_stopped_and_resumed_loop_ends_where_an_uninterrupted_one_does():
     ref = _loop(model, cands, ds).run()
     assert ref.twa.step_count == 15 and [h["step"] for h in ref.history] == [6, 12, 15]
     saved: list[CoeffState] = []
-    first = _loop(nn.Linear(5, 3), cands, ds, sync_every=4,
-                  on_sync=lambda loop, rec: saved.append(loop.state()),
-                  should_stop=lambda: len(saved) == 2)  # fmt: skip
+    first = _loop(
+        nn.Linear(5, 3),
+        cands,
+        ds,
+        sync_every=4,
+        on_sync=lambda loop, rec: saved.append(loop.state()),
+        should_stop=lambda: len(saved) == 2,
+    )
     first.run()
     state = CoeffState.from_dict(saved[-1].to_dict())
     assert state.twa["step"] == 6  # syncs at 4 (every 4 steps) and 6 (the pass end)
@@ -70,14 +85,21 @@ def test_a_stopped_and_resumed_loop_ends_where_an_uninterrupted_one_does():
     second.load_state(state)
     second.run()
     assert torch.equal(second.twa.alpha, ref.twa.alpha)
-    assert [h["loss"] for h in second.history] == pytest.approx([h["loss"] for h in ref.history], rel=1e-12)
+    assert [h["loss"] for h in second.history] == pytest.approx(
+        [h["loss"] for h in ref.history], rel=1e-12
+    )
 
 
 def test_epoch_hook_evaluates_after_every_epoch_and_the_last_step():
     model, cands, ds = problem()
     seen = []
-    loop = _loop(model, cands, ds, evaluate=lambda twa: {"step_seen": twa.step_count},
-                 on_epoch=lambda loop, rec: seen.append((rec["step"], rec["step_seen"], rec["epoch"])))  # fmt: skip
+    loop = _loop(
+        model,
+        cands,
+        ds,
+        evaluate=lambda twa: {"step_seen": twa.step_count},
+        on_epoch=lambda loop, rec: seen.append((rec["step"], rec["step_seen"], rec["epoch"])),
+    )
     loop.run()
     assert seen == [(6, 6, 1.0), (12, 12, 2.0), (15, 15, 2.5)]
     assert loop.final == {"step_seen": 15}  # evaluated once at the last step, not twice

@@ -41,8 +41,13 @@ def test_bad_optimizer_name():
 def test_multistep_drops_at_half_and_three_quarters_of_the_post_warmup_steps(warmup):
     total, gamma = 43, 0.1
     span = total - warmup
-    got = torch.tensor([lr_factor(t, total, schedule="multistep", warmup_steps=warmup, gamma=gamma)
-                        for t in range(total)], dtype=torch.float64)  # fmt: skip
+    got = torch.tensor(
+        [
+            lr_factor(t, total, schedule="multistep", warmup_steps=warmup, gamma=gamma)
+            for t in range(total)
+        ],
+        dtype=torch.float64,
+    )
     u = (torch.arange(total, dtype=torch.float64) - warmup) / span
     want = gamma ** ((u >= 0.5).double() + (u >= 0.75).double())
     want[:warmup] = torch.arange(1, warmup + 1, dtype=torch.float64) / max(warmup, 1)
@@ -53,8 +58,10 @@ def test_multistep_drops_at_half_and_three_quarters_of_the_post_warmup_steps(war
 def test_flat_cosine_is_constant_for_half_then_a_cosine_to_zero(warmup):
     total = 41
     span = total - warmup
-    got = torch.tensor([lr_factor(t, total, schedule="flat_cosine", warmup_steps=warmup)
-                        for t in range(total)], dtype=torch.float64)  # fmt: skip
+    got = torch.tensor(
+        [lr_factor(t, total, schedule="flat_cosine", warmup_steps=warmup) for t in range(total)],
+        dtype=torch.float64,
+    )
     u = (torch.arange(total, dtype=torch.float64) - warmup) / span
     want = torch.where(u < 0.5, 1.0, 0.5 * (1 + torch.cos(torch.pi * (2 * u - 1))))
     want[:warmup] = torch.arange(1, warmup + 1, dtype=torch.float64) / max(warmup, 1)

@@ -83,8 +83,12 @@ def _worker(rank: int, world: int, port: int, out: str, device: str = "cpu") -> 
             for kind in ("replicate", "shard"):
                 p = place(sub, kind, shard_bounds=SHARDS, rank=rank, world=world).to(device)
                 twa = _train(p, bits, rank, device)
-                res[(bits, kind)] = (twa.alpha.cpu(), p.held_bytes, p.wire_bytes_per_step,
-                                     p.own_blocks)  # fmt: skip
+                res[(bits, kind)] = (
+                    twa.alpha.cpu(),
+                    p.held_bytes,
+                    p.wire_bytes_per_step,
+                    p.own_blocks,
+                )
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -200,9 +204,7 @@ def test_padded_rows_reach_the_kernel_aligned_and_are_copied_once():
     # every shard of a ShardedBasis goes through PackedMatrix.to
     sharded = ShardedBasis.split(pm, SHARDS).to("cpu")
     assert all(isinstance(s, PackedMatrix) for s in sharded.shards)
-    moved = ShardedBasis(
-        [s.to("cpu", pad=True) for s in sharded.shards], sharded.block_bounds
-    )
+    moved = ShardedBasis([s.to("cpu", pad=True) for s in sharded.shards], sharded.block_bounds)
     assert all(rows_aligned(s.data) for s in moved.shards) and moved.to("cpu") is moved
 
 
@@ -215,7 +217,11 @@ def test_two_modes_share_one_copy_of_b():
     assert t.placement is placement and v.placement is placement
     assert _data_ptrs(t.placement) == _data_ptrs(v.placement) == _data_ptrs(place(sub, "replicate"))
     held = {p for p in _data_ptrs(t.placement)}
-    assert held <= {sub.basis.data.data_ptr(), sub.basis.scale.data_ptr(), sub.basis.zero.data_ptr()}
+    assert held <= {
+        sub.basis.data.data_ptr(),
+        sub.basis.scale.data_ptr(),
+        sub.basis.zero.data_ptr(),
+    }
 
 
 # ----------------------------------------------------------------------------- on a GPU
@@ -249,5 +255,6 @@ def test_cuda_shard_matches_replicate(tmp_path, world):
             rep, shard = res[(bits, "replicate")][0], res[(bits, "shard")][0]
             torch.testing.assert_close(shard, rep, rtol=1e-6, atol=1e-7)
             assert torch.equal(rep, ranks[0][(bits, "replicate")][0])  # replicas identical
-        torch.testing.assert_close(ranks[0][(bits, "shard")][0], reference_alpha(bits, world),
-                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(
+            ranks[0][(bits, "shard")][0], reference_alpha(bits, world), rtol=1e-5, atol=1e-6
+        )

@@ -7,7 +7,11 @@ from twa_ray.core.subspace import build_affine, build_span
 
 def make(num=5, sizes=(6, 3, 10), seed=0):
     g = torch.Generator().manual_seed(seed)
-    layout = Layout(tuple(f"p{i}" for i in range(len(sizes))), tuple((s,) for s in sizes), ("float32",) * len(sizes))
+    layout = Layout(
+        tuple(f"p{i}" for i in range(len(sizes))),
+        tuple((s,) for s in sizes),
+        ("float32",) * len(sizes),
+    )
     cands = [torch.randn(layout.numel, generator=g) for _ in range(num)]
     return layout, cands
 
@@ -51,8 +55,10 @@ def test_affine_duplicates_and_collinear_candidates_are_fine():
 @pytest.mark.parametrize("builder", ["affine", "span"])
 def test_too_few_or_identical_candidates_are_refused(builder):
     layout, cands = make(num=1)
-    build = (lambda s: build_affine(s, layout, blocks=layout.blocks("tensor"))) if builder == "affine" else (
-        lambda s: build_span(s, layout)
+    build = (
+        (lambda s: build_affine(s, layout, blocks=layout.blocks("tensor")))
+        if builder == "affine"
+        else (lambda s: build_span(s, layout))
     )
     with pytest.raises(ValueError, match="at least 2 candidates"):
         build(lambda: iter(cands))
@@ -87,7 +93,9 @@ def test_span_basis_is_orthonormal_and_reports_rank_drop():
     assert b.shape[0] == 3  # 5 centred candidates of rank 3 (affine hull of 4 points)
     assert torch.allclose(b @ b.T, torch.eye(3, dtype=torch.float64), atol=1e-5)
     assert len(sub.dropped) == 2
-    assert torch.allclose(sub.reconstruct(sub.alpha0).double(), torch.stack(cands).double().mean(0), atol=1e-5)
+    assert torch.allclose(
+        sub.reconstruct(sub.alpha0).double(), torch.stack(cands).double().mean(0), atol=1e-5
+    )
 
 
 def test_quantization_error_shrinks_with_bits():

@@ -211,8 +211,14 @@ def test_packed_matrix_wrappers():
     from types import SimpleNamespace
 
     codes, bounds, byte_bounds, scale, zero = _make(4, [40, 9, 70], 5, pad_stride=False, seed=5)
-    pm = SimpleNamespace(bits=4, bounds=tuple(bounds), byte_bounds=tuple(byte_bounds),
-                         data=codes, scale=scale, zero=zero)  # fmt: skip
+    pm = SimpleNamespace(
+        bits=4,
+        bounds=tuple(bounds),
+        byte_bounds=tuple(byte_bounds),
+        data=codes,
+        scale=scale,
+        zero=zero,
+    )
     g = torch.randn(bounds[-1]).to(_DEVICE)
     alpha = torch.randn(5, 3).to(_DEVICE)
     B = _dequantize64(codes, 4, bounds, byte_bounds, scale, zero)
@@ -224,8 +230,14 @@ def test_packed_matrix_wrappers():
     )
     assert _rel(theta, (w * B).sum(0)) < 1e-5
     # a view starting mid-row (block 1 onwards): unaligned base pointer
-    view = SimpleNamespace(bits=4, bounds=(0, 9, 79), byte_bounds=(0, 5, 40),
-                           data=codes[:, 20:], scale=scale[:, 1:], zero=zero[:, 1:])  # fmt: skip
+    view = SimpleNamespace(
+        bits=4,
+        bounds=(0, 9, 79),
+        byte_bounds=(0, 5, 40),
+        data=codes[:, 20:],
+        scale=scale[:, 1:],
+        zero=zero[:, 1:],
+    )
     assert _rel(tp.project(view, g[40:]), a_ref[:, 1:]) < 1e-5
 
 
@@ -255,10 +267,24 @@ def test_small_cases_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", **{_INNER: "1"})
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not gpu",
-         str(Path(__file__).resolve())],
-        cwd=root, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "not gpu",
+            str(Path(__file__).resolve()),
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, tail
     assert " passed" in tail, tail
@@ -327,8 +353,14 @@ def test_compiles_for_hopper_with_vector_loads(bits):
     cfg = tp.default_config(bits)
     width = {16: "v4.b32", 8: "v2.b32", 4: "b32"}[cfg.vec]
     for kernel in (tp._project_kernel, tp._reconstruct_kernel):
-        consts = dict(BITS=bits, TILE=cfg.tile_bytes, ROWS=cfg.rows, VEC=cfg.vec, ALIGNED=True,
-                      HAS_ORIGIN=True)  # fmt: skip
+        consts = dict(
+            BITS=bits,
+            TILE=cfg.tile_bytes,
+            ROWS=cfg.rows,
+            VEC=cfg.vec,
+            ALIGNED=True,
+            HAS_ORIGIN=True,
+        )
         sig, constexprs, attrs = {}, {}, {}
         for i, name in enumerate(kernel.arg_names):
             if name in consts:
@@ -344,8 +376,9 @@ def test_compiles_for_hopper_with_vector_loads(bits):
                     attrs[(i,)] = [["tt.divisibility", 16]]
         try:
             src = ASTSource(kernel, sig, constexprs, attrs)
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": cfg.num_warps})  # fmt: skip
+            compiled = triton.compile(
+                src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps}
+            )
         except (TypeError, AttributeError, KeyError) as e:
             pytest.skip(f"triton's compile API changed: {e!r}")
         ptx = compiled.asm["ptx"]

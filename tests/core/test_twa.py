@@ -14,7 +14,10 @@ def mse(out, y, reduction="mean"):
 def linear_problem(num=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     model = nn.Linear(5, 3)
-    cands = [{n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()} for _ in range(num)]
+    cands = [
+        {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+        for _ in range(num)
+    ]
     x = torch.randn(32, 5, generator=g)
     y = torch.randn(32, 3, generator=g)
     return model, cands, x, y
@@ -24,7 +27,17 @@ def test_span_step_equals_projected_sgd_float64():
     """One TWA step on the span subspace is theta - lr * B^T B g (the ICLR paper's update)."""
     model, cands, x, y = linear_problem()
     lr = 0.3
-    twa = TWA(model, cands, subspace="span", blocks="model", bits=32, lr=lr, momentum=0.0, schedule="constant", loss_fn=mse)
+    twa = TWA(
+        model,
+        cands,
+        subspace="span",
+        blocks="model",
+        bits=32,
+        lr=lr,
+        momentum=0.0,
+        schedule="constant",
+        loss_fn=mse,
+    )
     layout = Layout.from_module(model)
     theta0 = flatten(model, layout).double()
     # float64 reference: projector onto span{w_k - c} and the gradient of the MSE at theta0
@@ -46,11 +59,16 @@ def test_span_step_equals_projected_sgd_float64():
     assert torch.linalg.norm(got - expected) / torch.linalg.norm(expected) < 1e-5
 
 
-@pytest.mark.parametrize("subspace,blocks,opt", [("affine", "tensor", "sgd"), ("span", "model", "adamw"), ("affine", "model", "adamw")])
+@pytest.mark.parametrize(
+    "subspace,blocks,opt",
+    [("affine", "tensor", "sgd"), ("span", "model", "adamw"), ("affine", "model", "adamw")],
+)
 def test_fit_reduces_the_loss(subspace, blocks, opt):
     model, cands, x, y = linear_problem(num=6)
     data = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
-    twa = TWA(model, cands, subspace=subspace, blocks=blocks, optimizer=opt, bits=8, lr=0.05, loss_fn=mse)
+    twa = TWA(
+        model, cands, subspace=subspace, blocks=blocks, optimizer=opt, bits=8, lr=0.05, loss_fn=mse
+    )
     with torch.no_grad():
         before = float(mse(model(x), y))
     twa.fit(data, epochs=20)
@@ -84,6 +102,8 @@ def test_config_reports_all_errors_at_once():
 
 def test_candidates_from_another_model_are_refused():
     model, _, _, _ = linear_problem()
-    other = [{n: torch.randn(p.shape) for n, p in nn.Linear(5, 4).named_parameters()} for _ in range(3)]
+    other = [
+        {n: torch.randn(p.shape) for n, p in nn.Linear(5, 4).named_parameters()} for _ in range(3)
+    ]
     with pytest.raises(ValueError, match="shape"):
         TWA(model, other)

@@ -18,8 +18,14 @@ EXAMPLES = ROOT / "examples"
 def run_example(script: str, out: Path, *args: str) -> dict:
     """Run ``examples/<script> --out OUT ARGS`` in a fresh interpreter; its result.json."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, str(EXAMPLES / script), "--out", str(out), *args],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((out / "result.json").read_text())
 

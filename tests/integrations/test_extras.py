@@ -12,8 +12,14 @@ HIDE = "import sys; sys.modules.update({m: None for m in ('lightning', 'lightnin
 
 def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-c", HIDE + code], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", HIDE + code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def test_missing_extra_is_one_clear_error(tmp_path):

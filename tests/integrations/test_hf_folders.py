@@ -22,8 +22,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "twa_ray.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "twa_ray.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +53,9 @@ def test_sharded_folder_reads_lazily_and_imports(fine_tuned, tmp_path):
     assert not isinstance(state, dict) and "vit.layers.0.attention.q_proj.weight" in state
     ref = vit()
     ref.load_state_dict(dict(state), strict=False)
-    names = import_checkpoints(fine_tuned / "src", str(tmp_path / "store"), layout=Layout.from_module(hf.HFLogits(vit()))).names
+    names = import_checkpoints(
+        fine_tuned / "src", str(tmp_path / "store"), layout=Layout.from_module(hf.HFLogits(vit()))
+    ).names
     assert names == ["ft0", "ft1", "ft2"]
     theta = CandidateStore(str(tmp_path / "store")).read_state("ft0")
     for n, p in ref.named_parameters():
@@ -58,15 +66,45 @@ def test_average_writes_a_folder_from_pretrained_loads(fine_tuned, tmp_path):
     from transformers import ViTForImageClassification
 
     out = tmp_path / "avg"
-    r = _cli("average", "--store", str(fine_tuned / "src"), "--model", f"hf:{fine_tuned / 'src' / 'ft0'}",
-             "--dataset", "tests.integrations.tiny_hf:images", "--mode", "t", "--blocks", "model",
-             "--bits", "32", "--twa-epochs", "1", "--no-greedy-soup", "--out", str(out))  # fmt: skip
+    r = _cli(
+        "average",
+        "--store",
+        str(fine_tuned / "src"),
+        "--model",
+        f"hf:{fine_tuned / 'src' / 'ft0'}",
+        "--dataset",
+        "tests.integrations.tiny_hf:images",
+        "--mode",
+        "t",
+        "--blocks",
+        "model",
+        "--bits",
+        "32",
+        "--twa-epochs",
+        "1",
+        "--no-greedy-soup",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    alpha = torch.tensor(pq.read_table(out / "coefficients.parquet").to_pandas().query("variant == 'twa_t'")
-                         .sort_values(["row"])["alpha"].to_numpy(), dtype=torch.float64)  # fmt: skip
+    alpha = torch.tensor(
+        pq.read_table(out / "coefficients.parquet")
+        .to_pandas()
+        .query("variant == 'twa_t'")
+        .sort_values(["row"])["alpha"]
+        .to_numpy(),
+        dtype=torch.float64,
+    )
     # float64 reference: theta = c + sum_k alpha_k (w_k - c) / |w_k - c|  (affine, one block, no codes)
-    ws = [torch.cat([t.double().flatten() for _, t in sorted(load_state_dict(fine_tuned / "src" / f"ft{k}").items())])
-          for k in range(3)]  # fmt: skip
+    ws = [
+        torch.cat(
+            [
+                t.double().flatten()
+                for _, t in sorted(load_state_dict(fine_tuned / "src" / f"ft{k}").items())
+            ]
+        )
+        for k in range(3)
+    ]
     c = sum(ws) / 3
     theta = c + sum(a * (w - c) / (w - c).norm() for a, w in zip(alpha, ws))
     keys = sorted(load_state_dict(fine_tuned / "src" / "ft0"))

@@ -31,7 +31,20 @@ def test_ddp_learns_the_same_alpha(lightning_single, tmp_path):
     out, result = lightning_single
     store = out / "candidates"
     before = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
-    ddp = run_example("lightning_single.py", tmp_path, *LIGHTNING_ARGS, "--batch-size", "16",
-                      "--devices", "2", "--strategy", "ddp", "--store", str(store))  # fmt: skip
+    ddp = run_example(
+        "lightning_single.py",
+        tmp_path,
+        *LIGHTNING_ARGS,
+        "--batch-size",
+        "16",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        "--store",
+        str(store),
+    )
     assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == before
-    torch.testing.assert_close(torch.tensor(ddp["alpha"]), torch.tensor(result["alpha"]), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        torch.tensor(ddp["alpha"]), torch.tensor(result["alpha"]), rtol=1e-5, atol=1e-7
+    )

@@ -17,10 +17,23 @@ def test_lightning_in_ray_train_learns_the_same_alpha(ray_cluster, lightning_sin
     the same alpha as the single process (see test_lightning.test_ddp_learns_the_same_alpha)."""
     out, result = lightning_single
     example = load_example("lightning_ray_train.py")
-    example.main(["--out", str(tmp_path), *LIGHTNING_ARGS, "--batch-size", "16", "--num-workers", "2",
-                  "--store", str(out / "candidates")])  # fmt: skip
+    example.main(
+        [
+            "--out",
+            str(tmp_path),
+            *LIGHTNING_ARGS,
+            "--batch-size",
+            "16",
+            "--num-workers",
+            "2",
+            "--store",
+            str(out / "candidates"),
+        ]
+    )
     got = json.loads((tmp_path / "result.json").read_text())
-    torch.testing.assert_close(torch.tensor(got["alpha"]), torch.tensor(result["alpha"]), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        torch.tensor(got["alpha"]), torch.tensor(result["alpha"]), rtol=1e-5, atol=1e-7
+    )
 
 
 @pytest.mark.ray
@@ -32,9 +45,21 @@ def test_hf_trainer_in_ray_train_learns_the_same_alpha(ray_cluster, hf_single, t
     pytest.importorskip("transformers")
     out, result = hf_single
     example = load_example("hf_trainer.py")
-    example.main(["--out", str(tmp_path), "--batch-size", "16", "--num-workers", "2",
-                  "--store", str(out / "twa_candidates")])  # fmt: skip
+    example.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--batch-size",
+            "16",
+            "--num-workers",
+            "2",
+            "--store",
+            str(out / "twa_candidates"),
+        ]
+    )
     got = json.loads((tmp_path / "result.json").read_text())
     # BERT's matmuls round 2 x 16 rows differently from 32; over 4 TWA epochs at lr 0.1 that leaves
     # ~3e-6 on coefficients near 0: rtol 1e-5 plus torch's float32 atol (1e-5) for those
-    torch.testing.assert_close(torch.tensor(got["alpha"]), torch.tensor(result["alpha"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(got["alpha"]), torch.tensor(result["alpha"]), rtol=1e-5, atol=1e-5
+    )

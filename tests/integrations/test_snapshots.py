@@ -23,7 +23,9 @@ def test_steps_are_written_once_and_the_state_resumes(tmp_path):
     fresh.take(model, step=2, epoch=0.5)  # no state, but the store has it: kept as it is
     assert (tmp_path / "s" / "step-000000002.arrow").stat().st_mtime_ns == first
     resumed.take(model, step=4, epoch=1.0)
-    assert resumed.names == ["step-000000002", "step-000000004"] and fresh.names == ["step-000000002"]
+    assert resumed.names == ["step-000000002", "step-000000004"] and fresh.names == [
+        "step-000000002"
+    ]
     store = CandidateStore(str(tmp_path / "s"))
     assert not torch.equal(store.read("step-000000002"), store.read("step-000000004"))
 
@@ -37,8 +39,14 @@ def test_interval_is_checked():
 
 def test_tied_weights_once_frozen_left_out(tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=8)  # fmt: skip
+    config = transformers.BertConfig(
+        vocab_size=32,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=8,
+    )
     model = transformers.BertForMaskedLM(config)
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
     model.bert.embeddings.position_embeddings.weight.requires_grad_(False)

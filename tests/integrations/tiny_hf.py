@@ -12,9 +12,18 @@ def vit(seed: int = 0):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
-    config = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, intermediate_size=64, num_labels=NUM_CLASSES,
-                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=NUM_CLASSES,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return ViTForImageClassification(config)
 
 
@@ -25,5 +34,9 @@ def images(seed: int = 0, n: int = 96):
     x = torch.randn(n, *IMAGE, generator=g)
     y = x.mean(dim=(2, 3)).argmax(1)
     k = n // 3
-    return {"train": TensorDataset(x[:k], y[:k]), "val": TensorDataset(x[k : 2 * k], y[k : 2 * k]),
-            "test": TensorDataset(x[2 * k :], y[2 * k :]), "num_classes": NUM_CLASSES}  # fmt: skip
+    return {
+        "train": TensorDataset(x[:k], y[:k]),
+        "val": TensorDataset(x[k : 2 * k], y[k : 2 * k]),
+        "test": TensorDataset(x[2 * k :], y[2 * k :]),
+        "num_classes": NUM_CLASSES,
+    }

@@ -54,8 +54,15 @@ def setup(tmp_path_factory):
 def _run(setup, run_dir, run_id="twa", **kw):
     data, sharded = setup
     # every CHECKPOINT_EVERY steps, without a time limit: the failure tests resume from given steps
-    base = dict(num_workers=WORKERS, cpus_per_worker=1.0, batch_size=BATCH, max_failures=0,
-                checkpoint_every=CHECKPOINT_EVERY, checkpoint_interval_s=0, progress=False)  # fmt: skip
+    base = dict(
+        num_workers=WORKERS,
+        cpus_per_worker=1.0,
+        batch_size=BATCH,
+        max_failures=0,
+        checkpoint_every=CHECKPOINT_EVERY,
+        checkpoint_interval_s=0,
+        progress=False,
+    )
     group = CoeffGroupConfig(**{**base, **kw})
     return run_twa(sharded, data, TWA_CFG, group, run_dir=str(run_dir), run_id=run_id)
 
@@ -69,13 +76,32 @@ def both(setup, tmp_path_factory, ray_cluster):
     run_dir = tmp_path_factory.mktemp("both")
     faults = os.environ[FAULTS_ENV]
     with open(faults, "w") as f:
-        json.dump([{"phase": "coefficients", "kind": "raise", "step": 6, "marker": str(run_dir / "raised")},
-                   {"phase": "coefficients", "kind": "kill", "step": 11, "marker": str(run_dir / "killed")}], f)  # fmt: skip
+        json.dump(
+            [
+                {
+                    "phase": "coefficients",
+                    "kind": "raise",
+                    "step": 6,
+                    "marker": str(run_dir / "raised"),
+                },
+                {
+                    "phase": "coefficients",
+                    "kind": "kill",
+                    "step": 11,
+                    "marker": str(run_dir / "killed"),
+                },
+            ],
+            f,
+        )
     try:
         res = _run(setup, run_dir, modes=("t", "v"), run_id="both", max_failures=2)
     finally:
         os.remove(faults)
-    assert (run_dir / "raised").read_text().startswith(f"raise coefficients 6 (rank {WORKERS - 1}, pid ")
+    assert (
+        (run_dir / "raised")
+        .read_text()
+        .startswith(f"raise coefficients 6 (rank {WORKERS - 1}, pid ")
+    )
     killed = (run_dir / "killed").read_text()
     assert killed.startswith("kill coefficients 11 (rank 0, pid ")
     assert not os.path.exists(f"/proc/{int(killed.split('pid ')[1].rstrip(chr(10) + ')'))}")

@@ -38,8 +38,13 @@ def _cfg(bits: int, placement: str) -> TWAConfig:
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("placement")
     store, layout = make_store(root, num_samples=SAMPLES, epochs=4)
-    data = DataConfig(dataset="mnist1d", num_samples=SAMPLES, val_frac=0.1, model="mlp",
-                      data_root=str(root / "cache"))  # fmt: skip
+    data = DataConfig(
+        dataset="mnist1d",
+        num_samples=SAMPLES,
+        val_frac=0.1,
+        model="mlp",
+        data_root=str(root / "cache"),
+    )
     # one object-store copy per bits, 4 shards: every placement reads the same shards
     sharded = {b: put_subspace(store, layout, _cfg(b, "shard"), num_shards=4) for b in (4, 32)}
     return root, data, sharded
@@ -54,9 +59,22 @@ def runs(setup):
     def run(workers: int, bits: int, placement: str):
         key = (workers, bits, placement)
         if key not in done:
-            group = CoeffGroupConfig(modes=("t",), num_workers=workers, cpus_per_worker=2 / 3 if workers == 3 else 1.0,
-                                     batch_size=BATCH, max_failures=0, eval_swa=False, progress=False)  # fmt: skip
-            res = run_twa(sharded[bits], data, _cfg(bits, placement), group, run_dir=str(root / "_".join(map(str, key))))
+            group = CoeffGroupConfig(
+                modes=("t",),
+                num_workers=workers,
+                cpus_per_worker=2 / 3 if workers == 3 else 1.0,
+                batch_size=BATCH,
+                max_failures=0,
+                eval_swa=False,
+                progress=False,
+            )
+            res = run_twa(
+                sharded[bits],
+                data,
+                _cfg(bits, placement),
+                group,
+                run_dir=str(root / "_".join(map(str, key))),
+            )
             done[key] = res["t"]
         return done[key]
 
@@ -72,8 +90,10 @@ def reference_alpha(setup, workers: int, bits: int, steps: int) -> torch.Tensor:
     twa = TWA(model, sharded[bits].materialize(), config=_cfg(bits, "replicate"))
     twa.start(steps)
     per_worker = BATCH // workers
-    samplers = [DistributedSampler(ds, num_replicas=workers, rank=r, shuffle=True, seed=data.seed)
-                for r in range(workers)]  # fmt: skip
+    samplers = [
+        DistributedSampler(ds, num_replicas=workers, rank=r, shuffle=True, seed=data.seed)
+        for r in range(workers)
+    ]
     for epoch in itertools.count():
         orders = []
         for sampler in samplers:
@@ -124,7 +144,6 @@ def test_auto_replicates_a_small_basis(runs):
     assert "fit in" in auto.extra["basis_placement_reason"]
     assert "object store" in auto.extra["basis_placement_reason"]
     assert torch.equal(auto.alpha, shard.alpha)
-
 
 
 def test_library_fit_on_two_gloo_processes_learns_the_ray_group_alpha(setup, runs, tmp_path):

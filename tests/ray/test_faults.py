@@ -12,7 +12,9 @@ from twa_ray.ray.faults import FAULTS_ENV, inject
 def test_a_planned_raise_fires_once_on_the_last_rank(tmp_path, monkeypatch):
     plan = tmp_path / "faults.json"
     marker = tmp_path / "raised"
-    plan.write_text(json.dumps([{"phase": "coefficients", "kind": "raise", "step": 3, "marker": str(marker)}]))
+    plan.write_text(
+        json.dumps([{"phase": "coefficients", "kind": "raise", "step": 3, "marker": str(marker)}])
+    )
     monkeypatch.setenv(FAULTS_ENV, str(plan))
     inject("coefficients", 3, 0, 2)  # rank 0 is not the victim
     inject("coefficients", 2, 1, 2)  # another step
@@ -28,7 +30,9 @@ def test_no_plan_no_fault_and_a_bad_plan_is_named(tmp_path, monkeypatch):
     monkeypatch.delenv(FAULTS_ENV, raising=False)
     inject("sampling", 1, 0, 1)
     plan = tmp_path / "faults.json"
-    plan.write_text(json.dumps([{"phase": "sample", "kind": "raise", "step": 1, "marker": str(tmp_path / "m")}]))
+    plan.write_text(
+        json.dumps([{"phase": "sample", "kind": "raise", "step": 1, "marker": str(tmp_path / "m")}])
+    )
     monkeypatch.setenv(FAULTS_ENV, str(plan))
     with pytest.raises(ValueError, match="phase must be one of"):
         inject("sampling", 1, 0, 1)

@@ -37,14 +37,24 @@ TWA_CFG = TWAConfig(bits=4, blocks="tensor", lr=0.1, epochs=1.0)
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("one_loop")
     store, layout = make_store(root, num_samples=SAMPLES, val_frac=0.1, epochs=3)
-    data = DataConfig(dataset="mnist1d", num_samples=SAMPLES, val_frac=0.1, model="mlp",
-                      data_root=str(root / "cache"))  # fmt: skip
+    data = DataConfig(
+        dataset="mnist1d",
+        num_samples=SAMPLES,
+        val_frac=0.1,
+        model="mlp",
+        data_root=str(root / "cache"),
+    )
     return root, store, layout, data
 
 
 def _splits(data):
-    return load_dataset(data.dataset, root=data.data_root, num_samples=data.num_samples,
-                        val_frac=data.val_frac, seed=data.seed)  # fmt: skip
+    return load_dataset(
+        data.dataset,
+        root=data.data_root,
+        num_samples=data.num_samples,
+        val_frac=data.val_frac,
+        seed=data.seed,
+    )
 
 
 def _model(data, splits):
@@ -65,7 +75,9 @@ def _average(setup) -> torch.Tensor:
     splits = _splits(data)
     model = _model(data, splits)
     subspace = build_subspace(store, Layout.from_module(model), TWA_CFG)
-    twa, accs = fit_twa(model, subspace, TWA_CFG, make_loaders(splits, BATCH, data.seed), "t", seed=data.seed)
+    twa, accs = fit_twa(
+        model, subspace, TWA_CFG, make_loaders(splits, BATCH, data.seed), "t", seed=data.seed
+    )
     assert set(accs) == {"val_acc", "test_acc"}
     return twa.alpha.clone()
 
@@ -75,8 +87,14 @@ def _tune_trial(setup) -> torch.Tensor:
     cfg = RunConfig(data=data, sampling=SamplingConfig(batch_size=BATCH), twa=TWA_CFG, mode="t")
     trial = PlannedTrial(index=0, params={}, config=cfg, group="g", candidates=tuple(store.names()))
     reports: list = []
-    loop = trial_loop(cfg, trial, store=str(root / "store"), select_frac=0.5, device=torch.device("cpu"),
-                      report=lambda metrics, state: reports.append((metrics, state)))  # fmt: skip
+    loop = trial_loop(
+        cfg,
+        trial,
+        store=str(root / "store"),
+        select_frac=0.5,
+        device=torch.device("cpu"),
+        report=lambda metrics, state: reports.append((metrics, state)),
+    )
     loop.run()
     assert [m["finished"] for m, _ in reports] == [True]  # one epoch, reported once
     assert torch.equal(reports[-1][1].twa["alpha"], loop.twa.alpha)  # the checkpointed state
@@ -85,8 +103,14 @@ def _tune_trial(setup) -> torch.Tensor:
 
 def _ray_group(setup, workers: int):
     root, store, layout, data = setup
-    group = CoeffGroupConfig(modes=("t",), num_workers=workers, batch_size=BATCH, max_failures=0,
-                             eval_swa=False, progress=False)  # fmt: skip
+    group = CoeffGroupConfig(
+        modes=("t",),
+        num_workers=workers,
+        batch_size=BATCH,
+        max_failures=0,
+        eval_swa=False,
+        progress=False,
+    )
     sharded = put_subspace(store, layout, TWA_CFG)
     return run_twa(sharded, data, TWA_CFG, group, run_dir=str(root / f"ray{workers}"))["t"]
 
@@ -96,14 +120,26 @@ def test_four_entry_points_learn_the_same_alpha_on_one_worker(setup):
     ray1 = _ray_group(setup, 1)
     per_epoch = steps_per_epoch(len(_splits(data).train), BATCH)
     assert ray1.steps == ray1.steps_per_epoch == per_epoch  # epochs=1
-    alphas = {"library": _library_fit(setup), "average": _average(setup), "tune": _tune_trial(setup)}
+    alphas = {
+        "library": _library_fit(setup),
+        "average": _average(setup),
+        "tune": _tune_trial(setup),
+    }
     assert not torch.equal(ray1.alpha, torch.zeros_like(ray1.alpha))  # it moved off SWA
     for host, alpha in alphas.items():
         assert torch.equal(alpha, ray1.alpha), host
 
 
-def gloo_fit(rank: int, world: int, init: str, store: str, data: DataConfig, cfg: TWAConfig, batch: int,
-             out: str) -> None:  # fmt: skip
+def gloo_fit(
+    rank: int,
+    world: int,
+    init: str,
+    store: str,
+    data: DataConfig,
+    cfg: TWAConfig,
+    batch: int,
+    out: str,
+) -> None:
     """``TWA.fit`` as rank ``rank`` of a gloo group of ``world`` processes (the library across
     workers): its share of every batch, ``a`` averaged by the placement; rank 0 saves alpha."""
     import torch.distributed as dist
@@ -117,18 +153,26 @@ def gloo_fit(rank: int, world: int, init: str, store: str, data: DataConfig, cfg
         model = _model(data, splits)
         subspace = build_subspace(CandidateStore(store), Layout.from_module(model), cfg)
         twa = TWA(model, place(subspace, "replicate", rank=rank, world=world), config=cfg)
-        twa.fit(ShuffledBatches(splits.train, batch, rank=rank, world=world, seed=data.seed),
-                steps_per_epoch=steps_per_epoch(len(splits.train), batch, world))  # fmt: skip
+        twa.fit(
+            ShuffledBatches(splits.train, batch, rank=rank, world=world, seed=data.seed),
+            steps_per_epoch=steps_per_epoch(len(splits.train), batch, world),
+        )
         if rank == 0:
             torch.save(twa.alpha.clone(), out)
     finally:
         dist.destroy_process_group()
 
 
-def library_alpha(tmp_path, world: int, store: str, data: DataConfig, cfg: TWAConfig, batch: int) -> torch.Tensor:
+def library_alpha(
+    tmp_path, world: int, store: str, data: DataConfig, cfg: TWAConfig, batch: int
+) -> torch.Tensor:
     """:func:`gloo_fit` in ``world`` spawned processes; rank 0's alpha."""
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "alpha.pt")
-    mp.spawn(gloo_fit, args=(world, f"file://{tmp_path / 'pg'}", store, data, cfg, batch, out), nprocs=world)
+    mp.spawn(
+        gloo_fit,
+        args=(world, f"file://{tmp_path / 'pg'}", store, data, cfg, batch, out),
+        nprocs=world,
+    )
     return torch.load(out, weights_only=True)

@@ -48,7 +48,9 @@ def _test_acc(out) -> float:
 
     cfg = config_from_dict(yaml.safe_load((out / "config.yaml").read_text()))
     d = cfg.data
-    splits = load_dataset(d.dataset, root=d.data_root, val_frac=d.val_frac, seed=d.seed, num_samples=d.num_samples)
+    splits = load_dataset(
+        d.dataset, root=d.data_root, val_frac=d.val_frac, seed=d.seed, num_samples=d.num_samples
+    )
     model = build_model(d.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
     model.load_state_dict(load_file(out / "model.safetensors"))
     loader = torch.utils.data.DataLoader(splits.test, batch_size=512)
@@ -72,7 +74,10 @@ def test_run_smoke_end_to_end(smoke, capsys):
     assert metrics["bytes_allreduced_per_step"] == rows * blocks * 4
     phase = metrics["coefficient_phase"]  # auto keeps this small B replicated; the kernel path ran
     assert phase["basis_placement"] == "replicate" and "fit in" in phase["basis_placement_reason"]
-    assert phase["kernel"]["path"] == "torch" or phase["kernel"]["path"] in phase["kernel"]["available"]
+    assert (
+        phase["kernel"]["path"] == "torch"
+        or phase["kernel"]["path"] in phase["kernel"]["available"]
+    )
     assert metrics["epochs_used"] == 5 and metrics["budget_saved"] == pytest.approx(0.375)
     for name in ("model.safetensors", "coefficients.parquet", "accuracy.png", "config.yaml"):
         assert (out / name).stat().st_size > 0
@@ -88,21 +93,31 @@ def _check_baselines_and_wall_clock(metrics, table):
     """``--compare-full``: SGD over the budget and compressed to TWA's epochs, the EMA chosen on
     val, and every method's wall seconds built from the phases timed in this run."""
     methods, wall = metrics["methods"], metrics["wall_s"]
-    assert methods["sgd_full"]["epochs_used"] == 8 and methods["sgd_short"]["epochs_used"] == 5  # 4 + 1 TWA epoch
+    assert (
+        methods["sgd_full"]["epochs_used"] == 8 and methods["sgd_short"]["epochs_used"] == 5
+    )  # 4 + 1 TWA epoch
     assert len(metrics["sampling_history"]) == 4
     ema = methods["ema"]
     assert set(ema["val_acc_by_decay"]) == {"0.99", "0.998", "0.9995"}
-    assert ema["val_acc"] == max(ema["val_acc_by_decay"].values()) == ema["val_acc_by_decay"][str(ema["decay"])]
+    assert (
+        ema["val_acc"]
+        == max(ema["val_acc_by_decay"].values())
+        == ema["val_acc_by_decay"][str(ema["decay"])]
+    )
     for phase in ("setup", "sampling", "basis", "coefficients", "ema", "sgd_short", "sgd_full"):
         assert wall[phase] > 0, phase
     assert 0 < wall["sampling_epochs"] < wall["sampling"]  # start-up and checkpoints are the rest
     modes = wall["coefficient_modes"]
-    assert wall["coefficients"] == pytest.approx(sum(modes.values()) + wall["swa"] + wall["coefficient_group_overhead"], abs=0.02)
+    assert wall["coefficients"] == pytest.approx(
+        sum(modes.values()) + wall["swa"] + wall["coefficient_group_overhead"], abs=0.02
+    )
     path = wall["setup"] + wall["sampling"] + wall["basis"] + wall["coefficient_group_overhead"]
     assert methods["twa_v"]["wall_s"] == pytest.approx(path + modes["twa_v"], abs=0.1)
     assert methods["sgd_full"]["wall_s"] == pytest.approx(wall["setup"] + wall["sgd_full"], abs=0.1)
     for name, m in methods.items():
-        assert m["time_saved"] == pytest.approx(1 - m["wall_s"] / methods["sgd_full"]["wall_s"], abs=0.01), name
+        assert m["time_saved"] == pytest.approx(
+            1 - m["wall_s"] / methods["sgd_full"]["wall_s"], abs=0.01
+        ), name
     header = next(line for line in table.splitlines() if line.startswith("| method"))
     assert "wall_s" in header and "time_saved_%" in header
 
@@ -122,7 +137,9 @@ def _wait_for(cond, proc, log, what, timeout=300.0):
         if cond():
             return
         if proc.poll() is not None:
-            pytest.fail(f"the driver exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+            pytest.fail(
+                f"the driver exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}"
+            )
         time.sleep(0.05)
     pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
 
@@ -146,16 +163,24 @@ def test_driver_crash_then_resume_gives_the_uninterrupted_candidates(smoke, tmp_
     with open(log, "w") as f:
         proc = subprocess.Popen(
             [sys.executable, "-m", "twa_ray.cli", *argv, "--address", address],
-            stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-        )  # fmt: skip
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
     try:
         _wait_for(lambda: (out / "run.json").exists(), proc, log, "run.json")
         run_id = json.loads((out / "run.json").read_text())["run_id"]
-        snapshot = out / "work" / "ray_train" / f"sampling_{run_id}" / "checkpoint_manager_snapshot.json"
+        snapshot = (
+            out / "work" / "ray_train" / f"sampling_{run_id}" / "checkpoint_manager_snapshot.json"
+        )
 
         def checkpointed_epoch() -> int:
             try:
-                return max(map(int, re.findall(r"checkpoint_epoch(\d{4})", snapshot.read_text())), default=0)
+                return max(
+                    map(int, re.findall(r"checkpoint_epoch(\d{4})", snapshot.read_text())),
+                    default=0,
+                )
             except OSError:
                 return 0
 
@@ -183,7 +208,10 @@ def test_driver_crash_then_resume_gives_the_uninterrupted_candidates(smoke, tmp_
     assert main([*argv, "--resume"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["run_id"] == run_id
-    store, ref = CandidateStore(str(out / "candidates")), CandidateStore(str(ref_out / "candidates"))
+    store, ref = (
+        CandidateStore(str(out / "candidates")),
+        CandidateStore(str(ref_out / "candidates")),
+    )
     assert store.names() == ref.names() and len(store.names()) == 4
     # no duplicate; a worker torn down with the driver mid-write may leave a hidden temp file,
     # which never lists or loads as a candidate
@@ -201,4 +229,6 @@ def test_driver_crash_then_resume_gives_the_uninterrupted_candidates(smoke, tmp_
     assert metrics["methods"]["ema"]["val_acc_by_decay"] == ref_ema["val_acc_by_decay"]
     alpha = pq.read_table(out / "coefficients.parquet").column("alpha").to_numpy()
     ref_alpha = pq.read_table(ref_out / "coefficients.parquet").column("alpha").to_numpy()
-    torch.testing.assert_close(torch.from_numpy(alpha), torch.from_numpy(ref_alpha), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.from_numpy(alpha), torch.from_numpy(ref_alpha), rtol=1e-4, atol=1e-5
+    )

@@ -17,15 +17,29 @@ from twa_ray.ray import ray_internals
 def test_driver_log_printer_is_the_module_global_that_ray_init_installs(monkeypatch, capsys):
     import ray._private.worker as ray_worker
 
-    assert "print_to_stdstream" in inspect.getsource(ray_worker.connect), "ray.init no longer installs print_to_stdstream"
-    assert list(inspect.signature(ray_worker.print_to_stdstream).parameters) == ["data", "ignore_prefix"]
+    assert "print_to_stdstream" in inspect.getsource(ray_worker.connect), (
+        "ray.init no longer installs print_to_stdstream"
+    )
+    assert list(inspect.signature(ray_worker.print_to_stdstream).parameters) == [
+        "data",
+        "ignore_prefix",
+    ]
     # Ray's own printer (an earlier CLI run in this process may have wrapped it), restored afterwards
     printer = ray_worker.print_to_stdstream
     monkeypatch.setattr(ray_worker, "print_to_stdstream", getattr(printer, "__wrapped__", printer))
     ray_internals.filter_driver_logs(lambda record, line: "noise" in line)
-    ray_internals.filter_driver_logs(lambda record, line: False)  # idempotent: the first filter stays
-    record = {"lines": ["some noise", "a real line"], "is_err": False, "pid": 7, "ip": "10.0.0.1",
-              "actor_name": "A", "task_name": "", "job": "01000000"}  # fmt: skip
+    ray_internals.filter_driver_logs(
+        lambda record, line: False
+    )  # idempotent: the first filter stays
+    record = {
+        "lines": ["some noise", "a real line"],
+        "is_err": False,
+        "pid": 7,
+        "ip": "10.0.0.1",
+        "actor_name": "A",
+        "task_name": "",
+        "job": "01000000",
+    }
     ray_worker.print_to_stdstream(record, True)
     out = capsys.readouterr().out
     assert "a real line" in out and "noise" not in out
@@ -43,9 +57,15 @@ def test_train_fit_installs_its_sigint_handler_through_the_method_we_replace(mon
     import ray.tune.tune as tune_run
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    assert "self._register_sigint_handler(" in inspect.getsource(DataParallelTrainer), "Ray Train changed its SIGINT hook"
+    assert "self._register_sigint_handler(" in inspect.getsource(DataParallelTrainer), (
+        "Ray Train changed its SIGINT hook"
+    )
     assert "TUNE_DISABLE_SIGINT_HANDLER" in inspect.getsource(tune_run)  # Tune's documented switch
-    monkeypatch.setattr(DataParallelTrainer, "_register_sigint_handler", DataParallelTrainer._register_sigint_handler)
+    monkeypatch.setattr(
+        DataParallelTrainer,
+        "_register_sigint_handler",
+        DataParallelTrainer._register_sigint_handler,
+    )
     monkeypatch.delenv("TUNE_DISABLE_SIGINT_HANDLER", raising=False)
     ray_internals.stop_train_sigint_handler()
     assert DataParallelTrainer._register_sigint_handler(None, None) is None  # ours: does nothing
@@ -79,7 +99,12 @@ print(json.dumps({"replaced": replaced, "kept": kept, "handled": handled}))
 def test_ray_init_replaces_the_sigterm_handler_and_ours_is_kept(tmp_path):
     """``ray.init`` still replaces the SIGTERM handler (else the workaround is moot), and with
     keep_signal_handlers a SIGTERM after it reaches ours (not Ray's abort with a stack dump)."""
-    proc = subprocess.run([sys.executable, "-c", _SIGTERM_SCRIPT], capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_SCRIPT], capture_output=True, text=True, timeout=180
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result == {"replaced": True, "kept": True, "handled": True}, (result, proc.stderr[-2000:])
+    assert result == {"replaced": True, "kept": True, "handled": True}, (
+        result,
+        proc.stderr[-2000:],
+    )

@@ -36,6 +36,7 @@ def fault_plan(tmp_path_factory):
         mp.setenv(FAULTS_ENV, str(path))
         yield path
 
+
 STEPS_PER_EPOCH = 6  # 432 train examples per worker // 64
 
 
@@ -49,8 +50,16 @@ def data(tmp_path_factory) -> DataConfig:
 
 def _sampling(**kw) -> SamplingConfig:
     # a checkpoint at every epoch end (the failure tests resume from given epochs)
-    base = dict(epochs=4, sample_frac=0.5, batch_size=128, lr=0.05, num_workers=2,
-                cpus_per_worker=1.0, max_failures=0, checkpoint_interval_s=0)  # fmt: skip
+    base = dict(
+        epochs=4,
+        sample_frac=0.5,
+        batch_size=128,
+        lr=0.05,
+        num_workers=2,
+        cpus_per_worker=1.0,
+        max_failures=0,
+        checkpoint_interval_s=0,
+    )
     return SamplingConfig(**{**base, **kw})
 
 
@@ -73,7 +82,10 @@ def test_epoch_interval_candidates(data, tmp_path):
     sampling = _sampling(sample_interval=1, interval_unit="epoch", checkpoint_interval_s=3600)
     res = _run(data, sampling, tmp_path, "epochs")
     store = CandidateStore(str(tmp_path / "store"))
-    ckpts = sorted(p.name for p in (tmp_path / "run" / "ray_train" / "sampling_epochs").glob("checkpoint_epoch*"))
+    ckpts = sorted(
+        p.name
+        for p in (tmp_path / "run" / "ray_train" / "sampling_epochs").glob("checkpoint_epoch*")
+    )
     assert ckpts == ["checkpoint_epoch0002"]
 
     # one candidate per sampled epoch, named by the global step, increasing
@@ -95,10 +107,14 @@ def test_epoch_interval_candidates(data, tmp_path):
     fm = res.final_metrics
     assert (fm["steps_per_epoch"], fm["total_steps"], fm["num_candidates"]) == (6, 24, 2)
     assert (fm["num_train"], fm["num_val"]) == (864, 96)
-    assert fm["test_acc"] > 0.15 and fm["val_acc"] > 0.15  # learns something in 12 steps (chance 0.1)
+    assert (
+        fm["test_acc"] > 0.15 and fm["val_acc"] > 0.15
+    )  # learns something in 12 steps (chance 0.1)
     # the schedule spans the full 24 steps (a schedule over the 12 trained would have decayed)
     for h in res.history:
-        assert h["lr"] == pytest.approx(sampling.lr * lr_factor(h["step"] - 1, 24, schedule=sampling.schedule))
+        assert h["lr"] == pytest.approx(
+            sampling.lr * lr_factor(h["step"] - 1, 24, schedule=sampling.schedule)
+        )
     final = res.read_final()
     assert torch.equal(final, flatten(res.read_final_state(), layout))
     assert os.path.isdir(res.checkpoint_path)
@@ -151,10 +167,16 @@ def test_worker_failure_resumes_without_duplicates(data, step_run, tmp_path, pla
     """
     ref, ref_store = step_run
     sampling = _sampling(sample_interval=5, interval_unit="step", max_failures=2)
-    plan_faults([{"phase": "sampling", "kind": "raise", "step": 8, "marker": tmp_path / "raised"},
-                 {"phase": "sampling", "kind": "kill", "step": 10, "marker": tmp_path / "killed"}])  # fmt: skip
+    plan_faults(
+        [
+            {"phase": "sampling", "kind": "raise", "step": 8, "marker": tmp_path / "raised"},
+            {"phase": "sampling", "kind": "kill", "step": 10, "marker": tmp_path / "killed"},
+        ]
+    )
     res = _run(data, sampling, tmp_path, "steps")
-    assert (tmp_path / "raised").read_text().startswith("raise sampling 8 (rank 1, pid ")  # it raised
+    assert (
+        (tmp_path / "raised").read_text().startswith("raise sampling 8 (rank 1, pid ")
+    )  # it raised
     killed = (tmp_path / "killed").read_text()
     assert killed.startswith("kill sampling 10 (rank 0, pid ")
     pid = int(killed.split("pid ")[1].rstrip(")\n"))
@@ -165,7 +187,9 @@ def test_worker_failure_resumes_without_duplicates(data, step_run, tmp_path, pla
     assert len(os.listdir(tmp_path / "store")) == 3  # no duplicate or leftover temp file
     assert [h["epoch"] for h in res.history] == [1, 2]
     for name in ref.candidates:  # same data order and state after the restarts: same weights
-        torch.testing.assert_close(store.read(name, verify=True), ref_store.read(name), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            store.read(name, verify=True), ref_store.read(name), rtol=0, atol=1e-6
+        )
 
 
 # --------------------------------------------------------------------------- user train loop

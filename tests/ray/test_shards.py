@@ -139,7 +139,11 @@ def test_several_shards_match_the_core_subspace(ray_cluster, tiny):
 
     three = put_subspace(store, layout, TWAConfig(bits=8, blocks="tensor"), num_shards=3)
     assert three.num_shards == 3
-    _check_same(three.materialize(), build_subspace(store, layout, TWAConfig(bits=8, blocks="tensor")), exact=False)
+    _check_same(
+        three.materialize(),
+        build_subspace(store, layout, TWAConfig(bits=8, blocks="tensor")),
+        exact=False,
+    )
 
 
 def test_span_subspace_shards(ray_cluster, tiny):

@@ -27,19 +27,27 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
-def _sgd_candidates(store: str, steps: int = 12, every: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _sgd_candidates(
+    store: str, steps: int = 12, every: int = 3
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """SGD on random data, a snapshot every ``every`` steps; returns the batches."""
     model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(steps)]
+    batches = [
+        (torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g))
+        for _ in range(steps)
+    ]
     for step, (x, y) in enumerate(batches, 1):
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % every == 0:
-            assert twa_ray.train.snapshot(model, store, step=step, epoch=step / 4, run_id="r") == f"step{step:08d}"
+            assert (
+                twa_ray.train.snapshot(model, store, step=step, epoch=step / 4, run_id="r")
+                == f"step{step:08d}"
+            )
     return batches
 
 
@@ -51,12 +59,21 @@ def test_snapshot_is_idempotent_by_step(tmp_path):
         for p in model.parameters():
             p.add_(1.0)
     # the same step again (a replayed step after a restart): replaced, not duplicated
-    assert twa_ray.train.snapshot(model, store_uri, step=5, epoch=1.25, run_id="r", seed=3) == "step00000005"
+    assert (
+        twa_ray.train.snapshot(model, store_uri, step=5, epoch=1.25, run_id="r", seed=3)
+        == "step00000005"
+    )
     store = CandidateStore(store_uri)
     assert store.names() == ["step00000005"]
     assert torch.equal(store.read("step00000005"), flatten(model, Layout.from_module(model)))
     info = store.info("step00000005")
-    assert (info.step, info.epoch, info.run_id, info.seed, info.source) == (5, 1.25, "r", 3, "snapshot")
+    assert (info.step, info.epoch, info.run_id, info.seed, info.source) == (
+        5,
+        1.25,
+        "r",
+        3,
+        "snapshot",
+    )
     # another run may not overwrite it
     with pytest.raises(ValueError, match="belongs to run 'r'"):
         twa_ray.train.snapshot(model, store_uri, step=5, run_id="other")
@@ -72,7 +89,9 @@ def test_learn_is_the_core_engine(tmp_path):
     twa = twa_ray.train.learn(model, store_uri, batches, bits=8, lr=0.1, steps=7)
     ref = TWA(_net(), CandidateStore(store_uri), bits=8, lr=0.1).fit(batches, steps=7)
     assert twa.step_count == ref.step_count == 7
-    assert torch.equal(twa.alpha, ref.alpha) and not torch.equal(twa.alpha, torch.zeros_like(twa.alpha))
+    assert torch.equal(twa.alpha, ref.alpha) and not torch.equal(
+        twa.alpha, torch.zeros_like(twa.alpha)
+    )
     assert torch.equal(flatten(model, Layout.from_module(model)), twa.theta)
     CandidateStore(str(tmp_path / "empty"), create=True)
     with pytest.raises(ValueError, match="is empty"):

@@ -63,10 +63,17 @@ def _write(path, sweep):
 def grid_sweep(ray_dashboard, tmp_path_factory):
     """2 TWA learning rates x sample_interval 1 and 2: 4 trials, one sampling knob set."""
     root = tmp_path_factory.mktemp("grid")
-    config = _write(root / "sweep.yaml", {
-        "scheduler": "none", "max_concurrent": 1,
-        "space": {"twa.lr": {"grid": [0.02, 0.1]}, "sampling.sample_interval": {"grid": [1, 2]}},
-    })  # fmt: skip
+    config = _write(
+        root / "sweep.yaml",
+        {
+            "scheduler": "none",
+            "max_concurrent": 1,
+            "space": {
+                "twa.lr": {"grid": [0.02, 0.1]},
+                "sampling.sample_interval": {"grid": [1, 2]},
+            },
+        },
+    )
     out = root / "out"
     with deadline(400):
         assert main(["sweep", "--config", config, "--out", str(out)]) == 0
@@ -134,10 +141,16 @@ def test_asha_stops_a_trial_early_and_finishes(grid_sweep):
     root, _, grid_out = grid_sweep
     # the first trial is good; the huge learning rates wreck the weights, so ASHA (keep the
     # better half at each rung) stops them at its first rung instead of running 4 epochs
-    config = _write(root / "asha.yaml", {
-        "scheduler": "asha", "grace_period": 1, "reduction_factor": 2, "max_concurrent": 1,
-        "space": {"twa.lr": {"grid": [0.05, 30.0, 60.0, 100.0]}},
-    })  # fmt: skip
+    config = _write(
+        root / "asha.yaml",
+        {
+            "scheduler": "asha",
+            "grace_period": 1,
+            "reduction_factor": 2,
+            "max_concurrent": 1,
+            "space": {"twa.lr": {"grid": [0.05, 30.0, 60.0, 100.0]}},
+        },
+    )
     out = root / "asha"
     shared = str(grid_out / "sampling")  # the grid sweep's run has the same sampling knobs
     with deadline(300):
@@ -158,22 +171,32 @@ def test_tune_search_space_objects_draw_themselves():
 
     from twa_ray.tune_plan import draw_trials
 
-    drawn = draw_trials({"a": tune.grid_search([1, 2]), "b": tune.uniform(0.0, 1.0)}, num_samples=2, seed=0)
+    drawn = draw_trials(
+        {"a": tune.grid_search([1, 2]), "b": tune.uniform(0.0, 1.0)}, num_samples=2, seed=0
+    )
     assert [t["a"] for t in drawn] == [1, 2, 1, 2]
-    assert len({t["b"] for t in drawn}) == 4 and all(0 <= t["b"] < 1 and isinstance(t["b"], float) for t in drawn)
+    assert len({t["b"] for t in drawn}) == 4 and all(
+        0 <= t["b"] < 1 and isinstance(t["b"], float) for t in drawn
+    )
 
 
 def test_gpu_trials_are_refused_where_no_node_has_the_gpus(ray_dashboard, tmp_path, capsys):
     """--gpus-per-trial reaches the sweep config and the check of Tune's resources: on this
     local Ray without GPUs it is one line, exit 2, before any sampling."""
     config = _write(tmp_path / "sweep.yaml", {"space": {"twa.lr": {"grid": [0.1]}}})
-    args = build_parser().parse_args(["sweep", "--config", config, "--out", str(tmp_path / "o"),
-                                      "--gpus-per-trial", "0.5"])  # fmt: skip
+    args = build_parser().parse_args(
+        ["sweep", "--config", config, "--out", str(tmp_path / "o"), "--gpus-per-trial", "0.5"]
+    )
     from twa_ray.cli import sweep_config_from_args
 
     assert sweep_config_from_args(args).gpus_per_trial == 0.5
     capsys.readouterr()
-    assert main(["sweep", "--config", config, "--out", str(tmp_path / "o"), "--gpus-per-trial", "1"]) == 2
+    assert (
+        main(["sweep", "--config", config, "--out", str(tmp_path / "o"), "--gpus-per-trial", "1"])
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--gpus-per-trial 1" in err[0] and "most on one node is 0" in err[0], err
+    assert len(err) == 1 and "--gpus-per-trial 1" in err[0] and "most on one node is 0" in err[0], (
+        err
+    )
     assert not (tmp_path / "o" / "sampling").exists()

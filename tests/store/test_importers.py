@@ -280,6 +280,7 @@ def test_fuzz_mutated_checkpoint(suffix, edits, keep):
 
 # ---- tied parameters, training order, half precision (issue 21) ------------------------------
 
+
 def _tied(seed: int) -> nn.Module:
     import sys
 
@@ -302,7 +303,9 @@ def test_tied_parameters_import_from_torch_save_and_save_model(tmp_path):
 
     model = _tied(0)
     layout = Layout.from_module(model)
-    assert "lm_head.weight" not in layout.names and tied_names(model) == {"wte.weight": ("lm_head.weight",)}
+    assert "lm_head.weight" not in layout.names and tied_names(model) == {
+        "wte.weight": ("lm_head.weight",)
+    }
     src = tmp_path / "ckpts"
     src.mkdir()
     torch.save(_tied(1).state_dict(), src / "a.pt")
@@ -316,7 +319,11 @@ def test_tied_parameters_import_from_torch_save_and_save_model(tmp_path):
         import_checkpoints(src / "b.safetensors", str(tmp_path / "s2"), layout=layout)  # no aliases
     inferred = import_checkpoints(src / "a.pt", str(tmp_path / "s3"))
     stored = CandidateStore(tmp_path / "s3").layout
-    assert inferred.names == ["a"] and stored.numel == layout.numel and "lm_head.weight" not in stored.names
+    assert (
+        inferred.names == ["a"]
+        and stored.numel == layout.numel
+        and "lm_head.weight" not in stored.names
+    )
 
 
 def test_candidates_follow_training_order(tmp_path, layout):
@@ -334,10 +341,21 @@ def test_candidates_follow_training_order(tmp_path, layout):
 
     lightning = tmp_path / "lightning"
     lightning.mkdir()
-    for name, step in (("a", 300), ("b", 100), ("c", 200)):  # names say a, b, c; training says b, c, a
-        torch.save({"global_step": step, "epoch": step // 100, "state_dict": _sd(step)}, lightning / f"{name}.ckpt")
+    for name, step in (
+        ("a", 300),
+        ("b", 100),
+        ("c", 200),
+    ):  # names say a, b, c; training says b, c, a
+        torch.save(
+            {"global_step": step, "epoch": step // 100, "state_dict": _sd(step)},
+            lightning / f"{name}.ckpt",
+        )
     got = import_checkpoints(lightning, str(tmp_path / "s2"), layout=layout)
-    assert got.names == ["b", "c", "a"] and got.order == "training step" and got.progress == [100, 200, 300]
+    assert (
+        got.names == ["b", "c", "a"]
+        and got.order == "training step"
+        and got.progress == [100, 200, 300]
+    )
     assert "ordered by training step (100 .. 300)" in got.summary("s2")
     assert [CandidateStore(tmp_path / "s2").info(n).epoch for n in got.names] == [1.0, 2.0, 3.0]
 
@@ -346,7 +364,10 @@ def test_candidates_follow_training_order(tmp_path, layout):
         (hf / f"checkpoint-{step}").mkdir(parents=True)
         save_file(_sd(step), str(hf / f"checkpoint-{step}" / "model.safetensors"))
     got = import_checkpoints(hf, str(tmp_path / "s3"), layout=layout)
-    assert got.names == ["checkpoint-500", "checkpoint-1000", "checkpoint-1500"] and got.order == "training step"
+    assert (
+        got.names == ["checkpoint-500", "checkpoint-1000", "checkpoint-1500"]
+        and got.order == "training step"
+    )
 
 
 def test_half_precision_is_upcast_and_rounding_is_refused(tmp_path, layout):
@@ -354,22 +375,31 @@ def test_half_precision_is_upcast_and_rounding_is_refused(tmp_path, layout):
     summary); float64 would round: refused, naming the dtype and not the architecture."""
     src = tmp_path / "ckpts"
     src.mkdir()
-    sds = {"bf16": {k: v.bfloat16() if v.is_floating_point() else v for k, v in _sd(1).items()},
-           "fp16": {k: v.half() if v.is_floating_point() else v for k, v in _sd(2).items()}}  # fmt: skip
+    sds = {
+        "bf16": {k: v.bfloat16() if v.is_floating_point() else v for k, v in _sd(1).items()},
+        "fp16": {k: v.half() if v.is_floating_point() else v for k, v in _sd(2).items()},
+    }
     sds["mixed"] = {**_sd(3), "0.weight": _sd(3)["0.weight"].bfloat16()}
     for name, sd in sds.items():
         torch.save(sd, src / f"{name}.pt")
     got = import_checkpoints(src, str(tmp_path / "store"), layout=layout)
     store = CandidateStore(tmp_path / "store")
     for name in got.names:
-        assert torch.equal(store.read(name), flatten({k: v.float() for k, v in sds[name].items()}, layout))
+        assert torch.equal(
+            store.read(name), flatten({k: v.float() for k, v in sds[name].items()}, layout)
+        )
     n = len(layout.names)  # every parameter of bf16 and fp16, one of mixed
     assert got.upcast == {"bfloat16": n + 1, "float16": n}
-    assert f"upcast losslessly to the model's dtype: {n + 1} bfloat16, {n} float16 tensors" in got.summary("s")
+    assert (
+        f"upcast losslessly to the model's dtype: {n + 1} bfloat16, {n} float16 tensors"
+        in got.summary("s")
+    )
     inferred = import_checkpoints(src / "bf16.pt", str(tmp_path / "s2"))  # no --model: float32 too
     assert set(CandidateStore(tmp_path / "s2").layout.dtypes) == {"float32"} and inferred.upcast
     torch.save({k: v.double() for k, v in _sd(4).items()}, src / "f64.pt")
-    with pytest.raises(ValueError, match="has dtype float64, expected float32: converting it would round") as e:
+    with pytest.raises(
+        ValueError, match="has dtype float64, expected float32: converting it would round"
+    ) as e:
         import_checkpoints(src / "f64.pt", str(tmp_path / "s3"), layout=layout)
     assert "architecture" not in str(e.value)
 

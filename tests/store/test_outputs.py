@@ -75,18 +75,32 @@ def test_result_files_follow_the_umask(tmp_path, tied, umask):
         write_model(out / "model.safetensors", tied.build(10, (40,)), {})
         alpha = {"twa_v": torch.ones(2, 1)}
         write_coefficients(out / "coefficients.parquet", alpha, block_labels=["b"])
-        plot_coefficients(out / "coefficients_twa_v.png", alpha["twa_v"], block_labels=["b"], title="t")
+        plot_coefficients(
+            out / "coefficients_twa_v.png", alpha["twa_v"], block_labels=["b"], title="t"
+        )
         open_storage(str(out)).write_json("run.json", {"run_id": "r"})
         lin = torch.nn.Linear(2, 2)
-        CandidateStore(out / "candidates", create=True).write(lin.state_dict(), Layout.from_module(lin), step=0)
+        CandidateStore(out / "candidates", create=True).write(
+            lin.state_dict(), Layout.from_module(lin), step=0
+        )
         files = [p for p in out.rglob("*") if p.is_file()]
-        assert len(files) == 6 and {p.name: _mode(p) for p in files} == {p.name: want for p in files}
+        assert len(files) == 6 and {p.name: _mode(p) for p in files} == {
+            p.name: want for p in files
+        }
 
 
 def test_best_is_the_highest_validation_accuracy_and_the_saved_model_is_named_apart():
-    methods = {"sgd_sampled": {"val_acc": 0.5, "test_acc": 0.9}, "swa": {"val_acc": 0.7, "test_acc": 0.1},
-               "twa_t": {"val_acc": 0.6}, "twa_v": {"val_acc": 0.7}}  # fmt: skip
-    assert best_method(methods, saved_model="twa_v") == {"best": "swa", "best_split": "val", "saved_model": "twa_v"}
+    methods = {
+        "sgd_sampled": {"val_acc": 0.5, "test_acc": 0.9},
+        "swa": {"val_acc": 0.7, "test_acc": 0.1},
+        "twa_t": {"val_acc": 0.6},
+        "twa_v": {"val_acc": 0.7},
+    }
+    assert best_method(methods, saved_model="twa_v") == {
+        "best": "swa",
+        "best_split": "val",
+        "saved_model": "twa_v",
+    }
 
 
 def _checkpoints(tied, root: Path, *, one_name: bool) -> Path:
@@ -101,22 +115,36 @@ def _checkpoints(tied, root: Path, *, one_name: bool) -> Path:
     return root
 
 
-AVERAGE = ["--model", "tied_model:build", "--num-samples", NUM_SAMPLES, "--mode", "both", "--twa-epochs", "1",
-           "--no-greedy-soup"]  # fmt: skip
+AVERAGE = [
+    "--model",
+    "tied_model:build",
+    "--num-samples",
+    NUM_SAMPLES,
+    "--mode",
+    "both",
+    "--twa-epochs",
+    "1",
+    "--no-greedy-soup",
+]
 
 
 def test_tied_model_through_import_and_average(tmp_path, tied, capsys):
     """torch.save (both names) and save_model (one name) folders import; average writes a model
     that load_model reads back, and metrics.json names the best method and the saved one."""
     one = _checkpoints(tied, tmp_path / "one", one_name=True)
-    assert main(["import", str(one), "--out", str(tmp_path / "store"), "--model", "tied_model:build"]) == 0
+    assert (
+        main(["import", str(one), "--out", str(tmp_path / "store"), "--model", "tied_model:build"])
+        == 0
+    )
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.endswith("ordered by file name: step_0, step_50, step_100"), line
     both = _checkpoints(tied, tmp_path / "both", one_name=False)
     out = tmp_path / "avg"
     assert main(["average", "--store", str(both), *AVERAGE, "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["numel"] == Layout.from_module(tied.build(10, (40,))).numel  # the tie counted once
+    assert (
+        metrics["numel"] == Layout.from_module(tied.build(10, (40,))).numel
+    )  # the tie counted once
     assert metrics["saved_model"] in ("twa_t", "twa_v") and metrics["best_split"] == "val"
     val = {k: m["val_acc"] for k, m in metrics["methods"].items()}
     assert val[metrics["best"]] == max(val.values())
@@ -147,10 +175,15 @@ def test_run_with_a_tied_model_then_its_config_repeats_into_a_new_out(tmp_path):
     reads, files 0644; its config.yaml pins no store, so `--config OUT/config.yaml --out NEW`
     resolves to NEW/candidates (the repeat itself is the same command: not run again here), and
     without --out it is refused before Ray starts: only --resume continues a run."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     out = tmp_path / "run"
     cmd = f"umask 022 && {sys.executable} -m twa_ray.cli run --smoke-test --model tied_model:build --out {out}"
-    proc = subprocess.run(["bash", "-c", cmd], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", "-c", cmd], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     sys.path.insert(0, str(HERE))
     try:
@@ -160,7 +193,9 @@ def test_run_with_a_tied_model_then_its_config_repeats_into_a_new_out(tmp_path):
     model = tied_model.build(10, (40,))
     load_model(model, out / "model.safetensors")
     assert model.lm_head.weight is model.wte.weight
-    assert {p.name: _mode(p) for p in out.iterdir() if p.is_file()} == {p.name: 0o644 for p in out.iterdir() if p.is_file()}
+    assert {p.name: _mode(p) for p in out.iterdir() if p.is_file()} == {
+        p.name: 0o644 for p in out.iterdir() if p.is_file()
+    }
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["saved_model"] == "twa_v" and metrics["best"] in metrics["methods"]
     from twa_ray.cli import build_parser, config_from_args
@@ -168,8 +203,22 @@ def test_run_with_a_tied_model_then_its_config_repeats_into_a_new_out(tmp_path):
     saved = (out / "config.yaml").read_text()
     assert "store: null" in saved and "run-" not in saved
     new = tmp_path / "new"
-    cfg = config_from_args(build_parser().parse_args(["run", "--config", str(out / "config.yaml"), "--out", str(new)]))
-    assert cfg.store is None and cfg.store_uri == f"{new}/candidates" and cfg.data.model == "tied_model:build"
-    proc = subprocess.run([sys.executable, "-m", "twa_ray.cli", "run", "--config", str(out / "config.yaml")],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 2 and "already holds a run" in proc.stderr and "--resume" in proc.stderr  # same --out
+    cfg = config_from_args(
+        build_parser().parse_args(["run", "--config", str(out / "config.yaml"), "--out", str(new)])
+    )
+    assert (
+        cfg.store is None
+        and cfg.store_uri == f"{new}/candidates"
+        and cfg.data.model == "tied_model:build"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "twa_ray.cli", "run", "--config", str(out / "config.yaml")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        proc.returncode == 2 and "already holds a run" in proc.stderr and "--resume" in proc.stderr
+    )  # same --out

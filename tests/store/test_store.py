@@ -96,8 +96,12 @@ def test_file_is_plain_arrow_with_metadata(store, layout):
     cand = json.loads(meta[b"twa_ray.candidate"])
     assert cand["format"] == FORMAT_VERSION and cand["fingerprint"] == layout.fingerprint
     assert (cand["step"], cand["epoch"], cand["source"], cand["seed"], cand["run_id"]) == (
-        3, 1.0, "src", 1, "r",
-    )  # fmt: skip
+        3,
+        1.0,
+        "src",
+        1,
+        "r",
+    )
 
 
 def test_iter_flat_streams_in_order(store, layout):
@@ -426,10 +430,20 @@ def test_fuzz_mutated_file(edits, keep):
 
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=12,
 )
-_COLUMN_TYPES = [pa.float32(), pa.float64(), pa.float16(), pa.int64(), pa.int8(), pa.string(), pa.list_(pa.float32())]
+_COLUMN_TYPES = [
+    pa.float32(),
+    pa.float64(),
+    pa.float16(),
+    pa.int64(),
+    pa.int8(),
+    pa.string(),
+    pa.list_(pa.float32()),
+]
 
 
 def _column_of(typ: pa.DataType, n: int, nulls: bool) -> pa.Array:
@@ -447,25 +461,43 @@ def _column_of(typ: pa.DataType, n: int, nulls: bool) -> pa.Array:
 @settings(max_examples=60, deadline=2000, suppress_health_check=list(HealthCheck))
 @given(
     columns=st.lists(
-        st.tuples(st.sampled_from(["flat", "x", ""]), st.sampled_from(_COLUMN_TYPES), st.booleans()),
-        min_size=0, max_size=3,
+        st.tuples(
+            st.sampled_from(["flat", "x", ""]), st.sampled_from(_COLUMN_TYPES), st.booleans()
+        ),
+        min_size=0,
+        max_size=3,
     ),
     length=st.integers(0, 40),
     layout_edit=st.one_of(st.none(), _JSON, st.binary(max_size=40)),
     candidate_edits=st.dictionaries(
-        st.sampled_from(["format", "fingerprint", "numel", "step", "epoch", "source", "seed", "run_id",
-                         "name", "crc32", "extra"]),
+        st.sampled_from(
+            [
+                "format",
+                "fingerprint",
+                "numel",
+                "step",
+                "epoch",
+                "source",
+                "seed",
+                "run_id",
+                "name",
+                "crc32",
+                "extra",
+            ]
+        ),
         st.one_of(st.just("<delete>"), _JSON),
         max_size=4,
     ),
     drop_key=st.sampled_from([None, b"twa_ray.layout", b"twa_ray.candidate"]),
-)  # fmt: skip
+)
 def test_fuzz_schema_variations(columns, length, layout_edit, candidate_edits, drop_key):
     """Random columns (names, types, nulls, lengths) under valid-looking, edited or missing
     metadata: reading is the stored values or one clean ValueError, never a crash or a hang."""
     meta = dict(pa.ipc.open_file(pa.BufferReader(_VALID)).schema.metadata)
     if layout_edit is not None:
-        meta[b"twa_ray.layout"] = layout_edit if isinstance(layout_edit, bytes) else json.dumps(layout_edit).encode()
+        meta[b"twa_ray.layout"] = (
+            layout_edit if isinstance(layout_edit, bytes) else json.dumps(layout_edit).encode()
+        )
     cand = json.loads(meta[b"twa_ray.candidate"])
     for key, value in candidate_edits.items():
         if value == "<delete>":

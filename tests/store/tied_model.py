@@ -13,9 +13,13 @@ class Tied(nn.Module):
     def __init__(self, num_classes: int, input_shape: tuple[int, ...], width: int = 32) -> None:
         super().__init__()
         self.wte = nn.Embedding(num_classes, width)  # registered first: named_parameters() names it
-        self.body = nn.Sequential(nn.Linear(input_shape[0], width), nn.BatchNorm1d(width), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Linear(input_shape[0], width), nn.BatchNorm1d(width), nn.ReLU()
+        )
         self.lm_head = nn.Linear(width, num_classes, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied (save_model keeps lm_head.weight, sorted first)
+        self.lm_head.weight = (
+            self.wte.weight
+        )  # tied (save_model keeps lm_head.weight, sorted first)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.body(x))

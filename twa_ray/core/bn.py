@@ -33,8 +33,12 @@ def split_batch(batch: Any, device: torch.device | None = None) -> tuple[Any, to
     if isinstance(batch, torch.Tensor):
         x, y = batch, None
     elif isinstance(batch, Mapping):
-        x = next((batch[k] for k in ("x", "input", "inputs", "image", "images") if k in batch), None)
-        y = next((batch[k] for k in ("y", "label", "labels", "target", "targets") if k in batch), None)
+        x = next(
+            (batch[k] for k in ("x", "input", "inputs", "image", "images") if k in batch), None
+        )
+        y = next(
+            (batch[k] for k in ("y", "label", "labels", "target", "targets") if k in batch), None
+        )
         if x is None:
             raise ValueError(
                 f"dict batch has keys {sorted(batch)}; name the input 'x' (or 'input', 'image')"
@@ -42,7 +46,9 @@ def split_batch(batch: Any, device: torch.device | None = None) -> tuple[Any, to
     elif isinstance(batch, (tuple, list)) and batch:
         x, y = batch[0], (batch[1] if len(batch) > 1 else None)
     else:
-        raise ValueError(f"cannot read a batch of type {type(batch).__name__}; use a tensor, tuple or dict")
+        raise ValueError(
+            f"cannot read a batch of type {type(batch).__name__}; use a tensor, tuple or dict"
+        )
     if device is not None:
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True) if isinstance(y, torch.Tensor) else y

@@ -50,7 +50,9 @@ class ConfigError(ValueError):
         parts = []
         for name, value, rule in self.problems:
             flag = (flags or {}).get(prefix + name) if name else None
-            parts.append(rule if name is None else f"{name}={value!r}{f' ({flag})' if flag else ''}: {rule}")
+            parts.append(
+                rule if name is None else f"{name}={value!r}{f' ({flag})' if flag else ''}: {rule}"
+            )
         return f"invalid {self.what}: " + "; ".join(parts)
 
 
@@ -74,8 +76,12 @@ _UPPER = (("lt", operator.lt, ")", "<"), ("le", operator.le, "]", "<="))
 def _rule(iv: Range) -> str:
     """A :class:`Range` in words: ``must lie in (0, 1]``, ``must be >= 1``, ``must be a positive
     number``."""
-    lo = next(((b, sym, cmp) for k, _, b, cmp in _BOUNDS if (sym := getattr(iv, k)) is not None), None)
-    hi = next(((b, sym, cmp) for k, _, b, cmp in _UPPER if (sym := getattr(iv, k)) is not None), None)
+    lo = next(
+        ((b, sym, cmp) for k, _, b, cmp in _BOUNDS if (sym := getattr(iv, k)) is not None), None
+    )
+    hi = next(
+        ((b, sym, cmp) for k, _, b, cmp in _UPPER if (sym := getattr(iv, k)) is not None), None
+    )
     if hi is not None and math.isinf(hi[1]):
         if lo == ("(", 0, ">"):
             return "must be a positive number"
@@ -89,7 +95,9 @@ def _rule(iv: Range) -> str:
 
 def _inside(value: float, iv: Range) -> bool:
     """``value`` within ``iv`` (NaN never is)."""
-    return all(getattr(iv, k) is None or op(value, getattr(iv, k)) for k, op, _, _ in _BOUNDS + _UPPER)
+    return all(
+        getattr(iv, k) is None or op(value, getattr(iv, k)) for k, op, _, _ in _BOUNDS + _UPPER
+    )
 
 
 def unwrap(hint: Any) -> tuple[Any, list[Any]]:

@@ -46,7 +46,9 @@ class EMA:
             raise ValueError(f"EMA decays {list(decays)} must lie in (0, 1)")
         self.decays = tuple(float(d) for d in decays)
         self.names, self.params = zip(*module.named_parameters(), strict=True)
-        self.sums = [[torch.zeros_like(p, dtype=torch.float32) for p in self.params] for _ in self.decays]
+        self.sums = [
+            [torch.zeros_like(p, dtype=torch.float32) for p in self.params] for _ in self.decays
+        ]
         self.steps = 0
 
     @torch.no_grad()
@@ -67,7 +69,9 @@ class EMA:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if tuple(state["decays"]) != self.decays:
-            raise ValueError(f"EMA state has decays {state['decays']}, expected {list(self.decays)}")
+            raise ValueError(
+                f"EMA state has decays {state['decays']}, expected {list(self.decays)}"
+            )
         for sums, saved in zip(self.sums, state["sums"], strict=True):
             for m, n in zip(sums, self.names, strict=True):
                 m.copy_(saved[n])

@@ -53,7 +53,9 @@ def evaluate(
     for batch in loader:
         x, y = split_batch(batch, device)
         if y is None:
-            raise ValueError("evaluation batches need targets: yield (x, y) or {'x': ..., 'y': ...}")
+            raise ValueError(
+                "evaluation batches need targets: yield (x, y) or {'x': ..., 'y': ...}"
+            )
         out = model(x)
         loss_sum += float(loss_fn(out, y, reduction="sum"))
         correct += int((out.argmax(dim=-1) == y).sum())

@@ -68,7 +68,9 @@ class Blocks(ColumnBlocks):
 
     def __post_init__(self) -> None:
         if len(self.bounds) < 2 or self.bounds[0] != 0:
-            raise ValueError(f"block bounds must start at 0 and hold >= 2 offsets, got {self.bounds}")
+            raise ValueError(
+                f"block bounds must start at 0 and hold >= 2 offsets, got {self.bounds}"
+            )
         if any(b <= a for a, b in zip(self.bounds, self.bounds[1:])):
             raise ValueError(f"block bounds must be strictly increasing, got {self.bounds}")
         if len(self.labels) != len(self.bounds) - 1:
@@ -279,7 +281,9 @@ def flatten(
 def unflatten(vec: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
     """Inverse of :func:`flatten`: views of ``vec`` cast to each parameter's dtype."""
     if vec.dim() != 1 or vec.numel() != layout.numel:
-        raise ValueError(f"flat vector has shape {list(vec.shape)}, the layout needs ({layout.numel},)")
+        raise ValueError(
+            f"flat vector has shape {list(vec.shape)}, the layout needs ({layout.numel},)"
+        )
     out = {}
     for name, shape, dt, a, b in zip(
         layout.names, layout.shapes, layout.dtypes, layout.offsets, layout.offsets[1:]

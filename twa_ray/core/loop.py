@@ -123,8 +123,13 @@ class ShuffledBatches:
 
         self.sampler.set_epoch(pass_index)
         order = list(self.sampler)[skip * self.per_worker :]
-        return DataLoader(self.dataset, batch_size=self.per_worker, sampler=order, drop_last=True,
-                          **self.loader_options)  # fmt: skip
+        return DataLoader(
+            self.dataset,
+            batch_size=self.per_worker,
+            sampler=order,
+            drop_last=True,
+            **self.loader_options,
+        )
 
 
 class LoaderBatches:
@@ -205,7 +210,9 @@ class CoefficientLoop:
         progress: bool = False,
     ) -> None:
         if total_steps < 1 or steps_per_epoch < 1:
-            raise ValueError(f"total_steps={total_steps}, steps_per_epoch={steps_per_epoch}: need >= 1")
+            raise ValueError(
+                f"total_steps={total_steps}, steps_per_epoch={steps_per_epoch}: need >= 1"
+            )
         self.twa, self.data = twa, data
         self.total, self.steps_per_epoch = int(total_steps), int(steps_per_epoch)
         self.steps_per_pass = data.steps_per_pass
@@ -268,12 +275,16 @@ class CoefficientLoop:
         a, loss_sum, correct, count = twa.coefficient_grad(batch)
         twa.apply_(a)
         step = twa.step_count
-        self._local += torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=twa.device)
+        self._local += torch.tensor(
+            [loss_sum, correct, count], dtype=torch.float64, device=twa.device
+        )
         if self.on_step is not None:
             self.on_step(step, loss_sum / max(count, 1))
         spp = self.steps_per_pass
         pass_end = bool(spp and step % spp == 0) or step == self.total
-        epoch_end = self.on_epoch is not None and (step % self.steps_per_epoch == 0 or step == self.total)
+        epoch_end = self.on_epoch is not None and (
+            step % self.steps_per_epoch == 0 or step == self.total
+        )
         sync = pass_end or bool(self.sync_every and step % self.sync_every == 0)
         if sync or epoch_end:
             self._reduce()
@@ -296,8 +307,15 @@ class CoefficientLoop:
         spp = self.steps_per_pass
         loss, acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
         lr = self.twa.optimizer.param_groups[0]["lr"]  # type: ignore[union-attr]
-        return {**self.labels, "epoch": step / self.steps_per_epoch, "step": step,
-                "pass": math.ceil(step / spp) if spp else None, "lr": lr, "loss": loss, "acc": acc}  # fmt: skip
+        return {
+            **self.labels,
+            "epoch": step / self.steps_per_epoch,
+            "step": step,
+            "pass": math.ceil(step / spp) if spp else None,
+            "lr": lr,
+            "loss": loss,
+            "acc": acc,
+        }
 
     def _sync(self, step: int, pass_end: bool) -> None:
         record = self._record(step, self.pass_sums)
@@ -306,8 +324,16 @@ class CoefficientLoop:
             self.pass_sums.zero_()
             if self.progress:
                 tag = "-".join(str(v) for v in ("twa", *self.labels.values()))
-                log.info("%s epoch %.2f step %d/%d: loss %.4f acc %.2f%% lr %.4g", tag, record["epoch"],
-                         step, self.total, record["loss"], 100 * record["acc"], record["lr"])  # fmt: skip
+                log.info(
+                    "%s epoch %.2f step %d/%d: loss %.4f acc %.2f%% lr %.4g",
+                    tag,
+                    record["epoch"],
+                    step,
+                    self.total,
+                    record["loss"],
+                    100 * record["acc"],
+                    record["lr"],
+                )
         if self.on_sync is not None:
             self.on_sync(self, record)
 

@@ -85,11 +85,15 @@ def make_optimizer(
     """
     opt: torch.optim.Optimizer
     if optimizer == "sgd":
-        opt = torch.optim.SGD([alpha], lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=False)
+        opt = torch.optim.SGD(
+            [alpha], lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=False
+        )
     elif optimizer == "adamw":
         opt = torch.optim.AdamW([alpha], lr=lr, weight_decay=weight_decay, foreach=False)
     else:
-        raise ValueError(f"optimizer={optimizer!r} is not supported; use one of {', '.join(OPTIMIZERS)}")
+        raise ValueError(
+            f"optimizer={optimizer!r} is not supported; use one of {', '.join(OPTIMIZERS)}"
+        )
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda t: lr_factor(

@@ -88,12 +88,20 @@ class ShardedBasis(ColumnBlocks):
     def __init__(self, shards: Sequence[PackedMatrix], block_bounds: Sequence[int]) -> None:
         self.shards = tuple(shards)
         self.block_bounds = tuple(int(b) for b in block_bounds)
-        if not self.shards or len(self.block_bounds) != len(self.shards) + 1 or self.block_bounds[0] != 0:
-            raise ValueError(f"block_bounds {self.block_bounds} do not fit {len(self.shards)} shards")
+        if (
+            not self.shards
+            or len(self.block_bounds) != len(self.shards) + 1
+            or self.block_bounds[0] != 0
+        ):
+            raise ValueError(
+                f"block_bounds {self.block_bounds} do not fit {len(self.shards)} shards"
+            )
         bounds = [0]
         for s, pm in enumerate(self.shards):
             if pm.num_blocks != self.block_bounds[s + 1] - self.block_bounds[s]:
-                raise ValueError(f"shard {s} has {pm.num_blocks} blocks, block_bounds say otherwise")
+                raise ValueError(
+                    f"shard {s} has {pm.num_blocks} blocks, block_bounds say otherwise"
+                )
             if pm.num_rows != self.shards[0].num_rows or pm.bits != self.shards[0].bits:
                 raise ValueError(f"shard {s} has another number of rows or bits than shard 0")
             bounds += [bounds[-1] + b for b in pm.bounds[1:]]
@@ -103,7 +111,9 @@ class ShardedBasis(ColumnBlocks):
     @classmethod
     def split(cls, pm: PackedMatrix, block_bounds: Sequence[int]) -> ShardedBasis:
         """``pm`` cut at ``block_bounds`` (views, no copy)."""
-        return cls([pm.slice_blocks(a, b) for a, b in zip(block_bounds, block_bounds[1:])], block_bounds)
+        return cls(
+            [pm.slice_blocks(a, b) for a, b in zip(block_bounds, block_bounds[1:])], block_bounds
+        )
 
     @property
     def bits(self) -> int:
@@ -128,7 +138,13 @@ class ShardedBasis(ColumnBlocks):
 
     def _ranges(self) -> Iterator[tuple[PackedMatrix, int, int, int, int]]:
         """``(shard, l0, l1, c0, c1)``: each shard with its block and column range."""
-        return zip(self.shards, self.block_bounds, self.block_bounds[1:], self.col_bounds, self.col_bounds[1:])
+        return zip(
+            self.shards,
+            self.block_bounds,
+            self.block_bounds[1:],
+            self.col_bounds,
+            self.col_bounds[1:],
+        )
 
     def project(self, g: torch.Tensor) -> torch.Tensor:
         """``a[k, l] = <B[k, l], g>``: (D,) -> (R, L) float32."""
@@ -188,7 +204,9 @@ def balanced_bounds(sizes: Sequence[int], parts: int) -> tuple[int, ...]:
     """
     n = len(sizes)
     if not 1 <= parts <= n:
-        raise ValueError(f"cannot cut {n} shards into {parts} non-empty groups; need 1 <= parts <= {n}")
+        raise ValueError(
+            f"cannot cut {n} shards into {parts} non-empty groups; need 1 <= parts <= {n}"
+        )
 
     def greedy(cap: int) -> list[int]:
         cuts, acc = [0], 0
@@ -250,7 +268,10 @@ def choose(
     if basis_bytes + model_bytes <= FIT_FRACTION * capacity_bytes:
         return "replicate", f"auto: {need} fit in {limit}"
     if num_shards < world:
-        return "replicate", f"auto: {need} exceed {limit}, but B has {num_shards} shard(s) for {world} workers"
+        return (
+            "replicate",
+            f"auto: {need} exceed {limit}, but B has {num_shards} shard(s) for {world} workers",
+        )
     return "shard", f"auto: {need} exceed {limit}"
 
 
@@ -285,7 +306,11 @@ class Placement:
 
     def __post_init__(self) -> None:
         (l0, l1), (c0, c1) = self.own_blocks, self.own_cols
-        if self.basis.num_blocks != l1 - l0 or self.basis.numel != c1 - c0 or self.origin.numel() != c1 - c0:
+        if (
+            self.basis.num_blocks != l1 - l0
+            or self.basis.numel != c1 - c0
+            or self.origin.numel() != c1 - c0
+        ):
             raise ValueError(
                 f"worker {self.rank} holds blocks {l0}:{l1} (columns {c0}:{c1}); its basis has "
                 f"{self.basis.num_blocks} blocks, {self.basis.numel} columns, origin {self.origin.numel()}"
@@ -340,10 +365,17 @@ class Placement:
         if basis is self.basis and self.origin.device == resolve_device(device):
             return self
         return Placement(
-            kind=self.kind, basis=basis, origin=self.origin.to(device), alpha0=self.alpha0.to(device),
-            numel=self.numel, block_bounds=self.block_bounds, col_bounds=self.col_bounds,
-            rank=self.rank, world=self.world, group=self.group,
-        )  # fmt: skip
+            kind=self.kind,
+            basis=basis,
+            origin=self.origin.to(device),
+            alpha0=self.alpha0.to(device),
+            numel=self.numel,
+            block_bounds=self.block_bounds,
+            col_bounds=self.col_bounds,
+            rank=self.rank,
+            world=self.world,
+            group=self.group,
+        )
 
     # -- the step's collectives -------------------------------------------------------------
     def _mean(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -369,9 +401,12 @@ class Placement:
         own = sizes[self.rank]
         recv = torch.empty(self.world * own, device=g.device)
         dist.all_to_all_single(
-            recv, g.contiguous(), output_split_sizes=[own] * self.world, input_split_sizes=sizes,
+            recv,
+            g.contiguous(),
+            output_split_sizes=[own] * self.world,
+            input_split_sizes=sizes,
             group=self.group,
-        )  # fmt: skip
+        )
         # BLAS (bits 16/32) rounds by the address alignment of g: give each slice the offset
         # its columns have inside a full g, so that both placements make the very same calls
         lead = self.own_cols[0] % _ALIGN_FLOATS
@@ -428,10 +463,17 @@ def place(
     origin, alpha0 = subspace.origin, subspace.alpha0  # type: ignore[attr-defined]
     if kind == "replicate" or world == 1:
         return Placement(
-            kind="replicate", basis=basis, origin=origin, alpha0=alpha0, numel=basis.numel,
-            block_bounds=(0, basis.num_blocks), col_bounds=(0, basis.numel),
-            rank=rank, world=world, group=group,
-        )  # fmt: skip
+            kind="replicate",
+            basis=basis,
+            origin=origin,
+            alpha0=alpha0,
+            numel=basis.numel,
+            block_bounds=(0, basis.num_blocks),
+            col_bounds=(0, basis.numel),
+            rank=rank,
+            world=world,
+            group=group,
+        )
     owners, blocks, cols = shard_plan(
         [pm.nbytes for pm in basis.shards], basis.block_bounds, basis.col_bounds, world
     )
@@ -440,9 +482,17 @@ def place(
         basis.shards[s0:s1], [b - basis.block_bounds[s0] for b in basis.block_bounds[s0 : s1 + 1]]
     )
     return Placement(
-        kind="shard", basis=own, origin=origin[cols[rank] : cols[rank + 1]], alpha0=alpha0,
-        numel=basis.numel, block_bounds=blocks, col_bounds=cols, rank=rank, world=world, group=group,
-    )  # fmt: skip
+        kind="shard",
+        basis=own,
+        origin=origin[cols[rank] : cols[rank + 1]],
+        alpha0=alpha0,
+        numel=basis.numel,
+        block_bounds=blocks,
+        col_bounds=cols,
+        rank=rank,
+        world=world,
+        group=group,
+    )
 
 
 def shard_plan(

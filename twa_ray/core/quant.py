@@ -167,7 +167,10 @@ def pad_rows(data: torch.Tensor, device: torch.device | str | None = None) -> to
     """
     num_rows, nbytes = data.shape
     storage = torch.empty(
-        num_rows, -(-nbytes // ROW_ALIGN) * ROW_ALIGN, dtype=data.dtype, device=device or data.device
+        num_rows,
+        -(-nbytes // ROW_ALIGN) * ROW_ALIGN,
+        dtype=data.dtype,
+        device=device or data.device,
     )
     out = storage[:, :nbytes]
     out.copy_(data)

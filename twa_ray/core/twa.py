@@ -92,7 +92,9 @@ class TWAConfig:
         try:
             kind, _ = parse_blocks(self.blocks)
             if self.subspace == "span" and kind != "model":
-                errors.append(f"blocks={self.blocks!r}: the span subspace has one block; use 'model'")
+                errors.append(
+                    f"blocks={self.blocks!r}: the span subspace has one block; use 'model'"
+                )
         except ValueError as e:
             errors.append(str(e))
         if self.bits not in ALLOWED_BITS:
@@ -144,7 +146,11 @@ def build_subspace(candidates: Any, layout: Layout, config: TWAConfig) -> Subspa
     if config.subspace == "span":
         return build_span(stream, layout, bits=config.bits)
     return build_affine(
-        stream, layout, blocks=layout.blocks(config.blocks), bits=config.bits, granularity=config.granularity
+        stream,
+        layout,
+        blocks=layout.blocks(config.blocks),
+        bits=config.bits,
+        granularity=config.granularity,
     )
 
 
@@ -259,7 +265,9 @@ class TWA:
             ]
         )
         count = int(y.shape[0]) if isinstance(y, torch.Tensor) else int(x.shape[0])
-        classify = isinstance(y, torch.Tensor) and not y.is_floating_point() and out.dim() == y.dim() + 1
+        classify = (
+            isinstance(y, torch.Tensor) and not y.is_floating_point() and out.dim() == y.dim() + 1
+        )
         correct = int((out.argmax(-1) == y).sum()) if classify else 0
         return self.placement.mean_grad(g), float(loss.detach()) * count, correct, count
 
@@ -306,8 +314,14 @@ class TWA:
             if not per_epoch:
                 raise ValueError("data has no length: pass steps= or steps_per_epoch=")
             steps = total_steps(self.config.epochs if epochs is None else epochs, per_epoch)
-        loop = CoefficientLoop(self, source, total_steps=self.step_count + steps,
-                               steps_per_epoch=per_epoch or steps, on_step=on_step, **hooks)  # fmt: skip
+        loop = CoefficientLoop(
+            self,
+            source,
+            total_steps=self.step_count + steps,
+            steps_per_epoch=per_epoch or steps,
+            on_step=on_step,
+            **hooks,
+        )
         if self.optimizer is None:
             self.start(steps)
         loop.run()

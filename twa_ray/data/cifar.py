@@ -161,7 +161,9 @@ def restricted_pickle_load(path: str | os.PathLike[str]) -> Any:
         except pickle.UnpicklingError as e:
             raise pickle.UnpicklingError(f"{path}: {e}") from e
         except Exception as e:  # truncated or garbage bytes: EOFError, KeyError, ValueError, ...
-            raise pickle.UnpicklingError(f"{path} is not a readable pickle ({type(e).__name__}: {e})") from e
+            raise pickle.UnpicklingError(
+                f"{path} is not a readable pickle ({type(e).__name__}: {e})"
+            ) from e
 
 
 # --------------------------------------------------------------------------- readers

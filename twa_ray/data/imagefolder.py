@@ -58,7 +58,11 @@ class _ImageFolder(ImageFolder):
     def __init__(self, root: Path, *, classes: list[str] | None = None, **kwargs: Any):
         self._fixed_classes = classes
         super().__init__(
-            root, target_transform=_to_int64, allow_empty=classes is not None, loader=_load_image, **kwargs
+            root,
+            target_transform=_to_int64,
+            allow_empty=classes is not None,
+            loader=_load_image,
+            **kwargs,
         )
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:

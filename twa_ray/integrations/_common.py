@@ -88,8 +88,13 @@ class Snapshots:
         if world()[0] == 0:
             store = CandidateStore(self.store, create=True)
             if name not in store:
-                store.write({n: p.detach() for n, p in model.named_parameters()}, Layout.from_module(model), step=step,
-                            epoch=epoch, name=name)  # fmt: skip
+                store.write(
+                    {n: p.detach() for n, p in model.named_parameters()},
+                    Layout.from_module(model),
+                    step=step,
+                    epoch=epoch,
+                    name=name,
+                )
         self.names.append(name)
 
     def state_dict(self) -> dict[str, Any]:
@@ -100,9 +105,13 @@ class Snapshots:
 
 
 def schedule(
-    store: str | None, *, every_n_steps: int | None, every_n_epochs: int | None,
-    sample_frac: float | None, mode: str,
-) -> Snapshots:  # fmt: skip
+    store: str | None,
+    *,
+    every_n_steps: int | None,
+    every_n_epochs: int | None,
+    sample_frac: float | None,
+    mode: str,
+) -> Snapshots:
     """Check a callback's options; its snapshot schedule (every epoch unless one is given)."""
     if mode not in ("twa-t", "twa-v"):
         raise ValueError(f"mode={mode!r}: use 'twa-t' or 'twa-v'")
@@ -113,8 +122,12 @@ def schedule(
     return Snapshots(store or "", every_n_steps=every_n_steps, every_n_epochs=every_n_epochs)
 
 
-def _evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device,
-              loss_fn: Callable[..., torch.Tensor]) -> EvalResult:  # fmt: skip
+def _evaluate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    device: torch.device,
+    loss_fn: Callable[..., torch.Tensor],
+) -> EvalResult:
     """Loss and accuracy summed over every rank's part of ``loader``."""
     r = evaluate(model, loader, device=device, loss_fn=loss_fn)
     if world()[1] == 1:
@@ -162,8 +175,9 @@ def learn(
 
     rank, size = world()
     subspace = build_subspace(stream, Layout.from_module(model), config)
-    twa = TWA(model, place(subspace, "replicate", rank=rank, world=size), config=config,
-              loss_fn=loss_fn)  # fmt: skip
+    twa = TWA(
+        model, place(subspace, "replicate", rank=rank, world=size), config=config, loss_fn=loss_fn
+    )
     twa.update_bn(bn_loader)  # theta(alpha_0): the SWA point
     measure("swa")
     twa.fit(loader)

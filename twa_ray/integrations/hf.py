@@ -78,9 +78,12 @@ class TWACallback(transformers.TrainerCallback, transformers.trainer_callback.Ex
         loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
     ) -> None:
         self.snapshots = schedule(
-            store, every_n_steps=every_n_steps, every_n_epochs=every_n_epochs,
-            sample_frac=sample_frac, mode=mode,
-        )  # fmt: skip
+            store,
+            every_n_steps=every_n_steps,
+            every_n_epochs=every_n_epochs,
+            sample_frac=sample_frac,
+            mode=mode,
+        )
         self.sample_frac = sample_frac
         self.mode = mode
         self.config = config if isinstance(config, TWAConfig) else TWAConfig.from_dict(config or {})
@@ -94,20 +97,34 @@ class TWACallback(transformers.TrainerCallback, transformers.trainer_callback.Ex
             self.snapshots.store = os.path.join(args.output_dir, "twa_candidates")
 
     # -- sampling ----------------------------------------------------------------------------
-    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any
+    ) -> None:
         if self.snapshots.due(step=state.global_step):
             self.snapshots.take(model, step=state.global_step, epoch=float(state.epoch or 0))
 
-    def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+    def on_epoch_end(
+        self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any
+    ) -> None:
         done = round(state.epoch or 0)
         if self.snapshots.due(step=state.global_step, epoch_end=done):
             self.snapshots.take(model, step=state.global_step, epoch=float(done))
-        if self.sample_frac is not None and done >= math.ceil(self.sample_frac * args.num_train_epochs):
+        if self.sample_frac is not None and done >= math.ceil(
+            self.sample_frac * args.num_train_epochs
+        ):
             control.should_training_stop = True
 
     # -- the coefficient phase -----------------------------------------------------------------
-    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None,
-                     train_dataloader: Any = None, eval_dataloader: Any = None, **kw: Any) -> None:  # fmt: skip
+    def on_train_end(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: Any = None,
+        train_dataloader: Any = None,
+        eval_dataloader: Any = None,
+        **kw: Any,
+    ) -> None:
         if self.mode == "twa-v" and eval_dataloader is None:
             raise ValueError(
                 "mode='twa-v' needs the eval dataloader: give the Trainer an eval_dataset and "
@@ -116,10 +133,14 @@ class TWACallback(transformers.TrainerCallback, transformers.trainer_callback.Ex
         train = _Batches(train_dataloader)
         val = _Batches(eval_dataloader) if eval_dataloader is not None else None
         self.twa, self.metrics = learn(
-            HFLogits(model), self.snapshots, self.config,
-            loader=train if self.mode == "twa-t" else val, bn_loader=train, eval_loader=val,  # type: ignore[arg-type]
+            HFLogits(model),
+            self.snapshots,
+            self.config,
+            loader=train if self.mode == "twa-t" else val,
+            bn_loader=train,
+            eval_loader=val,  # type: ignore[arg-type]
             loss_fn=self.loss_fn,
-        )  # fmt: skip
+        )
         state.log_history.append({**self.metrics, "step": state.global_step})
         if state.is_world_process_zero:
             save_folder(model, self.save_dir or os.path.join(args.output_dir, "twa"))
@@ -128,9 +149,15 @@ class TWACallback(transformers.TrainerCallback, transformers.trainer_callback.Ex
     def state(self) -> dict[str, Any]:
         s = self.snapshots
         return {
-            "args": {"store": s.store, "every_n_steps": s.every_n_steps, "every_n_epochs": s.every_n_epochs,
-                     "sample_frac": self.sample_frac, "mode": self.mode, "config": asdict(self.config),
-                     "save_dir": self.save_dir},  # fmt: skip
+            "args": {
+                "store": s.store,
+                "every_n_steps": s.every_n_steps,
+                "every_n_epochs": s.every_n_epochs,
+                "sample_frac": self.sample_frac,
+                "mode": self.mode,
+                "config": asdict(self.config),
+                "save_dir": self.save_dir,
+            },
             "attributes": {"candidate_names": list(s.names)},
         }
 

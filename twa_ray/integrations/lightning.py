@@ -55,9 +55,12 @@ class TWA(pl.Callback):
         loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
     ) -> None:
         self.snapshots = schedule(
-            store, every_n_steps=every_n_steps, every_n_epochs=every_n_epochs,
-            sample_frac=sample_frac, mode=mode,
-        )  # fmt: skip
+            store,
+            every_n_steps=every_n_steps,
+            every_n_epochs=every_n_epochs,
+            sample_frac=sample_frac,
+            mode=mode,
+        )
         self.sample_frac = sample_frac
         self.mode = mode
         self.config = config or TWAConfig()
@@ -70,7 +73,9 @@ class TWA(pl.Callback):
             self.snapshots.store = f"{trainer.default_root_dir}/twa_candidates"
 
     # -- sampling ----------------------------------------------------------------------------
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.snapshots.due(step=trainer.global_step):
             self.snapshots.take(pl_module, step=trainer.global_step, epoch=trainer.current_epoch)
 
@@ -90,16 +95,23 @@ class TWA(pl.Callback):
         if self.mode == "twa-v" and val is None:
             raise ValueError("mode='twa-v' needs a val dataloader: pass val_dataloaders to fit")
         self.twa, self.metrics = learn(
-            pl_module, self.snapshots, self.config,
-            loader=train if self.mode == "twa-t" else val, bn_loader=train, eval_loader=val,
+            pl_module,
+            self.snapshots,
+            self.config,
+            loader=train if self.mode == "twa-t" else val,
+            bn_loader=train,
+            eval_loader=val,
             loss_fn=self.loss_fn,
-        )  # fmt: skip
+        )
         if trainer.logger is not None:
             trainer.logger.log_metrics(self.metrics, step=trainer.global_step)
 
     # -- resume --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"snapshots": self.snapshots.state_dict(), "twa": self.twa.state_dict() if self.twa else None}
+        return {
+            "snapshots": self.snapshots.state_dict(),
+            "twa": self.twa.state_dict() if self.twa else None,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.snapshots.store = self.snapshots.store or state_dict["snapshots"]["store"]

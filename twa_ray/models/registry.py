@@ -43,7 +43,9 @@ MODELS: dict[str, Callable[[int, tuple[int, ...]], nn.Module]] = {
 """Built-in models: name -> ``builder(num_classes, input_shape)``."""
 
 
-def _check_forward(model: nn.Module, name: str, shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def _check_forward(
+    model: nn.Module, name: str, shape: tuple[int, ...], num_classes: int
+) -> nn.Module:
     """One forward pass of two zero inputs (eval mode, no grad): a model that does not fit the
     data's input shape or class count is one ``ValueError`` now, not a traceback mid-training."""
     was_training = model.training

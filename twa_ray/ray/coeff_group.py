@@ -122,7 +122,9 @@ class CoeffGroupConfig:
         if self.num_workers < 1:
             errors.append(f"num_workers={self.num_workers}: must be >= 1")
         if self.batch_size < self.num_workers:
-            errors.append(f"batch_size={self.batch_size}: must be >= num_workers={self.num_workers}")
+            errors.append(
+                f"batch_size={self.batch_size}: must be >= num_workers={self.num_workers}"
+            )
         if self.checkpoint_every < 1:
             errors.append(f"checkpoint_every={self.checkpoint_every}: must be >= 1")
         if not self.checkpoint_interval_s >= 0:
@@ -137,9 +139,15 @@ class CoeffGroupConfig:
     @classmethod
     def of_sampling(cls, s: SamplingConfig, modes: tuple[str, ...]) -> CoeffGroupConfig:
         """The group of a ``twa-ray run``: the sampling phase's workers, batch and failures."""
-        return cls(modes=modes, num_workers=s.num_workers, cpus_per_worker=s.cpus_per_worker,
-                   use_gpu=s.use_gpu, batch_size=s.batch_size, max_failures=s.max_failures,
-                   checkpoint_interval_s=s.checkpoint_interval_s)  # fmt: skip
+        return cls(
+            modes=modes,
+            num_workers=s.num_workers,
+            cpus_per_worker=s.cpus_per_worker,
+            use_gpu=s.use_gpu,
+            batch_size=s.batch_size,
+            max_failures=s.max_failures,
+            checkpoint_interval_s=s.checkpoint_interval_s,
+        )
 
 
 @dataclass(frozen=True)
@@ -276,28 +284,50 @@ def run_twa(
     rd = open_storage(run_dir)
     check_data_root_on_nodes(data)
     job = CoeffJob(data, twa, group, sharded, choose_placement(sharded, twa, group))
-    rd.write_json(f"twa_{run_id}.json", {"run_id": run_id, "data": asdict(data), "twa": twa.to_dict(),
-                  "options": asdict(group), "subspace": sharded.summary(),
-                  "placement": asdict(job.placement)})  # fmt: skip
+    rd.write_json(
+        f"twa_{run_id}.json",
+        {
+            "run_id": run_id,
+            "data": asdict(data),
+            "twa": twa.to_dict(),
+            "options": asdict(group),
+            "subspace": sharded.summary(),
+            "placement": asdict(job.placement),
+        },
+    )
     # one worker group for all modes: data, model and the subspace view are set up once
     t0 = time.perf_counter()
     result = fit_group(
-        coeff_loop_per_worker, {"job": job}, name=f"twa_{run_id}", run_dir=rd,
-        num_workers=group.num_workers, cpus_per_worker=group.cpus_per_worker, use_gpu=group.use_gpu,
+        coeff_loop_per_worker,
+        {"job": job},
+        name=f"twa_{run_id}",
+        run_dir=rd,
+        num_workers=group.num_workers,
+        cpus_per_worker=group.cpus_per_worker,
+        use_gpu=group.use_gpu,
         max_failures=group.max_failures,
-    )  # fmt: skip  # raises TrainingFailedError once max_failures is exhausted
+    )  # raises TrainingFailedError once max_failures is exhausted
     return _read_results(result, group.modes, time.perf_counter() - t0, rd, run_id)
 
 
-def choose_placement(sharded: ShardedSubspace, twa: TWAConfig, group: CoeffGroupConfig) -> PlacementChoice:
+def choose_placement(
+    sharded: ShardedSubspace, twa: TWAConfig, group: CoeffGroupConfig
+) -> PlacementChoice:
     """:func:`twa_ray.core.placement.choose` for the group, on the driver: 'auto' weighs B (and
     on a GPU the model's weights, gradients, theta and g) against the smallest worker's memory."""
     capacity, where = group_capacity(group.use_gpu)
-    model_bytes = 4 * 4 * sharded.layout.numel if group.use_gpu else 0  # CPU: B is in the object store
+    model_bytes = (
+        4 * 4 * sharded.layout.numel if group.use_gpu else 0
+    )  # CPU: B is in the object store
     kind, reason = choose(
-        twa.basis_placement, basis_bytes=sharded.nbytes, model_bytes=model_bytes,
-        capacity_bytes=capacity, world=group.num_workers, num_shards=sharded.num_shards, where=where,
-    )  # fmt: skip
+        twa.basis_placement,
+        basis_bytes=sharded.nbytes,
+        model_bytes=model_bytes,
+        capacity_bytes=capacity,
+        world=group.num_workers,
+        num_shards=sharded.num_shards,
+        where=where,
+    )
     return PlacementChoice(kind, reason)
 
 
@@ -335,14 +365,24 @@ class PhaseState:
 
     def to_dict(self) -> dict[str, Any]:
         cur = None if self.current is None else self.current.to_dict()
-        return {"done": self.done, "mode": self.mode, "current": cur, "swa": self.swa,
-                "restarts": self.restarts}  # fmt: skip
+        return {
+            "done": self.done,
+            "mode": self.mode,
+            "current": cur,
+            "swa": self.swa,
+            "restarts": self.restarts,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PhaseState:
         cur = d["current"]
-        return cls(done=d["done"], mode=d["mode"], current=None if cur is None else CoeffState.from_dict(cur),
-                   swa=d["swa"], restarts=int(d["restarts"]))  # fmt: skip
+        return cls(
+            done=d["done"],
+            mode=d["mode"],
+            current=None if cur is None else CoeffState.from_dict(cur),
+            swa=d["swa"],
+            restarts=int(d["restarts"]),
+        )
 
 
 @dataclass
@@ -377,20 +417,30 @@ def coeff_loop_per_worker(config: dict[str, Any]) -> None:
         # (the BN statistics it leaves behind do not matter: coefficient steps run in train mode)
         t0 = time.perf_counter()
         if job.group.eval_swa and state.swa is None:
-            state.swa = {**_finish(twa, w, job.group.bn_batches)[1], "time_s": time.perf_counter() - t0}
+            state.swa = {
+                **_finish(twa, w, job.group.bn_batches)[1],
+                "time_s": time.perf_counter() - t0,
+            }
         t0 = time.perf_counter()
         out = _fit_mode(twa, mode, w, state, job, clock)
         out["mode_time_s"] = time.perf_counter() - t0
         state.done[mode], state.mode, state.current = {**out, "extra": w.extra}, None, None
-        metrics = {k: out[k] for k in ("mode", "steps", "val_loss", "val_acc", "test_loss", "test_acc")}
+        metrics = {
+            k: out[k] for k in ("mode", "steps", "val_loss", "val_acc", "test_loss", "test_acc")
+        }
         _report(metrics, state.to_dict() if w.rank == 0 else None, f"checkpoint_{mode}_final")
         clock.reported()
     # ---- the result: every mode's outcome, read back by the driver from the last checkpoint
-    results = {m: {**state.done[m], "swa": state.swa, "restarts": state.restarts}
-               for m in job.group.modes}  # fmt: skip
+    results = {
+        m: {**state.done[m], "swa": state.swa, "restarts": state.restarts} for m in job.group.modes
+    }
     metrics = {f"{m}_{k}": r[k] for m, r in results.items() for k in ("val_acc", "test_acc")}
-    _report(metrics, state.to_dict() if w.rank == 0 else None, "checkpoint_final",
-            result=results if w.rank == 0 else None)  # fmt: skip
+    _report(
+        metrics,
+        state.to_dict() if w.rank == 0 else None,
+        "checkpoint_final",
+        result=results if w.rank == 0 else None,
+    )
 
 
 def _setup_worker(job: CoeffJob) -> Worker:
@@ -409,24 +459,36 @@ def _setup_worker(job: CoeffJob) -> Worker:
     splits = load_worker_splits(job.data)
     kw = loader_options(device)
     loaders = {
-        "bn": DataLoader(strided(splits.train, rank, world), batch_size=job.group.batch_size // world, **kw),
+        "bn": DataLoader(
+            strided(splits.train, rank, world), batch_size=job.group.batch_size // world, **kw
+        ),
         "val": DataLoader(strided(splits.val, rank, world), batch_size=_EVAL_BATCH, **kw),
         "test": DataLoader(strided(splits.test, rank, world), batch_size=_EVAL_BATCH, **kw),
     }
     torch.manual_seed(job.data.seed)
-    model = build_model(job.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
+    model = build_model(
+        job.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape
+    )
     model = model.to(device)
     Layout.from_module(model).check_compatible(job.sharded.layout, "the subspace")
     kind, reason = job.placement.kind, job.placement.reason
     placement = job.sharded.place(kind, rank=rank, world=world, device=device)
-    extra = {"basis_placement": kind, "basis_placement_reason": reason,
-             "basis_held_bytes": placement.held_bytes,
-             "wire_bytes_per_step": placement.wire_bytes_per_step}  # fmt: skip
+    extra = {
+        "basis_placement": kind,
+        "basis_placement_reason": reason,
+        "basis_held_bytes": placement.held_bytes,
+        "wire_bytes_per_step": placement.wire_bytes_per_step,
+    }
     if device.type == "cpu":  # the packed-kernel path measured on this worker's CPU
         extra["kernel"] = kernel_info()
     if rank == 0:
-        log.info("twa: basis placement %s (%s); B held per worker %.1f MiB of %.1f MiB",
-                 kind, reason, placement.held_bytes / 2**20, job.sharded.nbytes / 2**20)  # fmt: skip
+        log.info(
+            "twa: basis placement %s (%s); B held per worker %.1f MiB of %.1f MiB",
+            kind,
+            reason,
+            placement.held_bytes / 2**20,
+            job.sharded.nbytes / 2**20,
+        )
     return Worker(rank, world, device, splits, model, placement, extra, loaders)
 
 
@@ -459,9 +521,15 @@ def _fit_mode(
 
     g = job.group
     fit_ds = w.splits.train if mode == "t" else w.splits.val
-    data = ShuffledBatches(fit_ds, g.batch_size, rank=w.rank, world=w.world, seed=job.data.seed,
-                           split="train" if mode == "t" else "val",
-                           loader_options=loader_options(w.device))  # fmt: skip
+    data = ShuffledBatches(
+        fit_ds,
+        g.batch_size,
+        rank=w.rank,
+        world=w.world,
+        seed=job.data.seed,
+        split="train" if mode == "t" else "val",
+        loader_options=loader_options(w.device),
+    )
     # the budget is counted in epochs of the training data, for both modes: TWA-v takes as many
     # steps as TWA-t, cycling the (smaller) held-out split
     per_epoch = steps_per_epoch(len(w.splits.train), g.batch_size, w.world)
@@ -469,8 +537,11 @@ def _fit_mode(
     def checkpoint(loop: CoefficientLoop, record: dict[str, Any]) -> None:
         if clock.due():
             state.mode, state.current = mode, loop.state()
-            _report(record, state.to_dict() if w.rank == 0 else None,
-                    f"checkpoint_{mode}_step{record['step']:07d}")  # fmt: skip
+            _report(
+                record,
+                state.to_dict() if w.rank == 0 else None,
+                f"checkpoint_{mode}_step{record['step']:07d}",
+            )
             clock.reported()
 
     def evaluate(twa: TWA) -> dict[str, Any]:
@@ -478,18 +549,27 @@ def _fit_mode(
         return {"bn_state": bn, **metrics}
 
     loop = CoefficientLoop(
-        twa, data, total_steps=total_steps(job.twa.epochs, per_epoch), steps_per_epoch=per_epoch,
-        sync_every=g.checkpoint_every, all_reduce=dist.all_reduce,
+        twa,
+        data,
+        total_steps=total_steps(job.twa.epochs, per_epoch),
+        steps_per_epoch=per_epoch,
+        sync_every=g.checkpoint_every,
+        all_reduce=dist.all_reduce,
         on_step=lambda step, _loss: inject("coefficients", step, w.rank, w.world),
-        on_sync=checkpoint, evaluate=evaluate, labels={"mode": mode}, progress=w.rank == 0 and g.progress,
-    )  # fmt: skip
+        on_sync=checkpoint,
+        evaluate=evaluate,
+        labels={"mode": mode},
+        progress=w.rank == 0 and g.progress,
+    )
     if state.current is not None and state.mode == mode:
         loop.load_state(state.current)
     loop.run()
     return _mode_result(loop, mode, w, state, g.progress)
 
 
-def _mode_result(loop: CoefficientLoop, mode: str, w: Worker, state: PhaseState, progress: bool) -> dict[str, Any]:
+def _mode_result(
+    loop: CoefficientLoop, mode: str, w: Worker, state: PhaseState, progress: bool
+) -> dict[str, Any]:
     """The finished mode's result fields; checks that every worker holds the same alpha."""
     import torch.distributed as dist
 
@@ -501,15 +581,29 @@ def _mode_result(loop: CoefficientLoop, mode: str, w: Worker, state: PhaseState,
     identical = len(set(digests)) == 1
     if w.rank == 0 and progress:
         swa_txt = f" (SWA {100 * state.swa['test_acc']:.2f}%)" if state.swa else ""
-        log.info("twa-%s done: val %.2f%% test %.2f%%%s; alpha identical on %d workers: %s",
-                 mode, 100 * final["val_acc"], 100 * final["test_acc"], swa_txt, w.world, identical)  # fmt: skip
+        log.info(
+            "twa-%s done: val %.2f%% test %.2f%%%s; alpha identical on %d workers: %s",
+            mode,
+            100 * final["val_acc"],
+            100 * final["test_acc"],
+            swa_txt,
+            w.world,
+            identical,
+        )
     return {
-        "mode": mode, "alpha": twa.alpha.detach().cpu().clone(), "bn_state": bn.cpu(), **final,
-        "history": loop.history, "steps": twa.step_count, "steps_per_epoch": loop.steps_per_epoch,
+        "mode": mode,
+        "alpha": twa.alpha.detach().cpu().clone(),
+        "bn_state": bn.cpu(),
+        **final,
+        "history": loop.history,
+        "steps": twa.step_count,
+        "steps_per_epoch": loop.steps_per_epoch,
         "steps_per_pass": loop.steps_per_pass,
         "bytes_allreduced_per_step": twa.alpha.numel() * twa.alpha.element_size(),  # K·L·4
-        "num_workers": w.world, "alpha_identical": identical, "train_time_s": loop.train_time_s,
-    }  # fmt: skip
+        "num_workers": w.world,
+        "alpha_identical": identical,
+        "train_time_s": loop.train_time_s,
+    }
 
 
 def _finish(twa: TWA, w: Worker, bn_batches: int | None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -517,13 +611,21 @@ def _finish(twa: TWA, w: Worker, bn_batches: int | None) -> tuple[torch.Tensor, 
     bn = all_reduce_bn_(twa.model, w.loaders["bn"], device=w.device, max_batches=bn_batches)
     val = evaluate_sharded(twa.model, w.loaders["val"], w.device)
     test = evaluate_sharded(twa.model, w.loaders["test"], w.device)
-    return bn, {"val_loss": val.loss, "val_acc": val.acc, "test_loss": test.loss, "test_acc": test.acc}
+    return bn, {
+        "val_loss": val.loss,
+        "val_acc": val.acc,
+        "test_loss": test.loss,
+        "test_acc": test.acc,
+    }
 
 
 def all_reduce_bn_(
-    model: torch.nn.Module, loader: Any, *, device: torch.device | None = None,
+    model: torch.nn.Module,
+    loader: Any,
+    *,
+    device: torch.device | None = None,
     max_batches: int | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """``update_bn`` on this worker's batches, then the batch-weighted average over all workers.
 
     :math:`\\mu = \\sum_r n_r \\mu_r / \\sum_r n_r` (means and variances alike): the cumulative
@@ -547,8 +649,6 @@ def all_reduce_bn_(
     return combined
 
 
-
-
 def _report(
     metrics: dict[str, Any],
     state: dict[str, Any] | None,
@@ -560,5 +660,3 @@ def _report(
     if state is not None:
         files = {STATE_FILE: state, **({RESULT_FILE: result} if result is not None else {})}
     report(metrics, files, name)
-
-

@@ -36,7 +36,9 @@ def inject(phase: str, step: int, rank: int, world: int) -> None:
         faults = json.load(f)
     for fault in faults:
         if fault["phase"] not in PHASES or fault["kind"] not in ("raise", "kill"):
-            raise ValueError(f"{path}: fault {fault}: phase must be one of {PHASES}, kind 'raise' or 'kill'")
+            raise ValueError(
+                f"{path}: fault {fault}: phase must be one of {PHASES}, kind 'raise' or 'kill'"
+            )
         victim = 0 if fault["kind"] == "kill" else world - 1
         if fault["phase"] != phase or fault["step"] != step or rank != victim:
             continue

@@ -83,7 +83,9 @@ def fit_group(
             # a group that cannot be placed (WorkerGroupStartupTimeoutError after
             # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, default 60 s) is retried max_failures
             # times, not forever (Ray's default -1); the CLI reports it in one line
-            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=max_failures, controller_failure_limit=max_failures
+            ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
@@ -147,9 +149,12 @@ def load_worker_splits(data: DataConfig) -> Any:
         if problem:
             raise FileNotFoundError(problem)
     return load_dataset(
-        data.dataset, root=data.data_root, val_frac=data.val_frac, seed=data.seed,
+        data.dataset,
+        root=data.data_root,
+        val_frac=data.val_frac,
+        seed=data.seed,
         num_samples=data.num_samples,
-    )  # fmt: skip
+    )
 
 
 def report(metrics: dict[str, Any], files: Mapping[str, Any] | None, name: str) -> None:
@@ -193,7 +198,9 @@ class CheckpointClock:
             return True
         import torch.distributed as dist
 
-        flag = torch.tensor([float(time.monotonic() - self.last >= self.interval_s)], device=self.device)
+        flag = torch.tensor(
+            [float(time.monotonic() - self.last >= self.interval_s)], device=self.device
+        )
         if dist.is_initialized():
             dist.broadcast(flag, src=0)
         return bool(flag.item())

@@ -23,7 +23,12 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["filter_driver_logs", "train_report_loggers", "stop_train_sigint_handler", "keep_signal_handlers"]
+__all__ = [
+    "filter_driver_logs",
+    "train_report_loggers",
+    "stop_train_sigint_handler",
+    "keep_signal_handlers",
+]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -75,7 +75,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"  # model, optimizer and EMA state (torch.save; loaded with weights_only=True)
+STATE_FILE = (
+    "state.pt"  # model, optimizer and EMA state (torch.save; loaded with weights_only=True)
+)
 META_FILE = "meta.json"  # a SamplingState (readable without torch)
 CONFIG_FILE = "sampling_{run_id}.json"  # resolved config of a run, next to its outputs in run_dir
 _EVAL_BATCH = 1024
@@ -232,10 +234,15 @@ def run_sampling(
     )
     # raises TrainingFailedError once max_failures is exhausted
     result = fit_group(
-        sampling_loop_per_worker, job, name=f"sampling_{run_id}", run_dir=rd,
-        num_workers=sampling.num_workers, cpus_per_worker=sampling.cpus_per_worker,
-        use_gpu=sampling.use_gpu, max_failures=sampling.max_failures,
-    )  # fmt: skip
+        sampling_loop_per_worker,
+        job,
+        name=f"sampling_{run_id}",
+        run_dir=rd,
+        num_workers=sampling.num_workers,
+        cpus_per_worker=sampling.cpus_per_worker,
+        use_gpu=sampling.use_gpu,
+        max_failures=sampling.max_failures,
+    )
     with result.checkpoint.as_directory() as d:
         state = SamplingState.from_dir(d)
     _check_written(store_uri, run_id, state.candidates)
@@ -313,8 +320,11 @@ def _check_written(store_uri: str, run_id: str, candidates: list[str]) -> None:
     if stale:
         log.warning(
             "store %s holds %d candidate(s) of run %r that the finished run did not write (e.g. %s)",
-            store_uri, len(stale), run_id, stale[0],
-        )  # fmt: skip
+            store_uri,
+            len(stale),
+            run_id,
+            stale[0],
+        )
 
 
 # --------------------------------------------------------------------------- workers
@@ -386,11 +396,20 @@ def _setup(job: SamplingJob) -> _Worker:
         "num_val": split_sizes["val"],
     }
     return _Worker(
-        job=job, rank=rank, world=world, device=device, model=model, inner=unwrap_model(model),
-        opt=opt, sampler=sampler, loader=loader, eval_loaders=eval_loaders, sizes=sizes,
+        job=job,
+        rank=rank,
+        world=world,
+        device=device,
+        model=model,
+        inner=unwrap_model(model),
+        opt=opt,
+        sampler=sampler,
+        loader=loader,
+        eval_loaders=eval_loaders,
+        sizes=sizes,
         lr_at=_lr_schedule(job.sampling, steps_per_epoch),
         ema=EMA(unwrap_model(model)) if rank == 0 and job.sampling.ema else None,
-    )  # fmt: skip
+    )
 
 
 def _setup_data(
@@ -411,9 +430,13 @@ def _setup_data(
     # drop_last: equal batches on every rank and no 1-example BatchNorm batch at the epoch end
     loader_kw = loader_options(device)
     loader = DataLoader(
-        splits.train, batch_size=s.batch_size // world, sampler=sampler, drop_last=True,
-        persistent_workers=bool(loader_kw), **loader_kw,
-    )  # fmt: skip
+        splits.train,
+        batch_size=s.batch_size // world,
+        sampler=sampler,
+        drop_last=True,
+        persistent_workers=bool(loader_kw),
+        **loader_kw,
+    )
     if len(loader) == 0:
         raise ValueError(
             f"batch_size={s.batch_size} exceeds the {splits.sizes()['train']} training examples "
@@ -535,9 +558,14 @@ def _snapshot(w: _Worker, state: SamplingState, *, epoch: float, force: bool = F
     ):
         return
     name = twa_ray.train.snapshot(
-        w.model, w.job.store_uri, step=state.step, epoch=epoch, run_id=w.job.run_id, source="sampling",
+        w.model,
+        w.job.store_uri,
+        step=state.step,
+        epoch=epoch,
+        run_id=w.job.run_id,
+        source="sampling",
         seed=w.job.data.seed,
-    )  # fmt: skip
+    )
     if name is not None and name not in state.candidates:
         state.candidates.append(name)
 
@@ -556,9 +584,15 @@ def _evaluate(
             f"sampling diverged in epoch {done} (train loss {train_loss}); lower lr={w.job.sampling.lr}"
         )
     return {
-        "epoch": done, "step": state.step, "lr": lr, "train_loss": train_loss,
-        "val_loss": val.loss, "val_acc": val.acc, "test_loss": test.loss, "test_acc": test.acc,
-    }  # fmt: skip
+        "epoch": done,
+        "step": state.step,
+        "lr": lr,
+        "train_loss": train_loss,
+        "val_loss": val.loss,
+        "val_acc": val.acc,
+        "test_loss": test.loss,
+        "test_acc": test.acc,
+    }
 
 
 def _log_epoch(w: _Worker, state: SamplingState, m: dict[str, float], seconds: float) -> None:
@@ -569,9 +603,17 @@ def _log_epoch(w: _Worker, state: SamplingState, m: dict[str, float], seconds: f
     log.info(
         "sampling epoch %d/%d (of %d), step %d: loss %.4f  lr %.4g  val %.2f%%  test %.2f%%  "
         "candidates %d  [%.1f s]",
-        m["epoch"], s.sample_epochs, s.epochs, m["step"], m["train_loss"], m["lr"],
-        100 * m["val_acc"], 100 * m["test_acc"], len(state.candidates), seconds,
-    )  # fmt: skip
+        m["epoch"],
+        s.sample_epochs,
+        s.epochs,
+        m["step"],
+        m["train_loss"],
+        m["lr"],
+        100 * m["val_acc"],
+        100 * m["test_acc"],
+        len(state.candidates),
+        seconds,
+    )
 
 
 def _checkpoint(w: _Worker, state: SamplingState, metrics: dict[str, float]) -> None:
@@ -580,7 +622,8 @@ def _checkpoint(w: _Worker, state: SamplingState, metrics: dict[str, float]) -> 
     if w.rank == 0:
         files = {
             STATE_FILE: {
-                "model": w.inner.state_dict(), "optimizer": w.opt.state_dict(),
+                "model": w.inner.state_dict(),
+                "optimizer": w.opt.state_dict(),
                 **({"ema": w.ema.state_dict()} if w.ema is not None else {}),
             },
             META_FILE: redact(state.to_dict()),  # no credential in a checkpoint

@@ -157,7 +157,9 @@ class ShardedView(Subspace):
         basis = self.basis.to(device)  # one copy (padded rows), or none when B is there
         if basis is self.basis and self.origin.device == resolve_device(device):
             return self
-        return replace(self, origin=self.origin.to(device), basis=basis, alpha0=self.alpha0.to(device))
+        return replace(
+            self, origin=self.origin.to(device), basis=basis, alpha0=self.alpha0.to(device)
+        )
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
@@ -283,10 +285,16 @@ class ShardedSubspace:
             shards = [PackedMatrix.from_arrays(o["arrays"], o["meta"]) for o in objs]
             c0, c1 = own_cols[rank], own_cols[rank + 1]
             placed = Placement(
-                kind="shard", basis=ShardedBasis(shards, [b - bb[s0] for b in bb[s0 : s1 + 1]]),
-                origin=_tensor(base["origin"])[c0:c1], alpha0=_tensor(base["alpha0"]).clone(),
-                numel=self.numel, block_bounds=blocks, col_bounds=own_cols, rank=rank, world=world,
-            )  # fmt: skip
+                kind="shard",
+                basis=ShardedBasis(shards, [b - bb[s0] for b in bb[s0 : s1 + 1]]),
+                origin=_tensor(base["origin"])[c0:c1],
+                alpha0=_tensor(base["alpha0"]).clone(),
+                numel=self.numel,
+                block_bounds=blocks,
+                col_bounds=own_cols,
+                rank=rank,
+                world=world,
+            )
         return placed if device is None else placed.to(device)
 
     def summary(self) -> dict[str, Any]:
@@ -393,8 +401,11 @@ def group_capacity(use_gpu: bool) -> tuple[int, str]:
     if use_gpu:
         probe = ray.remote(num_gpus=1, num_cpus=0)(_gpu_memory)
         return int(ray.get(probe.remote())), "GPU memory"
-    stores = [int(n["Resources"].get("object_store_memory", 0)) for n in alive_nodes()
-              if n.get("Resources", {}).get("CPU", 0) > 0]  # fmt: skip
+    stores = [
+        int(n["Resources"].get("object_store_memory", 0))
+        for n in alive_nodes()
+        if n.get("Resources", {}).get("CPU", 0) > 0
+    ]
     if not stores:
         raise RuntimeError("no alive Ray node with CPUs to host the coefficient workers")
     return min(stores), "object store of the node"

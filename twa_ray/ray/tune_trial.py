@@ -83,8 +83,14 @@ def twa_trial(config: dict[str, Any], *, plan: SweepPlan) -> None:
     # a trial with GPUs sees them (Ray sets CUDA_VISIBLE_DEVICES): TWA places B on the model's device
     device = torch.device("cuda" if plan.gpus_per_trial > 0 else "cpu")
     static = {"num_candidates": len(trial.candidates), "index": trial.index, "node_id": node_id}
-    loop = trial_loop(cfg, trial, store=plan.groups[trial.group].store, select_frac=plan.select_frac,
-                      device=device, report=lambda metrics, state: _report({**metrics, **static}, state))  # fmt: skip
+    loop = trial_loop(
+        cfg,
+        trial,
+        store=plan.groups[trial.group].store,
+        select_frac=plan.select_frac,
+        device=device,
+        report=lambda metrics, state: _report({**metrics, **static}, state),
+    )
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -94,9 +100,14 @@ def twa_trial(config: dict[str, Any], *, plan: SweepPlan) -> None:
 
 
 def trial_loop(
-    cfg: Any, trial: PlannedTrial, *, store: str, select_frac: float, device: torch.device,
+    cfg: Any,
+    trial: PlannedTrial,
+    *,
+    store: str,
+    select_frac: float,
+    device: torch.device,
     report: Callable[[dict[str, Any], CoeffState], None],
-) -> CoefficientLoop:  # fmt: skip
+) -> CoefficientLoop:
     """The trial's :class:`~twa_ray.core.loop.CoefficientLoop`: its subspace over its subset of
     the shared store, the fit split of its mode, and after every epoch BN re-estimation,
     evaluation and ``report(metrics, state)``."""
@@ -109,7 +120,9 @@ def trial_loop(
     select_loader, test_loader = _loader(val_select, _EVAL_BATCH), _loader(splits.test, _EVAL_BATCH)
 
     # ---- subspace over this trial's subset of the shared store (streamed, one at a time)
-    model = build_model(cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
+    model = build_model(
+        cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape
+    )
     layout = Layout.from_module(model)
     model.to(device)
     candidates = CandidateStore(store)
@@ -125,8 +138,16 @@ def trial_loop(
 
     def evaluate_now(twa: TWA) -> dict[str, Any]:
         update_bn(bn_loader, model, device=device)
-        val, test = evaluate(model, select_loader, device=device), evaluate(model, test_loader, device=device)
-        return {"val_acc": val.acc, "val_loss": val.loss, "test_acc": test.acc, "test_loss": test.loss}
+        val, test = (
+            evaluate(model, select_loader, device=device),
+            evaluate(model, test_loader, device=device),
+        )
+        return {
+            "val_acc": val.acc,
+            "val_loss": val.loss,
+            "test_acc": test.acc,
+            "test_loss": test.loss,
+        }
 
     clock = [time.perf_counter()]
 
@@ -134,12 +155,26 @@ def trial_loop(
         now = time.perf_counter()
         epoch_s, clock[0] = now - clock[0], now
         metrics = {k: record[k] for k in ("val_acc", "val_loss", "test_acc", "test_loss")}
-        report({**metrics, "train_loss": record["loss"], "twa_epoch": record["epoch"],
-                "epochs_used": trial.sample_epochs + record["epoch"], "epoch_s": epoch_s,
-                "finished": record["step"] == total}, loop.state())  # fmt: skip
+        report(
+            {
+                **metrics,
+                "train_loss": record["loss"],
+                "twa_epoch": record["epoch"],
+                "epochs_used": trial.sample_epochs + record["epoch"],
+                "epoch_s": epoch_s,
+                "finished": record["step"] == total,
+            },
+            loop.state(),
+        )
 
-    return CoefficientLoop(twa, data, total_steps=total, steps_per_epoch=per_epoch,
-                           evaluate=evaluate_now, on_epoch=on_epoch)  # fmt: skip
+    return CoefficientLoop(
+        twa,
+        data,
+        total_steps=total,
+        steps_per_epoch=per_epoch,
+        evaluate=evaluate_now,
+        on_epoch=on_epoch,
+    )
 
 
 def _report(metrics: dict[str, Any], state: CoeffState) -> None:

@@ -51,5 +51,7 @@ def evaluate_sharded(model: torch.nn.Module, loader: Any, device: torch.device) 
     Pass the unwrapped model: ranks see different shard sizes, and DDP forwards sync buffers.
     """
     r = evaluate(model, loader, device=device)
-    sums = all_reduce_(torch.tensor([r.loss_sum, r.correct, r.count], dtype=torch.float64, device=device))
+    sums = all_reduce_(
+        torch.tensor([r.loss_sum, r.correct, r.count], dtype=torch.float64, device=device)
+    )
     return EvalResult(float(sums[0]), int(sums[1]), int(sums[2]))

@@ -207,10 +207,17 @@ def encode(
 ) -> pa.RecordBatch:
     """The record batch (schema and metadata included) of a validated float32 ``(D,)`` array."""
     meta = {
-        "format": FORMAT_VERSION, "fingerprint": layout.fingerprint, "numel": layout.numel,
-        "step": step, "epoch": float(epoch), "source": source, "seed": seed, "run_id": run_id,
-        "name": name, "crc32": zlib.crc32(flat.data),
-    }  # fmt: skip
+        "format": FORMAT_VERSION,
+        "fingerprint": layout.fingerprint,
+        "numel": layout.numel,
+        "step": step,
+        "epoch": float(epoch),
+        "source": source,
+        "seed": seed,
+        "run_id": run_id,
+        "name": name,
+        "crc32": zlib.crc32(flat.data),
+    }
     schema = _SCHEMA.with_metadata(
         {_META_LAYOUT: layout.to_json().encode(), _META_CANDIDATE: json.dumps(meta).encode()}
     )

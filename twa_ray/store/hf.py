@@ -35,7 +35,9 @@ INDEX = "model.safetensors.index.json"
 def is_folder(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a Hugging Face model folder (sharded, or one file next to its config)."""
     p = Path(path)
-    return p.is_dir() and ((p / INDEX).is_file() or ((p / SINGLE).is_file() and (p / CONFIG).is_file()))
+    return p.is_dir() and (
+        (p / INDEX).is_file() or ((p / SINGLE).is_file() and (p / CONFIG).is_file())
+    )
 
 
 def _weight_map(folder: Path) -> dict[str, Path]:
@@ -79,7 +81,9 @@ def _file_names(folder: Path) -> dict[str, str]:
     state = model.state_dict(keep_vars=True)
     reverted = revert_weight_conversion(model, dict(state))
     by_id = {id(t): k for k, t in reverted.items()}
-    return {name: by_id[id(t)] for name, t in state.items() if id(t) in by_id and by_id[id(t)] != name}
+    return {
+        name: by_id[id(t)] for name, t in state.items() if id(t) in by_id and by_id[id(t)] != name
+    }
 
 
 class _LazyState(Mapping[str, torch.Tensor]):
@@ -162,13 +166,17 @@ def _from_config(path: Path, transformers: Any) -> nn.Module:
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # ValueError/OSError/KeyError on a bad or unknown config
-        raise ValueError(f"--model hf:{path}: cannot read {path / CONFIG} ({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"--model hf:{path}: cannot read {path / CONFIG} ({type(e).__name__}: {e})"
+        ) from None
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     return cls(config) if cls is not None else transformers.AutoModel.from_config(config)
 
 
-def save_folder(model: nn.Module, out: str | os.PathLike[str], *, max_shard_size: str | int = "2GB") -> Path:
+def save_folder(
+    model: nn.Module, out: str | os.PathLike[str], *, max_shard_size: str | int = "2GB"
+) -> Path:
     """Write ``model`` (an :class:`HFLogits` or a ``transformers`` model) as a Hugging Face
     folder at ``out`` with ``save_pretrained`` (sharded above ``max_shard_size``), atomically:
     written next to ``out`` under a temporary name, then renamed."""

@@ -363,9 +363,14 @@ class Imported:
 def _order(progress: list[_Progress]) -> tuple[list[int], str, list[float]]:
     """Indices of the checkpoints in training order, what decided it and the progress values:
     the step when every checkpoint records one, else the epoch, else the (natural) path order."""
-    for order, values in (("training step", [p.step for p in progress]), ("epoch", [p.epoch for p in progress])):
+    for order, values in (
+        ("training step", [p.step for p in progress]),
+        ("epoch", [p.epoch for p in progress]),
+    ):
         if all(v is not None for v in values):
-            idx = sorted(range(len(progress)), key=lambda i: values[i])  # stable: ties keep paths' order
+            idx = sorted(
+                range(len(progress)), key=lambda i: values[i]
+            )  # stable: ties keep paths' order
             return idx, order, [float(values[i]) for i in idx]  # type: ignore[arg-type]
     return list(range(len(progress))), "file name", []
 
@@ -430,10 +435,19 @@ def import_checkpoints(
                 layout = infer_layout(state, where=str(path))
             flat = flatten(_select(state, layout, path, aliases or {}, upcast), layout)
             del state
-            staged.append(store._stage(
-                flat, layout, step=first + step, epoch=progress[i].epoch or 0.0, source=str(path), seed=None, run_id="",
-                name=name, overwrite=False,
-            ))  # fmt: skip
+            staged.append(
+                store._stage(
+                    flat,
+                    layout,
+                    step=first + step,
+                    epoch=progress[i].epoch or 0.0,
+                    source=str(path),
+                    seed=None,
+                    run_id="",
+                    name=name,
+                    overwrite=False,
+                )
+            )
         for s in staged:
             store._commit(s, overwrite=False)
         committed = True

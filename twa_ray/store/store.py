@@ -169,7 +169,9 @@ class CandidateStore:
                 f"candidate store {self.uri!r} no longer exists; check the path given as --store"
             ) from None
         except (OSError, pa.ArrowException) as e:
-            raise ValueError(f"cannot list candidate store {redact(self.uri)!r}: {redact(str(e))}") from None
+            raise ValueError(
+                f"cannot list candidate store {redact(self.uri)!r}: {redact(str(e))}"
+            ) from None
         out, bad = {}, []
         for info in infos:
             base = info.base_name
@@ -394,9 +396,15 @@ class CandidateStore:
             raise FileExistsError(self._exists(name))
         flat = self._flat(params, layout, name, source)
         batch = encode(
-            flat, layout, name=name, step=step, epoch=epoch, source=source, seed=seed,
+            flat,
+            layout,
+            name=name,
+            step=step,
+            epoch=epoch,
+            source=source,
+            seed=seed,
             run_id=run_id,
-        )  # fmt: skip
+        )
         schema = batch.schema
         tmp_name = f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
         if self._local is not None:

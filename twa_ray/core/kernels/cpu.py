@@ -389,10 +389,20 @@ def _call_project(
 ) -> None:
     scale, zero = pm.scale.contiguous(), pm.zero.contiguous()
     rc = lib.twa_project(
-        path, pm.bits, pm.num_rows, pm.num_blocks, pm.data.data_ptr(), pm.data.stride(0),
-        _offsets(pm.bounds), _offsets(pm.byte_bounds), scale.data_ptr(), zero.data_ptr(),
-        g.data_ptr(), out.data_ptr(), threads,
-    )  # fmt: skip
+        path,
+        pm.bits,
+        pm.num_rows,
+        pm.num_blocks,
+        pm.data.data_ptr(),
+        pm.data.stride(0),
+        _offsets(pm.bounds),
+        _offsets(pm.byte_bounds),
+        scale.data_ptr(),
+        zero.data_ptr(),
+        g.data_ptr(),
+        out.data_ptr(),
+        threads,
+    )
     _check(rc)
 
 
@@ -407,10 +417,21 @@ def _call_reconstruct(
 ) -> None:
     scale, zero = pm.scale.contiguous(), pm.zero.contiguous()
     rc = lib.twa_reconstruct(
-        path, pm.bits, pm.num_rows, pm.num_blocks, pm.data.data_ptr(), pm.data.stride(0),
-        _offsets(pm.bounds), _offsets(pm.byte_bounds), scale.data_ptr(), zero.data_ptr(),
-        alpha.data_ptr(), None if origin is None else origin.data_ptr(), out.data_ptr(), threads,
-    )  # fmt: skip
+        path,
+        pm.bits,
+        pm.num_rows,
+        pm.num_blocks,
+        pm.data.data_ptr(),
+        pm.data.stride(0),
+        _offsets(pm.bounds),
+        _offsets(pm.byte_bounds),
+        scale.data_ptr(),
+        zero.data_ptr(),
+        alpha.data_ptr(),
+        None if origin is None else origin.data_ptr(),
+        out.data_ptr(),
+        threads,
+    )
     _check(rc)
 
 

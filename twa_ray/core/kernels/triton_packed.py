@@ -327,12 +327,27 @@ def project_triton(
     if tables.num_tiles == 0 or num_rows == 0:
         return out
     _project_kernel[(tables.num_tiles,)](
-        codes, g.contiguous(), scale.contiguous(), zero.contiguous(), out,
-        tables.tile_block, tables.tile_byte, tables.bounds, tables.byte_bounds,
-        num_rows, num_blocks, row_stride, cfg.rows * row_stride, row_limit,
-        BITS=bits, TILE=cfg.tile_bytes, ROWS=cfg.rows, VEC=cfg.vec if aligned else 1,
-        ALIGNED=aligned, num_warps=cfg.num_warps,
-    )  # fmt: skip
+        codes,
+        g.contiguous(),
+        scale.contiguous(),
+        zero.contiguous(),
+        out,
+        tables.tile_block,
+        tables.tile_byte,
+        tables.bounds,
+        tables.byte_bounds,
+        num_rows,
+        num_blocks,
+        row_stride,
+        cfg.rows * row_stride,
+        row_limit,
+        BITS=bits,
+        TILE=cfg.tile_bytes,
+        ROWS=cfg.rows,
+        VEC=cfg.vec if aligned else 1,
+        ALIGNED=aligned,
+        num_warps=cfg.num_warps,
+    )
     return out
 
 
@@ -380,13 +395,29 @@ def reconstruct_triton(
     if tables.num_tiles == 0:
         return out
     _reconstruct_kernel[(tables.num_tiles,)](
-        codes, alpha.contiguous(), scale.contiguous(), zero.contiguous(),
-        origin if origin is not None else out, out,
-        tables.tile_block, tables.tile_byte, tables.bounds, tables.byte_bounds,
-        num_rows, num_blocks, row_stride, cfg.rows * row_stride, row_limit,
-        BITS=bits, TILE=cfg.tile_bytes, ROWS=cfg.rows, VEC=cfg.vec if aligned else 1,
-        ALIGNED=aligned, HAS_ORIGIN=origin is not None, num_warps=cfg.num_warps,
-    )  # fmt: skip
+        codes,
+        alpha.contiguous(),
+        scale.contiguous(),
+        zero.contiguous(),
+        origin if origin is not None else out,
+        out,
+        tables.tile_block,
+        tables.tile_byte,
+        tables.bounds,
+        tables.byte_bounds,
+        num_rows,
+        num_blocks,
+        row_stride,
+        cfg.rows * row_stride,
+        row_limit,
+        BITS=bits,
+        TILE=cfg.tile_bytes,
+        ROWS=cfg.rows,
+        VEC=cfg.vec if aligned else 1,
+        ALIGNED=aligned,
+        HAS_ORIGIN=origin is not None,
+        num_warps=cfg.num_warps,
+    )
     return out
 
 
@@ -438,8 +469,18 @@ if _HAS_TRITON:
         return tl.load(g_ptr + j, mask=in_block & (j < c1), other=0.0).to(tl.float32)
 
     @triton.jit
-    def _store_plane(out_ptr, origin_ptr, col, S: tl.constexpr, BITS: tl.constexpr,
-                     colsum, c, in_block, c1, HAS_ORIGIN: tl.constexpr):  # fmt: skip
+    def _store_plane(
+        out_ptr,
+        origin_ptr,
+        col,
+        S: tl.constexpr,
+        BITS: tl.constexpr,
+        colsum,
+        c,
+        in_block,
+        c1,
+        HAS_ORIGIN: tl.constexpr,
+    ):
         j = col + S
         m = in_block & (j < c1)
         val = colsum * (1.0 / (1 << (S * BITS))) + c
@@ -448,9 +489,20 @@ if _HAS_TRITON:
         tl.store(out_ptr + j, val, mask=m)
 
     @triton.jit
-    def _tile(codes_ptr, tile_block_ptr, tile_byte_ptr, bounds_ptr, byte_bounds_ptr,
-              row_stride, row_limit, BITS: tl.constexpr, TILE: tl.constexpr,
-              ROWS: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
+    def _tile(
+        codes_ptr,
+        tile_block_ptr,
+        tile_byte_ptr,
+        bounds_ptr,
+        byte_bounds_ptr,
+        row_stride,
+        row_limit,
+        BITS: tl.constexpr,
+        TILE: tl.constexpr,
+        ROWS: tl.constexpr,
+        VEC: tl.constexpr,
+        ALIGNED: tl.constexpr,
+    ):
         """This program's block, its first column per byte, and the pointers of rows 0..ROWS-1."""
         pid = tl.program_id(0)
         blk = tl.load(tile_block_ptr + pid)
@@ -474,16 +526,40 @@ if _HAS_TRITON:
 
     @triton.jit
     def _project_kernel(
-        codes_ptr, g_ptr, scale_ptr, zero_ptr, out_ptr,
-        tile_block_ptr, tile_byte_ptr, bounds_ptr, byte_bounds_ptr,
-        num_rows, num_blocks, row_stride, row_step, row_limit,
-        BITS: tl.constexpr, TILE: tl.constexpr, ROWS: tl.constexpr, VEC: tl.constexpr,
+        codes_ptr,
+        g_ptr,
+        scale_ptr,
+        zero_ptr,
+        out_ptr,
+        tile_block_ptr,
+        tile_byte_ptr,
+        bounds_ptr,
+        byte_bounds_ptr,
+        num_rows,
+        num_blocks,
+        row_stride,
+        row_step,
+        row_limit,
+        BITS: tl.constexpr,
+        TILE: tl.constexpr,
+        ROWS: tl.constexpr,
+        VEC: tl.constexpr,
         ALIGNED: tl.constexpr,
-    ):  # fmt: skip
+    ):
         blk, c1, in_block, byte_ok, col, ptrs = _tile(
-            codes_ptr, tile_block_ptr, tile_byte_ptr, bounds_ptr, byte_bounds_ptr,
-            row_stride, row_limit, BITS, TILE, ROWS, VEC, ALIGNED,
-        )  # fmt: skip
+            codes_ptr,
+            tile_block_ptr,
+            tile_byte_ptr,
+            bounds_ptr,
+            byte_bounds_ptr,
+            row_stride,
+            row_limit,
+            BITS,
+            TILE,
+            ROWS,
+            VEC,
+            ALIGNED,
+        )
         # g of this tile, one (TILE,) plane per slot, scaled by 2**-(S*BITS) to undo _plane's
         # factor; gsum (for the zero-point term) from the unscaled values.
         g0 = _g_plane(g_ptr, col, 0, in_block, c1)
@@ -541,16 +617,42 @@ if _HAS_TRITON:
 
     @triton.jit
     def _reconstruct_kernel(
-        codes_ptr, alpha_ptr, scale_ptr, zero_ptr, origin_ptr, out_ptr,
-        tile_block_ptr, tile_byte_ptr, bounds_ptr, byte_bounds_ptr,
-        num_rows, num_blocks, row_stride, row_step, row_limit,
-        BITS: tl.constexpr, TILE: tl.constexpr, ROWS: tl.constexpr, VEC: tl.constexpr,
-        ALIGNED: tl.constexpr, HAS_ORIGIN: tl.constexpr,
-    ):  # fmt: skip
+        codes_ptr,
+        alpha_ptr,
+        scale_ptr,
+        zero_ptr,
+        origin_ptr,
+        out_ptr,
+        tile_block_ptr,
+        tile_byte_ptr,
+        bounds_ptr,
+        byte_bounds_ptr,
+        num_rows,
+        num_blocks,
+        row_stride,
+        row_step,
+        row_limit,
+        BITS: tl.constexpr,
+        TILE: tl.constexpr,
+        ROWS: tl.constexpr,
+        VEC: tl.constexpr,
+        ALIGNED: tl.constexpr,
+        HAS_ORIGIN: tl.constexpr,
+    ):
         blk, c1, in_block, byte_ok, col, ptrs = _tile(
-            codes_ptr, tile_block_ptr, tile_byte_ptr, bounds_ptr, byte_bounds_ptr,
-            row_stride, row_limit, BITS, TILE, ROWS, VEC, ALIGNED,
-        )  # fmt: skip
+            codes_ptr,
+            tile_block_ptr,
+            tile_byte_ptr,
+            bounds_ptr,
+            byte_bounds_ptr,
+            row_stride,
+            row_limit,
+            BITS,
+            TILE,
+            ROWS,
+            VEC,
+            ALIGNED,
+        )
         # per-thread partial sums over rows, one (ROWS, TILE) plane per slot, reduced once at
         # the end (a reduction across rows every iteration would cross warps)
         acc0 = tl.zeros((ROWS, TILE), tl.float32)
