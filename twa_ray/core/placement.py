@@ -61,8 +61,6 @@ __all__ = [
 
 PlacementKind = Literal["replicate", "shard"]
 
-_ALIGN_FLOATS = 128  # 512 bytes: the CUDA allocator's alignment (the CPU's: 64)
-
 FIT_FRACTION = 0.5
 """auto: replicate while B + the model take at most this fraction of a worker's memory."""
 
@@ -407,14 +405,7 @@ class Placement:
             input_split_sizes=sizes,
             group=self.group,
         )
-        # BLAS (bits 16/32) rounds by the address alignment of g: give each slice the offset
-        # its columns have inside a full g, so that both placements make the very same calls
-        lead = self.own_cols[0] % _ALIGN_FLOATS
-        slot = torch.empty(lead + own, device=g.device)[lead:]
-        parts = []
-        for r in range(self.world):
-            slot.copy_(recv[r * own : (r + 1) * own])
-            parts.append(self.basis.project(slot))
+        parts = [self.basis.project(recv[r * own : (r + 1) * own]) for r in range(self.world)]
         a_own = self._mean(parts)
         return self._gather(a_own.t().contiguous(), self.block_bounds).t().contiguous()
 

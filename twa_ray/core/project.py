@@ -76,6 +76,17 @@ def _chunk_cols(pm: PackedMatrix) -> int:
     return max(8, _CHUNK // pm.num_rows // 8 * 8)
 
 
+def _fresh(v: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of the vector ``v`` in a new allocation (aligned by the allocator).
+
+    BLAS (MKL, OpenBLAS) picks its kernel and summation order by the stride and the address
+    alignment of its operands (AVX-512 most of all): the torch paths hand it a block's slice of
+    ``g`` and its column of coefficients through this copy, so that a block computes the same
+    bits whatever tensor it is a slice of (a whole basis or a shard, :mod:`.placement`).
+    """
+    return torch.empty(v.shape, dtype=v.dtype, device=v.device).copy_(v)
+
+
 def _chunks(pm: PackedMatrix, blk: int) -> Iterator[tuple[int, int, torch.Tensor]]:
     """``(c0, c1, codes)`` for column chunks ``c0:c1`` of block ``blk``; ``codes`` float32
     ``(R, c1 - c0)`` (the scale / zero of the affine code are applied by the caller)."""
@@ -120,9 +131,10 @@ def _project_torch(pm: PackedMatrix, g: torch.Tensor) -> torch.Tensor:
     dots = torch.zeros(pm.num_rows, pm.num_blocks, device=g.device)
     gsum = torch.empty(pm.num_blocks, device=g.device)
     for blk, (a, b) in enumerate(zip(pm.bounds, pm.bounds[1:])):
+        g_blk = _fresh(g[a:b])
         for c0, c1, codes in _chunks(pm, blk):
-            dots[:, blk] += codes @ g[a + c0 : a + c1]  # (R,)
-        gsum[blk] = g[a:b].sum()
+            dots[:, blk] += codes @ g_blk[c0:c1]  # (R,)
+        gsum[blk] = g_blk.sum()
     return pm.scale * dots + pm.zero * gsum
 
 
@@ -180,11 +192,11 @@ def reconstruct(
 def _reconstruct_torch(
     pm: PackedMatrix, alpha: torch.Tensor, origin: torch.Tensor | None, out: torch.Tensor
 ) -> None:
-    coef = alpha * pm.scale  # (R, L)
-    bias = (alpha * pm.zero).sum(dim=0)  # (L,)
     for blk, a in enumerate(pm.bounds[:-1]):
+        coef = _fresh(alpha[:, blk] * pm.scale[:, blk])  # (R,)
+        bias = _fresh(alpha[:, blk] * pm.zero[:, blk]).sum()
         for c0, c1, codes in _chunks(pm, blk):
-            val = codes.t() @ coef[:, blk] + bias[blk]  # (c1 - c0,)
+            val = codes.t() @ coef + bias  # (c1 - c0,)
             if origin is not None:
                 val += origin[a + c0 : a + c1]  # read before out is written: origin may be out
             out[a + c0 : a + c1] = val
