@@ -26,6 +26,10 @@ Both read B once and are memory-bandwidth bound: no float copy of B and no float
   temporaries bounded by ``_CHUNK`` elements.
 - bits 16/32: the torch path; float32 chunks are views of B (no copy), bfloat16 chunks are
   converted one at a time.
+
+The torch paths call BLAS per block and chunk, with a block's slice of ``g`` and its column of
+coefficients copied to fresh contiguous vectors: the calls, their shapes, strides and alignment
+are the same whether the block sits in a whole basis or in a shard, so are the bits on any CPU.
 """
 
 from __future__ import annotations
