@@ -84,7 +84,12 @@ def _foreign(fs: pafs.FileSystem, path: str) -> None:
 def _a_run(
     st,
     command: str = "run",
-    entries=("candidates/c0.arrow", "work/ray_train/ckpt/state.pt", "outputs/metrics.json"),
+    entries=(
+        "candidates/c0.arrow",
+        "work/ray_train/sampling_run-earlier/checkpoint_000001/state.pt",
+        "work/sampling_run-earlier.json",
+        "outputs/metrics.json",
+    ),
 ):
     """What a command leaves under its storage: its marker and entries of its layout."""
     outdir.mark(st, command, f"{command}-earlier")
@@ -182,7 +187,7 @@ from twa_ray import outdir
 from twa_ray.storage import open_storage
 st = open_storage(sys.argv[1])
 run_id = outdir.claim_storage(st, "run", overwrite=True)
-st.write_json("work/phase.json", {"at": "sampling"})
+st.write_json(f"work/sampling_{run_id}.json", {"at": "sampling"})
 print(run_id, flush=True)
 time.sleep(600)
 """
@@ -211,7 +216,7 @@ def test_live_writer_refuses_a_second_claim_and_a_crashed_one_does_not(where):
             ):
                 outdir.claim_storage(st, "run", **kw)
         assert st.read_json(outdir.LEASE)["token"] == lease["token"]  # the live run keeps it
-        assert st.read_json("work/phase.json") == {"at": "sampling"}
+        assert st.read_json(f"work/sampling_{run_id}.json") == {"at": "sampling"}
     finally:
         proc.kill()
         proc.wait()
@@ -327,3 +332,78 @@ def test_out_and_storage_are_claimed_together_with_one_id(tmp_path):
         _claim_out_dir(st, resume=False, overwrite=True, kind="sweep", given=st.uri, out=out)
     outdir.release_all()
     assert _hashes(pafs.LocalFileSystem(), str(tmp_path)) == before
+
+
+NESTED = ["outputs/report.md", "candidates/notes.txt", "work/mine/x.txt"]
+
+
+@pytest.mark.parametrize("nested", NESTED)
+def test_overwrite_refuses_a_foreign_file_inside_a_twa_ray_folder(where, tmp_path, capsys, nested):
+    """A user's file inside a folder twa-ray wrote (issue 30 item 6): ``--overwrite`` refuses
+    the command before Ray starts, naming it, and deletes nothing."""
+    import ray
+
+    uri, fs, path = where
+    st = open_storage(uri)
+    _a_run(st)
+    _put(fs, f"{path}/{nested}", b"the user's")
+    before = _hashes(fs, path.rsplit("/", 1)[0])
+    assert outdir.foreign(st) == [
+        nested.rsplit("/", 1)[0] if nested.startswith("work/") else nested
+    ]
+    out = tmp_path / "o"
+    assert main(["run", "--smoke-test", "--storage", uri, "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    shown = "work/mine" if nested.startswith("work/") else nested
+    assert err.startswith("twa-ray: error: --storage ") and err.count("\n") == 1
+    assert f"did not write ({shown})" in err and "Traceback" not in err
+    assert _hashes(fs, path.rsplit("/", 1)[0]) == before
+    assert not out.exists() and not ray.is_initialized()
+
+
+@pytest.mark.parametrize("nested", NESTED)
+def test_overwrite_of_an_out_refuses_a_foreign_file_inside_it(tmp_path, capsys, nested):
+    """The same inside a local ``--out`` (no ``--storage``: the whole layout is there)."""
+    out = tmp_path / "o"
+    st = open_storage(str(out))
+    _a_run(st)
+    (out / nested).parent.mkdir(parents=True, exist_ok=True)
+    (out / nested).write_bytes(b"the user's")
+    before = _hashes(pafs.LocalFileSystem(), str(out))
+    assert main(["run", "--smoke-test", "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    shown = "work/mine" if nested.startswith("work/") else nested
+    assert err.startswith(
+        f"twa-ray: error: --out {str(out)!r} holds files twa-ray did not write ({shown})"
+    )
+    assert err.count("\n") == 1
+    assert _hashes(pafs.LocalFileSystem(), str(out)) == before
+
+
+def test_overwrite_deletes_ray_trees_and_layout_folders_entry_by_entry(where):
+    """What Ray Train and Tune wrote below the folders twa-ray names goes as a whole; the
+    layout's folders go entry by entry, then themselves."""
+    uri, fs, path = where
+    st = open_storage(uri)
+    _a_run(
+        st,
+        "sweep",
+        (
+            "plan.json",
+            "sampling/abc123/candidates/c.arrow",
+            "sampling/abc123/candidates/.c.1234.tmp",
+            "sampling/abc123/ray_train/sampling_sweep-abc123/checkpoint_0/state.pt",
+            "sampling/abc123/ray_train/sampling_sweep-abc123/.validate_storage_marker",
+            "sampling/abc123/sampling_sweep-abc123.json",
+            "sampling/abc123/sampling_done.json",
+            "tune/sweep/trial_0000_x/result.json",
+            "tune/sweep/experiment_state-2026.json",
+            "outputs/summary.json",
+            "outputs/coefficients_twa_v.png",
+        ),
+    )
+    assert outdir.foreign(st) == []
+    run_id = outdir.claim_storage(st, "run", overwrite=True)
+    assert outdir.owner(st) == ("run", run_id)
+    left = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+    assert left == sorted([outdir.LEASE, "run.json"])

@@ -8,10 +8,19 @@ first, before anything else. Before anything starts:
 - a location holding anything twa-ray did not write is refused (one line naming a few of the
   foreign entries): a new or empty location is claimed, nothing is ever written beside a user's
   files;
+- inside a marked location, what twa-ray writes is known at every depth (:data:`LAYOUT`, a
+  tree of name patterns: ``outputs/metrics.json``, ``candidates/<name>.arrow``,
+  ``work/sampling_<run id>.json``, ...); an entry it does not name, at any depth (a user's
+  report in ``outputs/``), is foreign too, and refuses the command the same way. Ray writes
+  its own trees below folders twa-ray names: Ray Train the run ``work/ray_train/sampling_<run
+  id>`` (and ``twa_<run id>``; ``ray_train/sampling_*`` of a sweep's sampling run), Tune the
+  experiment ``tune/sweep``. Those folders are Ray's whole: twa-ray names them, Ray fills them
+  (checkpoints, state files whose names Ray chooses and changes between versions), so they are
+  owned, and deleted, as a whole;
 - a location holding another output is refused unless ``--overwrite``, which deletes the entries
-  twa-ray wrote there, one by one: the names of :data:`LAYOUT` below a marker (twa-ray alone
-  creates them; a folder among them is deleted with what it holds). The location itself is never
-  deleted nor emptied, so a bucket root or a shared prefix keeps everything else;
+  twa-ray wrote there, one by one (a folder of :data:`LAYOUT` entry by entry, then the folder
+  once empty). The location itself is never deleted nor emptied, so a bucket root or a shared
+  prefix keeps everything else;
 - ``--resume`` needs an output of the same command, and never goes with ``--overwrite``;
 - an ``--out`` equal to, inside or holding an input (a store, a checkpoint folder, a data root)
   is refused: inputs are never written;
@@ -40,7 +49,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,39 +89,57 @@ LEASE = ".twa-ray-lease.json"
 """The one-writer lease of a ``--storage`` or a store: ``{command, run_id, host, pid, token,
 ttl_s, renewed}`` (hidden: a candidate store ignores it)."""
 
-LAYOUT = (
-    *MARKERS.values(),
-    LEASE,
-    "candidates",
-    "full_candidates",
-    "short_candidates",
-    "work",
-    "outputs",
-    "average",
-    "sampling",
-    "tune",
-    "plan.json",
-    "import.json",
-    "best_run",
-    "metrics.json",
-    "config.yaml",
-    "model.safetensors",
-    "coefficients.parquet",
-    "coefficients_*.png",
-    "accuracy.png",
-    "trials.parquet",
-    "trials.csv",
-    "sweep.png",
-    "best.yaml",
-    "summary.json",
-    ".*.tmp",
-    "*.json.*.tmp",
-    "config.yaml.tmp",
-)
-"""The top-level names twa-ray writes under a location it marked (``fnmatch`` patterns):
-``--storage`` of a run (candidates, work, outputs, full_candidates, short_candidates, average), of a sweep
-(plan.json, sampling, tune, outputs), an ``--out`` (the output files, and the storage layout
-when no ``--storage`` is given), and temporary files of atomic writes."""
+ALL = "all"
+"""A file, or a folder written wholly by twa-ray or by Ray (deleted with what it holds)."""
+
+_TMP = {".*.tmp": ALL, "*.*.tmp": ALL}  # temporary files (and folders) of atomic writes
+_OUTPUT_FILES = {
+    n: ALL
+    for n in (
+        "metrics.json",
+        "config.yaml",
+        "model.safetensors",
+        "coefficients.parquet",
+        "coefficients_*.png",
+        "accuracy.png",
+        "trials.parquet",
+        "trials.csv",
+        "sweep.png",
+        "best.yaml",
+        "summary.json",
+    )
+}
+_STORE = {"*.arrow": ALL, **_TMP}  # a candidate store: <name>.arrow
+# Ray Train writes the run twa-ray names ``sampling_<run id>`` / ``twa_<run id>`` under
+# ``ray_train/``: its checkpoints and state are Ray's, all of it ours
+_RAY_TRAIN = {"sampling_*": ALL, "twa_*": ALL}
+_WORK = {"ray_train": _RAY_TRAIN, "sampling_*.json": ALL, "twa_*.json": ALL, **_TMP}
+_GROUP = {"candidates": _STORE, "sampling_done.json": ALL, **_WORK}  # a sweep's sampling run
+
+LAYOUT: dict[str, Any] = {
+    **{m: ALL for m in MARKERS.values()},
+    LEASE: ALL,
+    "candidates": _STORE,
+    "full_candidates": _STORE,
+    "short_candidates": _STORE,
+    "work": _WORK,
+    "outputs": {**_OUTPUT_FILES, **_TMP},
+    "average": {**_OUTPUT_FILES, **_TMP},
+    "sampling": {"*": _GROUP},
+    "tune": {"sweep": ALL},  # the Tune experiment, Ray's
+    "plan.json": ALL,
+    "import.json": ALL,
+    "hf_model": {"*.json": ALL, "*.safetensors": ALL},
+    **_OUTPUT_FILES,
+    **_TMP,
+}
+"""What twa-ray writes under a location it marked, as a tree of ``fnmatch`` patterns: a name
+maps to :data:`ALL` or to the patterns of the folder's own entries. ``--storage`` of a run
+(candidates, work, outputs, full_candidates, short_candidates, average), of a sweep (plan.json,
+sampling, tune, outputs), an ``--out`` (the output files, ``best_run``: the run of a sweep's
+``best.yaml``, and the storage layout when no ``--storage`` is given), and temporary files of
+atomic writes."""
+LAYOUT["best_run"] = LAYOUT
 
 LEASE_TTL_ENV = "TWA_RAY_LEASE_TTL_S"
 
@@ -125,10 +152,12 @@ def _where(where: Storage | str | os.PathLike[str]) -> Storage:
     return where if isinstance(where, Storage) else open_storage(str(_abs(where)), create=False)
 
 
-def _entries(st: Storage) -> list[pafs.FileInfo]:
-    """The top-level entries of ``st`` (none when it does not exist)."""
+def _entries(st: Storage, path: str | None = None) -> list[pafs.FileInfo]:
+    """The entries of the folder ``path`` of ``st`` (default: its top), sorted by name (none
+    when it does not exist)."""
+    sel = pafs.FileSelector(path or st.path, allow_not_found=True)
     try:
-        return list(st.fs.get_file_info(pafs.FileSelector(st.path, allow_not_found=True)))
+        return sorted(st.fs.get_file_info(sel), key=lambda i: i.base_name)
     except (OSError, pa.ArrowException) as e:
         raise ValueError(
             f"cannot list {redact(st.uri)!r} ({str(e).splitlines()[0]}); check the path and the credentials"
@@ -156,14 +185,33 @@ def owner(where: Storage | str | os.PathLike[str]) -> tuple[str, str] | None:
     return None
 
 
+def _spec(name: str, layout: dict[str, Any]) -> Any:
+    """What ``layout`` says of the entry ``name``: :data:`ALL`, a folder's layout, or None
+    (twa-ray does not write that name there)."""
+    return next((v for p, v in layout.items() if fnmatch.fnmatchcase(name, p)), None)
+
+
+def _walk(
+    st: Storage, path: str, layout: dict[str, Any], rel: str = ""
+) -> Iterator[tuple[pafs.FileInfo, str, Any]]:
+    """``(info, path relative to st, spec)`` of every entry below ``path`` the walk reaches:
+    the entries of each folder :data:`LAYOUT` describes (one it maps to :data:`ALL` is not
+    entered)."""
+    for info in _entries(st, path):
+        spec = _spec(info.base_name, layout)
+        yield info, f"{rel}{info.base_name}", spec
+        if isinstance(spec, dict) and info.type == pafs.FileType.Directory:
+            yield from _walk(st, info.path, spec, f"{rel}{info.base_name}/")
+
+
 def foreign(where: Storage | str | os.PathLike[str]) -> list[str]:
-    """The top-level entries of ``where`` that twa-ray did not write, sorted: everything but the
-    lease when it holds no marker, else what :data:`LAYOUT` does not name."""
+    """The entries of ``where`` that twa-ray did not write, sorted, as paths relative to it:
+    every top-level entry but the lease when it holds no marker, else, at every depth, what
+    :data:`LAYOUT` does not name (not entered further)."""
     st = _where(where)
-    names = sorted(i.base_name for i in _entries(st))
     if owner(st) is None:
-        return [n for n in names if n != LEASE]
-    return [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in LAYOUT)]
+        return sorted(i.base_name for i in _entries(st) if i.base_name != LEASE)
+    return [rel for _info, rel, spec in _walk(st, st.path, LAYOUT) if spec is None]
 
 
 def resume_out(out: str | os.PathLike[str], storage: str | None, resume: bool) -> bool:
@@ -225,18 +273,29 @@ def _refuse(st: Storage | None, command: str, *, resume: bool, overwrite: bool, 
 
 
 def _delete_owned(st: Storage, keep: Iterable[str] = ()) -> None:
-    """Delete the entries twa-ray wrote in ``st`` (:data:`LAYOUT`), one by one, except ``keep``
-    and the lease; never ``st`` itself nor an entry that LAYOUT does not name. The marker goes
-    last: a crash on the way leaves an output that is still marked, or nothing."""
+    """Delete the entries twa-ray wrote in ``st`` (:data:`LAYOUT`, at every depth), one by one,
+    except the top-level ``keep`` and the lease; never ``st`` itself nor an entry that LAYOUT
+    does not name (:func:`foreign` refused those before). A folder LAYOUT describes goes once
+    it is empty; the marker goes last: a crash on the way leaves an output that is still
+    marked, or nothing."""
     spare = {LEASE, *keep}
-    for info in sorted(_entries(st), key=lambda i: i.base_name in MARKERS.values()):
-        n = info.base_name
-        if n in spare or not any(fnmatch.fnmatchcase(n, p) for p in LAYOUT):
-            continue
-        if info.type == pafs.FileType.Directory:
-            st.fs.delete_dir(info.path)  # a folder twa-ray created, with what it holds
-        else:
-            st.fs.delete_file(info.path)
+    top = [i for i in _entries(st) if i.base_name not in spare]
+    for info in sorted(top, key=lambda i: i.base_name in MARKERS.values()):
+        _delete_entry(st, info, _spec(info.base_name, LAYOUT))
+
+
+def _delete_entry(st: Storage, info: pafs.FileInfo, spec: Any) -> None:
+    if spec is None:
+        return
+    if info.type != pafs.FileType.Directory:
+        st.fs.delete_file(info.path)
+    elif spec == ALL:
+        st.fs.delete_dir(info.path)  # a folder twa-ray (or Ray) wrote, with what it holds
+    else:
+        for child in _entries(st, info.path):
+            _delete_entry(st, child, _spec(child.base_name, spec))
+        if not _entries(st, info.path):
+            st.fs.delete_dir(info.path)
 
 
 def _new_id(command: str) -> str:
