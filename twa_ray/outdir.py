@@ -33,13 +33,23 @@ first, before anything else. Before anything starts:
   waits ``min(1 s, ttl / 10)`` and reads it back; two claims whose read and write interleave
   within that window can both win (the race window). Clocks must agree within ``ttl``.
 
-A refused command leaves no trace: :func:`release_all` releases the locks and leases of this
-process and removes the folders it created that hold nothing but markers.
+A command goes through these steps in one order, in one context manager (:func:`claimed`)::
+
+    with outdir.claimed(Request("run", out, storage, resume=.., overwrite=..)) as outputs:
+        # checked: the inputs, --out, the storage (nothing written yet)
+        ...                    # the command's own checks: data, model, connect Ray, resources
+        outputs.claim()        # locked / leased, the previous output deleted, marked
+        ...                    # the work; outputs.keep(), outputs.publish()
+    # released: locks and leases; a failed command removes what it created (markers only)
+
+A refused command leaves no trace: the folders it created that hold nothing but markers are
+removed.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import fnmatch
 import logging
@@ -52,7 +62,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -62,25 +72,7 @@ from twa_ray.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "LAYOUT",
-    "LEASE",
-    "MARKERS",
-    "check",
-    "check_inputs",
-    "check_storage",
-    "claim",
-    "claim_storage",
-    "foreign",
-    "hold",
-    "keep",
-    "lock",
-    "mark",
-    "owner",
-    "release_all",
-    "resume_out",
-    "writable",
-]
+__all__ = ["Request", "Outputs", "claimed", "owner", "foreign", "MARKERS", "LAYOUT", "LEASE"]
 
 MARKERS = {"run": "run.json", "sweep": "sweep.json", "average": "average.json"}
 """The marker of each command's output."""
@@ -214,13 +206,13 @@ def foreign(where: Storage | str | os.PathLike[str]) -> list[str]:
     return [rel for _info, rel, spec in _walk(st, st.path, LAYOUT) if spec is None]
 
 
-def resume_out(out: str | os.PathLike[str], storage: str | None, resume: bool) -> bool:
+def _resume_out(out: str | os.PathLike[str], storage: str | None, resume: bool) -> bool:
     """Whether ``--out`` itself is resumed: with ``--storage`` a run continues from the storage
     alone, and a new (empty) ``--out`` is fine."""
     return resume and (not storage or owner(out) is not None)
 
 
-def check_inputs(out: str | os.PathLike[str], inputs: Iterable[tuple[str, str | None]]) -> None:
+def _check_inputs(out: str | os.PathLike[str], inputs: Iterable[tuple[str, str | None]]) -> None:
     """Refuse an ``--out`` equal to or inside an input folder, or holding one.
 
     ``inputs``: ``(flag, path)`` pairs; URIs (``s3://``) and ``None`` are skipped."""
@@ -302,7 +294,7 @@ def _new_id(command: str) -> str:
     return f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def mark(where: Storage | str | os.PathLike[str], command: str, run_id: str) -> None:
+def _mark(where: Storage | str | os.PathLike[str], command: str, run_id: str) -> None:
     """Write the marker of ``where`` unless it holds one already (``--resume``)."""
     st = _where(where)
     if owner(st) is None:
@@ -312,7 +304,7 @@ def mark(where: Storage | str | os.PathLike[str], command: str, run_id: str) -> 
 # --------------------------------------------------------------------------- --storage
 
 
-def check_storage(
+def _check_storage(
     st: Storage, command: str, *, resume: bool = False, overwrite: bool = False, flag: str = ""
 ) -> None:
     """Refuse ``st`` for ``command`` before anything starts (foreign entries, another output,
@@ -323,7 +315,7 @@ def check_storage(
     _refuse(st, command, resume=resume, overwrite=overwrite, flag=flag)
 
 
-def claim_storage(
+def _claim_storage(
     st: Storage,
     command: str,
     *,
@@ -335,7 +327,7 @@ def claim_storage(
     """Check ``st``, take its lease, delete the previous output (``--overwrite``; ``keep``
     survives one of the same command) and mark it; returns the run id: new, or the resumed one."""
     flag = flag or f"--storage {redact(st.uri)!r}"
-    check_storage(st, command, resume=resume, overwrite=overwrite, flag=flag)
+    _check_storage(st, command, resume=resume, overwrite=overwrite, flag=flag)
     mine = owner(st)
     run_id = mine[1] if resume and mine else _new_id(command)
     _acquire(st, command, run_id, flag)
@@ -346,11 +338,11 @@ def claim_storage(
         return run_id
     if mine is not None:
         _delete_owned(st, keep if mine[0] == command else ())
-    mark(st, command, run_id)
+    _mark(st, command, run_id)
     return run_id
 
 
-def hold(st: Storage, command: str, *, flag: str = "") -> str:
+def _hold(st: Storage, command: str, *, flag: str = "") -> str:
     """Take the lease of ``st`` for a command that adds to it (``average`` next to a run's
     candidates, ``import`` into a store): refused when it holds files twa-ray did not write
     (a store: nothing checked) or another command writes it. Returns the lease's id."""
@@ -541,10 +533,10 @@ def _locked(out: Path) -> FileExistsError:
     )
 
 
-def writable(out: str | os.PathLike[str]) -> Path:
+def _writable(out: str | os.PathLike[str]) -> Path:
     """``out`` as a path, checked before anything is written: a directory, or a name that can be
     created (its nearest existing ancestor is a writable directory). Creates nothing: the
-    command's :func:`claim` / :func:`lock` does."""
+    command's :func:`_claim` / :func:`_lock` does."""
     path = Path(out).expanduser()
     probe = path
     while not probe.exists() and probe != probe.parent:
@@ -561,7 +553,7 @@ def writable(out: str | os.PathLike[str]) -> Path:
     return path
 
 
-def check(
+def _check(
     out: str | os.PathLike[str], command: str, *, resume: bool = False, overwrite: bool = False
 ) -> Path:
     """Refuse ``out`` for ``command`` before anything starts; changes nothing."""
@@ -582,7 +574,7 @@ def check(
     return path
 
 
-def lock(out: str | os.PathLike[str], *, disposable: bool = False) -> Path:
+def _lock(out: str | os.PathLike[str], *, disposable: bool = False) -> Path:
     """Create ``out`` if needed and hold its exclusive lock until :func:`release_all` (or the
     process ends); a second writer gets ``FileExistsError``. ``disposable``: a failed command
     removes the folder it created whatever it holds (nothing in it can be resumed)."""
@@ -603,7 +595,7 @@ def lock(out: str | os.PathLike[str], *, disposable: bool = False) -> Path:
     return path
 
 
-def keep(out: str | os.PathLike[str]) -> None:
+def _keep(out: str | os.PathLike[str]) -> None:
     """``out`` holds results from now on: a later failure no longer removes it (not disposable)."""
     path = Path(os.path.abspath(os.path.expanduser(os.fspath(out))))
     for held in _HELD:
@@ -611,7 +603,7 @@ def keep(out: str | os.PathLike[str]) -> None:
             held.disposable = False
 
 
-def claim(
+def _claim(
     out: str | os.PathLike[str],
     command: str,
     *,
@@ -623,9 +615,9 @@ def claim(
     """Check ``out``, lock it, delete the previous output (``--overwrite``; ``keep`` survives
     one of the same command) and mark it (``run_id``, default a new one); returns the run id:
     that, or the resumed one."""
-    check(out, command, resume=resume, overwrite=overwrite)
-    path = lock(out, disposable=command == "average")
-    check(path, command, resume=resume, overwrite=overwrite)  # again, now that we hold the lock
+    _check(out, command, resume=resume, overwrite=overwrite)
+    path = _lock(out, disposable=command == "average")
+    _check(path, command, resume=resume, overwrite=overwrite)  # again, now that we hold the lock
     mine = owner(path)
     if resume:
         assert mine is not None
@@ -633,7 +625,7 @@ def claim(
     if mine is not None:
         _delete_owned(_where(path), keep if mine[0] == command else ())
     run_id = run_id or _new_id(command)
-    mark(path, command, run_id)
+    _mark(path, command, run_id)
     return run_id
 
 
@@ -664,3 +656,148 @@ def release_all(*, failed: bool = False, created: Iterable[Path] = ()) -> None:
         for path in undo:
             if path.is_dir() and _only_markers(path):
                 shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the lifecycle
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a command asks of the places it writes, as the user gave it."""
+
+    command: Literal["run", "sweep", "average", "import"]
+    out: str  # --out: a local folder (import: the store, a path or a URI)
+    storage: str | None = None  # --storage (run, sweep: None is --out; average: a run's, added to)
+    resume: bool = False  # --resume: continue the output of the same command
+    overwrite: bool = False  # --overwrite: delete the previous twa-ray output first
+    address: str | None = None  # --address of Ray (None: RAY_ADDRESS or a local Ray)
+    inputs: tuple[tuple[str, str | None], ...] = ()  # (flag, path) of the inputs: never written
+    keep: tuple[str, ...] = ()  # top-level names --overwrite keeps of the same command's output
+
+    @property
+    def flag(self) -> str:
+        """How the user named the location the command marks and leases."""
+        if self.command == "import" or not self.storage:
+            return f"--out {self.out!r}"
+        return f"--storage {redact(self.storage)!r}"
+
+
+class Outputs:
+    """The outputs of one command, inside :func:`claimed`: ``out`` (the local ``--out``;
+    import: None), ``storage`` (where it leases and marks: ``--storage``, ``--out``, the store;
+    average without ``--storage``: None) and, after :meth:`claim`, ``run_id``."""
+
+    def __init__(self, req: Request) -> None:
+        self.req = req
+        self.run_id: str | None = None
+        self.created: list[Path] = []  # folders this command made (removed if it fails early)
+        self.out: Path | None = None
+        self.storage: Storage | None = None
+        self.resume_out = False  # --out itself is resumed (with --storage it may be new)
+
+    def _check(self) -> None:
+        """The inputs, ``--out`` and the storage, refused before anything starts."""
+        req = self.req
+        if req.command == "import":
+            _check_inputs(req.out, req.inputs)
+            self.storage = open_storage(req.out, create=False)
+            return
+        self.out = _writable(req.out).resolve()
+        _check_inputs(req.out, req.inputs)
+        self.created += [] if self.out.exists() else [self.out]
+        self.resume_out = _resume_out(self.out, req.storage, req.resume)
+        _check(req.out, req.command, resume=self.resume_out, overwrite=req.overwrite)
+        if req.command == "average":
+            self._check_average()
+        else:
+            self._check_storage()
+
+    def _check_storage(self) -> None:
+        """run, sweep: ``--storage`` (default ``--out``), refused before anything starts."""
+        req = self.req
+        where = req.storage or str(self.out)
+        if "://" not in where and not os.path.exists(where):
+            self.created.append(_abs(where))
+        self.storage = open_storage(where, create="://" in where)  # a URI: probed by creating it
+        _check_storage(
+            self.storage, req.command, resume=req.resume, overwrite=req.overwrite, flag=req.flag
+        )
+
+    def _check_average(self) -> None:
+        """average: a run's ``--storage`` it adds ``average/`` to, refused when foreign files
+        lie there or another command writes it."""
+        if not self.req.storage:
+            return
+        self.storage = open_storage(self.req.storage, create=False)
+        if foreign(self.storage):
+            _refuse(self.storage, "average", resume=False, overwrite=True, flag=self.req.flag)
+        _check_lease(self.storage, self.req.flag)
+
+    @property
+    def elsewhere(self) -> bool:
+        """The storage is not the local ``--out`` (it gets a copy of the outputs)."""
+        st = self.storage
+        return st is not None and not (
+            st.local and self.out is not None and st.path == str(self.out)
+        )
+
+    def claim(self) -> str:
+        """Lock ``--out``, take the storage's lease, delete the previous output
+        (``--overwrite``) and mark both with one id; returns it (new, or the resumed one)."""
+        req, st = self.req, self.storage
+        if req.command == "import":
+            assert st is not None
+            self.run_id = _hold(st, "import", flag=req.flag)  # one import at a time
+            return self.run_id
+        assert self.out is not None
+        if req.command == "average":
+            if st is not None:
+                _hold(st, "average", flag=req.flag)
+            self.run_id = _claim(self.out, "average", overwrite=req.overwrite, keep=req.keep)
+            return self.run_id
+        assert st is not None
+        _lock(self.out)
+        if st.local:
+            os.makedirs(st.path, exist_ok=True)
+        self.run_id = _claim_storage(
+            st, req.command, resume=req.resume, overwrite=req.overwrite, flag=req.flag
+        )
+        if self.elsewhere:
+            _claim(
+                self.out,
+                req.command,
+                resume=self.resume_out,
+                overwrite=req.overwrite,
+                run_id=self.run_id,
+            )
+        return self.run_id
+
+    def keep(self) -> None:
+        """``--out`` holds results from now on: a later failure no longer removes it."""
+        if self.out is not None:
+            _keep(self.out)
+
+    def publish(self, rel: str = "outputs") -> None:
+        """Copy the output files of ``--out`` to ``rel/`` of the storage when it is elsewhere."""
+        if self.elsewhere and self.out is not None:
+            assert self.storage is not None
+            self.storage.upload_outputs(self.out, rel, skip=set(MARKERS.values()))
+
+
+@contextlib.contextmanager
+def claimed(req: Request) -> Iterator[Outputs]:
+    """Check the inputs, ``--out`` and the storage of ``req`` (nothing written), yield its
+    :class:`Outputs` (the command claims them with :meth:`Outputs.claim` once its own checks
+    passed), and release the locks and leases at the end; a failed command removes the folders
+    it created that hold nothing but markers (an average's: whatever they hold)."""
+    outputs = Outputs(req)
+    failed = True
+    try:
+        outputs._check()
+        yield outputs
+        failed = False
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what ran is kept, --resume continues it
+        failed = False
+        raise
+    finally:
+        release_all(failed=failed, created=outputs.created)
