@@ -39,6 +39,7 @@ __all__ = [
     "SMOKE_SWEEP",
     "smoke_sizes",
     "smoke_sweep",
+    "with_keys",
 ]
 
 
