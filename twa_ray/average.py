@@ -2,7 +2,8 @@
 
     store (or a folder of checkpoints) -> SWA, greedy soup -> TWA-t / TWA-v -> outputs
 
-The same baseline and output code serves the distributed pipeline (:mod:`twa_ray.pipeline`).
+Its outputs are those of ``twa-ray run`` (:func:`twa_ray.report.write_outputs`), in a folder
+claimed the same way (:func:`twa_ray.outdir.claimed`).
 """
 
 from __future__ import annotations

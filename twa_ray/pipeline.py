@@ -1,6 +1,6 @@
 """One end-to-end run on Ray: ``twa-ray run``, a recipe of six steps (torchtune style)::
 
-    setup               outputs claimed, data and model on the driver, Ray connected
+    setup               data and model on the driver, Ray connected, outputs claimed
     sample              Ray Train, sample_frac * E epochs -> candidate store (pyarrow)
     build_basis         the candidates' quantized subspace -> shards in the object store
     learn_coefficients  TWA-t / TWA-v on the coefficient worker group
@@ -13,6 +13,9 @@ The epoch budget counts every epoch of SGD plus the TWA epochs; the saving is
 seconds and every method's ``wall_s`` is what a run producing only that model takes on this
 cluster (Ray start and data included), so ``time_saved = 1 - wall_s / wall_s(sgd_full)``
 (a ``--resume``d run counts what this process ran).
+
+The recipe runs inside :func:`twa_ray.outdir.claimed`: the inputs, ``--out`` and the storage
+are checked before it starts, and released when it ends.
 """
 
 from __future__ import annotations
