@@ -700,6 +700,8 @@ class Outputs:
         req = self.req
         if req.command == "import":
             _check_inputs(req.out, req.inputs)
+            if "://" not in req.out and not os.path.exists(req.out):
+                self.created.append(_abs(req.out))
             self.storage = open_storage(req.out, create=False)
             return
         self.out = _writable(req.out).resolve()
