@@ -465,11 +465,11 @@ def test_verbosity_after_the_subcommand_and_no_third_party_debug_lines(trained, 
 def test_out_is_locked_while_a_command_writes(tmp_path):
     from twa_ray import outdir
 
-    held = outdir.lock(tmp_path / "o")
+    held = outdir._lock(tmp_path / "o")
     try:
         code = (
             "import sys; from twa_ray import outdir\n"
-            "try:\n    outdir.lock(sys.argv[1])\nexcept FileExistsError as e:\n    print(e); sys.exit(3)\n"
+            "try:\n    outdir._lock(sys.argv[1])\nexcept FileExistsError as e:\n    print(e); sys.exit(3)\n"
         )
         import subprocess
         import sys

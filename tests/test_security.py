@@ -164,8 +164,7 @@ def test_a_reused_config_takes_the_credentials_again(tmp_path):
     """``config.yaml`` holds the store masked; reused, the store takes the credentials of the
     --storage given again on the command line (same bucket), else the environment's."""
     from twa_ray import redact
-    from twa_ray.pipeline import _ensure_abs
-    from twa_ray.storage import open_storage
+    from twa_ray.storage import absolute, open_storage
 
     storage = (
         "s3://AKIDREUSE0001:reuseSECRET0002@bkt8/runs/a?endpoint_override=127.0.0.1:9&scheme=http"
@@ -174,11 +173,10 @@ def test_a_reused_config_takes_the_credentials_again(tmp_path):
     saved = redact.redact(store)  # what config.yaml holds
     assert "reuseSECRET0002" not in saved
     assert (
-        _ensure_abs(saved)
-        == "s3://bkt8/runs/a/candidates?endpoint_override=127.0.0.1:9&scheme=http"
+        absolute(saved) == "s3://bkt8/runs/a/candidates?endpoint_override=127.0.0.1:9&scheme=http"
     )
     try:
         open_storage(storage, create=False)  # --storage with the credentials, on this command line
-        assert _ensure_abs(saved) == store
+        assert absolute(saved) == store
     finally:
         redact._KNOWN.clear()

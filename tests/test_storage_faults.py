@@ -126,7 +126,7 @@ def test_stale_local_ray_record_starts_a_fresh_ray():
         "TWA_RAY_CONNECT_TIMEOUT": "3",
     }
     env.pop("RAY_ADDRESS", None)
-    code = "from twa_ray.pipeline import init_ray; import ray; init_ray(); print('CPUs', ray.cluster_resources()['CPU']); ray.shutdown()"
+    code = "from twa_ray.connect import connect_ray; import ray; connect_ray(); print('CPUs', ray.cluster_resources()['CPU']); ray.shutdown()"
     try:
         proc = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env

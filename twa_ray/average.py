@@ -2,7 +2,8 @@
 
     store (or a folder of checkpoints) -> SWA, greedy soup -> TWA-t / TWA-v -> outputs
 
-The same baseline and output code serves the distributed pipeline (:mod:`twa_ray.pipeline`).
+Its outputs are those of ``twa-ray run`` (:func:`twa_ray.report.write_outputs`), in a folder
+claimed the same way (:func:`twa_ray.outdir.claimed`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from twa_ray import outdir
 from twa_ray.config import RunConfig
@@ -33,19 +34,17 @@ from twa_ray.core.loop import CoefficientLoop, ShuffledBatches, steps_per_epoch,
 from twa_ray.core.subspace import Subspace
 from twa_ray.core.twa import TWA, TWAConfig, build_subspace
 from twa_ray.data import DataSplits, load_dataset
+from twa_ray.data.loaders import make_loader
 from twa_ray.models import build_model
-from twa_ray.redact import redact
 from twa_ray.report import (
     best_method,
+    check_finite,
     format_summary,
     format_table,
-    plot_coefficients,
-    prepare_out_dir,
-    write_coefficients,
     write_json,
-    write_model,
+    write_outputs,
 )
-from twa_ray.storage import join_uri, open_storage
+from twa_ray.storage import join_uri
 from twa_ray.store import CandidateStore, import_checkpoints, tied_names
 from twa_ray.store.hf import HFLogits, save_folder
 from twa_ray.store.importers import find_checkpoints
@@ -57,28 +56,11 @@ __all__ = [
     "open_candidates",
     "InModelOrder",
     "checkpoint_sources",
-    "check_finite",
     "Baselines",
     "compute_baselines",
     "fit_twa",
-    "make_loader",
     "make_loaders",
-    "write_outputs",
 ]
-
-
-def make_loader(
-    ds: Dataset[Any], batch_size: int, *, shuffle: bool, seed: int = 0, pin_memory: bool = False
-) -> DataLoader[Any]:
-    """``pin_memory``: page-locked batches, so that copies to a GPU overlap compute."""
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=gen if shuffle else None,
-        pin_memory=pin_memory,
-    )
 
 
 IMPORT_FILE = "import.json"  # what out/candidates was imported from (names, sizes, digests)
@@ -233,62 +215,6 @@ def compute_baselines(
     return out
 
 
-def write_outputs(
-    out: Path,
-    *,
-    metrics: dict[str, Any],
-    best_model: nn.Module | None,
-    coefficients: dict[str, torch.Tensor],
-    block_labels: list[str],
-    candidate_names: list[str],
-    config: RunConfig,
-) -> None:
-    """metrics.json, model.safetensors, coefficients.parquet, config.yaml and the heatmaps.
-
-    A model or coefficients holding NaN/Inf are never written: ``ValueError`` naming the cause."""
-    import yaml
-
-    check_finite(best_model, coefficients)
-    outdir.keep(out)  # results from here on: a failure below leaves what was written
-    write_json(out / "metrics.json", metrics)
-    with open(out / "config.yaml.tmp", "w") as f:
-        yaml.safe_dump(redact(config.to_dict()), f, sort_keys=False)  # URIs without credentials
-    (out / "config.yaml.tmp").replace(out / "config.yaml")
-    if coefficients:
-        write_coefficients(
-            out / "coefficients.parquet",
-            coefficients,
-            block_labels=block_labels,
-            candidate_names=candidate_names,
-        )
-        for variant, alpha in coefficients.items():
-            plot_coefficients(
-                out / f"coefficients_{variant}.png",
-                alpha,
-                block_labels=block_labels,
-                title=f"{variant} coefficients",
-            )
-    if best_model is not None:  # last: a model safetensors cannot hold leaves the rest written
-        write_model(out / "model.safetensors", best_model, {"format": "pt", "source": "twa_ray"})
-
-
-def check_finite(model: nn.Module | None, coefficients: dict[str, torch.Tensor]) -> None:
-    """Refuse a model or coefficients with NaN/Inf (an overflowing average, diverged TWA)."""
-    for variant, alpha in coefficients.items():
-        if not bool(torch.isfinite(alpha).all()):
-            raise ValueError(
-                f"the {variant} coefficients hold NaN/Inf: TWA diverged; lower --twa-lr or check the "
-                "candidates for huge values (nothing was written)"
-            )
-    for name, t in model.state_dict().items() if model is not None else ():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(
-                f"the averaged model has {bad} NaN/Inf values in {name!r}: the average overflowed or "
-                "diverged; check the candidates for huge values or lower --twa-lr (nothing was written)"
-            )
-
-
 def make_loaders(
     splits: DataSplits, batch_size: int, seed: int, *, pin_memory: bool = False
 ) -> dict[str, DataLoader[Any]]:
@@ -351,16 +277,69 @@ def fit_twa(
     return twa, loop.final
 
 
+@dataclass(frozen=True)
+class _Averaged:
+    """What :func:`run_average` writes: the metrics (``wall_time_s`` aside), each variant's
+    coefficients, the block labels and the candidates' names."""
+
+    metrics: dict[str, Any]
+    coefficients: dict[str, torch.Tensor]
+    block_labels: list[str]
+    names: list[str]
+
+
 def run_average(
-    cfg: RunConfig, *, batch_size: int = 128, overwrite: bool = False
+    cfg: RunConfig, *, batch_size: int = 128, req: outdir.Request | None = None
 ) -> dict[str, Any]:
     """Baselines and TWA on ``cfg.store`` with the model and data of ``cfg.data``; writes the
-    outputs to ``cfg.out`` (owned: see :mod:`twa_ray.outdir`) and returns the metrics."""
+    outputs to ``cfg.out`` (owned: see :mod:`twa_ray.outdir`; ``req``: how the command line
+    asked, default none of --overwrite) and returns the metrics."""
     start = time.time()
-    cfg, out = _check_out(cfg, overwrite)
-    torch.manual_seed(cfg.data.seed)
-    splits, model, layout, device = _setup_model(cfg)
-    outdir.claim(out, "average", overwrite=overwrite, keep=("candidates", IMPORT_FILE))
+    cfg = _resolve_store(cfg)
+    req = req or outdir.Request("average", cfg.out, cfg.storage)
+    req = dataclasses.replace(
+        req,
+        inputs=(("--store", cfg.store), ("--data-root", cfg.data.data_root)),
+        keep=("candidates", IMPORT_FILE),
+    )
+    with outdir.claimed(req) as outputs:
+        torch.manual_seed(cfg.data.seed)
+        splits, model, layout, device = _setup_model(cfg)
+        outputs.claim()
+        assert outputs.out is not None
+        res = _average(cfg, outputs.out, splits, model, layout, device, batch_size=batch_size)
+        metrics = {**res.metrics, "wall_time_s": round(time.time() - start, 2)}
+        check_finite(model, res.coefficients)  # NaN/Inf: nothing is written
+        outputs.keep()  # results from here on: a failure below leaves what was written
+        write_outputs(
+            outputs.out,
+            metrics=metrics,
+            best_model=model,
+            coefficients=res.coefficients,
+            block_labels=res.block_labels,
+            candidate_names=res.names,
+            config=cfg,
+        )
+        if isinstance(model, HFLogits):  # --model hf:FOLDER: also a folder from_pretrained loads
+            save_folder(model, outputs.out / "hf_model")
+        outputs.publish("average")  # --out is the local copy of <storage>/average
+    rows = [{"method": k, **v} for k, v in metrics["methods"].items()]
+    print(format_table(rows, ("method", "test_acc", "val_acc")))
+    print(f"outputs in {outputs.out} ({metrics['wall_time_s']:.0f} s)")
+    return metrics
+
+
+def _average(
+    cfg: RunConfig,
+    out: Path,
+    splits: DataSplits,
+    model: nn.Module,
+    layout: Layout,
+    device: torch.device,
+    *,
+    batch_size: int,
+) -> _Averaged:
+    """The baselines and TWA-t / TWA-v on the candidates of ``cfg.store``."""
     store = open_candidates(cfg.store, out, layout, tied_names(model))  # type: ignore[arg-type]
     names = store.names()
     loaders = make_loaders(splits, batch_size, cfg.data.seed, pin_memory=device.type == "cuda")
@@ -398,41 +377,20 @@ def run_average(
         "numel": layout.numel,
         "subspace": {**summary, "rows": subspace.num_rows, "blocks": subspace.num_blocks},
         "kernel": kernel,
-        "wall_time_s": round(time.time() - start, 2),
     }
-    write_outputs(
-        out,
-        metrics=metrics,
-        best_model=model,
-        coefficients=coefficients,
-        block_labels=list(subspace.blocks.labels),
-        candidate_names=names,
-        config=cfg,
-    )
-    if isinstance(model, HFLogits):  # --model hf:FOLDER: also a folder that from_pretrained loads
-        save_folder(model, out / "hf_model")
-    if cfg.storage:  # --out is the local copy of <storage>/average (a run's are in outputs/)
-        open_storage(cfg.storage).upload_outputs(out, "average")
-    rows = [{"method": k, **v} for k, v in methods.items()]
-    print(format_table(rows, ("method", "test_acc", "val_acc")))
-    print(f"outputs in {out.resolve()} ({metrics['wall_time_s']:.0f} s)")
-    return metrics
+    return _Averaged(metrics, coefficients, list(subspace.blocks.labels), names)
 
 
-def _check_out(cfg: RunConfig, overwrite: bool) -> tuple[RunConfig, Path]:
-    """The config with its store resolved and the checked (not yet claimed) output folder."""
-    if cfg.store is None and cfg.storage:  # the candidates of a run in --storage
+def _resolve_store(cfg: RunConfig) -> RunConfig:
+    """The config with its store resolved: ``--store``, or the candidates of a run in
+    ``--storage``."""
+    if cfg.store is None and cfg.storage:
         cfg = dataclasses.replace(cfg, store=join_uri(cfg.storage, "candidates"))
     if cfg.store is None:
         raise ValueError(
             "twa-ray average needs --store (a candidate store or a folder of checkpoints)"
         )
-    out = prepare_out_dir(cfg.out)
-    outdir.check_inputs(out, [("--store", cfg.store), ("--data-root", cfg.data.data_root)])
-    outdir.check(out, "average", overwrite=overwrite)
-    if cfg.storage:  # the run's storage: average/ is added to it, one writer at a time
-        outdir.hold(open_storage(cfg.storage, create=False), "average")
-    return cfg, out
+    return cfg
 
 
 def _setup_model(cfg: RunConfig) -> tuple[DataSplits, nn.Module, Layout, torch.device]:

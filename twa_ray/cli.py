@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import dataclasses
 import errno
 import functools
@@ -23,7 +24,6 @@ import textwrap
 import threading
 import typing
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 __all__ = ["main", "build_parser", "config_from_args", "sweep_config_from_args", "smoke_sweep"]
@@ -222,9 +222,8 @@ def _add_options(p: argparse.ArgumentParser, command: str, **defaults: Any) -> N
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from twa_ray import __version__
-
+def _verbosity() -> argparse.ArgumentParser:
+    """The flags every command takes: -v, -q, --connect-timeout."""
     verbosity = _Parser(add_help=False)
     verbosity.add_argument(
         "-v",
@@ -246,26 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds to wait for Ray and the storage to answer (default: 60)",
     )
-    parser = _Parser(
-        prog="twa-ray", description="Trainable Weight Averaging on Ray.", parents=[verbosity]
-    )
-    parser.add_argument("--version", action="version", version=f"twa-ray {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    return verbosity
 
-    def command(name: str, help_: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_, description=help_, parents=[verbosity])
 
-    run = command("run", "sample with Ray Train, then TWA-t/TWA-v and baselines (the main job)")
+_ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS or a local Ray)"
+_OVERWRITE_HELP = "delete an earlier twa-ray output in --out first"
+
+
+def _add_run(run: argparse.ArgumentParser) -> None:
     run.add_argument("--config", help="YAML config (flags override it)")
-    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    run.add_argument("--address", help=_ADDRESS_HELP)
     run.add_argument("--smoke-test", action="store_true", help="a tiny run for checks (seconds)")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    run.add_argument(
-        "--overwrite", action="store_true", help="delete an earlier twa-ray output in --out first"
-    )
+    run.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     _add_options(run, "run")
 
-    sw = command("sweep", "Ray Tune sweep over TWA's knobs, sampling once per group of trials")
+
+def _add_sweep(sw: argparse.ArgumentParser) -> None:
     sw.add_argument(
         "--config", required=True, help="YAML: run config sections plus a 'sweep:' section"
     )
@@ -277,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="sampling runs (default: OUT/sampling; share it to reuse runs)",
     )
-    sw.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    sw.add_argument("--address", help=_ADDRESS_HELP)
     sw.add_argument(
         "--smoke-test", action="store_true", help="tiny data and epochs, two draws (a few minutes)"
     )
@@ -286,19 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue an interrupted sweep in --out (Tuner.restore)",
     )
-    sw.add_argument(
-        "--overwrite", action="store_true", help="delete an earlier twa-ray output in --out first"
-    )
+    sw.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     _add_options(sw, "sweep")
 
-    avg = command("average", "TWA on an existing store or checkpoint folder, no Ray")
+
+def _add_average(avg: argparse.ArgumentParser) -> None:
     avg.add_argument("--config", help="YAML config (flags override it)")
-    avg.add_argument(
-        "--overwrite", action="store_true", help="delete an earlier twa-ray output in --out first"
-    )
+    avg.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     _add_options(avg, "average", out=DEFAULT_OUT["average"])
 
-    imp = command("import", "import a folder of .pt / .safetensors checkpoints into a store")
+
+def _add_import(imp: argparse.ArgumentParser) -> None:
     imp.add_argument("src", help="folder of checkpoints (or one checkpoint file)")
     imp.add_argument("--out", required=True, help="candidate store URI to create or add to")
     imp.add_argument(
@@ -307,6 +301,27 @@ def build_parser() -> argparse.ArgumentParser:
         "the checkpoints' own tensors, in file order)",
     )
     _add_options(imp, "import")
+
+
+_COMMANDS = {
+    "run": ("sample with Ray Train, then TWA-t/TWA-v and baselines (the main job)", _add_run),
+    "sweep": ("Ray Tune sweep over TWA's knobs, sampling once per group of trials", _add_sweep),
+    "average": ("TWA on an existing store or checkpoint folder, no Ray", _add_average),
+    "import": ("import a folder of .pt / .safetensors checkpoints into a store", _add_import),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from twa_ray import __version__
+
+    verbosity = _verbosity()
+    parser = _Parser(
+        prog="twa-ray", description="Trainable Weight Averaging on Ray.", parents=[verbosity]
+    )
+    parser.add_argument("--version", action="version", version=f"twa-ray {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (help_, add) in _COMMANDS.items():
+        add(sub.add_parser(name, help=help_, description=help_, parents=[verbosity]))
     return parser
 
 
@@ -342,26 +357,20 @@ def _overlay_flags(d: dict[str, Any], args: argparse.Namespace) -> dict[str, str
     return given
 
 
-_SMOKE = {
-    "data.num_samples": 1500,
-    "sampling.epochs": 4,
-    "sampling.sample_frac": 0.5,
-    "sampling.batch_size": 64,
-    "twa.epochs": 1.0,
-    "greedy_soup": False,
-}
-
-
 def config_from_args(args: argparse.Namespace, *, smoke_test: bool = False):
-    """The resolved :class:`~twa_ray.config.RunConfig`: dataclass defaults < --config < flags,
-    validated as one typed config (flag values are named by their flag in errors)."""
-    from twa_ray.config import config_from_dict
+    """The resolved :class:`~twa_ray.config.RunConfig`: dataclass defaults < --config < smoke
+    sizes (:func:`~twa_ray.config.smoke_sizes`) < flags, validated as one typed config (flag
+    values are named by their flag in errors)."""
+    from twa_ray.config import config_from_dict, smoke_sizes
 
     d = _config_dict(args)
-    for key, smoke in _SMOKE.items() if smoke_test else ():
-        _overlay(d, key, smoke)
     if args.command in DEFAULT_OUT and "out" not in d:
         d["out"] = DEFAULT_OUT[args.command]
+    if smoke_test:  # sized for the interval the run will use: the file's or the flag's
+        probe = copy.deepcopy(d)
+        planned = config_from_dict(probe, flags=_overlay_flags(probe, args))
+        for key, value in smoke_sizes(planned).items():
+            _overlay(d, key, value)
     return config_from_dict(d, flags=_overlay_flags(d, args))
 
 
@@ -375,104 +384,76 @@ def sweep_config_from_args(args: argparse.Namespace):
 
 
 def smoke_sweep(cfg: Any) -> Any:
-    """The sweep at smoke size: 1500 MNIST-1D samples, enough short sampling epochs for the
-    coarsest epoch interval to give 4 candidates, 2 TWA epochs, at most two draws of the space."""
-    intervals = [cfg.base.sampling.sample_interval]
-    spec = cfg.space.get("sampling.sample_interval")
-    if isinstance(spec, dict) and next(iter(spec)) in ("grid", "choice"):
-        intervals += list(next(iter(spec.values())))
-    epochs = max(8, 8 * max(intervals)) if cfg.base.sampling.interval_unit == "epoch" else 8
-    base = cfg.base
-    base = dataclasses.replace(
-        base,
-        data=dataclasses.replace(base.data, num_samples=1500),
-        sampling=dataclasses.replace(base.sampling, epochs=epochs, sample_frac=0.5, batch_size=64),
-        twa=dataclasses.replace(base.twa, epochs=2.0),
+    """The sweep at smoke size (:func:`twa_ray.config.smoke_sweep`)."""
+    from twa_ray.config import smoke_sweep as at_smoke_size
+
+    return at_smoke_size(cfg)
+
+
+def _request(args: argparse.Namespace, out: str, storage: str | None = None) -> Any:
+    """The outputs a command asks for, as its flags say (:class:`twa_ray.outdir.Request`)."""
+    from twa_ray.outdir import Request
+
+    return Request(
+        args.command,
+        out,
+        storage,
+        resume=getattr(args, "resume", False),
+        overwrite=getattr(args, "overwrite", False),
+        address=getattr(args, "address", None),
     )
-    return dataclasses.replace(cfg, base=base, num_samples=min(cfg.num_samples, 2))
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
     from twa_ray import outdir
     from twa_ray.core.layout import Layout
-    from twa_ray.storage import open_storage
     from twa_ray.store import import_checkpoints
 
     data = config_from_args(args).data
-    outdir.check_inputs(args.out, [("checkpoint", args.src), ("--data-root", data.data_root)])
-    layout, aliases = None, None
-    if args.model:
-        from twa_ray.data import load_dataset
-        from twa_ray.models import build_model
-        from twa_ray.store import tied_names
+    inputs = (("checkpoint", args.src), ("--data-root", data.data_root))
+    with outdir.claimed(dataclasses.replace(_request(args, args.out), inputs=inputs)) as outputs:
+        layout, aliases = None, None
+        if args.model:
+            from twa_ray.data import load_dataset
+            from twa_ray.models import build_model
+            from twa_ray.store import tied_names
 
-        splits = load_dataset(data.dataset, root=data.data_root)
-        model = build_model(
-            args.model, num_classes=splits.num_classes, input_shape=splits.input_shape
-        )
-        layout, aliases = Layout.from_module(model), tied_names(model)
-    outdir.hold(
-        open_storage(args.out, create=False), "import", flag=f"--out {args.out!r}"
-    )  # one import at a time
-    print(import_checkpoints(args.src, args.out, layout=layout, aliases=aliases).summary(args.out))
+            splits = load_dataset(data.dataset, root=data.data_root)
+            model = build_model(
+                args.model, num_classes=splits.num_classes, input_shape=splits.input_shape
+            )
+            layout, aliases = Layout.from_module(model), tied_names(model)
+        outputs.claim()  # one import at a time
+        imported = import_checkpoints(args.src, args.out, layout=layout, aliases=aliases)
+    print(imported.summary(args.out))
     return 0
 
 
 def _cmd_average(args: argparse.Namespace) -> int:
     from twa_ray.average import run_average
 
-    run_average(config_from_args(args), overwrite=args.overwrite)
+    cfg = config_from_args(args)
+    run_average(cfg, req=_request(args, cfg.out, cfg.storage))
     return 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from twa_ray import outdir
     from twa_ray.tune import run_sweep
 
     cfg = sweep_config_from_args(args)
-    outdir.check_inputs(args.out, [("--data-root", cfg.base.data.data_root)])
-    # --resume with --storage continues from the storage alone: a new --out is fine
-    resume = outdir.resume_out(args.out, cfg.base.storage, args.resume)
-    outdir.check(args.out, "sweep", resume=resume, overwrite=args.overwrite)
-    outdir.lock(args.out)  # one writer at a time; the sweep claims --out with its --storage
-    _local_ray(args.address)
-    run_sweep(
-        cfg,
-        out=args.out,
-        address=args.address,
-        sampling_dir=args.sampling_dir,
-        resume=args.resume,
-        overwrite=args.overwrite,
-    )
+    run_sweep(cfg, _request(args, args.out, cfg.base.storage), sampling_dir=args.sampling_dir)
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from twa_ray import outdir
     from twa_ray.pipeline import run_pipeline
 
     cfg = config_from_args(args, smoke_test=args.smoke_test)
-    outdir.check_inputs(cfg.out, [("--data-root", cfg.data.data_root)])
-    resume = outdir.resume_out(cfg.out, cfg.storage, args.resume)
-    outdir.check(cfg.out, "run", resume=resume, overwrite=args.overwrite)
-    _local_ray(args.address)
-    run_pipeline(cfg, address=args.address, resume=args.resume, overwrite=args.overwrite)
+    run_pipeline(cfg, _request(args, cfg.out, cfg.storage))
     return 0
 
 
 # --------------------------------------------------------------------------- signals, logging
-
-
-def _local_ray(address: str | None) -> None:
-    """Before Ray starts: Ray Train's own SIGINT handler is kept out (it would stop only the
-    current phase, and the next would start: the whole command stops instead). On a local Ray
-    (no ``--address`` / ``RAY_ADDRESS``) nothing is preempted: Ray Train's preemption watcher
-    (one more actor, and its ``core_worker.cc`` error line) is not started."""
-    from twa_ray.ray.ray_internals import stop_train_sigint_handler
-
-    stop_train_sigint_handler()
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -640,19 +621,30 @@ def _os_error_line(e: OSError, command: str) -> str | None:
     )
 
 
-def _restore(
-    *, ray_was_up: bool, failed: bool, created: list[Path], streams: Any, timeout_env: str | None
-) -> None:
-    """Leave the process as :func:`main` found it: Ray (when it started it), locks and leases,
-    the console streams, the connect timeout and the signal handlers."""
-    from twa_ray import outdir
+def _prepare(args: argparse.Namespace) -> tuple[Any, str | None]:
+    """Before a command: credentials redacted on the console, ``--connect-timeout`` in the
+    environment (read by Ray's and the storage's waits), logging and signals; returns what
+    :func:`_restore` puts back (the console streams, the connect timeout)."""
+    from twa_ray import redact
 
+    streams = redact.install()  # no credential reaches the console, whoever prints it
+    timeout_env = os.environ.get("TWA_RAY_CONNECT_TIMEOUT")
+    if hasattr(args, "connect_timeout"):
+        os.environ["TWA_RAY_CONNECT_TIMEOUT"] = args.connect_timeout
+    _setup_logging(args)
+    _interruptible(args.command)
+    return streams, timeout_env
+
+
+def _restore(*, ray_was_up: bool, streams: Any, timeout_env: str | None) -> None:
+    """Leave the process as :func:`main` found it: Ray (when it started it), the console
+    streams, the connect timeout and the signal handlers (each command releases its outputs:
+    :func:`twa_ray.outdir.claimed`)."""
     if _ray_up() and not ray_was_up:
         try:
             sys.modules["ray"].shutdown()
         except KeyboardInterrupt:
             pass
-    outdir.release_all(failed=failed, created=created)
     sys.stdout, sys.stderr = streams
     if timeout_env is None:
         os.environ.pop("TWA_RAY_CONNECT_TIMEOUT", None)
@@ -668,24 +660,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version (0) or a usage error (2, already printed)
         return int(e.code or 0)
-    from twa_ray import redact
-
-    streams = redact.install()  # no credential reaches the console, whoever prints it
-    timeout_env = os.environ.get("TWA_RAY_CONNECT_TIMEOUT")
-    if hasattr(args, "connect_timeout"):
-        os.environ["TWA_RAY_CONNECT_TIMEOUT"] = (
-            args.connect_timeout
-        )  # read by Ray's and the storage's waits
-    _setup_logging(args)
-    out = getattr(args, "out", None) or DEFAULT_OUT.get(args.command)
-    created = (
-        []
-        if out is None or "://" in str(out) or os.path.exists(out)
-        else [Path(os.path.abspath(out))]
-    )
     ray_was_up = _ray_up()  # a caller's Ray (tests, notebooks) is left running
-    failed = True
-    _interruptible(args.command)
+    streams, timeout_env = _prepare(args)
     try:
         from twa_ray.storage import connect_timeout
 
@@ -696,11 +672,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sweep": _cmd_sweep,
             "run": _cmd_run,
         }
-        rc = commands[args.command](args)
-        failed = False
-        return rc
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see _interruptible)
-        failed = False  # what ran is kept: --resume continues it
+        return commands[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see _interruptible); --resume continues
         _Interrupt.tell(args.command)
         return _Interrupt.exit_code()
     except (
@@ -728,13 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"twa-ray: error: {line}", file=sys.stderr)
         return 2
     finally:
-        _restore(
-            ray_was_up=ray_was_up,
-            failed=failed,
-            created=created,
-            streams=streams,
-            timeout_env=timeout_env,
-        )
+        _restore(ray_was_up=ray_was_up, streams=streams, timeout_env=timeout_env)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import functools
 import math
 import types
 import typing
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Annotated, Any, Literal
 
 from twa_ray.core.checks import INT64_MAX, ConfigError, Range, check_fields
@@ -34,6 +34,12 @@ __all__ = [
     "config_from_dict",
     "load_sweep_config",
     "sweep_config_from_dict",
+    "Smoke",
+    "SMOKE_RUN",
+    "SMOKE_SWEEP",
+    "smoke_sizes",
+    "smoke_sweep",
+    "with_keys",
 ]
 
 
@@ -467,3 +473,68 @@ def sweep_config_from_dict(
 def load_sweep_config(path: str) -> SweepConfig:
     """Read a YAML sweep file: the sections of a run config plus ``sweep:``."""
     return sweep_config_from_dict(read_yaml(path, "sweep config"))
+
+
+# --------------------------------------------------------------------------- smoke sizes
+
+
+@dataclass(frozen=True)
+class Smoke:
+    """The sizes of a ``--smoke-test`` (seconds on a laptop): small data and batches, and a
+    sampling run just long enough for the coarsest epoch interval in play to give
+    ``candidates`` candidates (``sample_frac`` of the budget)."""
+
+    num_samples: int = 1500
+    sample_frac: float = 0.5
+    batch_size: int = 64
+    candidates: int = 2  # at the coarsest sample_interval (epochs; a step interval: its epochs)
+    twa_epochs: float = 1.0
+    greedy_soup: bool = False
+    draws: int | None = None  # a sweep: at most this many draws of the space
+
+
+SMOKE_RUN = Smoke()
+"""``twa-ray run --smoke-test`` (and jobs/run_twa.py): two candidates, one TWA epoch."""
+SMOKE_SWEEP = Smoke(candidates=4, twa_epochs=2.0, draws=2)
+"""``twa-ray sweep --smoke-test``: four candidates to choose among, two TWA epochs, two draws."""
+
+
+def smoke_sizes(
+    cfg: RunConfig, size: Smoke = SMOKE_RUN, *, intervals: Sequence[int] = ()
+) -> dict[str, Any]:
+    """The dotted config keys a smoke test sets on ``cfg``. The epochs adapt to the coarsest of
+    ``cfg``'s ``sample_interval`` and ``intervals`` (a sweep's), so that a config a smoke sweep
+    ran (its ``best.yaml``) runs again at smoke size with the same candidates per interval."""
+    s = cfg.sampling
+    per_interval = round(size.candidates / size.sample_frac)  # epochs that give one candidate each
+    coarsest = max([s.sample_interval, *intervals]) if s.interval_unit == "epoch" else 1
+    return {
+        "data.num_samples": size.num_samples,
+        "sampling.epochs": per_interval * max(coarsest, 1),
+        "sampling.sample_frac": size.sample_frac,
+        "sampling.batch_size": size.batch_size,
+        "twa.epochs": size.twa_epochs,
+        "greedy_soup": size.greedy_soup,
+    }
+
+
+def with_keys(cfg: RunConfig, keys: Mapping[str, Any]) -> RunConfig:
+    """``cfg`` with the dotted ``keys`` replaced (``"sampling.epochs"``, ``"greedy_soup"``)."""
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in keys.items():
+        section, _, name = key.rpartition(".")
+        (sections.setdefault(section, {}) if section else top)[name] = value
+    parts = {k: replace(getattr(cfg, k), **v) for k, v in sections.items()}
+    return replace(cfg, **parts, **top)
+
+
+def smoke_sweep(cfg: SweepConfig, size: Smoke = SMOKE_SWEEP) -> SweepConfig:
+    """The sweep at smoke size (:func:`smoke_sizes` over the space's epoch intervals too)."""
+    spec = cfg.space.get("sampling.sample_interval")
+    intervals: list[int] = []
+    if isinstance(spec, dict) and next(iter(spec)) in ("grid", "choice"):
+        intervals = list(next(iter(spec.values())))
+    base = with_keys(cfg.base, smoke_sizes(cfg.base, size, intervals=intervals))
+    draws = cfg.num_samples if size.draws is None else min(cfg.num_samples, size.draws)
+    return replace(cfg, base=base, num_samples=draws)

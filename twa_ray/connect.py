@@ -10,6 +10,9 @@ for :func:`twa_ray.storage.connect_timeout` seconds (``--connect-timeout``):
 - a stale local record is passed over: a fresh local Ray starts, with one warning line that
   says how to clear the record;
 - a new local node that Ray gives up on (its raylet not registered in 30 s) is one line.
+
+Whether Ray is local (no ``--address`` and no ``RAY_ADDRESS``: a Ray this command starts, that
+cannot grow and that nothing preempts) is decided here, once: :func:`connect_ray` returns it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import socket
 
 from twa_ray.storage import connect_timeout
 
-__all__ = ["connect_ray", "answers", "recorded_head"]
+__all__ = ["connect_ray"]
 
 log = logging.getLogger("twa_ray")
 
@@ -52,21 +55,33 @@ def recorded_head() -> tuple[str, str | None]:
         return path, None
 
 
-def connect_ray(address: str | None = None) -> None:
+def connect_ray(address: str | None = None) -> bool:
     """``ray.init`` on ``address`` / ``RAY_ADDRESS`` / the recorded local head, or a new local
     Ray; a head that does not answer within the connect timeout is refused or passed over.
+    Returns whether the Ray is local.
+
+    Before Ray starts, Ray Train's own SIGINT handler is kept out (it would stop only the
+    current phase, and the next would start: the whole command stops instead), and on a local
+    Ray, where nothing is preempted, Ray Train's preemption watcher (one more actor, and its
+    ``core_worker.cc`` error line) is not started.
 
     Raises:
         ValueError: ``--address`` / ``RAY_ADDRESS`` names a head that does not answer.
     """
     import ray
 
-    if ray.is_initialized():
-        return
-    limit = connect_timeout()
+    from twa_ray.ray.ray_internals import stop_train_sigint_handler
+
     given, flag = (
         (address, "--address") if address else (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")
     )
+    local = not given
+    stop_train_sigint_handler()
+    if local:
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    if ray.is_initialized():
+        return local
+    limit = connect_timeout()
     if given and given not in ("auto", "local"):
         if not answers(given, limit):
             raise ValueError(
@@ -75,16 +90,29 @@ def connect_ray(address: str | None = None) -> None:
                 "RAY_ADDRESS to start a local Ray (--connect-timeout sets the wait)"
             )
     elif not given:
-        record, head = recorded_head()
-        if head and not answers(head, limit):
-            log.warning(
-                "the local Ray recorded in %s (%s) does not answer (its `ray start --head` has "
-                "stopped); starting a fresh local Ray instead (`ray stop` or deleting that file "
-                "clears the record)",
-                record,
-                head,
-            )
-            address = "local"
+        address = _fresh_if_stale(limit)
+    _init(address)
+    return local
+
+
+def _fresh_if_stale(limit: float) -> str | None:
+    """``'local'`` (a fresh local Ray) when the recorded local head does not answer, else None."""
+    record, head = recorded_head()
+    if head and not answers(head, limit):
+        log.warning(
+            "the local Ray recorded in %s (%s) does not answer (its `ray start --head` has "
+            "stopped); starting a fresh local Ray instead (`ray stop` or deleting that file "
+            "clears the record)",
+            record,
+            head,
+        )
+        return "local"
+    return None
+
+
+def _init(address: str | None) -> None:
+    import ray
+
     from twa_ray.ray.ray_internals import keep_signal_handlers
 
     try:

@@ -8,10 +8,19 @@ first, before anything else. Before anything starts:
 - a location holding anything twa-ray did not write is refused (one line naming a few of the
   foreign entries): a new or empty location is claimed, nothing is ever written beside a user's
   files;
+- inside a marked location, what twa-ray writes is known at every depth (:data:`LAYOUT`, a
+  tree of name patterns: ``outputs/metrics.json``, ``candidates/<name>.arrow``,
+  ``work/sampling_<run id>.json``, ...); an entry it does not name, at any depth (a user's
+  report in ``outputs/``), is foreign too, and refuses the command the same way. Ray writes
+  its own trees below folders twa-ray names: Ray Train the run ``work/ray_train/sampling_<run
+  id>`` (and ``twa_<run id>``; ``ray_train/sampling_*`` of a sweep's sampling run), Tune the
+  experiment ``tune/sweep``. Those folders are Ray's whole: twa-ray names them, Ray fills them
+  (checkpoints, state files whose names Ray chooses and changes between versions), so they are
+  owned, and deleted, as a whole;
 - a location holding another output is refused unless ``--overwrite``, which deletes the entries
-  twa-ray wrote there, one by one: the names of :data:`LAYOUT` below a marker (twa-ray alone
-  creates them; a folder among them is deleted with what it holds). The location itself is never
-  deleted nor emptied, so a bucket root or a shared prefix keeps everything else;
+  twa-ray wrote there, one by one (a folder of :data:`LAYOUT` entry by entry, then the folder
+  once empty). The location itself is never deleted nor emptied, so a bucket root or a shared
+  prefix keeps everything else;
 - ``--resume`` needs an output of the same command, and never goes with ``--overwrite``;
 - an ``--out`` equal to, inside or holding an input (a store, a checkpoint folder, a data root)
   is refused: inputs are never written;
@@ -24,13 +33,23 @@ first, before anything else. Before anything starts:
   waits ``min(1 s, ttl / 10)`` and reads it back; two claims whose read and write interleave
   within that window can both win (the race window). Clocks must agree within ``ttl``.
 
-A refused command leaves no trace: :func:`release_all` releases the locks and leases of this
-process and removes the folders it created that hold nothing but markers.
+A command goes through these steps in one order, in one context manager (:func:`claimed`)::
+
+    with outdir.claimed(Request("run", out, storage, resume=.., overwrite=..)) as outputs:
+        # checked: the inputs, --out, the storage (nothing written yet)
+        ...                    # the command's own checks: data, model, connect Ray, resources
+        outputs.claim()        # locked / leased, the previous output deleted, marked
+        ...                    # the work; outputs.keep(), outputs.publish()
+    # released: locks and leases; a failed command removes what it created (markers only)
+
+A refused command leaves no trace: the folders it created that hold nothing but markers are
+removed.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import fnmatch
 import logging
@@ -40,10 +59,10 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -53,25 +72,7 @@ from twa_ray.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "LAYOUT",
-    "LEASE",
-    "MARKERS",
-    "check",
-    "check_inputs",
-    "check_storage",
-    "claim",
-    "claim_storage",
-    "foreign",
-    "hold",
-    "keep",
-    "lock",
-    "mark",
-    "owner",
-    "release_all",
-    "resume_out",
-    "writable",
-]
+__all__ = ["Request", "Outputs", "claimed", "owner", "foreign", "MARKERS", "LAYOUT", "LEASE"]
 
 MARKERS = {"run": "run.json", "sweep": "sweep.json", "average": "average.json"}
 """The marker of each command's output."""
@@ -80,39 +81,57 @@ LEASE = ".twa-ray-lease.json"
 """The one-writer lease of a ``--storage`` or a store: ``{command, run_id, host, pid, token,
 ttl_s, renewed}`` (hidden: a candidate store ignores it)."""
 
-LAYOUT = (
-    *MARKERS.values(),
-    LEASE,
-    "candidates",
-    "full_candidates",
-    "short_candidates",
-    "work",
-    "outputs",
-    "average",
-    "sampling",
-    "tune",
-    "plan.json",
-    "import.json",
-    "best_run",
-    "metrics.json",
-    "config.yaml",
-    "model.safetensors",
-    "coefficients.parquet",
-    "coefficients_*.png",
-    "accuracy.png",
-    "trials.parquet",
-    "trials.csv",
-    "sweep.png",
-    "best.yaml",
-    "summary.json",
-    ".*.tmp",
-    "*.json.*.tmp",
-    "config.yaml.tmp",
-)
-"""The top-level names twa-ray writes under a location it marked (``fnmatch`` patterns):
-``--storage`` of a run (candidates, work, outputs, full_candidates, short_candidates, average), of a sweep
-(plan.json, sampling, tune, outputs), an ``--out`` (the output files, and the storage layout
-when no ``--storage`` is given), and temporary files of atomic writes."""
+ALL = "all"
+"""A file, or a folder written wholly by twa-ray or by Ray (deleted with what it holds)."""
+
+_TMP = {".*.tmp": ALL, "*.*.tmp": ALL}  # temporary files (and folders) of atomic writes
+_OUTPUT_FILES = {
+    n: ALL
+    for n in (
+        "metrics.json",
+        "config.yaml",
+        "model.safetensors",
+        "coefficients.parquet",
+        "coefficients_*.png",
+        "accuracy.png",
+        "trials.parquet",
+        "trials.csv",
+        "sweep.png",
+        "best.yaml",
+        "summary.json",
+    )
+}
+_STORE = {"*.arrow": ALL, **_TMP}  # a candidate store: <name>.arrow
+# Ray Train writes the run twa-ray names ``sampling_<run id>`` / ``twa_<run id>`` under
+# ``ray_train/``: its checkpoints and state are Ray's, all of it ours
+_RAY_TRAIN = {"sampling_*": ALL, "twa_*": ALL}
+_WORK = {"ray_train": _RAY_TRAIN, "sampling_*.json": ALL, "twa_*.json": ALL, **_TMP}
+_GROUP = {"candidates": _STORE, "sampling_done.json": ALL, **_WORK}  # a sweep's sampling run
+
+LAYOUT: dict[str, Any] = {
+    **{m: ALL for m in MARKERS.values()},
+    LEASE: ALL,
+    "candidates": _STORE,
+    "full_candidates": _STORE,
+    "short_candidates": _STORE,
+    "work": _WORK,
+    "outputs": {**_OUTPUT_FILES, **_TMP},
+    "average": {**_OUTPUT_FILES, **_TMP},
+    "sampling": {"*": _GROUP},
+    "tune": {"sweep": ALL},  # the Tune experiment, Ray's
+    "plan.json": ALL,
+    "import.json": ALL,
+    "hf_model": {"*.json": ALL, "*.safetensors": ALL},
+    **_OUTPUT_FILES,
+    **_TMP,
+}
+"""What twa-ray writes under a location it marked, as a tree of ``fnmatch`` patterns: a name
+maps to :data:`ALL` or to the patterns of the folder's own entries. ``--storage`` of a run
+(candidates, work, outputs, full_candidates, short_candidates, average), of a sweep (plan.json,
+sampling, tune, outputs), an ``--out`` (the output files, ``best_run``: the run of a sweep's
+``best.yaml``, and the storage layout when no ``--storage`` is given), and temporary files of
+atomic writes."""
+LAYOUT["best_run"] = LAYOUT
 
 LEASE_TTL_ENV = "TWA_RAY_LEASE_TTL_S"
 
@@ -125,10 +144,12 @@ def _where(where: Storage | str | os.PathLike[str]) -> Storage:
     return where if isinstance(where, Storage) else open_storage(str(_abs(where)), create=False)
 
 
-def _entries(st: Storage) -> list[pafs.FileInfo]:
-    """The top-level entries of ``st`` (none when it does not exist)."""
+def _entries(st: Storage, path: str | None = None) -> list[pafs.FileInfo]:
+    """The entries of the folder ``path`` of ``st`` (default: its top), sorted by name (none
+    when it does not exist)."""
+    sel = pafs.FileSelector(path or st.path, allow_not_found=True)
     try:
-        return list(st.fs.get_file_info(pafs.FileSelector(st.path, allow_not_found=True)))
+        return sorted(st.fs.get_file_info(sel), key=lambda i: i.base_name)
     except (OSError, pa.ArrowException) as e:
         raise ValueError(
             f"cannot list {redact(st.uri)!r} ({str(e).splitlines()[0]}); check the path and the credentials"
@@ -156,23 +177,42 @@ def owner(where: Storage | str | os.PathLike[str]) -> tuple[str, str] | None:
     return None
 
 
+def _spec(name: str, layout: dict[str, Any]) -> Any:
+    """What ``layout`` says of the entry ``name``: :data:`ALL`, a folder's layout, or None
+    (twa-ray does not write that name there)."""
+    return next((v for p, v in layout.items() if fnmatch.fnmatchcase(name, p)), None)
+
+
+def _walk(
+    st: Storage, path: str, layout: dict[str, Any], rel: str = ""
+) -> Iterator[tuple[pafs.FileInfo, str, Any]]:
+    """``(info, path relative to st, spec)`` of every entry below ``path`` the walk reaches:
+    the entries of each folder :data:`LAYOUT` describes (one it maps to :data:`ALL` is not
+    entered)."""
+    for info in _entries(st, path):
+        spec = _spec(info.base_name, layout)
+        yield info, f"{rel}{info.base_name}", spec
+        if isinstance(spec, dict) and info.type == pafs.FileType.Directory:
+            yield from _walk(st, info.path, spec, f"{rel}{info.base_name}/")
+
+
 def foreign(where: Storage | str | os.PathLike[str]) -> list[str]:
-    """The top-level entries of ``where`` that twa-ray did not write, sorted: everything but the
-    lease when it holds no marker, else what :data:`LAYOUT` does not name."""
+    """The entries of ``where`` that twa-ray did not write, sorted, as paths relative to it:
+    every top-level entry but the lease when it holds no marker, else, at every depth, what
+    :data:`LAYOUT` does not name (not entered further)."""
     st = _where(where)
-    names = sorted(i.base_name for i in _entries(st))
     if owner(st) is None:
-        return [n for n in names if n != LEASE]
-    return [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in LAYOUT)]
+        return sorted(i.base_name for i in _entries(st) if i.base_name != LEASE)
+    return [rel for _info, rel, spec in _walk(st, st.path, LAYOUT) if spec is None]
 
 
-def resume_out(out: str | os.PathLike[str], storage: str | None, resume: bool) -> bool:
+def _resume_out(out: str | os.PathLike[str], storage: str | None, resume: bool) -> bool:
     """Whether ``--out`` itself is resumed: with ``--storage`` a run continues from the storage
     alone, and a new (empty) ``--out`` is fine."""
     return resume and (not storage or owner(out) is not None)
 
 
-def check_inputs(out: str | os.PathLike[str], inputs: Iterable[tuple[str, str | None]]) -> None:
+def _check_inputs(out: str | os.PathLike[str], inputs: Iterable[tuple[str, str | None]]) -> None:
     """Refuse an ``--out`` equal to or inside an input folder, or holding one.
 
     ``inputs``: ``(flag, path)`` pairs; URIs (``s3://``) and ``None`` are skipped."""
@@ -225,25 +265,36 @@ def _refuse(st: Storage | None, command: str, *, resume: bool, overwrite: bool, 
 
 
 def _delete_owned(st: Storage, keep: Iterable[str] = ()) -> None:
-    """Delete the entries twa-ray wrote in ``st`` (:data:`LAYOUT`), one by one, except ``keep``
-    and the lease; never ``st`` itself nor an entry that LAYOUT does not name. The marker goes
-    last: a crash on the way leaves an output that is still marked, or nothing."""
+    """Delete the entries twa-ray wrote in ``st`` (:data:`LAYOUT`, at every depth), one by one,
+    except the top-level ``keep`` and the lease; never ``st`` itself nor an entry that LAYOUT
+    does not name (:func:`foreign` refused those before). A folder LAYOUT describes goes once
+    it is empty; the marker goes last: a crash on the way leaves an output that is still
+    marked, or nothing."""
     spare = {LEASE, *keep}
-    for info in sorted(_entries(st), key=lambda i: i.base_name in MARKERS.values()):
-        n = info.base_name
-        if n in spare or not any(fnmatch.fnmatchcase(n, p) for p in LAYOUT):
-            continue
-        if info.type == pafs.FileType.Directory:
-            st.fs.delete_dir(info.path)  # a folder twa-ray created, with what it holds
-        else:
-            st.fs.delete_file(info.path)
+    top = [i for i in _entries(st) if i.base_name not in spare]
+    for info in sorted(top, key=lambda i: i.base_name in MARKERS.values()):
+        _delete_entry(st, info, _spec(info.base_name, LAYOUT))
+
+
+def _delete_entry(st: Storage, info: pafs.FileInfo, spec: Any) -> None:
+    if spec is None:
+        return
+    if info.type != pafs.FileType.Directory:
+        st.fs.delete_file(info.path)
+    elif spec == ALL:
+        st.fs.delete_dir(info.path)  # a folder twa-ray (or Ray) wrote, with what it holds
+    else:
+        for child in _entries(st, info.path):
+            _delete_entry(st, child, _spec(child.base_name, spec))
+        if not _entries(st, info.path):
+            st.fs.delete_dir(info.path)
 
 
 def _new_id(command: str) -> str:
     return f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def mark(where: Storage | str | os.PathLike[str], command: str, run_id: str) -> None:
+def _mark(where: Storage | str | os.PathLike[str], command: str, run_id: str) -> None:
     """Write the marker of ``where`` unless it holds one already (``--resume``)."""
     st = _where(where)
     if owner(st) is None:
@@ -253,7 +304,7 @@ def mark(where: Storage | str | os.PathLike[str], command: str, run_id: str) -> 
 # --------------------------------------------------------------------------- --storage
 
 
-def check_storage(
+def _check_storage(
     st: Storage, command: str, *, resume: bool = False, overwrite: bool = False, flag: str = ""
 ) -> None:
     """Refuse ``st`` for ``command`` before anything starts (foreign entries, another output,
@@ -264,7 +315,7 @@ def check_storage(
     _refuse(st, command, resume=resume, overwrite=overwrite, flag=flag)
 
 
-def claim_storage(
+def _claim_storage(
     st: Storage,
     command: str,
     *,
@@ -276,7 +327,7 @@ def claim_storage(
     """Check ``st``, take its lease, delete the previous output (``--overwrite``; ``keep``
     survives one of the same command) and mark it; returns the run id: new, or the resumed one."""
     flag = flag or f"--storage {redact(st.uri)!r}"
-    check_storage(st, command, resume=resume, overwrite=overwrite, flag=flag)
+    _check_storage(st, command, resume=resume, overwrite=overwrite, flag=flag)
     mine = owner(st)
     run_id = mine[1] if resume and mine else _new_id(command)
     _acquire(st, command, run_id, flag)
@@ -287,11 +338,11 @@ def claim_storage(
         return run_id
     if mine is not None:
         _delete_owned(st, keep if mine[0] == command else ())
-    mark(st, command, run_id)
+    _mark(st, command, run_id)
     return run_id
 
 
-def hold(st: Storage, command: str, *, flag: str = "") -> str:
+def _hold(st: Storage, command: str, *, flag: str = "") -> str:
     """Take the lease of ``st`` for a command that adds to it (``average`` next to a run's
     candidates, ``import`` into a store): refused when it holds files twa-ray did not write
     (a store: nothing checked) or another command writes it. Returns the lease's id."""
@@ -482,10 +533,10 @@ def _locked(out: Path) -> FileExistsError:
     )
 
 
-def writable(out: str | os.PathLike[str]) -> Path:
+def _writable(out: str | os.PathLike[str]) -> Path:
     """``out`` as a path, checked before anything is written: a directory, or a name that can be
     created (its nearest existing ancestor is a writable directory). Creates nothing: the
-    command's :func:`claim` / :func:`lock` does."""
+    command's :func:`_claim` / :func:`_lock` does."""
     path = Path(out).expanduser()
     probe = path
     while not probe.exists() and probe != probe.parent:
@@ -502,7 +553,7 @@ def writable(out: str | os.PathLike[str]) -> Path:
     return path
 
 
-def check(
+def _check(
     out: str | os.PathLike[str], command: str, *, resume: bool = False, overwrite: bool = False
 ) -> Path:
     """Refuse ``out`` for ``command`` before anything starts; changes nothing."""
@@ -523,7 +574,7 @@ def check(
     return path
 
 
-def lock(out: str | os.PathLike[str], *, disposable: bool = False) -> Path:
+def _lock(out: str | os.PathLike[str], *, disposable: bool = False) -> Path:
     """Create ``out`` if needed and hold its exclusive lock until :func:`release_all` (or the
     process ends); a second writer gets ``FileExistsError``. ``disposable``: a failed command
     removes the folder it created whatever it holds (nothing in it can be resumed)."""
@@ -544,7 +595,7 @@ def lock(out: str | os.PathLike[str], *, disposable: bool = False) -> Path:
     return path
 
 
-def keep(out: str | os.PathLike[str]) -> None:
+def _keep(out: str | os.PathLike[str]) -> None:
     """``out`` holds results from now on: a later failure no longer removes it (not disposable)."""
     path = Path(os.path.abspath(os.path.expanduser(os.fspath(out))))
     for held in _HELD:
@@ -552,7 +603,7 @@ def keep(out: str | os.PathLike[str]) -> None:
             held.disposable = False
 
 
-def claim(
+def _claim(
     out: str | os.PathLike[str],
     command: str,
     *,
@@ -564,9 +615,9 @@ def claim(
     """Check ``out``, lock it, delete the previous output (``--overwrite``; ``keep`` survives
     one of the same command) and mark it (``run_id``, default a new one); returns the run id:
     that, or the resumed one."""
-    check(out, command, resume=resume, overwrite=overwrite)
-    path = lock(out, disposable=command == "average")
-    check(path, command, resume=resume, overwrite=overwrite)  # again, now that we hold the lock
+    _check(out, command, resume=resume, overwrite=overwrite)
+    path = _lock(out, disposable=command == "average")
+    _check(path, command, resume=resume, overwrite=overwrite)  # again, now that we hold the lock
     mine = owner(path)
     if resume:
         assert mine is not None
@@ -574,7 +625,7 @@ def claim(
     if mine is not None:
         _delete_owned(_where(path), keep if mine[0] == command else ())
     run_id = run_id or _new_id(command)
-    mark(path, command, run_id)
+    _mark(path, command, run_id)
     return run_id
 
 
@@ -605,3 +656,150 @@ def release_all(*, failed: bool = False, created: Iterable[Path] = ()) -> None:
         for path in undo:
             if path.is_dir() and _only_markers(path):
                 shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the lifecycle
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a command asks of the places it writes, as the user gave it."""
+
+    command: Literal["run", "sweep", "average", "import"]
+    out: str  # --out: a local folder (import: the store, a path or a URI)
+    storage: str | None = None  # --storage (run, sweep: None is --out; average: a run's, added to)
+    resume: bool = False  # --resume: continue the output of the same command
+    overwrite: bool = False  # --overwrite: delete the previous twa-ray output first
+    address: str | None = None  # --address of Ray (None: RAY_ADDRESS or a local Ray)
+    inputs: tuple[tuple[str, str | None], ...] = ()  # (flag, path) of the inputs: never written
+    keep: tuple[str, ...] = ()  # top-level names --overwrite keeps of the same command's output
+
+    @property
+    def flag(self) -> str:
+        """How the user named the location the command marks and leases."""
+        if self.command == "import" or not self.storage:
+            return f"--out {self.out!r}"
+        return f"--storage {redact(self.storage)!r}"
+
+
+class Outputs:
+    """The outputs of one command, inside :func:`claimed`: ``out`` (the local ``--out``;
+    import: None), ``storage`` (where it leases and marks: ``--storage``, ``--out``, the store;
+    average without ``--storage``: None) and, after :meth:`claim`, ``run_id``."""
+
+    def __init__(self, req: Request) -> None:
+        self.req = req
+        self.run_id: str | None = None
+        self.created: list[Path] = []  # folders this command made (removed if it fails early)
+        self.out: Path | None = None
+        self.storage: Storage | None = None
+        self.resume_out = False  # --out itself is resumed (with --storage it may be new)
+
+    def _check(self) -> None:
+        """The inputs, ``--out`` and the storage, refused before anything starts."""
+        req = self.req
+        if req.command == "import":
+            _check_inputs(req.out, req.inputs)
+            if "://" not in req.out and not os.path.exists(req.out):
+                self.created.append(_abs(req.out))
+            self.storage = open_storage(req.out, create=False)
+            return
+        self.out = _writable(req.out).resolve()
+        _check_inputs(req.out, req.inputs)
+        self.created += [] if self.out.exists() else [self.out]
+        self.resume_out = _resume_out(self.out, req.storage, req.resume)
+        _check(req.out, req.command, resume=self.resume_out, overwrite=req.overwrite)
+        if req.command == "average":
+            self._check_average()
+        else:
+            self._check_storage()
+
+    def _check_storage(self) -> None:
+        """run, sweep: ``--storage`` (default ``--out``), refused before anything starts."""
+        req = self.req
+        where = req.storage or str(self.out)
+        if "://" not in where and not os.path.exists(where):
+            self.created.append(_abs(where))
+        self.storage = open_storage(where, create="://" in where)  # a URI: probed by creating it
+        _check_storage(
+            self.storage, req.command, resume=req.resume, overwrite=req.overwrite, flag=req.flag
+        )
+
+    def _check_average(self) -> None:
+        """average: a run's ``--storage`` it adds ``average/`` to, refused when foreign files
+        lie there or another command writes it."""
+        if not self.req.storage:
+            return
+        self.storage = open_storage(self.req.storage, create=False)
+        if foreign(self.storage):
+            _refuse(self.storage, "average", resume=False, overwrite=True, flag=self.req.flag)
+        _check_lease(self.storage, self.req.flag)
+
+    @property
+    def elsewhere(self) -> bool:
+        """The storage is not the local ``--out`` (it gets a copy of the outputs)."""
+        st = self.storage
+        return st is not None and not (
+            st.local and self.out is not None and st.path == str(self.out)
+        )
+
+    def claim(self) -> str:
+        """Lock ``--out``, take the storage's lease, delete the previous output
+        (``--overwrite``) and mark both with one id; returns it (new, or the resumed one)."""
+        req, st = self.req, self.storage
+        if req.command == "import":
+            assert st is not None
+            self.run_id = _hold(st, "import", flag=req.flag)  # one import at a time
+            return self.run_id
+        assert self.out is not None
+        if req.command == "average":
+            if st is not None:
+                _hold(st, "average", flag=req.flag)
+            self.run_id = _claim(self.out, "average", overwrite=req.overwrite, keep=req.keep)
+            return self.run_id
+        assert st is not None
+        _lock(self.out)
+        if st.local:
+            os.makedirs(st.path, exist_ok=True)
+        self.run_id = _claim_storage(
+            st, req.command, resume=req.resume, overwrite=req.overwrite, flag=req.flag
+        )
+        if self.elsewhere:
+            _claim(
+                self.out,
+                req.command,
+                resume=self.resume_out,
+                overwrite=req.overwrite,
+                run_id=self.run_id,
+            )
+        return self.run_id
+
+    def keep(self) -> None:
+        """``--out`` holds results from now on: a later failure no longer removes it."""
+        if self.out is not None:
+            _keep(self.out)
+
+    def publish(self, rel: str = "outputs") -> None:
+        """Copy the output files of ``--out`` to ``rel/`` of the storage when it is elsewhere."""
+        if self.elsewhere and self.out is not None:
+            assert self.storage is not None
+            self.storage.upload_outputs(self.out, rel, skip=set(MARKERS.values()))
+
+
+@contextlib.contextmanager
+def claimed(req: Request) -> Iterator[Outputs]:
+    """Check the inputs, ``--out`` and the storage of ``req`` (nothing written), yield its
+    :class:`Outputs` (the command claims them with :meth:`Outputs.claim` once its own checks
+    passed), and release the locks and leases at the end; a failed command removes the folders
+    it created that hold nothing but markers (an average's: whatever they hold)."""
+    outputs = Outputs(req)
+    failed = True
+    try:
+        outputs._check()
+        yield outputs
+        failed = False
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what ran is kept, --resume continues it
+        failed = False
+        raise
+    finally:
+        release_all(failed=failed, created=outputs.created)

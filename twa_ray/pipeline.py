@@ -1,6 +1,6 @@
 """One end-to-end run on Ray: ``twa-ray run``, a recipe of six steps (torchtune style)::
 
-    setup               outputs claimed, data and model on the driver, Ray connected
+    setup               data and model on the driver, Ray connected, outputs claimed
     sample              Ray Train, sample_frac * E epochs -> candidate store (pyarrow)
     build_basis         the candidates' quantized subspace -> shards in the object store
     learn_coefficients  TWA-t / TWA-v on the coefficient worker group
@@ -13,6 +13,9 @@ The epoch budget counts every epoch of SGD plus the TWA epochs; the saving is
 seconds and every method's ``wall_s`` is what a run producing only that model takes on this
 cluster (Ray start and data included), so ``time_saved = 1 - wall_s / wall_s(sgd_full)``
 (a ``--resume``d run counts what this process ran).
+
+The recipe runs inside :func:`twa_ray.outdir.claimed`: the inputs, ``--out`` and the storage
+are checked before it starts, and released when it ends.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,16 +32,23 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from twa_ray import outdir
-from twa_ray.average import make_loader, write_outputs
 from twa_ray.config import RunConfig, SamplingConfig
 from twa_ray.core.baselines import greedy_soup
 from twa_ray.core.evaluate import evaluate, make_scorer
 from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.data import load_dataset
+from twa_ray.data.loaders import make_loader
 from twa_ray.models import build_model
-from twa_ray.redact import redact, restore
-from twa_ray.report import best_method, format_summary, format_table, plot_accuracy, prepare_out_dir
-from twa_ray.storage import Storage, check_multi_node, open_storage
+from twa_ray.redact import redact
+from twa_ray.report import (
+    best_method,
+    check_finite,
+    format_summary,
+    format_table,
+    plot_accuracy,
+    write_outputs,
+)
+from twa_ray.storage import Storage, absolute, check_multi_node
 from twa_ray.store import CandidateStore
 
 if TYPE_CHECKING:  # the Ray layer is imported when a step runs (importing Ray is slow)
@@ -58,70 +67,8 @@ __all__ = [
     "learn_coefficients",
     "baselines",
     "write",
-    "init_ray",
     "check_resources",
 ]
-
-
-def init_ray(address: str | None = None) -> None:
-    """Connect to ``address`` / ``RAY_ADDRESS`` (a cluster, or inside ``ray job submit``), or
-    start a local Ray when neither is set; a head that does not answer is refused or passed over
-    within the connect timeout (:func:`twa_ray.connect.connect_ray`)."""
-    from twa_ray.connect import connect_ray
-
-    connect_ray(address)
-
-
-def _flag(storage: Storage, given: str | None) -> str:
-    return f"--storage {storage.uri!r}" if given else f"--out {storage.uri!r}"
-
-
-def _check_out_dir(
-    storage: Storage,
-    *,
-    resume: bool,
-    overwrite: bool,
-    kind: str = "run",
-    given: str | None = None,
-) -> None:
-    """Refuse the storage (``--storage``, default ``--out``) before anything starts: the rules of
-    :func:`twa_ray.outdir.check_storage`. Changes nothing."""
-    outdir.check_storage(
-        storage, kind, resume=resume, overwrite=overwrite, flag=_flag(storage, given)
-    )
-
-
-def _claim_out_dir(
-    storage: Storage,
-    *,
-    resume: bool,
-    overwrite: bool,
-    kind: str = "run",
-    given: str | None = None,
-    out: os.PathLike[str] | str | None = None,
-) -> str:
-    """The id of the ``kind`` in ``storage``: new, resumed (``--resume``) or after deleting the
-    previous twa-ray output there (``--overwrite``); the storage's lease is held from now on.
-    ``out``: the local ``--out``, locked, and claimed with the same id when it is elsewhere."""
-    if out is not None:
-        outdir.lock(out)
-    run_id = outdir.claim_storage(
-        storage, kind, resume=resume, overwrite=overwrite, flag=_flag(storage, given)
-    )
-    if out is not None and not (storage.local and os.path.abspath(out) == storage.path):
-        resumed = outdir.resume_out(out, given, resume)
-        outdir.claim(out, kind, resume=resumed, overwrite=overwrite, run_id=run_id)
-    return run_id
-
-
-def storage_of(cfg: RunConfig, out: str) -> tuple[Storage, dict[str, str]]:
-    """The run's storage (``--storage``, default ``--out``) and the local paths among the
-    locations every node reads (for :func:`twa_ray.storage.check_multi_node`)."""
-    storage = open_storage(cfg.storage or out)
-    paths = {("--storage" if cfg.storage else "--out (the default --storage)"): storage.uri}
-    if cfg.store:
-        paths["--store"] = cfg.store
-    return storage, paths
 
 
 def check_resources(s: SamplingConfig, *, fixed: bool) -> None:
@@ -161,13 +108,26 @@ class _Run:
     """What :func:`setup` resolves and builds once; every later step reads it."""
 
     cfg: RunConfig  # with absolute local paths (workers may run in another directory)
-    out: Path
-    storage: Storage
-    run_id: str
+    outputs: outdir.Outputs  # --out and the storage, claimed
     splits: Any  # the dataset on the driver (greedy soup)
     model: torch.nn.Module  # the architecture on the driver: the best method's weights go here
     layout: Layout
     given_store: str | None  # --store as given (None: the default under the storage), saved
+
+    @property
+    def out(self) -> Path:
+        assert self.outputs.out is not None
+        return self.outputs.out
+
+    @property
+    def storage(self) -> Storage:
+        assert self.outputs.storage is not None
+        return self.outputs.storage
+
+    @property
+    def run_id(self) -> str:
+        assert self.outputs.run_id is not None
+        return self.outputs.run_id
 
     @property
     def work(self) -> str:
@@ -195,21 +155,19 @@ class _Methods:
     wall: dict[str, Any]
 
 
-def run_pipeline(
-    cfg: RunConfig,
-    *,
-    address: str | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Sample, average, evaluate and report; returns the metrics written to ``metrics.json``."""
+def run_pipeline(cfg: RunConfig, req: outdir.Request | None = None) -> dict[str, Any]:
+    """Sample, average, evaluate and report; returns the metrics written to ``metrics.json``.
+    ``req``: how the command line asked for the outputs (default: a new run in ``cfg.out``)."""
     start, wall = time.time(), _Stopwatch()
-    run = wall("setup", setup, cfg, address=address, resume=resume, overwrite=overwrite)
-    sampled = wall("sampling", sample, run)
-    basis = wall("basis", build_basis, run)
-    results = wall("coefficients", learn_coefficients, run, basis)
-    methods = baselines(run, sampled, basis, results, wall=wall.seconds)
-    return write(run, sampled, basis, results, methods, start=start)
+    req = req or outdir.Request("run", cfg.out, cfg.storage)
+    req = dataclasses.replace(req, inputs=(("--data-root", cfg.data.data_root),))
+    with outdir.claimed(req) as outputs:
+        run = wall("setup", setup, cfg, outputs)
+        sampled = wall("sampling", sample, run)
+        basis = wall("basis", build_basis, run)
+        results = wall("coefficients", learn_coefficients, run, basis)
+        methods = baselines(run, sampled, basis, results, wall=wall.seconds)
+        return write(run, sampled, basis, results, methods, start=start)
 
 
 class _Stopwatch:
@@ -226,23 +184,24 @@ class _Stopwatch:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
-def setup(cfg: RunConfig, *, address: str | None, resume: bool, overwrite: bool) -> _Run:
-    """Check and claim the outputs, load the data and model on the driver, connect to Ray."""
+def setup(cfg: RunConfig, outputs: outdir.Outputs) -> _Run:
+    """With the outputs checked: load the data and model on the driver, connect to Ray, check
+    the cluster, then claim the outputs."""
+    from twa_ray.connect import connect_ray
     from twa_ray.ray.group import check_data_root_on_nodes
 
-    out = prepare_out_dir(cfg.out).resolve()
-    outdir.check(
-        out, "run", resume=outdir.resume_out(out, cfg.storage, resume), overwrite=overwrite
-    )
-    storage, shared_paths = storage_of(cfg, str(out))
-    _check_out_dir(storage, resume=resume, overwrite=overwrite, given=cfg.storage)  # refuse early
+    assert outputs.storage is not None and outputs.out is not None
     # workers may run in another directory: every local path they see is absolute
-    given_store = _ensure_abs(cfg.store) if cfg.store else None  # saved: --config repeats the run
-    data_root = _ensure_abs(cfg.data.data_root) if cfg.data.data_root else None
+    data_root = absolute(cfg.data.data_root) if cfg.data.data_root else None
+    given_store = absolute(cfg.store) if cfg.store else None  # saved: --config repeats the run
+    shared_paths = {
+        ("--storage" if cfg.storage else "--out (the default --storage)"): outputs.storage.uri,
+        **({"--store": cfg.store} if cfg.store else {}),
+    }
     cfg = dataclasses.replace(
         cfg,
-        out=str(out),
-        store=_ensure_abs(cfg.store) if cfg.store else storage.join("candidates"),
+        out=str(outputs.out),
+        store=given_store or outputs.storage.join("candidates"),
         data=dataclasses.replace(cfg.data, data_root=data_root),
     )
     # the data and the model on the driver first: a missing dataset root or a bad model name is
@@ -252,23 +211,13 @@ def setup(cfg: RunConfig, *, address: str | None, resume: bool, overwrite: bool)
         d.dataset, root=d.data_root, val_frac=d.val_frac, seed=d.seed, num_samples=d.num_samples
     )
     model = build_model(d.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
-    local = address is None and not os.environ.get("RAY_ADDRESS")
-    init_ray(address)
+    local = connect_ray(outputs.req.address)
     check_resources(cfg.sampling, fixed=local)
     check_multi_node(shared_paths, shared_fs=cfg.shared_fs)
     check_data_root_on_nodes(cfg.data)
-    run_id = _claim_out_dir(storage, resume=resume, overwrite=overwrite, given=cfg.storage, out=out)
+    outputs.claim()
     layout = Layout.from_module(model)
-    return _Run(
-        cfg,
-        out,
-        storage,
-        run_id,
-        splits=splits,
-        model=model,
-        layout=layout,
-        given_store=given_store,
-    )
+    return _Run(cfg, outputs, splits=splits, model=model, layout=layout, given_store=given_store)
 
 
 def sample(run: _Run) -> SamplingResult:
@@ -436,11 +385,13 @@ def write(
     metrics = _metrics(run, sampled, basis, results, methods.methods, best=f"twa_{best_mode}")
     metrics["wall_s"] = {k: _round(v) for k, v in methods.wall.items()}
     metrics["wall_time_s"] = round(time.time() - start, 1)
+    coefficients = {f"twa_{m}": r.alpha for m, r in results.items()}
+    check_finite(run.model, coefficients)  # NaN/Inf: nothing is written
     write_outputs(
         out,
         metrics=metrics,
         best_model=run.model,
-        coefficients={f"twa_{m}": r.alpha for m, r in results.items()},
+        coefficients=coefficients,
         block_labels=list(basis.sharded.blocks.labels),
         candidate_names=basis.names,
         config=dataclasses.replace(cfg, store=run.given_store),
@@ -449,8 +400,7 @@ def write(
         k: (v["epochs_used"], v["test_acc"]) for k, v in methods.methods.items() if k != "sgd_full"
     }
     plot_accuracy(out / "accuracy.png", sampled.history, points, full_history=methods.full_history)
-    if cfg.storage and run.storage.uri != str(out):  # --out is the local copy of <storage>/outputs
-        run.storage.upload_outputs(out)
+    run.outputs.publish()  # --out is the local copy of <storage>/outputs
     _print_table(methods.methods)
     copy = f", and in {redact(run.storage.join('outputs'))}" if cfg.storage else ""
     print(f"outputs in {out} ({metrics['wall_time_s']:.0f} s){copy}")
@@ -571,7 +521,3 @@ def _greedy_soup(
         "val_acc": res.score,
         "kept": [names[i] for i in res.kept],
     }
-
-
-def _ensure_abs(path: str) -> str:
-    return restore(path) if "://" in path else os.path.abspath(path)

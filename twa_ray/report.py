@@ -14,11 +14,14 @@ import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from twa_ray.redact import redact
+
+if TYPE_CHECKING:
+    from twa_ray.config import RunConfig
 
 __all__ = [
     "atomic_path",
@@ -32,8 +35,9 @@ __all__ = [
     "plot_accuracy",
     "plot_coefficients",
     "plot_sweep",
-    "prepare_out_dir",
     "write_table",
+    "write_outputs",
+    "check_finite",
 ]
 
 
@@ -71,13 +75,6 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def prepare_out_dir(out: str) -> Path:
-    """``out`` as a path, checked before anything is written (see :func:`twa_ray.outdir.writable`)."""
-    from twa_ray.outdir import writable
-
-    return writable(out)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
@@ -356,3 +353,57 @@ def plot_sweep(
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def write_outputs(
+    out: Path,
+    *,
+    metrics: dict[str, Any],
+    best_model: torch.nn.Module | None,
+    coefficients: dict[str, torch.Tensor],
+    block_labels: list[str],
+    candidate_names: list[str],
+    config: RunConfig,
+) -> None:
+    """metrics.json, model.safetensors, coefficients.parquet, config.yaml and the heatmaps.
+
+    The caller checks them first (:func:`check_finite`)."""
+    import yaml
+
+    write_json(out / "metrics.json", metrics)
+    with open(out / "config.yaml.tmp", "w") as f:
+        yaml.safe_dump(redact(config.to_dict()), f, sort_keys=False)  # URIs without credentials
+    (out / "config.yaml.tmp").replace(out / "config.yaml")
+    if coefficients:
+        write_coefficients(
+            out / "coefficients.parquet",
+            coefficients,
+            block_labels=block_labels,
+            candidate_names=candidate_names,
+        )
+        for variant, alpha in coefficients.items():
+            plot_coefficients(
+                out / f"coefficients_{variant}.png",
+                alpha,
+                block_labels=block_labels,
+                title=f"{variant} coefficients",
+            )
+    if best_model is not None:  # last: a model safetensors cannot hold leaves the rest written
+        write_model(out / "model.safetensors", best_model, {"format": "pt", "source": "twa_ray"})
+
+
+def check_finite(model: torch.nn.Module | None, coefficients: dict[str, torch.Tensor]) -> None:
+    """Refuse a model or coefficients with NaN/Inf (an overflowing average, diverged TWA)."""
+    for variant, alpha in coefficients.items():
+        if not bool(torch.isfinite(alpha).all()):
+            raise ValueError(
+                f"the {variant} coefficients hold NaN/Inf: TWA diverged; lower --twa-lr or check the "
+                "candidates for huge values (nothing was written)"
+            )
+    for name, t in model.state_dict().items() if model is not None else ():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(
+                f"the averaged model has {bad} NaN/Inf values in {name!r}: the average overflowed or "
+                "diverged; check the candidates for huge values or lower --twa-lr (nothing was written)"
+            )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ __all__ = [
     "open_storage",
     "filesystem_from_uri",
     "join_uri",
+    "absolute",
     "check_multi_node",
     "alive_nodes",
     "job_argv",
@@ -74,6 +76,12 @@ def join_uri(uri: str, *parts: str) -> str:
         return os.path.join(uri, *parts)
     base, sep, query = uri.partition("?")
     return "/".join([base.rstrip("/"), *parts]) + sep + query
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (workers may run in another directory), or a URI as given
+    (its redacted credentials restored)."""
+    return restore(path) if "://" in path else os.path.abspath(path)
 
 
 @dataclass(frozen=True)
@@ -155,12 +163,11 @@ class Storage:
             total += src.stat().st_size
         return total
 
-    def upload_outputs(self, out: str | os.PathLike[str], rel: str = "outputs") -> int:
-        """Copy the outputs in ``out`` (its top-level files, markers and hidden files aside) to
-        ``rel/``; returns the bytes copied."""
-        from twa_ray.outdir import MARKERS
-
-        skip = set(MARKERS.values())
+    def upload_outputs(
+        self, out: str | os.PathLike[str], rel: str = "outputs", *, skip: Collection[str] = ()
+    ) -> int:
+        """Copy the outputs in ``out`` (its top-level files, ``skip`` and hidden files aside)
+        to ``rel/``; returns the bytes copied."""
         names = sorted(
             p.name
             for p in Path(out).iterdir()

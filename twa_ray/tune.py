@@ -29,23 +29,15 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from twa_ray import outdir
 from twa_ray.config import SweepConfig, config_from_dict
-from twa_ray.pipeline import _check_out_dir, _claim_out_dir, _ensure_abs, init_ray, storage_of
 from twa_ray.redact import redact
-from twa_ray.report import (
-    atomic_path,
-    format_table,
-    plot_sweep,
-    prepare_out_dir,
-    write_json,
-    write_table,
-)
-from twa_ray.storage import Storage, check_multi_node, open_storage
+from twa_ray.report import atomic_path, format_table, plot_sweep, write_json, write_table
+from twa_ray.storage import Storage, absolute, check_multi_node, open_storage
 from twa_ray.store import CandidateStore
 from twa_ray.tune_plan import PlannedTrial, SamplingGroup, SweepPlan, plan_sweep, select_candidates
 
@@ -266,68 +258,66 @@ def _tuner(cfg: SweepConfig, plan: SweepPlan, storage: Storage, *, restore: bool
 
 
 def run_sweep(
-    cfg: SweepConfig,
-    *,
-    out: str,
-    address: str | None = None,
-    sampling_dir: str | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
+    cfg: SweepConfig, req: outdir.Request, *, sampling_dir: str | None = None
 ) -> dict[str, Any]:
-    """Plan, sample once per group, run the trials on Ray Tune, write the outputs to ``out``.
+    """Plan, sample once per group, run the trials on Ray Tune, write the outputs to ``--out``.
 
     Args:
         cfg: the base config, the space and the Tune options.
-        out: output directory (local or shared between the nodes of a cluster).
-        address: Ray cluster address (default: ``RAY_ADDRESS`` or a local Ray).
-        sampling_dir: where the sampling runs live (default ``out/sampling``); a directory shared
-            between sweeps reuses every finished run whose config matches.
-        resume: continue the sweep in ``out`` (its plan, finished sampling runs, and the Tune
-            experiment through ``Tuner.restore``); ``overwrite``: delete ``out`` first.
+        req: the outputs as the command line asked (``--out``: local or shared between the
+            nodes of a cluster; ``resume``: continue the sweep there, its plan, finished sampling
+            runs, and the Tune experiment through ``Tuner.restore``; ``overwrite``: delete the
+            previous output first) and Ray's ``--address``.
+        sampling_dir: where the sampling runs live (default ``<storage>/sampling``); a directory
+            shared between sweeps reuses every finished run whose config matches.
 
     Returns:
         the summary written to ``out/summary.json``.
     """
     start = time.time()
-    out_path = prepare_out_dir(out).resolve()
-    storage, shared_paths = storage_of(cfg.base, str(out_path))
-    claim = {"resume": resume, "overwrite": overwrite, "kind": "sweep", "given": cfg.base.storage}
-    if sampling_dir:
-        shared_paths["--sampling-dir"] = sampling_dir
-    _check_out_dir(storage, **claim)  # refuse early, before starting Ray
-    if resume and storage.exists(PLAN_FILE):
-        plan = _saved_plan(storage, cfg)
-    else:
-        plan = _new_plan(cfg, storage, sampling_dir)  # a bad space is refused before Ray starts
-    sweep_id = _start(
-        cfg, storage, out_path, address=address, claim=claim, shared_paths=shared_paths
+    req = dataclasses.replace(
+        req,
+        command="sweep",
+        storage=cfg.base.storage,
+        inputs=(("--data-root", cfg.base.data.data_root),),
     )
-    plan = dataclasses.replace(plan, sweep_id=sweep_id)
-    _write_plan(storage, plan)
-    log.info(
-        "sweep %s: %d trials, %d sampling run(s)", sweep_id, len(plan.trials), len(plan.groups)
-    )
+    with outdir.claimed(req) as outputs:
+        storage, out_path = outputs.storage, outputs.out
+        assert storage is not None and out_path is not None
+        if req.resume and storage.exists(PLAN_FILE):
+            plan = _saved_plan(storage, cfg)
+        else:
+            plan = _new_plan(cfg, storage, sampling_dir)  # a bad space is refused before Ray
+        _start(cfg, outputs, sampling_dir)
+        plan = dataclasses.replace(plan, sweep_id=outputs.run_id)
+        _write_plan(storage, plan)
+        log.info(
+            "sweep %s: %d trials, %d sampling run(s)",
+            plan.sweep_id,
+            len(plan.trials),
+            len(plan.groups),
+        )
 
-    # -- phase 1: one sampling run per group (Ray Train, the whole cluster) ------------------
-    t_sampling = time.time()
-    plan, groups = _run_groups(plan)
-    _write_plan(storage, plan)  # now with every trial's candidates
-    sampling_wall = time.time() - t_sampling
+        # -- phase 1: one sampling run per group (Ray Train, the whole cluster) --------------
+        t_sampling = time.time()
+        plan, groups = _run_groups(plan)
+        _write_plan(storage, plan)  # now with every trial's candidates
+        sampling_wall = time.time() - t_sampling
 
-    # -- phase 2: the trials (Ray Tune, ASHA on val_acc) ---------------------------------------
-    t_tune = time.time()
-    grid = _tuner(cfg, plan, storage, restore=resume).fit()
-    tune_wall = time.time() - t_tune
+        # -- phase 2: the trials (Ray Tune, ASHA on val_acc) -----------------------------------
+        t_tune = time.time()
+        grid = _tuner(cfg, plan, storage, restore=req.resume).fit()
+        tune_wall = time.time() - t_tune
 
-    # -- outputs -----------------------------------------------------------------------------
-    rows = _rows(grid, plan)
-    summary = _summarize(rows, plan, groups, out=storage.join("tune"))
-    summary.update(
-        wall_time_s=round(time.time() - start, 1),
-        sampling_wall_s=round(sampling_wall, 1),
-        tune_wall_s=round(tune_wall, 1),
-    )
-    _write_outputs(cfg, plan, rows, summary, storage, out_path)
+        # -- outputs -------------------------------------------------------------------------
+        rows = _rows(grid, plan)
+        summary = _summarize(rows, plan, groups, out=storage.join("tune"))
+        summary.update(
+            wall_time_s=round(time.time() - start, 1),
+            sampling_wall_s=round(sampling_wall, 1),
+            tune_wall_s=round(tune_wall, 1),
+        )
+        _write_outputs(plan, rows, summary, outputs)
     _print_results(rows, plan, summary, out_path)
     return summary
 
@@ -335,10 +325,10 @@ def run_sweep(
 def _new_plan(cfg: SweepConfig, storage: Storage, sampling_dir: str | None) -> SweepPlan:
     """:func:`~twa_ray.tune_plan.plan_sweep` with absolute paths: trials and workers may run
     elsewhere."""
-    root = _ensure_abs(sampling_dir) if sampling_dir else storage.join("sampling")
+    root = absolute(sampling_dir) if sampling_dir else storage.join("sampling")
     base = cfg.base
     if base.data.data_root:
-        data = dataclasses.replace(base.data, data_root=_ensure_abs(base.data.data_root))
+        data = dataclasses.replace(base.data, data_root=absolute(base.data.data_root))
         base = dataclasses.replace(base, data=data)
     return plan_sweep(dataclasses.replace(cfg, base=base), sampling_dir=root)
 
@@ -354,23 +344,20 @@ def _saved_plan(storage: Storage, cfg: SweepConfig) -> SweepPlan:
     return plan
 
 
-def _start(
-    cfg: SweepConfig,
-    storage: Storage,
-    out_path: Path,
-    *,
-    address: str | None,
-    claim: dict[str, Any],
-    shared_paths: dict[str, str],
-) -> str:
-    """Start (or join) Ray, check the cluster can run the sweep, claim the storage (and mark
-    ``out_path`` when the storage lies elsewhere). Returns the sweep id."""
-    init_ray(address)
+def _start(cfg: SweepConfig, outputs: outdir.Outputs, sampling_dir: str | None) -> None:
+    """Start (or join) Ray, check the cluster can run the sweep, claim the outputs."""
+    from twa_ray.connect import connect_ray
+
+    assert outputs.storage is not None
+    local = connect_ray(outputs.req.address)
+    shared_paths = {
+        ("--storage" if cfg.base.storage else "--out (the default --storage)"): outputs.storage.uri,
+        **({"--store": cfg.base.store} if cfg.base.store else {}),
+        **({"--sampling-dir": sampling_dir} if sampling_dir else {}),
+    }
     check_multi_node(shared_paths, shared_fs=cfg.base.shared_fs)
-    _check_trial_gpus(
-        cfg.gpus_per_trial, local=address is None and not os.environ.get("RAY_ADDRESS")
-    )
-    return _claim_out_dir(storage, **claim, out=out_path)
+    _check_trial_gpus(cfg.gpus_per_trial, local=local)
+    outputs.claim()
 
 
 def _knobs(plan: SweepPlan) -> list[str]:
@@ -378,22 +365,18 @@ def _knobs(plan: SweepPlan) -> list[str]:
 
 
 def _write_outputs(
-    cfg: SweepConfig,
-    plan: SweepPlan,
-    rows: list[dict[str, Any]],
-    summary: dict[str, Any],
-    storage: Storage,
-    out_path: Path,
+    plan: SweepPlan, rows: list[dict[str, Any]], summary: dict[str, Any], outputs: outdir.Outputs
 ) -> None:
     """trials.parquet / .csv, sweep.png, best.yaml, summary.json; with ``--storage`` elsewhere,
-    copied to the local ``--out`` too."""
+    copied to its ``outputs/`` too."""
+    out_path = outputs.out
+    assert out_path is not None
     write_table(out_path / "trials", rows)
     plot_sweep(out_path / "sweep.png", rows, _knobs(plan), best_index=summary["best"]["index"])
     best = plan.trials[summary["best"]["index"]]
     _write_best_yaml(out_path / "best.yaml", best, summary, out_path)
     write_json(out_path / "summary.json", summary)
-    if cfg.base.storage and storage.uri != str(out_path):  # --out: a local copy of the outputs
-        storage.upload_outputs(out_path)
+    outputs.publish()
 
 
 def _print_results(
