@@ -24,9 +24,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from twa_ray import outdir
 from twa_ray.config import RunConfig
+from twa_ray.core.atomic import atomic_path
 from twa_ray.core.baselines import greedy_soup, uniform_average
 from twa_ray.core.bn import update_bn
-from twa_ray.core.evaluate import evaluate, make_scorer
+from twa_ray.core.evaluate import BN_BATCH, evaluate, make_scorer
 from twa_ray.core.kernels.cpu import kernel_info
 from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.core.loop import CoefficientLoop, ShuffledBatches, steps_per_epoch, total_steps
@@ -251,9 +252,8 @@ def write_outputs(
     check_finite(best_model, coefficients)
     outdir.keep(out)  # results from here on: a failure below leaves what was written
     write_json(out / "metrics.json", metrics)
-    with open(out / "config.yaml.tmp", "w") as f:
+    with atomic_path(out / "config.yaml") as tmp, open(tmp, "w") as f:
         yaml.safe_dump(redact(config.to_dict()), f, sort_keys=False)  # URIs without credentials
-    (out / "config.yaml.tmp").replace(out / "config.yaml")
     if coefficients:
         write_coefficients(
             out / "coefficients.parquet",
@@ -298,9 +298,9 @@ def make_loaders(
     return {
         "train": make_loader(splits.train, batch_size, shuffle=True, seed=seed, **pin),
         "val_train": make_loader(splits.val, batch_size, shuffle=True, seed=seed, **pin),
-        "bn": make_loader(splits.train, 512, shuffle=False, **pin),
-        "val": make_loader(splits.val, 512, shuffle=False, **pin),
-        "test": make_loader(splits.test, 512, shuffle=False, **pin),
+        "bn": make_loader(splits.train, BN_BATCH, shuffle=False, **pin),
+        "val": make_loader(splits.val, BN_BATCH, shuffle=False, **pin),
+        "test": make_loader(splits.test, BN_BATCH, shuffle=False, **pin),
     }
 
 

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from twa_ray.config import SweepConfig, config_from_dict
+from twa_ray.core.atomic import atomic_path
 from twa_ray.pipeline import _check_out_dir, _claim_out_dir, _ensure_abs, init_ray, storage_of
 from twa_ray.redact import redact
 from twa_ray.report import (
-    atomic_path,
     format_table,
     plot_sweep,
     prepare_out_dir,
