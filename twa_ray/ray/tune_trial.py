@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from twa_ray import redact
 from twa_ray.core.bn import update_bn
 from twa_ray.core.evaluate import BN_BATCH, EVAL_BATCH, evaluate
 from twa_ray.core.layout import Layout
@@ -75,6 +76,7 @@ def twa_trial(config: dict[str, Any], *, plan: SweepPlan) -> None:
     import ray
     from ray import tune
 
+    redact.install()  # this trial's log records masked
     node_id = ray.get_runtime_context().get_node_id()  # the Ray node (several may share one IP)
     trial = plan.trials[config["trial"]["index"]]
     cfg = trial.config
