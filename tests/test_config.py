@@ -173,3 +173,26 @@ def test_random_yaml_trees_load_or_give_one_clean_line(tree):
             assert str(e) and "\n" not in str(e), str(e)
         else:
             assert isinstance(cfg, (RunConfig, SweepConfig))
+
+
+def test_the_coefficient_phase_config_reports_every_bad_field_in_one_line():
+    """The declared bounds (one validation style with the run config), all problems at once."""
+    from twa_ray.ray.coeff_group import CoeffGroupConfig
+
+    with pytest.raises(ValueError) as e:
+        CoeffGroupConfig(
+            modes=("x",), num_workers=0, checkpoint_interval_s=-1.0, bn_batches=0, max_failures=-1
+        )
+    msg = str(e.value)
+    assert msg.startswith("invalid coefficient-phase config: ") and "\n" not in msg
+    for part in (
+        "num_workers=0: must be >= 1",
+        "checkpoint_interval_s=-1.0: must be >= 0",
+        "bn_batches=0: must be >= 1",
+        "max_failures=-1: must be >= 0",
+        "modes=('x',): use a non-empty subset of ('t', 'v')",
+    ):
+        assert part in msg, msg
+    with pytest.raises(ValueError, match="batch_size=2: must be >= num_workers=4"):
+        CoeffGroupConfig(num_workers=4, batch_size=2)
+    assert CoeffGroupConfig(bn_batches=None, checkpoint_interval_s=0.0).bn_batches is None

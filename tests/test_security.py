@@ -148,16 +148,58 @@ def test_console_stream_masks_what_is_printed(capsys):
     assert capsys.readouterr().out == "outputs in s3://***@bkt/p\n"
 
 
-def test_log_records_are_masked(caplog):
+def test_log_records_are_masked_once_installed(caplog):
+    """``redact.install()`` (a command's start) masks every log record; twice wraps once."""
     import logging
 
-    import twa_ray.redact  # noqa: F401  (installs the masking log-record factory)
+    from twa_ray import redact
 
-    with caplog.at_level(logging.INFO, logger="twa_ray.any"):
-        logging.getLogger("twa_ray.any").info(
-            "reusing the run in %s", "s3://AK:logSECRET0001@bkt/p"
-        )
+    before = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(logging.LogRecord)  # as in a fresh process
+    try:
+        redact.install()
+        installed = logging.getLogRecordFactory()
+        redact.install()
+        assert logging.getLogRecordFactory() is installed is not logging.LogRecord
+        with caplog.at_level(logging.INFO, logger="twa_ray.any"):
+            logging.getLogger("twa_ray.any").info(
+                "reusing the run in %s", "s3://AK:logSECRET0001@bkt/p"
+            )
+    finally:
+        logging.setLogRecordFactory(before)
     assert caplog.messages == ["reusing the run in s3://***@bkt/p"]
+
+
+def test_a_command_installs_the_masking(tmp_path, capsys):
+    """``twa-ray`` masks log records from its start: even a command refused at once."""
+    import logging
+
+    from twa_ray.cli import main
+
+    before = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(logging.LogRecord)
+    try:
+        assert main(["average", "--store", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+        assert getattr(logging.getLogRecordFactory(), "_twa_ray", False)
+    finally:
+        logging.setLogRecordFactory(before)
+    assert "none" in capsys.readouterr().err
+
+
+def test_importing_the_package_leaves_logging_alone():
+    """No side effect on import: the masking factory arrives only with a command's start."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, twa_ray.redact, twa_ray.cli, twa_ray.store, twa_ray.ray.group; "
+        "print(logging.getLogRecordFactory() is logging.LogRecord)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
 
 
 def test_a_reused_config_takes_the_credentials_again(tmp_path):

@@ -27,7 +27,7 @@ from twa_ray import outdir
 from twa_ray.config import RunConfig
 from twa_ray.core.baselines import greedy_soup, uniform_average
 from twa_ray.core.bn import update_bn
-from twa_ray.core.evaluate import evaluate, make_scorer
+from twa_ray.core.evaluate import BN_BATCH, evaluate, make_scorer
 from twa_ray.core.kernels.cpu import kernel_info
 from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.core.loop import CoefficientLoop, ShuffledBatches, steps_per_epoch, total_steps
@@ -224,9 +224,9 @@ def make_loaders(
     return {
         "train": make_loader(splits.train, batch_size, shuffle=True, seed=seed, **pin),
         "val_train": make_loader(splits.val, batch_size, shuffle=True, seed=seed, **pin),
-        "bn": make_loader(splits.train, 512, shuffle=False, **pin),
-        "val": make_loader(splits.val, 512, shuffle=False, **pin),
-        "test": make_loader(splits.test, 512, shuffle=False, **pin),
+        "bn": make_loader(splits.train, BN_BATCH, shuffle=False, **pin),
+        "val": make_loader(splits.val, BN_BATCH, shuffle=False, **pin),
+        "test": make_loader(splits.test, BN_BATCH, shuffle=False, **pin),
     }
 
 

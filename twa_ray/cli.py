@@ -627,7 +627,8 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, str | None]:
     :func:`_restore` puts back (the console streams, the connect timeout)."""
     from twa_ray import redact
 
-    streams = redact.install()  # no credential reaches the console, whoever prints it
+    redact.install()  # no credential in a log record of this process
+    streams = redact.mask_console()  # nor on the console, whoever prints it
     timeout_env = os.environ.get("TWA_RAY_CONNECT_TIMEOUT")
     if hasattr(args, "connect_timeout"):
         os.environ["TWA_RAY_CONNECT_TIMEOUT"] = args.connect_timeout

@@ -34,7 +34,7 @@ import torch
 from twa_ray import outdir
 from twa_ray.config import RunConfig, SamplingConfig
 from twa_ray.core.baselines import greedy_soup
-from twa_ray.core.evaluate import evaluate, make_scorer
+from twa_ray.core.evaluate import BN_BATCH, evaluate, make_scorer
 from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.data import load_dataset
 from twa_ray.data.loaders import make_loader
@@ -477,7 +477,7 @@ def _accs(m: dict[str, float]) -> dict[str, float]:
 def _driver_loaders(splits: Any) -> tuple[Any, Any, Any]:
     """The driver's baselines' loaders: train (BN re-estimation), val (selection), test."""
     return tuple(
-        make_loader(ds, 512, shuffle=False) for ds in (splits.train, splits.val, splits.test)
+        make_loader(ds, BN_BATCH, shuffle=False) for ds in (splits.train, splits.val, splits.test)
     )  # type: ignore[return-value]
 
 

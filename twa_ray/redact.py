@@ -13,9 +13,10 @@ and the values of the credential environment variables (:data:`CREDENTIAL_ENV`) 
 credentials of every URI opened in this process are masked wherever they appear in a text. A
 redacted URI read back (``--resume``, a reused ``config.yaml``) is made usable again by
 :func:`restore`: the credentials of the same bucket given on this command line, else none (the
-environment's, an instance profile's). Importing this module masks every log record of the
-process (a log-record factory, installed once: Ray's worker log files included); the CLI masks
-the console as well (:func:`install`).
+environment's, an instance profile's). A command masks every log record of its process when it
+starts (:func:`install`, also called first thing on every Ray worker of ours, so their log files
+are masked too) and the console as well (:func:`mask_console`); importing this module changes
+nothing.
 
 >>> redact("s3://AK:SK@bkt/p?endpoint_override=h:1&secret_key=SK")
 's3://***@bkt/p?endpoint_override=h:1&secret_key=***'
@@ -30,7 +31,16 @@ import sys
 from typing import Any
 from urllib.parse import unquote
 
-__all__ = ["MASK", "CREDENTIAL_ENV", "redact", "remember", "restore", "RedactingStream"]
+__all__ = [
+    "MASK",
+    "CREDENTIAL_ENV",
+    "redact",
+    "remember",
+    "restore",
+    "install",
+    "mask_console",
+    "RedactingStream",
+]
 
 MASK = "***"
 
@@ -154,7 +164,7 @@ class RedactingStream:
         return getattr(self._stream, name)
 
 
-def install() -> tuple[Any, Any]:
+def mask_console() -> tuple[Any, Any]:
     """Mask credentials on stdout and stderr; returns the original streams (to put back)."""
     original = sys.stdout, sys.stderr
     if not isinstance(sys.stdout, RedactingStream):
@@ -182,5 +192,9 @@ def _masking_factory(factory: Any) -> Any:
     return make
 
 
-if not getattr(logging.getLogRecordFactory(), "_twa_ray", False):
-    logging.setLogRecordFactory(_masking_factory(logging.getLogRecordFactory()))
+def install() -> None:
+    """Mask credentials in every log record of this process from now on (a log-record factory
+    wrapping the current one, whoever logs and wherever the record goes); a second call does
+    nothing."""
+    if not getattr(logging.getLogRecordFactory(), "_twa_ray", False):
+        logging.setLogRecordFactory(_masking_factory(logging.getLogRecordFactory()))

@@ -1,32 +1,29 @@
 """Outputs of a run: metrics.json, model.safetensors, coefficients.parquet, plots, a table.
 
-Every file is written atomically (a temporary file in the same directory, then ``os.replace``):
-a crash never leaves a file that loads as valid but holds half the data.
+Every file is written atomically (:func:`twa_ray.core.atomic.atomic_path`: a temporary file in
+the same directory, then ``os.replace``): a crash never leaves a file that loads as valid but
+holds half the data.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from twa_ray.core.atomic import atomic_path
 from twa_ray.redact import redact
 
 if TYPE_CHECKING:
     from twa_ray.config import RunConfig
 
 __all__ = [
-    "atomic_path",
     "best_method",
-    "file_mode",
     "write_json",
     "write_model",
     "write_coefficients",
@@ -39,42 +36,6 @@ __all__ = [
     "write_outputs",
     "check_finite",
 ]
-
-
-_UMASK_LOCK = threading.Lock()
-
-
-def file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` gives a new file: ``0o666`` minus the process umask
-    (read from ``/proc/self/status`` on Linux; elsewhere set and restored, the stricter 077 in
-    between, so a file another thread creates meanwhile is never more open than asked)."""
-    try:
-        with open("/proc/self/status") as f:
-            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        with _UMASK_LOCK:
-            mask = os.umask(0o077)
-            os.umask(mask)
-    return 0o666 & ~mask
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success. The
-    file gets the process umask's mode (readable by the group under umask 022), not mkstemp's
-    0600."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fchmod(f.fileno(), file_mode())
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
@@ -371,9 +332,8 @@ def write_outputs(
     import yaml
 
     write_json(out / "metrics.json", metrics)
-    with open(out / "config.yaml.tmp", "w") as f:
+    with atomic_path(out / "config.yaml") as tmp, open(tmp, "w") as f:
         yaml.safe_dump(redact(config.to_dict()), f, sort_keys=False)  # URIs without credentials
-    (out / "config.yaml.tmp").replace(out / "config.yaml")
     if coefficients:
         write_coefficients(
             out / "coefficients.parquet",

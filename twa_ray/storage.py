@@ -33,6 +33,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from twa_ray.core.atomic import atomic_path
 from twa_ray.redact import redact, remember, restore
 
 __all__ = [
@@ -138,12 +139,8 @@ class Storage:
             with self.fs.open_output_stream(path) as f:
                 f.write(data)
             return
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
     def upload(self, local_dir: str | os.PathLike[str], rel: str, names: list[str]) -> int:
         """Copy the files ``names`` of ``local_dir`` to ``rel/``; returns the bytes copied."""

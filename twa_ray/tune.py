@@ -35,8 +35,9 @@ from typing import Any
 
 from twa_ray import outdir
 from twa_ray.config import SweepConfig, config_from_dict
+from twa_ray.core.atomic import atomic_path
 from twa_ray.redact import redact
-from twa_ray.report import atomic_path, format_table, plot_sweep, write_json, write_table
+from twa_ray.report import format_table, plot_sweep, write_json, write_table
 from twa_ray.storage import Storage, absolute, check_multi_node, open_storage
 from twa_ray.store import CandidateStore
 from twa_ray.tune_plan import PlannedTrial, SamplingGroup, SweepPlan, plan_sweep, select_candidates
@@ -156,7 +157,7 @@ def _sample(todo: list[SamplingGroup]) -> list[Any]:
         return [run_sampling(*a, **kw) for a, kw in map(args, todo)]
     log.info("sampling %d groups, %d at a time", len(todo), min(room, len(todo)))
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    remote = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(run_sampling)
+    remote = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(_sampling_task)
     results: dict[int, Any] = {}
     waiting, running = list(range(len(todo))), {}
     while waiting or running:
@@ -168,6 +169,15 @@ def _sample(todo: list[SamplingGroup]) -> list[Any]:
         for ref in ready:
             results[running.pop(ref)] = ray.get(ref)
     return [results[k] for k in range(len(todo))]
+
+
+def _sampling_task(*args: Any, **kwargs: Any) -> Any:
+    """``run_sampling`` as a Ray task: the log records of its process masked first."""
+    from twa_ray.ray.sampling import run_sampling
+    from twa_ray.redact import install
+
+    install()
+    return run_sampling(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- phase 2: Tune

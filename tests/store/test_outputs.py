@@ -65,8 +65,8 @@ def test_tied_model_written_once_and_loaded_back_with_load_model(tmp_path, tied)
 
 
 def test_result_files_follow_the_umask(tmp_path, tied, umask):
-    """mkstemp's 0600 is not kept: under umask 022 every result file is 0644, under 027 0640,
-    candidates and the storage's run.json included."""
+    """A writer's own 0600 (safetensors') is not kept: under umask 022 every result file is
+    0644, under 027 0640, candidates and the storage's run.json included."""
     for mask, want in ((0o022, 0o644), (0o027, 0o640)):
         umask(mask)
         out = tmp_path / f"m{mask:o}"

@@ -13,7 +13,15 @@ from torch import nn
 from twa_ray.core.bn import split_batch, update_bn
 from twa_ray.core.layout import Layout, load_flat_
 
-__all__ = ["EvalResult", "evaluate", "make_scorer"]
+__all__ = ["BN_BATCH", "EVAL_BATCH", "EvalResult", "evaluate", "make_scorer"]
+
+EVAL_BATCH = 1024
+"""Batch of the evaluation passes on Ray workers (per worker) and in Tune trials (no gradients:
+only memory bounds it)."""
+BN_BATCH = 512
+"""Batch of the BatchNorm re-estimation passes, and of the evaluation passes in one process
+(``twa-ray average``, the driver's baselines). BN statistics are an average of per-batch
+statistics, so the results depend on it: changing it changes the numbers."""
 
 
 @dataclass(frozen=True)

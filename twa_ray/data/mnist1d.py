@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from twa_ray.core.atomic import atomic_path
 from twa_ray.data.splits import DataSplits, held_out_split
 
 __all__ = ["DEFAULT_NUM_SAMPLES", "default_cache_dir", "generate_mnist1d", "load_mnist1d"]
@@ -110,18 +110,10 @@ def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
 def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # temp file in the same directory + rename: readers never see a partial file,
-        # and concurrent writers (several Ray workers on one node) just race to rename.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)  # type: ignore[arg-type]
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # atomic: readers never see a partial file; concurrent writers (several Ray workers
+        # on one node) just race to rename
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]
     except OSError as e:
         log.warning("could not cache MNIST-1D at %s (%s); continuing without a cache", path, e)
 

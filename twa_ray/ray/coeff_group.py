@@ -48,12 +48,14 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
 from twa_ray.config import DataConfig, SamplingConfig
 from twa_ray.core.bn import bn_state, load_bn_state_, update_bn
+from twa_ray.core.checks import Range, check_fields
+from twa_ray.core.evaluate import EVAL_BATCH
 from twa_ray.core.kernels.cpu import kernel_info
 from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.core.loop import (
@@ -85,7 +87,6 @@ log = logging.getLogger(__name__)
 MODES = ("t", "v")
 STATE_FILE = "coeff.pt"  # PhaseState: finished modes, the loop state of the mode in flight
 RESULT_FILE = "result.pt"  # the final TWAResult fields (alpha, BN state, metrics)
-_EVAL_BATCH = 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,7 +95,7 @@ class CoeffGroupConfig:
 
     modes: tuple[str, ...] = MODES
     """"t" (coefficients fitted on the train split) and/or "v" (on the held-out val split)."""
-    num_workers: int = 2
+    num_workers: Annotated[int, Range(ge=1)] = 2
     """Ray Train workers."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker."""
@@ -102,13 +103,13 @@ class CoeffGroupConfig:
     """One GPU per worker."""
     batch_size: int = 128
     """Global batch of a coefficient step (batch_size // num_workers per worker)."""
-    bn_batches: int | None = None
+    bn_batches: Annotated[int, Range(ge=1)] | None = None
     """Cap on each worker's BN re-estimation batches (None: its whole train shard)."""
-    checkpoint_every: int = 50
+    checkpoint_every: Annotated[int, Range(ge=1)] = 50
     """Rank 0 checkpoints every this many steps and at every pass end..."""
-    checkpoint_interval_s: float = 10.0
+    checkpoint_interval_s: Annotated[float, Range(ge=0)] = 10.0
     """...at most once per this many seconds (0: every time); each mode's end always does."""
-    max_failures: int = 1
+    max_failures: Annotated[int, Range(ge=0)] = 1
     """Worker-group failures survived by restarting from the last checkpoint."""
     eval_swa: bool = True
     """Also evaluate the SWA point (alpha0; BN re-estimated the same way)."""
@@ -119,22 +120,11 @@ class CoeffGroupConfig:
         errors = []
         if not self.modes or any(m not in MODES for m in self.modes):
             errors.append(f"modes={tuple(self.modes)!r}: use a non-empty subset of {MODES}")
-        if self.num_workers < 1:
-            errors.append(f"num_workers={self.num_workers}: must be >= 1")
         if self.batch_size < self.num_workers:
             errors.append(
                 f"batch_size={self.batch_size}: must be >= num_workers={self.num_workers}"
             )
-        if self.checkpoint_every < 1:
-            errors.append(f"checkpoint_every={self.checkpoint_every}: must be >= 1")
-        if not self.checkpoint_interval_s >= 0:
-            errors.append(f"checkpoint_interval_s={self.checkpoint_interval_s}: must be >= 0")
-        if self.bn_batches is not None and self.bn_batches < 1:
-            errors.append(f"bn_batches={self.bn_batches}: must be >= 1 or None")
-        if self.max_failures < 0:
-            errors.append(f"max_failures={self.max_failures}: must be >= 0")
-        if errors:
-            raise ValueError("invalid coefficient-phase config: " + "; ".join(errors))
+        check_fields(self, "coefficient-phase config", errors)  # and the bounds declared above
 
     @classmethod
     def of_sampling(cls, s: SamplingConfig, modes: tuple[str, ...]) -> CoeffGroupConfig:
@@ -462,8 +452,8 @@ def _setup_worker(job: CoeffJob) -> Worker:
         "bn": DataLoader(
             strided(splits.train, rank, world), batch_size=job.group.batch_size // world, **kw
         ),
-        "val": DataLoader(strided(splits.val, rank, world), batch_size=_EVAL_BATCH, **kw),
-        "test": DataLoader(strided(splits.test, rank, world), batch_size=_EVAL_BATCH, **kw),
+        "val": DataLoader(strided(splits.val, rank, world), batch_size=EVAL_BATCH, **kw),
+        "test": DataLoader(strided(splits.test, rank, world), batch_size=EVAL_BATCH, **kw),
     }
     torch.manual_seed(job.data.seed)
     model = build_model(

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from twa_ray import redact
 from twa_ray.config import DataConfig
 from twa_ray.storage import Storage, alive_nodes
 
@@ -73,7 +74,7 @@ def fit_group(
     # user set is kept; the driver's environment reaches the controller)
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, HEALTH_CHECK_INTERVAL_S)
     trainer = TorchTrainer(
-        functools.partial(loop, config),  # Ray's train_loop_config must be a dict
+        functools.partial(_on_worker, loop, config),  # Ray's train_loop_config must be a dict
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
@@ -93,6 +94,12 @@ def fit_group(
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
     return result
+
+
+def _on_worker(loop: Callable[[Any], None], config: Any) -> None:
+    """A Train worker: its log records masked (:func:`twa_ray.redact.install`), then the loop."""
+    redact.install()
+    loop(config)
 
 
 def _missing_root(root: str) -> str | None:

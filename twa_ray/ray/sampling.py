@@ -43,6 +43,7 @@ from torch import nn
 import twa_ray.train
 from twa_ray.config import TRAJECTORY_FREE_FIELDS, DataConfig, SamplingConfig
 from twa_ray.core.ema import EMA, averages
+from twa_ray.core.evaluate import EVAL_BATCH
 from twa_ray.core.optim import lr_factor
 from twa_ray.ray.faults import inject
 from twa_ray.ray.group import (
@@ -80,7 +81,6 @@ STATE_FILE = (
 )
 META_FILE = "meta.json"  # a SamplingState (readable without torch)
 CONFIG_FILE = "sampling_{run_id}.json"  # resolved config of a run, next to its outputs in run_dir
-_EVAL_BATCH = 1024
 
 
 @dataclass(frozen=True)
@@ -443,7 +443,7 @@ def _setup_data(
             "(split over the workers); lower batch_size"
         )
     val, test = (
-        DataLoader(strided(ds, rank, world), batch_size=_EVAL_BATCH, **loader_kw)
+        DataLoader(strided(ds, rank, world), batch_size=EVAL_BATCH, **loader_kw)
         for ds in (splits.val, splits.test)
     )
     return sampler, loader, (val, test)

@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
+from twa_ray import redact
 from twa_ray.core.bn import update_bn
-from twa_ray.core.evaluate import evaluate
+from twa_ray.core.evaluate import BN_BATCH, EVAL_BATCH, evaluate
 from twa_ray.core.layout import Layout
 from twa_ray.core.loop import (
     CoefficientLoop,
@@ -50,7 +51,6 @@ from twa_ray.tune_plan import PlannedTrial, SweepPlan
 __all__ = ["twa_trial", "trial_loop", "split_val"]
 
 STATE_FILE = "twa_trial.pt"  # the CoeffState at an epoch end (torch.save)
-_EVAL_BATCH = 1024
 
 
 def split_val(val: Any, *, select_frac: float, seed: int) -> tuple[Any, Any]:
@@ -76,6 +76,7 @@ def twa_trial(config: dict[str, Any], *, plan: SweepPlan) -> None:
     import ray
     from ray import tune
 
+    redact.install()  # this trial's log records masked
     node_id = ray.get_runtime_context().get_node_id()  # the Ray node (several may share one IP)
     trial = plan.trials[config["trial"]["index"]]
     cfg = trial.config
@@ -116,8 +117,8 @@ def trial_loop(
     splits = load_worker_splits(cfg.data)  # checks --data-root on this node first
     val_fit, val_select = split_val(splits.val, select_frac=select_frac, seed=cfg.data.seed)
     fit_ds = splits.train if cfg.mode == "t" else val_fit
-    bn_loader = _loader(splits.train, 512)
-    select_loader, test_loader = _loader(val_select, _EVAL_BATCH), _loader(splits.test, _EVAL_BATCH)
+    bn_loader = _loader(splits.train, BN_BATCH)
+    select_loader, test_loader = _loader(val_select, EVAL_BATCH), _loader(splits.test, EVAL_BATCH)
 
     # ---- subspace over this trial's subset of the shared store (streamed, one at a time)
     model = build_model(

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from twa_ray.core.atomic import atomic_path
 
 __all__ = ["HFLogits", "build_model", "is_folder", "load_folder", "save_folder"]
 
@@ -182,12 +182,6 @@ def save_folder(
     written next to ``out`` under a temporary name, then renamed."""
     hf = model.hf if isinstance(model, HFLogits) else model
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        hf.save_pretrained(str(tmp), max_shard_size=max_shard_size)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_path(out) as tmp:
+        hf.save_pretrained(tmp, max_shard_size=max_shard_size)
     return out

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
+from twa_ray.core.atomic import publish
 from twa_ray.core.layout import Layout, flatten, unflatten
 from twa_ray.redact import redact
 from twa_ray.storage import filesystem_from_uri
@@ -477,18 +478,10 @@ class CandidateStore:
     def _commit(self, staged: _Staged, *, overwrite: bool) -> None:
         """Rename a staged file to its final name: the candidate appears atomically."""
         if self._local is not None:
-            final = self._os_path(staged.name)
-            if overwrite:
-                os.replace(staged.tmp, final)
-            else:
-                try:
-                    os.link(staged.tmp, final)  # atomic create-if-absent
-                except FileExistsError:
-                    raise FileExistsError(self._exists(staged.name)) from None
-                except OSError:  # no hard links on this filesystem
-                    if os.path.exists(final):
-                        raise FileExistsError(self._exists(staged.name)) from None
-                    os.replace(staged.tmp, final)
+            try:
+                publish(staged.tmp, self._os_path(staged.name), overwrite=overwrite)
+            except FileExistsError:
+                raise FileExistsError(self._exists(staged.name)) from None
             _fsync_dir(self._local)
         else:
             final = self._path(staged.name)
@@ -500,7 +493,7 @@ class CandidateStore:
             self._layout = staged.layout
 
     def _discard(self, staged: _Staged) -> None:
-        """Remove a staged file if it is still there (after a failure, or after ``os.link``)."""
+        """Remove a staged file if it is still there (after a failure)."""
         if self._local is not None:
             _remove_quietly(staged.tmp)
         else:

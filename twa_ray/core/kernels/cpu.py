@@ -13,7 +13,7 @@ the fastest is recorded next to the library. ``TWA_RAY_KERNEL_PATH=<path>`` forc
 
 Both files are cached in ``$TWA_RAY_CACHE_DIR`` (default ``$XDG_CACHE_HOME/twa_ray/kernels``,
 i.e. ``~/.cache/twa_ray/kernels``) under a name keyed by the source, the compiler, the flags and
-the CPU (model and feature flags), and written atomically (temp file + ``os.replace``), so
+the CPU (model and feature flags), and written atomically (:mod:`twa_ray.core.atomic`), so
 concurrent processes (Ray workers) never load a half-written file and a shared home directory
 never hands one CPU's measurement to another. :func:`load` returns ``None`` when nothing
 compiles; callers then use the pure-torch path.
@@ -36,11 +36,12 @@ import shutil
 import subprocess
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from twa_ray.core.atomic import atomic_path, publish
 
 if TYPE_CHECKING:
     from twa_ray.core.quant import PackedMatrix
@@ -120,18 +121,6 @@ def cpu_model() -> str:
     return name
 
 
-def _atomic_write(target: Path, write: Any) -> bool:
-    """``write(tmp)`` then ``os.replace(tmp, target)``: readers see the old or the whole file."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        if not write(tmp):
-            return False
-        os.replace(tmp, target)
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _run(cmds: list[list[str]]) -> list[bool]:
     """Run the compiler commands side by side; which succeeded."""
     procs: list[subprocess.Popen | None] = []
@@ -172,9 +161,11 @@ def _compile(cc: str, opt: tuple[str, ...], paths: tuple[str, ...], target: Path
         if not ok[0]:  # portable
             return False
         objs = [obj for obj, good in zip(objs, ok) if good]
-        return _atomic_write(
-            target, lambda out: _run([[cc, "-shared", "-pthread", *objs, "-o", str(out)]])[0]
-        )
+        lib = os.path.join(tmp, target.name)
+        if not _run([[cc, "-shared", "-pthread", *objs, "-o", lib]])[0]:
+            return False
+        publish(lib, target)  # tmp is next to target: one atomic rename
+        return True
 
 
 def _writable_dir() -> Path:
@@ -327,7 +318,8 @@ def _measured_choice(lib: ctypes.CDLL) -> dict[str, Any]:
     winner = min(timings, key=timings.__getitem__)
     record = {"path": winner, "timings_us": timings, "cpu": cpu_model()}
     try:
-        _atomic_write(file, lambda tmp: tmp.write_text(json.dumps(record, indent=1)) or True)
+        with atomic_path(file) as tmp:
+            Path(tmp).write_text(json.dumps(record, indent=1))
     except OSError as e:
         log.debug("cannot record the kernel choice in %s: %s", file, e)
     log.debug("packed kernels: measured %s, chose %s", timings, winner)

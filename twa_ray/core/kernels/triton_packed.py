@@ -42,10 +42,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import torch
 
+from twa_ray.core.checks import Range, check_fields
 from twa_ray.core.quant import ROW_ALIGN
 
 try:
@@ -86,26 +87,18 @@ class KernelConfig:
         num_warps: warps per program.
     """
 
-    tile_bytes: int = 256
-    rows: int = 8
-    vec: int = 16
-    num_warps: int = 4
+    tile_bytes: Annotated[int, Range(ge=_ALIGN)] = 256
+    rows: Annotated[int, Range(ge=1)] = 8
+    vec: Literal[1, 2, 4, 8, 16] = 16
+    num_warps: Literal[1, 2, 4, 8, 16] = 4
 
     def __post_init__(self) -> None:
-        def pow2(n: int) -> bool:
-            return n >= 1 and n & (n - 1) == 0
-
-        errors = []
-        if not (pow2(self.tile_bytes) and self.tile_bytes >= _ALIGN):
-            errors.append(f"tile_bytes={self.tile_bytes} must be a power of 2 >= {_ALIGN}")
-        if not pow2(self.rows):
-            errors.append(f"rows={self.rows} must be a power of 2")
-        if self.vec not in (1, 2, 4, 8, 16):
-            errors.append(f"vec={self.vec} must be one of 1, 2, 4, 8, 16")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            errors.append(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
-        if errors:
-            raise ValueError("; ".join(errors))
+        not_pow2 = [
+            f"{name}={n}: must be a power of 2"
+            for name, n in (("tile_bytes", self.tile_bytes), ("rows", self.rows))
+            if n >= 1 and n & (n - 1)
+        ]
+        check_fields(self, "kernel config", not_pow2)  # the bounds and choices declared above
 
 
 # Per (kernel, bits): 4 warps, each thread loads one vector of one row per iteration
