@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import cpu_model, twa_ray_cli
+
 HERE = Path(__file__).resolve().parent
 METHODS = ("sgd_full", "sgd_short", "sgd_sampled", "swa", "ema", "greedy_soup", "twa_t", "twa_v")
 # two-sided 95 % quantiles of Student's t by degrees of freedom
@@ -49,23 +51,13 @@ T95 = {
 }
 
 
-def cpu() -> str:
-    """lscpu's model name with the family and model numbers (figures hold for this CPU only)."""
-    from twa_ray.core.kernels.cpu import cpu_model
-
-    return cpu_model()
-
-
 def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """``twa-ray run --compare-full`` for one seed; its metrics.json."""
     out = Path(args.work) / f"seed{seed}"
     metrics = out / "metrics.json"
     if args.reuse and metrics.exists():
         return json.loads(metrics.read_text())
-    cmd = [
-        sys.executable,
-        "-m",
-        "twa_ray.cli",
+    cmd = twa_ray_cli(
         "run",
         "--compare-full",
         "--seed",
@@ -74,7 +66,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         str(out),
         "--overwrite",
         *args.run_args,
-    ]
+    )
     log = Path(args.work) / f"seed{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -224,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     check, phases = checks(rows, saved), mean_phases(runs)
     head = (
         f"`twa-ray run --compare-full {' '.join(args.run_args)}`, seeds {args.seeds}, {time.strftime('%Y-%m-%d')}, "
-        f"CPU {cpu()}, {os.cpu_count()} cores"
+        f"CPU {cpu_model()}, {os.cpu_count()} cores"
     )
     text = markdown(rows, check, phases, head)
     print(text)
@@ -233,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "command": head,
-                "cpu": cpu(),
+                "cpu": cpu_model(),
                 "seeds": args.seeds,
                 "rows": rows,
                 "checks": check,
