@@ -732,8 +732,53 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
     assert not (work / "pwned").exists()
 
 
-def test_corpus_is_large():
-    assert len(CORPUS) >= 40
+# the value options that take a name or a path (not a number): refused by other cases above
+_NAMED = {"--config", "--dataset", "--data-root", "--model", "--out", "--store", "--storage"}
+_NAMED |= {"--address", "--blocks", "--sampling-dir"}
+
+
+def _numeric_flags(command: str) -> list[str]:
+    """Every option of ``twa-ray COMMAND`` that takes a number, not a name, a path or one of a
+    few choices (a new one is covered as it is added)."""
+    import argparse
+
+    from twa_ray.cli import build_parser
+
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return [
+        a.option_strings[-1]
+        for a in commands.choices[command]._actions
+        if type(a) is argparse._StoreAction
+        and a.choices is None
+        and a.option_strings[-1] not in _NAMED
+    ]
+
+
+_NUMERIC = [(c, f) for c in ("run", "average", "sweep") for f in _numeric_flags(c)]
+
+
+@pytest.mark.parametrize("value", ["nan", "-1"])
+@pytest.mark.parametrize("command,flag", _NUMERIC, ids=[f"{c}{f}" for c, f in _NUMERIC])
+def test_every_numeric_flag_refuses_nan_and_negatives_naming_it(
+    tmp_path, capsys, monkeypatch, command, flag, value
+):
+    """No number option takes NaN or -1: exit 2 and one line echoing the value, before anything
+    is written or started; NaN names the flag (-1 of a fixed set, ``--bits``, names its key)."""
+    given = {
+        "run": ["--smoke-test"],
+        "average": ["--store", str(tmp_path / "store")],
+        "sweep": ["--config", str(Path(__file__).parents[1] / "configs" / "sweep_mnist1d.yaml")],
+    }[command]
+    # a value taken by mistake fails at once at a closed port, instead of running a job
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_closed_port()}")
+    out = tmp_path / "o"
+    assert main([command, *given, flag, value, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("twa-ray: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and value in err, err
+    key = flag.removeprefix("--").replace("-", "_")
+    assert flag in err or (value == "-1" and f"{key}={value}" in err), err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
