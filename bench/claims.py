@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_model, twa_ray_cli
+from _common import cpu_model, markdown_table, twa_ray_cli
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("sgd_full", "sgd_short", "sgd_sampled", "swa", "ema", "greedy_soup", "twa_t", "twa_v")
@@ -135,18 +135,21 @@ def checks(rows: list[dict[str, Any]], saved: str) -> dict[str, Any]:
 def markdown(
     rows: list[dict[str, Any]], check: dict[str, Any], phases: dict[str, float], head: str
 ) -> str:
-    lines = [
-        head,
-        "",
-        "| method | epochs used | test acc % (mean ± std) | − sgd_full (95 % CI) | val acc % | wall s | wall / sgd_full |",
-        "|---|---|---|---|---|---|---|",
+    header = [
+        *("method", "epochs used", "test acc % (mean ± std)", "− sgd_full (95 % CI)"),
+        *("val acc %", "wall s", "wall / sgd_full"),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['epochs_used']:g} | {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} "
-            f"| {r['minus_full_mean']:+.2f} ± {r['minus_full_ci95']:.2f} | {r['val_acc_mean']:.2f} "
-            f"| {r['wall_s_mean']:.1f} | {r['wall_ratio_mean']:.2f} |"
-        )
+    cells = [
+        [
+            r["method"],
+            f"{r['epochs_used']:g}",
+            f"{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}",
+        ]
+        + [f"{r['minus_full_mean']:+.2f} ± {r['minus_full_ci95']:.2f}", f"{r['val_acc_mean']:.2f}"]
+        + [f"{r['wall_s_mean']:.1f}", f"{r['wall_ratio_mean']:.2f}"]
+        for r in rows
+    ]
+    lines = [head, "", *markdown_table(header, cells)]
     lines += [
         "",
         "Phases (mean wall seconds): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
