@@ -23,16 +23,6 @@ from twa_ray.data import mnist1d as mnist1d_mod
 from twa_ray.data.cifar import CIFAR_MEAN_STD, RestrictedUnpickler, restricted_pickle_load
 from twa_ray.importpath import ImportPathError, load_callable
 
-
-@pytest.fixture(scope="session")
-def mnist1d_cache(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Generated MNIST-1D arrays are kept in pytest's cache: ~10 s on the first run only."""
-    cache = getattr(pytestconfig, "cache", None)
-    if cache is not None:
-        return Path(cache.mkdir("twa_ray_mnist1d"))
-    return tmp_path_factory.mktemp("mnist1d")
-
-
 # --------------------------------------------------------------------------- MNIST-1D
 
 

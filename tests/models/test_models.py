@@ -130,10 +130,8 @@ def test_user_model(user_models: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def mnist1d(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> DataSplits:
-    cache = getattr(pytestconfig, "cache", None)  # shared with tests/data: generated once
-    root = cache.mkdir("twa_ray_mnist1d") if cache is not None else tmp_path_factory.mktemp("m")
-    return load_dataset("mnist1d", root=root)
+def mnist1d(mnist1d_cache: Path) -> DataSplits:
+    return load_dataset("mnist1d", root=mnist1d_cache)  # shared with tests/data: generated once
 
 
 def test_mlp_learns_mnist1d(mnist1d: DataSplits) -> None:
