@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,10 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _common import ROOT, cpu_model, markdown_table, write_json
 
 from twa_ray.core.layout import Blocks  # noqa: E402
 from twa_ray.core.optim import make_optimizer  # noqa: E402
@@ -276,16 +271,6 @@ def layer_block_shares(workers: list[int]) -> dict:
     return shares
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(
-            x.split(":", 1)[1].strip() for x in out.splitlines() if x.startswith("Model name")
-        )
-    except Exception:
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "bench" / "basis_memory.json"))
@@ -382,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         "resnet18_layer_blocks_largest_share_over_B_per_W": layer_block_shares(workers),
         "total_seconds": time.monotonic() - t_start,
     }
-    Path(a.out).write_text(json.dumps(result, indent=2))
+    write_json(a.out, result)
     print_table(result)
     return 0
 
@@ -393,20 +378,20 @@ def print_table(result: dict) -> None:
         f"\n{result['device']}: D={result['numel']:,} K={result['rows']} bits={result['bits']}, "
         f"{result['num_shards']} shards of blocks of {result['block_columns']} columns"
     )
-    print(
-        "| placement | W | B MiB | held/worker MiB | held / (B/W) | wire MiB/step | step ms | alpha max rel diff |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    header = [
+        *("placement", "W", "B MiB", "held/worker MiB", "held / (B/W)", "wire MiB/step"),
+        *("step ms", "alpha max rel diff"),
+    ]
+    rows = []
     for c in result["cases"]:
         if "error" in c:
-            print(f"| {c['placement']} | {c['workers']} | failed: {c['error'][:80]} |")
+            rows.append([c["placement"], c["workers"], f"failed: {c['error'][:80]}"])
             continue
-        print(
-            f"| {c['placement']} | {c['workers']} | {c['B_bytes'] / mib:.1f} | "
-            f"{c['held_bytes_per_worker'] / mib:.1f} | {c['held_over_B_per_W']:.3f} | "
-            f"{c['wire_bytes_per_step'] / mib:.1f} | {c['step_ms']:.1f} | "
-            f"{c['alpha_max_rel_diff']} |"
-        )
+        held, wire = c["held_bytes_per_worker"] / mib, c["wire_bytes_per_step"] / mib
+        sizes = [f"{c['B_bytes'] / mib:.1f}", f"{held:.1f}", f"{c['held_over_B_per_W']:.3f}"]
+        timing = [f"{wire:.1f}", f"{c['step_ms']:.1f}", c["alpha_max_rel_diff"]]
+        rows.append([c["placement"], c["workers"], *sizes, *timing])
+    print("\n".join(markdown_table(header, rows)))
     shares = result["resnet18_layer_blocks_largest_share_over_B_per_W"]
     print(
         "ResNet-18 layer-wise blocks, largest worker share / (B/W): "

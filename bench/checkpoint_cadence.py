@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ROOT, cpu_model, markdown_table, twa_ray_cli, write_json
+
 CASES = {
     # the cluster tests' smoke run: 1500 samples, 20 of 40 epochs, 1 TWA epoch, 2 workers
     "smoke": ["--smoke-test", "--epochs", "40", "--workers", "2"],
@@ -31,13 +32,6 @@ CASES = {
     "readme": [],
 }
 CADENCES = {"every chance (0)": ["--checkpoint-interval", "0"], "default (10 s)": []}
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next(
-        (x.split(":", 1)[1].strip() for x in out.splitlines() if x.startswith("Model name")), "?"
-    )
 
 
 def _reports(out: Path) -> dict[str, int]:
@@ -53,16 +47,7 @@ def _reports(out: Path) -> dict[str, int]:
 
 def run_once(case: str, cadence: str, tmp: Path, i: int) -> dict:
     out = tmp / f"{case}-{i}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "twa_ray.cli",
-        "run",
-        *CASES[case],
-        *CADENCES[cadence],
-        "--out",
-        str(out),
-    ]
+    cmd = twa_ray_cli("run", *CASES[case], *CADENCES[cadence], "--out", str(out))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -109,16 +94,17 @@ def main() -> int:
             "same_twa_v_test_acc": len(accs) == 1,
         }
     result = {"cpu": cpu_model(), "runs": rows, "summary": summary}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"CPU: {result['cpu']}")
-    print(f"| run | {names[0]} s | {names[1]} s | speed-up (best of each) | same TWA-v test acc |")
-    print("|---|---|---|---|---|")
-    for case, s in summary.items():
-        w = s["wall_s"]
-        print(
-            f"| {case} | {', '.join(map(str, w[names[0]]))} | {', '.join(map(str, w[names[1]]))} | "
-            f"{s['speedup']}x | {s['same_twa_v_test_acc']} |"
-        )
+    header = ["run", *(f"{n} s" for n in names), "speed-up (best of each)", "same TWA-v test acc"]
+    walls = {
+        case: [", ".join(map(str, s["wall_s"][n])) for n in names] for case, s in summary.items()
+    }
+    rows = [
+        [case, *walls[case], f"{s['speedup']}x", s["same_twa_v_test_acc"]]
+        for case, s in summary.items()
+    ]
+    print("\n".join(markdown_table(header, rows)))
     return 0
 
 

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import cpu_model, markdown_table, twa_ray_cli
+
 HERE = Path(__file__).resolve().parent
 METHODS = ("sgd_full", "sgd_short", "sgd_sampled", "swa", "ema", "greedy_soup", "twa_t", "twa_v")
 # two-sided 95 % quantiles of Student's t by degrees of freedom
@@ -49,23 +51,13 @@ T95 = {
 }
 
 
-def cpu() -> str:
-    """lscpu's model name with the family and model numbers (figures hold for this CPU only)."""
-    from twa_ray.core.kernels.cpu import cpu_model
-
-    return cpu_model()
-
-
 def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """``twa-ray run --compare-full`` for one seed; its metrics.json."""
     out = Path(args.work) / f"seed{seed}"
     metrics = out / "metrics.json"
     if args.reuse and metrics.exists():
         return json.loads(metrics.read_text())
-    cmd = [
-        sys.executable,
-        "-m",
-        "twa_ray.cli",
+    cmd = twa_ray_cli(
         "run",
         "--compare-full",
         "--seed",
@@ -74,7 +66,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         str(out),
         "--overwrite",
         *args.run_args,
-    ]
+    )
     log = Path(args.work) / f"seed{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -143,18 +135,21 @@ def checks(rows: list[dict[str, Any]], saved: str) -> dict[str, Any]:
 def markdown(
     rows: list[dict[str, Any]], check: dict[str, Any], phases: dict[str, float], head: str
 ) -> str:
-    lines = [
-        head,
-        "",
-        "| method | epochs used | test acc % (mean ± std) | − sgd_full (95 % CI) | val acc % | wall s | wall / sgd_full |",
-        "|---|---|---|---|---|---|---|",
+    header = [
+        *("method", "epochs used", "test acc % (mean ± std)", "− sgd_full (95 % CI)"),
+        *("val acc %", "wall s", "wall / sgd_full"),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['epochs_used']:g} | {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} "
-            f"| {r['minus_full_mean']:+.2f} ± {r['minus_full_ci95']:.2f} | {r['val_acc_mean']:.2f} "
-            f"| {r['wall_s_mean']:.1f} | {r['wall_ratio_mean']:.2f} |"
-        )
+    cells = [
+        [
+            r["method"],
+            f"{r['epochs_used']:g}",
+            f"{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}",
+        ]
+        + [f"{r['minus_full_mean']:+.2f} ± {r['minus_full_ci95']:.2f}", f"{r['val_acc_mean']:.2f}"]
+        + [f"{r['wall_s_mean']:.1f}", f"{r['wall_ratio_mean']:.2f}"]
+        for r in rows
+    ]
+    lines = [head, "", *markdown_table(header, cells)]
     lines += [
         "",
         "Phases (mean wall seconds): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
@@ -224,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     check, phases = checks(rows, saved), mean_phases(runs)
     head = (
         f"`twa-ray run --compare-full {' '.join(args.run_args)}`, seeds {args.seeds}, {time.strftime('%Y-%m-%d')}, "
-        f"CPU {cpu()}, {os.cpu_count()} cores"
+        f"CPU {cpu_model()}, {os.cpu_count()} cores"
     )
     text = markdown(rows, check, phases, head)
     print(text)
@@ -233,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "command": head,
-                "cpu": cpu(),
+                "cpu": cpu_model(),
                 "seeds": args.seeds,
                 "rows": rows,
                 "checks": check,

@@ -15,24 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ROOT, cpu_model, markdown_table, write_json
+
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "cluster")]
 
 from harness import start_cluster, start_s3, stop_cluster, submit  # noqa: E402
 
 RUN = ["python", "jobs/run_twa.py", "--smoke-test", "--epochs", "40"]
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next(
-        (x.split(":", 1)[1].strip() for x in out.splitlines() if x.startswith("Model name")), "?"
-    )
 
 
 def _bytes_by_folder(s3, prefix: str) -> dict[str, int]:
@@ -101,6 +94,14 @@ def _object_store_per_node(cluster) -> dict[str, int]:
         ray.shutdown()
 
 
+def _table_row(r: dict) -> list:
+    """One run's row: wall times and the bytes it left in the bucket, by folder."""
+    b = r["bytes_in_storage"]
+    train = sum(v for k, v in b.items() if k.startswith("work/"))
+    cells = [r["run"], r["job_wall_s"], r["run_wall_s"], b["total"], b.get("candidates", 0)]
+    return [*cells, train, b.get("outputs", 0)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "bench" / "multi_node.json"))
@@ -138,19 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         stop_cluster(cluster)
         s3.stop()
     result = {"cpu": cpu_model(), "runs": rows, "object_store_bytes_per_node": store_bytes}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"CPU: {result['cpu']}")
-    print(
-        "| run | job wall s | run wall s | bytes in storage (total) | candidates | ray_train | outputs |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        b = r["bytes_in_storage"]
-        train = sum(v for k, v in b.items() if k.startswith("work/"))
-        print(
-            f"| {r['run']} | {r['job_wall_s']} | {r['run_wall_s']} | {b['total']} | "
-            f"{b.get('candidates', 0)} | {train} | {b.get('outputs', 0)} |"
-        )
+    header = [
+        *("run", "job wall s", "run wall s", "bytes in storage (total)"),
+        *("candidates", "ray_train", "outputs"),
+    ]
+    print("\n".join(markdown_table(header, map(_table_row, rows))))
     print("object-store bytes per node (B put once, 2 readers on node0 and on node1):", store_bytes)
     return 0
 

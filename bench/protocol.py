@@ -42,7 +42,6 @@ import json
 import math
 import multiprocessing as mp
 import statistics
-import subprocess
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
@@ -51,6 +50,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import cpu_model
 from torch.utils.data import TensorDataset
 
 from twa_ray.average import fit_twa, make_loaders
@@ -598,15 +598,6 @@ NOTES = """## Notes on the protocol
 - Compute seconds: one thread per process, 2 processes on a 2-core machine shared with other
   work: noisy (about x2 between jobs); within one cell, sgd_full / swa / ema / TWA share one run.
 """
-
-
-def cpu_model() -> str:
-    """``lscpu``'s model name, CPU family and model."""
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return ", ".join(
-        f"{k} {info.get(k, '?').strip()}" for k in ("Model name", "CPU family", "Model")
-    )
 
 
 def compose(picks: dict[str, dict[str, Any]]) -> Cell:

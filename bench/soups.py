@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import markdown_table
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -150,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         accs = " ".join(f"{r} {100 * res['rows'][r]['test_acc']:.2f}" for r in ROWS)
         print(f"[{time.time() - t0:4.0f}s] seed {seed}: {accs}", flush=True)
     summary = []
-    lines = ["| method | test acc % (mean ± std) | val acc % (mean) |", "|---|---|---|"]
     for r in ROWS:
         test = [100 * run["rows"][r]["test_acc"] for run in runs]
         val = [100 * run["rows"][r]["val_acc"] for run in runs]
@@ -163,12 +163,15 @@ def main(argv: list[str] | None = None) -> int:
                 "val_acc_mean": statistics.mean(val),
             }
         )
-        lines.append(
-            f"| {r} | {statistics.mean(test):.2f} ± {std:.2f} | {statistics.mean(val):.2f} |"
-        )
     mean = {s["method"]: s["test_acc_mean"] for s in summary}
     target = mean["twa_v"] >= mean["greedy_soup"] >= mean["uniform_soup"]
-    table = "\n".join(lines)
+    rows = [
+        [s["method"], f"{s['test_acc_mean']:.2f} ± {s['test_acc_std']:.2f}"]
+        + [f"{s['val_acc_mean']:.2f}"]
+        for s in summary
+    ]
+    header = ["method", "test acc % (mean ± std)", "val acc % (mean)"]
+    table = "\n".join(markdown_table(header, rows))
     print(table)
     print(f"TWA-v >= greedy soup >= uniform soup: {target}")
     out = Path(args.out)

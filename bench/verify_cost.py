@@ -14,20 +14,17 @@ Prints a table with the CPU model and writes ``bench/verify_cost.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 import zlib
 from pathlib import Path
 
 import torch
+from _common import ROOT, cpu_model, markdown_table, write_json
 
-from twa_ray.core.kernels.cpu import cpu_model
 from twa_ray.core.layout import Layout, flatten
 from twa_ray.store import CandidateStore
 from twa_ray.store import store as store_module
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _average_share(tmp: Path, k: int, num_samples: int) -> dict[str, float]:
@@ -131,16 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         f"twa-ray average, MNIST-1D MLP, K={avg['k']}, D={avg['numel']:,}: wall {avg['wall_s']:.2f} s, "
         f"CRC-32 checks {avg['crc_s'] * 1e3:.1f} ms in {avg['crc_calls']} reads = {100 * avg['share']:.2f}% of the command"
     )
-    print("| D | K | read+sum (s) | read+verify+sum (s) | overhead | verified GB/s |")
-    print("|---|---|---|---|---|---|")
-    for r in reads:
-        print(
-            f"| {r['numel']:,} | {r['k']} | {r['read_s']:.4f} | {r['read_verified_s']:.4f} | "
-            f"{100 * r['overhead']:.0f}% | {r['verified_GBps']:.2f} |"
-        )
-    Path(args.out).write_text(
-        json.dumps({"cpu": cpu, "average": avg, "reads": reads}, indent=2) + "\n"
-    )
+    header = ["D", "K", "read+sum (s)", "read+verify+sum (s)", "overhead", "verified GB/s"]
+    rows = [
+        [f"{r['numel']:,}", r["k"], f"{r['read_s']:.4f}", f"{r['read_verified_s']:.4f}"]
+        + [f"{100 * r['overhead']:.0f}%", f"{r['verified_GBps']:.2f}"]
+        for r in reads
+    ]
+    print("\n".join(markdown_table(header, rows)))
+    write_json(args.out, {"cpu": cpu, "average": avg, "reads": reads})
     print(f"wrote {args.out}")
     return 0
 

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +8,17 @@ import torch
 # unless a test opts in (the job-submit test keeps it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def mnist1d_cache(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where generated MNIST-1D arrays are kept (~10 s for the default size): pytest's cache,
+    so only the first run generates them; without it (``-p no:cacheprovider``, as .ci/run runs)
+    one folder for the session, so tests/data and tests/models generate them once, not twice."""
+    cache = getattr(pytestconfig, "cache", None)
+    if cache is not None:
+        return Path(cache.mkdir("twa_ray_mnist1d"))
+    return tmp_path_factory.mktemp("mnist1d")
 
 
 @pytest.fixture

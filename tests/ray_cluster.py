@@ -24,7 +24,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,11 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+try:  # tests/ is on sys.path under pytest's default (prepend) import mode
+    from helpers import free_ports  # noqa: F401  (the cluster harness takes it from here)
+except ImportError:  # tests/ became a package
+    from tests.helpers import free_ports  # noqa: F401  (the cluster harness takes it from here)
 
 # The Ray CLI of the interpreter running the tests (the venv's), without relying on PATH.
 RAY_CLI = (sys.executable, "-m", "ray.scripts.scripts")
@@ -63,20 +67,6 @@ class JobResult:
     status: str  # SUCCEEDED | FAILED | STOPPED | TIMEOUT
     logs: str
     wall_s: float  # submit -> terminal status
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports free on this machine now (held open together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def client_env(token_path: Path | None) -> dict[str, str]:

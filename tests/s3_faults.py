@@ -16,11 +16,10 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+try:  # tests/ is on sys.path under pytest's default (prepend) import mode
+    from helpers import free_port
+except ImportError:  # tests/ became a package
+    from tests.helpers import free_port
 
 
 @contextmanager

@@ -14,13 +14,13 @@ import json
 import os
 import pickle
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import free_port, run_cli
 from safetensors.torch import save_file
 
 from twa_ray.cli import main
@@ -70,12 +70,6 @@ def _yaml(tmp: Path, text: str) -> str:
     path = tmp / "cfg.yaml"
     path.write_text(text)
     return str(path)
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again when the socket is
 
 
 def _copy_store(fx: Path, tmp: Path) -> Path:
@@ -475,7 +469,7 @@ CORPUS = [
         lambda fx, tmp: [
             "average",
             "--store",
-            f"s3://bkt/x?endpoint_override=127.0.0.1:{_closed_port()}&scheme=http",
+            f"s3://bkt/x?endpoint_override=127.0.0.1:{free_port()}&scheme=http",
             "--out",
             str(tmp / "o"),
             *FAST,
@@ -521,7 +515,7 @@ SECRET = "LEAKsecretVALUE0123"
 
 
 def _s3_at_closed_port(query: str = "") -> str:
-    return f"s3://bkt/x?endpoint_override=127.0.0.1:{_closed_port()}&scheme=http{query}"
+    return f"s3://bkt/x?endpoint_override=127.0.0.1:{free_port()}&scheme=http{query}"
 
 
 CORPUS += [
@@ -552,7 +546,7 @@ CORPUS += [
         id="secret-in-uri-query-option",
     ),
     pytest.param(
-        lambda fx, tmp: _run("--address", f"127.0.0.1:{_closed_port()}", "--connect-timeout", "2")(
+        lambda fx, tmp: _run("--address", f"127.0.0.1:{free_port()}", "--connect-timeout", "2")(
             fx, tmp
         ),
         "no Ray head answered there within 2 s",
@@ -676,7 +670,7 @@ CORPUS += [
 # a closed port, so a sweep that reached Ray first would fail on that instead of this line.
 def _sweep_space(space: str):
     def make(fx, tmp, monkeypatch):
-        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_closed_port()}")
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
         return _sweep_yaml(f"  space: {space}\n")(fx, tmp)
 
     return make
@@ -732,8 +726,53 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
     assert not (work / "pwned").exists()
 
 
-def test_corpus_is_large():
-    assert len(CORPUS) >= 40
+# the value options that take a name or a path (not a number): refused by other cases above
+_NAMED = {"--config", "--dataset", "--data-root", "--model", "--out", "--store", "--storage"}
+_NAMED |= {"--address", "--blocks", "--sampling-dir"}
+
+
+def _numeric_flags(command: str) -> list[str]:
+    """Every option of ``twa-ray COMMAND`` that takes a number, not a name, a path or one of a
+    few choices (a new one is covered as it is added)."""
+    import argparse
+
+    from twa_ray.cli import build_parser
+
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return [
+        a.option_strings[-1]
+        for a in commands.choices[command]._actions
+        if type(a) is argparse._StoreAction
+        and a.choices is None
+        and a.option_strings[-1] not in _NAMED
+    ]
+
+
+_NUMERIC = [(c, f) for c in ("run", "average", "sweep") for f in _numeric_flags(c)]
+
+
+@pytest.mark.parametrize("value", ["nan", "-1"])
+@pytest.mark.parametrize("command,flag", _NUMERIC, ids=[f"{c}{f}" for c, f in _NUMERIC])
+def test_every_numeric_flag_refuses_nan_and_negatives_naming_it(
+    tmp_path, capsys, monkeypatch, command, flag, value
+):
+    """No number option takes NaN or -1: exit 2 and one line echoing the value, before anything
+    is written or started; NaN names the flag (-1 of a fixed set, ``--bits``, names its key)."""
+    given = {
+        "run": ["--smoke-test"],
+        "average": ["--store", str(tmp_path / "store")],
+        "sweep": ["--config", str(Path(__file__).parents[1] / "configs" / "sweep_mnist1d.yaml")],
+    }[command]
+    # a value taken by mistake fails at once at a closed port, instead of running a job
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
+    out = tmp_path / "o"
+    assert main([command, *given, flag, value, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("twa-ray: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and value in err, err
+    key = flag.removeprefix("--").replace("-", "_")
+    assert flag in err or (value == "-1" and f"{key}={value}" in err), err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -750,12 +789,7 @@ def test_corpus_is_large():
     ],
 )
 def test_bad_input_as_a_subprocess(tmp_path, argv, needle):
-    proc = subprocess.run(
-        [sys.executable, "-m", "twa_ray.cli", *argv, "--out", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_cli([*argv, "--out", str(tmp_path / "o")], timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and needle in proc.stderr, (
         proc.stderr
     )

@@ -2,7 +2,6 @@
 credential from a storage URI or the environment in any file, object or console line."""
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -48,32 +47,17 @@ def test_no_credential_leaves_the_command_line(tmp_path):
     two uploads mid-transfer: it finishes, every stored candidate whole, and neither the key id nor
     the secret is in any local output, any object of the bucket (checkpoints, configs, metrics)
     or the console; the console shows the URI redacted."""
-    import subprocess
-    import sys
+    from helpers import run_cli
 
     from twa_ray.store import CandidateStore
 
     with moto_s3() as endpoint, FaultProxy(endpoint, drop=2, after=64 << 10) as proxy:
         query = f"endpoint_override={proxy.endpoint}&scheme=http"
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run(
+        proc = run_cli(
             [
-                sys.executable,
-                "-m",
-                "twa_ray.cli",
-                "run",
-                "--smoke-test",
-                "--mode",
-                "t",
-                "--out",
-                str(tmp_path / "out"),
-                "--storage",
-                f"s3://{AKID}:{SECRET}@bkt/runs/sec?{query}",
+                *("run", "--smoke-test", "--mode", "t", "--out", str(tmp_path / "out")),
+                *("--storage", f"s3://{AKID}:{SECRET}@bkt/runs/sec?{query}"),
             ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
             cwd=tmp_path,
         )
         console = proc.stdout + proc.stderr

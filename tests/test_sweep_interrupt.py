@@ -7,15 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from helpers import cli_argv, cli_env
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ctrl_c_during_a_sweep_then_resume_finishes(tmp_path):
@@ -35,18 +32,8 @@ def test_ctrl_c_during_a_sweep_then_resume_finishes(tmp_path):
         )
     )
     out = tmp_path / "out"
-    argv = [
-        sys.executable,
-        "-m",
-        "twa_ray.cli",
-        "sweep",
-        "--smoke-test",
-        "--config",
-        str(config),
-        "--out",
-        str(out),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    argv = cli_argv("sweep", "--smoke-test", "--config", str(config), "--out", str(out))
+    env = cli_env(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
     proc = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,

@@ -44,11 +44,26 @@ def test_steps_per_epoch_counts_whole_batches_per_worker(n, batch, world, expect
 
 
 def test_shuffled_batches_replay_a_pass_from_any_step():
+    """A pass is a seeded permutation (not the identity), another pass another one, the same
+    seed the same one; a pass replays from any step."""
+
+    def order(data, pass_index):
+        return [i for b in data.batches(pass_index, 0) for i in b.tolist()]
+
     data = ShuffledBatches(list(range(50)), 8, seed=3)
     full = [b.tolist() for b in data.batches(2, 0)]
-    assert len(full) == 6 and sorted(sum(full, [])) != list(range(48))  # shuffled, last 2 dropped
+    assert len(full) == 6 and all(len(b) == 8 for b in full)
+    seen = sum(full, [])
+    assert len(set(seen)) == 48 and set(seen) < set(range(50))  # distinct; 2 dropped (drop_last)
+    assert sorted(seen) != list(range(48))  # the 2 dropped are the shuffle's last, not 48 and 49
+    assert seen != sorted(seen)  # not the identity order
     assert [b.tolist() for b in data.batches(2, 4)] == full[4:]
     assert [b.tolist() for b in data.batches(3, 0)] != full  # another pass, another order
+    passes = [order(data, p) for p in range(4)]
+    assert len({tuple(p) for p in passes}) == 4  # every pass its own order
+    again = ShuffledBatches(list(range(50)), 8, seed=3)
+    assert [order(again, p) for p in range(4)] == passes  # the same seed: the same orders
+    assert order(ShuffledBatches(list(range(50)), 8, seed=4), 0) != passes[0]  # another seed
     with pytest.raises(ValueError, match="batch_size=64 exceeds the 50 examples of the fit split"):
         ShuffledBatches(list(range(50)), 64)
 

@@ -8,12 +8,12 @@ placement, at 4 and 32 bits. W = 1 runs in this process.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -94,17 +94,11 @@ def _worker(rank: int, world: int, port: int, out: str, device: str = "cpu") -> 
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=[2, 3])
 def spawned(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"w{world}")
-    mp.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
     return world, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
@@ -248,7 +242,7 @@ def test_cuda_one_padded_copy_shared_by_both_modes():
 def test_cuda_shard_matches_replicate(tmp_path, world):
     """W processes on the one GPU over gloo. The Triton project adds tiles with float atomics
     (order varies from run to run), so the placements agree to float32 rounding, not bitwise."""
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), "cuda"), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), "cuda"), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for bits in (4, 32):
         for res in ranks:

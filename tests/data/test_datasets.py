@@ -15,32 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from twa_ray.data import DATASETS, DataSplits, held_out_split, load_dataset
 from twa_ray.data import mnist1d as mnist1d_mod
 from twa_ray.data.cifar import CIFAR_MEAN_STD, RestrictedUnpickler, restricted_pickle_load
 from twa_ray.importpath import ImportPathError, load_callable
-
-
-@pytest.fixture(scope="session")
-def mnist1d_cache(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Generated MNIST-1D arrays are kept in pytest's cache: ~10 s on the first run only."""
-    cache = getattr(pytestconfig, "cache", None)
-    if cache is not None:
-        return Path(cache.mkdir("twa_ray_mnist1d"))
-    return tmp_path_factory.mktemp("mnist1d")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small tensors gain nothing from two threads, and on a busy 2-core machine OpenMP
-    barriers between oversubscribed threads make each op several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --------------------------------------------------------------------------- MNIST-1D
 

@@ -11,21 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from twa_ray.data import DataSplits, load_dataset
 from twa_ray.models import MODELS, ResNetCifar, build_model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small tensors gain nothing from two threads, and on a busy 2-core machine OpenMP
-    barriers between oversubscribed threads make each op several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _num_params(m: nn.Module) -> int:
@@ -139,10 +130,8 @@ def test_user_model(user_models: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def mnist1d(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> DataSplits:
-    cache = getattr(pytestconfig, "cache", None)  # shared with tests/data: generated once
-    root = cache.mkdir("twa_ray_mnist1d") if cache is not None else tmp_path_factory.mktemp("m")
-    return load_dataset("mnist1d", root=root)
+def mnist1d(mnist1d_cache: Path) -> DataSplits:
+    return load_dataset("mnist1d", root=mnist1d_cache)  # shared with tests/data: generated once
 
 
 def test_mlp_learns_mnist1d(mnist1d: DataSplits) -> None:

@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from test_shards import make_store, one_thread  # noqa: F401  (tests/ray is on sys.path)
+from helpers import make_store, one_thread  # noqa: F401  (one_thread: autouse)
 from torch.utils.data import DistributedSampler
 
 from twa_ray.config import DataConfig

@@ -13,11 +13,10 @@ import itertools
 
 import pytest
 import torch
+from helpers import make_store, one_thread, store_data  # noqa: F401  (one_thread: autouse)
 from test_one_loop import library_alpha  # tests/ray is on sys.path
-from test_shards import make_store, one_thread  # noqa: F401
 from torch.utils.data import DistributedSampler
 
-from twa_ray.config import DataConfig
 from twa_ray.core.twa import TWA, TWAConfig
 from twa_ray.data import load_dataset
 from twa_ray.models import build_model
@@ -38,13 +37,7 @@ def _cfg(bits: int, placement: str) -> TWAConfig:
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("placement")
     store, layout = make_store(root, num_samples=SAMPLES, epochs=4)
-    data = DataConfig(
-        dataset="mnist1d",
-        num_samples=SAMPLES,
-        val_frac=0.1,
-        model="mlp",
-        data_root=str(root / "cache"),
-    )
+    data = store_data(root, SAMPLES)
     # one object-store copy per bits, 4 shards: every placement reads the same shards
     sharded = {b: put_subspace(store, layout, _cfg(b, "shard"), num_shards=4) for b in (4, 32)}
     return root, data, sharded

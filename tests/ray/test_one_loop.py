@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_shards import make_store, one_thread  # noqa: F401  (tests/ray is on sys.path)
+from helpers import make_store, one_thread, store_data  # noqa: F401  (one_thread: autouse)
 
 from twa_ray.average import fit_twa, make_loaders
 from twa_ray.config import DataConfig, RunConfig, SamplingConfig
@@ -37,13 +37,7 @@ TWA_CFG = TWAConfig(bits=4, blocks="tensor", lr=0.1, epochs=1.0)
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("one_loop")
     store, layout = make_store(root, num_samples=SAMPLES, val_frac=0.1, epochs=3)
-    data = DataConfig(
-        dataset="mnist1d",
-        num_samples=SAMPLES,
-        val_frac=0.1,
-        model="mlp",
-        data_root=str(root / "cache"),
-    )
+    data = store_data(root, SAMPLES)
     return root, store, layout, data
 
 

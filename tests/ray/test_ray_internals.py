@@ -46,11 +46,29 @@ def test_driver_log_printer_is_the_module_global_that_ray_init_installs(monkeypa
 
 
 def test_train_report_logger_is_named_by_its_file():
+    """Ray Train logs each report through ``context.logger`` at INFO; the names we quiet resolve
+    to that very logger, and after ``quiet_train_logs`` it no longer passes INFO on."""
     import ray.train.v2._internal.execution.context as context
+
+    from twa_ray.ray.logs import quiet_train_logs
 
     names = ray_internals.train_report_loggers()
     assert context.logger.name == context.__file__ and context.__file__ in names
-    assert isinstance(logging.getLogger(names[-1]), logging.Logger)
+    assert logging.getLogger(names[-1]) is context.logger
+    assert "logger.info(" in inspect.getsource(context.TrainContext._wait_then_report), (
+        "Ray Train no longer logs its reports through the module logger"
+    )
+    touched = [logging.getLogger(n) for n in [*names, "twa_ray"]]
+    levels = [log.level for log in touched]
+    try:
+        context.logger.setLevel(logging.INFO)  # as in a Train worker: every report is logged
+        assert context.logger.isEnabledFor(logging.INFO)
+        quiet_train_logs()
+        assert not context.logger.isEnabledFor(logging.INFO)
+        assert context.logger.isEnabledFor(logging.WARNING)
+    finally:
+        for log, level in zip(touched, levels, strict=True):
+            log.setLevel(level)
 
 
 def test_train_fit_installs_its_sigint_handler_through_the_method_we_replace(monkeypatch):

@@ -9,12 +9,10 @@ from __future__ import annotations
 import pytest
 import ray
 import torch
-import torch.nn.functional as F
+from helpers import make_store, one_thread  # noqa: F401  (one_thread: autouse)
 
-from twa_ray.core.layout import Layout
 from twa_ray.core.quant import dequantize
 from twa_ray.core.twa import TWA, TWAConfig, build_subspace
-from twa_ray.data import load_dataset
 from twa_ray.models import build_model
 from twa_ray.ray.shards import (
     ShardedView,
@@ -22,42 +20,8 @@ from twa_ray.ray.shards import (
     plan_shards,
     put_subspace,
 )
-from twa_ray.store.store import CandidateStore
 
 pytestmark = [pytest.mark.ray]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: tiny ops on 2 shared cores run far slower with 2 spinning threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_store(root, *, num_samples=1200, val_frac=0.1, epochs=6, seed=0):
-    """Train the MNIST-1D MLP with plain SGD; one candidate per epoch. Returns (store, layout)."""
-    splits = load_dataset(
-        "mnist1d", root=str(root / "cache"), num_samples=num_samples, val_frac=val_frac, seed=seed
-    )
-    torch.manual_seed(seed)
-    model = build_model("mlp", num_classes=splits.num_classes, input_shape=splits.input_shape)
-    layout = Layout.from_module(model)
-    loader = torch.utils.data.DataLoader(splits.train, batch_size=64, shuffle=True, drop_last=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    store = CandidateStore(str(root / "store"), create=True)
-    step = 0
-    for epoch in range(epochs):
-        for x, y in loader:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            step += 1
-        store.write(
-            dict(model.named_parameters()), layout, step=step, epoch=epoch + 1, source="test"
-        )
-    return store, layout
 
 
 @pytest.fixture(scope="module")

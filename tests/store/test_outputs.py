@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_argv, cli_env, run_cli
 from safetensors.torch import load_file, load_model, save_model
 
 from twa_ray.cli import main
@@ -25,7 +26,6 @@ from twa_ray.storage import open_storage
 from twa_ray.store import CandidateStore
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 NUM_SAMPLES = "800"
 
 
@@ -175,12 +175,12 @@ def test_run_with_a_tied_model_then_its_config_repeats_into_a_new_out(tmp_path):
     reads, files 0644; its config.yaml pins no store, so `--config OUT/config.yaml --out NEW`
     resolves to NEW/candidates (the repeat itself is the same command: not run again here), and
     without --out it is refused before Ray starts: only --resume continues a run."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = cli_env(HERE)
     out = tmp_path / "run"
-    cmd = f"umask 022 && {sys.executable} -m twa_ray.cli run --smoke-test --model tied_model:build --out {out}"
+    cli = " ".join(
+        cli_argv("run", "--smoke-test", "--model", "tied_model:build", "--out", str(out))
+    )
+    cmd = f"umask 022 && {cli}"
     proc = subprocess.run(
         ["bash", "-c", cmd], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
@@ -211,13 +211,8 @@ def test_run_with_a_tied_model_then_its_config_repeats_into_a_new_out(tmp_path):
         and cfg.store_uri == f"{new}/candidates"
         and cfg.data.model == "tied_model:build"
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "twa_ray.cli", "run", "--config", str(out / "config.yaml")],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_cli(
+        ["run", "--config", str(out / "config.yaml")], env=env, cwd=tmp_path, timeout=300
     )
     assert (
         proc.returncode == 2 and "already holds a run" in proc.stderr and "--resume" in proc.stderr

@@ -1,0 +1,126 @@
+"""What several test modules share: the checkout's root, ``twa-ray`` as a subprocess, free ports,
+one torch thread, a small store of real candidates.
+
+Import as ``from helpers import ...``: tests/ is on ``sys.path`` under pytest's default (prepend)
+import mode, as tests/conftest.py lies there.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_argv(*argv: str) -> list[str]:
+    """``twa-ray ARGV`` as this interpreter runs it (no console script needed)."""
+    return [sys.executable, "-m", "twa_ray.cli", *argv]
+
+
+def cli_env(*extra_path: str | Path, **variables: str) -> dict[str, str]:
+    """This environment with the checkout (and ``extra_path``) first on ``PYTHONPATH``: a
+    subprocess imports this tree's twa_ray, as a user's checkout would."""
+    paths = [*map(str, extra_path), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), **variables}
+
+
+def run_cli(
+    argv: Sequence[str], *, cwd: str | Path | None = None, env=None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """``twa-ray ARGV`` in a subprocess (``cli_env()`` unless ``env`` is given), output captured
+    as text."""
+    return subprocess.run(
+        cli_argv(*argv),
+        cwd=cwd,
+        env=cli_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free on this machine now (held open together so they differ); closed
+    again on return, so nothing answers there."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port() -> int:
+    """A port free on this machine now, where nothing answers."""
+    return free_ports(1)[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread for the module that imports this fixture: small tensors gain nothing from
+    two, and on a busy 2-core machine OpenMP barriers between oversubscribed threads make each
+    op several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def store_data(root: Path, num_samples: int, val_frac: float = 0.1):
+    """The ``DataConfig`` of ``make_store(root, num_samples=..., val_frac=...)``: MNIST-1D cached
+    under ``root/cache``, the MLP."""
+    from twa_ray.config import DataConfig
+
+    return DataConfig(
+        dataset="mnist1d",
+        num_samples=num_samples,
+        val_frac=val_frac,
+        model="mlp",
+        data_root=str(root / "cache"),
+    )
+
+
+def make_store(root: Path, *, num_samples=1200, val_frac=0.1, epochs=6, seed=0):
+    """Train the MNIST-1D MLP with plain SGD under ``root``; one candidate per epoch in
+    ``root/store``. Returns (store, layout)."""
+    import torch
+    import torch.nn.functional as F
+
+    from twa_ray.core.layout import Layout
+    from twa_ray.data import load_dataset
+    from twa_ray.models import build_model
+    from twa_ray.store.store import CandidateStore
+
+    splits = load_dataset(
+        "mnist1d", root=str(root / "cache"), num_samples=num_samples, val_frac=val_frac, seed=seed
+    )
+    torch.manual_seed(seed)
+    model = build_model("mlp", num_classes=splits.num_classes, input_shape=splits.input_shape)
+    layout = Layout.from_module(model)
+    loader = torch.utils.data.DataLoader(splits.train, batch_size=64, shuffle=True, drop_last=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    store = CandidateStore(str(root / "store"), create=True)
+    step = 0
+    for epoch in range(epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            step += 1
+        store.write(
+            dict(model.named_parameters()), layout, step=step, epoch=epoch + 1, source="test"
+        )
+    return store, layout
