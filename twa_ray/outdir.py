@@ -108,6 +108,7 @@ LAYOUT = (
     ".*.tmp",
     "*.json.*.tmp",
     "config.yaml.tmp",
+    "logs",  # twa_ray.errors.LOG_FILE: the tracebacks of the last failure
 )
 """The top-level names twa-ray writes under a location it marked (``fnmatch`` patterns):
 ``--storage`` of a run (candidates, work, outputs, full_candidates, short_candidates, average), of a sweep
