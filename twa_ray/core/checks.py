@@ -38,6 +38,7 @@ __all__ = [
     "Range",
     "check_coefficient_step",
     "check_fields",
+    "check_loss",
     "unwrap",
 ]
 
@@ -212,3 +213,13 @@ def check_coefficient_step(
         f"TWA diverged at epoch {epoch:.2f}, step {step} (lr {lr:.4g}): the loss or the "
         f"coefficients hold NaN/Inf (loss {loss:.4g}); lower the TWA learning rate (--twa-lr)"
     )
+
+
+def check_loss(loss: torch.Tensor) -> None:
+    """A loss to step on is one number: a ``ValueError`` naming its shape otherwise (a loss
+    left unreduced would backpropagate nothing meaningful, or fail deep inside autograd)."""
+    if loss.dim() != 0:
+        raise ValueError(
+            f"the loss function returned a tensor of shape {tuple(loss.shape)}, not a scalar: "
+            "make loss_fn reduce it to one number (e.g. reduction='mean')"
+        )
