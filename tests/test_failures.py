@@ -110,7 +110,9 @@ class Net(nn.Module):
         self.fc = nn.Linear(40, num_classes)
 
     def forward(self, x):
-        raise RuntimeError("deliberate failure in forward")
+        if self.training:  # the driver's shape check (eval mode) passes, training fails
+            raise RuntimeError("deliberate failure in forward")
+        return self.fc(x.flatten(1))
 
 
 def model(num_classes, input_shape):
@@ -133,7 +135,8 @@ def user_module(tmp_path) -> Path:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_model_whose_forward_raises_is_named_and_not_retried(tmp_path, user_module):
-    """The user's model raises in its forward pass inside the Ray Train workers: one line naming
+    """The user's model raises in its training forward pass, inside the Ray Train workers (the
+    driver's check of its shapes runs it in eval mode): one line naming
     the model, the error and the fix, exit 2 (a retry raises it again: one start with
     ``--max-failures 2``), the traceback in the log file."""
     out = tmp_path / "out"
@@ -251,3 +254,99 @@ def test_disk_full_then_permission_denied_then_resume(tmp_path):
     assert "permission denied" in denied and "EACCES" in denied, denied
     assert rc[2] == 0, err[2]
     assert "metrics.json" in (logs / "ls3").read_text().split()
+
+
+# --------------------------------------------------------------------------- classification
+
+
+@pytest.mark.parametrize(
+    "error, kind, retry, needle",
+    [
+        (OSError(28, "No space left on device", "/o/c/x.arrow"), "usage", False, "writing /o/c/x"),
+        # pyarrow: no errno attribute, the cause in its message
+        (
+            OSError("Error writing bytes to file. Detail: [errno 28] No space left on device"),
+            "usage",
+            False,
+            "out of disk space (ENOSPC: Error writing",
+        ),
+        (
+            OSError("When uploading part for key 'k': AWS Error ACCESS_DENIED during UploadPart"),
+            "usage",
+            False,
+            "permission denied (EACCES: When uploading",
+        ),
+        (
+            OSError(30, "Read-only file system", "/ro/x"),
+            "usage",
+            False,
+            "read-only file system at /ro/x",
+        ),
+        (
+            OSError(122, "Disk quota exceeded", "/q/x"),
+            "usage",
+            False,
+            "out of disk space writing /q/x (EDQUOT",
+        ),
+        (FileNotFoundError(2, "No such file or directory", "/a"), "usage", False, "'/a'"),
+        (ValueError("bad\n  value"), "usage", False, "bad value"),
+        (
+            RuntimeError("connection reset by peer"),
+            "runtime",
+            True,
+            "RuntimeError: connection reset",
+        ),
+        (ConnectionResetError("reset"), "runtime", True, "ConnectionResetError: reset"),
+    ],
+)
+def test_describe_gives_the_class_and_one_line(error, kind, retry, needle):
+    import pickle
+
+    from twa_ray.errors import describe
+
+    try:
+        raise error
+    except Exception as e:
+        got = pickle.loads(pickle.dumps(describe(e)))  # crosses the Ray boundary as strings
+    assert (got.kind, got.retry, got.exit_code) == (kind, retry, 2 if kind == "usage" else 1)
+    assert needle in got.line and "\n" not in got.line, got.line
+    assert "Traceback" in got.details
+
+
+def test_a_deterministic_worker_error_is_not_retried_a_lost_worker_is():
+    """fit_group's decision on a failed ``fit()`` (Ray Train's WorkerGroupError)."""
+    from ray.train import ControllerError, WorkerGroupError
+
+    from twa_ray.errors import TwaError
+    from twa_ray.ray.group import _final, _group_error
+
+    usage = TwaError("diverged", "usage", False, "tb")
+    flaky = TwaError("RuntimeError: reset", "runtime", True, "tb")
+    error, lost = _group_error(WorkerGroupError("s", {0: usage, 1: flaky}))
+    assert (error, lost) == (usage, False)  # the deterministic one decides: no retry
+    error, lost = _group_error(WorkerGroupError("s", {0: RuntimeError("ActorDiedError")}))
+    assert lost and error.retry and "a worker was lost (ActorDiedError)" in error.line
+    error, lost = _group_error(WorkerGroupError("s", {0: usage, 1: RuntimeError("died")}))
+    assert lost  # a lost worker's collateral: retried
+    final = _final(flaky, False, 2, 2)
+    assert final.kind == "runtime" and "more than --max-failures 2" in final.line
+    assert _final(flaky, False, 0, 0) is flaky
+    with pytest.raises(ControllerError):
+        _group_error(ControllerError(RuntimeError("controller")))
+
+
+def test_the_log_goes_under_a_twa_ray_out_else_to_the_temp_folder(tmp_path):
+    from twa_ray.errors import TwaError, write_log
+
+    error = TwaError("x", "runtime", True, "Traceback (most recent call last): ...")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    path = write_log(error, foreign)
+    assert path and not path.startswith(str(foreign)) and os.listdir(foreign) == []
+    os.remove(path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "run.json").write_text("{}")
+    path = write_log(error, tmp_path / "out")
+    assert path == str(tmp_path / "out" / "logs" / "twa-ray-error.log")
+    assert Path(path).read_text().startswith("twa-ray: error: x\n")
+    assert write_log(TwaError("no details"), tmp_path / "out") is None
