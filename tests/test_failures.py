@@ -297,6 +297,7 @@ def test_disk_full_then_permission_denied_then_resume(tmp_path):
             "RuntimeError: connection reset",
         ),
         (ConnectionResetError("reset"), "runtime", True, "ConnectionResetError: reset"),
+        (KeyError("w"), "runtime", False, "KeyError: 'w'"),
     ],
 )
 def test_describe_gives_the_class_and_one_line(error, kind, retry, needle):

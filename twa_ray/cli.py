@@ -2,8 +2,10 @@
 
 Flags map onto the stage dataclasses of :mod:`twa_ray.config` (defaults live only there, and
 ``--help`` shows them); ``--config FILE`` loads a YAML file first, flags override it, and both are
-validated by the same typed models. User mistakes print one line and exit with code 2, never a
-traceback; Ctrl-C (SIGINT) and SIGTERM print one line and exit with 130 and 143, the run resumable.
+validated by the same typed models. Every failure, here or in a Ray worker, prints one line and
+never a traceback (:mod:`twa_ray.errors`): exit 2 for bad input or configuration, 1 for a runtime
+failure, whose traceback goes to a log file the line names (``-v`` prints it too); Ctrl-C
+(SIGINT) and SIGTERM print one line and exit with 130 and 143, the run resumable.
 """
 
 from __future__ import annotations

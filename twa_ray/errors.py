@@ -6,8 +6,9 @@ fix, a ``kind`` that gives the exit code and whether a retry can help:
 - ``usage`` (exit 2): bad input or configuration, a diverged run, a full disk, a denied
   permission, a missing file, an error in the user's model or data function. The same command
   fails the same way again: no retry.
-- ``runtime`` (exit 1): anything else (a lost worker, a network error): restarting the workers
-  from the last checkpoint can help, up to ``--max-failures`` times.
+- ``runtime`` (exit 1): anything else. A lost worker or a network error is retried (the
+  workers restart from the last checkpoint, up to ``--max-failures`` times); a bug (a
+  ``TypeError``, ``KeyError``, ...) is not: it would be raised again.
 
 A Ray Train worker raises the :class:`TwaError` of what it caught (its class is resolved there,
 where the user's modules import), so only strings cross the Ray boundary: the driver never has
@@ -53,7 +54,9 @@ _MESSAGES = (
     (re.compile(r"Permission denied|AccessDenied|Access Denied|ACCESS_DENIED", re.I), errno.EACCES),
 )
 # usage errors by class: a retry raises them again
-_USAGE_TYPES = (ValueError, TypeError, LookupError, FloatingPointError, NotImplementedError)
+_USAGE_TYPES = (ValueError, FloatingPointError)
+# a bug (ours or the user's): a runtime failure with its traceback, that a retry raises again
+_BUGS = (TypeError, LookupError, AttributeError, NameError, NotImplementedError, AssertionError)
 _USAGE_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
 
 
@@ -126,7 +129,8 @@ def describe(e: BaseException, *, again: str = "rerun with --resume") -> TwaErro
     if type(e).__name__ == "OutOfMemoryError":  # torch.cuda: the batch or the model is too big
         line = f"out of GPU memory ({_one_line(str(e))}); lower --batch-size or use a smaller model"
         return TwaError(line, USAGE, False, details)
-    return TwaError(_one_line(f"{type(e).__name__}: {e}"), RUNTIME, True, details)
+    line = _one_line(f"{type(e).__name__}: {e}")
+    return TwaError(line, RUNTIME, not isinstance(e, _BUGS), details)
 
 
 def user_code(what: str, e: Exception) -> TwaError:
