@@ -49,7 +49,7 @@ _DENIED = (errno.EACCES, errno.EPERM)
 # the same, as pyarrow and object stores word them when no errno comes with the error
 _MESSAGES = (
     (re.compile(r"No space left on device", re.I), errno.ENOSPC),
-    (re.compile(r"quota exceeded", re.I), errno.EDQUOT),
+    (re.compile(r"quota ?exceeded", re.I), errno.EDQUOT),
     (re.compile(r"Read-only file system", re.I), errno.EROFS),
     (re.compile(r"Permission denied|AccessDenied|Access Denied|ACCESS_DENIED", re.I), errno.EACCES),
 )
