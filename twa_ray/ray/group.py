@@ -27,6 +27,7 @@ from twa_ray.config import DataConfig
 from twa_ray.errors import RUNTIME, TwaError, describe, user_code
 from twa_ray.importpath import is_import_path
 from twa_ray.ray.faults import record_start
+from twa_ray.redact import redact
 from twa_ray.storage import Storage, alive_nodes
 
 __all__ = [
@@ -176,7 +177,7 @@ def _group_error(e: Exception) -> tuple[TwaError | None, bool]:
     ours = [x for x in raised.values() if isinstance(x, TwaError)]
     lost = len(ours) < len(raised)
     if lost and not ours:
-        detail = " ".join(str(next(iter(raised.values()))).split())[:300]
+        detail = redact(" ".join(str(next(iter(raised.values()))).split())[:300])
         return TwaError(f"a worker was lost ({detail})", RUNTIME, True, str(e)), True
     deterministic = [x for x in ours if not x.retry]
     return (deterministic or ours)[0], lost
