@@ -138,9 +138,7 @@ def user_code(what: str, e: Exception) -> TwaError:
     a usage error, never retried, whatever its class."""
     details = "".join(traceback.format_exception(e))
     line = _one_line(f"{what} raised {type(e).__name__}: {e}")
-    return TwaError(
-        f"{line}; fix it (the full traceback is in the log file)", USAGE, False, details
-    )
+    return TwaError(f"{line}; fix it", USAGE, False, details)
 
 
 def write_log(error: TwaError, out: str | os.PathLike[str] | None) -> str | None:
