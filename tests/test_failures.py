@@ -262,7 +262,12 @@ def test_disk_full_then_permission_denied_then_resume(tmp_path):
 @pytest.mark.parametrize(
     "error, kind, retry, needle",
     [
-        (OSError(28, "No space left on device", "/o/c/x.arrow"), "usage", False, "writing /o/c/x"),
+        (
+            OSError(28, "No space left on device", "/o/c/x.arrow"),
+            "usage",
+            False,
+            "out of disk space at /o/c/x.arrow (ENOSPC",
+        ),
         # pyarrow: no errno attribute, the cause in its message
         (
             OSError("Error writing bytes to file. Detail: [errno 28] No space left on device"),
@@ -286,7 +291,7 @@ def test_disk_full_then_permission_denied_then_resume(tmp_path):
             OSError(122, "Disk quota exceeded", "/q/x"),
             "usage",
             False,
-            "out of disk space writing /q/x (EDQUOT",
+            "out of disk space at /q/x (EDQUOT",
         ),
         (FileNotFoundError(2, "No such file or directory", "/a"), "usage", False, "'/a'"),
         (ValueError("bad\n  value"), "usage", False, "bad value"),
@@ -351,3 +356,13 @@ def test_the_log_goes_under_a_twa_ray_out_else_to_the_temp_folder(tmp_path):
     assert path == str(tmp_path / "out" / "logs" / "twa-ray-error.log")
     assert Path(path).read_text().startswith("twa-ray: error: x\n")
     assert write_log(TwaError("no details"), tmp_path / "out") is None
+
+
+def test_a_storage_error_without_its_path_names_the_location_written():
+    from twa_ray.errors import describe
+
+    e = OSError("Error writing bytes to file. Detail: [errno 28] No space left on device")
+    line = describe(e, where="/runs/a/work").line
+    assert line.startswith("out of disk space under /runs/a/work (ENOSPC: Error writing"), line
+    line = describe(e, where="s3://AKIA123:secret@bkt/x").line
+    assert "secret" not in line, line

@@ -633,7 +633,7 @@ def _fail(e: Exception, args: argparse.Namespace, out: str | None) -> int:
         print(f"twa-ray: error: {line}", file=sys.stderr)
         return 2
     again = "rerun with --resume" if args.command in ("run", "sweep") else "rerun"
-    error = describe(e, again=again)
+    error = describe(e, again=again, where=out)
     if getattr(args, "verbose", False) and error.details:
         print(error.details, file=sys.stderr, end="")
     # a bad input found here is its line alone; what failed in a run keeps its traceback

@@ -90,38 +90,43 @@ def _storage_errno(e: OSError) -> int | None:
     return next((code for pattern, code in _MESSAGES if pattern.search(str(e))), None)
 
 
-def _storage_line(e: OSError, again: str) -> str | None:
+def _storage_line(e: OSError, again: str, where: str | None) -> str | None:
     """One line for a full disk, a denied permission or a read-only file system, naming the
-    path (redacted) and the fix; None for another OSError."""
+    path (redacted; pyarrow names it in its message, if at all: then ``where``, the location
+    being written) and the fix; None for another OSError."""
     code = _storage_errno(e)
     if code is None:
         return None
     name = errno.errorcode.get(code, str(code))
     if e.filename:
-        path, cause = redact(str(e.filename)), f"({name}: {os.strerror(code)})"
-    else:  # pyarrow and object stores name the path in their message only
-        path, cause = "", f"({name}: {_one_line(str(e))})"
+        at, cause = f" at {redact(str(e.filename))}", f"({name}: {os.strerror(code)})"
+    else:
+        at, cause = (f" under {redact(where)}" if where else ""), f"({name}: {_one_line(str(e))})"
+    # writes are atomic (temp file + rename): what failed left no partial file behind
+    kept = "nothing half-written was kept"
     if code in _DISK_FULL:
-        # writes are atomic (temp file + rename): what failed left no partial file behind
         return (
-            f"out of disk space{' writing ' + path if path else ''} {cause}; nothing half-written was kept: free "
-            f"space or point --out / --storage at a larger disk, then {again}"
+            f"out of disk space{at} {cause}; {kept}: free space or point --out / --storage at a "
+            f"larger disk, then {again}"
         )
     what = "read-only file system" if code == errno.EROFS else "permission denied"
     return (
-        f"{what}{' at ' + path if path else ''} {cause}; nothing half-written was kept: give this user write access "
-        f"there or point --out / --storage elsewhere, then {again}"
+        f"{what}{at} {cause}; {kept}: give this user write access there or point --out / "
+        f"--storage elsewhere, then {again}"
     )
 
 
-def describe(e: BaseException, *, again: str = "rerun with --resume") -> TwaError:
-    """The :class:`TwaError` of ``e`` (``again``: how to continue after fixing the cause)."""
+def describe(
+    e: BaseException, *, again: str = "rerun with --resume", where: str | None = None
+) -> TwaError:
+    """The :class:`TwaError` of ``e`` (``again``: how to continue after fixing the cause;
+    ``where``: the location being written, named when the error does not name its path)."""
     if isinstance(e, TwaError):
         return e
     from twa_ray.storage import storage_fault
 
     details = "".join(traceback.format_exception(e))
-    line = (_storage_line(e, again) if isinstance(e, OSError) else None) or storage_fault(e)
+    line = (_storage_line(e, again, where) if isinstance(e, OSError) else None) or storage_fault(e)
     if line is not None:
         return TwaError(line, USAGE, False, details)
     if isinstance(e, (*_USAGE_TYPES, *_USAGE_OS_ERRORS)):

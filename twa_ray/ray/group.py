@@ -126,7 +126,8 @@ def _trainer(
     # user set is kept; the driver's environment reaches the controller)
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, HEALTH_CHECK_INTERVAL_S)
     return TorchTrainer(
-        functools.partial(_worker_entry, loop, name, config),  # Ray's train_loop_config: a dict
+        # Ray's train_loop_config must be a dict: the config is bound here
+        functools.partial(_worker_entry, loop, name, run_dir.uri, config),
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
@@ -145,9 +146,10 @@ def _trainer(
     )
 
 
-def _worker_entry(loop: Callable[[Any], None], name: str, config: Any) -> None:
+def _worker_entry(loop: Callable[[Any], None], name: str, where: str, config: Any) -> None:
     """A worker's ``train_loop_per_worker``: ``loop(config)``; whatever it raises leaves as a
-    :class:`~twa_ray.errors.TwaError` (strings only: the driver unpickles no user class)."""
+    :class:`~twa_ray.errors.TwaError` (strings only: the driver unpickles no user class) that
+    names ``where`` (the run's storage) when the error does not name its path."""
     import ray.train
 
     from twa_ray.ray.logs import quiet_train_logs
@@ -158,7 +160,7 @@ def _worker_entry(loop: Callable[[Any], None], name: str, config: Any) -> None:
     try:
         loop(config)
     except Exception as e:
-        raise describe(e) from None
+        raise describe(e, where=where) from None
 
 
 def _group_error(e: Exception) -> tuple[TwaError | None, bool]:
