@@ -248,10 +248,12 @@ def test_disk_full_then_permission_denied_then_resume(tmp_path):
     full = _one_error_line(err[0])
     assert rc[0] == 2, err[0]
     assert "out of disk space" in full and "ENOSPC" in full and "free space" in full, full
+    assert f"under {out}" in full, full  # pyarrow does not name the file: the location written
     assert (logs / "starts1").read_text().count("sampling_") == 1
     denied = _one_error_line(err[1])
     assert rc[1] == 2, err[1]
     assert "permission denied" in denied and "EACCES" in denied, denied
+    assert f"permission denied at {out}/candidates/" in denied, denied
     assert rc[2] == 0, err[2]
     assert "metrics.json" in (logs / "ls3").read_text().split()
 
@@ -364,5 +366,7 @@ def test_a_storage_error_without_its_path_names_the_location_written():
     e = OSError("Error writing bytes to file. Detail: [errno 28] No space left on device")
     line = describe(e, where="/runs/a/work").line
     assert line.startswith("out of disk space under /runs/a/work (ENOSPC: Error writing"), line
+    e = OSError("Failed to open local file '/o/c/.x.tmp'. Detail: [errno 13] Permission denied")
+    assert describe(e, where="/o/work").line.startswith("permission denied at /o/c/.x.tmp (EACCES")
     line = describe(e, where="s3://AKIA123:secret@bkt/x").line
     assert "secret" not in line, line

@@ -53,6 +53,8 @@ _MESSAGES = (
     (re.compile(r"Read-only file system", re.I), errno.EROFS),
     (re.compile(r"Permission denied|AccessDenied|Access Denied|ACCESS_DENIED", re.I), errno.EACCES),
 )
+# a path quoted in pyarrow's message: "Failed to open local file '/a/b'"
+_QUOTED_PATH = re.compile(r"'((?:/|[a-z0-9]+://)[^']+)'")
 # usage errors by class: a retry raises them again
 _USAGE_TYPES = (ValueError, FloatingPointError)
 # a bug (ours or the user's): a runtime failure with its traceback, that a retry raises again
@@ -98,10 +100,12 @@ def _storage_line(e: OSError, again: str, where: str | None) -> str | None:
     if code is None:
         return None
     name = errno.errorcode.get(code, str(code))
+    quoted = _QUOTED_PATH.search(str(e))
     if e.filename:
         at, cause = f" at {redact(str(e.filename))}", f"({name}: {os.strerror(code)})"
     else:
-        at, cause = (f" under {redact(where)}" if where else ""), f"({name}: {_one_line(str(e))})"
+        at = f" at {redact(quoted[1])}" if quoted else f" under {redact(where)}" if where else ""
+        cause = f"({name}: {_one_line(str(e))})"
     # writes are atomic (temp file + rename): what failed left no partial file behind
     kept = "nothing half-written was kept"
     if code in _DISK_FULL:
