@@ -152,6 +152,7 @@ def test_a_model_whose_forward_raises_is_named_and_not_retried(tmp_path, user_mo
     assert "in forward" in Path(_log_of(line)).read_text()
 
 
+@pytest.mark.slow
 def test_a_data_function_that_raises_is_one_line(tmp_path, user_module):
     """The user's data function raises (on the driver, before Ray starts: no worker group):
     one line with its error, exit 1 (a runtime error of the user's), the traceback in a log
