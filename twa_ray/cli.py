@@ -2,8 +2,10 @@
 
 Flags map onto the stage dataclasses of :mod:`twa_ray.config` (defaults live only there, and
 ``--help`` shows them); ``--config FILE`` loads a YAML file first, flags override it, and both are
-validated by the same typed models. User mistakes print one line and exit with code 2, never a
-traceback; Ctrl-C (SIGINT) and SIGTERM print one line and exit with 130 and 143, the run resumable.
+validated by the same typed models. Every failure, here or in a Ray worker, prints one line and
+never a traceback (:mod:`twa_ray.errors`): exit 2 for bad input or configuration, 1 for a runtime
+failure, whose traceback goes to a log file the line names (``-v`` prints it too); Ctrl-C
+(SIGINT) and SIGTERM print one line and exit with 130 and 143, the run resumable.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import argparse
 import ast
 import copy
 import dataclasses
-import errno
 import functools
 import inspect
 import logging
@@ -27,9 +28,6 @@ from collections.abc import Sequence
 from typing import Any, Literal, NoReturn
 
 __all__ = ["main", "build_parser", "config_from_args", "sweep_config_from_args", "smoke_sweep"]
-
-# write failures that mean "the disk (or the quota, or the file-size limit) is full"
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 DEFAULT_OUT = {"run": "runs/twa", "average": "runs/average"}
 
@@ -550,17 +548,24 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 # Ray-internal lines that Ray forwards from its processes and that say nothing about the run: the
 # core worker's PreemptionWatcher error, log-level notices, and Ray Train's placement-group
-# cleaner failing to pick between several Ray instances on one machine (it retries on its own)
+# cleaner failing to pick between several Ray instances on one machine (it retries on its own), a
+# Train worker's process-group set-up line
 _RAY_NOISE = re.compile(
     r"PreemptionWatcher|logging\.cc:\d+: Set ray log level|Found multiple active Ray instances"
+    r"|Setting up process group for"
 )
 
 
 def _ray_noise(record: dict[str, Any], line: str) -> bool:
-    """A line of Ray's own that says nothing about the run (``-v`` shows everything)."""
-    return bool(
-        record.get("actor_name") == "PlacementGroupCleaner" and record.get("is_err")
-    ) or bool(_RAY_NOISE.search(line))
+    """A line of Ray's own that says nothing the command does not say itself (``-v`` shows
+    everything): Ray Train's controller (worker group starts, retry decisions, error snippets:
+    a failure is one ``twa-ray: error:`` line) and its worker set-up lines."""
+    actor = record.get("actor_name")
+    return (
+        actor == "TrainController"
+        or bool(actor == "PlacementGroupCleaner" and record.get("is_err"))
+        or bool(_RAY_NOISE.search(line))
+    )
 
 
 def _filter_ray_logs() -> None:
@@ -598,27 +603,25 @@ def _ray_up() -> bool:
     return "ray" in sys.modules and bool(sys.modules["ray"].is_initialized())
 
 
-def _user_error(e: BaseException) -> str:
-    from twa_ray.redact import redact
+def _fail(e: Exception, args: argparse.Namespace, out: str | None) -> int:
+    """The one line of a failure, wherever it was raised (here or in a Ray worker), with the
+    path of the log file that holds its traceback; returns the exit code of its class (2: bad
+    input or configuration, 1: a runtime failure). ``-v`` also prints the traceback."""
+    from twa_ray.errors import RUNTIME, TwaError, describe, write_log
 
-    text = redact(" ".join(str(e).split()))  # one line, whatever the message held; no credential
-    return f"twa-ray: error: {text}"
-
-
-def _os_error_line(e: OSError, command: str) -> str | None:
-    """The one line for a storage that keeps failing or a full disk; None: not ours to explain."""
-    from twa_ray.storage import storage_fault
-
-    if e.errno not in _DISK_FULL:
-        return storage_fault(e)
-    # writes are atomic (temp file + rename): what failed left no partial file behind
-    where = f" writing {e.filename}" if e.filename else ""
-    again = "rerun with --resume" if command in ("run", "sweep") else "rerun"
-    return (
-        f"out of disk space{where} ({errno.errorcode.get(e.errno, e.errno)}: "
-        f"{os.strerror(e.errno)}); nothing half-written was kept: free space or point --out / "
-        f"--store at a larger disk, then {again}"
-    )
+    line = _startup_timeout(e)
+    if line is not None:
+        print(f"twa-ray: error: {line}", file=sys.stderr)
+        return 2
+    again = "rerun with --resume" if args.command in ("run", "sweep") else "rerun"
+    error = describe(e, again=again, where=out)
+    if getattr(args, "verbose", False) and error.details:
+        print(error.details, file=sys.stderr, end="")
+    # a bad input found here is its line alone; what failed in a run keeps its traceback
+    path = write_log(error, out) if isinstance(e, TwaError) or error.kind == RUNTIME else None
+    where = f" (traceback: {path})" if path else ""
+    print(f"twa-ray: error: {error.line}{where}", file=sys.stderr)
+    return error.exit_code
 
 
 def _prepare(args: argparse.Namespace) -> tuple[Any, str | None]:
@@ -677,30 +680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see _interruptible); --resume continues
         _Interrupt.tell(args.command)
         return _Interrupt.exit_code()
-    except (
-        ValueError,
-        FileNotFoundError,
-        FileExistsError,
-        PermissionError,
-        IsADirectoryError,
-        NotADirectoryError,
-    ) as e:
-        print(_user_error(e), file=sys.stderr)
-        return 2
-    except OSError as e:
-        line = _os_error_line(e, args.command)
-        if line is None:
-            raise
-        print(f"twa-ray: error: {line}", file=sys.stderr)
-        return 2
     except Exception as e:
-        from twa_ray.storage import storage_fault
-
-        line = _startup_timeout(e) or storage_fault(e)
-        if line is None:
-            raise
-        print(f"twa-ray: error: {line}", file=sys.stderr)
-        return 2
+        return _fail(e, args, out)
     finally:
         _restore(ray_was_up=ray_was_up, streams=streams, timeout_env=timeout_env)
 

@@ -122,6 +122,7 @@ LAYOUT: dict[str, Any] = {
     "plan.json": ALL,
     "import.json": ALL,
     "hf_model": {"*.json": ALL, "*.safetensors": ALL},
+    "logs": ALL,  # twa_ray.errors.LOG_FILE: the tracebacks of the last failure
     **_OUTPUT_FILES,
     **_TMP,
 }

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from twa_ray.ray.faults import FAULTS_ENV, inject
+from twa_ray.ray.faults import FAULTS_ENV, inject, record_start
 
 
 def test_a_planned_raise_fires_once_on_the_last_rank(tmp_path, monkeypatch):
@@ -36,3 +36,20 @@ def test_no_plan_no_fault_and_a_bad_plan_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv(FAULTS_ENV, str(plan))
     with pytest.raises(ValueError, match="phase must be one of"):
         inject("sampling", 1, 0, 1)
+
+
+def test_worker_group_starts_are_counted_next_to_the_plan(tmp_path, monkeypatch):
+    """Each start appends the group's name to ``<plan>.starts`` (the tests count retries)."""
+    plan = tmp_path / "faults.json"
+    monkeypatch.setenv(FAULTS_ENV, str(plan))
+    record_start("sampling_a")
+    record_start("sampling_a")
+    record_start("coefficients_a")
+    assert (tmp_path / "faults.json.starts").read_text().splitlines() == [
+        "sampling_a",
+        "sampling_a",
+        "coefficients_a",
+    ]
+    monkeypatch.delenv(FAULTS_ENV)
+    record_start("sampling_b")  # no plan: nothing written
+    assert len((tmp_path / "faults.json.starts").read_text().splitlines()) == 3

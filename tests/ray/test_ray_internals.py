@@ -126,3 +126,27 @@ def test_ray_init_replaces_the_sigterm_handler_and_ours_is_kept(tmp_path):
         result,
         proc.stderr[-2000:],
     )
+
+
+def test_worker_group_error_wraps_each_ranks_exception_in_base_exc():
+    """A failed rank's exception reaches the driver inside Ray's wrapper, the original in
+    ``_base_exc``; the worker logs its traceback from the logger we silence."""
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.util import construct_user_exception_with_traceback
+
+    from twa_ray.errors import TwaError
+
+    try:
+        raise TwaError("one line", "usage", False, "details")
+    except TwaError as e:
+        wrapped = construct_user_exception_with_traceback(e)
+    lost = RuntimeError("actor died")
+    error = WorkerGroupError("snippet", {0: wrapped, 1: lost})
+    got = ray_internals.worker_exceptions(error)
+    assert isinstance(got[0], TwaError) and got[0].line == "one line" and got[1] is lost
+    source = inspect.getsource(construct_user_exception_with_traceback)
+    assert "logger.error" in source, "Ray Train logs a worker's traceback elsewhere now"
+    import ray.train.v2._internal.util as util
+
+    assert ray_internals.worker_error_logger() == util.logger.name == "ray.train.v2._internal.util"
+    assert ray_internals.worker_exceptions(RuntimeError("not a group error")) == {}

@@ -24,11 +24,23 @@ import math
 import operator
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Annotated, Any, Literal
 
-__all__ = ["INT64_MAX", "ConfigError", "Range", "check_fields", "unwrap"]
+import torch
+
+__all__ = [
+    "INT64_MAX",
+    "ConfigError",
+    "FiniteWatch",
+    "NonFiniteError",
+    "Range",
+    "check_coefficient_step",
+    "check_fields",
+    "check_loss",
+    "unwrap",
+]
 
 INT64_MAX = 2**63 - 1
 """Integers of a config are stored and seeded as 64-bit integers."""
@@ -149,3 +161,65 @@ def check_fields(obj: Any, what: str, extra: list[str] | None = None) -> None:
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, include_extras=True)
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+class NonFiniteError(FloatingPointError):
+    """Training diverged: a loss, gradient or coefficient is NaN or infinite. A configuration
+    problem (the learning rate): a retry diverges again."""
+
+
+class FiniteWatch:
+    """The first step whose loss or gradient is not finite, kept on the device.
+
+    :meth:`update_` costs no host synchronisation (``torch.where`` on a device scalar); the
+    host reads the flag with :meth:`first` where it waits anyway (every step on the CPU, before
+    a snapshot, at an epoch end). After DDP's all-reduce the gradient is the same on every
+    rank, so every rank sees the same first step::
+
+        bad_t = not isfinite(sum |loss| + sum |g|)
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._first = torch.full((), -1, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update_(self, step: int, loss: torch.Tensor, grads: Iterable[torch.Tensor]) -> None:
+        """Record ``step`` if it is the first with a non-finite ``loss`` or gradient."""
+        grads = list(grads)
+        total = loss.detach().float().abs().sum()
+        if grads:
+            total = total + torch.nn.utils.get_total_norm(grads, norm_type=1.0)
+        bad = ~torch.isfinite(total) & (self._first < 0)
+        self._first = torch.where(bad, torch.full_like(self._first, step), self._first)
+
+    def first(self) -> int | None:
+        """The first non-finite step so far (one read of a device scalar), or None."""
+        step = int(self._first)
+        return None if step < 0 else step
+
+
+def check_coefficient_step(
+    a: torch.Tensor, alpha: torch.Tensor, loss: float, *, step: int, epoch: float, lr: float
+) -> None:
+    """After a coefficient step: raise :class:`NonFiniteError` when the averaged projected
+    gradient ``a``, the coefficients ``alpha`` or this worker's mean ``loss`` is not finite
+    (``a`` and ``alpha`` are the same on every worker: every rank stops at the same step)."""
+    if math.isfinite(loss) and bool(torch.isfinite(a.sum() + alpha.sum())):
+        return
+    raise NonFiniteError(
+        f"TWA diverged at epoch {epoch:.2f}, step {step} (lr {lr:.4g}): the loss or the "
+        f"coefficients hold NaN/Inf (loss {loss:.4g}); lower the TWA learning rate (--twa-lr)"
+    )
+
+
+def check_loss(loss: torch.Tensor) -> None:
+    """A loss to step on is one number: a ``ValueError`` naming its shape otherwise (a loss
+    left unreduced would backpropagate nothing meaningful, or fail deep inside autograd)."""
+    if loss.dim() != 0:
+        raise ValueError(
+            f"the loss function returned a tensor of shape {tuple(loss.shape)}, not a scalar: "
+            "make loss_fn reduce it to one number (e.g. reduction='mean')"
+        )

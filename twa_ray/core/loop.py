@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from twa_ray.core.checks import check_coefficient_step
+
 if TYPE_CHECKING:
     from twa_ray.core.twa import TWA
 
@@ -273,8 +275,17 @@ class CoefficientLoop:
         """One step and its bookkeeping; True when the loop must leave the pass."""
         twa = self.twa
         a, loss_sum, correct, count = twa.coefficient_grad(batch)
+        lr = twa.optimizer.param_groups[0]["lr"]  # type: ignore[union-attr]
         twa.apply_(a)
         step = twa.step_count
+        check_coefficient_step(
+            a,
+            twa.alpha,
+            loss_sum / max(count, 1),
+            step=step,
+            epoch=step / self.steps_per_epoch,
+            lr=lr,
+        )
         self._local += torch.tensor(
             [loss_sum, correct, count], dtype=torch.float64, device=twa.device
         )

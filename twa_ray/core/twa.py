@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from twa_ray.core.bn import split_batch, update_bn
-from twa_ray.core.checks import Range, check_fields
+from twa_ray.core.checks import Range, check_fields, check_loss
 from twa_ray.core.layout import Layout, flatten, load_flat_, parse_blocks
 from twa_ray.core.loop import BatchSource, CoefficientLoop, LoaderBatches, total_steps
 from twa_ray.core.optim import make_optimizer
@@ -257,6 +257,7 @@ class TWA:
         x, y = split_batch(batch, self.device)
         out = self.model(x)
         loss = self.loss_fn(out, y)
+        check_loss(loss)
         loss.backward()
         g = torch.cat(
             [

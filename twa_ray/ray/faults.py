@@ -10,6 +10,9 @@ variable ``TWA_RAY_FAULTS`` names a JSON file, which a test writes:
 - ``kill``: rank 0, the rank that writes candidates and checkpoints, SIGKILLs its own process
   once (a real process death, as from the OOM killer or a lost node: no exception, no cleanup).
 
+With the variable set, rank 0 of every worker group start appends the group's name to
+``<plan>.starts`` (:func:`record_start`): the tests count the starts (a retry is one more).
+
 Each fault fires once: its ``marker`` file is created exclusively (it records the kind, step,
 rank and pid), so the restarted attempt passes. Ray's worker processes inherit the variable from
 the environment of the process that started Ray (tests set it before ``ray.init``).
@@ -21,10 +24,18 @@ import json
 import os
 import signal
 
-__all__ = ["FAULTS_ENV", "inject"]
+__all__ = ["FAULTS_ENV", "inject", "record_start"]
 
 FAULTS_ENV = "TWA_RAY_FAULTS"
 PHASES = ("sampling", "coefficients")
+
+
+def record_start(name: str) -> None:
+    """Append ``name`` to ``<plan>.starts`` (a worker group started; tests only)."""
+    path = os.environ.get(FAULTS_ENV)
+    if path:
+        with open(path + ".starts", "a") as f:
+            f.write(name + "\n")
 
 
 def inject(phase: str, step: int, rank: int, world: int) -> None:

@@ -1,8 +1,8 @@
 """One Ray Train worker group, the same for the sampling and the coefficient phase.
 
 Driver side: :func:`check_run_id`, :func:`fit_group` (a ``TorchTrainer`` whose ``RunConfig``
-points at the run's storage: a local path or any ``pyarrow.fs`` URI, see :mod:`twa_ray.storage`)
-and :func:`check_data_root_on_nodes` (every node that can host a worker checks ``--data-root``
+points at the run's storage: a local path or any ``pyarrow.fs`` URI, see :mod:`twa_ray.storage`;
+it restarts the workers only for what a restart can fix) and :func:`check_data_root_on_nodes` (every node that can host a worker checks ``--data-root``
 before training). Worker side: :func:`load_worker_splits` (the dataset, after checking the data
 root on this node), :func:`report` (every rank reports, a barrier; rank 0 attaches the
 checkpoint files) and :class:`CheckpointClock` (when the next report is due).
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import socket
@@ -24,6 +25,9 @@ import torch
 
 from twa_ray import redact
 from twa_ray.config import DataConfig
+from twa_ray.errors import RUNTIME, TwaError, describe, user_code
+from twa_ray.importpath import is_import_path
+from twa_ray.ray.faults import record_start
 from twa_ray.storage import Storage, alive_nodes
 
 __all__ = [
@@ -34,6 +38,8 @@ __all__ = [
     "report",
     "CheckpointClock",
 ]
+
+log = logging.getLogger(__name__)
 
 _RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -63,8 +69,54 @@ def fit_group(
     """Run ``loop(config)`` on ``num_workers`` Ray Train workers; checkpoints go to
     ``run_dir/ray_train/<name>`` (the same ``name`` and ``run_dir`` resume). ``config`` crosses
     the process boundary as it is (a frozen config dataclass pickles; no dict in between).
-    Returns the ``ray.train.Result``; raises ``TrainingFailedError`` once ``max_failures`` is
-    exhausted."""
+    Returns the ``ray.train.Result``.
+
+    Retries: a worker that raised leaves a :class:`~twa_ray.errors.TwaError`; one that a
+    restart cannot fix (bad input, divergence, a full disk, the user's code) ends the run at
+    once. A lost worker (a killed process, a lost node, an out-of-memory kill) or a runtime
+    error restarts the group from its last checkpoint, at most ``max_failures`` times (Ray
+    Train's ``FailureConfig`` has no hook to tell them apart: its own retries are off and each
+    restart is one more ``fit()`` of the same run, which resumes from its storage).
+
+    Raises:
+        TwaError: the workers' error, or the last one once ``max_failures`` is exhausted.
+    """
+    failures = 0
+    while True:
+        trainer = _trainer(
+            loop, config, name, run_dir, num_workers, cpus_per_worker, use_gpu, max_failures
+        )
+        try:
+            result = trainer.fit()
+            break
+        except Exception as e:
+            error, lost = _group_error(e)
+            if (error is not None and not error.retry and not lost) or failures >= max_failures:
+                raise _final(error, lost, failures, max_failures) from None
+            failures += 1
+            log.warning(
+                "%s: %s; restarting the workers from the last checkpoint (%d of --max-failures %d)",
+                name,
+                "a worker was lost" if lost or error is None else error.line,
+                failures,
+                max_failures,
+            )
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
+    return result
+
+
+def _trainer(
+    loop: Callable[[Any], None],
+    config: Any,
+    name: str,
+    run_dir: Storage,
+    num_workers: int,
+    cpus_per_worker: float,
+    use_gpu: bool,
+    max_failures: int,
+) -> Any:
+    """The ``TorchTrainer`` of one attempt (see :func:`fit_group`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -73,33 +125,80 @@ def fit_group(
     # (every 2 s by default): 0.5 s cuts ~15 s off the default job's three groups (a value the
     # user set is kept; the driver's environment reaches the controller)
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, HEALTH_CHECK_INTERVAL_S)
-    trainer = TorchTrainer(
-        functools.partial(_on_worker, loop, config),  # Ray's train_loop_config must be a dict
+    return TorchTrainer(
+        # Ray's train_loop_config must be a dict: the config is bound here
+        functools.partial(_worker_entry, loop, name, run_dir.uri, config),
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
             name=name,
             **run_dir.child("ray_train").train_args(),
-            # a group that cannot be placed (WorkerGroupStartupTimeoutError after
-            # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, default 60 s) is retried max_failures
+            # worker failures are retried by fit_group (max_failures=0 here); a group that
+            # cannot be placed (WorkerGroupStartupTimeoutError after
+            # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, default 60 s) is retried by Ray, as many
             # times, not forever (Ray's default -1); the CLI reports it in one line
             failure_config=ray.train.FailureConfig(
-                max_failures=max_failures, controller_failure_limit=max_failures
+                max_failures=0, controller_failure_limit=max_failures
             ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
-    return result
 
 
-def _on_worker(loop: Callable[[Any], None], config: Any) -> None:
-    """A Train worker: its log records masked (:func:`twa_ray.redact.install`), then the loop."""
-    redact.install()
-    loop(config)
+def _worker_entry(loop: Callable[[Any], None], name: str, where: str, config: Any) -> None:
+    """A worker's ``train_loop_per_worker``: ``loop(config)``; whatever it raises leaves as a
+    :class:`~twa_ray.errors.TwaError` (strings only: the driver unpickles no user class) that
+    names ``where`` (the run's storage) when the error does not name its path."""
+    import ray.train
+
+    from twa_ray.ray.logs import quiet_train_logs
+
+    redact.install()  # this worker's log records masked
+    quiet_train_logs()
+    if ray.train.get_context().get_world_rank() == 0:
+        record_start(name)
+    try:
+        loop(config)
+    except Exception as e:
+        raise describe(e, where=where) from None
+
+
+def _group_error(e: Exception) -> tuple[TwaError | None, bool]:
+    """``(the workers' error, whether a worker was lost)`` of a failed ``fit()``; a
+    ``TwaError`` raised on the driver is returned as it is, anything else Ray's (the controller,
+    a worker group that could not start) is re-raised."""
+    from ray.train import ControllerError, WorkerGroupError
+
+    from twa_ray.ray.ray_internals import worker_exceptions
+
+    if isinstance(e, TwaError):
+        return e, False
+    if isinstance(e, ControllerError) or not isinstance(e, WorkerGroupError):
+        raise e
+    raised = worker_exceptions(e)
+    ours = [x for x in raised.values() if isinstance(x, TwaError)]
+    lost = len(ours) < len(raised)
+    if lost and not ours:
+        detail = redact.redact(" ".join(str(next(iter(raised.values()))).split())[:300])
+        return TwaError(f"a worker was lost ({detail})", RUNTIME, True, str(e)), True
+    deterministic = [x for x in ours if not x.retry]
+    return (deterministic or ours)[0], lost
+
+
+def _final(error: TwaError | None, lost: bool, failures: int, max_failures: int) -> TwaError:
+    """The error that ends the run (after ``failures`` restarts)."""
+    assert error is not None
+    if not lost and (not error.retry or max_failures == 0):
+        return error
+    return TwaError(
+        f"{error.line}; the workers failed {failures + 1} time(s), more than --max-failures "
+        f"{max_failures}: a killed process, a lost node or an out-of-memory kill is retried "
+        "that many times; check the nodes' memory and logs, then rerun with --resume",
+        RUNTIME,
+        False,
+        error.details,
+    )
 
 
 def _missing_root(root: str) -> str | None:
@@ -155,13 +254,18 @@ def load_worker_splits(data: DataConfig) -> Any:
         problem = _missing_root(str(data.data_root))
         if problem:
             raise FileNotFoundError(problem)
-    return load_dataset(
-        data.dataset,
-        root=data.data_root,
-        val_frac=data.val_frac,
-        seed=data.seed,
-        num_samples=data.num_samples,
-    )
+    try:
+        return load_dataset(
+            data.dataset,
+            root=data.data_root,
+            val_frac=data.val_frac,
+            seed=data.seed,
+            num_samples=data.num_samples,
+        )
+    except Exception as e:
+        if not is_import_path(data.dataset):
+            raise
+        raise user_code(f"the data function {data.dataset!r}", e) from None
 
 
 def report(metrics: dict[str, Any], files: Mapping[str, Any] | None, name: str) -> None:

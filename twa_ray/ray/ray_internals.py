@@ -10,6 +10,11 @@ No other module imports a private Ray name. Each workaround is a function of our
 - :func:`stop_train_sigint_handler`: ``TorchTrainer.fit()`` installs a SIGINT handler
   (``DataParallelTrainer._register_sigint_handler``) that aborts the worker group and returns,
   so the next phase of a command would start; twa-ray stops the whole command instead.
+- :func:`worker_exceptions`: a ``WorkerGroupError`` holds each failed rank's exception wrapped
+  in Ray's private ``UserExceptionWithTraceback`` (the original in ``_base_exc``).
+- :func:`train_report_loggers` also names the logger of Ray Train's worker-side "Error in
+  training function" traceback (``ray/train/v2/_internal/util.py``): twa-ray writes the full
+  traceback to its log file and prints one line.
 - :func:`keep_signal_handlers`: ``ray.init`` replaces the driver's SIGTERM handler (Python's
   ``sys.exit``, then the core worker's C++ handler that aborts with a stack dump).
 """
@@ -28,6 +33,8 @@ __all__ = [
     "train_report_loggers",
     "stop_train_sigint_handler",
     "keep_signal_handlers",
+    "worker_exceptions",
+    "worker_error_logger",
 ]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -58,6 +65,21 @@ def train_report_loggers() -> list[str]:
     import ray.train.v2._internal.execution.context as context  # its logger is named by __file__
 
     return ["ray.train", context.__file__]
+
+
+def worker_error_logger() -> str:
+    """The name of the logger with which a Ray Train worker logs the traceback of an error
+    raised by the training function (before it reaches the driver)."""
+    import ray.train.v2._internal.util as util
+
+    return util.logger.name
+
+
+def worker_exceptions(e: BaseException) -> dict[int, BaseException]:
+    """The exception each failed rank raised, from a ``ray.train.WorkerGroupError`` (public:
+    ``worker_failures``, rank -> Ray's wrapper of the user's exception)."""
+    failures = getattr(e, "worker_failures", None) or {}
+    return {rank: getattr(x, "_base_exc", x) for rank, x in failures.items()}
 
 
 def stop_train_sigint_handler() -> None:

@@ -42,9 +42,11 @@ from torch import nn
 
 import twa_ray.train
 from twa_ray.config import TRAJECTORY_FREE_FIELDS, DataConfig, SamplingConfig
+from twa_ray.core.checks import FiniteWatch, NonFiniteError
 from twa_ray.core.ema import EMA, averages
 from twa_ray.core.evaluate import EVAL_BATCH
 from twa_ray.core.optim import lr_factor
+from twa_ray.errors import user_code
 from twa_ray.ray.faults import inject
 from twa_ray.ray.group import (
     CheckpointClock,
@@ -347,6 +349,7 @@ class _Worker:
     sizes: dict[str, int]  # steps_per_epoch, total_steps (of the full budget), num_train, num_val
     lr_at: Callable[[int], float]  # the learning rate of a global step
     ema: EMA | None  # rank 0 with sampling.ema: moving averages of the weights
+    watch: FiniteWatch  # the first step whose loss or gradient is not finite
 
     @property
     def steps_per_epoch(self) -> int:
@@ -355,9 +358,6 @@ class _Worker:
 
 def sampling_loop_per_worker(job: SamplingJob) -> None:
     """Ray Train ``train_loop_per_worker`` of :func:`run_sampling` (see the module docstring)."""
-    from twa_ray.ray.logs import quiet_train_logs
-
-    quiet_train_logs()
     w = _setup(job)
     state = _resume(w)
     clock = CheckpointClock(job.sampling.checkpoint_interval_s, w.device)
@@ -409,6 +409,7 @@ def _setup(job: SamplingJob) -> _Worker:
         sizes=sizes,
         lr_at=_lr_schedule(job.sampling, steps_per_epoch),
         ema=EMA(unwrap_model(model)) if rank == 0 and job.sampling.ema else None,
+        watch=FiniteWatch(device),
     )
 
 
@@ -522,10 +523,14 @@ def _train_epoch(w: _Worker, state: SamplingState, epoch: int) -> tuple[torch.Te
         lr = w.lr_at(state.step)
         for group in w.opt.param_groups:
             group["lr"] = lr
-        with train_autocast(s.precision, w.device):
-            loss = F.cross_entropy(w.model(x), y)
+        loss = _forward(w, x, y)
         w.opt.zero_grad(set_to_none=True)
         loss.backward()
+        w.watch.update_(
+            state.step + 1, loss, [p.grad for p in w.inner.parameters() if p.grad is not None]
+        )
+        if w.device.type == "cpu":  # reading the flag costs nothing here: stop before the step
+            _check_finite(w)
         w.opt.step()
         if w.ema is not None:
             w.ema.update()
@@ -535,6 +540,32 @@ def _train_epoch(w: _Worker, state: SamplingState, epoch: int) -> tuple[torch.Te
             _snapshot(w, state, epoch=state.step / w.steps_per_epoch)
         inject("sampling", state.step, w.rank, w.world)
     return loss_sum, lr
+
+
+def _forward(w: _Worker, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The batch's loss; an error raised by the model's forward is the user's (no retry)."""
+    import torch.distributed as dist
+
+    try:
+        with train_autocast(w.job.sampling.precision, w.device):
+            return F.cross_entropy(w.model(x), y)
+    except dist.DistError:  # a collective of DDP's: a lost peer, for the retry to handle
+        raise
+    except Exception as e:
+        raise user_code(f"the model {w.job.data.model!r} (its forward pass)", e) from None
+
+
+def _check_finite(w: _Worker) -> None:
+    """Stop at the first step whose loss or gradient was not finite (the same on every rank)."""
+    step = w.watch.first()
+    if step is None:
+        return
+    s = w.job.sampling
+    raise NonFiniteError(
+        f"sampling diverged at epoch {(step - 1) // w.steps_per_epoch + 1}, step {step} "
+        f"(lr {w.lr_at(step - 1):.4g}): the loss or a gradient is NaN/Inf; lower the learning "
+        f"rate (--lr, now {s.lr:g}) or warm it up (sampling.warmup_epochs in --config)"
+    )
 
 
 def _snapshot_epoch_end(w: _Worker, state: SamplingState, done: int, *, last: bool) -> None:
@@ -557,6 +588,7 @@ def _snapshot(w: _Worker, state: SamplingState, *, epoch: float, force: bool = F
         or snapshot_due(step=state.step, epoch=epoch, every=s.sample_interval, unit=s.interval_unit)
     ):
         return
+    _check_finite(w)  # no diverged candidate is written (the write waits for the weights anyway)
     name = twa_ray.train.snapshot(
         w.model,
         w.job.store_uri,
@@ -579,10 +611,7 @@ def _evaluate(
     val_loader, test_loader = w.eval_loaders
     val = evaluate_sharded(w.inner, val_loader, w.device)
     test = evaluate_sharded(w.inner, test_loader, w.device)
-    if not torch.isfinite(torch.tensor(train_loss)):
-        raise FloatingPointError(
-            f"sampling diverged in epoch {done} (train loss {train_loss}); lower lr={w.job.sampling.lr}"
-        )
+    _check_finite(w)
     return {
         "epoch": done,
         "step": state.step,
