@@ -46,7 +46,7 @@ from twa_ray.core.placement import Placement, place
 from twa_ray.core.quant import ALLOWED_BITS
 from twa_ray.core.subspace import CandidateStream, Subspace, build_affine, build_span
 
-__all__ = ["TWA", "TWAConfig", "build_subspace", "candidate_stream"]
+__all__ = ["TWA", "TWAConfig", "build_subspace"]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -74,7 +74,7 @@ from twa_ray.ray.shards import ShardedSubspace, group_capacity
 from twa_ray.ray.worker import loader_options, strided
 from twa_ray.storage import Storage, open_storage
 
-__all__ = ["MODES", "CoeffGroupConfig", "CoeffJob", "TWAResult", "coeff_loop_per_worker", "run_twa"]
+__all__ = ["MODES", "CoeffGroupConfig", "TWAResult", "run_twa"]
 
 log = logging.getLogger(__name__)
 

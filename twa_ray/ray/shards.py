@@ -42,16 +42,12 @@ from twa_ray.core.twa import TWAConfig, build_subspace
 from twa_ray.storage import alive_nodes
 
 __all__ = [
-    "DEFAULT_MAX_SHARD_BYTES",
-    "MIN_AUTO_SHARD_BYTES",
-    "PLACEMENT_SHARDS",
     "ShardedBasis",
     "ShardedSubspace",
     "ShardedView",
     "block_bytes",
     "plan_shards",
     "put_subspace",
-    "shard_subspace",
     "group_capacity",
 ]
 

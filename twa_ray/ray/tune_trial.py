@@ -40,7 +40,7 @@ from twa_ray.ray.group import load_worker_splits
 from twa_ray.store import CandidateStore
 from twa_ray.tune_plan import PlannedTrial, SweepPlan
 
-__all__ = ["twa_trial", "trial_loop", "split_val"]
+__all__ = ["twa_trial", "trial_loop"]
 
 STATE_FILE = "twa_trial.pt"  # the CoeffState at an epoch end (torch.save)
 _EVAL_BATCH = 1024
