@@ -1,7 +1,7 @@
 """One way to host the coefficient loop: (engine, mode, splits, world) -> a ready loop.
 
-Every host (``TWA``'s ``twa-ray average``, a Tune trial, the Ray Train coefficient group, the
-Lightning and Hugging Face callbacks) builds its :class:`~twa_ray.core.loop.CoefficientLoop` here:
+Every host (``twa-ray average``, a Tune trial, the Ray Train coefficient group, the Lightning
+and Hugging Face callbacks) builds its :class:`~twa_ray.core.loop.CoefficientLoop` here:
 
 - **fit split**: TWA-t (``mode='t'``) fits alpha on the train split, TWA-v (``'v'``) on held-out
   data;
