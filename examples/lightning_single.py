@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.core.twa import TWAConfig
-from twa_ray.integrations.lightning import TWA
+from twa_ray.integrations.lightning import TWACallback
 from twa_ray.store import CandidateStore
 
 
@@ -83,7 +83,7 @@ def build(args):
     lightning_ray_train.py)."""
     torch.manual_seed(args.seed)
     train, val, _ = make_task(n_train=args.n_train)
-    callback = TWA(
+    callback = TWACallback(
         args.store or os.path.join(args.out, "candidates"),
         every_n_epochs=1,
         sample_frac=0.5,

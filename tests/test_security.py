@@ -2,6 +2,7 @@
 credential from a storage URI or the environment in any file, object or console line."""
 
 import json
+import os
 import re
 from pathlib import Path
 

@@ -1,17 +1,51 @@
 """twa_ray: Trainable Weight Averaging on Ray.
 
-The engine (``twa_ray.core``) is pure torch; the Ray layer (``twa_ray.ray``) is imported only by
-the pipeline and the CLI, so ``import twa_ray`` stays light.
+The public API (everything else is internal and may change):
+
+- :class:`TWA`, :class:`TWAConfig`: the engine, pure torch (``twa_ray.core.twa``);
+- :func:`snapshot`, :class:`Snapshotter`: candidates while any loop trains (Ray Train or not);
+- :func:`learn`: the learned average of a store's candidates, loaded into a model;
+- :class:`CandidateStore`, :func:`import_checkpoints`: the candidates (any ``pyarrow.fs`` URI);
+- the callbacks, each in its own module (extras ``lightning`` / ``hf``):
+  ``twa_ray.integrations.lightning.TWACallback`` and ``twa_ray.integrations.hf.TWACallback``;
+- the commands ``twa-ray run | sweep | average | import``.
+
+Every name is imported on first use, so ``import twa_ray`` imports neither torch nor Ray.
 """
+
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["TWA", "TWAConfig", "__version__"]
+_WHERE = {
+    "TWA": "twa_ray.core.twa",
+    "TWAConfig": "twa_ray.core.twa",
+    "snapshot": "twa_ray.store.snapshots",
+    "Snapshotter": "twa_ray.store.snapshots",
+    "learn": "twa_ray.train",
+    "CandidateStore": "twa_ray.store.store",
+    "import_checkpoints": "twa_ray.store.importers",
+}
+
+__all__ = [
+    "CandidateStore",
+    "Snapshotter",
+    "TWA",
+    "TWAConfig",
+    "__version__",
+    "import_checkpoints",
+    "learn",
+    "snapshot",
+]
 
 
-def __getattr__(name: str):  # lazy: importing twa_ray must not import torch eagerly
-    if name in ("TWA", "TWAConfig"):
-        from twa_ray.core import twa
+def __getattr__(name: str) -> Any:  # lazy: importing twa_ray must not import torch eagerly
+    if name in _WHERE:
+        import importlib
 
-        return getattr(twa, name)
-    raise AttributeError(name)
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'twa_ray' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -28,9 +28,10 @@ from twa_ray.config import RunConfig
 from twa_ray.core.baselines import greedy_soup, uniform_average
 from twa_ray.core.bn import update_bn
 from twa_ray.core.evaluate import BN_BATCH, evaluate, make_scorer
+from twa_ray.core.host import build_loop, standard_evaluation
 from twa_ray.core.kernels.cpu import kernel_info
 from twa_ray.core.layout import Layout, load_flat_
-from twa_ray.core.loop import CoefficientLoop, ShuffledBatches, steps_per_epoch, total_steps
+from twa_ray.core.loop import LoopHooks
 from twa_ray.core.subspace import Subspace
 from twa_ray.core.twa import TWA, TWAConfig, build_subspace
 from twa_ray.data import DataSplits, load_dataset
@@ -240,41 +241,27 @@ def fit_twa(
     seed: int = 0,
 ) -> tuple[TWA, dict[str, float]]:
     """TWA-t (``mode='t'``, train batches) or TWA-v (``'v'``, held-out batches) from the SWA
-    point with the core :class:`~twa_ray.core.loop.CoefficientLoop`, BatchNorm re-estimated on
+    point with the core loop (:func:`~twa_ray.core.host.build_loop`), BatchNorm re-estimated on
     train data; returns the engine and its accuracies.
 
     The loop reads the datasets and batch size of ``loaders["train"]`` / ``["val_train"]`` in
-    its own seeded order (:class:`~twa_ray.core.loop.ShuffledBatches`, ``seed``), as every host
-    does: an epoch is ``N_train // batch`` steps, and TWA-v takes as many steps as TWA-t,
-    cycling the smaller held-out split (in one batch when it is smaller than a batch).
+    its own seeded order (``seed``), as every host does.
     """
-    train, fit = loaders["train"], loaders["train" if mode == "t" else "val_train"]
-    assert train.batch_size is not None and fit.batch_size is not None
-    per_epoch = steps_per_epoch(len(train.dataset), train.batch_size)  # type: ignore[arg-type]
-    batch = min(fit.batch_size, len(fit.dataset))  # type: ignore[arg-type]  # a small val split: one batch
-    data = ShuffledBatches(
-        fit.dataset,
-        batch,
-        seed=seed,
-        split="train" if mode == "t" else "val",
-        loader_options={"pin_memory": fit.pin_memory},
-    )
-
-    def accuracies(twa: TWA) -> dict[str, float]:
-        twa.update_bn(loaders["bn"])
-        return {
-            f"{s}_acc": evaluate(model, loaders[s], device=twa.device).acc for s in ("val", "test")
-        }
-
+    train, val = loaders["train"], loaders["val_train"]
+    assert train.batch_size is not None
+    evaluation = standard_evaluation(loaders["bn"], {s: loaders[s] for s in ("val", "test")})
     twa = TWA(model, subspace, config=config)
-    loop = CoefficientLoop(
+    loop = build_loop(
         twa,
-        data,
-        total_steps=total_steps(config.epochs, per_epoch),
-        steps_per_epoch=per_epoch,
-        evaluate=accuracies,
+        mode,
+        train.dataset,
+        val.dataset,
+        batch_size=train.batch_size,
+        seed=seed,
+        loader_options={"pin_memory": train.pin_memory},
+        hooks=LoopHooks(evaluate=evaluation),
     ).run()
-    return twa, loop.final
+    return twa, {k: loop.final[k] for k in ("val_acc", "test_acc")}
 
 
 @dataclass(frozen=True)

@@ -666,6 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     ray_was_up = _ray_up()  # a caller's Ray (tests, notebooks) is left running
     streams, timeout_env = _prepare(args)
+    out = getattr(args, "out", None) or DEFAULT_OUT.get(args.command)  # where the log goes
     try:
         from twa_ray.storage import connect_timeout
 

@@ -30,7 +30,6 @@ time and needs neither Lightning nor Transformers.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -39,50 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from twa_ray.core.twa import TWA, TWAConfig
-from twa_ray.ray.snapshot import Snapshotter, candidate_name
+from twa_ray.store.snapshots import Snapshotter, candidate_name, snapshot
 from twa_ray.store.store import CandidateStore
 
-__all__ = ["snapshot", "learn", "candidate_name", "Snapshotter"]
-
-# one writer per (model, store, run): the store is opened and the layout computed once
-_WRITERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Snapshotter]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def snapshot(
-    model: nn.Module,
-    store_uri: str,
-    *,
-    step: int,
-    epoch: float = 0.0,
-    run_id: str | None = None,
-    source: str = "snapshot",
-    seed: int | None = None,
-) -> str | None:
-    """Write ``model``'s trainable parameters as candidate ``step{step:08d}`` of ``store_uri``.
-
-    Call it on every rank (no collective); world rank 0 writes, the others return None.
-
-    Args:
-        model: the model being trained (a DDP wrapper is fine: its ``.module`` is stored).
-        store_uri: the candidate store (local path or ``pyarrow.fs`` URI; created if missing).
-        step: the global step: it names the candidate, so a replayed step overwrites it.
-        epoch: completed epochs (fractional allowed), stored as metadata.
-        run_id: tells this run's candidates from others' (a candidate of another run under the
-            same name is refused); default: the Ray Train run name, ``""`` outside Ray Train.
-        source, seed: metadata stored with the candidate.
-
-    Returns:
-        The candidate's name on rank 0, else None.
-    """
-    key = (store_uri, run_id, source, seed)
-    writers = _WRITERS.setdefault(model, {})
-    if key not in writers:
-        writers[key] = Snapshotter(
-            store_uri, model, every=1, run_id=run_id, source=source, seed=seed
-        )
-    return writers[key].snapshot(step=step, epoch=epoch)
+__all__ = ["Snapshotter", "candidate_name", "learn", "snapshot"]
 
 
 def learn(

@@ -11,6 +11,7 @@ from torch.utils.data import TensorDataset
 from twa_ray.core.loop import (
     CoefficientLoop,
     CoeffState,
+    LoopHooks,
     ShuffledBatches,
     steps_per_epoch,
     total_steps,
@@ -68,7 +69,7 @@ def test_shuffled_batches_replay_a_pass_from_any_step():
         ShuffledBatches(list(range(50)), 64)
 
 
-def _loop(model, cands, ds, **kw):
+def _loop(model, cands, ds, sync_every=None, **hooks):
     twa = TWA(model, cands, bits=8, lr=0.05, loss_fn=mse)
     per_epoch = steps_per_epoch(len(ds), 8)
     return CoefficientLoop(
@@ -76,7 +77,8 @@ def _loop(model, cands, ds, **kw):
         ShuffledBatches(ds, 8, seed=1),
         total_steps=total_steps(2.5, per_epoch),
         steps_per_epoch=per_epoch,
-        **kw,
+        sync_every=sync_every,
+        hooks=LoopHooks(**hooks),
     )
 
 

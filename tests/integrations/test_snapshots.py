@@ -13,7 +13,7 @@ def test_steps_are_written_once_and_the_state_resumes(tmp_path):
     snaps = Snapshots(str(tmp_path / "s"), every_n_steps=2)
     assert [snaps.due(step=s) for s in range(5)] == [False, False, True, False, True]
     snaps.take(model, step=2, epoch=0.5)
-    first = (tmp_path / "s" / "step-000000002.arrow").stat().st_mtime_ns
+    first = (tmp_path / "s" / "step00000002.arrow").stat().st_mtime_ns
     with torch.no_grad():
         model.weight.add_(1.0)
     resumed = Snapshots(str(tmp_path / "s"), every_n_steps=2)
@@ -21,13 +21,11 @@ def test_steps_are_written_once_and_the_state_resumes(tmp_path):
     resumed.take(model, step=2, epoch=0.5)  # a replayed step: not written again
     fresh = Snapshots(str(tmp_path / "s"), every_n_steps=2)
     fresh.take(model, step=2, epoch=0.5)  # no state, but the store has it: kept as it is
-    assert (tmp_path / "s" / "step-000000002.arrow").stat().st_mtime_ns == first
+    assert (tmp_path / "s" / "step00000002.arrow").stat().st_mtime_ns == first
     resumed.take(model, step=4, epoch=1.0)
-    assert resumed.names == ["step-000000002", "step-000000004"] and fresh.names == [
-        "step-000000002"
-    ]
+    assert resumed.names == ["step00000002", "step00000004"] and fresh.names == ["step00000002"]
     store = CandidateStore(str(tmp_path / "s"))
-    assert not torch.equal(store.read("step-000000002"), store.read("step-000000004"))
+    assert not torch.equal(store.read("step00000002"), store.read("step00000004"))
 
 
 def test_interval_is_checked():
@@ -55,3 +53,29 @@ def test_tied_weights_once_frozen_left_out(tmp_path):
     assert "bert.embeddings.word_embeddings.weight" in names
     assert "cls.predictions.decoder.weight" not in names  # tied: stored once
     assert "bert.embeddings.position_embeddings.weight" not in names  # frozen: not in the subspace
+
+
+@pytest.mark.parametrize("old", ["step-000000002", "run7-step-000000002"])
+def test_a_store_written_under_an_old_name_stays_readable(tmp_path, old):
+    """A callback state from before the one naming scheme (``step-{:09d}``, or the store's
+    ``{run_id}-step-{:09d}``): its candidates are read, a replayed step is not taken twice."""
+    from twa_ray.core.layout import Layout
+    from twa_ray.store.snapshots import candidate_step
+
+    model = torch.nn.Linear(3, 2)
+    uri = str(tmp_path / "s")
+    CandidateStore(uri, create=True).write(
+        dict(model.named_parameters()), Layout.from_module(model), step=2, name=old
+    )
+    assert candidate_step(old) == 2 and candidate_step("step00000002") == 2
+    assert candidate_step("ft0") is None
+    snaps = Snapshots(uri, every_n_steps=2)
+    snaps.load_state_dict({"store": uri, "names": [old]})
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    snaps.take(model, step=2, epoch=0.5)  # replayed: the old name stands for it
+    snaps.take(model, step=4, epoch=1.0)
+    assert snaps.names == [old, "step00000004"]
+    store = CandidateStore(uri)
+    assert store.names() == sorted([old, "step00000004"])
+    assert not torch.equal(store.read(old), store.read("step00000004"))

@@ -20,7 +20,7 @@ from twa_ray.models import build_model
 from twa_ray.ray.faults import FAULTS_ENV
 from twa_ray.ray.group import CheckpointClock
 from twa_ray.ray.sampling import run_sampling
-from twa_ray.ray.snapshot import Snapshotter, candidate_name
+from twa_ray.store.snapshots import Snapshotter, candidate_name
 from twa_ray.store.store import CandidateStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]

@@ -7,8 +7,14 @@ over the training data (``torch.optim.swa_utils.update_bn`` semantics, ``momentu
     \\mu = \\frac{1}{N_b}\\sum_{b} \\mu_b, \\qquad \\sigma^2 = \\frac{1}{N_b}\\sum_b \\sigma_b^2
 
 Unlike ``swa_utils.update_bn`` this accepts batches that are tensors, ``(x, y)`` tuples or dicts,
-and returns the number of batches so that workers can combine their statistics
-(:func:`bn_state` / :func:`load_bn_state_`).
+and returns the number of batches so that workers can combine their statistics: with W workers
+(a ``torch.distributed`` group), worker r estimates over its own ``n_r`` batches and
+:func:`reestimate_bn` all-reduces
+
+.. math::
+    \\mu = \\textstyle\\sum_r n_r \\mu_r \\big/ \\sum_r n_r \\quad\\text{(means and variances alike)},
+
+the same cumulative average as one :func:`update_bn` over the union of the workers' batches.
 """
 
 from __future__ import annotations
@@ -17,9 +23,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-__all__ = ["split_batch", "update_bn", "bn_modules", "bn_state", "load_bn_state_"]
+__all__ = [
+    "all_reduce_",
+    "bn_state",
+    "load_bn_state_",
+    "reestimate_bn",
+    "split_batch",
+    "update_bn",
+]
 
 
 def split_batch(batch: Any, device: torch.device | None = None) -> tuple[Any, torch.Tensor | None]:
@@ -114,3 +128,41 @@ def load_bn_state_(model: nn.Module, state: torch.Tensor) -> None:
         n = buf.numel()
         buf.copy_(state[offset : offset + n].view_as(buf))
         offset += n
+
+
+def distributed() -> bool:
+    """Whether a ``torch.distributed`` process group is running (the workers' collectives)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over the workers in place (a no-op without a process group)."""
+    if distributed():
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def reestimate_bn(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    device: torch.device | None = None,
+    max_batches: int | None = None,
+) -> torch.Tensor:
+    """:func:`update_bn` on this worker's batches, then the batch-weighted average over all
+    workers (see the module docstring), loaded into ``model``; returns it (:func:`bn_state`
+    order, float64). Without a process group: :func:`update_bn` alone."""
+    n = update_bn(loader, model, device=device, max_batches=max_batches)
+    state = bn_state(model)
+    if not distributed() or state.numel() == 0:
+        return state
+    sums = torch.cat(
+        [state * n, torch.tensor([float(n)], dtype=torch.float64, device=state.device)]
+    )
+    dist.all_reduce(sums)
+    if sums[-1] <= 0:
+        raise ValueError("no batches to re-estimate BatchNorm statistics: the train split is empty")
+    combined = sums[:-1] / sums[-1]
+    load_bn_state_(model, combined)
+    return combined

@@ -1,4 +1,8 @@
-"""Evaluation of a model, and of a flat weight vector (load it, re-estimate BN, evaluate)."""
+"""Evaluation of a model, and of a flat weight vector (load it, re-estimate BN, evaluate).
+
+With W workers each evaluates its own part of the data and the sums add up
+(:func:`evaluate_sharded`): loss :math:`= \\sum_r L_r / \\sum_r n_r`, accuracy likewise.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twa_ray.core.bn import split_batch, update_bn
+from twa_ray.core.bn import all_reduce_, split_batch, update_bn
 from twa_ray.core.layout import Layout, load_flat_
 
-__all__ = ["BN_BATCH", "EVAL_BATCH", "EvalResult", "evaluate", "make_scorer"]
+__all__ = ["BN_BATCH", "EVAL_BATCH", "EvalResult", "evaluate", "evaluate_sharded", "make_scorer"]
 
 EVAL_BATCH = 1024
 """Batch of the evaluation passes on Ray workers (per worker) and in Tune trials (no gradients:
@@ -70,6 +74,25 @@ def evaluate(
         count += int(y.numel())
     model.train(was_training)
     return EvalResult(loss_sum, correct, count)
+
+
+def evaluate_sharded(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    device: torch.device | None = None,
+    loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
+) -> EvalResult:
+    """:func:`evaluate` on this worker's part of the data, the sums added over all workers
+    (``torch.distributed``; one worker: :func:`evaluate` itself).
+
+    Pass the unwrapped model: workers see different shard sizes, and DDP forwards sync buffers.
+    """
+    r = evaluate(model, loader, device=device, loss_fn=loss_fn)
+    sums = all_reduce_(
+        torch.tensor([r.loss_sum, r.correct, r.count], dtype=torch.float64, device=device)
+    )
+    return EvalResult(float(sums[0]), int(sums[1]), int(sums[2]))
 
 
 def make_scorer(

@@ -1,8 +1,10 @@
 """The coefficient loop: one definition of a step, a pass and an epoch for every host.
 
-The library's :meth:`TWA.fit <twa_ray.core.twa.TWA.fit>`, ``twa-ray average``, a Tune trial and
-the Ray Train coefficient group all run :class:`CoefficientLoop`; what differs by host comes in
-through small callbacks (the workers' sums, checkpoints, reports, evaluation, stop).
+The library's :meth:`TWA.fit <twa_ray.core.twa.TWA.fit>`, ``twa-ray average``, a Tune trial,
+the Ray Train coefficient group and the Lightning / Hugging Face callbacks all run
+:class:`CoefficientLoop` (built by :func:`twa_ray.core.host.build_loop`); what differs by host
+comes in through one :class:`LoopHooks` (the workers' sums, checkpoints, reports, evaluation,
+stop).
 
 **Step**: one coefficient update; each of the W workers takes one batch of ``batch_size // W``
 examples (W = 1 in one process), ``a`` is averaged over the workers by the
@@ -55,6 +57,7 @@ __all__ = [
     "CoeffState",
     "CoefficientLoop",
     "LoaderBatches",
+    "LoopHooks",
     "ShuffledBatches",
     "steps_per_epoch",
     "total_steps",
@@ -172,6 +175,26 @@ class CoeffState:
 Record = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class LoopHooks:
+    """What a host plugs into the loop (every hook optional)."""
+
+    all_reduce: Callable[[torch.Tensor], Any] | None = None
+    """Sums a float64 tensor over the workers in place (default: one worker)."""
+    on_step: Callable[[int, float], None] | None = None
+    """``(step, loss)`` after every step (this worker's mean loss of the batch)."""
+    on_sync: Callable[[CoefficientLoop, Record], None] | None = None
+    """``(loop, record)`` at each sync point; a host checkpoints :meth:`CoefficientLoop.state`."""
+    evaluate: Callable[[TWA], dict[str, Any]] | None = None
+    """``twa -> metrics``: BN re-estimation and evaluation at the current weights; run after the
+    last step (:attr:`CoefficientLoop.final`) and, with ``on_epoch``, after every epoch."""
+    on_epoch: Callable[[CoefficientLoop, Record], None] | None = None
+    """``(loop, metrics)`` after every epoch (and the last step): ``evaluate``'s metrics plus
+    ``epoch``, ``step``, ``loss`` and ``acc`` of the epoch's batches."""
+    should_stop: Callable[[], bool] | None = None
+    """Checked after every step: True ends the loop early (resumable)."""
+
+
 class CoefficientLoop:
     """``total_steps`` coefficient steps of ``twa`` on ``data``; see the module docstring.
 
@@ -180,16 +203,9 @@ class CoefficientLoop:
         data: a :class:`BatchSource` (:class:`ShuffledBatches`, :class:`LoaderBatches`).
         total_steps: where the loop stops (``twa.step_count`` counts from 0 over the schedule).
         steps_per_epoch: the budget unit (:func:`steps_per_epoch`), for records and ``on_epoch``.
+        hooks: the host's :class:`LoopHooks`.
         sync_every: also combine the workers' sums and call ``on_sync`` every this many steps
             (pass ends and the last step always do).
-        all_reduce: sums a float64 tensor over the workers in place (default: one worker).
-        on_step: ``(step, loss)`` after every step (this worker's mean loss of the batch).
-        on_sync: ``(loop, record)`` at each sync point; a host checkpoints :meth:`state` there.
-        evaluate: ``twa -> metrics``: BN re-estimation and evaluation at the current weights;
-            run after the last step (:attr:`final`) and, with ``on_epoch``, after every epoch.
-        on_epoch: ``(loop, metrics)`` after every epoch (and the last step), with ``evaluate``'s
-            metrics plus ``epoch``, ``step``, ``loss`` and ``acc`` of the epoch's batches.
-        should_stop: checked after every step: True ends the loop early (resumable).
         labels: fields put first in every record (e.g. ``{"mode": "v"}``).
         progress: log one line per pass (the host sets it on one rank).
     """
@@ -201,13 +217,8 @@ class CoefficientLoop:
         *,
         total_steps: int,
         steps_per_epoch: int,
+        hooks: LoopHooks | None = None,
         sync_every: int | None = None,
-        all_reduce: Callable[[torch.Tensor], Any] | None = None,
-        on_step: Callable[[int, float], None] | None = None,
-        on_sync: Callable[[CoefficientLoop, Record], None] | None = None,
-        evaluate: Callable[[TWA], dict[str, Any]] | None = None,
-        on_epoch: Callable[[CoefficientLoop, Record], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
         labels: Mapping[str, Any] | None = None,
         progress: bool = False,
     ) -> None:
@@ -219,9 +230,10 @@ class CoefficientLoop:
         self.total, self.steps_per_epoch = int(total_steps), int(steps_per_epoch)
         self.steps_per_pass = data.steps_per_pass
         self.sync_every = sync_every
-        self.all_reduce = all_reduce
-        self.on_step, self.on_sync, self.on_epoch = on_step, on_sync, on_epoch
-        self.evaluate, self.should_stop = evaluate, should_stop
+        self.hooks = hooks = hooks or LoopHooks()
+        self.all_reduce = hooks.all_reduce
+        self.on_step, self.on_sync, self.on_epoch = hooks.on_step, hooks.on_sync, hooks.on_epoch
+        self.evaluate, self.should_stop = hooks.evaluate, hooks.should_stop
         self.labels = dict(labels or {})
         self.progress = progress
         self.history: list[Record] = []

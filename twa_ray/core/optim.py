@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["SCHEDULES", "OPTIMIZERS", "lr_factor", "make_optimizer"]
+__all__ = ["lr_factor", "make_optimizer"]
 
 SCHEDULES = ("constant", "step", "linear", "cosine", "multistep", "flat_cosine")
 OPTIMIZERS = ("sgd", "adamw")

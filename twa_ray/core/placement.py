@@ -49,15 +49,7 @@ from twa_ray.core.layout import ColumnBlocks
 from twa_ray.core.project import project, reconstruct
 from twa_ray.core.quant import PackedMatrix, dequantize, resolve_device
 
-__all__ = [
-    "FIT_FRACTION",
-    "Placement",
-    "ShardedBasis",
-    "balanced_bounds",
-    "choose",
-    "place",
-    "shard_plan",
-]
+__all__ = ["Placement", "ShardedBasis", "balanced_bounds", "choose", "place", "shard_plan"]
 
 PlacementKind = Literal["replicate", "shard"]
 

@@ -40,13 +40,13 @@ from torch import nn
 from twa_ray.core.bn import split_batch, update_bn
 from twa_ray.core.checks import Range, check_fields, check_loss
 from twa_ray.core.layout import Layout, flatten, load_flat_, parse_blocks
-from twa_ray.core.loop import BatchSource, CoefficientLoop, LoaderBatches, total_steps
+from twa_ray.core.loop import BatchSource, CoefficientLoop, LoaderBatches, LoopHooks, total_steps
 from twa_ray.core.optim import make_optimizer
 from twa_ray.core.placement import Placement, place
 from twa_ray.core.quant import ALLOWED_BITS
 from twa_ray.core.subspace import CandidateStream, Subspace, build_affine, build_span
 
-__all__ = ["TWA", "TWAConfig", "build_subspace", "candidate_stream"]
+__all__ = ["TWA", "TWAConfig", "build_subspace"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -291,7 +291,8 @@ class TWA:
         steps: int | None = None,
         steps_per_epoch: int | None = None,
         on_step: Callable[[int, float], None] | None = None,
-        **hooks: Any,
+        hooks: LoopHooks | None = None,
+        **options: Any,
     ) -> TWA:
         """Optimize alpha with the :class:`~twa_ray.core.loop.CoefficientLoop` for ``steps``
         more steps (default: ``epochs`` epochs of ``steps_per_epoch`` steps, by default one
@@ -303,8 +304,8 @@ class TWA:
                 the seeded, replayable order every twa_ray host uses).
             epochs: default ``config.epochs``.
             on_step: ``on_step(step, loss)`` after every step.
-            hooks: more :class:`~twa_ray.core.loop.CoefficientLoop` callbacks (``on_sync``,
-                ``evaluate``, ``on_epoch``, ``should_stop``, ``sync_every``, ``progress``).
+            hooks: more callbacks (:class:`~twa_ray.core.loop.LoopHooks`).
+            options: the loop's ``sync_every``, ``labels``, ``progress``.
 
         The first call creates the optimizer and a schedule over its steps; later calls go on
         with them.
@@ -320,8 +321,8 @@ class TWA:
             source,
             total_steps=self.step_count + steps,
             steps_per_epoch=per_epoch or steps,
-            on_step=on_step,
-            **hooks,
+            hooks=hooks if on_step is None else replace(hooks or LoopHooks(), on_step=on_step),
+            **options,
         )
         if self.optimizer is None:
             self.start(steps)

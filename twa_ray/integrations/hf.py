@@ -9,7 +9,8 @@ once; frozen parameters stay out of the subspace). ``loss_fn(logits, labels)`` i
 model's logits (cross entropy by default: sequence and image classification). TWA-v uses the
 eval dataloader, so set ``eval_strategy`` ('epoch' or 'steps') with an ``eval_dataset``. Under Ray
 Train (``RayTrainReportCallback``) or ``torchrun`` every rank runs the coefficient phase on its
-part of the data and the ranks average their coefficient gradients.
+part of the data and the ranks average their coefficient gradients, re-estimate BatchNorm over
+all ranks' batches and sum the metrics over the ranks.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from twa_ray.core.twa import TWAConfig
-from twa_ray.integrations._common import learn, require, schedule
+from twa_ray.extras import require
+from twa_ray.integrations._common import MODE_DEFAULT, learn, schedule
 from twa_ray.store.hf import HFLogits, save_folder
 
 transformers = require("transformers", "hf")
@@ -56,7 +58,8 @@ class TWACallback(transformers.TrainerCallback, transformers.trainer_callback.Ex
             ``<output_dir>/twa_candidates``.
         every_n_steps / every_n_epochs: the snapshot interval (one of them; default 1 epoch).
         sample_frac: stop after this fraction of ``num_train_epochs`` ("finish early").
-        mode: ``"twa-v"`` learns alpha on the eval dataloader, ``"twa-t"`` on the train one.
+        mode: ``"twa-v"`` (default) learns alpha on the eval dataloader, ``"twa-t"`` on the
+            train one.
         config: the coefficient phase (a :class:`~twa_ray.core.twa.TWAConfig` or its dict).
         save_dir: where the averaged model is written (``save_pretrained``); default
             ``<output_dir>/twa``.
@@ -72,7 +75,7 @@ class TWACallback(transformers.TrainerCallback, transformers.trainer_callback.Ex
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         sample_frac: float | None = None,
-        mode: Literal["twa-t", "twa-v"] = "twa-v",
+        mode: Literal["twa-t", "twa-v"] = MODE_DEFAULT,
         config: TWAConfig | Mapping[str, Any] | None = None,
         save_dir: str | None = None,
         loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
@@ -136,9 +139,9 @@ class TWACallback(transformers.TrainerCallback, transformers.trainer_callback.Ex
             HFLogits(model),
             self.snapshots,
             self.config,
-            loader=train if self.mode == "twa-t" else val,
-            bn_loader=train,
-            eval_loader=val,  # type: ignore[arg-type]
+            self.mode,
+            train=train,
+            val=val,
             loss_fn=self.loss_fn,
         )
         state.log_history.append({**self.metrics, "step": state.global_step})

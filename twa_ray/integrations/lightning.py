@@ -1,17 +1,19 @@
 """TWA as a Lightning callback: candidates while you train, the learned average at fit end.
 
->>> trainer = lightning.pytorch.Trainer(max_epochs=10, callbacks=[TWA("runs/cands", every_n_epochs=1,
-...                                      sample_frac=0.5, mode="twa-v")])  # doctest: +SKIP
+>>> trainer = lightning.pytorch.Trainer(max_epochs=10, callbacks=[TWACallback("runs/cands",
+...                                      every_n_epochs=1, sample_frac=0.5)])  # doctest: +SKIP
 
 The LightningModule's ``forward(x)`` gives logits and ``loss_fn(logits, y)`` (cross entropy by
 default; it must take ``reduction=``) the loss of an ``(x, y)`` batch. Under ``ddp`` (or Ray
 Train's ``RayDDPStrategy``) every rank runs the coefficient phase on its part of the data and
-the ranks average their coefficient gradients (see :mod:`twa_ray.integrations._common`).
+the ranks average their coefficient gradients, re-estimate BatchNorm over all ranks' batches
+and sum the metrics over the ranks (see :mod:`twa_ray.integrations._common`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -19,14 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from twa_ray.core.twa import TWAConfig
-from twa_ray.integrations._common import learn, require, schedule
+from twa_ray.extras import require
+from twa_ray.integrations._common import MODE_DEFAULT, learn, schedule
 
 pl = require("lightning.pytorch", "lightning")
 
-__all__ = ["TWA"]
+__all__ = ["TWACallback"]
 
 
-class TWA(pl.Callback):
+class TWACallback(pl.Callback):
     """Snapshot candidates during ``fit`` and replace the weights by their TWA at its end.
 
     Args:
@@ -35,7 +38,8 @@ class TWA(pl.Callback):
         every_n_steps / every_n_epochs: the snapshot interval (one of them; default 1 epoch).
         sample_frac: stop training after this fraction of ``max_epochs`` ("finish early");
             ``None`` trains all epochs.
-        mode: ``"twa-t"`` learns alpha on the train dataloader, ``"twa-v"`` on the val dataloader.
+        mode: ``"twa-v"`` (default) learns alpha on the val dataloader, ``"twa-t"`` on the train
+            one.
         config: the coefficient phase (:class:`~twa_ray.core.twa.TWAConfig`).
         loss_fn: ``loss_fn(logits, y, reduction=...)`` of the module's outputs.
 
@@ -50,7 +54,7 @@ class TWA(pl.Callback):
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         sample_frac: float | None = None,
-        mode: Literal["twa-t", "twa-v"] = "twa-t",
+        mode: Literal["twa-t", "twa-v"] = MODE_DEFAULT,
         config: TWAConfig | None = None,
         loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
     ) -> None:
@@ -93,14 +97,17 @@ class TWA(pl.Callback):
         val = trainer.val_dataloaders
         val = val[0] if isinstance(val, (list, tuple)) and val else val
         if self.mode == "twa-v" and val is None:
-            raise ValueError("mode='twa-v' needs a val dataloader: pass val_dataloaders to fit")
+            raise ValueError(
+                "mode='twa-v' needs a val dataloader: pass val_dataloaders to fit, or use "
+                "mode='twa-t'"
+            )
         self.twa, self.metrics = learn(
             pl_module,
             self.snapshots,
             self.config,
-            loader=train if self.mode == "twa-t" else val,
-            bn_loader=train,
-            eval_loader=val,
+            self.mode,
+            train=train,
+            val=val,
             loss_fn=self.loss_fn,
         )
         if trainer.logger is not None:
@@ -116,3 +123,14 @@ class TWA(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.snapshots.store = self.snapshots.store or state_dict["snapshots"]["store"]
         self.snapshots.load_state_dict(state_dict["snapshots"])
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TWA":  # the name before 0.2, kept for old scripts
+        warnings.warn(
+            "twa_ray.integrations.lightning.TWA is deprecated; use TWACallback",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return TWACallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

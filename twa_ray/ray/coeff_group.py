@@ -47,24 +47,20 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any
 
 import torch
 
 from twa_ray.config import DataConfig, SamplingConfig
-from twa_ray.core.bn import bn_state, load_bn_state_, update_bn
+from twa_ray.core.bn import load_bn_state_
 from twa_ray.core.checks import Range, check_fields
 from twa_ray.core.evaluate import EVAL_BATCH
+from twa_ray.core.host import MODES, build_loop, standard_evaluation
 from twa_ray.core.kernels.cpu import kernel_info
 from twa_ray.core.layout import Layout, load_flat_
-from twa_ray.core.loop import (
-    CoefficientLoop,
-    CoeffState,
-    ShuffledBatches,
-    steps_per_epoch,
-    total_steps,
-)
+from twa_ray.core.loop import CoefficientLoop, CoeffState, LoopHooks
 from twa_ray.core.placement import PlacementKind, choose
 from twa_ray.core.twa import TWA, TWAConfig
 from twa_ray.ray.faults import inject
@@ -77,14 +73,13 @@ from twa_ray.ray.group import (
     report,
 )
 from twa_ray.ray.shards import ShardedSubspace, group_capacity
-from twa_ray.ray.worker import evaluate_sharded, loader_options, strided
+from twa_ray.ray.worker import loader_options, strided
 from twa_ray.storage import Storage, open_storage
 
-__all__ = ["MODES", "CoeffGroupConfig", "CoeffJob", "TWAResult", "coeff_loop_per_worker", "run_twa"]
+__all__ = ["MODES", "CoeffGroupConfig", "TWAResult", "run_twa"]
 
 log = logging.getLogger(__name__)
 
-MODES = ("t", "v")
 STATE_FILE = "coeff.pt"  # PhaseState: finished modes, the loop state of the mode in flight
 RESULT_FILE = "result.pt"  # the final TWAResult fields (alpha, BN state, metrics)
 
@@ -386,8 +381,9 @@ class Worker:
     model: torch.nn.Module
     placement: Any
     extra: dict[str, Any]
-    loaders: dict[str, Any]
-    """``bn`` (train shard), ``val`` and ``test`` (strided shards)."""
+    evaluation: Callable[[TWA], dict[str, Any]]
+    """BN re-estimated over the train shards, then val and test over their strided shards
+    (:func:`~twa_ray.core.host.standard_evaluation`)."""
 
 
 def coeff_loop_per_worker(config: dict[str, Any]) -> None:
@@ -407,10 +403,8 @@ def coeff_loop_per_worker(config: dict[str, Any]) -> None:
         # (the BN statistics it leaves behind do not matter: coefficient steps run in train mode)
         t0 = time.perf_counter()
         if job.group.eval_swa and state.swa is None:
-            state.swa = {
-                **_finish(twa, w, job.group.bn_batches)[1],
-                "time_s": time.perf_counter() - t0,
-            }
+            swa = w.evaluation(twa)
+            state.swa = {**_metrics(swa), "time_s": time.perf_counter() - t0}
         t0 = time.perf_counter()
         out = _fit_mode(twa, mode, w, state, job, clock)
         out["mode_time_s"] = time.perf_counter() - t0
@@ -448,13 +442,16 @@ def _setup_worker(job: CoeffJob) -> Worker:
     # ---- data: train (TWA-t, BN statistics), held-out val (TWA-v, report), test (report)
     splits = load_worker_splits(job.data)
     kw = loader_options(device)
-    loaders = {
-        "bn": DataLoader(
+    evaluation = standard_evaluation(
+        DataLoader(
             strided(splits.train, rank, world), batch_size=job.group.batch_size // world, **kw
         ),
-        "val": DataLoader(strided(splits.val, rank, world), batch_size=EVAL_BATCH, **kw),
-        "test": DataLoader(strided(splits.test, rank, world), batch_size=EVAL_BATCH, **kw),
-    }
+        {
+            s: DataLoader(strided(getattr(splits, s), rank, world), batch_size=EVAL_BATCH, **kw)
+            for s in ("val", "test")
+        },
+        bn_batches=job.group.bn_batches,
+    )
     torch.manual_seed(job.data.seed)
     model = build_model(
         job.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape
@@ -479,7 +476,7 @@ def _setup_worker(job: CoeffJob) -> Worker:
             placement.held_bytes / 2**20,
             job.sharded.nbytes / 2**20,
         )
-    return Worker(rank, world, device, splits, model, placement, extra, loaders)
+    return Worker(rank, world, device, splits, model, placement, extra, evaluation)
 
 
 def _resume(rank: int, progress: bool) -> PhaseState:
@@ -510,19 +507,6 @@ def _fit_mode(
     import torch.distributed as dist
 
     g = job.group
-    fit_ds = w.splits.train if mode == "t" else w.splits.val
-    data = ShuffledBatches(
-        fit_ds,
-        g.batch_size,
-        rank=w.rank,
-        world=w.world,
-        seed=job.data.seed,
-        split="train" if mode == "t" else "val",
-        loader_options=loader_options(w.device),
-    )
-    # the budget is counted in epochs of the training data, for both modes: TWA-v takes as many
-    # steps as TWA-t, cycling the (smaller) held-out split
-    per_epoch = steps_per_epoch(len(w.splits.train), g.batch_size, w.world)
 
     def checkpoint(loop: CoefficientLoop, record: dict[str, Any]) -> None:
         if clock.due():
@@ -534,20 +518,23 @@ def _fit_mode(
             )
             clock.reported()
 
-    def evaluate(twa: TWA) -> dict[str, Any]:
-        bn, metrics = _finish(twa, w, g.bn_batches)
-        return {"bn_state": bn, **metrics}
-
-    loop = CoefficientLoop(
+    loop = build_loop(
         twa,
-        data,
-        total_steps=total_steps(job.twa.epochs, per_epoch),
-        steps_per_epoch=per_epoch,
+        mode,
+        w.splits.train,
+        w.splits.val,
+        batch_size=g.batch_size,
+        rank=w.rank,
+        world=w.world,
+        seed=job.data.seed,
+        loader_options=loader_options(w.device),
+        hooks=LoopHooks(
+            all_reduce=dist.all_reduce,
+            on_step=lambda step, _loss: inject("coefficients", step, w.rank, w.world),
+            on_sync=checkpoint,
+            evaluate=w.evaluation,
+        ),
         sync_every=g.checkpoint_every,
-        all_reduce=dist.all_reduce,
-        on_step=lambda step, _loss: inject("coefficients", step, w.rank, w.world),
-        on_sync=checkpoint,
-        evaluate=evaluate,
         labels={"mode": mode},
         progress=w.rank == 0 and g.progress,
     )
@@ -563,8 +550,7 @@ def _mode_result(
     """The finished mode's result fields; checks that every worker holds the same alpha."""
     import torch.distributed as dist
 
-    twa, final = loop.twa, dict(loop.final)
-    bn = final.pop("bn_state")
+    twa, bn, final = loop.twa, loop.final["bn_state"], _metrics(loop.final)
     digest = hashlib.sha256(twa.alpha.detach().cpu().numpy().tobytes()).hexdigest()
     digests: list[str | None] = [None] * w.world
     dist.all_gather_object(digests, digest)
@@ -596,47 +582,9 @@ def _mode_result(
     }
 
 
-def _finish(twa: TWA, w: Worker, bn_batches: int | None) -> tuple[torch.Tensor, dict[str, float]]:
-    """BN statistics combined over all workers, loaded into the model; val and test metrics."""
-    bn = all_reduce_bn_(twa.model, w.loaders["bn"], device=w.device, max_batches=bn_batches)
-    val = evaluate_sharded(twa.model, w.loaders["val"], w.device)
-    test = evaluate_sharded(twa.model, w.loaders["test"], w.device)
-    return bn, {
-        "val_loss": val.loss,
-        "val_acc": val.acc,
-        "test_loss": test.loss,
-        "test_acc": test.acc,
-    }
-
-
-def all_reduce_bn_(
-    model: torch.nn.Module,
-    loader: Any,
-    *,
-    device: torch.device | None = None,
-    max_batches: int | None = None,
-) -> torch.Tensor:
-    """``update_bn`` on this worker's batches, then the batch-weighted average over all workers.
-
-    :math:`\\mu = \\sum_r n_r \\mu_r / \\sum_r n_r` (means and variances alike): the cumulative
-    average over the union of all workers' batches. Returns the combined ``bn_state`` (float64).
-    """
-    import torch.distributed as dist
-
-    n = update_bn(loader, model, device=device, max_batches=max_batches)
-    state = bn_state(model)
-    if state.numel() == 0:
-        return state
-    sums = torch.cat(
-        [state * n, torch.tensor([float(n)], dtype=torch.float64, device=state.device)]
-    )
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
-    if sums[-1] <= 0:
-        raise ValueError("no batches to re-estimate BatchNorm statistics: the train split is empty")
-    combined = sums[:-1] / sums[-1]
-    load_bn_state_(model, combined)
-    return combined
+def _metrics(evaluated: dict[str, Any]) -> dict[str, float]:
+    """The four metrics of :func:`~twa_ray.core.host.standard_evaluation`'s result."""
+    return {k: evaluated[k] for k in ("val_loss", "val_acc", "test_loss", "test_acc")}
 
 
 def _report(

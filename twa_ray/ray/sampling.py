@@ -10,7 +10,7 @@ optimizer (``_setup``), resumes from the last checkpoint if any (``_resume``), t
    ``DataConfig.seed`` and reset with ``set_epoch``: the data order is a function of
    ``(seed, epoch)``, so a resumed run replays the same steps); the val split is never trained on;
 2. snapshot candidates every ``sample_interval`` epochs or steps with the public
-   :func:`twa_ray.train.snapshot` (rank 0 writes; the final epoch is always snapshotted, so the
+   :func:`twa_ray.snapshot` (rank 0 writes; the final epoch is always snapshotted, so the
    last candidate is the final SGD weights, the ``sgd_sampled`` baseline);
 3. evaluate val and test accuracy (``_evaluate``: each rank a strided shard, sums all-reduced);
 4. (``_checkpoint``) at the last epoch, and otherwise at most once per ``checkpoint_interval_s`` seconds,
@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import twa_ray.train
 from twa_ray.config import TRAJECTORY_FREE_FIELDS, DataConfig, SamplingConfig
+from twa_ray.core.bn import all_reduce_
 from twa_ray.core.checks import FiniteWatch, NonFiniteError
 from twa_ray.core.ema import EMA, averages
-from twa_ray.core.evaluate import EVAL_BATCH
+from twa_ray.core.evaluate import EVAL_BATCH, evaluate_sharded
 from twa_ray.core.optim import lr_factor
 from twa_ray.errors import user_code
 from twa_ray.ray.faults import inject
@@ -56,16 +56,10 @@ from twa_ray.ray.group import (
     load_worker_splits,
     report,
 )
-from twa_ray.ray.snapshot import snapshot_due, unwrap_model
-from twa_ray.ray.worker import (
-    all_reduce_,
-    evaluate_sharded,
-    loader_options,
-    strided,
-    train_autocast,
-)
+from twa_ray.ray.worker import loader_options, strided, train_autocast
 from twa_ray.redact import redact
 from twa_ray.storage import Storage, open_storage
+from twa_ray.store.snapshots import snapshot, snapshot_due, unwrap_model
 from twa_ray.store.store import CandidateStore
 
 __all__ = [
@@ -581,7 +575,7 @@ def _snapshot_epoch_end(w: _Worker, state: SamplingState, done: int, *, last: bo
 
 
 def _snapshot(w: _Worker, state: SamplingState, *, epoch: float, force: bool = False) -> None:
-    """:func:`twa_ray.train.snapshot` when the interval asks (or ``force``); rank 0 records it."""
+    """:func:`twa_ray.snapshot` when the interval asks (or ``force``); rank 0 records it."""
     s = w.job.sampling
     if not (
         force
@@ -589,7 +583,7 @@ def _snapshot(w: _Worker, state: SamplingState, *, epoch: float, force: bool = F
     ):
         return
     _check_finite(w)  # no diverged candidate is written (the write waits for the weights anyway)
-    name = twa_ray.train.snapshot(
+    name = snapshot(
         w.model,
         w.job.store_uri,
         step=state.step,
@@ -609,8 +603,8 @@ def _evaluate(
     and test loss and accuracy (summed over the ranks' strided shards)."""
     train_loss = float(all_reduce_(loss_sum)) / (w.world * w.steps_per_epoch)
     val_loader, test_loader = w.eval_loaders
-    val = evaluate_sharded(w.inner, val_loader, w.device)
-    test = evaluate_sharded(w.inner, test_loader, w.device)
+    val = evaluate_sharded(w.inner, val_loader, device=w.device)
+    test = evaluate_sharded(w.inner, test_loader, device=w.device)
     _check_finite(w)
     return {
         "epoch": done,

@@ -35,23 +35,26 @@ import ray
 import torch
 
 from twa_ray.core.layout import Blocks, Layout
-from twa_ray.core.placement import Placement, PlacementKind, ShardedBasis, place, shard_plan
+from twa_ray.core.placement import (
+    Placement,
+    PlacementKind,
+    ShardedBasis,
+    balanced_bounds,
+    place,
+    shard_plan,
+)
 from twa_ray.core.quant import PackedMatrix, resolve_device
 from twa_ray.core.subspace import Subspace
 from twa_ray.core.twa import TWAConfig, build_subspace
 from twa_ray.storage import alive_nodes
 
 __all__ = [
-    "DEFAULT_MAX_SHARD_BYTES",
-    "MIN_AUTO_SHARD_BYTES",
-    "PLACEMENT_SHARDS",
     "ShardedBasis",
     "ShardedSubspace",
     "ShardedView",
     "block_bytes",
     "plan_shards",
     "put_subspace",
-    "shard_subspace",
     "group_capacity",
 ]
 
@@ -77,20 +80,6 @@ def block_bytes(pm: PackedMatrix) -> list[int]:
     ]
 
 
-def _split(sizes: Sequence[int], num: int) -> tuple[int, ...]:
-    """Cut ``sizes`` into ``num`` contiguous groups of roughly equal sum: L + 1 style bounds."""
-    cum = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-    bounds = [0]
-    for s in range(1, num):
-        target = cum[-1] * s / num
-        # the cut nearest the target, leaving at least one block for every later group
-        lo, hi = bounds[-1] + 1, len(sizes) - (num - s)
-        cut = int(np.clip(np.abs(cum[lo : hi + 1] - target).argmin() + lo, lo, hi))
-        bounds.append(cut)
-    bounds.append(len(sizes))
-    return tuple(bounds)
-
-
 def plan_shards(
     sizes: Sequence[int],
     *,
@@ -100,7 +89,8 @@ def plan_shards(
 ) -> tuple[int, ...]:
     """Block bounds of the shards (``S + 1`` offsets into the L blocks).
 
-    The fewest shards of roughly equal bytes with none over ``max_shard_bytes``, or exactly
+    The fewest shards of balanced bytes (:func:`~twa_ray.core.placement.balanced_bounds`: the
+    largest shard as small as it can be) with none over ``max_shard_bytes``, or exactly
     ``num_shards`` when given. A block larger than ``max_shard_bytes`` gets a shard of its own
     (a shard holds whole blocks; use ``blocks='size:N'`` for finer blocks).
 
@@ -115,7 +105,7 @@ def plan_shards(
             raise ValueError(
                 f"num_shards={num_shards}: must lie in [1, {num_blocks}] (the number of blocks)"
             )
-        return _split(sizes, num_shards)
+        return balanced_bounds(sizes, num_shards)
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes={max_shard_bytes}: must be >= 1")
     if warn and max(sizes) > max_shard_bytes:
@@ -126,7 +116,7 @@ def plan_shards(
             max_shard_bytes,
         )
     for num in range(max(1, math.ceil(sum(sizes) / max_shard_bytes)), num_blocks + 1):
-        bounds = _split(sizes, num)
+        bounds = balanced_bounds(sizes, num)
         groups = [sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:])]
         if all(g <= max_shard_bytes or b - a == 1 for g, a, b in zip(groups, bounds, bounds[1:])):
             return bounds

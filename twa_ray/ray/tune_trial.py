@@ -32,23 +32,17 @@ from typing import Any
 import torch
 
 from twa_ray import redact
-from twa_ray.core.bn import update_bn
-from twa_ray.core.evaluate import BN_BATCH, EVAL_BATCH, evaluate
+from twa_ray.core.evaluate import BN_BATCH, EVAL_BATCH
+from twa_ray.core.host import build_loop, standard_evaluation
 from twa_ray.core.layout import Layout
-from twa_ray.core.loop import (
-    CoefficientLoop,
-    CoeffState,
-    ShuffledBatches,
-    steps_per_epoch,
-    total_steps,
-)
+from twa_ray.core.loop import CoefficientLoop, CoeffState, LoopHooks
 from twa_ray.core.twa import TWA, build_subspace
 from twa_ray.models import build_model
 from twa_ray.ray.group import load_worker_splits
 from twa_ray.store import CandidateStore
 from twa_ray.tune_plan import PlannedTrial, SweepPlan
 
-__all__ = ["twa_trial", "trial_loop", "split_val"]
+__all__ = ["twa_trial", "trial_loop"]
 
 STATE_FILE = "twa_trial.pt"  # the CoeffState at an epoch end (torch.save)
 
@@ -116,7 +110,6 @@ def trial_loop(
     # ---- data: train (TWA-t, BN), val = fit (TWA-v) + select (the metric), test (reported)
     splits = load_worker_splits(cfg.data)  # checks --data-root on this node first
     val_fit, val_select = split_val(splits.val, select_frac=select_frac, seed=cfg.data.seed)
-    fit_ds = splits.train if cfg.mode == "t" else val_fit
     bn_loader = _loader(splits.train, BN_BATCH)
     select_loader, test_loader = _loader(val_select, EVAL_BATCH), _loader(splits.test, EVAL_BATCH)
 
@@ -133,23 +126,7 @@ def trial_loop(
 
     # ---- as in the full pipeline: the global batch is sampling's, an epoch is counted on the
     # train split in both modes (TWA-v cycles its smaller split), the schedule spans all epochs
-    per_epoch = steps_per_epoch(len(splits.train), cfg.sampling.batch_size)
-    total = total_steps(cfg.twa.epochs, per_epoch)
-    data = ShuffledBatches(fit_ds, min(cfg.sampling.batch_size, len(fit_ds)), seed=cfg.data.seed)
-
-    def evaluate_now(twa: TWA) -> dict[str, Any]:
-        update_bn(bn_loader, model, device=device)
-        val, test = (
-            evaluate(model, select_loader, device=device),
-            evaluate(model, test_loader, device=device),
-        )
-        return {
-            "val_acc": val.acc,
-            "val_loss": val.loss,
-            "test_acc": test.acc,
-            "test_loss": test.loss,
-        }
-
+    evaluation = standard_evaluation(bn_loader, {"val": select_loader, "test": test_loader})
     clock = [time.perf_counter()]
 
     def on_epoch(loop: CoefficientLoop, record: dict[str, Any]) -> None:
@@ -163,18 +140,19 @@ def trial_loop(
                 "twa_epoch": record["epoch"],
                 "epochs_used": trial.sample_epochs + record["epoch"],
                 "epoch_s": epoch_s,
-                "finished": record["step"] == total,
+                "finished": record["step"] == loop.total,
             },
             loop.state(),
         )
 
-    return CoefficientLoop(
+    return build_loop(
         twa,
-        data,
-        total_steps=total,
-        steps_per_epoch=per_epoch,
-        evaluate=evaluate_now,
-        on_epoch=on_epoch,
+        cfg.mode,
+        splits.train,
+        val_fit,
+        batch_size=cfg.sampling.batch_size,
+        seed=cfg.data.seed,
+        hooks=LoopHooks(evaluate=evaluation, on_epoch=on_epoch),
     )
 
 

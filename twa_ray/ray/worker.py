@@ -1,5 +1,6 @@
-"""Pieces shared by the Ray Train worker loops: data shards and loaders, mixed precision, summed
-evaluation."""
+"""Pieces shared by the Ray Train worker loops: data shards and loaders, mixed precision (the
+collectives, summed evaluation and BN re-estimation, are the core's: :mod:`twa_ray.core.bn`,
+:mod:`twa_ray.core.evaluate`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ from typing import Any
 
 import torch
 
-from twa_ray.core.evaluate import EvalResult, evaluate
-
-__all__ = ["strided", "loader_options", "train_autocast", "all_reduce_", "evaluate_sharded"]
+__all__ = ["strided", "loader_options", "train_autocast"]
 
 GPU_LOADER_WORKERS = 4
 """DataLoader worker processes of a Ray Train worker on a GPU."""
@@ -36,22 +35,3 @@ def train_autocast(precision: str, device: torch.device) -> torch.autocast:
     """The forward/backward arithmetic of a training step: ``fp32`` (autocast off) or ``bf16``
     autocast on ``device`` (weights, gradients and optimizer state stay float32)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def all_reduce_(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over the workers in place (a no-op without a process group)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-    return t
-
-
-def evaluate_sharded(model: torch.nn.Module, loader: Any, device: torch.device) -> EvalResult:
-    """:func:`~twa_ray.core.evaluate.evaluate` on this rank's shard, sums all-reduced.
-
-    Pass the unwrapped model: ranks see different shard sizes, and DDP forwards sync buffers.
-    """
-    r = evaluate(model, loader, device=device)
-    sums = all_reduce_(
-        torch.tensor([r.loss_sum, r.correct, r.count], dtype=torch.float64, device=device)
-    )
-    return EvalResult(float(sums[0]), int(sums[1]), int(sums[2]))

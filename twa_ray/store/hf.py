@@ -147,7 +147,7 @@ class HFLogits(nn.Module):
 def build_model(folder: str | os.PathLike[str]) -> HFLogits:
     """The architecture of ``folder/config.json`` with fresh weights (``from_config``, no download):
     the class named in ``architectures`` (e.g. ``ViTForImageClassification``), else ``AutoModel``."""
-    from twa_ray.integrations._common import require
+    from twa_ray.extras import require
 
     try:
         transformers = require("transformers", "hf")

@@ -41,18 +41,9 @@ import torch
 
 from twa_ray.core.layout import Layout, flatten
 from twa_ray.store import hf
-from twa_ray.store.store import CandidateStore, _Staged
+from twa_ray.store.store import CandidateStore
 
-__all__ = [
-    "CHECKPOINT_FILES",
-    "CHECKPOINT_SUFFIXES",
-    "Imported",
-    "find_checkpoints",
-    "import_checkpoints",
-    "infer_layout",
-    "load_state_dict",
-    "tied_names",
-]
+__all__ = ["Imported", "find_checkpoints", "import_checkpoints", "load_state_dict", "tied_names"]
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")  # files directly in src_dir
 CHECKPOINT_FILES = ("model.safetensors", "model.pt", "model.pth", "checkpoint.pt")  # in Ray dirs
@@ -424,10 +415,9 @@ def import_checkpoints(
     progress = [_peek_progress(path) for _, path in found]
     idx, order, values = _order(progress)
     first = 1 + max((store.info(n).step for n in store.names()), default=-1)  # after those there
-    staged: list[_Staged] = []
+    names: list[str] = []
     upcast: dict[str, int] = {}
-    committed = False
-    try:
+    with store.write_together(drop_if_empty=created) as write:  # a failed import leaves no trace
         for step, i in enumerate(idx):
             name, path = found[i]
             state = load_state_dict(path)
@@ -435,25 +425,14 @@ def import_checkpoints(
                 layout = infer_layout(state, where=str(path))
             flat = flatten(_select(state, layout, path, aliases or {}, upcast), layout)
             del state
-            staged.append(
-                store._stage(
+            names.append(
+                write(
                     flat,
                     layout,
                     step=first + step,
                     epoch=progress[i].epoch or 0.0,
                     source=str(path),
-                    seed=None,
-                    run_id="",
                     name=name,
-                    overwrite=False,
                 )
             )
-        for s in staged:
-            store._commit(s, overwrite=False)
-        committed = True
-    finally:
-        for s in staged:
-            store._discard(s)
-        if created and not committed:
-            store._remove_if_empty()  # a failed import leaves no trace
-    return Imported([s.name for s in staged], order, values, upcast)
+    return Imported(names, order, values, upcast)

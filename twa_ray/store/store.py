@@ -18,7 +18,8 @@ import math
 import os
 import uuid
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -343,6 +344,31 @@ class CandidateStore:
         finally:
             self._discard(staged)
         return staged.name
+
+    @contextmanager
+    def write_together(self, *, drop_if_empty: bool = False) -> Iterator[Callable[..., str]]:
+        """All or nothing: candidates given to the yielded ``write(params, layout, step=...,
+        ...)`` (the arguments of :meth:`write`, never overwriting) are staged and appear when
+        the block ends, none of them when it raises (``drop_if_empty``: then the store's folder
+        too, if nothing else is in it)."""
+        staged: list[_Staged] = []
+
+        def write(params: Any, layout: Layout, **meta: Any) -> str:
+            meta = {"epoch": 0.0, "source": "", "seed": None, "run_id": "", "name": None, **meta}
+            staged.append(self._stage(params, layout, overwrite=False, **meta))
+            return staged[-1].name
+
+        committed = False
+        try:
+            yield write
+            for s in staged:
+                self._commit(s, overwrite=False)
+            committed = True
+        finally:
+            for s in staged:
+                self._discard(s)
+            if drop_if_empty and not committed:
+                self._remove_if_empty()
 
     def _check_layout(self, layout: Layout) -> None:
         if not isinstance(layout, Layout):

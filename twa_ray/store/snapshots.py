@@ -1,13 +1,16 @@
-"""Snapshot candidates from inside a Ray Train ``train_loop_per_worker`` (yours or ours).
+"""Snapshot candidates while a model trains: the one writer of every trainer (a Ray Train
+``train_loop_per_worker``, yours or ours, and the Lightning / Hugging Face callbacks).
 
-Only world rank 0 writes; the model is unwrapped from DDP first, so the stored layout is the
-plain model's (``Layout.from_module(model)``: trainable parameters, no ``module.`` prefix).
-Names derive from the global step (``step00001200``), so a run restarted from its last Ray Train
-checkpoint rewrites the same names instead of adding duplicates: a candidate that already exists
-and belongs to the same ``run_id`` is replaced atomically; one from another run is refused.
+Only world rank 0 writes (:func:`world`); the model is unwrapped from DDP first, so the stored
+layout is the plain model's (``Layout.from_module(model)``: trainable parameters, no ``module.``
+prefix). Names derive from the global step (:func:`candidate_name`: ``step00001200``), so a run
+restarted from its last checkpoint rewrites the same names instead of adding duplicates: a
+candidate that already exists and belongs to the same ``run_id`` is replaced atomically (or kept,
+``replace=False``); one from another run is refused. Stores written under the earlier names
+(``step-000001200``, ``<run>-step-000001200``) stay readable (:func:`candidate_step`).
 
-The public entry point is :func:`twa_ray.train.snapshot` (one call per snapshot, in any
-``train_loop_per_worker``); :class:`Snapshotter` adds an interval (``every`` steps or epochs)::
+The public entry point is :func:`snapshot` (``twa_ray.snapshot``: one call per snapshot, in any
+loop); :class:`Snapshotter` adds an interval (``every`` steps or epochs)::
 
     snap = Snapshotter(config["store"], model, every=200, unit="step")
     for x, y in loader:
@@ -22,7 +25,10 @@ A resumed run should restart ``step`` from its checkpoint so that names repeat.
 from __future__ import annotations
 
 import math
-from typing import Literal
+import re
+import sys
+import weakref
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -30,12 +36,29 @@ from torch import nn
 from twa_ray.core.layout import Layout
 from twa_ray.store.store import CandidateStore
 
-__all__ = ["Snapshotter", "candidate_name", "snapshot_due", "unwrap_model", "world_rank"]
+__all__ = [
+    "Snapshotter",
+    "candidate_name",
+    "candidate_step",
+    "snapshot",
+    "snapshot_due",
+    "unwrap_model",
+    "world",
+]
+
+_STEP_NAME = re.compile(r"(?:.+-)?step-?(\d+)")
 
 
 def candidate_name(step: int) -> str:
     """The store name of the candidate taken after global step ``step`` (``step00001200``)."""
     return f"step{step:08d}"
+
+
+def candidate_step(name: str) -> int | None:
+    """The global step a snapshot's name encodes, under this scheme or an earlier one
+    (``step-000001200``, ``<run>-step-000001200``); None for other names (imported ones)."""
+    m = _STEP_NAME.fullmatch(name)
+    return int(m.group(1)) if m else None
 
 
 def snapshot_due(*, step: int, epoch: float, every: int, unit: Literal["step", "epoch"]) -> bool:
@@ -55,8 +78,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _train_context():
-    """Ray Train's context inside a Train worker, ``None`` elsewhere (driver, plain script)."""
+def _train_context() -> Any:
+    """Ray Train's context inside a Train worker, ``None`` elsewhere (driver, plain script, a
+    process without Ray: Ray is never imported here)."""
+    if "ray" not in sys.modules:
+        return None
     try:
         import ray.train
 
@@ -65,14 +91,15 @@ def _train_context():
         return None
 
 
-def world_rank() -> int:
-    """World rank in a Ray Train run, else the ``torch.distributed`` rank, else 0."""
+def world() -> tuple[int, int]:
+    """``(rank, world size)``: of the Ray Train run, else of the ``torch.distributed`` group,
+    else ``(0, 1)``."""
     ctx = _train_context()
     if ctx is not None:
-        return int(ctx.get_world_rank())
+        return int(ctx.get_world_rank()), int(ctx.get_world_size())
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 class Snapshotter:
@@ -87,6 +114,8 @@ class Snapshotter:
         run_id: stored with each candidate and used to tell this run's candidates from others';
             default: the Ray Train run name (stable across restarts), or ``""`` outside Train.
         source, seed: metadata stored with each candidate.
+        replace: a step already in the store is rewritten (True: a replayed step's weights) or
+            kept as it is (False).
 
     Attributes:
         written: names written by this process (rank 0), in order.
@@ -102,6 +131,7 @@ class Snapshotter:
         run_id: str | None = None,
         source: str = "snapshot",
         seed: int | None = None,
+        replace: bool = True,
     ) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every={every!r}: the snapshot interval must be an int >= 1")
@@ -116,7 +146,8 @@ class Snapshotter:
         self.run_id = run_id
         self.source = source
         self.seed = seed
-        self.rank = world_rank()
+        self.replace = replace
+        self.rank = world()[0]
         self.written: list[str] = []
         # Only rank 0 touches the store (other ranks never open it: no remote-FS calls there).
         self._store = CandidateStore(store_uri, create=True) if self.rank == 0 else None
@@ -147,6 +178,8 @@ class Snapshotter:
         if self._layout is None:
             self._layout = Layout.from_module(module)
         name = candidate_name(step)
+        if name in self._store and not self.replace:
+            return self._wrote(name)
         if name in self._store:
             owner = self._store.info(name).run_id
             if owner != self.run_id:
@@ -168,6 +201,50 @@ class Snapshotter:
             name=name,
             overwrite=True,
         )
+        return self._wrote(name)
+
+    def _wrote(self, name: str) -> str:
         if name not in self.written:
             self.written.append(name)
         return name
+
+
+# one writer per (model, store, run): the store is opened and the layout computed once
+_WRITERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Snapshotter]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def snapshot(
+    model: nn.Module,
+    store_uri: str,
+    *,
+    step: int,
+    epoch: float = 0.0,
+    run_id: str | None = None,
+    source: str = "snapshot",
+    seed: int | None = None,
+) -> str | None:
+    """Write ``model``'s trainable parameters as candidate ``step{step:08d}`` of ``store_uri``.
+
+    Call it on every rank (no collective); world rank 0 writes, the others return None.
+
+    Args:
+        model: the model being trained (a DDP wrapper is fine: its ``.module`` is stored).
+        store_uri: the candidate store (local path or ``pyarrow.fs`` URI; created if missing).
+        step: the global step: it names the candidate, so a replayed step overwrites it.
+        epoch: completed epochs (fractional allowed), stored as metadata.
+        run_id: tells this run's candidates from others' (a candidate of another run under the
+            same name is refused); default: the Ray Train run name, ``""`` outside Ray Train.
+        source, seed: metadata stored with the candidate.
+
+    Returns:
+        The candidate's name on rank 0, else None.
+    """
+    key = (store_uri, run_id, source, seed)
+    writers = _WRITERS.setdefault(model, {})
+    if key not in writers:
+        writers[key] = Snapshotter(
+            store_uri, model, every=1, run_id=run_id, source=source, seed=seed
+        )
+    return writers[key].snapshot(step=step, epoch=epoch)
