@@ -1,4 +1,5 @@
-"""The README's commands and library example stay true."""
+"""The README's and docs/'s commands and library example stay true (tests/docs_pages.py reads
+README.md, then docs/*.md)."""
 
 import os
 import re
@@ -8,13 +9,16 @@ from pathlib import Path
 
 import pytest
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+from tests.docs_pages import PAGES, ROOT, headings, one_block, sections, slug
+from tests.docs_pages import text as page_text
+
+README = page_text("README.md")
 
 
 def test_library_example_runs():
-    code = re.findall(r"```python\n(.*?)```", README, re.S)[0]
+    code = one_block("Your own PyTorch loop")
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/integrations.md", "exec"), scope)
     assert scope["twa"].step_count == 40
 
 
@@ -27,12 +31,12 @@ def test_first_lines_give_the_two_commands():
 
 
 def test_bad_input_table_names_tests_that_exist():
-    """Every row of the README's bad-input table names the tests that cover it, and each one
-    exists (file, test function, parametrize id): the table cannot rot."""
+    """Every row of the bad-input table (docs/failures.md) names the tests that cover it, and
+    each one exists (file, test function, parametrize id): the table cannot rot."""
     import ast
 
     root = Path(__file__).resolve().parents[1]
-    section = README.split("## Failures and bad inputs", 1)[1].split("\n## ", 1)[0]
+    (section,) = [body for title, body in sections("docs/failures.md") if title == "Bad inputs"]
     rows = [r for r in section.splitlines() if r.startswith("| ") and not r.startswith("| case ")]
     assert len(rows) >= 20
     functions: dict[str, tuple[set[str], str]] = {}
@@ -62,15 +66,34 @@ def test_bad_input_table_names_tests_that_exist():
 
 
 def test_security_section_says_how_to_submit_with_token_auth():
+    cluster = page_text("docs/cluster.md")
     for phrase in (
         "RAY_AUTH_MODE=token",
         "RAY_AUTH_TOKEN",
         "ray dashboard cluster.yaml",
         "127.0.0.1",
         "Never bind the dashboard to 0.0.0.0",
-        "weights_only=True",
     ):
-        assert phrase in README, phrase
+        assert phrase in cluster, phrase
+    assert "weights_only=True" in page_text("docs/average.md")
+    assert "RAY_AUTH_MODE=token" in README and "ray dashboard cluster.yaml" in README
+
+
+def test_links_between_the_pages_resolve():
+    """Every relative link of README.md and docs/*.md names a file of the checkout and, with
+    ``#anchor``, a heading of that page; every docs page is linked from the README."""
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page_text(page)):
+            if re.match(r"\w+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (ROOT / page).parent / path if path else ROOT / page
+            assert dest.exists(), f"{page}: link to {target!r}: no such file"
+            rel = dest.resolve().relative_to(ROOT).as_posix()
+            if anchor:
+                assert anchor in {slug(h) for h in headings(rel)}, f"{page}: no #{anchor} in {rel}"
+    linked = set(re.findall(r"\]\((docs/[\w.-]+\.md)", README))
+    assert linked == {p for p in PAGES if p.startswith("docs/")}, linked
 
 
 def test_docs_cite_only_files_in_the_repository():
@@ -94,8 +117,8 @@ def test_docs_cite_only_files_in_the_repository():
 
 # ---- every shell block of the user-facing sections runs as written (issue 21) -----------------
 
-ROOT = Path(__file__).resolve().parents[1]
 NOT_USER_FACING = ("Layout", "Development")  # sections for contributors, not users
+CONTRIBUTOR_PAGES = ("docs/development.md",)  # the suite's own commands and the code's layout
 SKIP = [  # (command pattern, why it is not run here)
     (
         r"python3? -m venv |\. \S*activate\b|source \S*activate\b",
@@ -121,21 +144,26 @@ SMOKE = [  # commands that would take minutes, and the flags that make them smok
 
 
 def _sections() -> list[tuple[str, str]]:
-    """``(title, text)`` of every ``## `` section users read."""
-    head, *parts = README.split("\n## ")
-    out = [("top", head), *((p.split("\n", 1)[0].strip(), p) for p in parts)]
-    return [(t, p) for t, p in out if not t.startswith(NOT_USER_FACING)]
+    """``(id prefix, text)`` of every ``## `` / ``### `` section users read: README.md first,
+    then docs/*.md (a docs page's prefix starts with its name)."""
+    out = []
+    for page in PAGES:
+        if page in CONTRIBUTOR_PAGES:
+            continue
+        stem = "" if page == "README.md" else Path(page).stem + "-"
+        for title, body in sections(page):
+            if not title.startswith(NOT_USER_FACING):
+                out.append((stem + re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-"), body))
+    return out
 
 
 def _blocks(kinds: tuple[str, ...]) -> list[tuple[str, str]]:
-    """``(id, code)`` of the fenced blocks of those kinds, in README order."""
+    """``(id, code)`` of the fenced blocks of those kinds, in page order (README first)."""
     found = []
-    for title, text in _sections():
-        for i, code in enumerate(re.findall(r"```(\w*)\n(.*?)```", text, re.S)):
+    for prefix, body in _sections():
+        for i, code in enumerate(re.findall(r"```(\w*)\n(.*?)```", body, re.S)):
             if code[0] in kinds:
-                found.append(
-                    (f"{re.sub(r'[^a-z0-9]+', '-', title.lower()).strip('-')}-{i}", code[1])
-                )
+                found.append((f"{prefix}-{i}", code[1]))
     return found
 
 
@@ -224,7 +252,7 @@ def test_the_readme_has_shell_blocks_to_run():
 
 
 def test_the_example_configs_load():
-    """The config files and YAML blocks the README shows are valid as they are (the sweep
+    """The config files and YAML blocks the docs show are valid as they are (the sweep
     blocks run below use smoke-size copies of the files)."""
     import yaml
 
@@ -241,7 +269,7 @@ def test_the_example_configs_load():
 @pytest.mark.slow
 @pytest.mark.parametrize("block", [b for _, b in SHELL_BLOCKS], ids=[i for i, _ in SHELL_BLOCKS])
 def test_readme_shell_block_runs_as_written(block, workdir):
-    """Each command as the README writes it, in README order in one folder, at smoke size
+    """Each command as README.md / docs/*.md write it, in page order in one folder, at smoke size
     (SMOKE: --smoke-test added to `run` / `sweep`, its sizes to `average`); installs, the suite itself and cluster-only commands are skipped
     (SKIP says why); inputs a user brings (GENERATED) are made first."""
     run, skipped = _plan(block)
@@ -261,5 +289,5 @@ def test_readme_shell_block_runs_as_written(block, workdir):
             ["bash", "-c", cmd], cwd=workdir, env=env, capture_output=True, text=True, timeout=900
         )
         assert proc.returncode == 0, (
-            f"README command failed ({proc.returncode}): {cmd}\n{proc.stderr[-3000:]}"
+            f"documented command failed ({proc.returncode}): {cmd}\n{proc.stderr[-3000:]}"
         )
