@@ -97,6 +97,32 @@ def test_divergence_stops_at_the_step_without_a_retry(tmp_path):
     assert os.listdir(out / "candidates") == []  # stopped before any snapshot, none half-written
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_diverged_sweep_trial_is_one_line_with_its_class(tmp_path):
+    """A Tune trial whose TWA lr diverges: the sweep ends in one ``twa-ray: error:`` line with
+    the trial's own cause and exit code (2: a configuration to change), Tune's traceback and
+    its list of incomplete trials off the console, the traceback in the log file."""
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "data: {dataset: mnist1d, model: mlp, seed: 0}\n"
+        "sampling: {epochs: 40, sample_frac: 0.5, sample_interval: 1, num_workers: 2}\n"
+        "twa: {subspace: affine, epochs: 3}\n"
+        "mode: v\n"
+        "sweep: {num_samples: 1, scheduler: none, space: {twa.lr: {grid: [1.0e+30]}}}\n"
+    )
+    out = tmp_path / "sweep"
+    argv = ("sweep", "--config", str(config), "--smoke-test", "--out", str(out))
+    code, err = _twa_ray(*argv, env=_env(tmp_path))
+    assert code == 2, err
+    assert "Traceback" not in err and "Trial task failed" not in err, err
+    assert "Trials did not complete" not in err, err
+    (line,) = [x for x in err.splitlines() if x.startswith("twa-ray: error: ")]
+    assert "every trial of sweep" in line and "TWA diverged at epoch" in line, line
+    assert "lower the TWA learning rate (--twa-lr)" in line, line
+    assert _log_of(line) == str(out / "logs" / "twa-ray-error.log")
+
+
 # --------------------------------------------------------------------------- the user's code
 
 _USER_CODE = """

@@ -569,9 +569,11 @@ def _ray_noise(record: dict[str, Any], line: str) -> bool:
 
 
 def _filter_ray_logs() -> None:
+    from twa_ray.ray.logs import quiet_trial_errors
     from twa_ray.ray.ray_internals import filter_driver_logs
 
     filter_driver_logs(_ray_noise)
+    quiet_trial_errors()  # a failed trial's traceback goes to the log file, not the console
 
 
 # --------------------------------------------------------------------------- errors

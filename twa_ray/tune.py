@@ -36,6 +36,8 @@ from typing import Any
 from twa_ray import outdir
 from twa_ray.config import SweepConfig, config_from_dict
 from twa_ray.core.atomic import atomic_path
+from twa_ray.errors import RUNTIME, TwaError, describe
+from twa_ray.ray.ray_internals import trial_exception
 from twa_ray.redact import redact
 from twa_ray.report import format_table, plot_sweep, write_json, write_table
 from twa_ray.storage import Storage, absolute, check_multi_node, open_storage
@@ -321,7 +323,7 @@ def run_sweep(
 
         # -- outputs -------------------------------------------------------------------------
         rows = _rows(grid, plan)
-        summary = _summarize(rows, plan, groups, out=storage.join("tune"))
+        summary = _summarize(rows, plan, groups, out=storage.join("tune"), first=_first_error(grid))
         summary.update(
             wall_time_s=round(time.time() - start, 1),
             sampling_wall_s=round(sampling_wall, 1),
@@ -431,20 +433,44 @@ def _rows(grid: Any, plan: SweepPlan) -> list[dict[str, Any]]:
                 "sample_epochs": t.sample_epochs,
                 "time_s": m.get("time_total_s", math.nan),
                 "node_id": m.get("node_id", ""),
-                "error": str(r.error).splitlines()[0][:300] if r.error else "",
+                "error": _error_line(r.error),
             }
         )
     return sorted(rows, key=lambda r: r["index"])
 
 
+def _error_line(error: BaseException | None) -> str:
+    """A trial's error in one line (its :class:`~twa_ray.errors.TwaError` line when it has one)."""
+    if error is None:
+        return ""
+    e = trial_exception(error)
+    return (e.line if isinstance(e, TwaError) else str(error).splitlines()[0])[:300]
+
+
+def _first_error(grid: Any) -> TwaError | None:
+    """The first failed trial's error, as a :class:`~twa_ray.errors.TwaError`."""
+    for k in range(len(grid)):
+        if grid[k].error:
+            return describe(trial_exception(grid[k].error) or grid[k].error)
+    return None
+
+
 def _summarize(
-    rows: list[dict[str, Any]], plan: SweepPlan, groups: dict[str, dict[str, Any]], *, out: str
+    rows: list[dict[str, Any]],
+    plan: SweepPlan,
+    groups: dict[str, dict[str, Any]],
+    *,
+    out: str,
+    first: TwaError | None = None,
 ) -> dict[str, Any]:
     scored = [r for r in rows if r["status"] != "error" and not math.isnan(r["val_acc"])]
-    if not scored:
-        first = next((r["error"] for r in rows if r["error"]), "no metrics reported")
-        raise RuntimeError(
-            f"every trial of sweep {plan.sweep_id} failed (first: {first}); see {out}"
+    if not scored:  # the first trial's error, in its class (a diverged TWA lr is bad input)
+        error = first or TwaError("no metrics reported", RUNTIME)
+        raise TwaError(
+            f"every trial of sweep {plan.sweep_id} failed (first: {error.line}); see {out}",
+            error.kind,
+            False,
+            error.details,
         )
     # full-length trials first: a config is judged at the epochs best.yaml will run
     completed = [r for r in scored if r["status"] == "completed"] or scored

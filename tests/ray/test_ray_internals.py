@@ -150,3 +150,29 @@ def test_worker_group_error_wraps_each_ranks_exception_in_base_exc():
 
     assert ray_internals.worker_error_logger() == util.logger.name == "ray.train.v2._internal.util"
     assert ray_internals.worker_exceptions(RuntimeError("not a group error")) == {}
+
+
+def test_tune_logs_a_failed_trial_through_the_loggers_we_quiet():
+    """Ray Tune logs a failed trial's traceback (its controller) and the incomplete trials
+    (``tune.run``) through the loggers :func:`quiet_trial_errors` raises; ``Result.error``'s
+    ``cause`` is the trainable's exception."""
+    import importlib
+
+    from ray.exceptions import RayTaskError
+
+    from twa_ray.errors import TwaError
+
+    controller = importlib.import_module("ray.tune.execution.tune_controller")
+    tune_run = importlib.import_module("ray.tune.tune")
+    assert 'logger.error(f"Trial task failed for trial' in inspect.getsource(controller)
+    assert 'logger.error("Trials did not complete' in inspect.getsource(tune_run)
+    assert ray_internals.trial_error_loggers() == (
+        controller.logger.name,
+        tune_run.logger.name,
+    )
+    cause = TwaError("one line", "usage", False, "details")
+    wrapped = RayTaskError("train", "tb", cause).as_instanceof_cause()
+    got = ray_internals.trial_exception(wrapped)
+    assert isinstance(got, TwaError) and got.line == "one line" and got.kind == "usage"
+    plain = RuntimeError("no cause")
+    assert ray_internals.trial_exception(plain) is plain

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import logging
 
-from twa_ray.ray.ray_internals import train_report_loggers, worker_error_logger
+from twa_ray.ray.ray_internals import (
+    train_report_loggers,
+    trial_error_loggers,
+    worker_error_logger,
+)
 
-__all__ = ["quiet_train_logs"]
+__all__ = ["quiet_train_logs", "quiet_trial_errors"]
 
 
 def quiet_train_logs() -> None:
@@ -17,3 +21,10 @@ def quiet_train_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger(worker_error_logger()).setLevel(logging.CRITICAL)
     logging.getLogger("twa_ray").setLevel(logging.INFO)
+
+
+def quiet_trial_errors() -> None:
+    """Keep Ray Tune's traceback of a failed trial off the driver's console: the sweep ends in
+    one ``twa-ray: error:`` line whose log file holds the trial's traceback (``-v`` shows it)."""
+    for name in trial_error_loggers():
+        logging.getLogger(name).setLevel(logging.CRITICAL)

@@ -33,6 +33,8 @@ __all__ = [
     "train_report_loggers",
     "stop_train_sigint_handler",
     "keep_signal_handlers",
+    "trial_error_loggers",
+    "trial_exception",
     "worker_exceptions",
     "worker_error_logger",
 ]
@@ -73,6 +75,31 @@ def worker_error_logger() -> str:
     import ray.train.v2._internal.util as util
 
     return util.logger.name
+
+
+def trial_error_loggers() -> tuple[str, ...]:
+    """The names of the loggers with which Ray Tune, in the driver, logs the traceback of an
+    error a trial raised (its controller, before the trial is retried or marked errored) and
+    the list of trials that did not complete (``tune.run``'s end)."""
+    import importlib
+
+    return tuple(
+        importlib.import_module(m).logger.name
+        for m in ("ray.tune.execution.tune_controller", "ray.tune.tune")
+    )
+
+
+def trial_exception(e: BaseException | None) -> BaseException | None:
+    """The exception a Tune trial raised, from ``Result.error`` (a ``RayTaskError`` whose public
+    ``cause`` is the trainable's exception; also reached through ``__cause__``)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if not isinstance(cause, BaseException) or cause is e:
+            return e
+        e = cause
+    return e
 
 
 def worker_exceptions(e: BaseException) -> dict[int, BaseException]:

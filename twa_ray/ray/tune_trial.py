@@ -37,6 +37,7 @@ from twa_ray.core.host import build_loop, standard_evaluation
 from twa_ray.core.layout import Layout
 from twa_ray.core.loop import CoefficientLoop, CoeffState, LoopHooks
 from twa_ray.core.twa import TWA, build_subspace
+from twa_ray.errors import describe
 from twa_ray.models import build_model
 from twa_ray.ray.group import load_worker_splits
 from twa_ray.store import CandidateStore
@@ -66,7 +67,16 @@ def _loader(ds: Any, batch_size: int, *, seed: int | None = None) -> Any:
 
 
 def twa_trial(config: dict[str, Any], *, plan: SweepPlan) -> None:
-    """Ray Tune trainable of one planned trial (``config["trial"]["index"]`` into ``plan``)."""
+    """Ray Tune trainable of one planned trial (``config["trial"]["index"]`` into ``plan``);
+    whatever it raises leaves as a :class:`~twa_ray.errors.TwaError` (one line, its class, the
+    traceback as text: the driver unpickles no user class)."""
+    try:
+        _trial(config, plan=plan)
+    except Exception as e:
+        raise describe(e, again="rerun the sweep with --resume") from None
+
+
+def _trial(config: dict[str, Any], *, plan: SweepPlan) -> None:
     import ray
     from ray import tune
 
