@@ -1,9 +1,9 @@
-"""One end-to-end run on Ray: ``twa-ray run``, a recipe of six steps (torchtune style)::
+"""One end-to-end run on Ray: ``twa-ray run``, a recipe of four steps (torchtune style)::
 
     setup               data and model on the driver, Ray connected, outputs claimed
-    sample              Ray Train, sample_frac * E epochs -> candidate store (pyarrow)
-    build_basis         the candidates' quantized subspace -> shards in the object store
-    learn_coefficients  TWA-t / TWA-v on the coefficient worker group
+    learn               ONE Ray Train worker group (twa_ray.ray.run_loop): sampling over
+                        sample_frac * E epochs -> candidate store (pyarrow), the quantized
+                        subspace -> shards in the object store, TWA-t / TWA-v, SWA evaluated
     baselines           SGD at the stop (sgd_sampled), SWA, greedy soup, EMA,
                         (--compare-full) SGD over E and SGD on a schedule compressed to TWA's epochs
     write               metrics.json, model, coefficients, plots, the table
@@ -53,8 +53,8 @@ from twa_ray.store import CandidateStore
 
 if TYPE_CHECKING:  # the Ray layer is imported when a step runs (importing Ray is slow)
     from twa_ray.ray.coeff_group import TWAResult
+    from twa_ray.ray.run_loop import RunOutcome
     from twa_ray.ray.sampling import SamplingResult
-    from twa_ray.ray.shards import ShardedSubspace
 
 log = logging.getLogger("twa_ray")
 _T = TypeVar("_T")
@@ -62,9 +62,7 @@ _T = TypeVar("_T")
 __all__ = [
     "run_pipeline",
     "setup",
-    "sample",
-    "build_basis",
-    "learn_coefficients",
+    "learn",
     "baselines",
     "write",
     "check_resources",
@@ -131,17 +129,27 @@ class _Run:
 
     @property
     def work(self) -> str:
-        """Ray Train storage of both phases."""
+        """Ray Train storage of the worker groups."""
         return self.storage.join("work")
 
 
 @dataclass(frozen=True)
-class _Basis:
-    """This run's candidates and their quantized subspace (shards in the object store)."""
+class _Learned:
+    """What the run's worker group produced: the sampling result, the coefficient outcome
+    (every mode's result and every method's weights), the group's phase seconds, and this
+    run's candidates in the store."""
 
+    outcome: RunOutcome
     store: CandidateStore
     names: list[str]
-    sharded: ShardedSubspace
+
+    @property
+    def sampled(self) -> SamplingResult:
+        return self.outcome.sampled
+
+    @property
+    def results(self) -> dict[str, TWAResult]:
+        return self.outcome.coeff.results
 
 
 @dataclass(frozen=True)
@@ -162,12 +170,10 @@ def run_pipeline(cfg: RunConfig, req: outdir.Request | None = None) -> dict[str,
     req = req or outdir.Request("run", cfg.out, cfg.storage)
     req = dataclasses.replace(req, inputs=(("--data-root", cfg.data.data_root),))
     with outdir.claimed(req) as outputs:
-        run = wall("setup", setup, cfg, outputs)
-        sampled = wall("sampling", sample, run)
-        basis = wall("basis", build_basis, run)
-        results = wall("coefficients", learn_coefficients, run, basis)
-        methods = baselines(run, sampled, basis, results, wall=wall.seconds)
-        return write(run, sampled, basis, results, methods, start=start)
+        run = wall("setup", setup, cfg, outputs, wall=wall)
+        learned = learn(run)
+        methods = baselines(run, learned, wall=wall.seconds)
+        return write(run, learned, methods, start=start)
 
 
 class _Stopwatch:
@@ -184,9 +190,10 @@ class _Stopwatch:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
-def setup(cfg: RunConfig, outputs: outdir.Outputs) -> _Run:
+def setup(cfg: RunConfig, outputs: outdir.Outputs, *, wall: _Stopwatch | None = None) -> _Run:
     """With the outputs checked: load the data and model on the driver, connect to Ray, check
-    the cluster, then claim the outputs."""
+    the cluster, then claim the outputs. ``wall`` gains ``data_preparation`` and ``ray_start``."""
+    wall = wall or _Stopwatch()
     from twa_ray.connect import connect_ray
     from twa_ray.ray.group import check_data_root_on_nodes
 
@@ -206,12 +213,8 @@ def setup(cfg: RunConfig, outputs: outdir.Outputs) -> _Run:
     )
     # the data and the model on the driver first: a missing dataset root or a bad model name is
     # one clear error here, not a failure inside every Ray Train worker
-    d = cfg.data
-    splits = load_dataset(
-        d.dataset, root=d.data_root, val_frac=d.val_frac, seed=d.seed, num_samples=d.num_samples
-    )
-    model = build_model(d.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
-    local = connect_ray(outputs.req.address)
+    splits, model = wall("data_preparation", _data_and_model, cfg)
+    local = wall("ray_start", connect_ray, outputs.req.address)
     check_resources(cfg.sampling, fixed=local)
     check_multi_node(shared_paths, shared_fs=cfg.shared_fs)
     check_data_root_on_nodes(cfg.data)
@@ -220,65 +223,60 @@ def setup(cfg: RunConfig, outputs: outdir.Outputs) -> _Run:
     return _Run(cfg, outputs, splits=splits, model=model, layout=layout, given_store=given_store)
 
 
-def sample(run: _Run) -> SamplingResult:
-    """The sampling phase: ``sample_frac * E`` epochs of the full-budget schedule on Ray Train."""
-    from twa_ray.ray.sampling import run_sampling
+def _data_and_model(cfg: RunConfig) -> tuple[Any, torch.nn.Module]:
+    d = cfg.data
+    splits = load_dataset(
+        d.dataset, root=d.data_root, val_frac=d.val_frac, seed=d.seed, num_samples=d.num_samples
+    )
+    model = build_model(d.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
+    return splits, model
 
-    s = run.cfg.sampling
+
+def learn(run: _Run) -> _Learned:
+    """Sampling, the basis and the coefficients in ONE Ray Train worker group (see
+    :mod:`twa_ray.ray.run_loop`): ``sample_frac * E`` epochs of the full-budget schedule, then
+    TWA-t and/or TWA-v on the candidates' subspace."""
+    from twa_ray.ray.coeff_group import CoeffGroupConfig
+    from twa_ray.ray.run_loop import run_path
+
+    s, modes = run.cfg.sampling, _modes(run.cfg)
     log.info(
-        "sampling: %d of %d epochs on %d workers, run %s",
+        "one worker group: sampling (%d of %d epochs) -> basis -> TWA-%s on %d workers, run %s",
         s.sample_epochs,
         s.epochs,
+        "/".join(modes),
         s.num_workers,
         run.run_id,
     )
-    sampled = run_sampling(
-        run.cfg.data, s, store_uri=run.cfg.store_uri, run_dir=run.work, run_id=run.run_id
+    outcome = run_path(
+        run.cfg.data,
+        s,
+        run.cfg.twa,
+        CoeffGroupConfig.of_sampling(s, modes),
+        store_uri=run.cfg.store_uri,
+        run_dir=run.work,
+        run_id=run.run_id,
     )
-    log.info("sampling done: %d candidates in %.0f s", len(sampled.candidates), sampled.wall_time_s)
-    return sampled
-
-
-def build_basis(run: _Run) -> _Basis:
-    """This run's candidates and their quantized subspace, in shards in the object store."""
-    from twa_ray.ray.shards import put_subspace
-
     store = CandidateStore(run.cfg.store_uri)
     names = [n for n in store.names() if store.info(n).run_id == run.run_id]
-    sharded = put_subspace(store, run.layout, run.cfg.twa)
     log.info(
-        "TWA-%s on %d candidates: %s",
-        "/".join(_modes(run.cfg)),
+        "one worker group done in %.0f s: %d candidates, TWA-%s: %s",
+        outcome.wall_s["group"],
         len(names),
-        format_summary(sharded.summary()),
+        "/".join(modes),
+        format_summary(outcome.coeff.subspace),
     )
-    return _Basis(store, names, sharded)
+    return _Learned(outcome, store, names)
 
 
-def learn_coefficients(run: _Run, basis: _Basis) -> dict[str, TWAResult]:
-    """TWA-t and/or TWA-v on the coefficient worker group, one mode after the other."""
-    from twa_ray.ray.coeff_group import CoeffGroupConfig, run_twa
-
-    group = CoeffGroupConfig.of_sampling(run.cfg.sampling, _modes(run.cfg))
-    return run_twa(
-        basis.sharded, run.cfg.data, run.cfg.twa, group, run_dir=run.work, run_id=run.run_id
-    )
-
-
-def baselines(
-    run: _Run,
-    sampled: SamplingResult,
-    basis: _Basis,
-    results: dict[str, TWAResult],
-    *,
-    wall: dict[str, float],
-) -> _Methods:
+def baselines(run: _Run, learned: _Learned, *, wall: dict[str, float]) -> _Methods:
     """Every method's accuracies, epochs used and wall seconds: SGD at the stop
     (``sgd_sampled``: the final SGD weights, the last candidate), SWA, greedy soup, EMA, TWA
     and (``--compare-full``) SGD over the full budget E and SGD on the same schedule compressed
     to TWA's epochs (``sgd_short``). ``budget_saved = 1 - epochs_used / E``; ``wall`` (the
     phases timed so far) gains the baselines' own seconds."""
     s, twa_epochs = run.cfg.sampling, run.cfg.twa.epochs
+    sampled, results = learned.sampled, learned.results
     first = next(iter(results.values()))
     stopwatch = _Stopwatch()
     methods: dict[str, dict[str, Any]] = {
@@ -288,7 +286,13 @@ def baselines(
         methods["swa"] = {**_accs(first.swa), "epochs_used": s.sample_epochs}
     if run.cfg.greedy_soup:
         soup = stopwatch(
-            "greedy_soup", _greedy_soup, basis.store, basis.names, run.model, run.layout, run.splits
+            "greedy_soup",
+            _greedy_soup,
+            learned.store,
+            learned.names,
+            run.model,
+            run.layout,
+            run.splits,
         )
         methods["greedy_soup"] = {**soup, "epochs_used": s.sample_epochs}
     ema = stopwatch("ema", _ema, sampled, run.model, run.splits)
@@ -310,35 +314,67 @@ def baselines(
         methods["sgd_short"] = {**_accs(short[-1]), "epochs_used": short_epochs}
         full_history = stopwatch("sgd_full", _sgd_run, run, s.epochs, "full")
         methods["sgd_full"] = {**_accs(full_history[-1]), "epochs_used": s.epochs}
-    phases = {**wall, **stopwatch.seconds, "sampling_epochs": sampled.epoch_time_s}
+    phases = {
+        **wall,
+        **_group_phases(learned.outcome.wall_s),
+        **stopwatch.seconds,
+        "sampling_epochs": sampled.epoch_time_s,
+    }
     _add_wall(methods, phases, results)
     for m in methods.values():
         m["budget_saved"] = 1.0 - m["epochs_used"] / s.epochs
     return _Methods(methods, full_history, phases)
 
 
+def _group_phases(seconds: dict[str, float]) -> dict[str, Any]:
+    """The worker group's phases for ``metrics["wall_s"]``: ``twa_group`` (the driver's seconds
+    of the fit), ``worker_startup``, ``sampling`` and ``coefficients`` (rank 0's seconds of
+    their parts: setup, compute, snapshot_io, evaluation, checkpoint_io, swa), ``basis`` and
+    ``group_other`` (the rest: Ray's scheduling, polling and teardown)."""
+    out: dict[str, Any] = {
+        "twa_group": seconds["group"],
+        "worker_startup": seconds["worker_startup"],
+    }
+    for key, v in seconds.items():
+        if "/" in key:
+            phase, part = key.split("/", 1)
+            out.setdefault(phase, {})[part] = v
+        elif key not in ("group", "worker_startup"):
+            out[key] = v
+    timed = sum(v for k, v in seconds.items() if k != "group")
+    out["group_other"] = seconds["group"] - timed
+    return out
+
+
 def _add_wall(
     methods: dict[str, dict[str, Any]], phases: dict[str, Any], results: dict[str, TWAResult]
 ) -> None:
     """Each method's ``wall_s``: the seconds of the phases a run producing only that model goes
-    through here (setup: data and Ray; sampling; TWA and SWA: B, the coefficient group's
-    start-up and their own part of it), and ``time_saved`` against ``sgd_full`` when it ran."""
+    through here, and ``time_saved`` against ``sgd_full`` when it ran. The TWA path is setup
+    (data and Ray) plus the one worker group; a method's run skips the other methods' own parts:
+    ``sgd_sampled`` the basis and the coefficient phase, SWA the modes, each mode the other
+    modes and the SWA evaluation. ``fixed_cost``: the TWA path minus its compute (the epochs,
+    their evaluation, the coefficient steps, the final evaluations)."""
     first = next(iter(results.values()))
     swa_s = (first.swa or {}).get("time_s", 0.0)
     modes = {f"twa_{m}": r.mode_time_s for m, r in results.items()}
-    group_s = (
-        phases["coefficients"] - sum(modes.values()) - swa_s
-    )  # start-up, checkpoints, teardown
-    phases.update(coefficient_modes=modes, swa=swa_s, coefficient_group_overhead=group_s)
-    sampled = phases["setup"] + phases["sampling"]
-    twa_path = sampled + phases["basis"] + group_s
+    sampling, coeff = phases.get("sampling", {}), phases.get("coefficients", {})
+    twa_path = phases["setup"] + phases["twa_group"]
+    compute = sum(sampling.get(k, 0.0) for k in ("compute", "evaluation")) + sum(
+        coeff.get(k, 0.0) for k in ("compute", "evaluation", "swa")
+    )
+    phases.update(
+        coefficient_modes=modes, swa=swa_s, twa_path=twa_path, fixed_cost=twa_path - compute
+    )
     walls = {
-        "sgd_sampled": sampled,
-        "swa": twa_path + swa_s,
-        **{k: twa_path + v for k, v in modes.items()},
-        **{k: sampled + phases[k] for k in ("greedy_soup", "ema") if k in phases},
-        **{k: phases["setup"] + phases[k] for k in ("sgd_short", "sgd_full") if k in phases},
+        "sgd_sampled": twa_path - phases.get("basis", 0.0) - sum(coeff.values()),
+        "swa": twa_path - sum(modes.values()),
+        **{k: twa_path - sum(modes.values()) + v - swa_s for k, v in modes.items()},
     }
+    walls.update(
+        {k: walls["sgd_sampled"] + phases[k] for k in ("greedy_soup", "ema") if k in phases},
+        **{k: phases["setup"] + phases[k] for k in ("sgd_short", "sgd_full") if k in phases},
+    )
     full = walls["sgd_full"] if "sgd_full" in methods else None
     for name, m in methods.items():
         m["wall_s"] = round(walls[name], 1)
@@ -368,38 +404,35 @@ def _sgd_run(run: _Run, epochs: int, tag: str) -> list[dict[str, float]]:
     return res.history
 
 
-def write(
-    run: _Run,
-    sampled: SamplingResult,
-    basis: _Basis,
-    results: dict[str, TWAResult],
-    methods: _Methods,
-    *,
-    start: float,
-) -> dict[str, Any]:
+def write(run: _Run, learned: _Learned, methods: _Methods, *, start: float) -> dict[str, Any]:
     """The best model (TWA-v when it ran, the paper's better variant, else TWA-t), metrics.json,
     coefficients, plots and the table; a copy in ``--storage`` when it is elsewhere."""
-    cfg, out = run.cfg, run.out
+    t0 = time.perf_counter()
+    cfg, out, results = run.cfg, run.out, learned.results
     best_mode = "v" if "v" in results else "t"
-    results[best_mode].load_into_(run.model, basis.sharded)
-    metrics = _metrics(run, sampled, basis, results, methods.methods, best=f"twa_{best_mode}")
-    metrics["wall_s"] = {k: _round(v) for k, v in methods.wall.items()}
-    metrics["wall_time_s"] = round(time.time() - start, 1)
+    learned.outcome.coeff.weights[f"twa_{best_mode}"].load_into_(run.model)
+    metrics = _metrics(run, learned, methods.methods, best=f"twa_{best_mode}")
     coefficients = {f"twa_{m}": r.alpha for m, r in results.items()}
     check_finite(run.model, coefficients)  # NaN/Inf: nothing is written
+    points = {
+        k: (v["epochs_used"], v["test_acc"]) for k, v in methods.methods.items() if k != "sgd_full"
+    }
+    history = learned.sampled.history
+    plot_accuracy(out / "accuracy.png", history, points, full_history=methods.full_history)
+    # output writing: the model loaded, the checks and the plot (metrics.json and the files
+    # written with it come after; wall_time_s counts them)
+    wall = {**methods.wall, "output_writing": time.perf_counter() - t0}
+    metrics["wall_s"] = {k: _round(v) for k, v in wall.items()}
+    metrics["wall_time_s"] = round(time.time() - start, 1)
     write_outputs(
         out,
         metrics=metrics,
         best_model=run.model,
         coefficients=coefficients,
-        block_labels=list(basis.sharded.blocks.labels),
-        candidate_names=basis.names,
+        block_labels=learned.outcome.coeff.block_labels,
+        candidate_names=learned.names,
         config=dataclasses.replace(cfg, store=run.given_store),
     )
-    points = {
-        k: (v["epochs_used"], v["test_acc"]) for k, v in methods.methods.items() if k != "sgd_full"
-    }
-    plot_accuracy(out / "accuracy.png", sampled.history, points, full_history=methods.full_history)
     run.outputs.publish()  # --out is the local copy of <storage>/outputs
     _print_table(methods.methods)
     copy = f", and in {redact(run.storage.join('outputs'))}" if cfg.storage else ""
@@ -408,18 +441,12 @@ def write(
 
 
 def _metrics(
-    run: _Run,
-    sampled: SamplingResult,
-    basis: _Basis,
-    results: dict[str, TWAResult],
-    methods: dict[str, dict[str, Any]],
-    *,
-    best: str,
+    run: _Run, learned: _Learned, methods: dict[str, dict[str, Any]], *, best: str
 ) -> dict[str, Any]:
-    """metrics.json (``wall_time_s`` is added last)."""
+    """metrics.json (``wall_s`` and ``wall_time_s`` are added last)."""
     budget = run.cfg.sampling.epochs
     epochs_used = run.cfg.sampling.sample_epochs + run.cfg.twa.epochs
-    first = next(iter(results.values()))
+    first = next(iter(learned.results.values()))
     return {
         "run_id": run.run_id,
         "methods": methods,
@@ -427,13 +454,13 @@ def _metrics(
         "budget_epochs": budget,
         "epochs_used": epochs_used,
         "budget_saved": 1.0 - epochs_used / budget,
-        "num_candidates": len(basis.names),
+        "num_candidates": len(learned.names),
         "numel": run.layout.numel,
-        "subspace": basis.sharded.summary(),
+        "subspace": learned.outcome.coeff.subspace,
         "bytes_allreduced_per_step": first.bytes_allreduced_per_step,
         # placement of B (and why), bytes held / sent per step, the packed-kernel path of rank 0
         "coefficient_phase": first.extra,
-        "sampling_history": sampled.history,
+        "sampling_history": learned.sampled.history,
     }
 
 

@@ -48,7 +48,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Annotated, Any
 
 import torch
@@ -65,6 +65,7 @@ from twa_ray.core.placement import PlacementKind, choose
 from twa_ray.core.twa import TWA, TWAConfig
 from twa_ray.ray.faults import inject
 from twa_ray.ray.group import (
+    TIMER,
     CheckpointClock,
     check_data_root_on_nodes,
     check_run_id,
@@ -81,7 +82,7 @@ __all__ = ["MODES", "CoeffGroupConfig", "TWAResult", "run_twa"]
 log = logging.getLogger(__name__)
 
 STATE_FILE = "coeff.pt"  # PhaseState: finished modes, the loop state of the mode in flight
-RESULT_FILE = "result.pt"  # the final TWAResult fields (alpha, BN state, metrics)
+RESULT_FILE = "result.pt"  # the final TWAResult fields, every method's weights, the subspace
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,6 +185,8 @@ class TWAResult:
             ``mode_time_s``: the whole mode (loop, BN, evaluation; rank 0, last attempt); the
             SWA point's evaluation is ``swa["time_s"]``, the rest of the wall time start-up.
         checkpoint_path: the final Ray Train checkpoint (holds ``result.pt`` and ``coeff.pt``).
+        weights: the final weights and BN statistics (:class:`MethodWeights`): no subspace is
+            needed to load them.
     """
 
     mode: str
@@ -207,24 +210,45 @@ class TWAResult:
     checkpoint_path: str | None = None
     steps_per_pass: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    weights: MethodWeights | None = None
 
-    def theta(self, sharded: ShardedSubspace) -> torch.Tensor:
-        """The final weights ``o + sum alpha B`` as a flat (D,) float32 tensor."""
+    def theta(self, sharded: ShardedSubspace | None = None) -> torch.Tensor:
+        """The final weights ``o + sum alpha B`` as a flat (D,) float32 tensor (the workers'
+        own, or rebuilt from ``sharded`` when given)."""
+        if sharded is None:
+            assert self.weights is not None, "pass the subspace"
+            return self.weights.theta
         return sharded.materialize().reconstruct(self.alpha.float().contiguous())
 
-    def load_into_(self, model: torch.nn.Module, sharded: ShardedSubspace) -> torch.nn.Module:
+    def load_into_(
+        self, model: torch.nn.Module, sharded: ShardedSubspace | None = None
+    ) -> torch.nn.Module:
         """Write the final weights and BN statistics into ``model`` (built like the workers')."""
-        layout = Layout.from_module(model)
-        layout.check_compatible(sharded.layout, "the subspace")
-        load_flat_(model, self.theta(sharded), layout)
-        load_bn_state_(model, self.bn_state)
-        return model
+        if sharded is not None:
+            Layout.from_module(model).check_compatible(sharded.layout, "the subspace")
+        return MethodWeights(self.theta(sharded), self.bn_state).load_into_(model)
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly fields (no tensors)."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("alpha", "bn_state")}
+        skip = ("alpha", "bn_state", "weights")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         d["alpha_shape"] = list(self.alpha.shape)
         return d
+
+
+@dataclass(frozen=True)
+class MethodWeights:
+    """A method's final weights: the flat trainable parameters ``theta`` ((D,) float32) and
+    the BatchNorm statistics ``bn_state`` (``core.bn.bn_state`` order)."""
+
+    theta: torch.Tensor
+    bn_state: torch.Tensor
+
+    def load_into_(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Write them into ``model`` (built like the workers')."""
+        load_flat_(model, self.theta, Layout.from_module(model))
+        load_bn_state_(model, self.bn_state)
+        return model
 
 
 # --------------------------------------------------------------------------- driver
@@ -296,11 +320,15 @@ def run_twa(
 
 
 def choose_placement(
-    sharded: ShardedSubspace, twa: TWAConfig, group: CoeffGroupConfig
+    sharded: ShardedSubspace,
+    twa: TWAConfig,
+    group: CoeffGroupConfig,
+    device: torch.device | None = None,
 ) -> PlacementChoice:
-    """:func:`twa_ray.core.placement.choose` for the group, on the driver: 'auto' weighs B (and
-    on a GPU the model's weights, gradients, theta and g) against the smallest worker's memory."""
-    capacity, where = group_capacity(group.use_gpu)
+    """:func:`twa_ray.core.placement.choose` for the group: 'auto' weighs B (and on a GPU the
+    model's weights, gradients, theta and g) against the smallest worker's memory. On the
+    driver, or on rank 0 of a running group (``device``: its own, probed there)."""
+    capacity, where = group_capacity(group.use_gpu, device)
     model_bytes = (
         4 * 4 * sharded.layout.numel if group.use_gpu else 0
     )  # CPU: B is in the object store
@@ -316,17 +344,42 @@ def choose_placement(
     return PlacementChoice(kind, reason)
 
 
+@dataclass
+class CoeffOutcome:
+    """What the driver reads back from the final checkpoint of a coefficient phase: every
+    mode's :class:`TWAResult`, every method's :class:`MethodWeights` (``twa_<mode>``, and
+    ``swa`` when evaluated), the subspace's summary and block labels: no B needed."""
+
+    results: dict[str, TWAResult]
+    weights: dict[str, MethodWeights]
+    subspace: dict[str, Any]
+    block_labels: list[str]
+
+
+def read_outcome(checkpoint: Any, wall: float = 0.0) -> CoeffOutcome:
+    """The :class:`CoeffOutcome` in ``checkpoint`` (the final one of the phase)."""
+    with checkpoint.as_directory() as d:
+        out = torch.load(os.path.join(d, RESULT_FILE), map_location="cpu", weights_only=True)
+    weights = {k: MethodWeights(**v) for k, v in out["weights"].items()}
+    results = {
+        mode: TWAResult(
+            **fields_,
+            wall_time_s=wall,
+            checkpoint_path=checkpoint.path,
+            weights=weights[f"twa_{mode}"],
+        )
+        for mode, fields_ in out["modes"].items()
+    }
+    return CoeffOutcome(results, weights, out["subspace"], list(out["block_labels"]))
+
+
 def _read_results(
     result: Any, modes: tuple[str, ...], wall: float, rd: Storage, run_id: str
 ) -> dict[str, TWAResult]:
     """Every mode's :class:`TWAResult` from the run's final checkpoint; summaries to ``rd``."""
-    with result.checkpoint.as_directory() as d:
-        out = torch.load(os.path.join(d, RESULT_FILE), map_location="cpu", weights_only=True)
-    results = {}
+    results = read_outcome(result.checkpoint, wall).results
     for mode in modes:
-        res = TWAResult(**out[mode], wall_time_s=wall, checkpoint_path=result.checkpoint.path)
-        results[mode] = res
-        rd.write_json(f"twa_{run_id}_{mode}.json", res.summary())
+        rd.write_json(f"twa_{run_id}_{mode}.json", results[mode].summary())
     return results
 
 
@@ -344,7 +397,9 @@ class PhaseState:
     current: CoeffState | None = None
     """...and its loop state."""
     swa: dict[str, float] | None = None
-    """Metrics of the SWA point (evaluated once, before the first mode)."""
+    """Metrics of the SWA point (evaluated once, before the first mode)..."""
+    swa_bn: torch.Tensor | None = None
+    """...and its BN statistics."""
     restarts: int = 0
     """Worker-group restarts in this checkpoint's lineage."""
 
@@ -355,6 +410,7 @@ class PhaseState:
             "mode": self.mode,
             "current": cur,
             "swa": self.swa,
+            "swa_bn": self.swa_bn,
             "restarts": self.restarts,
         }
 
@@ -366,6 +422,7 @@ class PhaseState:
             mode=d["mode"],
             current=None if cur is None else CoeffState.from_dict(cur),
             swa=d["swa"],
+            swa_bn=d.get("swa_bn"),
             restarts=int(d["restarts"]),
         )
 
@@ -384,16 +441,24 @@ class Worker:
     evaluation: Callable[[TWA], dict[str, Any]]
     """BN re-estimated over the train shards, then val and test over their strided shards
     (:func:`~twa_ray.core.host.standard_evaluation`)."""
+    carry: dict[str, Any]
+    """Checkpoint files of an earlier phase that rank 0 attaches to every checkpoint."""
 
 
 def coeff_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train ``train_loop_per_worker`` of :func:`run_twa` (see the module docstring)."""
-    from twa_ray.ray.logs import quiet_train_logs
+    """Ray Train ``train_loop_per_worker`` of :func:`run_twa`: the coefficient phase alone on a
+    given subspace (a ``twa-ray run`` reaches it from sampling: :mod:`twa_ray.ray.run_loop`)."""
+    coeff_phase(config["job"])
 
-    quiet_train_logs()
-    job: CoeffJob = config["job"]
-    w = _setup_worker(job)
-    state = _resume(w.rank, job.group.progress)
+
+def coeff_phase(job: CoeffJob, *, splits: Any = None, carry: dict[str, Any] | None = None) -> None:
+    """The coefficient phase on this worker (see the module docstring): every mode not done in
+    the checkpoint resumed from, then the final report (:data:`RESULT_FILE`). ``splits``: the
+    dataset if loaded already; ``carry``: files of an earlier phase for every checkpoint."""
+    TIMER.phase = "coefficients"
+    with TIMER("coefficients/setup"):
+        w = _setup_worker(job, splits, carry or {})
+        state = _resume(w.rank, job.group.progress)
     clock = CheckpointClock(job.group.checkpoint_interval_s, w.device)
     for mode in job.group.modes:
         if mode in state.done:
@@ -403,8 +468,10 @@ def coeff_loop_per_worker(config: dict[str, Any]) -> None:
         # (the BN statistics it leaves behind do not matter: coefficient steps run in train mode)
         t0 = time.perf_counter()
         if job.group.eval_swa and state.swa is None:
-            swa = w.evaluation(twa)
+            with TIMER("coefficients/swa"):
+                swa = w.evaluation(twa)
             state.swa = {**_metrics(swa), "time_s": time.perf_counter() - t0}
+            state.swa_bn = swa["bn_state"].cpu()
         t0 = time.perf_counter()
         out = _fit_mode(twa, mode, w, state, job, clock)
         out["mode_time_s"] = time.perf_counter() - t0
@@ -412,22 +479,43 @@ def coeff_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {
             k: out[k] for k in ("mode", "steps", "val_loss", "val_acc", "test_loss", "test_acc")
         }
-        _report(metrics, state.to_dict() if w.rank == 0 else None, f"checkpoint_{mode}_final")
+        _report(w, metrics, state, f"checkpoint_{mode}_final")
         clock.reported()
     # ---- the result: every mode's outcome, read back by the driver from the last checkpoint
-    results = {
-        m: {**state.done[m], "swa": state.swa, "restarts": state.restarts} for m in job.group.modes
-    }
-    metrics = {f"{m}_{k}": r[k] for m, r in results.items() for k in ("val_acc", "test_acc")}
     _report(
-        metrics,
-        state.to_dict() if w.rank == 0 else None,
+        w,
+        {f"{m}_{k}": state.done[m][k] for m in job.group.modes for k in ("val_acc", "test_acc")},
+        state,
         "checkpoint_final",
-        result=results if w.rank == 0 else None,
+        result=_final_result(w, state, job),
     )
 
 
-def _setup_worker(job: CoeffJob) -> Worker:
+def _final_result(w: Worker, state: PhaseState, job: CoeffJob) -> dict[str, Any] | None:
+    """Rank 0's :data:`RESULT_FILE`: every mode's fields, every method's weights (theta rebuilt
+    from its alpha: a collective under a 'shard' placement, so every rank calls this), the
+    subspace's summary and block labels; None on the other ranks."""
+    modes = job.group.modes
+    alphas = {f"twa_{m}": (state.done[m]["alpha"], state.done[m]["bn_state"]) for m in modes}
+    if state.swa_bn is not None:
+        alphas["swa"] = (w.placement.alpha0, state.swa_bn)
+    weights = {
+        name: {"theta": w.placement.reconstruct(alpha.to(w.device)).cpu(), "bn_state": bn}
+        for name, (alpha, bn) in alphas.items()
+    }
+    if w.rank != 0:
+        return None
+    return {
+        "modes": {
+            m: {**state.done[m], "swa": state.swa, "restarts": state.restarts} for m in modes
+        },
+        "weights": weights,
+        "subspace": job.sharded.summary(),
+        "block_labels": list(job.sharded.blocks.labels),
+    }
+
+
+def _setup_worker(job: CoeffJob, splits: Any, carry: dict[str, Any]) -> Worker:
     """Data shards, the model and this worker's part of B (placed once on its device: every
     mode, the BN update and the evaluation reuse it; CPU: zero-copy views of the object store)."""
     import ray.train
@@ -440,7 +528,8 @@ def _setup_worker(job: CoeffJob) -> Worker:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     # ---- data: train (TWA-t, BN statistics), held-out val (TWA-v, report), test (report)
-    splits = load_worker_splits(job.data)
+    if splits is None:
+        splits = load_worker_splits(job.data)
     kw = loader_options(device)
     evaluation = standard_evaluation(
         DataLoader(
@@ -476,21 +565,22 @@ def _setup_worker(job: CoeffJob) -> Worker:
             placement.held_bytes / 2**20,
             job.sharded.nbytes / 2**20,
         )
-    return Worker(rank, world, device, splits, model, placement, extra, evaluation)
+    return Worker(rank, world, device, splits, model, placement, extra, evaluation, carry)
 
 
 def _resume(rank: int, progress: bool) -> PhaseState:
-    """The state of the last reported checkpoint (finished modes, the current mode's loop), or
-    a fresh one."""
+    """The state of the last reported checkpoint of this phase (finished modes, the current
+    mode's loop), or a fresh one (no checkpoint, or one of an earlier phase)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return PhaseState()
     with checkpoint.as_directory() as d:
-        state = PhaseState.from_dict(
-            torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        )
+        path = os.path.join(d, STATE_FILE)
+        if not os.path.exists(path):  # the sampling phase's
+            return PhaseState()
+        state = PhaseState.from_dict(torch.load(path, map_location="cpu", weights_only=True))
     state.restarts += 1
     if rank == 0 and progress:
         cur = state.current
@@ -511,11 +601,7 @@ def _fit_mode(
     def checkpoint(loop: CoefficientLoop, record: dict[str, Any]) -> None:
         if clock.due():
             state.mode, state.current = mode, loop.state()
-            _report(
-                record,
-                state.to_dict() if w.rank == 0 else None,
-                f"checkpoint_{mode}_step{record['step']:07d}",
-            )
+            _report(w, record, state, f"checkpoint_{mode}_step{record['step']:07d}")
             clock.reported()
 
     loop = build_loop(
@@ -532,7 +618,7 @@ def _fit_mode(
             all_reduce=dist.all_reduce,
             on_step=lambda step, _loss: inject("coefficients", step, w.rank, w.world),
             on_sync=checkpoint,
-            evaluate=w.evaluation,
+            evaluate=lambda twa: _timed(w.evaluation, twa),
         ),
         sync_every=g.checkpoint_every,
         labels={"mode": mode},
@@ -540,7 +626,8 @@ def _fit_mode(
     )
     if state.current is not None and state.mode == mode:
         loop.load_state(state.current)
-    loop.run()
+    with TIMER("coefficients/compute"):
+        loop.run()
     return _mode_result(loop, mode, w, state, g.progress)
 
 
@@ -582,19 +669,28 @@ def _mode_result(
     }
 
 
+def _timed(evaluation: Callable[[TWA], dict[str, Any]], twa: TWA) -> dict[str, Any]:
+    with TIMER("coefficients/evaluation"):
+        return evaluation(twa)
+
+
 def _metrics(evaluated: dict[str, Any]) -> dict[str, float]:
     """The four metrics of :func:`~twa_ray.core.host.standard_evaluation`'s result."""
     return {k: evaluated[k] for k in ("val_loss", "val_acc", "test_loss", "test_acc")}
 
 
 def _report(
+    w: Worker,
     metrics: dict[str, Any],
-    state: dict[str, Any] | None,
+    state: PhaseState,
     name: str,
     result: dict[str, Any] | None = None,
 ) -> None:
-    """``ray.train.report`` on every rank (a barrier); rank 0 (``state`` given) checkpoints."""
+    """``ray.train.report`` on every rank (a barrier); rank 0 checkpoints ``state``, the files
+    carried from an earlier phase and (at the end) ``result``."""
     files = None
-    if state is not None:
-        files = {STATE_FILE: state, **({RESULT_FILE: result} if result is not None else {})}
-    report(metrics, files, name)
+    if w.rank == 0:
+        files = {**w.carry, STATE_FILE: state.to_dict()}
+        if result is not None:
+            files[RESULT_FILE] = result
+    report(metrics, files, name, done={"modes": sorted(state.done), "mode": state.mode})

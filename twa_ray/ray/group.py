@@ -5,7 +5,9 @@ points at the run's storage: a local path or any ``pyarrow.fs`` URI, see :mod:`t
 it restarts the workers only for what a restart can fix) and :func:`check_data_root_on_nodes` (every node that can host a worker checks ``--data-root``
 before training). Worker side: :func:`load_worker_splits` (the dataset, after checking the data
 root on this node), :func:`report` (every rank reports, a barrier; rank 0 attaches the
-checkpoint files) and :class:`CheckpointClock` (when the next report is due).
+checkpoint files), :class:`CheckpointClock` (when the next report is due), :data:`TIMER` (rank 0's
+seconds per phase of the loop) and :func:`checkpoint_phase` (which phase the checkpoint a worker
+resumes from holds: its ``phase.json``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import re
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,6 +40,10 @@ __all__ = [
     "load_worker_splits",
     "report",
     "CheckpointClock",
+    "PhaseTimer",
+    "TIMER",
+    "PHASE_FILE",
+    "checkpoint_phase",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,11 +72,13 @@ def fit_group(
     cpus_per_worker: float,
     use_gpu: bool,
     max_failures: int,
+    started: list[float] | None = None,
 ) -> Any:
     """Run ``loop(config)`` on ``num_workers`` Ray Train workers; checkpoints go to
     ``run_dir/ray_train/<name>`` (the same ``name`` and ``run_dir`` resume). ``config`` crosses
     the process boundary as it is (a frozen config dataclass pickles; no dict in between).
-    Returns the ``ray.train.Result``.
+    Returns the ``ray.train.Result``; ``started`` (if given) gains the ``time.time()`` at which
+    each attempt's ``fit()`` began (the workers' start-up is measured from there).
 
     Retries: a worker that raised leaves a :class:`~twa_ray.errors.TwaError`; one that a
     restart cannot fix (bad input, divergence, a full disk, the user's code) ends the run at
@@ -86,6 +95,8 @@ def fit_group(
         trainer = _trainer(
             loop, config, name, run_dir, num_workers, cpus_per_worker, use_gpu, max_failures
         )
+        if started is not None:
+            started.append(time.time())
         try:
             result = trainer.fit()
             break
@@ -154,6 +165,7 @@ def _worker_entry(loop: Callable[[Any], None], name: str, where: str, config: An
 
     from twa_ray.ray.logs import quiet_train_logs
 
+    TIMER.started_at = time.time()  # the loop's first line: start-up ends here
     redact.install()  # this worker's log records masked
     quiet_train_logs()
     if ray.train.get_context().get_world_rank() == 0:
@@ -268,15 +280,24 @@ def load_worker_splits(data: DataConfig) -> Any:
         raise user_code(f"the data function {data.dataset!r}", e) from None
 
 
-def report(metrics: dict[str, Any], files: Mapping[str, Any] | None, name: str) -> None:
+def report(
+    metrics: dict[str, Any], files: Mapping[str, Any] | None, name: str, *, done: Any = None
+) -> None:
     """``ray.train.report`` on every rank (a barrier); rank 0 passes ``files`` (file name ->
-    object: ``*.json`` written as JSON, anything else with ``torch.save``) as the checkpoint."""
+    object: ``*.json`` written as JSON, anything else with ``torch.save``) as the checkpoint,
+    with its ``phase.json`` (:data:`TIMER`'s phase, ``done``, the seconds so far)."""
     import ray.train
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with TIMER(f"{TIMER.phase}/checkpoint_io"), tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if files is not None:
-            for fname, obj in files.items():
+            phase = {
+                "phase": TIMER.phase,
+                "done": done,
+                "wall_s": dict(TIMER.seconds),
+                "started_at": TIMER.started_at,
+            }
+            for fname, obj in {**files, PHASE_FILE: phase}.items():
                 path = os.path.join(tmp, fname)
                 if fname.endswith(".json"):
                     with open(path, "w") as f:
@@ -319,3 +340,61 @@ class CheckpointClock:
     def reported(self) -> None:
         """Restart the interval (call after each report)."""
         self.last = time.monotonic()
+
+
+PHASE_FILE = "phase.json"
+"""In every checkpoint of a worker loop: ``{"phase": "sampling" | "coefficients", "done": {...},
+"wall_s": {...}, "started_at": t}``: the phase it holds, what is done, rank 0's seconds per phase
+so far (all attempts) and when this attempt's loop started (``time.time()``)."""
+
+
+def checkpoint_phase() -> dict[str, Any] | None:
+    """``phase.json`` of the checkpoint this worker resumes from (None: a fresh start, or a
+    checkpoint without one)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        path = os.path.join(d, PHASE_FILE)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            phase: dict[str, Any] = json.load(f)
+    return phase
+
+
+class PhaseTimer:
+    """Wall seconds per phase of a worker loop, exclusive: ``with TIMER("sampling/compute")``
+    around an epoch and ``with TIMER("sampling/snapshot_io")`` around a snapshot inside it count
+    the snapshot once, under its own name. Rank 0's seconds go into every checkpoint
+    (``phase.json``) and are summed over the attempts (:meth:`resume`)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.started_at = 0.0  # time.time() at the loop's first line (this attempt)
+        self.phase = "sampling"  # the phase in flight ("sampling", "coefficients")
+        self._stack: list[list[Any]] = []  # [name, start, seconds of nested phases]
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        frame = [name, time.perf_counter(), 0.0]
+        self._stack.append(frame)
+        try:
+            yield
+        finally:
+            self._stack.pop()
+            total = time.perf_counter() - frame[1]
+            self.seconds[name] = self.seconds.get(name, 0.0) + total - frame[2]
+            if self._stack:
+                self._stack[-1][2] += total
+
+    def resume(self, saved: Mapping[str, float]) -> None:
+        """Add the seconds of the attempts before this one (from a checkpoint's ``phase.json``)."""
+        for name, s in saved.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + float(s)
+
+
+TIMER = PhaseTimer()
+"""This worker process's timer (one Ray Train worker per process, one attempt per process)."""

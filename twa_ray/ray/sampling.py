@@ -49,6 +49,7 @@ from twa_ray.core.optim import lr_factor
 from twa_ray.errors import user_code
 from twa_ray.ray.faults import inject
 from twa_ray.ray.group import (
+    TIMER,
     CheckpointClock,
     check_data_root_on_nodes,
     check_run_id,
@@ -68,6 +69,11 @@ __all__ = [
     "SamplingState",
     "run_sampling",
     "sampling_loop_per_worker",
+    "sampling_phase",
+    "sampling_files",
+    "read_sampling_files",
+    "prepare_run",
+    "read_sampling",
 ]
 
 log = logging.getLogger(__name__)
@@ -217,14 +223,7 @@ def run_sampling(
         ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
     """
     t0 = time.perf_counter()
-    problem = check_run_id(run_id)
-    if problem:
-        raise ValueError(problem)
-    rd = open_storage(run_dir)
-    _check_store(store_uri, run_id)
-    _save_or_check_config(rd, run_id, data, sampling)
-    check_data_root_on_nodes(data)
-
+    rd = prepare_run(data, sampling, store_uri=store_uri, run_dir=run_dir, run_id=run_id)
     job = SamplingJob(
         data=data, sampling=sampling, store_uri=store_uri, run_id=run_id, progress=progress
     )
@@ -239,23 +238,54 @@ def run_sampling(
         use_gpu=sampling.use_gpu,
         max_failures=sampling.max_failures,
     )
-    with result.checkpoint.as_directory() as d:
+    return read_sampling(result.checkpoint, job, time.perf_counter() - t0)
+
+
+def prepare_run(
+    data: DataConfig, sampling: SamplingConfig, *, store_uri: str, run_dir: str, run_id: str
+) -> Storage:
+    """The checks before a run's worker group starts (see :func:`run_sampling`); the resolved
+    config saved; returns the run's storage."""
+    problem = check_run_id(run_id)
+    if problem:
+        raise ValueError(problem)
+    rd = open_storage(run_dir)
+    _check_store(store_uri, run_id)
+    _save_or_check_config(rd, run_id, data, sampling)
+    check_data_root_on_nodes(data)
+    return rd
+
+
+def read_sampling(checkpoint: Any, job: SamplingJob, wall: float) -> SamplingResult:
+    """The :class:`SamplingResult` in a run's final checkpoint (``meta.json``, ``state.pt``),
+    after checking that the store holds every candidate it recorded."""
+    with checkpoint.as_directory() as d:
         state = SamplingState.from_dir(d)
-    _check_written(store_uri, run_id, state.candidates)
+    _check_written(job.store_uri, job.run_id, state.candidates)
     history = state.history
     final = {**(history[-1] if history else {}), **state.sizes}
     final["num_candidates"] = len(state.candidates)
     return SamplingResult(
-        run_id=run_id,
-        store_uri=store_uri,
+        run_id=job.run_id,
+        store_uri=job.store_uri,
         candidates=list(state.candidates),
         history=history,
         final_metrics=final,
-        wall_time_s=time.perf_counter() - t0,
+        wall_time_s=wall,
         epoch_time_s=state.epoch_time_s,
-        checkpoint_path=result.checkpoint.path,
-        checkpoint=result.checkpoint,
+        checkpoint_path=checkpoint.path,
+        checkpoint=checkpoint,
     )
+
+
+def read_sampling_files(checkpoint_dir: str) -> dict[str, Any]:
+    """:func:`sampling_files` as saved in ``checkpoint_dir`` (a later phase carries them on)."""
+    import json
+
+    with open(os.path.join(checkpoint_dir, META_FILE)) as f:
+        meta = json.load(f)
+    path = os.path.join(checkpoint_dir, STATE_FILE)
+    return {STATE_FILE: torch.load(path, map_location="cpu", weights_only=True), META_FILE: meta}
 
 
 def _check_store(store_uri: str, run_id: str) -> None:
@@ -334,6 +364,7 @@ class _Worker:
     rank: int
     world: int
     device: torch.device
+    splits: Any  # the dataset (the coefficient phase reuses it)
     model: nn.Module  # as prepared by Ray Train (DDP-wrapped when world > 1)
     inner: nn.Module  # the plain model: evaluated, snapshotted, checkpointed
     opt: torch.optim.Optimizer
@@ -351,16 +382,27 @@ class _Worker:
 
 
 def sampling_loop_per_worker(job: SamplingJob) -> None:
-    """Ray Train ``train_loop_per_worker`` of :func:`run_sampling` (see the module docstring)."""
-    w = _setup(job)
-    state = _resume(w)
+    """Ray Train ``train_loop_per_worker`` of :func:`run_sampling`: the sampling phase alone
+    (a ``twa-ray run`` goes on in the same group: :mod:`twa_ray.ray.run_loop`)."""
+    sampling_phase(job)
+
+
+def sampling_phase(job: SamplingJob) -> tuple[_Worker, SamplingState]:
+    """The sampling phase on this worker (see the module docstring): set up, resume from the
+    last checkpoint, train the remaining epochs; returns the worker and the final state."""
+    TIMER.phase = "sampling"
+    with TIMER("sampling/setup"):
+        w = _setup(job)
+        state = _resume(w)
     clock = CheckpointClock(job.sampling.checkpoint_interval_s, w.device)
     for epoch in range(state.epoch, job.sampling.sample_epochs):
         t_epoch = time.perf_counter()
         last = epoch + 1 == job.sampling.sample_epochs
-        loss_sum, lr = _train_epoch(w, state, epoch)
+        with TIMER("sampling/compute"):
+            loss_sum, lr = _train_epoch(w, state, epoch)
         _snapshot_epoch_end(w, state, epoch + 1, last=last)
-        metrics = _evaluate(w, state, epoch + 1, loss_sum, lr)
+        with TIMER("sampling/evaluation"):
+            metrics = _evaluate(w, state, epoch + 1, loss_sum, lr)
         state.epoch = epoch + 1
         state.history.append(metrics)
         state.epoch_time_s += time.perf_counter() - t_epoch
@@ -369,6 +411,7 @@ def sampling_loop_per_worker(job: SamplingJob) -> None:
         if clock.due(force=last):
             _checkpoint(w, state, metrics)
             clock.reported()
+    return w, state
 
 
 def _setup(job: SamplingJob) -> _Worker:
@@ -394,6 +437,7 @@ def _setup(job: SamplingJob) -> _Worker:
         rank=rank,
         world=world,
         device=device,
+        splits=splits,
         model=model,
         inner=unwrap_model(model),
         opt=opt,
@@ -583,15 +627,16 @@ def _snapshot(w: _Worker, state: SamplingState, *, epoch: float, force: bool = F
     ):
         return
     _check_finite(w)  # no diverged candidate is written (the write waits for the weights anyway)
-    name = snapshot(
-        w.model,
-        w.job.store_uri,
-        step=state.step,
-        epoch=epoch,
-        run_id=w.job.run_id,
-        source="sampling",
-        seed=w.job.data.seed,
-    )
+    with TIMER("sampling/snapshot_io"):
+        name = snapshot(
+            w.model,
+            w.job.store_uri,
+            step=state.step,
+            epoch=epoch,
+            run_id=w.job.run_id,
+            source="sampling",
+            seed=w.job.data.seed,
+        )
     if name is not None and name not in state.candidates:
         state.candidates.append(name)
 
@@ -641,14 +686,18 @@ def _log_epoch(w: _Worker, state: SamplingState, m: dict[str, float], seconds: f
 
 def _checkpoint(w: _Worker, state: SamplingState, metrics: dict[str, float]) -> None:
     """Every rank reports (a barrier); rank 0 attaches the model, optimizer and loop state."""
-    files = None
-    if w.rank == 0:
-        files = {
-            STATE_FILE: {
-                "model": w.inner.state_dict(),
-                "optimizer": w.opt.state_dict(),
-                **({"ema": w.ema.state_dict()} if w.ema is not None else {}),
-            },
-            META_FILE: redact(state.to_dict()),  # no credential in a checkpoint
-        }
-    report(metrics, files, f"checkpoint_epoch{state.epoch:04d}")
+    files = sampling_files(w, state) if w.rank == 0 else None
+    report(metrics, files, f"checkpoint_epoch{state.epoch:04d}", done={"epochs": state.epoch})
+
+
+def sampling_files(w: _Worker, state: SamplingState, *, optimizer: bool = True) -> dict[str, Any]:
+    """The sampling phase's checkpoint files: ``state.pt`` (model, optimizer unless
+    ``optimizer=False``, EMAs) and ``meta.json`` (the loop state, redacted)."""
+    return {
+        STATE_FILE: {
+            "model": w.inner.state_dict(),
+            **({"optimizer": w.opt.state_dict()} if optimizer else {}),
+            **({"ema": w.ema.state_dict()} if w.ema is not None else {}),
+        },
+        META_FILE: redact(state.to_dict()),  # no credential in a checkpoint
+    }

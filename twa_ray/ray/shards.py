@@ -383,12 +383,14 @@ def put_subspace(
     return shard_subspace(subspace, layout, max_shard_bytes=max_shard_bytes, num_shards=num_shards)
 
 
-def group_capacity(use_gpu: bool) -> tuple[int, str]:
-    """``(bytes, what)`` that B must fit in on every coefficient worker, decided on the driver:
-    the memory of a GPU (one probed by a task; the group's GPUs are alike), or on the CPU the
-    smallest object store among the nodes that can host a worker (every worker of a node maps
-    the same copy of B there)."""
+def group_capacity(use_gpu: bool, device: torch.device | None = None) -> tuple[int, str]:
+    """``(bytes, what)`` that B must fit in on every coefficient worker: the memory of a GPU
+    (``device``, rank 0's own inside a running group, else one probed by a task; the group's
+    GPUs are alike), or on the CPU the smallest object store among the nodes that can host a
+    worker (every worker of a node maps the same copy of B there)."""
     if use_gpu:
+        if device is not None and device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory), "GPU memory"
         probe = ray.remote(num_gpus=1, num_cpus=0)(_gpu_memory)
         return int(ray.get(probe.remote())), "GPU memory"
     stores = [
