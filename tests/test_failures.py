@@ -40,10 +40,12 @@ def _env(tmp: Path, *paths: Path) -> dict[str, str]:
     }
 
 
-def _starts(tmp: Path, phase: str = "sampling_") -> int:
+def _starts(tmp: Path) -> int:
+    """Worker-group starts: a run is one group (``twa_<run id>``), each retry one more."""
     starts = tmp / "faults.json.starts"
     lines = starts.read_text().splitlines() if starts.exists() else []
-    return sum(line.startswith(phase) for line in lines)
+    assert all(line.startswith("twa_") for line in lines), lines
+    return len(lines)
 
 
 def _twa_ray(*argv: str, env: dict[str, str], timeout: float = 600) -> tuple[int, str]:
@@ -276,7 +278,7 @@ def test_disk_full_then_permission_denied_then_resume(tmp_path):
     assert rc[0] == 2, err[0]
     assert "out of disk space" in full and "ENOSPC" in full and "free space" in full, full
     assert f"under {out}" in full, full  # pyarrow does not name the file: the location written
-    assert (logs / "starts1").read_text().count("sampling_") == 1
+    assert (logs / "starts1").read_text().count("twa_") == 1  # one group, not retried
     denied = _one_error_line(err[1])
     assert rc[1] == 2, err[1]
     assert "permission denied" in denied and "EACCES" in denied, denied
