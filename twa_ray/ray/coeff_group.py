@@ -17,7 +17,8 @@ held per worker and sent per step are in every result's ``extra``.
 
 The steps are the core's :class:`~twa_ray.core.loop.CoefficientLoop` (the same loop as
 ``TWA.fit``, ``twa-ray average`` and a Tune trial); this module is its Ray shell: the placement
-(decided once, on the driver, and passed to the workers in the :class:`CoeffJob`), the sums
+(decided once, on the driver for :func:`run_twa` or on rank 0 for a ``twa-ray run``'s one
+worker group, :mod:`twa_ray.ray.run_loop`, and passed to the workers in the :class:`CoeffJob`), the sums
 all-reduced, checkpoints through Ray Train, the BN and evaluation collectives.
 
 TWA-t optimizes on the train split, TWA-v on the held-out val split; both take
