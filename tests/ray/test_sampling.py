@@ -6,8 +6,10 @@ MNIST-1D with 1,200 samples -> 864 train / 96 val / 240 test; a global batch of 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from twa_ray.core.optim import lr_factor
 from twa_ray.data import held_out_split, load_dataset
 from twa_ray.models import build_model
 from twa_ray.ray.faults import FAULTS_ENV
-from twa_ray.ray.group import CheckpointClock
+from twa_ray.ray.group import CheckpointClock, PhaseTimer
 from twa_ray.ray.sampling import run_sampling
 from twa_ray.store.snapshots import Snapshotter, candidate_name
 from twa_ray.store.store import CandidateStore
@@ -87,6 +89,13 @@ def test_epoch_interval_candidates(data, tmp_path):
         for p in (tmp_path / "run" / "ray_train" / "sampling_epochs").glob("checkpoint_epoch*")
     )
     assert ckpts == ["checkpoint_epoch0002"]
+    # the checkpoint says its phase, what is done and rank 0's seconds per part so far
+    last = tmp_path / "run" / "ray_train" / "sampling_epochs" / ckpts[-1]
+    phase = json.loads((last / "phase.json").read_text())
+    assert phase["phase"] == "sampling" and phase["done"] == {"epochs": 2}
+    assert {"setup", "compute", "evaluation", "snapshot_io"} <= {
+        k.split("/")[1] for k in phase["wall_s"]
+    }
 
     # one candidate per sampled epoch, named by the global step, increasing
     steps = [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
@@ -145,6 +154,20 @@ def test_checkpoint_clock_spaces_reports():
     clock.reported()
     assert not clock.due()
     assert CheckpointClock(0, torch.device("cpu")).due()
+
+
+def test_phase_timer_counts_nested_phases_once():
+    """A phase inside another counts under its own name only; a resumed timer adds the
+    seconds of the attempts before."""
+    timer = PhaseTimer()
+    with timer("outer"):
+        time.sleep(0.05)
+        with timer("inner"):
+            time.sleep(0.1)
+    assert timer.seconds["inner"] >= 0.1
+    assert 0.05 <= timer.seconds["outer"] < 0.15  # counting the inner phase too would be >= 0.15
+    timer.resume({"outer": 1.0, "earlier": 2.0})
+    assert timer.seconds["outer"] >= 1.05 and timer.seconds["earlier"] == 2.0
 
 
 def test_step_interval(step_run):

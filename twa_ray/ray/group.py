@@ -379,7 +379,7 @@ class PhaseTimer:
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        frame = [name, time.perf_counter(), 0.0]
+        frame: list[Any] = [name, time.perf_counter(), 0.0]
         self._stack.append(frame)
         try:
             yield
