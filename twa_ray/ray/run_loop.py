@@ -99,7 +99,8 @@ def run_path(
     """
     rd = prepare_run(data, sampling, store_uri=store_uri, run_dir=run_dir, run_id=run_id)
     job = RunJob(SamplingJob(data, sampling, store_uri, run_id, progress), twa, group)
-    t0, started = time.perf_counter(), []  # type: ignore[var-annotated]
+    started: list[float] = []  # each attempt's fit start
+    t0 = time.perf_counter()
     result = fit_group(
         run_loop_per_worker,
         job,
