@@ -426,7 +426,11 @@ def _registered_checkpoint(s3, prefix: str, group: str) -> str | None:
     if not snaps:
         return None
     with s3.fs().open_input_stream(f"{s3.bucket}/{prefix}/work/ray_train/{snaps[0]}") as f:
-        latest = json.loads(f.read()).get("latest_checkpoint_result") or {}
+        text = f.read()
+    try:
+        latest = json.loads(text).get("latest_checkpoint_result") or {}
+    except json.JSONDecodeError:  # read while the controller rewrites it: the next poll reads it
+        return None
     return latest.get("checkpoint_dir_name")
 
 
