@@ -590,7 +590,13 @@ def _forward(w: _Worker, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     except dist.DistError:  # a collective of DDP's: a lost peer, for the retry to handle
         raise
     except Exception as e:
+        if any(s in str(e) for s in _LOST_PEER):  # gloo raises a plain RuntimeError
+            raise
         raise user_code(f"the model {w.job.data.model!r} (its forward pass)", e) from None
+
+
+_LOST_PEER = ("gloo/transport", "NCCL", "Connection reset by peer", "Connection closed by peer")
+"""What a forward's DDP collective (the buffers' broadcast) raises when a peer is lost: retried."""
 
 
 def _check_finite(w: _Worker) -> None:
