@@ -452,14 +452,22 @@ def coeff_loop_per_worker(config: dict[str, Any]) -> None:
     coeff_phase(config["job"])
 
 
-def coeff_phase(job: CoeffJob, *, splits: Any = None, carry: dict[str, Any] | None = None) -> None:
+def coeff_phase(
+    job: CoeffJob,
+    *,
+    splits: Any = None,
+    carry: dict[str, Any] | None = None,
+    resume: bool = True,
+) -> None:
     """The coefficient phase on this worker (see the module docstring): every mode not done in
-    the checkpoint resumed from, then the final report (:data:`RESULT_FILE`). ``splits``: the
-    dataset if loaded already; ``carry``: files of an earlier phase for every checkpoint."""
+    the checkpoint resumed from (``resume=False``: the checkpoint is an earlier phase's, which
+    Ray may have deleted since: start fresh), then the final report (:data:`RESULT_FILE`).
+    ``splits``: the dataset if loaded already; ``carry``: files of an earlier phase for every
+    checkpoint."""
     TIMER.phase = "coefficients"
     with TIMER("coefficients/setup"):
         w = _setup_worker(job, splits, carry or {})
-        state = _resume(w.rank, job.group.progress)
+        state = _resume(w.rank, job.group.progress) if resume else PhaseState()
     clock = CheckpointClock(job.group.checkpoint_interval_s, w.device)
     for mode in job.group.modes:
         if mode in state.done:

@@ -130,7 +130,8 @@ def run_loop_per_worker(job: RunJob) -> None:
     if phase is not None:
         TIMER.resume(phase["wall_s"])
     rank = ray.train.get_context().get_world_rank()
-    if phase is None or phase["phase"] == "sampling":
+    sampling = phase is None or phase["phase"] == "sampling"
+    if sampling:
         w, state = sampling_phase(job.sampling)
         splits, layout = w.splits, Layout.from_module(w.inner)
         carry = sampling_files(w, state, optimizer=False) if rank == 0 else {}
@@ -141,7 +142,7 @@ def run_loop_per_worker(job: RunJob) -> None:
     with TIMER("basis"):
         sharded, placement = _share_basis(job, layout, rank)
     coeff = CoeffJob(job.sampling.data, job.twa, job.group, sharded, placement)
-    coeff_phase(coeff, splits=splits, carry=carry)
+    coeff_phase(coeff, splits=splits, carry=carry, resume=not sampling)
 
 
 def _data_and_layout(data: DataConfig) -> tuple[Any, Layout]:
