@@ -7,6 +7,13 @@ import torch
 # Ray 2.60 turns token authentication on by default; throwaway local clusters in tests turn it off
 # unless a test opts in (the job-submit test keeps it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray Train's controller collects the workers' reports once every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+# (2 s by default): a worker's next ``ray.train.report`` waits for the last to be collected, and a
+# group that finished or started is seen at the next poll. The tests' runs poll every 0.2 s (this
+# process, and the commands and Ray workers it starts, inherit it): seconds less per worker group,
+# the same results. The multi-node tests keep Ray's 2 s (tests/cluster/conftest.py): their node
+# kills are timed by the checkpoints it paces.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 torch.set_num_threads(2)
 
 

@@ -1,20 +1,17 @@
 """Smoke sizes come from one definition (issue 30 item 5): ``run --smoke-test``, ``sweep
 --smoke-test`` and the jobs size a config the same way, so a config a smoke sweep ran (its
-``best.yaml``) runs again at smoke size."""
+``best.yaml``) runs again at smoke size. The end-to-end case (a smoke sweep, then ``twa-ray run
+--config S/best.yaml --smoke-test``) is the README's "Sweeps" block, run at the coarsest interval:
+tests/test_readme.py::test_the_sweeps_block_reruns_its_winner_at_smoke_size."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from twa_ray import outdir
 from twa_ray.cli import build_parser, config_from_args, sweep_config_from_args
 from twa_ray.config import SMOKE_RUN, config_from_dict, smoke_sizes, with_keys
 
@@ -77,44 +74,3 @@ def test_every_config_of_a_smoke_sweep_reruns_at_smoke_size():
             assert _candidates(trial) >= 2  # the trial itself had 2 candidates or more
             best = config_from_dict(trial.to_dict())  # its best.yaml
             assert _candidates(with_keys(best, smoke_sizes(best))) == 2, (interval, frac)
-
-
-def _twa_ray(*argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "twa_ray.cli", *argv],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_smoke_sweeps_best_yaml_reruns_with_smoke_test(tmp_path):
-    """``twa-ray sweep --config <file> --smoke-test --out S`` then ``twa-ray run --config
-    S/best.yaml --smoke-test --out R``: the run finishes (it failed with 'TWA needs at least 2
-    candidates, got 1' when the winner's interval was coarser than run's smoke epochs). The
-    sweep file is configs/sweep_mnist1d.yaml with each choice cut to one value (the coarsest
-    interval, the shorter fraction) and one draw; both outputs hold nothing twa-ray did not
-    write (its layout knows what Ray Train and Tune wrote)."""
-    d = yaml.safe_load((ROOT / "configs/sweep_mnist1d.yaml").read_text())
-    space = d["sweep"]["space"]
-    for knob, spec in space.items():
-        kind, values = next(iter(spec.items()))
-        if kind in ("grid", "choice"):
-            space[knob] = {kind: [max(values) if knob == "sampling.sample_interval" else values[0]]}
-    d["sweep"].update(num_samples=1, scheduler="none", max_concurrent=1)
-    config = tmp_path / "sweep.yaml"
-    config.write_text(yaml.safe_dump(d))
-    sweep, run = tmp_path / "S", tmp_path / "R"
-    done = _twa_ray("sweep", "--config", str(config), "--smoke-test", "--out", str(sweep))
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    best = yaml.safe_load((sweep / "best.yaml").read_text())
-    assert best["sampling"]["sample_interval"] == 4
-    done = _twa_ray("run", "--config", str(sweep / "best.yaml"), "--smoke-test", "--out", str(run))
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["num_candidates"] == 2
-    assert outdir.foreign(sweep) == [] and outdir.foreign(run) == []

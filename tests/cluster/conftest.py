@@ -43,6 +43,9 @@ def run_root(tmp_path_factory):
 def cluster(s3, tmp_path_factory):
     _require_unshare()
     # every folder of this session's tests (run_root among them) is hidden from the worker nodes
-    c = start_cluster(3, env=s3.env, hide=[tmp_path_factory.getbasetemp()])
+    # Ray Train's default report cadence (tests/conftest.py sets 0.2 s for the other tests): the
+    # kill tests' windows are the 2 s a checkpointed epoch then takes
+    env = {**s3.env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}
+    c = start_cluster(3, env=env, hide=[tmp_path_factory.getbasetemp()])
     yield c
     stop_cluster(c)
