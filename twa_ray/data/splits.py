@@ -8,14 +8,16 @@ permutation) and ``test`` (reporting only).
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Sized
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
-__all__ = ["DataSplits", "held_out_split", "check_val_frac"]
+__all__ = ["DataSplits", "held_out_split", "check_val_frac", "val_digest"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,33 @@ class DataSplits:
             name: len(ds) if isinstance(ds, Sized) else -1
             for name, ds in (("train", self.train), ("val", self.val), ("test", self.test))
         }
+
+    def summary(self) -> dict[str, Any]:
+        """``metrics.json`` -> ``data``: the split sizes and :func:`val_digest` of ``val``."""
+        return {**self.sizes(), "val_digest": val_digest(self.val)}
+
+
+def val_digest(ds: Dataset[Any]) -> str:
+    """SHA-256 (16 hex digits) of a split's rows, in order: their keys when the dataset names
+    them (``keys``: the URI datasets; ``samples``: image files), else their contents (a
+    ``Subset``: its indices into such a dataset, or the rows it selects). Two runs whose val
+    rows are the same have the same digest."""
+    h = hashlib.sha256()
+    base, idx = (ds.dataset, list(ds.indices)) if isinstance(ds, Subset) else (ds, None)
+    keys = getattr(base, "keys", None)
+    if keys is None and getattr(base, "samples", None) is not None:
+        keys = [os.path.relpath(path, base.root) for path, _ in base.samples]
+    if isinstance(keys, list):
+        for k in keys if idx is None else (keys[i] for i in idx):
+            h.update(k.encode() + b"\0")
+    elif isinstance(base, TensorDataset):
+        for t in base.tensors:
+            t = t if idx is None else t[idx]
+            h.update(t.contiguous().numpy().tobytes())
+    else:
+        for x, y in (ds[i] for i in range(len(ds))):  # type: ignore[arg-type]
+            h.update(torch.as_tensor(x).numpy().tobytes() + torch.as_tensor(y).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def check_val_frac(val_frac: float) -> float:
