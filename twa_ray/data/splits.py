@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset
 
 __all__ = ["DataSplits", "held_out_split", "check_val_frac", "val_digest"]
 
@@ -63,9 +63,9 @@ class DataSplits:
 
 def val_digest(ds: Dataset[Any]) -> str:
     """SHA-256 (16 hex digits) of a split's rows, in order: their keys when the dataset names
-    them (``keys``: the URI datasets; ``samples``: image files), else their contents (a
-    ``Subset``: its indices into such a dataset, or the rows it selects). Two runs whose val
-    rows are the same have the same digest."""
+    them (``keys``: the URI datasets; ``samples``: image files, relative to their root), else
+    their contents (``x`` bytes then ``y`` bytes, row by row). Two runs whose val rows are the
+    same have the same digest."""
     h = hashlib.sha256()
     base, idx = (ds.dataset, list(ds.indices)) if isinstance(ds, Subset) else (ds, None)
     keys = getattr(base, "keys", None)
@@ -74,10 +74,6 @@ def val_digest(ds: Dataset[Any]) -> str:
     if isinstance(keys, list):
         for k in keys if idx is None else (keys[i] for i in idx):
             h.update(k.encode() + b"\0")
-    elif isinstance(base, TensorDataset):
-        for t in base.tensors:
-            t = t if idx is None else t[idx]
-            h.update(t.contiguous().numpy().tobytes())
     else:
         for x, y in (ds[i] for i in range(len(ds))):  # type: ignore[arg-type]
             h.update(torch.as_tensor(x).numpy().tobytes() + torch.as_tensor(y).numpy().tobytes())

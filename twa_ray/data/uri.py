@@ -207,9 +207,10 @@ def _features(table: pa.Table, cols: list[str], where: str, root: str) -> np.nda
             return _stack_images(images, [f"row {i}" for i in range(len(raw))], root)
         if pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type):
             rows = col.to_pylist()
-            if len({len(r) for r in rows}) > 1:
+            lengths = {len(r) for r in rows} or {0}
+            if len(lengths) > 1:
                 raise _fail(root, f"{where}: rows of {cols[0]!r} differ in length", "pad them")
-            return np.asarray(rows, dtype=np.float32).reshape(len(rows), -1)
+            return np.asarray(rows, dtype=np.float32).reshape(len(rows), lengths.pop())
     try:
         return np.stack(
             [table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in cols], 1
@@ -249,7 +250,8 @@ def _table_rows(table: pa.Table, opts: dict[str, Any], where: str, key: str, roo
 
 
 def _concat(parts: list[_Rows], root: str) -> _Rows:
-    shapes = {p.x.shape[1:] for p in parts if len(p.keys)}
+    parts = [p for p in parts if p.keys] or parts[:1]
+    shapes = {p.x.shape[1:] for p in parts}
     if len(shapes) > 1:
         raise _fail(root, f"files with different feature shapes {sorted(shapes)}", "make them one")
     return _Rows(
