@@ -4,6 +4,7 @@ same rows from a local folder and from the S3 server, the seeded val/test rule, 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +205,31 @@ def test_s3_credentials_in_a_bad_data_root_are_masked(tmp_path, capsys, s3):
     assert main([*argv, "--data-root", uri]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "LEAKsecretVALUE0123" not in err, err
+
+
+def test_average_and_import_read_parquet_from_s3(tmp_path, s3, capsys):
+    """``average`` learns its coefficients on the parquet data's val split read from S3 and
+    records it; ``import --model`` builds the model from the data's shape and classes."""
+    from helpers import make_store
+
+    make_store(tmp_path, num_samples=N, epochs=3)
+    uri = s3("avg")
+    write_parquet(uri, N)
+    data = ["--dataset", "parquet", "--data-root", uri, "--model", "mlp"]
+    fast = ["--twa-epochs", "1", "--mode", "v", "--no-greedy-soup"]
+    out = tmp_path / "avg"
+    argv = ["average", "--store", str(tmp_path / "store"), *data, *fast, "--out", str(out)]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"] == load_dataset("parquet", root=uri).summary()
+    assert metrics["methods"]["twa_v"]["val_acc"] > 0.2
+    from twa_ray.models import build_model
+
+    (tmp_path / "pt").mkdir()
+    for i in range(2):
+        torch.manual_seed(i)
+        model = build_model("mlp", num_classes=10, input_shape=(40,))
+        torch.save(model.state_dict(), tmp_path / "pt" / f"c{i}.pt")
+    imported = tmp_path / "imported"
+    assert main(["import", str(tmp_path / "pt"), "--out", str(imported), *data]) == 0
+    assert len(list(imported.glob("*.arrow"))) == 2
