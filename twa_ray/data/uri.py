@@ -177,8 +177,10 @@ def _stack_images(images: list[np.ndarray], names: list[str], root: str) -> np.n
 # --------------------------------------------------------------------------- columns
 
 
-def _columns(table: pa.Table, features: Sequence[str] | None, label: str, where: str, root: str):
-    """``(feature column names, label column name)`` checked against ``table``."""
+def _feature_columns(
+    table: pa.Table, features: Sequence[str] | None, label: str, where: str, root: str
+) -> list[str]:
+    """The feature column names, with them and the label column checked against ``table``."""
     names = table.column_names
     if label not in names:
         raise _fail(
@@ -194,7 +196,7 @@ def _columns(table: pa.Table, features: Sequence[str] | None, label: str, where:
             f"{where} has no feature column(s) {missing or cols} (columns: {', '.join(names)})",
             "name them with --feature-columns a,b,...",
         )
-    return cols, label
+    return cols
 
 
 def _features(table: pa.Table, cols: list[str], where: str, root: str) -> np.ndarray:
@@ -240,7 +242,8 @@ def _labels(table: pa.Table, label: str, where: str, root: str) -> np.ndarray:
 
 
 def _table_rows(table: pa.Table, opts: dict[str, Any], where: str, key: str, root: str) -> _Rows:
-    cols, label = _columns(table, opts["features"], opts["label"], where, root)
+    label = opts["label"]
+    cols = _feature_columns(table, opts["features"], label, where, root)
     x = _features(table, cols, where, root)
     y = _labels(table, label, where, root)
     return _Rows([f"{key}#{i}" for i in range(len(y))], x, y)
