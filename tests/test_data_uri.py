@@ -103,6 +103,10 @@ def test_images_and_hf_disk(tmp_path):
     h = load_dataset("hf_disk", root=str(tmp_path / "hf"))
     assert (h.num_classes, h.input_shape, h.sizes()["test"]) == (10, (40,), 200)
     assert torch.equal(_rows(h.test)[1], torch.from_numpy(a["y_test"]))
+    # one Dataset saved (not a DatasetDict): the training pool, val and test carved from it
+    one = load_dataset("hf_disk", root=str(tmp_path / "hf" / "train"))
+    assert sum(one.sizes().values()) == 800 and one.num_classes == 10
+    assert set(one.val.keys).isdisjoint(one.test.keys)
 
 
 @pytest.mark.parametrize("kind", ["parquet", "images", "hf_disk"])
