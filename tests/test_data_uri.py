@@ -237,3 +237,12 @@ def test_average_and_import_read_parquet_from_s3(tmp_path, s3, capsys):
     imported = tmp_path / "imported"
     assert main(["import", str(tmp_path / "pt"), "--out", str(imported), *data]) == 0
     assert len(list(imported.glob("*.arrow"))) == 2
+
+
+def test_ragged_list_features_are_refused(tmp_path):
+    root = tmp_path / "ragged"
+    root.mkdir()
+    rows = [[0.0, 1.0], [2.0], [3.0, 4.0]] * 50
+    pq.write_table(pa.table({"x": rows, "label": [0, 1, 2] * 50}), root / "t.parquet")
+    with pytest.raises(ValueError, match="rows of 'x' differ in length; pad them"):
+        load_dataset("parquet", root=str(root))

@@ -207,12 +207,18 @@ def _features(table: pa.Table, cols: list[str], where: str, root: str) -> np.nda
             raw = col.field("bytes").to_pylist()
             images = [_decode(b, f"{where} row {i}", root) for i, b in enumerate(raw)]
             return _stack_images(images, [f"row {i}" for i in range(len(raw))], root)
-        if pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type):
-            rows = col.to_pylist()
-            lengths = {len(r) for r in rows} or {0}
+        if pa.types.is_fixed_size_list(col.type):
+            width = col.type.list_size
+        elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            lengths = set(np.diff(col.offsets.to_numpy()).tolist()) or {0}
             if len(lengths) > 1:
                 raise _fail(root, f"{where}: rows of {cols[0]!r} differ in length", "pad them")
-            return np.asarray(rows, dtype=np.float32).reshape(len(rows), lengths.pop())
+            width = lengths.pop()
+        else:
+            width = -1
+        if width >= 0:
+            values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+            return values.reshape(len(col), width)
     try:
         return np.stack(
             [table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in cols], 1
