@@ -114,7 +114,8 @@ def _open(root: str) -> tuple[pafs.FileSystem, str]:
             root, f"cannot be opened ({msg})", "give a local folder or an s3:// / gs:// URI"
         ) from None
     if info.type != pafs.FileType.Directory:
-        raise _fail(root, "is not a folder", "give the folder that holds the dataset") from None
+        what = "does not exist" if info.type == pafs.FileType.NotFound else "is a file"
+        raise _fail(root, f"is not a folder ({what})", "give the folder that holds the dataset")
     return fs, base.rstrip("/")
 
 
