@@ -5,7 +5,8 @@ and in an S3 server (moto's, on 127.0.0.1), read by ``--dataset parquet --data-r
     python bench/data_input.py --run-args "--epochs 40"   # any twa-ray run flags instead
 
 Per source: the seconds to read the three splits (``load_dataset``, as the driver and each
-worker do), the train split's samples per second through a ``DataLoader`` (batch 128), and a
+worker do), the train split's samples per second through a ``DataLoader`` (batch 128, after
+a warm-up pass), and a
 ``twa-ray run``: its wall-clock, its sampling phase's seconds and samples per second (training
 rows x sampled epochs / sampling seconds). Writes bench/data_input.json and prints a table.
 """
@@ -42,16 +43,20 @@ def _read(args: list[str]) -> tuple[float, float, dict]:
     t0 = time.perf_counter()
     splits = load_dataset(dataset, root=root, **extra)
     read_s = time.perf_counter() - t0
+    loader = make_loader(splits.train, 128, shuffle=True)
+    for _ in loader:  # warm-up pass
+        pass
     t0, n = time.perf_counter(), 0
-    for x, _ in make_loader(splits.train, 128, shuffle=True):
+    for x, _ in loader:
         n += len(x)
     return read_s, n / (time.perf_counter() - t0), splits.summary()
 
 
 def _run(args: list[str], out: Path, run_args: list[str]) -> dict:
-    """A ``twa-ray run`` in a subprocess: its metrics."""
-    extra = ["--num-samples", str(NUM_SAMPLES)] if args[1] == "mnist1d" else []
-    argv = twa_ray_cli("run", *args, *extra, *run_args, "--out", str(out))
+    """A ``twa-ray run`` in a subprocess: its metrics. ``--num-samples`` keeps every row (MNIST-1D:
+    the rows generated; parquet: a cap on the training rows above their number)."""
+    extra = ["--num-samples", str(NUM_SAMPLES)]
+    argv = twa_ray_cli("run", *args, *run_args, *extra, "--out", str(out))
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"{shlex.join(argv)} failed:\n{proc.stderr[-3000:]}")
