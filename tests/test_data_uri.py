@@ -139,6 +139,13 @@ def test_val_digest_of_every_kind(tmp_path):
         h.update(x.numpy().tobytes() + y.numpy().tobytes())
     assert val_digest(rows) == h.hexdigest()[:16]  # type: ignore[arg-type]
 
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(rows)
+
+    assert val_digest(Stream()) == val_digest(m.val)  # no __len__: iterated
+    assert val_digest(["not a pair"] * 3) is None  # type: ignore[arg-type]
+
 
 # --------------------------------------------------------------------------- refusals
 

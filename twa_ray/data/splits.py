@@ -9,6 +9,7 @@ permutation) and ``test`` (reporting only).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Sized
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 __all__ = ["DataSplits", "held_out_split", "check_val_frac", "val_digest"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,22 +64,29 @@ class DataSplits:
         return {**self.sizes(), "val_digest": val_digest(self.val)}
 
 
-def val_digest(ds: Dataset[Any]) -> str:
+def val_digest(ds: Dataset[Any]) -> str | None:
     """SHA-256 (16 hex digits) of a split's rows, in order: their keys when the dataset names
     them (``keys``: the URI datasets; ``samples``: image files, relative to their root), else
     their contents (``x`` bytes then ``y`` bytes, row by row). Two runs whose val rows are the
-    same have the same digest."""
+    same have the same digest. None (and a warning) for rows it cannot read as ``(x, y)``
+    tensors: a digest never fails the run that records it."""
     h = hashlib.sha256()
     base, idx = (ds.dataset, list(ds.indices)) if isinstance(ds, Subset) else (ds, None)
     keys = getattr(base, "keys", None)
     if keys is None and getattr(base, "samples", None) is not None:
-        keys = [os.path.relpath(path, base.root) for path, _ in base.samples]
+        root = getattr(base, "root", None)
+        keys = [os.path.relpath(p, root) if root else str(p) for p, _ in base.samples]
     if isinstance(keys, list):
         for k in keys if idx is None else (keys[i] for i in idx):
-            h.update(k.encode() + b"\0")
-    else:
-        for x, y in (ds[i] for i in range(len(ds))):  # type: ignore[arg-type]
+            h.update(str(k).encode() + b"\0")
+        return h.hexdigest()[:16]
+    rows = (ds[i] for i in range(len(ds))) if isinstance(ds, Sized) else iter(ds)
+    try:
+        for x, y in rows:
             h.update(torch.as_tensor(x).numpy().tobytes() + torch.as_tensor(y).numpy().tobytes())
+    except Exception as e:  # a user dataset of other items: no digest, the run goes on
+        log.warning("no val_digest: the val rows are not (x, y) tensors (%s)", e)
+        return None
     return h.hexdigest()[:16]
 
 
