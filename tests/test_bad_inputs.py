@@ -728,7 +728,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
 
 # the value options that take a name or a path (not a number): refused by other cases above
 _NAMED = {"--config", "--dataset", "--data-root", "--model", "--out", "--store", "--storage"}
-_NAMED |= {"--address", "--blocks", "--sampling-dir"}
+_NAMED |= {"--address", "--blocks", "--sampling-dir", "--feature-columns", "--label-column"}
 
 
 def _numeric_flags(command: str) -> list[str]:

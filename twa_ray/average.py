@@ -34,7 +34,7 @@ from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.core.loop import LoopHooks
 from twa_ray.core.subspace import Subspace
 from twa_ray.core.twa import TWA, TWAConfig, build_subspace
-from twa_ray.data import DataSplits, load_dataset
+from twa_ray.data import DataSplits, load_data
 from twa_ray.data.loaders import make_loader
 from twa_ray.models import build_model
 from twa_ray.report import (
@@ -360,6 +360,7 @@ def _average(
     metrics = {
         "methods": methods,
         **best_method(methods, saved_model=saved),
+        "data": splits.summary(),
         "num_candidates": len(names),
         "numel": layout.numel,
         "subspace": {**summary, "rows": subspace.num_rows, "blocks": subspace.num_blocks},
@@ -382,13 +383,7 @@ def _resolve_store(cfg: RunConfig) -> RunConfig:
 
 def _setup_model(cfg: RunConfig) -> tuple[DataSplits, nn.Module, Layout, torch.device]:
     """The dataset and the model on ``cfg.device`` (TWA places B on the model's device, once)."""
-    splits = load_dataset(
-        cfg.data.dataset,
-        root=cfg.data.data_root,
-        val_frac=cfg.data.val_frac,
-        seed=cfg.data.seed,
-        num_samples=cfg.data.num_samples,
-    )
+    splits = load_data(cfg.data)
     model = build_model(
         cfg.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape
     )

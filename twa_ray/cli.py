@@ -39,6 +39,8 @@ DEFAULT_OUT = {"run": "runs/twa", "average": "runs/average"}
 _RUN_KEYS = (
     "data.dataset",
     "data.data_root",
+    "data.feature_columns",
+    "data.label_column",
     "data.model",
     "data.val_frac",
     "data.num_samples",
@@ -78,6 +80,8 @@ _AVERAGE_KEYS = (
     "store",
     "data.dataset",
     "data.data_root",
+    "data.feature_columns",
+    "data.label_column",
     "data.model",
     "data.val_frac",
     "data.num_samples",
@@ -111,7 +115,7 @@ KEYS = {
     "run": _RUN_KEYS,
     "average": _AVERAGE_KEYS,
     "sweep": _SWEEP_KEYS,
-    "import": ("data.dataset", "data.data_root"),
+    "import": ("data.dataset", "data.data_root", "data.feature_columns", "data.label_column"),
 }
 
 # flags whose name is not the field's
@@ -412,11 +416,11 @@ def _cmd_import(args: argparse.Namespace) -> int:
     with outdir.claimed(dataclasses.replace(_request(args, args.out), inputs=inputs)) as outputs:
         layout, aliases = None, None
         if args.model:
-            from twa_ray.data import load_dataset
+            from twa_ray.data import load_data
             from twa_ray.models import build_model
             from twa_ray.store import tied_names
 
-            splits = load_dataset(data.dataset, root=data.data_root)
+            splits = load_data(data)
             model = build_model(
                 args.model, num_classes=splits.num_classes, input_shape=splits.input_shape
             )

@@ -57,9 +57,16 @@ class DataConfig:
     """Dataset and model."""
 
     dataset: str = "mnist1d"
-    """'mnist1d' (generated), 'cifar10', 'cifar100', 'imagefolder', or 'pkg.module:function'."""
+    """'mnist1d' (generated), 'cifar10', 'cifar100', 'imagefolder' (local files), 'parquet',
+    'images', 'hf_disk' (read from --data-root, any storage URI), or 'pkg.module:function'."""
     data_root: str | None = None
-    """Local root of CIFAR / ImageFolder files (never downloaded)."""
+    """Local root of CIFAR / ImageFolder files (never downloaded); for parquet / images / hf_disk
+    a local folder or a storage URI such as s3://bucket/prefix?endpoint_override=..."""
+    feature_columns: str | None = None
+    """parquet / hf_disk: the feature column(s), comma-separated (default: every column but the
+    label)."""
+    label_column: str = "label"
+    """parquet / hf_disk: the integer class column."""
     model: str = "mlp"
     """'mlp', 'cnn1d', 'resnet20', 'vgg16_bn', 'tv:<torchvision name>', or 'pkg.module:function'."""
     val_frac: Annotated[float, _fraction()] = 0.1

@@ -36,7 +36,7 @@ from twa_ray.config import RunConfig, SamplingConfig
 from twa_ray.core.baselines import greedy_soup
 from twa_ray.core.evaluate import BN_BATCH, evaluate, make_scorer
 from twa_ray.core.layout import Layout, load_flat_
-from twa_ray.data import load_dataset
+from twa_ray.data import load_data
 from twa_ray.data.loaders import make_loader
 from twa_ray.models import build_model
 from twa_ray.redact import redact
@@ -225,9 +225,7 @@ def setup(cfg: RunConfig, outputs: outdir.Outputs, *, wall: _Stopwatch | None = 
 
 def _data_and_model(cfg: RunConfig) -> tuple[Any, torch.nn.Module]:
     d = cfg.data
-    splits = load_dataset(
-        d.dataset, root=d.data_root, val_frac=d.val_frac, seed=d.seed, num_samples=d.num_samples
-    )
+    splits = load_data(d)
     model = build_model(d.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
     return splits, model
 
@@ -454,6 +452,7 @@ def _metrics(
         "budget_epochs": budget,
         "epochs_used": epochs_used,
         "budget_saved": 1.0 - epochs_used / budget,
+        "data": run.splits.summary(),  # split sizes and val_digest: runs compare by them
         "num_candidates": len(learned.names),
         "numel": run.layout.numel,
         "subspace": learned.outcome.coeff.subspace,

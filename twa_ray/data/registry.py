@@ -5,20 +5,37 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence, Sized
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from twa_ray.data.splits import DataSplits, check_val_frac, held_out_split
+from twa_ray.data.uri import DEFAULT_LABEL, URI_DATASETS
 from twa_ray.importpath import call_with_accepted, is_import_path, load_callable
 
-__all__ = ["DATASETS", "load_dataset", "splits_from_user"]
+if TYPE_CHECKING:
+    from twa_ray.config import DataConfig
+
+__all__ = ["DATASETS", "load_data", "load_dataset", "splits_from_user"]
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("mnist1d", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("mnist1d", "cifar10", "cifar100", "imagefolder", *URI_DATASETS)
 """Built-in dataset names; anything of the form ``"pkg.module:function"`` is a user dataset."""
+
+
+def load_data(data: DataConfig) -> DataSplits:
+    """:func:`load_dataset` with the options of a ``DataConfig``."""
+    return load_dataset(
+        data.dataset,
+        root=data.data_root,
+        val_frac=data.val_frac,
+        seed=data.seed,
+        num_samples=data.num_samples,
+        feature_columns=data.feature_columns,
+        label_column=data.label_column,
+    )
 
 
 def load_dataset(
@@ -30,6 +47,8 @@ def load_dataset(
     num_samples: int | None = None,
     image_size: int = 224,
     augment: bool = True,
+    feature_columns: str | Sequence[str] | None = None,
+    label_column: str = DEFAULT_LABEL,
 ) -> DataSplits:
     """Build the train / held-out val / test splits of a dataset.
 
@@ -37,8 +56,10 @@ def load_dataset(
         name: ``"mnist1d"`` (generated locally by the ``mnist1d`` package, cached under
             ``root``), ``"cifar10"`` / ``"cifar100"`` (official binary or python files under
             ``root``), ``"imagefolder"`` (``root/train`` + ``root/val`` and/or ``root/test``),
-            or ``"pkg.module:function"`` (a user function, see :func:`splits_from_user`).
-        root: data directory (for ``mnist1d``: the cache directory).
+            ``"parquet"`` / ``"images"`` / ``"hf_disk"`` (read from ``root``, a folder or any
+            storage URI: :mod:`twa_ray.data.uri`), or ``"pkg.module:function"`` (a user
+            function, see :func:`splits_from_user`).
+        root: data directory (for ``mnist1d``: the cache directory; a URI for the URI datasets).
         val_frac: fraction of the training data held out as ``val`` (never trained on).
         seed: seed of the train/val permutation.
         num_samples: dataset size knob: for ``mnist1d`` the number generated (default 12,500
@@ -46,6 +67,9 @@ def load_dataset(
             (smoke tests).
         image_size: crop size for ``imagefolder``.
         augment: train-split augmentation for the image datasets.
+        feature_columns: parquet / hf_disk feature columns (a list or ``"a,b"``; default: all
+            but the label).
+        label_column: parquet / hf_disk label column.
 
     Returns:
         :class:`DataSplits` whose datasets yield ``(x float32, y int64)``.
@@ -80,6 +104,14 @@ def load_dataset(
         from twa_ray.data.imagefolder import load_imagefolder
 
         return load_imagefolder(image_size=image_size, augment=augment, **common)
+    if name in URI_DATASETS:
+        from twa_ray.data.uri import load_uri_dataset
+
+        if isinstance(feature_columns, str):
+            feature_columns = [c.strip() for c in feature_columns.split(",") if c.strip()]
+        return load_uri_dataset(
+            name, feature_columns=feature_columns, label_column=label_column, **common
+        )
     if isinstance(name, str) and is_import_path(name):
         fn = load_callable(name)
         return splits_from_user(

@@ -8,14 +8,19 @@ permutation) and ``test`` (reporting only).
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 from collections.abc import Sized
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-__all__ = ["DataSplits", "held_out_split", "check_val_frac"]
+__all__ = ["DataSplits", "held_out_split", "check_val_frac", "val_digest"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,36 @@ class DataSplits:
             name: len(ds) if isinstance(ds, Sized) else -1
             for name, ds in (("train", self.train), ("val", self.val), ("test", self.test))
         }
+
+    def summary(self) -> dict[str, Any]:
+        """``metrics.json`` -> ``data``: the split sizes and :func:`val_digest` of ``val``."""
+        return {**self.sizes(), "val_digest": val_digest(self.val)}
+
+
+def val_digest(ds: Dataset[Any]) -> str | None:
+    """SHA-256 (16 hex digits) of a split's rows, in order: their keys when the dataset names
+    them (``keys``: the URI datasets; ``samples``: image files, relative to their root), else
+    their contents (``x`` bytes then ``y`` bytes, row by row). Two runs whose val rows are the
+    same have the same digest. None (and a warning) for rows it cannot read as ``(x, y)``
+    tensors: a digest never fails the run that records it."""
+    h = hashlib.sha256()
+    base, idx = (ds.dataset, list(ds.indices)) if isinstance(ds, Subset) else (ds, None)
+    keys = getattr(base, "keys", None)
+    if keys is None and getattr(base, "samples", None) is not None:
+        root = getattr(base, "root", None)
+        keys = [os.path.relpath(p, root) if root else str(p) for p, _ in base.samples]
+    if isinstance(keys, list):
+        for k in keys if idx is None else (keys[i] for i in idx):
+            h.update(str(k).encode() + b"\0")
+        return h.hexdigest()[:16]
+    rows = (ds[i] for i in range(len(ds))) if isinstance(ds, Sized) else iter(ds)
+    try:
+        for x, y in rows:
+            h.update(torch.as_tensor(x).numpy().tobytes() + torch.as_tensor(y).numpy().tobytes())
+    except Exception as e:  # a user dataset of other items: no digest, the run goes on
+        log.warning("no val_digest: the val rows are not (x, y) tensors (%s)", e)
+        return None
+    return h.hexdigest()[:16]
 
 
 def check_val_frac(val_frac: float) -> float:

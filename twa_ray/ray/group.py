@@ -230,8 +230,9 @@ def _node_ip() -> str:
 
 
 def _needs_root(data: DataConfig) -> bool:
-    # MNIST-1D is generated; its root is only a cache folder that it creates
-    return bool(data.data_root) and data.dataset != "mnist1d"
+    # MNIST-1D is generated; its root is only a cache folder that it creates; a storage URI is
+    # read over the network from every node
+    return bool(data.data_root) and data.dataset != "mnist1d" and "://" not in data.data_root
 
 
 def check_data_root_on_nodes(data: DataConfig) -> None:
@@ -260,20 +261,14 @@ def check_data_root_on_nodes(data: DataConfig) -> None:
 
 def load_worker_splits(data: DataConfig) -> Any:
     """The dataset on a worker, after checking the data root on this node."""
-    from twa_ray.data import load_dataset
+    from twa_ray.data import load_data
 
     if _needs_root(data):
         problem = _missing_root(str(data.data_root))
         if problem:
             raise FileNotFoundError(problem)
     try:
-        return load_dataset(
-            data.dataset,
-            root=data.data_root,
-            val_frac=data.val_frac,
-            seed=data.seed,
-            num_samples=data.num_samples,
-        )
+        return load_data(data)
     except Exception as e:
         if not is_import_path(data.dataset):
             raise
