@@ -147,6 +147,9 @@ class RunConfig:
     """Also train the full budget E for comparison."""
     greedy_soup: bool = True
     """Compute the greedy-soup baseline (2K evaluations)."""
+    save: Literal["auto", "twa_v", "twa_t", "ema", "swa", "sgd_sampled", "last_candidate"] = "auto"
+    """Method written to model.safetensors: auto (the best on the hold part of val among TWA-t,
+    TWA-v, EMA, SWA and the last iterate; metrics.json says why) or one of them by name."""
     out: str = "runs/twa"
     """Output directory (local path; ``twa-ray average`` defaults to runs/average)."""
     store: str | None = None

@@ -43,6 +43,7 @@ from twa_ray.redact import redact
 from twa_ray.report import (
     best_method,
     check_finite,
+    choose_saved,
     format_summary,
     format_table,
     plot_accuracy,
@@ -380,9 +381,11 @@ def write(
     """The best model (TWA-v when it ran, the paper's better variant, else TWA-t), metrics.json,
     coefficients, plots and the table; a copy in ``--storage`` when it is elsewhere."""
     cfg, out = run.cfg, run.out
-    best_mode = "v" if "v" in results else "t"
-    results[best_mode].load_into_(run.model, basis.sharded)
-    metrics = _metrics(run, sampled, basis, results, methods.methods, best=f"twa_{best_mode}")
+    saved, reason = choose_saved(  # the weights held here: the TWA variants (issue 29 item 3)
+        methods.methods, save=cfg.save, available=[f"twa_{m}" for m in results]
+    )
+    results[saved.removeprefix("twa_")].load_into_(run.model, basis.sharded)
+    metrics = _metrics(run, sampled, basis, results, methods.methods, best=saved, reason=reason)
     metrics["wall_s"] = {k: _round(v) for k, v in methods.wall.items()}
     metrics["wall_time_s"] = round(time.time() - start, 1)
     coefficients = {f"twa_{m}": r.alpha for m, r in results.items()}
@@ -415,6 +418,7 @@ def _metrics(
     methods: dict[str, dict[str, Any]],
     *,
     best: str,
+    reason: str = "",
 ) -> dict[str, Any]:
     """metrics.json (``wall_time_s`` is added last)."""
     budget = run.cfg.sampling.epochs
@@ -423,7 +427,7 @@ def _metrics(
     return {
         "run_id": run.run_id,
         "methods": methods,
-        **best_method(methods, saved_model=best),
+        **best_method(methods, saved_model=best, saved_reason=reason),
         "budget_epochs": budget,
         "epochs_used": epochs_used,
         "budget_saved": 1.0 - epochs_used / budget,
