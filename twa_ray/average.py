@@ -32,7 +32,7 @@ from twa_ray.core.host import build_loop, standard_evaluation
 from twa_ray.core.kernels.cpu import kernel_info
 from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.core.loop import LoopHooks
-from twa_ray.core.start import run_chosen, split_held_out, start_points
+from twa_ray.core.start import run_chosen, split_held_out
 from twa_ray.core.subspace import Subspace
 from twa_ray.core.twa import TWA, TWAConfig, build_subspace
 from twa_ray.data import DataSplits, load_dataset
@@ -284,7 +284,7 @@ def fit_twa(
         hooks=LoopHooks(evaluate=evaluation),
     )
     metric = "hold_acc" if "hold" in loaders else "val_acc"
-    info = run_chosen(loop, start_points(subspace, named or {"last": -1}), metric)
+    info = run_chosen(loop, named or {"last": -1}, metric)
     return twa, {**{f"{s}_acc": loop.final[f"{s}_acc"] for s in splits}, **info}
 
 

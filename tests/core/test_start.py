@@ -93,8 +93,6 @@ def test_run_chosen_never_ends_below_its_start_on_hold(start, keep_best):
     twa, cands, data = _twa(
         lr=0.5, momentum=0.0, schedule="constant", start=start, keep_best=keep_best
     )
-    sub = build_subspace([c.float() for c in cands], twa.layout, twa.config)
-    points = start_points(sub, {"last": -1})
     evaluate = _score_near(cands[-1])
     loop = CoefficientLoop(
         twa,
@@ -103,7 +101,8 @@ def test_run_chosen_never_ends_below_its_start_on_hold(start, keep_best):
         steps_per_epoch=1,
         hooks=LoopHooks(evaluate=evaluate),
     )
-    info = run_chosen(loop, points, "hold_acc")
+    info = run_chosen(loop, {"last": -1}, "hold_acc")
+    assert info is loop.choices
     assert ("start" in info) == (start == "best") and ("kept_epoch" in info) == keep_best
     final = evaluate(twa)["hold_acc"]
     if start == "best":

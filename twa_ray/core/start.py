@@ -24,6 +24,7 @@ import torch
 
 if TYPE_CHECKING:
     from twa_ray.core.loop import CoefficientLoop
+    from twa_ray.core.placement import Placement
     from twa_ray.core.subspace import Subspace
     from twa_ray.core.twa import TWA
 
@@ -31,7 +32,7 @@ __all__ = ["KeepBest", "choose_start", "run_chosen", "split_held_out", "start_po
 
 
 def start_points(
-    subspace: Subspace, named: Mapping[str, int | Sequence[int]]
+    subspace: Subspace | Placement, named: Mapping[str, int | Sequence[int]]
 ) -> dict[str, torch.Tensor]:
     """The coefficients of named points: a candidate row k (negative: from the end), or the mean
     of several rows (the uniform average of those candidates: theta is affine in alpha).
@@ -100,19 +101,22 @@ class KeepBest:
 
 
 def run_chosen(
-    loop: CoefficientLoop, points: Mapping[str, torch.Tensor], metric: str
+    loop: CoefficientLoop, named: Mapping[str, int | Sequence[int]], metric: str
 ) -> dict[str, Any]:
     """Run ``loop`` with its engine's ``config.start`` and ``config.keep_best`` (the module
-    docstring), scoring with the loop's ``evaluate`` hook by ``metric`` (``"hold_acc"``);
-    returns ``{"start", "start_scores", "kept_epoch"}`` (what applied). A resumed loop
+    docstring), the start points ``named`` as in :func:`start_points` (on the engine's
+    placement), scored with the loop's ``evaluate`` hook by ``metric`` (``"hold_acc"``).
+    ``loop.choices`` (also returned) holds ``start``, ``start_scores`` (the free averages'
+    scores, filled before the first step) and ``kept_epoch`` (what applied). A resumed loop
     (``step_count > 0``) keeps its restored alpha and keeps the best from there on."""
     twa, evaluate = loop.twa, loop.evaluate
-    cfg, info = twa.config, {}
+    cfg, info = twa.config, loop.choices
     if evaluate is None or not (cfg.start == "best" or cfg.keep_best):
         loop.run()
         return info
     score = None
     if cfg.start == "best" and twa.step_count == 0:
+        points = start_points(twa.placement, named)
         name, scores = choose_start(twa, points, evaluate, metric)
         info.update(start=name, start_scores=scores)
         score = scores[name]
@@ -144,5 +148,5 @@ def split_held_out(dataset: Any, hold_frac: float, seed: int) -> tuple[Any, Any]
 
     n = len(dataset)
     k = min(max(1, round(hold_frac * n)), n - 1)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7907)).tolist()
-    return Subset(dataset, sorted(perm[k:])), Subset(dataset, sorted(perm[:k]))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(dataset, perm[k:]), Subset(dataset, perm[:k])

@@ -1,0 +1,67 @@
+"""Which method model.safetensors holds (issue 29 item 3): report.choose_saved and --save."""
+
+import pytest
+
+from twa_ray.cli import main
+from twa_ray.report import best_method, choose_saved
+
+METHODS = {
+    "sgd_sampled": {"val_acc": 0.80, "hold_acc": 0.79, "test_acc": 0.90},
+    "swa": {"val_acc": 0.81, "hold_acc": 0.80, "test_acc": 0.10},
+    "ema": {"val_acc": 0.84, "hold_acc": 0.86, "test_acc": 0.10},
+    "twa_t": {"val_acc": 0.83, "hold_acc": 0.85, "test_acc": 0.10},
+    "twa_v": {"val_acc": 0.88, "hold_acc": 0.84, "test_acc": 0.99},  # fitted on val
+    "sgd_full": {"val_acc": 0.95, "hold_acc": 0.95, "test_acc": 0.99},  # not this run's weights
+}
+
+
+def test_auto_picks_the_highest_hold_accuracy_never_val_or_test():
+    """TWA-v's val score is optimistic (it fitted there): the hold part decides, so the EMA
+    wins here although TWA-v leads on val and test; sgd_full is no weights of this run."""
+    saved, reason = choose_saved(METHODS)
+    assert saved == "ema"
+    assert "hold" in reason and "ema 86.00%" in reason and "sgd_full" not in reason
+    assert best_method(METHODS, saved_model=saved, saved_reason=reason)["saved_reason"] == reason
+
+
+def test_ties_go_to_twa_and_unavailable_weights_are_skipped():
+    tie = {k: {**v, "hold_acc": 0.5} for k, v in METHODS.items()}
+    assert choose_saved(tie)[0] == "twa_v"
+    assert choose_saved(METHODS, available=["twa_t", "twa_v"])[0] == "twa_t"
+
+
+def test_without_hold_scores_it_falls_back_on_val_and_says_so():
+    no_hold = {k: {"val_acc": v["val_acc"]} for k, v in METHODS.items()}
+    saved, reason = choose_saved(no_hold)
+    assert saved == "twa_v" and "optimistic" in reason
+
+
+def test_save_names_the_method_and_refuses_one_the_run_lacks():
+    assert choose_saved(METHODS, save="swa") == ("swa", "--save swa")
+    with pytest.raises(
+        ValueError, match=r"^--save last_candidate: this run has no .*use one of auto"
+    ):
+        choose_saved(METHODS, save="last_candidate")
+
+
+def test_an_unknown_save_method_is_refused_in_one_line(capsys):
+    assert main(["average", "--store", "nowhere", "--save", "best"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--save" in err[0] and "invalid choice: 'best'" in err[0], err
+
+
+def test_a_sweep_says_when_a_free_average_beats_every_trial():
+    """tune.free_average_summary: the best free average of the trials' candidates (scored on the
+    select split when each trial chose its start) against the best trial."""
+    from twa_ray.tune import _best_free, free_average_summary
+
+    rows = [
+        {"index": 0, **_best_free({"free_swa_acc": 0.80, "free_last_acc": 0.83})},
+        {"index": 1, **_best_free({"free_swa_acc": 0.85, "free_last_acc": 0.82})},
+        {"index": 2, **_best_free({})},  # a resumed trial: no start scored
+    ]
+    assert rows[0]["free_best"] == "last" and rows[2]["free_best"] == ""
+    free = free_average_summary(rows, best_val_acc=0.84)
+    assert free == {"method": "swa", "trial": 1, "val_acc": 0.85, "beats_every_trial": True}
+    assert not free_average_summary(rows, best_val_acc=0.85)["beats_every_trial"]  # a tie: TWA
+    assert free_average_summary(rows[2:], best_val_acc=0.5) is None
