@@ -629,8 +629,45 @@ def _pm(ms: tuple[float, float]) -> str:
     return f"{ms[0]:.2f} ± {ms[1]:.2f}"
 
 
+DESIGN_PAIRS = [
+    *[(f"twa_{m}_{d}", f"twa_{m}") for m in "tv" for d in ("ema", "start", "keep")],
+    *[(f"twa_{m}{d}", "ema") for m in "tv" for d in ("", "_keep")],
+    *[("saved", o) for o in ("ema", "swa", "sgd_stop", "sgd_short", "twa_v", "sgd_full")],
+]
+"""Issue 29's paired comparisons (a - b per seed): designs against today's TWA, against the
+EMA, and the saved model against each free average and full training."""
+
+
+def design_lines(rows: list[dict[str, Any]], cells: list[str]) -> list[str]:
+    """Per designs cell, the paired differences of :data:`DESIGN_PAIRS` on sel and test."""
+    by = {(r["cell"], r["method"], r["seed"]): r for r in rows}
+    lines = []
+    for cell in (c for c in cells if CELLS[c].designs):
+        lines += [
+            f"## {cell}: issue 29 designs, paired (a − b per seed, mean [95 % t-interval])",
+            "",
+            "| a − b | sel | test | hold (a's own choice split) |",
+            "|---|---|---|---|",
+        ]
+        for a, b in DESIGN_PAIRS:
+            seeds = sorted(s for (c, m, s) in by if c == cell and m == a and (c, b, s) in by)
+            if not seeds:
+                continue
+            d = {
+                split: paired([100 * (by[(cell, a, s)][k] - by[(cell, b, s)][k]) for s in seeds])
+                for split, k in (("sel", "sel_acc"), ("test", "test_acc"), ("hold", "hold_acc"))
+            }
+            lines.append(f"| {a} − {b} | {_ci(d['sel'])} | {_ci(d['test'])} | {_ci(d['hold'])} |")
+        chose = [by[k].get("chose") for k in sorted(by) if k[0] == cell and k[1] == "saved"]
+        lines += ["", f"`saved` chose, per seed: {', '.join(map(str, chose))}.", ""]
+    return lines
+
+
 def markdown(
-    summary: dict[str, dict[str, Any]], picks: dict[str, dict[str, Any]], meta: dict[str, Any]
+    summary: dict[str, dict[str, Any]],
+    picks: dict[str, dict[str, Any]],
+    meta: dict[str, Any],
+    extra: list[str] | None = None,
 ) -> str:
     """bench/protocol.md: one table per cell, then the selection split's picks."""
     lines = [
@@ -670,7 +707,7 @@ def markdown(
             f"| {group} | {', '.join(GROUPS[group])} | {p['cell']} / {p['method']} | {p['sel']:.2f} | "
             f"{_ci(p['sel_minus_base'])} | {_pm(p['test'])} | {_ci(p['minus_full'])} |"
         )
-    return "\n".join(lines + ["", NOTES]) + "\n"
+    return "\n".join(lines + ["", *(extra or []), NOTES]) + "\n"
 
 
 NOTES = """## Notes on the protocol
@@ -728,7 +765,7 @@ def write(out: Path, rows: list[dict[str, Any]], cells: list[str], meta: dict[st
     picks = pick(summary, rows)
     configs = {c: {**asdict(CELLS[c]), "trajectory": asdict(TRAJS[CELLS[c].traj])} for c in cells}
     result = {"meta": meta, "cells": configs, "summary": summary, "picks": picks, "rows": rows}
-    text = markdown(summary, picks, meta)
+    text = markdown(summary, picks, meta, design_lines(rows, cells))
     out.parent.mkdir(parents=True, exist_ok=True)
     for suffix, content in ((".json", json.dumps(result, indent=1)), (".md", text)):
         tmp = out.with_suffix(suffix + ".tmp")
