@@ -65,3 +65,9 @@ def test_a_sweep_says_when_a_free_average_beats_every_trial():
     assert free == {"method": "swa", "trial": 1, "val_acc": 0.85, "beats_every_trial": True}
     assert not free_average_summary(rows, best_val_acc=0.85)["beats_every_trial"]  # a tie: TWA
     assert free_average_summary(rows[2:], best_val_acc=0.5) is None
+
+
+def test_saving_a_variant_that_is_not_fitted_is_refused_before_anything_runs(capsys):
+    assert main(["average", "--store", "nowhere", "--mode", "t", "--save", "twa_v"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "save=twa_v with mode=t" in err[0], err

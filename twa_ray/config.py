@@ -164,9 +164,10 @@ class RunConfig:
     """Device of ``twa-ray average`` (``twa-ray run`` puts its workers on GPUs with use_gpu)."""
 
     def __post_init__(self) -> None:
-        check_fields(
-            self, "run config", [] if self.out else ["out is empty; name an output folder"]
-        )
+        errors = [] if self.out else ["out is empty; name an output folder"]
+        if self.save in ("twa_t", "twa_v") and self.mode not in ("both", self.save[-1]):
+            errors.append(f"save={self.save} with mode={self.mode}: that variant is not fitted")
+        check_fields(self, "run config", errors)
 
     @property
     def store_uri(self) -> str:
