@@ -71,3 +71,45 @@ def test_saving_a_variant_that_is_not_fitted_is_refused_before_anything_runs(cap
     assert main(["average", "--store", "nowhere", "--mode", "t", "--save", "twa_v"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "save=twa_v with mode=t" in err[0], err
+
+
+def test_average_starts_at_the_best_free_average_and_saves_the_best_on_hold(tmp_path):
+    """`twa-ray average` on a store holding the sampling run's EMA (source="ema"): SWA and the
+    last candidate leave the EMA out, the EMA is a method and a start point, each TWA variant
+    ends at least as good on hold as its start, and model.safetensors holds the method of best
+    hold accuracy, named with its reason."""
+    import json
+
+    import torch
+    from helpers import make_store
+    from safetensors.torch import load_file
+
+    from twa_ray.core.baselines import uniform_average
+    from twa_ray.core.evaluate import evaluate
+    from twa_ray.data import load_dataset
+    from twa_ray.models import build_model
+
+    store, layout = make_store(tmp_path, num_samples=600, epochs=4)
+    names = store.names()
+    ema = uniform_average(store.read(n) for n in names[-2:])
+    store.write(ema, layout, step=10_000, epoch=4.0, source="ema", name="ema")
+    out = tmp_path / "avg"
+    argv = ["average", "--store", str(tmp_path / "store"), "--dataset", "mnist1d", "--model"]
+    argv += ["mlp", "--num-samples", "600", "--data-root", str(tmp_path / "cache")]
+    assert main([*argv, "--twa-epochs", "1", "--no-greedy-soup", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    methods = metrics["methods"]
+    assert {"ema", "swa", "last_candidate", "twa_t", "twa_v"} <= set(methods)
+    for mode in ("twa_t", "twa_v"):
+        m = methods[mode]
+        assert set(m["start_scores"]) == {"swa", "last", "ema"}
+        assert m["hold_acc"] >= m["start_scores"][m["start"]]
+    savable = ("twa_v", "twa_t", "ema", "swa", "last_candidate")
+    best = max(methods[k]["hold_acc"] for k in savable)
+    assert methods[metrics["saved_model"]]["hold_acc"] == best
+    assert "hold" in metrics["saved_reason"] and metrics["num_candidates"] == len(names) + 1
+    splits = load_dataset("mnist1d", root=str(tmp_path / "cache"), num_samples=600, seed=0)
+    model = build_model("mlp", num_classes=10, input_shape=(40,))
+    model.load_state_dict(load_file(out / "model.safetensors"))
+    acc = evaluate(model, torch.utils.data.DataLoader(splits.test, batch_size=512)).acc
+    assert acc == pytest.approx(methods[metrics["saved_model"]]["test_acc"], abs=1e-6)

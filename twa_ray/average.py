@@ -257,7 +257,7 @@ def fit_twa(
     mode: str,
     *,
     seed: int = 0,
-    named: dict[str, int] | None = None,
+    named: dict[str, Any] | None = None,
 ) -> tuple[TWA, dict[str, Any]]:
     """TWA-t (``mode='t'``, train batches) or TWA-v (``'v'``, held-out batches) with the core
     loop (:func:`~twa_ray.core.host.build_loop`), started and kept as ``config.start`` /
@@ -369,7 +369,9 @@ def _average(
         methods["greedy_soup"] = base.greedy_soup
     if extra:
         methods["ema"] = _accuracies(model, layout, store.read(extra[-1]).clone(), loaders)
-    named = {"last": names.index(sampled[-1]), **({"ema": names.index(extra[-1])} if extra else {})}
+    named: dict[str, Any] = {"last": names.index(sampled[-1])}  # the start points' rows
+    if extra:  # SWA: the mean of the sampled rows only
+        named.update(swa=[names.index(n) for n in sampled], ema=names.index(extra[-1]))
     _check_range(store, names)
     subspace = build_subspace(store, layout, cfg.twa)
     summary: dict[str, Any] = {
@@ -464,7 +466,7 @@ def _fit_modes(
     subspace: Subspace,
     loaders: dict[str, DataLoader[Any]],
     methods: dict[str, dict[str, Any]],
-    named: dict[str, int],
+    named: dict[str, Any],
 ) -> tuple[dict[str, torch.Tensor], str, str]:
     """TWA-t and/or TWA-v (their accuracies into ``methods``); the saved method
     (:func:`~twa_ray.report.choose_saved`: ``--save``, else the best on the hold split); leaves
