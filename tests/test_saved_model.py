@@ -74,10 +74,10 @@ def test_saving_a_variant_that_is_not_fitted_is_refused_before_anything_runs(cap
 
 
 def test_average_starts_at_the_best_free_average_and_saves_the_best_on_hold(tmp_path):
-    """`twa-ray average` on a store holding the sampling run's EMA (source="ema"): SWA and the
-    last candidate leave the EMA out, the EMA is a method and a start point, each TWA variant
-    ends at least as good on hold as its start, and model.safetensors holds the method of best
-    hold accuracy, named with its reason."""
+    """`twa-ray average` on a store holding the sampling run's EMA (source="ema"), with
+    ``twa.start: best`` and ``keep_best``: SWA and the last candidate leave the EMA out, the EMA
+    is a method and a start point, each TWA variant ends at least as good on hold as its start,
+    and model.safetensors holds the method of best hold accuracy, named with its reason."""
     import json
 
     import torch
@@ -96,7 +96,10 @@ def test_average_starts_at_the_best_free_average_and_saves_the_best_on_hold(tmp_
     out = tmp_path / "avg"
     argv = ["average", "--store", str(tmp_path / "store"), "--dataset", "mnist1d", "--model"]
     argv += ["mlp", "--num-samples", "600", "--data-root", str(tmp_path / "cache")]
-    assert main([*argv, "--twa-epochs", "1", "--no-greedy-soup", "--out", str(out)]) == 0
+    config = tmp_path / "c.yaml"  # the issue-29 designs, off by default (the study)
+    config.write_text("twa: {start: best, keep_best: true}\n")
+    argv += ["--config", str(config), "--twa-epochs", "1", "--no-greedy-soup", "--out", str(out)]
+    assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     methods = metrics["methods"]
     assert {"ema", "swa", "last_candidate", "twa_t", "twa_v"} <= set(methods)

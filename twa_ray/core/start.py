@@ -101,23 +101,33 @@ class KeepBest:
 
 
 def run_chosen(
-    loop: CoefficientLoop, named: Mapping[str, int | Sequence[int]], metric: str
+    loop: CoefficientLoop,
+    named: Mapping[str, int | Sequence[int]],
+    metric: str,
+    *,
+    score_points: bool = False,
 ) -> dict[str, Any]:
     """Run ``loop`` with its engine's ``config.start`` and ``config.keep_best`` (the module
     docstring), the start points ``named`` as in :func:`start_points` (on the engine's
     placement), scored with the loop's ``evaluate`` hook by ``metric`` (``"hold_acc"``).
     ``loop.choices`` (also returned) holds ``start``, ``start_scores`` (the free averages'
     scores, filled before the first step) and ``kept_epoch`` (what applied). A resumed loop
-    (``step_count > 0``) keeps its restored alpha and keeps the best from there on."""
+    (``step_count > 0``) keeps its restored alpha and keeps the best from there on.
+    ``score_points``: score the points (``start_scores``) even when starting at SWA."""
     twa, evaluate = loop.twa, loop.evaluate
     cfg, info = twa.config, loop.choices
-    if evaluate is None or not (cfg.start == "best" or cfg.keep_best):
+    best_start = cfg.start == "best"
+    if evaluate is None or not (best_start or cfg.keep_best or score_points):
         loop.run()
         return info
     score = None
-    if cfg.start == "best" and twa.step_count == 0:
+    if (best_start or score_points) and twa.step_count == 0:
         points = start_points(twa.placement, named)
         name, scores = choose_start(twa, points, evaluate, metric)
+        if not best_start:  # scored only: back to SWA
+            name = "swa"
+            twa.alpha.copy_(points["swa"])
+            twa.load_theta_()
         info.update(start=name, start_scores=scores)
         score = scores[name]
     if not cfg.keep_best:

@@ -91,7 +91,8 @@ def _trial(config: dict[str, Any], *, plan: SweepPlan) -> None:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
         loop.load_state(CoeffState.from_dict(state))
-    run_chosen(loop, {"last": -1}, "val_acc")  # the start and the kept epoch, on the select split
+    # the start and the kept epoch on the select split; the free averages scored there in any case
+    run_chosen(loop, {"last": -1}, "val_acc", score_points=True)
 
 
 def trial_loop(
