@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -360,18 +360,8 @@ def _average(
         pin_memory=device.type == "cuda",
         hold_frac=cfg.twa.hold_frac,
     )
-    extra = ema_names(store, names)  # the EMA a run wrote: a start point, not a sampled iterate
-    sampled = [n for n in names if n not in extra]
     log.info("%d candidates, D=%d; baselines ...", len(names), layout.numel)
-    base = compute_baselines(store, model, loaders, soup=cfg.greedy_soup, names=sampled)
-    methods: dict[str, dict[str, Any]] = {"last_candidate": base.last, "swa": base.swa}
-    if base.greedy_soup:
-        methods["greedy_soup"] = base.greedy_soup
-    if extra:
-        methods["ema"] = _accuracies(model, layout, store.read(extra[-1]).clone(), loaders)
-    named: dict[str, Any] = {"last": names.index(sampled[-1])}  # the start points' rows
-    if extra:  # SWA: the mean of the sampled rows only
-        named.update(swa=[names.index(n) for n in sampled], ema=names.index(extra[-1]))
+    methods, named, thetas = _free_averages(cfg, store, names, model, loaders)
     _check_range(store, names)
     subspace = build_subspace(store, layout, cfg.twa)
     summary: dict[str, Any] = {
@@ -394,10 +384,6 @@ def _average(
         kernel.get("cpu", cfg.device),
     )
     coefficients, saved, reason = _fit_modes(cfg, model, subspace, loaders, methods, named)
-    thetas = {"swa": lambda: uniform_average(store.read(n) for n in sampled)}
-    thetas["last_candidate"] = lambda: store.read(sampled[-1]).clone()
-    if extra:
-        thetas["ema"] = lambda: store.read(extra[-1]).clone()
     if saved in thetas:  # a free average: its weights, BN re-estimated
         _accuracies(model, layout, thetas[saved](), {"bn": loaders["bn"]})
     metrics = {
@@ -409,6 +395,35 @@ def _average(
         "kernel": kernel,
     }
     return _Averaged(metrics, coefficients, list(subspace.blocks.labels), names)
+
+
+def _free_averages(
+    cfg: RunConfig,
+    store: CandidateStore | InModelOrder,
+    names: list[str],
+    model: nn.Module,
+    loaders: dict[str, DataLoader[Any]],
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Callable[[], torch.Tensor]]]:
+    """The baselines (an EMA candidate a run wrote with ``source="ema"`` is one of them, not a
+    sampled iterate: SWA and the last candidate leave it out), the start points' candidate rows
+    (:func:`~twa_ray.core.start.start_points`) and each savable average's weights."""
+    layout = Layout.from_module(model)
+    extra = ema_names(store, names)
+    sampled = [n for n in names if n not in extra]
+    base = compute_baselines(store, model, loaders, soup=cfg.greedy_soup, names=sampled)
+    methods: dict[str, dict[str, Any]] = {"last_candidate": base.last, "swa": base.swa}
+    if base.greedy_soup:
+        methods["greedy_soup"] = base.greedy_soup
+    named: dict[str, Any] = {"last": names.index(sampled[-1])}
+    thetas = {
+        "swa": lambda: uniform_average(store.read(n) for n in sampled),
+        "last_candidate": lambda: store.read(sampled[-1]).clone(),
+    }
+    if extra:
+        methods["ema"] = _accuracies(model, layout, store.read(extra[-1]).clone(), loaders)
+        named.update(swa=[names.index(n) for n in sampled], ema=names.index(extra[-1]))
+        thetas["ema"] = lambda: store.read(extra[-1]).clone()
+    return methods, named, thetas
 
 
 def _resolve_store(cfg: RunConfig) -> RunConfig:
