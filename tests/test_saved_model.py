@@ -116,3 +116,18 @@ def test_average_starts_at_the_best_free_average_and_saves_the_best_on_hold(tmp_
     model.load_state_dict(load_file(out / "model.safetensors"))
     acc = evaluate(model, torch.utils.data.DataLoader(splits.test, batch_size=512)).acc
     assert acc == pytest.approx(methods[metrics["saved_model"]]["test_acc"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv,line",
+    [
+        (["run", "--save", "ema"], "--save ema: twa-ray run cannot save it; use auto or one of"),
+        (["average", "--store", "nowhere", "--save", "sgd_sampled"], "twa-ray average cannot"),
+    ],
+)
+def test_a_method_the_command_never_writes_is_refused_before_it_runs(argv, line, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and line in err[0], err
+    assert not out.exists()

@@ -431,8 +431,10 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def _cmd_average(args: argparse.Namespace) -> int:
     from twa_ray.average import run_average
+    from twa_ray.report import check_save
 
     cfg = config_from_args(args)
+    check_save(cfg.save, "average")
     run_average(cfg, req=_request(args, cfg.out, cfg.storage))
     return 0
 
@@ -447,8 +449,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from twa_ray.pipeline import run_pipeline
+    from twa_ray.report import check_save
 
     cfg = config_from_args(args, smoke_test=args.smoke_test)
+    check_save(cfg.save, "run")
     run_pipeline(cfg, _request(args, cfg.out, cfg.storage))
     return 0
 

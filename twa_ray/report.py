@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "best_method",
+    "check_save",
     "choose_saved",
     "write_json",
     "write_model",
@@ -125,6 +126,23 @@ def best_method(
 SAVABLE = ("twa_v", "twa_t", "ema", "swa", "sgd_sampled", "last_candidate")
 """Methods whose weights a run can write to ``model.safetensors``, in tie order (TWA first;
 ``sgd_sampled`` / ``last_candidate``: the last iterate of ``run`` / ``average``)."""
+
+
+SAVABLE_BY = {
+    "run": ("twa_v", "twa_t"),  # until its results hold every method's weights
+    "average": ("twa_v", "twa_t", "ema", "swa", "last_candidate"),
+}
+"""What ``--save`` may name, by command (``ema``: with an EMA candidate in the store)."""
+
+
+def check_save(save: str, command: str) -> None:
+    """Refuse, before anything runs, a ``--save`` method that ``command`` never writes."""
+    allowed = SAVABLE_BY[command]
+    if save != "auto" and save not in allowed:
+        raise ValueError(
+            f"--save {save}: twa-ray {command} cannot save it; use auto or one of "
+            f"{', '.join(allowed)}"
+        )
 
 
 def choose_saved(
