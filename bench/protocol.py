@@ -57,9 +57,12 @@ from twa_ray.average import fit_twa, make_loaders
 from twa_ray.core.baselines import uniform_average
 from twa_ray.core.bn import update_bn
 from twa_ray.core.evaluate import evaluate
+from twa_ray.core.host import build_loop, standard_evaluation
 from twa_ray.core.layout import Layout, flatten, load_flat_
+from twa_ray.core.loop import LoopHooks
 from twa_ray.core.optim import lr_factor
-from twa_ray.core.twa import TWAConfig, build_subspace
+from twa_ray.core.start import KeepBest, choose_start, split_held_out, start_points
+from twa_ray.core.twa import TWA, TWAConfig, build_subspace
 from twa_ray.data import DataSplits, load_dataset
 from twa_ray.models import build_model
 
@@ -70,7 +73,10 @@ EMA_DECAYS = (0.99, 0.998, 0.9995)  # the brief's grid: `ema`
 EMA_WIDE = (0.95, 0.98)  # 0.99 won at the edge of that grid: `ema_wide` picks among all five
 SEEDS = (100, 101, 102, 103, 104)  # 200-204 are the lead's final check: never used here
 METHODS = ("sgd_full", "sgd_stop", "sgd_short", "swa", "ema", "ema_wide", "twa_t", "twa_v")
-SPLITS = ("test", "val", "sel")
+METHODS += tuple(f"twa_{m}_{d}" for d in ("ema", "start", "keep") for m in "tv")
+METHODS += ("saved", "saved_today")
+SPLITS = ("test", "val", "sel", "hold")
+HOLD_FRAC = 0.5  # the part of val the designs choose on (TWA-v fits on the rest)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -83,6 +89,7 @@ class Traj:
     model: str = "mlp"
     num_samples: int | None = None
     sel_size: int = 1000
+    epochs: int = E
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,7 @@ class Cell:
     frac: float = 0.5
     per_epoch: int = 1
     twa: dict[str, Any] = field(default_factory=dict)
+    designs: bool = False  # also the issue-29 designs (``design_methods``)
 
     @property
     def twa_epochs(self) -> float:
@@ -100,7 +108,7 @@ class Cell:
 
     @property
     def short_epochs(self) -> int:
-        return math.ceil(self.frac * E) + math.ceil(self.twa_epochs)
+        return math.ceil(self.frac * TRAJS[self.traj].epochs) + math.ceil(self.twa_epochs)
 
 
 TRAJS = {
@@ -113,8 +121,14 @@ TRAJS = {
     "cosine_nosel": Traj(
         sel_size=0
     ),  # the product's exact data (9,000 train): what the carve-out costs
+    # issue 29: CNN + BN workloads with shorter budgets (the half-budget stop must matter)
+    "cnn_12k_e10": Traj(model="cnn1d", epochs=10),
+    "cnn_12k_e20": Traj(model="cnn1d", epochs=20),
+    "cnn_4k_e10": Traj(model="cnn1d", num_samples=4000, sel_size=500, epochs=10),
+    "cnn_4k_e20": Traj(model="cnn1d", num_samples=4000, sel_size=500, epochs=20),
 }
 SPAN = {"subspace": "span", "blocks": "model"}
+TODAY = {"start": "swa", "keep_best": False}  # issue 19's TWA: from SWA, the last epoch kept
 CELLS = {
     "base": Cell(),
     "sched_multistep": Cell("multistep"),
@@ -132,6 +146,11 @@ CELLS = {
     "cnn1d_4k": Cell("cnn1d_4k"),
     "cnn1d_2k": Cell("cnn1d_2k"),
     "nosel": Cell("cosine_nosel"),
+    "mlp_designs": Cell(designs=True),
+    **{
+        f"w_{t[4:]}": Cell(t, designs=True)
+        for t in ("cnn_12k_e10", "cnn_12k_e20", "cnn_4k_e10", "cnn_4k_e20")
+    },
     "paper": Cell(
         "multistep", twa={**SPAN, "lr": 2.0, "epochs": 10.0}
     ),  # the ICLR protocol as a whole
@@ -160,6 +179,8 @@ class Data:
     sel: tuple[torch.Tensor, torch.Tensor]
     num_classes: int
     input_shape: tuple[int, ...]
+    hold: tuple[torch.Tensor, torch.Tensor]  # HOLD_FRAC of val (core.start.split_held_out)
+    val_fit: tuple[torch.Tensor, torch.Tensor]  # the rest of val
 
     def loaders(self, seed: int) -> dict[str, Any]:
         """The product's loaders (:func:`twa_ray.average.make_loaders`) over these splits."""
@@ -180,13 +201,17 @@ def load_data(traj: Traj, seed: int) -> Data:
     x, y = _tensors(splits.train)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 7919))
     sel, train = perm[: traj.sel_size].sort().values, perm[traj.sel_size :].sort().values
+    val = _tensors(splits.val)
+    fit, hold = (torch.tensor(s.indices) for s in split_held_out(splits.val, HOLD_FRAC, seed))
     return Data(
         (x[train], y[train]),
-        _tensors(splits.val),
+        val,
         _tensors(splits.test),
         (x[sel], y[sel]),
         splits.num_classes,
         splits.input_shape,
+        (val[0][hold], val[1][hold]),
+        (val[0][fit], val[1][fit]),
     )
 
 
@@ -328,10 +353,13 @@ def averages(
     run: Run, data: Data, cell: Cell
 ) -> dict[str, tuple[dict[str, float], float, dict[str, Any]]]:
     """sgd_full, sgd_stop, swa and ema of ``cell`` on ``run``: (accuracies, compute s, extra)."""
-    stop = round(cell.frac * E)
+    stop = round(cell.frac * TRAJS[cell.traj].epochs)
     cands = [w for e, w in run.cands if e <= stop and (cell.per_epoch == 2 or e == int(e))]
-    base_s = run.train_s[stop]
-    out = {"sgd_full": (run.acc[E], run.train_s[E], {}), "sgd_stop": (run.acc[stop], base_s, {})}
+    base_s, end = run.train_s[stop], TRAJS[cell.traj].epochs
+    out = {
+        "sgd_full": (run.acc[end], run.train_s[end], {}),
+        "sgd_stop": (run.acc[stop], base_s, {}),
+    }
     t0 = time.perf_counter()
     theta = uniform_average(cands)
     avg_s = time.perf_counter() - t0
@@ -351,9 +379,9 @@ def twa_methods(
     run: Run, data: Data, cell: Cell, seed: int
 ) -> dict[str, tuple[dict[str, float], float, dict[str, Any]]]:
     """TWA-t and TWA-v of ``cell`` with the product's core (:func:`twa_ray.average.fit_twa`)."""
-    stop = round(cell.frac * E)
+    stop = round(cell.frac * TRAJS[cell.traj].epochs)
     cands = [w for e, w in run.cands if e <= stop and (cell.per_epoch == 2 or e == int(e))]
-    config = TWAConfig(**cell.twa)
+    config = TWAConfig(**{**TODAY, **cell.twa})
     t0 = time.perf_counter()
     subspace = build_subspace(cands, run.layout, config)
     build_s = time.perf_counter() - t0
@@ -371,6 +399,80 @@ def twa_methods(
     return out
 
 
+DESIGNS = {  # name: (EMA added as a candidate, alpha starts at the best on hold, keep the best epoch)
+    "ema": (True, False, False),
+    "start": (True, True, False),
+    "keep": (True, True, True),
+}
+
+
+def design_methods(
+    run: Run, data: Data, cell: Cell, seed: int, ema: torch.Tensor
+) -> dict[str, tuple[dict[str, float], float, dict[str, Any]]]:
+    """Issue 29's designs, TWA-t and TWA-v each, with the core (:mod:`twa_ray.core.start`):
+    ``twa_{t,v}_ema``: the EMA as one more candidate; ``_start``: and alpha starting at the best
+    of {SWA, EMA, last} on the hold part of val (TWA-v fits on the rest); ``_keep``: and the
+    best epoch on hold kept (the start included)."""
+    stop = round(cell.frac * TRAJS[cell.traj].epochs)
+    cands = [w for e, w in run.cands if e <= stop and (cell.per_epoch == 2 or e == int(e))]
+    config = TWAConfig(**cell.twa)
+    evaluation = standard_evaluation(_chunks(data.train, 512), {"hold": _chunks(data.hold, 1000)})
+    out = {}
+    for design, (with_ema, start, keep) in DESIGNS.items():
+        t0 = time.perf_counter()
+        subspace = build_subspace(cands + [ema] if with_ema else cands, run.layout, config)
+        named = {"ema": len(cands), "last": len(cands) - 1} if with_ema else {"last": -1}
+        build_s = time.perf_counter() - t0
+        for mode in ("t", "v"):
+            t1 = time.perf_counter()
+            twa = TWA(run.model, subspace, config=config)
+            extra: dict[str, Any] = {}
+            kept = None
+            if start:
+                name, scores = choose_start(
+                    twa, start_points(subspace, named), evaluation, "hold_acc"
+                )
+                extra = {"start": name, "start_scores": scores}
+                kept = KeepBest(twa, "hold_acc", scores[name]) if keep else None
+            val = data.val_fit if start else data.val
+            build_loop(
+                twa,
+                mode,
+                TensorDataset(*data.train),
+                TensorDataset(*val),
+                batch_size=BATCH,
+                seed=seed,
+                hooks=LoopHooks(evaluate=evaluation, on_epoch=kept),
+            ).run()
+            if kept is not None:
+                kept.restore()
+                extra["kept_epoch"] = kept.epoch
+            update_bn(_chunks(data.train, 512), run.model)
+            fit_s = time.perf_counter() - t1
+            out[f"twa_{mode}_{design}"] = (
+                accuracies(run.model, data),
+                run.train_s[stop] + build_s + fit_s,
+                extra,
+            )
+    return out
+
+
+SAVED_AMONG = ("twa_t_keep", "twa_v_keep", "ema", "swa", "sgd_stop")
+SAVED_TODAY = ("twa_t", "ema", "swa", "sgd_stop")  # no choice made on hold before this one
+
+
+def saved_choice(
+    methods: dict[str, tuple[dict[str, float], float, dict[str, Any]]],
+    among: tuple[str, ...] = SAVED_AMONG,
+) -> tuple:
+    """``saved``: the method of ``among`` with the best hold accuracy (the first on a tie), as
+    the product's saved-model choice makes it. ``saved_today`` (:data:`SAVED_TODAY`): the same
+    over methods that chose nothing on hold (TWA-v left out: it fits on all of val here)."""
+    name = max((m for m in among if m in methods), key=lambda m: methods[m][0]["hold"])
+    acc, seconds, _ = methods[name]
+    return acc, seconds, {"chose": name}
+
+
 # --------------------------------------------------------------------------- jobs
 
 
@@ -380,18 +482,22 @@ def traj_job(job: tuple[str, int, list[str]]) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     traj = TRAJS[name]
     data = load_data(traj, seed)
-    stops = tuple(sorted({round(CELLS[c].frac * E) for c in cells}))
-    run = sgd_run(traj, data, seed, E, stops)
+    stops = tuple(sorted({round(CELLS[c].frac * traj.epochs) for c in cells}))
+    run = sgd_run(traj, data, seed, traj.epochs, stops)
     rows, cache = [], {}
     for c in cells:
         cell = CELLS[c]
         key = (cell.frac, cell.per_epoch)
         if key not in cache:
             cache[key] = averages(run, data, cell)
-        for method, (acc, seconds, extra) in {
-            **cache[key],
-            **twa_methods(run, data, cell, seed),
-        }.items():
+        methods = {**cache[key], **twa_methods(run, data, cell, seed)}
+        if cell.designs:
+            decay = max(EMA_DECAYS, key=lambda d: cache[key]["ema"][2]["by_decay"][str(d)]["hold"])
+            stop = round(cell.frac * traj.epochs)
+            methods.update(design_methods(run, data, cell, seed, run.emas[stop][decay]))
+            methods["saved"] = saved_choice(methods)
+            methods["saved_today"] = saved_choice(methods, SAVED_TODAY)
+        for method, (acc, seconds, extra) in methods.items():
             rows.append(row(c, seed, method, acc, seconds, **extra))
     return rows
 
@@ -529,8 +635,51 @@ def _pm(ms: tuple[float, float]) -> str:
     return f"{ms[0]:.2f} ± {ms[1]:.2f}"
 
 
+DESIGN_PAIRS = [
+    *[(f"twa_{m}_{d}", f"twa_{m}") for m in "tv" for d in ("ema", "start", "keep")],
+    *[(f"twa_{m}{d}", "ema") for m in "tv" for d in ("", "_keep")],
+    *[
+        (s, o)
+        for s in ("saved", "saved_today")
+        for o in ("ema", "swa", "sgd_stop", "sgd_short", "twa_v", "sgd_full")
+    ],
+]
+"""Issue 29's paired comparisons (a - b per seed): designs against today's TWA, against the
+EMA, and the saved model against each free average and full training."""
+
+
+def design_lines(rows: list[dict[str, Any]], cells: list[str]) -> list[str]:
+    """Per designs cell, the paired differences of :data:`DESIGN_PAIRS` on sel and test."""
+    by = {(r["cell"], r["method"], r["seed"]): r for r in rows}
+    lines = []
+    for cell in (c for c in cells if CELLS[c].designs):
+        lines += [
+            f"## {cell}: issue 29 designs, paired (a − b per seed, mean [95 % t-interval])",
+            "",
+            "| a − b | sel | test | hold (a's own choice split) |",
+            "|---|---|---|---|",
+        ]
+        for a, b in DESIGN_PAIRS:
+            seeds = sorted(s for (c, m, s) in by if c == cell and m == a and (c, b, s) in by)
+            if not seeds:
+                continue
+            d = {
+                split: paired([100 * (by[(cell, a, s)][k] - by[(cell, b, s)][k]) for s in seeds])
+                for split, k in (("sel", "sel_acc"), ("test", "test_acc"), ("hold", "hold_acc"))
+            }
+            lines.append(f"| {a} − {b} | {_ci(d['sel'])} | {_ci(d['test'])} | {_ci(d['hold'])} |")
+        for s in ("saved", "saved_today"):
+            chose = [by[k].get("chose") for k in sorted(by) if k[0] == cell and k[1] == s]
+            lines += ["", f"`{s}` chose, per seed: {', '.join(map(str, chose))}."]
+        lines.append("")
+    return lines
+
+
 def markdown(
-    summary: dict[str, dict[str, Any]], picks: dict[str, dict[str, Any]], meta: dict[str, Any]
+    summary: dict[str, dict[str, Any]],
+    picks: dict[str, dict[str, Any]],
+    meta: dict[str, Any],
+    extra: list[str] | None = None,
 ) -> str:
     """bench/protocol.md: one table per cell, then the selection split's picks."""
     lines = [
@@ -570,7 +719,7 @@ def markdown(
             f"| {group} | {', '.join(GROUPS[group])} | {p['cell']} / {p['method']} | {p['sel']:.2f} | "
             f"{_ci(p['sel_minus_base'])} | {_pm(p['test'])} | {_ci(p['minus_full'])} |"
         )
-    return "\n".join(lines + ["", NOTES]) + "\n"
+    return "\n".join(lines + ["", *(extra or []), NOTES]) + "\n"
 
 
 NOTES = """## Notes on the protocol
@@ -628,7 +777,7 @@ def write(out: Path, rows: list[dict[str, Any]], cells: list[str], meta: dict[st
     picks = pick(summary, rows)
     configs = {c: {**asdict(CELLS[c]), "trajectory": asdict(TRAJS[CELLS[c].traj])} for c in cells}
     result = {"meta": meta, "cells": configs, "summary": summary, "picks": picks, "rows": rows}
-    text = markdown(summary, picks, meta)
+    text = markdown(summary, picks, meta, design_lines(rows, cells))
     out.parent.mkdir(parents=True, exist_ok=True)
     for suffix, content in ((".json", json.dumps(result, indent=1)), (".md", text)):
         tmp = out.with_suffix(suffix + ".tmp")

@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from twa_ray.core.host import build_loop, standard_evaluation
 from twa_ray.core.kernels.cpu import kernel_info
 from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.core.loop import LoopHooks
+from twa_ray.core.start import run_chosen, split_held_out
 from twa_ray.core.subspace import Subspace
 from twa_ray.core.twa import TWA, TWAConfig, build_subspace
 from twa_ray.data import DataSplits, load_data
@@ -40,6 +41,7 @@ from twa_ray.models import build_model
 from twa_ray.report import (
     best_method,
     check_finite,
+    choose_saved,
     format_summary,
     format_table,
     write_json,
@@ -177,13 +179,19 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+EVAL_SPLITS = ("val", "test", "hold")
+"""The evaluated splits (``hold``: the part of val held out of TWA-v's fit, when there is one)."""
+
+
 def _accuracies(
     model: nn.Module, layout: Layout, theta: torch.Tensor, loaders: dict[str, DataLoader[Any]]
 ) -> dict[str, float]:
     load_flat_(model, theta, layout)
     update_bn(loaders["bn"], model, device=_device(model))
     return {
-        f"{s}_acc": evaluate(model, loaders[s], device=_device(model)).acc for s in ("val", "test")
+        f"{s}_acc": evaluate(model, loaders[s], device=_device(model)).acc
+        for s in EVAL_SPLITS
+        if s in loaders
     }
 
 
@@ -217,18 +225,28 @@ def compute_baselines(
 
 
 def make_loaders(
-    splits: DataSplits, batch_size: int, seed: int, *, pin_memory: bool = False
+    splits: DataSplits,
+    batch_size: int,
+    seed: int,
+    *,
+    pin_memory: bool = False,
+    hold_frac: float = 0.0,
 ) -> dict[str, DataLoader[Any]]:
     """``train`` / ``val_train`` (shuffled, for TWA-t / TWA-v), ``bn`` (train, for BatchNorm
-    re-estimation), ``val`` and ``test`` (evaluation)."""
+    re-estimation), ``val`` and ``test`` (evaluation); with ``hold_frac > 0`` also ``hold``
+    (:func:`~twa_ray.core.start.split_held_out`), which ``val_train`` then leaves out."""
     pin = {"pin_memory": pin_memory}
-    return {
+    fit, hold = split_held_out(splits.val, hold_frac, seed) if hold_frac else (splits.val, None)
+    loaders = {
         "train": make_loader(splits.train, batch_size, shuffle=True, seed=seed, **pin),
-        "val_train": make_loader(splits.val, batch_size, shuffle=True, seed=seed, **pin),
+        "val_train": make_loader(fit, batch_size, shuffle=True, seed=seed, **pin),
         "bn": make_loader(splits.train, BN_BATCH, shuffle=False, **pin),
         "val": make_loader(splits.val, BN_BATCH, shuffle=False, **pin),
         "test": make_loader(splits.test, BN_BATCH, shuffle=False, **pin),
     }
+    if hold is not None:
+        loaders["hold"] = make_loader(hold, BN_BATCH, shuffle=False, **pin)
+    return loaders
 
 
 def fit_twa(
@@ -239,17 +257,21 @@ def fit_twa(
     mode: str,
     *,
     seed: int = 0,
-) -> tuple[TWA, dict[str, float]]:
-    """TWA-t (``mode='t'``, train batches) or TWA-v (``'v'``, held-out batches) from the SWA
-    point with the core loop (:func:`~twa_ray.core.host.build_loop`), BatchNorm re-estimated on
-    train data; returns the engine and its accuracies.
+    named: dict[str, Any] | None = None,
+) -> tuple[TWA, dict[str, Any]]:
+    """TWA-t (``mode='t'``, train batches) or TWA-v (``'v'``, held-out batches) with the core
+    loop (:func:`~twa_ray.core.host.build_loop`), started and kept as ``config.start`` /
+    ``keep_best`` say (:func:`~twa_ray.core.start.run_chosen`, scored on ``loaders["hold"]``,
+    else val; ``named``: the candidate rows of the start points, default ``{"last": -1}``),
+    BatchNorm re-estimated on train data; returns the engine, its accuracies and choices.
 
     The loop reads the datasets and batch size of ``loaders["train"]`` / ``["val_train"]`` in
     its own seeded order (``seed``), as every host does.
     """
     train, val = loaders["train"], loaders["val_train"]
     assert train.batch_size is not None
-    evaluation = standard_evaluation(loaders["bn"], {s: loaders[s] for s in ("val", "test")})
+    splits = [s for s in EVAL_SPLITS if s in loaders]
+    evaluation = standard_evaluation(loaders["bn"], {s: loaders[s] for s in splits})
     twa = TWA(model, subspace, config=config)
     loop = build_loop(
         twa,
@@ -260,8 +282,10 @@ def fit_twa(
         seed=seed,
         loader_options={"pin_memory": train.pin_memory},
         hooks=LoopHooks(evaluate=evaluation),
-    ).run()
-    return twa, {k: loop.final[k] for k in ("val_acc", "test_acc")}
+    )
+    metric = "hold_acc" if "hold" in loaders else "val_acc"
+    info = run_chosen(loop, named or {"last": -1}, metric)
+    return twa, {**{f"{s}_acc": loop.final[f"{s}_acc"] for s in splits}, **info}
 
 
 @dataclass(frozen=True)
@@ -329,12 +353,15 @@ def _average(
     """The baselines and TWA-t / TWA-v on the candidates of ``cfg.store``."""
     store = open_candidates(cfg.store, out, layout, tied_names(model))  # type: ignore[arg-type]
     names = store.names()
-    loaders = make_loaders(splits, batch_size, cfg.data.seed, pin_memory=device.type == "cuda")
+    loaders = make_loaders(
+        splits,
+        batch_size,
+        cfg.data.seed,
+        pin_memory=device.type == "cuda",
+        hold_frac=cfg.twa.hold_frac,
+    )
     log.info("%d candidates, D=%d; baselines ...", len(names), layout.numel)
-    base = compute_baselines(store, model, loaders, soup=cfg.greedy_soup)
-    methods: dict[str, dict[str, Any]] = {"last_candidate": base.last, "swa": base.swa}
-    if base.greedy_soup:
-        methods["greedy_soup"] = base.greedy_soup
+    methods, named, thetas = _free_averages(cfg, store, names, model, loaders)
     _check_range(store, names)
     subspace = build_subspace(store, layout, cfg.twa)
     summary: dict[str, Any] = {
@@ -356,17 +383,52 @@ def _average(
         kernel.get("threads", "-"),
         kernel.get("cpu", cfg.device),
     )
-    coefficients, saved = _fit_modes(cfg, model, subspace, loaders, methods)
+    coefficients, saved, reason = _fit_modes(cfg, model, subspace, loaders, methods, named)
+    if saved in thetas:  # a free average: its weights, BN re-estimated
+        _accuracies(model, layout, thetas[saved](), {"bn": loaders["bn"]})
     metrics = {
         "methods": methods,
+<<<<<<< HEAD
         **best_method(methods, saved_model=saved),
         "data": splits.summary(),
+=======
+        **best_method(methods, saved_model=saved, saved_reason=reason),
+>>>>>>> d-free
         "num_candidates": len(names),
         "numel": layout.numel,
         "subspace": {**summary, "rows": subspace.num_rows, "blocks": subspace.num_blocks},
         "kernel": kernel,
     }
     return _Averaged(metrics, coefficients, list(subspace.blocks.labels), names)
+
+
+def _free_averages(
+    cfg: RunConfig,
+    store: CandidateStore | InModelOrder,
+    names: list[str],
+    model: nn.Module,
+    loaders: dict[str, DataLoader[Any]],
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Callable[[], torch.Tensor]]]:
+    """The baselines (an EMA candidate a run wrote with ``source="ema"`` is one of them, not a
+    sampled iterate: SWA and the last candidate leave it out), the start points' candidate rows
+    (:func:`~twa_ray.core.start.start_points`) and each savable average's weights."""
+    layout = Layout.from_module(model)
+    extra = ema_names(store, names)
+    sampled = [n for n in names if n not in extra]
+    base = compute_baselines(store, model, loaders, soup=cfg.greedy_soup, names=sampled)
+    methods: dict[str, dict[str, Any]] = {"last_candidate": base.last, "swa": base.swa}
+    if base.greedy_soup:
+        methods["greedy_soup"] = base.greedy_soup
+    named: dict[str, Any] = {"last": names.index(sampled[-1])}
+    thetas = {
+        "swa": lambda: uniform_average(store.read(n) for n in sampled),
+        "last_candidate": lambda: store.read(sampled[-1]).clone(),
+    }
+    if extra:
+        methods["ema"] = _accuracies(model, layout, store.read(extra[-1]).clone(), loaders)
+        named.update(swa=[names.index(n) for n in sampled], ema=names.index(extra[-1]))
+        thetas["ema"] = lambda: store.read(extra[-1]).clone()
+    return methods, named, thetas
 
 
 def _resolve_store(cfg: RunConfig) -> RunConfig:
@@ -405,27 +467,34 @@ def _check_range(store: CandidateStore | InModelOrder, names: Sequence[str]) -> 
         )
 
 
+def ema_names(store: Any, names: Sequence[str]) -> list[str]:
+    """The candidates a run wrote with ``source="ema"`` (the sampling run's EMA)."""
+    inner = getattr(store, "store", store)
+    info = getattr(inner, "info", None)
+    return [n for n in names if info is not None and info(n).source == "ema"]
+
+
 def _fit_modes(
     cfg: RunConfig,
     model: nn.Module,
     subspace: Subspace,
     loaders: dict[str, DataLoader[Any]],
     methods: dict[str, dict[str, Any]],
-) -> tuple[dict[str, torch.Tensor], str]:
-    """TWA-t and/or TWA-v (their accuracies into ``methods``); leaves the model at the best on
-    val (the model written out); returns the coefficients and the saved variant's name."""
+    named: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], str, str]:
+    """TWA-t and/or TWA-v (their accuracies into ``methods``); the saved method
+    (:func:`~twa_ray.report.choose_saved`: ``--save``, else the best on the hold split); leaves
+    the model at it when it is a TWA variant; returns the coefficients, its name and why."""
     coefficients: dict[str, torch.Tensor] = {}
-    best: tuple[float, str, dict[str, torch.Tensor]] | None = None
+    states: dict[str, dict[str, torch.Tensor]] = {}
     for mode in ("t", "v") if cfg.mode == "both" else (cfg.mode,):
         name = f"twa_{mode}"
-        twa, methods[name] = fit_twa(model, subspace, cfg.twa, loaders, mode, seed=cfg.data.seed)
+        twa, methods[name] = fit_twa(
+            model, subspace, cfg.twa, loaders, mode, seed=cfg.data.seed, named=named
+        )
         coefficients[name] = twa.alpha.detach().cpu().clone()
-        if best is None or methods[name]["val_acc"] > best[0]:
-            best = (
-                methods[name]["val_acc"],
-                name,
-                {k: v.clone() for k, v in model.state_dict().items()},
-            )
-    assert best is not None
-    model.load_state_dict(best[2])
-    return coefficients, best[1]
+        states[name] = {k: v.clone() for k, v in model.state_dict().items()}
+    saved, reason = choose_saved(methods, save=cfg.save)
+    if saved in states:
+        model.load_state_dict(states[saved])
+    return coefficients, saved, reason

@@ -71,6 +71,7 @@ _RUN_KEYS = (
     "mode",
     "compare_full",
     "greedy_soup",
+    "save",
     "out",
     "store",
     "storage",
@@ -96,6 +97,7 @@ _AVERAGE_KEYS = (
     "twa.schedule",
     "twa.weight_decay",
     "greedy_soup",
+    "save",
     "out",
     "storage",
     "shared_fs",
@@ -433,8 +435,10 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def _cmd_average(args: argparse.Namespace) -> int:
     from twa_ray.average import run_average
+    from twa_ray.report import check_save
 
     cfg = config_from_args(args)
+    check_save(cfg.save, "average")
     run_average(cfg, req=_request(args, cfg.out, cfg.storage))
     return 0
 
@@ -449,8 +453,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from twa_ray.pipeline import run_pipeline
+    from twa_ray.report import check_save
 
     cfg = config_from_args(args, smoke_test=args.smoke_test)
+    check_save(cfg.save, "run")
     run_pipeline(cfg, _request(args, cfg.out, cfg.storage))
     return 0
 

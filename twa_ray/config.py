@@ -154,6 +154,9 @@ class RunConfig:
     """Also train the full budget E for comparison."""
     greedy_soup: bool = True
     """Compute the greedy-soup baseline (2K evaluations)."""
+    save: Literal["auto", "twa_v", "twa_t", "ema", "swa", "sgd_sampled", "last_candidate"] = "auto"
+    """Method written to model.safetensors: auto (the best on the hold part of val among TWA-t,
+    TWA-v, EMA, SWA and the last iterate; metrics.json says why) or one of them by name."""
     out: str = "runs/twa"
     """Output directory (local path; ``twa-ray average`` defaults to runs/average)."""
     store: str | None = None
@@ -168,9 +171,10 @@ class RunConfig:
     """Device of ``twa-ray average`` (``twa-ray run`` puts its workers on GPUs with use_gpu)."""
 
     def __post_init__(self) -> None:
-        check_fields(
-            self, "run config", [] if self.out else ["out is empty; name an output folder"]
-        )
+        errors = [] if self.out else ["out is empty; name an output folder"]
+        if self.save in ("twa_t", "twa_v") and self.mode not in ("both", self.save[-1]):
+            errors.append(f"save={self.save} with mode={self.mode}: that variant is not fitted")
+        check_fields(self, "run config", errors)
 
     @property
     def store_uri(self) -> str:

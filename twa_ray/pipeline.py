@@ -43,6 +43,7 @@ from twa_ray.redact import redact
 from twa_ray.report import (
     best_method,
     check_finite,
+    choose_saved,
     format_summary,
     format_table,
     plot_accuracy,
@@ -407,9 +408,11 @@ def write(run: _Run, learned: _Learned, methods: _Methods, *, start: float) -> d
     coefficients, plots and the table; a copy in ``--storage`` when it is elsewhere."""
     t0 = time.perf_counter()
     cfg, out, results = run.cfg, run.out, learned.results
-    best_mode = "v" if "v" in results else "t"
-    learned.outcome.coeff.weights[f"twa_{best_mode}"].load_into_(run.model)
-    metrics = _metrics(run, learned, methods.methods, best=f"twa_{best_mode}")
+    saved, reason = choose_saved(  # the learned variants: chosen on val (issue 29 item 3)
+        methods.methods, save=cfg.save, available=[f"twa_{m}" for m in results]
+    )
+    learned.outcome.coeff.weights[saved].load_into_(run.model)
+    metrics = _metrics(run, learned, methods.methods, best=saved, reason=reason)
     coefficients = {f"twa_{m}": r.alpha for m, r in results.items()}
     check_finite(run.model, coefficients)  # NaN/Inf: nothing is written
     points = {
@@ -439,7 +442,12 @@ def write(run: _Run, learned: _Learned, methods: _Methods, *, start: float) -> d
 
 
 def _metrics(
-    run: _Run, learned: _Learned, methods: dict[str, dict[str, Any]], *, best: str
+    run: _Run,
+    learned: _Learned,
+    methods: dict[str, dict[str, Any]],
+    *,
+    best: str,
+    reason: str = "",
 ) -> dict[str, Any]:
     """metrics.json (``wall_s`` and ``wall_time_s`` are added last)."""
     budget = run.cfg.sampling.epochs
@@ -448,7 +456,7 @@ def _metrics(
     return {
         "run_id": run.run_id,
         "methods": methods,
-        **best_method(methods, saved_model=best),
+        **best_method(methods, saved_model=best, saved_reason=reason),
         "budget_epochs": budget,
         "epochs_used": epochs_used,
         "budget_saved": 1.0 - epochs_used / budget,

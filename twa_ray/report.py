@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "best_method",
+    "check_save",
+    "choose_saved",
     "write_json",
     "write_model",
     "write_coefficients",
@@ -109,13 +111,75 @@ def shared_once(
     return {k: out[k] for k in state if k in out}, dropped
 
 
-def best_method(methods: Mapping[str, Mapping[str, Any]], saved_model: str) -> dict[str, str]:
+def best_method(
+    methods: Mapping[str, Mapping[str, Any]], saved_model: str, saved_reason: str = ""
+) -> dict[str, str]:
     """The ``metrics.json`` keys naming the winner: ``best``, the method of highest validation
     accuracy (``best_split: "val"``; the first on a tie; test accuracy is never used to select),
-    and ``saved_model``, the method written to ``model.safetensors``."""
+    and ``saved_model``, the method written to ``model.safetensors`` (``saved_reason``: why)."""
     scored = [(name, m["val_acc"]) for name, m in methods.items() if m.get("val_acc") is not None]
     best = max(scored, key=lambda nm: nm[1])[0] if scored else saved_model
-    return {"best": best, "best_split": "val", "saved_model": saved_model}
+    out = {"best": best, "best_split": "val", "saved_model": saved_model}
+    return {**out, "saved_reason": saved_reason} if saved_reason else out
+
+
+SAVABLE = ("twa_v", "twa_t", "ema", "swa", "sgd_sampled", "last_candidate")
+"""Methods whose weights a run can write to ``model.safetensors``, in tie order (TWA first;
+``sgd_sampled`` / ``last_candidate``: the last iterate of ``run`` / ``average``)."""
+
+
+SAVABLE_BY = {
+    "run": ("twa_v", "twa_t"),  # until its results hold every method's weights
+    "average": ("twa_v", "twa_t", "ema", "swa", "last_candidate"),
+}
+"""What ``--save`` may name, by command (``ema``: with an EMA candidate in the store)."""
+
+
+def check_save(save: str, command: str) -> None:
+    """Refuse, before anything runs, a ``--save`` method that ``command`` never writes."""
+    allowed = SAVABLE_BY[command]
+    if save != "auto" and save not in allowed:
+        raise ValueError(
+            f"--save {save}: twa-ray {command} cannot save it; use auto or one of "
+            f"{', '.join(allowed)}"
+        )
+
+
+def choose_saved(
+    methods: Mapping[str, Mapping[str, Any]],
+    *,
+    save: str = "auto",
+    available: Sequence[str] = SAVABLE,
+) -> tuple[str, str]:
+    """``(method, reason)``: the method written to ``model.safetensors``.
+
+    ``save="auto"``: among the ``available`` methods of :data:`SAVABLE`, the highest accuracy on
+    the *hold* split (the part of val that no method fitted on: TWA-v fits on the rest, see
+    ``TWAConfig.hold_frac``), the first in :data:`SAVABLE` order on a tie. Without hold scores
+    (``hold_frac=0``) it falls back on val, where TWA-v's own score is optimistic (it fitted
+    there), and says so. Otherwise ``save`` names the method; one this run lacks is a
+    ``ValueError`` naming the ones it has.
+    """
+    options = [m for m in SAVABLE if m in methods and m in available]
+    if save != "auto":
+        if save not in options:
+            raise ValueError(
+                f"--save {save}: this run has no {save} weights to save; "
+                f"use one of {', '.join(['auto', *options])}"
+            )
+        return save, f"--save {save}"
+    if not options:
+        raise ValueError("no method with weights to save; this run produced none")
+    split = "hold" if all(methods[m].get("hold_acc") is not None for m in options) else "val"
+    scores = {m: float(methods[m][f"{split}_acc"]) for m in options}
+    best = max(options, key=lambda m: scores[m])
+    listed = ", ".join(f"{m} {100 * a:.2f}%" for m, a in scores.items())
+    where = (
+        "the hold part of val (no method fitted on it)"
+        if split == "hold"
+        else "val (TWA-v fitted on it: its score is optimistic)"
+    )
+    return best, f"highest accuracy on {where}: {listed}"
 
 
 def write_coefficients(

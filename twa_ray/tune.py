@@ -402,6 +402,12 @@ def _print_results(
         f"best trial {best['index']} {best['params']}: val_acc {best['val_acc']:.4f} "
         f"(selection split); its test accuracy, reported separately: {summary['best_test_acc']:.4f}"
     )
+    free = summary.get("free_average")
+    if free and free["beats_every_trial"]:
+        print(
+            f"note: the free average {free['method']} of trial {free['trial']}'s candidates scores "
+            f"val_acc {free['val_acc']:.4f}, above every trial: TWA does not help this sweep"
+        )
     print(
         f"sampling: {s['runs']} run(s), {s['epochs_run']} epochs for {len(plan.trials)} trials "
         f"(a sweep sampling per trial: {s['epochs_naive']} epochs; saved {100 * s['epochs_saved_frac']:.0f}%)"
@@ -434,9 +440,36 @@ def _rows(grid: Any, plan: SweepPlan) -> list[dict[str, Any]]:
                 "time_s": m.get("time_total_s", math.nan),
                 "node_id": m.get("node_id", ""),
                 "error": _error_line(r.error),
+                **_best_free(m),
             }
         )
     return sorted(rows, key=lambda r: r["index"])
+
+
+def _best_free(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The trial's best free average (SWA, the last candidate) on the select split, as its
+    coefficient phase scored them to choose its start (``free_<name>_acc``)."""
+    free = {k[5:-4]: v for k, v in metrics.items() if k.startswith("free_") and k.endswith("_acc")}
+    if not free:
+        return {"free_best": "", "free_best_acc": math.nan}
+    name = max(free, key=lambda n: free[n])
+    return {"free_best": name, "free_best_acc": free[name]}
+
+
+def free_average_summary(rows: list[dict[str, Any]], best_val_acc: float) -> dict[str, Any] | None:
+    """The best free average of the sweep's sampling runs on the select split (SWA or the last
+    candidate of any trial's candidates), and whether it beats every trial (``best_val_acc``:
+    the best trial's); None when no trial scored one."""
+    scored = [r for r in rows if not math.isnan(r.get("free_best_acc", math.nan))]
+    if not scored:
+        return None
+    top = max(scored, key=lambda r: (r["free_best_acc"], -r["index"]))
+    return {
+        "method": top["free_best"],
+        "trial": top["index"],
+        "val_acc": top["free_best_acc"],
+        "beats_every_trial": top["free_best_acc"] > best_val_acc,
+    }
 
 
 def _error_line(error: BaseException | None) -> str:
@@ -510,6 +543,7 @@ def _summarize(
             "wall_s": round(sum(g["wall_time_s"] for g in groups.values()), 1),
             "wall_s_naive_estimate": round(naive_wall, 1),
         },
+        "free_average": free_average_summary(rows, best["val_acc"]),
         "twa_epochs_run": round(sum(r["twa_epochs"] for r in rows), 2),
         "twa_epochs_planned": sum(math.ceil(t.twa_epochs) for t in trials),
     }

@@ -113,6 +113,12 @@ def test_grid_sweep_samples_once_and_writes_outputs(grid_sweep):
     assert summary["best_test_acc"] == table.set_index("index").loc[best["index"], "test_acc"]
     assert (out / "sweep.png").stat().st_size > 1000
 
+    # each trial scored the free averages of its candidates on the select split (issue 29)
+    assert set(table["free_best"]) <= {"swa", "last"} and (table["free_best_acc"] > 0.1).all()
+    free = summary["free_average"]
+    assert free["val_acc"] == table["free_best_acc"].max()
+    assert free["beats_every_trial"] == (free["val_acc"] > best["val_acc"])
+
     # best.yaml is a run config that `twa-ray run --config` accepts
     text = (out / "best.yaml").read_text()
     assert text.startswith("# twa-ray run --config")

@@ -244,6 +244,8 @@ class CoefficientLoop:
         self._epoch_sums = torch.zeros_like(self._local)
         self._last_eval: tuple[int, dict[str, Any]] | None = None
         self.final: dict[str, Any] = {}
+        self.choices: dict[str, Any] = {}
+        """What :func:`~twa_ray.core.start.run_chosen` chose (start, its scores, kept epoch)."""
         self.train_time_s = 0.0
 
     # -- resume ----------------------------------------------------------------------------

@@ -277,6 +277,8 @@ class Placement:
         basis: the shards this worker holds (all of them for replicate).
         origin: float32, the columns this worker reconstructs (all D for replicate).
         alpha0: (R, L) float32, the SWA point (all of it on every worker).
+        points: (K, R, L) float32, the coefficients of each candidate (``Subspace.points``;
+            None when the subspace came without them).
         numel: D.
         block_bounds, col_bounds: shard: W + 1 block / column offsets, worker s owns blocks
             ``block_bounds[s]:block_bounds[s+1]``; replicate: ``(0, L)`` / ``(0, D)``.
@@ -293,6 +295,7 @@ class Placement:
     rank: int = 0
     world: int = 1
     group: dist.ProcessGroup | None = None
+    points: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         (l0, l1), (c0, c1) = self.own_blocks, self.own_cols
@@ -359,6 +362,7 @@ class Placement:
             basis=basis,
             origin=self.origin.to(device),
             alpha0=self.alpha0.to(device),
+            points=None if self.points is None else self.points.to(device),
             numel=self.numel,
             block_bounds=self.block_bounds,
             col_bounds=self.col_bounds,
@@ -444,6 +448,7 @@ def place(
     elif shard_bounds is not None and tuple(shard_bounds) != basis.block_bounds:
         raise ValueError("a ShardedBasis keeps its own shard bounds; pass shard_bounds=None")
     origin, alpha0 = subspace.origin, subspace.alpha0  # type: ignore[attr-defined]
+    points = getattr(subspace, "points", None)
     if kind == "replicate" or world == 1:
         return Placement(
             kind="replicate",
@@ -456,6 +461,7 @@ def place(
             rank=rank,
             world=world,
             group=group,
+            points=points,
         )
     owners, blocks, cols = shard_plan(
         [pm.nbytes for pm in basis.shards], basis.block_bounds, basis.col_bounds, world
@@ -475,6 +481,7 @@ def place(
         rank=rank,
         world=world,
         group=group,
+        points=points,
     )
 
 

@@ -58,6 +58,9 @@ class Subspace:
         dropped: span: indices of candidates whose direction was dropped (rank deficiency).
         zero_blocks: affine: (K, L) bool, blocks whose delta is zero (no direction).
         quant_error: (L,) float64 relative quantization error per block.
+        points: (K, R, L) float32, the coefficients of each candidate: ``theta(points[k])`` is
+            candidate k up to the basis quantization (affine: its block norms on row k; span:
+            its QR coordinates).
     """
 
     kind: Literal["affine", "span"]
@@ -69,6 +72,7 @@ class Subspace:
     dropped: tuple[int, ...] = ()
     zero_blocks: torch.Tensor | None = None
     quant_error: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    points: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -92,6 +96,7 @@ class Subspace:
             origin=self.origin.to(device),
             basis=self.basis.to(device),
             alpha0=self.alpha0.to(device),
+            points=None if self.points is None else self.points.to(device),
         )
 
 
@@ -179,6 +184,8 @@ def build_affine(
         err_sq += _block_norms((row - approx).double(), blocks) ** 2
         ref_sq += _block_norms(row.double(), blocks) ** 2
     quant_error = torch.where(ref_sq > 0, (err_sq / ref_sq.clamp_min(1e-300)).sqrt(), 0.0)
+    points = torch.zeros(num, num, blocks.num_blocks)
+    points[torch.arange(num), torch.arange(num)] = norms.float()  # w_k = c + sum_l n_kl B_kl
     return Subspace(
         kind="affine",
         blocks=blocks,
@@ -188,6 +195,7 @@ def build_affine(
         num_candidates=num,
         zero_blocks=zero_blocks,
         quant_error=quant_error,
+        points=points,
     )
 
 
@@ -257,4 +265,5 @@ def build_span(
         num_candidates=mat.shape[0],
         dropped=tuple(int(i) for i in torch.nonzero(~keep).flatten()),
         quant_error=relative_error(basis64, basis),
+        points=(mat @ basis64.T).float()[:, :, None],  # rows of mat: w_k - o
     )

@@ -86,6 +86,16 @@ class TWAConfig:
     basis_placement: Literal["replicate", "shard", "auto"] = "auto"
     """Where the quantized basis lives in the coefficient group: a full copy per worker
     ('replicate'), split across workers ('shard'), or chosen from its size ('auto')."""
+    start: Literal["swa", "best"] = "swa"
+    """Where alpha starts: the SWA point, or the best on the hold split of SWA, the last
+    candidate and the extra candidates a host passes (the EMA) (:mod:`twa_ray.core.start`).
+    'swa' by default: 'best' gained nothing on the selection split (bench/protocol_free.md)."""
+    keep_best: bool = False
+    """Keep the alpha of the best hold accuracy among the start and every TWA epoch (early
+    stopping); off by default for the same reason as ``start``."""
+    hold_frac: Annotated[float, Range(ge=0, lt=1)] = 0.5
+    """Part of the validation split held out of TWA-v's fit; the start, the kept epoch and the
+    saved model are chosen on it (0: none held out; choices then use all of val)."""
 
     def __post_init__(self) -> None:
         errors = []

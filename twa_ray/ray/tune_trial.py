@@ -36,6 +36,7 @@ from twa_ray.core.evaluate import BN_BATCH, EVAL_BATCH
 from twa_ray.core.host import build_loop, standard_evaluation
 from twa_ray.core.layout import Layout
 from twa_ray.core.loop import CoefficientLoop, CoeffState, LoopHooks
+from twa_ray.core.start import run_chosen, split_held_out
 from twa_ray.core.twa import TWA, build_subspace
 from twa_ray.errors import describe
 from twa_ray.models import build_model
@@ -46,17 +47,6 @@ from twa_ray.tune_plan import PlannedTrial, SweepPlan
 __all__ = ["twa_trial", "trial_loop"]
 
 STATE_FILE = "twa_trial.pt"  # the CoeffState at an epoch end (torch.save)
-
-
-def split_val(val: Any, *, select_frac: float, seed: int) -> tuple[Any, Any]:
-    """``(fit, select)``: a seeded split of the val split; TWA-v fits on ``fit``, every trial is
-    scored on ``select``."""
-    from torch.utils.data import Subset
-
-    n = len(val)
-    num_select = min(max(1, round(select_frac * n)), n - 1)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return Subset(val, perm[num_select:]), Subset(val, perm[:num_select])
 
 
 def _loader(ds: Any, batch_size: int, *, seed: int | None = None) -> Any:
@@ -101,7 +91,8 @@ def _trial(config: dict[str, Any], *, plan: SweepPlan) -> None:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
         loop.load_state(CoeffState.from_dict(state))
-    loop.run()
+    # the start and the kept epoch on the select split; the free averages scored there in any case
+    run_chosen(loop, {"last": -1}, "val_acc", score_points=True)
 
 
 def trial_loop(
@@ -119,7 +110,7 @@ def trial_loop(
     torch.manual_seed(cfg.data.seed)
     # ---- data: train (TWA-t, BN), val = fit (TWA-v) + select (the metric), test (reported)
     splits = load_worker_splits(cfg.data)  # checks --data-root on this node first
-    val_fit, val_select = split_val(splits.val, select_frac=select_frac, seed=cfg.data.seed)
+    val_fit, val_select = split_held_out(splits.val, select_frac, cfg.data.seed)
     bn_loader = _loader(splits.train, BN_BATCH)
     select_loader, test_loader = _loader(val_select, EVAL_BATCH), _loader(splits.test, EVAL_BATCH)
 
@@ -143,9 +134,12 @@ def trial_loop(
         now = time.perf_counter()
         epoch_s, clock[0] = now - clock[0], now
         metrics = {k: record[k] for k in ("val_acc", "val_loss", "test_acc", "test_loss")}
+        # the free averages of the trial's candidates on the select split (a fresh trial)
+        free = {f"free_{k}_acc": v for k, v in loop.choices.get("start_scores", {}).items()}
         report(
             {
                 **metrics,
+                **free,
                 "train_loss": record["loss"],
                 "twa_epoch": record["epoch"],
                 "epochs_used": trial.sample_epochs + record["epoch"],
