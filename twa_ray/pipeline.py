@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from twa_ray import outdir
-from twa_ray.config import RunConfig, SamplingConfig
+from twa_ray.config import DataConfig, RunConfig, SamplingConfig
 from twa_ray.core.baselines import greedy_soup
 from twa_ray.core.evaluate import BN_BATCH, evaluate, make_scorer
 from twa_ray.core.layout import Layout, load_flat_
@@ -113,6 +114,7 @@ class _Run:
     model: torch.nn.Module  # the architecture on the driver: the best method's weights go here
     layout: Layout
     given_store: str | None  # --store as given (None: the default under the storage), saved
+    data_ref: Any = None  # the dataset in the object store (ray.group.ship_splits), or None
 
     @property
     def out(self) -> Path:
@@ -185,10 +187,10 @@ class _Stopwatch:
 
 
 def setup(cfg: RunConfig, outputs: outdir.Outputs) -> _Run:
-    """With the outputs checked: load the data and model on the driver, connect to Ray, check
-    the cluster, then claim the outputs."""
-    from twa_ray.connect import connect_ray
-    from twa_ray.ray.group import check_data_root_on_nodes
+    """With the outputs checked: load the data and model on the driver while Ray starts (see
+    :func:`_prepare_and_connect`), check the cluster, claim the outputs, then ship the dataset
+    to the workers through the object store (:func:`~twa_ray.ray.group.ship_splits`)."""
+    from twa_ray.ray.group import check_data_root_on_nodes, ship_splits
 
     assert outputs.storage is not None and outputs.out is not None
     # workers may run in another directory: every local path they see is absolute
@@ -204,20 +206,84 @@ def setup(cfg: RunConfig, outputs: outdir.Outputs) -> _Run:
         store=given_store or outputs.storage.join("candidates"),
         data=dataclasses.replace(cfg.data, data_root=data_root),
     )
-    # the data and the model on the driver first: a missing dataset root or a bad model name is
-    # one clear error here, not a failure inside every Ray Train worker
-    d = cfg.data
-    splits = load_dataset(
-        d.dataset, root=d.data_root, val_frac=d.val_frac, seed=d.seed, num_samples=d.num_samples
-    )
-    model = build_model(d.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
-    local = connect_ray(outputs.req.address)
+    splits, model, local = _prepare_and_connect(cfg.data, outputs.req.address)
     check_resources(cfg.sampling, fixed=local)
     check_multi_node(shared_paths, shared_fs=cfg.shared_fs)
     check_data_root_on_nodes(cfg.data)
     outputs.claim()
     layout = Layout.from_module(model)
-    return _Run(cfg, outputs, splits=splits, model=model, layout=layout, given_store=given_store)
+    return _Run(
+        cfg,
+        outputs,
+        splits=splits,
+        model=model,
+        layout=layout,
+        given_store=given_store,
+        data_ref=ship_splits(splits),
+    )
+
+
+def _prepare_and_connect(d: DataConfig, address: str | None) -> tuple[Any, torch.nn.Module, bool]:
+    """The dataset and the model on the driver, and Ray connected (whether it is local).
+
+    A generated dataset (MNIST-1D: no file to read, no user code, its arguments checked with
+    the config) with a built-in model is prepared in a thread while Ray starts: the data cost
+    no wall-clock. Anything else (files, a user function or model) is loaded first, so its
+    errors still come before Ray starts; a built-in model that refuses MNIST-1D's shape, found
+    after Ray started, stops that Ray before the error leaves (nothing else changed).
+    A local Ray starts without the dashboard: a run reads nothing from it (sweeps keep it:
+    Tune's early stopping needs its State API)."""
+    import ray
+
+    from twa_ray.connect import connect_ray
+    from twa_ray.models import MODELS
+
+    if not (d.dataset == "mnist1d" and d.model in MODELS):
+        splits, model = _data_and_model(d)
+        return splits, model, connect_ray(address, dashboard=False)
+    started = not ray.is_initialized()
+    prepared = _in_thread(_data_and_model, d)
+    try:
+        local = connect_ray(address, dashboard=False)
+        splits, model = prepared()
+    except BaseException:
+        if started and ray.is_initialized():
+            ray.shutdown()
+        raise
+    return splits, model, local
+
+
+def _data_and_model(d: DataConfig) -> tuple[Any, torch.nn.Module]:
+    """The dataset and the model built for it; a bad name or a missing root is one clear error
+    here, not a failure inside every Ray Train worker."""
+    splits = load_dataset(
+        d.dataset, root=d.data_root, val_frac=d.val_frac, seed=d.seed, num_samples=d.num_samples
+    )
+    model = build_model(d.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
+    return splits, model
+
+
+def _in_thread(fn: Callable[..., _T], *args: Any) -> Callable[[], _T]:
+    """Start ``fn(*args)`` in a daemon thread (a Ctrl-C does not wait for it); the returned
+    function waits for it and returns its result or raises its exception."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as e:
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="twa-ray-data", daemon=True)
+    thread.start()
+
+    def wait() -> _T:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["result"]  # type: ignore[no-any-return]
+
+    return wait
 
 
 def sample(run: _Run) -> SamplingResult:
@@ -233,7 +299,12 @@ def sample(run: _Run) -> SamplingResult:
         run.run_id,
     )
     sampled = run_sampling(
-        run.cfg.data, s, store_uri=run.cfg.store_uri, run_dir=run.work, run_id=run.run_id
+        run.cfg.data,
+        s,
+        store_uri=run.cfg.store_uri,
+        run_dir=run.work,
+        run_id=run.run_id,
+        data_ref=run.data_ref,
     )
     log.info("sampling done: %d candidates in %.0f s", len(sampled.candidates), sampled.wall_time_s)
     return sampled
@@ -261,7 +332,13 @@ def learn_coefficients(run: _Run, basis: _Basis) -> dict[str, TWAResult]:
 
     group = CoeffGroupConfig.of_sampling(run.cfg.sampling, _modes(run.cfg))
     return run_twa(
-        basis.sharded, run.cfg.data, run.cfg.twa, group, run_dir=run.work, run_id=run.run_id
+        basis.sharded,
+        run.cfg.data,
+        run.cfg.twa,
+        group,
+        run_dir=run.work,
+        run_id=run.run_id,
+        data_ref=run.data_ref,
     )
 
 
@@ -364,6 +441,7 @@ def _sgd_run(run: _Run, epochs: int, tag: str) -> list[dict[str, float]]:
         store_uri=run.storage.join(f"{tag}_candidates"),
         run_dir=run.work,
         run_id=f"{run.run_id}-{tag}",
+        data_ref=run.data_ref,
     )
     return res.history
 

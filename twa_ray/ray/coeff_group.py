@@ -152,6 +152,9 @@ class CoeffJob:
     group: CoeffGroupConfig
     sharded: ShardedSubspace
     placement: PlacementChoice
+    data_ref: Any = None
+    """The driver's dataset in the object store (:func:`~twa_ray.ray.group.ship_splits`), or
+    None: each worker loads it."""
 
 
 @dataclass
@@ -238,6 +241,7 @@ def run_twa(
     *,
     run_dir: str,
     run_id: str = "twa",
+    data_ref: Any = None,
 ) -> dict[str, TWAResult]:
     """Learn the coefficients on ``group.num_workers`` Ray Train workers, for each mode in turn.
 
@@ -254,6 +258,8 @@ def run_twa(
             Ray Train writes under ``run_dir/ray_train``, the resolved config goes to
             ``run_dir/twa_<run_id>.json``, each mode's summary to ``twa_<run_id>_<mode>.json``.
         run_id: names the Ray Train run (``twa_<run_id>``); the same id and run_dir resume.
+        data_ref: the dataset the driver shipped (:func:`~twa_ray.ray.group.ship_splits`), or
+            None: each worker loads ``data``.
 
     Returns:
         ``{mode: TWAResult}``; every result carries the SWA metrics when ``group.eval_swa``.
@@ -268,7 +274,7 @@ def run_twa(
         raise ValueError(problem)
     rd = open_storage(run_dir)
     check_data_root_on_nodes(data)
-    job = CoeffJob(data, twa, group, sharded, choose_placement(sharded, twa, group))
+    job = CoeffJob(data, twa, group, sharded, choose_placement(sharded, twa, group), data_ref)
     rd.write_json(
         f"twa_{run_id}.json",
         {
@@ -440,7 +446,7 @@ def _setup_worker(job: CoeffJob) -> Worker:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     # ---- data: train (TWA-t, BN statistics), held-out val (TWA-v, report), test (report)
-    splits = load_worker_splits(job.data)
+    splits = load_worker_splits(job.data, job.data_ref)
     kw = loader_options(device)
     evaluation = standard_evaluation(
         DataLoader(

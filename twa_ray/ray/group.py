@@ -2,10 +2,12 @@
 
 Driver side: :func:`check_run_id`, :func:`fit_group` (a ``TorchTrainer`` whose ``RunConfig``
 points at the run's storage: a local path or any ``pyarrow.fs`` URI, see :mod:`twa_ray.storage`;
-it restarts the workers only for what a restart can fix) and :func:`check_data_root_on_nodes` (every node that can host a worker checks ``--data-root``
-before training). Worker side: :func:`load_worker_splits` (the dataset, after checking the data
-root on this node), :func:`report` (every rank reports, a barrier; rank 0 attaches the
-checkpoint files) and :class:`CheckpointClock` (when the next report is due).
+it restarts the workers only for what a restart can fix), :func:`check_data_root_on_nodes`
+(every node that can host a worker checks ``--data-root`` before training) and
+:func:`ship_splits` (the driver's dataset in the object store). Worker side:
+:func:`load_worker_splits` (the shipped dataset or its own, after checking the data root on this
+node), :func:`report` (every rank reports, a barrier; rank 0 attaches the checkpoint files) and
+:class:`CheckpointClock` (when the next report is due).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ __all__ = [
     "check_run_id",
     "fit_group",
     "check_data_root_on_nodes",
+    "ship_splits",
     "load_worker_splits",
     "report",
     "CheckpointClock",
@@ -246,14 +249,45 @@ def check_data_root_on_nodes(data: DataConfig) -> None:
         )
 
 
-def load_worker_splits(data: DataConfig) -> Any:
-    """The dataset on a worker, after checking the data root on this node."""
+SHIP_MAX_BYTES = 256 << 20
+"""The largest dataset :func:`ship_splits` puts in the object store (tensor bytes, all splits)."""
+
+
+def ship_splits(splits: Any) -> Any:
+    """The driver's dataset in the object store (an ``ObjectRef``) for the workers to read
+    instead of building it again, or None: the workers then load it themselves.
+
+    The rule: every split is an in-memory ``TensorDataset`` (MNIST-1D, a user function that
+    returns tensors) of at most :data:`SHIP_MAX_BYTES` in all. A dataset that reads files per
+    item or transforms them (CIFAR, image folders, any other ``Dataset``: it may not pickle, or
+    may hold open files) or a larger one stays where it is; each worker loads its own."""
+    from torch.utils.data import TensorDataset
+
+    parts = [splits.train, splits.val, splits.test]
+    if not all(isinstance(p, TensorDataset) for p in parts):
+        return None
+    size = sum(t.numel() * t.element_size() for p in parts for t in p.tensors)
+    if size > SHIP_MAX_BYTES:
+        return None
+    import ray
+
+    return ray.put(splits)
+
+
+def load_worker_splits(data: DataConfig, shipped: Any = None) -> Any:
+    """The dataset on a worker, after checking the data root on this node: the driver's copy
+    when it shipped one (``shipped``: :func:`ship_splits`'s reference; the same tensors, bit
+    for bit), else loaded here."""
     from twa_ray.data import load_dataset
 
     if _needs_root(data):
         problem = _missing_root(str(data.data_root))
         if problem:
             raise FileNotFoundError(problem)
+    if shipped is not None:
+        import ray
+
+        return ray.get(shipped)
     try:
         return load_dataset(
             data.dataset,
