@@ -240,7 +240,8 @@ def table(result: dict[str, Any]) -> list[str]:
     head = (
         f"Sampling phase, MNIST-1D MLP, {result['num_samples']} samples, {result['workers']} "
         f"workers, {result['sample_epochs']} of {result['epochs']} epochs; CPU {result['cpu']}, "
-        f"{result['cores']} cores"
+        f"{result['cores']} cores, load average {result['load_avg_1min'][0]:.1f} -> "
+        f"{result['load_avg_1min'][1]:.1f}"
     )
     header = ["system", "wall s", "epochs s", "s / epoch", "fixed s", "test acc"]
     return [head, "", *markdown_table(header, rows), "", f"Ray/DDP wall-clock: **{ratio:.2f}x**"]
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     from twa_ray.data import load_dataset
 
     load_dataset(data.dataset, num_samples=data.num_samples)  # generated and cached, not timed
+    load_before = os.getloadavg()[0]
     ddp = plain_ddp(args)
     ray_res = ray_train(args)
     result = {
@@ -274,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "ray_train": ray_res,
         "ratio_wall": ray_res["wall_s"] / ddp["wall_s"],
         "ratio_epochs": ray_res["epoch_s"] / ddp["epoch_s"],
+        "load_avg_1min": [load_before, os.getloadavg()[0]],  # a shared machine: before, after
     }
     print("\n".join(table(result)))
     if not args.smoke_test:
