@@ -86,6 +86,8 @@ def test_only_in_memory_tensor_datasets_within_the_limit_are_shipped(monkeypatch
     splits = _driver_splits()
     other = DataSplits(_Items(4), _Items(2), _Items(2), num_classes=2, input_shape=(4,))
     assert ship_splits(other) is None
+    off_cpu = TensorDataset(torch.zeros(2, 4, device="meta"), torch.zeros(2, device="meta"))
+    assert ship_splits(DataSplits(off_cpu, off_cpu, off_cpu, 2, (4,))) is None
     size = sum(t.numel() * t.element_size() for t in _tensors(splits))
     monkeypatch.setattr(group, "SHIP_MAX_BYTES", size - 1)
     assert ship_splits(splits) is None

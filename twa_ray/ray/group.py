@@ -257,17 +257,20 @@ def ship_splits(splits: Any) -> Any:
     """The driver's dataset in the object store (an ``ObjectRef``) for the workers to read
     instead of building it again, or None: the workers then load it themselves.
 
-    The rule: every split is an in-memory ``TensorDataset`` (MNIST-1D, a user function that
-    returns tensors) of at most :data:`SHIP_MAX_BYTES` in all. A dataset that reads files per
-    item or transforms them (CIFAR, image folders, any other ``Dataset``: it may not pickle, or
-    may hold open files) or a larger one stays where it is; each worker loads its own."""
+    The rule: every split is an in-memory ``TensorDataset`` on the CPU (MNIST-1D, a user
+    function that returns tensors) of at most :data:`SHIP_MAX_BYTES` in all. A dataset that
+    reads or transforms its items (CIFAR, image folders, any other ``Dataset``: it may not
+    pickle, or may hold open files), one on a GPU, or a larger one stays where it is; each
+    worker loads its own."""
     from torch.utils.data import TensorDataset
 
     parts = [splits.train, splits.val, splits.test]
     if not all(isinstance(p, TensorDataset) for p in parts):
         return None
-    size = sum(t.numel() * t.element_size() for p in parts for t in p.tensors)
-    if size > SHIP_MAX_BYTES:
+    tensors = [t for p in parts for t in p.tensors]
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    if sum(t.numel() * t.element_size() for t in tensors) > SHIP_MAX_BYTES:
         return None
     import ray
 
