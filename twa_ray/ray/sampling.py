@@ -234,7 +234,14 @@ def run_sampling(
     _save_or_check_config(rd, run_id, data, sampling)
     check_data_root_on_nodes(data)
 
-    job = SamplingJob(data, sampling, store_uri, run_id, progress, data_ref)
+    job = SamplingJob(
+        data=data,
+        sampling=sampling,
+        store_uri=store_uri,
+        run_id=run_id,
+        progress=progress,
+        data_ref=data_ref,
+    )
     # raises TrainingFailedError once max_failures is exhausted
     result = fit_group(
         sampling_loop_per_worker,
