@@ -292,6 +292,21 @@ BAD_RUN = [
 ]
 
 
+@pytest.mark.ray
+def test_a_model_that_refuses_the_generated_data_stops_the_ray_it_overlapped(tmp_path, capsys):
+    """MNIST-1D with a built-in model is prepared while Ray starts (issue 28): a model that
+    refuses its shape is still one line, exit 2, nothing written, and no Ray left running."""
+    import ray
+
+    out = tmp_path / "o"
+    assert main(["run", "--smoke-test", "--out", str(out), "--model", "resnet20"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("twa-ray: error:") and "resnet20 takes images" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not ray.is_initialized()
+    assert not (out / "run.json").exists()
+
+
 @pytest.mark.parametrize("argv,needle", BAD_RUN)
 def test_bad_run_flags_exit_2_before_ray_starts(tmp_path, capsys, argv, needle):
     import ray

@@ -388,12 +388,8 @@ def _average(
         _accuracies(model, layout, thetas[saved](), {"bn": loaders["bn"]})
     metrics = {
         "methods": methods,
-<<<<<<< HEAD
-        **best_method(methods, saved_model=saved),
-        "data": splits.summary(),
-=======
         **best_method(methods, saved_model=saved, saved_reason=reason),
->>>>>>> d-free
+        "data": splits.summary(),
         "num_candidates": len(names),
         "numel": layout.numel,
         "subspace": {**summary, "rows": subspace.num_rows, "blocks": subspace.num_blocks},

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from twa_ray import outdir
-from twa_ray.config import RunConfig, SamplingConfig
+from twa_ray.config import DataConfig, RunConfig, SamplingConfig
 from twa_ray.core.baselines import greedy_soup
 from twa_ray.core.evaluate import BN_BATCH, evaluate, make_scorer
 from twa_ray.core.layout import Layout, load_flat_
@@ -112,6 +113,7 @@ class _Run:
     model: torch.nn.Module  # the architecture on the driver: the best method's weights go here
     layout: Layout
     given_store: str | None  # --store as given (None: the default under the storage), saved
+    data_ref: Any = None  # the dataset in the object store (ray.group.ship_splits), or None
 
     @property
     def out(self) -> Path:
@@ -192,11 +194,12 @@ class _Stopwatch:
 
 
 def setup(cfg: RunConfig, outputs: outdir.Outputs, *, wall: _Stopwatch | None = None) -> _Run:
-    """With the outputs checked: load the data and model on the driver, connect to Ray, check
-    the cluster, then claim the outputs. ``wall`` gains ``data_preparation`` and ``ray_start``."""
+    """With the outputs checked: load the data and model on the driver while Ray starts (see
+    :func:`_prepare_and_connect`), check the cluster, claim the outputs, then ship the dataset
+    to the workers through the object store (:func:`~twa_ray.ray.group.ship_splits`). ``wall``
+    gains ``data_preparation`` and ``ray_start`` (they overlap for MNIST-1D)."""
     wall = wall or _Stopwatch()
-    from twa_ray.connect import connect_ray
-    from twa_ray.ray.group import check_data_root_on_nodes
+    from twa_ray.ray.group import check_data_root_on_nodes, ship_splits
 
     assert outputs.storage is not None and outputs.out is not None
     # workers may run in another directory: every local path they see is absolute
@@ -212,23 +215,84 @@ def setup(cfg: RunConfig, outputs: outdir.Outputs, *, wall: _Stopwatch | None = 
         store=given_store or outputs.storage.join("candidates"),
         data=dataclasses.replace(cfg.data, data_root=data_root),
     )
-    # the data and the model on the driver first: a missing dataset root or a bad model name is
-    # one clear error here, not a failure inside every Ray Train worker
-    splits, model = wall("data_preparation", _data_and_model, cfg)
-    local = wall("ray_start", connect_ray, outputs.req.address)
+    splits, model, local = _prepare_and_connect(cfg.data, outputs.req.address, wall)
     check_resources(cfg.sampling, fixed=local)
     check_multi_node(shared_paths, shared_fs=cfg.shared_fs)
     check_data_root_on_nodes(cfg.data)
     outputs.claim()
     layout = Layout.from_module(model)
-    return _Run(cfg, outputs, splits=splits, model=model, layout=layout, given_store=given_store)
+    return _Run(
+        cfg,
+        outputs,
+        splits=splits,
+        model=model,
+        layout=layout,
+        given_store=given_store,
+        data_ref=ship_splits(splits),
+    )
 
 
-def _data_and_model(cfg: RunConfig) -> tuple[Any, torch.nn.Module]:
-    d = cfg.data
+def _prepare_and_connect(
+    d: DataConfig, address: str | None, wall: _Stopwatch
+) -> tuple[Any, torch.nn.Module, bool]:
+    """The dataset and the model on the driver, and Ray connected (whether it is local).
+
+    A generated dataset (MNIST-1D: no file to read, no user code, its arguments checked with
+    the config) with a built-in model is prepared in a thread while Ray starts: the data cost
+    no wall-clock. Anything else (files, a user function or model) is loaded first, so its
+    errors still come before Ray starts; a built-in model that refuses MNIST-1D's shape, found
+    after Ray started, stops that Ray before the error leaves (nothing else changed).
+    A local Ray starts without the dashboard: a run reads nothing from it (sweeps keep it:
+    Tune's early stopping needs its State API)."""
+    import ray
+
+    from twa_ray.connect import connect_ray
+    from twa_ray.models import MODELS
+
+    if not (d.dataset == "mnist1d" and d.model in MODELS):
+        splits, model = wall("data_preparation", _data_and_model, d)
+        return splits, model, wall("ray_start", connect_ray, address, dashboard=False)
+    started = not ray.is_initialized()
+    prepared = _in_thread(wall, "data_preparation", _data_and_model, d)
+    try:
+        local = wall("ray_start", connect_ray, address, dashboard=False)
+        splits, model = prepared()
+    except BaseException:
+        if started and ray.is_initialized():
+            ray.shutdown()
+        raise
+    return splits, model, local
+
+
+def _data_and_model(d: DataConfig) -> tuple[Any, torch.nn.Module]:
+    """The dataset and the model built for it; a bad name or a missing root is one clear error
+    here, not a failure inside every Ray Train worker."""
     splits = load_data(d)
     model = build_model(d.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
     return splits, model
+
+
+def _in_thread(fn: Callable[..., _T], *args: Any) -> Callable[[], _T]:
+    """Start ``fn(*args)`` in a daemon thread (a Ctrl-C does not wait for it); the returned
+    function waits for it and returns its result or raises its exception."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as e:
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="twa-ray-data", daemon=True)
+    thread.start()
+
+    def wait() -> _T:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["result"]  # type: ignore[no-any-return]
+
+    return wait
 
 
 def learn(run: _Run) -> _Learned:
@@ -255,6 +319,7 @@ def learn(run: _Run) -> _Learned:
         store_uri=run.cfg.store_uri,
         run_dir=run.work,
         run_id=run.run_id,
+        data_ref=run.data_ref,
     )
     store = CandidateStore(run.cfg.store_uri)
     names = [n for n in store.names() if store.info(n).run_id == run.run_id]
@@ -399,6 +464,7 @@ def _sgd_run(run: _Run, epochs: int, tag: str) -> list[dict[str, float]]:
         store_uri=run.storage.join(f"{tag}_candidates"),
         run_dir=run.work,
         run_id=f"{run.run_id}-{tag}",
+        data_ref=run.data_ref,
     )
     return res.history
 

@@ -154,6 +154,9 @@ class CoeffJob:
     group: CoeffGroupConfig
     sharded: ShardedSubspace
     placement: PlacementChoice
+    data_ref: Any = None
+    """The driver's dataset in the object store (:func:`~twa_ray.ray.group.ship_splits`), or
+    None: each worker loads it."""
 
 
 @dataclass
@@ -263,6 +266,7 @@ def run_twa(
     *,
     run_dir: str,
     run_id: str = "twa",
+    data_ref: Any = None,
 ) -> dict[str, TWAResult]:
     """Learn the coefficients on ``group.num_workers`` Ray Train workers, for each mode in turn.
 
@@ -279,6 +283,8 @@ def run_twa(
             Ray Train writes under ``run_dir/ray_train``, the resolved config goes to
             ``run_dir/twa_<run_id>.json``, each mode's summary to ``twa_<run_id>_<mode>.json``.
         run_id: names the Ray Train run (``twa_<run_id>``); the same id and run_dir resume.
+        data_ref: the dataset the driver shipped (:func:`~twa_ray.ray.group.ship_splits`), or
+            None: each worker loads ``data``.
 
     Returns:
         ``{mode: TWAResult}``; every result carries the SWA metrics when ``group.eval_swa``.
@@ -293,7 +299,7 @@ def run_twa(
         raise ValueError(problem)
     rd = open_storage(run_dir)
     check_data_root_on_nodes(data)
-    job = CoeffJob(data, twa, group, sharded, choose_placement(sharded, twa, group))
+    job = CoeffJob(data, twa, group, sharded, choose_placement(sharded, twa, group), data_ref)
     rd.write_json(
         f"twa_{run_id}.json",
         {
@@ -538,7 +544,7 @@ def _setup_worker(job: CoeffJob, splits: Any, carry: dict[str, Any]) -> Worker:
     device = ray.train.torch.get_device()
     # ---- data: train (TWA-t, BN statistics), held-out val (TWA-v, report), test (report)
     if splits is None:
-        splits = load_worker_splits(job.data)
+        splits = load_worker_splits(job.data, job.data_ref)
     kw = loader_options(device)
     evaluation = standard_evaluation(
         DataLoader(

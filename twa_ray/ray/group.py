@@ -2,12 +2,14 @@
 
 Driver side: :func:`check_run_id`, :func:`fit_group` (a ``TorchTrainer`` whose ``RunConfig``
 points at the run's storage: a local path or any ``pyarrow.fs`` URI, see :mod:`twa_ray.storage`;
-it restarts the workers only for what a restart can fix) and :func:`check_data_root_on_nodes` (every node that can host a worker checks ``--data-root``
-before training). Worker side: :func:`load_worker_splits` (the dataset, after checking the data
-root on this node), :func:`report` (every rank reports, a barrier; rank 0 attaches the
-checkpoint files), :class:`CheckpointClock` (when the next report is due), :data:`TIMER` (rank 0's
-seconds per phase of the loop) and :func:`checkpoint_phase` (which phase the checkpoint a worker
-resumes from holds: its ``phase.json``).
+it restarts the workers only for what a restart can fix), :func:`check_data_root_on_nodes`
+(every node that can host a worker checks ``--data-root`` before training) and
+:func:`ship_splits` (the driver's dataset in the object store). Worker side:
+:func:`load_worker_splits` (the shipped dataset or its own, after checking the data root on this
+node), :func:`report` (every rank reports, a barrier; rank 0 attaches the checkpoint files),
+:class:`CheckpointClock` (when the next report is due), :data:`TIMER` (rank 0's seconds per
+phase of the loop) and :func:`checkpoint_phase` (which phase the checkpoint a worker resumes
+from holds: its ``phase.json``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "check_run_id",
     "fit_group",
     "check_data_root_on_nodes",
+    "ship_splits",
     "load_worker_splits",
     "report",
     "CheckpointClock",
@@ -259,14 +262,48 @@ def check_data_root_on_nodes(data: DataConfig) -> None:
         )
 
 
-def load_worker_splits(data: DataConfig) -> Any:
-    """The dataset on a worker, after checking the data root on this node."""
+SHIP_MAX_BYTES = 256 << 20
+"""The largest dataset :func:`ship_splits` puts in the object store (tensor bytes, all splits)."""
+
+
+def ship_splits(splits: Any) -> Any:
+    """The driver's dataset in the object store (an ``ObjectRef``) for the workers to read
+    instead of building it again, or None: the workers then load it themselves.
+
+    The rule: every split is an in-memory ``TensorDataset`` on the CPU (MNIST-1D, a user
+    function that returns tensors) of at most :data:`SHIP_MAX_BYTES` in all. A dataset that
+    reads or transforms its items (CIFAR, image folders, any other ``Dataset``: it may not
+    pickle, or may hold open files), one on a GPU, or a larger one stays where it is; each
+    worker loads its own."""
+    from torch.utils.data import TensorDataset
+
+    parts = [splits.train, splits.val, splits.test]
+    if not all(isinstance(p, TensorDataset) for p in parts):
+        return None
+    tensors = [t for p in parts for t in p.tensors]
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    if sum(t.numel() * t.element_size() for t in tensors) > SHIP_MAX_BYTES:
+        return None
+    import ray
+
+    return ray.put(splits)
+
+
+def load_worker_splits(data: DataConfig, shipped: Any = None) -> Any:
+    """The dataset on a worker, after checking the data root on this node: the driver's copy
+    when it shipped one (``shipped``: :func:`ship_splits`'s reference; the same tensors, bit
+    for bit), else loaded here."""
     from twa_ray.data import load_data
 
     if _needs_root(data):
         problem = _missing_root(str(data.data_root))
         if problem:
             raise FileNotFoundError(problem)
+    if shipped is not None:
+        import ray
+
+        return ray.get(shipped)
     try:
         return load_data(data)
     except Exception as e:

@@ -87,6 +87,7 @@ def run_path(
     run_dir: str,
     run_id: str,
     progress: bool = True,
+    data_ref: Any = None,
 ) -> RunOutcome:
     """Sampling, the basis and the coefficients of ``group.modes`` in ONE Ray Train worker
     group (``run_dir/ray_train/twa_<run_id>``; the same ``run_id`` and ``run_dir`` resume).
@@ -98,7 +99,7 @@ def run_path(
     and rank 0's seconds per phase (``<phase>/<part>``, summed over the attempts).
     """
     rd = prepare_run(data, sampling, store_uri=store_uri, run_dir=run_dir, run_id=run_id)
-    job = RunJob(SamplingJob(data, sampling, store_uri, run_id, progress), twa, group)
+    job = RunJob(SamplingJob(data, sampling, store_uri, run_id, progress, data_ref), twa, group)
     started: list[float] = []  # each attempt's fit start
     t0 = time.perf_counter()
     result = fit_group(
@@ -136,7 +137,7 @@ def run_loop_per_worker(job: RunJob) -> None:
         splits, layout = w.splits, Layout.from_module(w.inner)
         carry = sampling_files(w, state, optimizer=False) if rank == 0 else {}
     else:  # a restart in the coefficient phase
-        splits, layout = _data_and_layout(job.sampling.data)
+        splits, layout = _data_and_layout(job.sampling.data, job.sampling.data_ref)
         carry = _carried() if rank == 0 else {}
     TIMER.phase = "coefficients"
     with TIMER("basis"):
@@ -145,11 +146,11 @@ def run_loop_per_worker(job: RunJob) -> None:
     coeff_phase(coeff, splits=splits, carry=carry, resume=not sampling)
 
 
-def _data_and_layout(data: DataConfig) -> tuple[Any, Layout]:
+def _data_and_layout(data: DataConfig, data_ref: Any) -> tuple[Any, Layout]:
     """The dataset and the model's layout (a restart in the coefficient phase builds B again)."""
     from twa_ray.models import build_model
 
-    splits = load_worker_splits(data)
+    splits = load_worker_splits(data, data_ref)
     model = build_model(data.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
     return splits, Layout.from_module(model)
 

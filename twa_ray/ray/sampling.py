@@ -33,7 +33,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -95,9 +95,15 @@ class SamplingJob:
     run_id: str
     progress: bool = True
     """Rank 0 logs one line per epoch."""
+    data_ref: Any = None
+    """The driver's dataset in the object store (:func:`~twa_ray.ray.group.ship_splits`), or
+    None: each worker loads it."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The job as JSON-friendly values (without ``data_ref``: a process's reference)."""
+        d = asdict(replace(self, data_ref=None))
+        del d["data_ref"]
+        return d
 
 
 @dataclass
@@ -203,6 +209,7 @@ def run_sampling(
     run_dir: str,
     run_id: str,
     progress: bool = True,
+    data_ref: Any = None,
 ) -> SamplingResult:
     """Run the sampling phase as a Ray Train ``TorchTrainer`` and return what it wrote.
 
@@ -216,6 +223,8 @@ def run_sampling(
         run_id: names the run: calling again with the same ``run_id`` and ``run_dir`` resumes
             (or, when finished, just reads back) the run; ``[A-Za-z0-9._-]``.
         progress: rank 0 logs one line per epoch (Ray forwards worker logs to the driver).
+        data_ref: the dataset the driver shipped (:func:`~twa_ray.ray.group.ship_splits`), or
+            None: each worker loads ``data``.
 
     Raises:
         ValueError: bad ``run_id``, a store holding another run's candidates, or a ``run_dir``
@@ -225,7 +234,12 @@ def run_sampling(
     t0 = time.perf_counter()
     rd = prepare_run(data, sampling, store_uri=store_uri, run_dir=run_dir, run_id=run_id)
     job = SamplingJob(
-        data=data, sampling=sampling, store_uri=store_uri, run_id=run_id, progress=progress
+        data=data,
+        sampling=sampling,
+        store_uri=store_uri,
+        run_id=run_id,
+        progress=progress,
+        data_ref=data_ref,
     )
     # raises TrainingFailedError once max_failures is exhausted
     result = fit_group(
@@ -422,7 +436,7 @@ def _setup(job: SamplingJob) -> _Worker:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    splits = load_worker_splits(job.data)
+    splits = load_worker_splits(job.data, job.data_ref)
     sampler, loader, eval_loaders = _setup_data(job, splits, rank, world, device)
     model, opt = _setup_model(job, splits)
     steps_per_epoch, split_sizes = len(loader), splits.sizes()
