@@ -15,6 +15,10 @@ training and above SWA, EMA and sgd_short, at <= 0.65x its wall time.
     python bench/claims.py                       # seeds 200-204 (never used for tuning): ~12 min
     python bench/claims.py --seeds 200 --out bench/claims_large -- --num-samples 60000
 
+The Ray tax (issue 28): per seed the same sampling run as plain PyTorch DDP (gloo, the same
+workers, no Ray: :func:`ray_tax.plain_ddp`) is timed too, and ``sgd_sampled``'s wall seconds (a
+Ray Train run producing only that model) are divided by it (``--no-ddp`` skips it).
+
 Flags after ``--`` go to ``twa-ray run``. Writes ``OUT.json``, ``OUT.md`` and ``OUT.png``; every
 run stays under ``--work`` (``--reuse`` reads finished runs back instead of running them again).
 """
@@ -74,6 +78,29 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     if rc != 0:
         raise SystemExit(f"seed {seed}: twa-ray run exited {rc}; see {log}")
     return json.loads(metrics.read_text())
+
+
+def ddp_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling run of ``seed`` as plain DDP (no Ray), with ``--num-samples`` of the run's flags."""
+    from ray_tax import plain_ddp
+
+    flags = args.run_args
+    n = int(flags[flags.index("--num-samples") + 1]) if "--num-samples" in flags else None
+    return plain_ddp(argparse.Namespace(num_samples=n, seed=seed))
+
+
+def ray_tax(runs: dict[int, dict[str, Any]], ddp: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Mean wall seconds of the Ray Train sampling run (``sgd_sampled``) and of plain DDP, and
+    the paired mean of their ratio."""
+    if not ddp:
+        return {}
+    pairs = [(runs[s]["methods"]["sgd_sampled"]["wall_s"], d["wall_s"]) for s, d in ddp.items()]
+    return {
+        "ray_train_s": statistics.mean(r for r, _ in pairs),
+        "plain_ddp_s": statistics.mean(d for _, d in pairs),
+        "plain_ddp_test_acc": 100 * statistics.mean(d["test_acc"] for d in ddp.values()),
+        "ratio": statistics.mean(r / d for r, d in pairs),
+    }
 
 
 def interval(xs: list[float]) -> tuple[float, float]:
@@ -165,6 +192,14 @@ def markdown(
         f"(<= 0.65: {check['wall_ratio_at_most_0.65']}; <= 0.75: {check['wall_ratio_at_most_0.75']}); "
         f"fixed cost {check['fixed_cost_s'] or math.nan:.1f} s (<= 10: {check['fixed_cost_at_most_10s']})",
     ]
+    tax = check.get("ray_tax")
+    if tax:
+        lines += [
+            "",
+            f"Ray tax: the sampling run on Ray Train {tax['ray_train_s']:.1f} s (sgd_sampled, Ray "
+            f"start included) vs plain PyTorch DDP {tax['plain_ddp_s']:.1f} s (gloo, no Ray; test "
+            f"{tax['plain_ddp_test_acc']:.2f} %): {tax['ratio']:.2f}x",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -249,11 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=str(HERE / "_work" / "claims"))
     p.add_argument("--out", default=str(HERE / "claims"), help="writes OUT.json, OUT.md, OUT.png")
     p.add_argument("--reuse", action="store_true", help="read finished runs under --work back")
+    p.add_argument("--no-ddp", action="store_true", help="skip the plain-DDP run (the Ray tax)")
     p.add_argument("run_args", nargs="*", help="flags for twa-ray run (after --)")
     args = p.parse_args(argv)
-    t0, runs = time.time(), {}
+    t0, runs, ddp = time.time(), {}, {}
     for seed in args.seeds:
         runs[seed] = run_seed(seed, args)
+        if not args.no_ddp:
+            ddp[seed] = ddp_seed(seed, args)
         m = runs[seed]["methods"]
         print(
             f"[{time.time() - t0:5.0f} s] seed {seed}: "
@@ -265,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(runs)
     saved = next(iter(runs.values()))["saved_model"]
     phases = mean_phases(runs)
-    check = checks(rows, saved, phases)
+    check = {**checks(rows, saved, phases), "ray_tax": ray_tax(runs, ddp)}
     head = (
         f"`twa-ray run --compare-full {' '.join(args.run_args)}`, seeds {args.seeds}, {time.strftime('%Y-%m-%d')}, "
         f"CPU {cpu_model()}, {os.cpu_count()} cores"
