@@ -470,8 +470,9 @@ def _sgd_run(run: _Run, epochs: int, tag: str) -> list[dict[str, float]]:
 
 
 def write(run: _Run, learned: _Learned, methods: _Methods, *, start: float) -> dict[str, Any]:
-    """The best model (TWA-v when it ran, the paper's better variant, else TWA-t), metrics.json,
-    coefficients, plots and the table; a copy in ``--storage`` when it is elsewhere."""
+    """The saved model (``--save``, or the learned variant of higher val accuracy:
+    :func:`~twa_ray.report.choose_saved`), metrics.json, coefficients, plots and the table; a
+    copy in ``--storage`` when it is elsewhere."""
     t0 = time.perf_counter()
     cfg, out, results = run.cfg, run.out, learned.results
     saved, reason = choose_saved(  # the learned variants: chosen on val (issue 29 item 3)
