@@ -363,10 +363,16 @@ class CoeffOutcome:
     block_labels: list[str]
 
 
-def read_outcome(checkpoint: Any, wall: float = 0.0) -> CoeffOutcome:
-    """The :class:`CoeffOutcome` in ``checkpoint`` (the final one of the phase)."""
-    with checkpoint.as_directory() as d:
-        out = torch.load(os.path.join(d, RESULT_FILE), map_location="cpu", weights_only=True)
+def read_outcome(
+    checkpoint: Any, wall: float = 0.0, *, local_dir: str | None = None
+) -> CoeffOutcome:
+    """The :class:`CoeffOutcome` in ``checkpoint`` (the final one of the phase); ``local_dir``:
+    its files already on this machine (``checkpoint.as_directory()``), else fetched here."""
+    if local_dir is None:
+        with checkpoint.as_directory() as d:
+            return read_outcome(checkpoint, wall, local_dir=d)
+    path = os.path.join(local_dir, RESULT_FILE)
+    out = torch.load(path, map_location="cpu", weights_only=True)
     weights = {k: MethodWeights(**v) for k, v in out["weights"].items()}
     results = {
         mode: TWAResult(

@@ -114,9 +114,9 @@ def run_path(
         started=started,
     )
     wall = time.perf_counter() - t0
-    coeff = read_outcome(result.checkpoint, wall)
-    sampled = read_sampling(result.checkpoint, job.sampling, wall)
-    with result.checkpoint.as_directory() as d:
+    with result.checkpoint.as_directory() as d:  # fetched once (a download on remote storage)
+        coeff = read_outcome(result.checkpoint, wall, local_dir=d)
+        sampled = read_sampling(result.checkpoint, job.sampling, wall, local_dir=d)
         with open(os.path.join(d, PHASE_FILE)) as f:
             phase = json.load(f)
     seconds = {"group": wall, "worker_startup": max(phase["started_at"] - started[-1], 0.0)}

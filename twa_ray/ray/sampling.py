@@ -270,11 +270,16 @@ def prepare_run(
     return rd
 
 
-def read_sampling(checkpoint: Any, job: SamplingJob, wall: float) -> SamplingResult:
+def read_sampling(
+    checkpoint: Any, job: SamplingJob, wall: float, *, local_dir: str | None = None
+) -> SamplingResult:
     """The :class:`SamplingResult` in a run's final checkpoint (``meta.json``, ``state.pt``),
-    after checking that the store holds every candidate it recorded."""
-    with checkpoint.as_directory() as d:
-        state = SamplingState.from_dir(d)
+    after checking that the store holds every candidate it recorded; ``local_dir``: the
+    checkpoint's files already on this machine, else fetched here."""
+    if local_dir is None:
+        with checkpoint.as_directory() as d:
+            return read_sampling(checkpoint, job, wall, local_dir=d)
+    state = SamplingState.from_dir(local_dir)
     _check_written(job.store_uri, job.run_id, state.candidates)
     history = state.history
     final = {**(history[-1] if history else {}), **state.sizes}
