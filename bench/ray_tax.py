@@ -7,7 +7,7 @@ bench/RESULTS.md, "Ray tax").
 
 The same run twice in one process invocation: the default job's sampling phase (MNIST-1D MLP,
 2 workers x 1 CPU, 20 of the 40 epochs' schedule, a candidate snapshot every epoch, val/test
-evaluated every epoch), with the product's data (:func:`twa_ray.data.load_dataset`), model
+evaluated every epoch), with the product's data (:func:`twa_ray.data.load_data`), model
 (:func:`twa_ray.models.build_model`, seeded as the workers seed it), learning-rate schedule
 and snapshot writer (:func:`twa_ray.snapshot`):
 
@@ -113,7 +113,7 @@ def _ddp_worker(
 
     from twa_ray.core.bn import all_reduce_
     from twa_ray.core.evaluate import EVAL_BATCH, evaluate_sharded
-    from twa_ray.data import load_dataset
+    from twa_ray.data import load_data
     from twa_ray.models import build_model
     from twa_ray.ray.sampling import _lr_schedule  # the product's schedule, not a copy
     from twa_ray.ray.worker import strided
@@ -124,9 +124,7 @@ def _ddp_worker(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     d = data
-    splits = load_dataset(
-        d.dataset, root=d.data_root, val_frac=d.val_frac, seed=d.seed, num_samples=d.num_samples
-    )
+    splits = load_data(d)
     torch.manual_seed(d.seed)
     inner = build_model(d.model, num_classes=splits.num_classes, input_shape=splits.input_shape)
     model = DistributedDataParallel(inner)
@@ -259,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke_test:
         args.num_samples, args.epochs = 1500, 4
     data, sampling = job(args)
-    from twa_ray.data import load_dataset
+    from twa_ray.data import load_data
 
-    load_dataset(data.dataset, num_samples=data.num_samples)  # generated and cached, not timed
+    load_data(data)  # generated and cached, not timed
     load_before = os.getloadavg()[0]
     ddp = plain_ddp(args)
     ray_res = ray_train(args)
