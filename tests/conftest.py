@@ -11,8 +11,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # (2 s by default): a worker's next ``ray.train.report`` waits for the last to be collected, and a
 # group that finished or started is seen at the next poll. The tests' runs poll every 0.2 s (this
 # process, and the commands and Ray workers it starts, inherit it): seconds less per worker group,
-# the same results. The multi-node tests keep Ray's 2 s (tests/cluster/conftest.py): their node
-# kills are timed by the checkpoints it paces.
+# the same results. The multi-node tests' node-kill runs poll every 0.5 s
+# (tests/cluster/test_multi_node.py): their kills are timed by the checkpoints it paces.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 torch.set_num_threads(2)
 

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -206,8 +207,6 @@ def _node_ip() -> str:
 
 def _alive_nodes(cluster: Cluster) -> set[str] | None:
     """The node ids that the GCS lists alive (head included), None while it does not answer."""
-    import json
-
     code, body = http_get(f"{cluster.dashboard_url}/nodes?view=summary", None)
     if code != 200:
         return None
@@ -412,10 +411,12 @@ def submit(
     working_dir: str | os.PathLike[str],
     timeout_s: float = 600.0,
     on_poll=None,
+    env_vars: Mapping[str, str] | None = None,
 ):
     """``ray job submit --working-dir`` (retried while the fresh head answers "No available
-    agent to submit job"); ``on_poll()`` is called every half second while the job runs.
-    Returns the :class:`ray_cluster.JobResult`."""
+    agent to submit job"); ``on_poll()`` is called every half second while the job runs;
+    ``env_vars``: the job's own environment variables (its runtime env: the driver and every
+    Ray process of the job). Returns the :class:`ray_cluster.JobResult`."""
     try:
         from ray_cluster import JobResult, job_status, ray_cli
     except ImportError:
@@ -433,7 +434,7 @@ def submit(
         "--working-dir",
         os.fspath(working_dir),
         "--runtime-env-json",
-        '{"excludes": [".git"]}',
+        json.dumps({"excludes": [".git"], "env_vars": dict(env_vars or {})}),
         "--no-wait",
         "--",
         *entrypoint,

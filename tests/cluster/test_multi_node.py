@@ -22,14 +22,16 @@ from twa_ray.store import CandidateStore
 pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-# 10 sampled epochs (one candidate each, ~0.5 s each here; 2 s each with KILLABLE) of the
-# 20-epoch budget, 1 TWA epoch
+# 10 sampled epochs (one candidate each, ~0.5 s each here) of the 20-epoch budget, 1 TWA epoch
 RUN = ["python", "jobs/run_twa.py", "--smoke-test", "--epochs", "20", "--workers", "2"]
 NUM_CANDIDATES = 10
 LAST_CHECKPOINT = f"/checkpoint_epoch{NUM_CANDIDATES:04d}/"
 # the runs that lose a node: one failure tolerated, a checkpoint at every epoch / coefficient
-# pass end (each then takes 2 s, Ray Train's report cadence): a window of seconds to kill in
+# step, each of which then waits for Ray Train's next report poll (KILL_WINDOW: every 0.5 s, not
+# the tests' 0.2 s): the sampling kill has 7 checkpoints (>= 3.5 s) to land in, the coefficient
+# kill the 16 steps of TWA-v (>= 8 s)
 KILLABLE = ["--max-failures", "1", "--checkpoint-interval", "0"]
+KILL_WINDOW = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 def _explain(res) -> str:
@@ -399,6 +401,7 @@ def test_worker_node_killed_mid_sampling_resumes_from_s3(cluster, s3, run_root, 
         cluster,
         [*RUN, *KILLABLE, "--storage", s3.uri("b"), "--out", str(run_root / "b")],
         working_dir=REPO,
+        env_vars=KILL_WINDOW,
         on_poll=kill_after_third_checkpoint,
     )
     assert killed and killed["mid_sampling"], (
@@ -457,6 +460,7 @@ def test_worker_node_killed_mid_coefficient_phase_resumes_from_s3(cluster, s3, r
         cluster,
         [*RUN, *KILLABLE, "--storage", s3.uri("c"), "--out", str(run_root / "c")],
         working_dir=REPO,
+        env_vars=KILL_WINDOW,
         on_poll=kill_once_twa_v_is_under_way,
     )
     assert killed, f"no worker node killed mid-coefficient phase\n{_explain(res)}"
