@@ -268,7 +268,7 @@ def submit_job(
     working_dir: str | Path | None = None,
     runtime_env: Mapping | None = None,
     timeout_s: float = 600.0,
-    poll_s: float = 1.0,
+    poll_s: float = 0.5,
 ) -> JobResult:
     """``ray job submit --no-wait``, poll until a terminal status, then ``ray job logs``.
 

@@ -40,7 +40,7 @@ def _stop() -> None:
 def pytest_runtest_teardown(item, nextitem):
     """After the last test of this folder: the idle nodes would share the CPUs with every test
     after it until the session ends."""
-    if nextitem is None or nextitem.path.parent != HERE:
+    if nextitem is None or nextitem.path.resolve().parent != HERE:
         _stop()
 
 

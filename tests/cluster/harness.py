@@ -233,7 +233,7 @@ def _wait_nodes(
         alive = _alive_nodes(cluster)
         if alive is not None and len(alive - new_since) >= n:
             return
-        time.sleep(1.0)
+        time.sleep(0.5)
     raise RuntimeError(f"{n} nodes not alive after {timeout_s:.0f} s")
 
 
