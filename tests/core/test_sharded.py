@@ -39,6 +39,21 @@ K = 4  # candidates
 # ----------------------------------------------------------------------------- models
 
 
+class Block(nn.Module):
+    """Pre-norm causal self-attention (one head) and an MLP."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.up, self.down = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.ln1(h)).chunk(3, dim=-1)
+        h = h + self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        return h + self.down(F.gelu(self.up(self.ln2(h))))
+
+
 class TinyLM(nn.Module):
     """A decoder-only transformer, one block, the output head tied to the token embedding."""
 
@@ -46,24 +61,11 @@ class TinyLM(nn.Module):
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(0.1 * torch.randn(ctx, dim))
-        self.block = nn.ModuleDict(
-            {
-                "ln1": nn.LayerNorm(dim),
-                "qkv": nn.Linear(dim, 3 * dim),
-                "proj": nn.Linear(dim, dim),
-                "ln2": nn.LayerNorm(dim),
-                "up": nn.Linear(dim, 2 * dim),
-                "down": nn.Linear(2 * dim, dim),
-            }
-        )
+        self.block = Block(dim)
         self.ln = nn.LayerNorm(dim)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        b = self.block
-        h = self.tok(idx) + self.pos[: idx.shape[1]]
-        q, k, v = b["qkv"](b["ln1"](h)).chunk(3, dim=-1)
-        h = h + b["proj"](F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        h = h + b["down"](F.gelu(b["up"](b["ln2"](h))))
+        h = self.block(self.tok(idx) + self.pos[: idx.shape[1]])
         return F.linear(self.ln(h), self.tok.weight)  # tied head: one parameter
 
 
@@ -220,9 +222,7 @@ def test_one_rank_without_a_group_is_the_unsharded_subspace():
 def _shard_model(model: nn.Module, name: str) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    inner = {"mlp": [model[0]], "cnn": [model[0]], "lm": [model.block]}[name]
-    for m in inner:
-        fully_shard(m)
+    fully_shard(model.block if name == "lm" else model[0])  # one inner unit, then the root
     fully_shard(model)
     return model
 
