@@ -31,7 +31,7 @@ from twa_ray.core.quant import PackedMatrix, PackedMatrixBuilder, dequantize
 from twa_ray.core.sharded import LocalBlocks, LocalShards
 from twa_ray.core.subspace import CandidateStream, _checked, _mean, _normalized, _row
 
-__all__ = ["ShardedSubspace", "build_affine_sharded"]
+__all__ = ["ShardedSubspace", "build_affine_sharded", "project_sharded"]
 
 
 @dataclass(eq=False)
@@ -96,12 +96,8 @@ class ShardedSubspace:
         return out
 
     def mean_grad(self, g: torch.Tensor) -> torch.Tensor:
-        """``a = sum_r B_r g_r`` (R, L) float32 on every rank (an all-reduce of R·L numbers);
-        ``g`` is the rank's gradient shard, already the mean over the ranks' batches."""
-        a = self.partial_project(g)
-        if dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            dist.all_reduce(a, group=self.group)
-        return a
+        """:func:`project_sharded` (the name :class:`~twa_ray.core.twa.TWA` calls)."""
+        return project_sharded(self, g)
 
     def reconstruct(self, alpha: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """``theta_r = o_r + B_r^T alpha``: (R, L) -> (D_r,) float32, no communication."""
@@ -128,6 +124,14 @@ class ShardedSubspace:
         if self.basis is None:
             return torch.zeros(self.num_rows, 0)
         return dequantize(self.basis)
+
+
+def project_sharded(sub: ShardedSubspace, g: torch.Tensor) -> torch.Tensor:
+    """``a = sum_r B_r g_r``: (R, L) float32 on every rank of ``sub.group``, from this rank's
+    gradient shard ``g`` (D_r,) (after FSDP2's reduce-scatter: already the mean over the ranks'
+    batches, so the sum over ranks is the data-parallel path's mean ``a``). One all-reduce SUM
+    of R·L numbers; every rank calls it."""
+    return _all_reduce(sub.partial_project(g), dist.ReduceOp.SUM, sub.group)
 
 
 def _all_reduce(
