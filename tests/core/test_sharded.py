@@ -24,11 +24,12 @@ from helpers import free_port
 from torch import nn
 
 from twa_ray.core.layout import Blocks, Layout, flatten
-from twa_ray.core.quant import PackedMatrix, PackedMatrixBuilder, unpack
+from twa_ray.core.quant import PackedMatrix, PackedMatrixBuilder, dequantize, unpack
 from twa_ray.core.sharded import LocalShards, chunk_rows, load_local_flat_, local_flat
+from twa_ray.core.sharded_span import build_span_sharded
 from twa_ray.core.sharded_subspace import ShardedSubspace, build_affine_sharded
 from twa_ray.core.sharded_twa import ShardedTWA
-from twa_ray.core.subspace import build_affine
+from twa_ray.core.subspace import build_affine, build_span
 from twa_ray.core.twa import TWA, TWAConfig
 
 STEPS = 4
@@ -75,6 +76,7 @@ def lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def make_model(name: str) -> nn.Module:
     torch.manual_seed(0)
+    name = name.removesuffix("-span")
     if name == "mlp":
         return nn.Sequential(nn.Linear(12, 7), nn.Tanh(), nn.Linear(7, 3))
     if name == "cnn":
@@ -91,6 +93,7 @@ def make_model(name: str) -> nn.Module:
 
 def batch(name: str, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 * step + rank)
+    name = name.removesuffix("-span")
     if name == "mlp":
         return torch.randn(BATCH, 12, generator=gen), torch.randint(0, 3, (BATCH,), generator=gen)
     if name == "cnn":
@@ -100,12 +103,15 @@ def batch(name: str, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return seq[:, :-1], seq[:, 1:]
 
 
-LOSS = {"mlp": F.cross_entropy, "cnn": F.cross_entropy, "lm": lm_loss}
+LOSS = {"mlp": F.cross_entropy, "cnn": F.cross_entropy, "lm": lm_loss, "lm-span": lm_loss}
 CONFIG = {  # blocks / bits / granularity vary with the model
     "mlp": TWAConfig(blocks="tensor", bits=4, lr=0.5, schedule="constant"),
     "cnn": TWAConfig(blocks="tensor", bits=8, granularity="block", lr=0.5, schedule="constant"),
     "lm": TWAConfig(blocks="model", bits=4, lr=0.5, schedule="constant"),
+    "lm-span": TWAConfig(subspace="span", blocks="model", bits=32, lr=0.5, schedule="constant"),
 }
+SPAN_CASES = [(True, 32), (True, 8), (False, 4)]  # (center, bits)
+DROPPED = {True: (3, 4), False: (4,)}  # w_4 = (w_0 + w_1) / 2; centered, the deltas sum to 0
 BASIS_CASES = [  # (blocks, bits, granularity)
     ("tensor", 4, "row"),
     ("tensor", 2, "block"),
@@ -116,11 +122,13 @@ BASIS_CASES = [  # (blocks, bits, granularity)
 
 
 def candidates(name: str) -> tuple[Layout, list[torch.Tensor]]:
-    model = make_model(name)
+    model = make_model(name)  # "lm-span": the lm's candidates and one more
     layout = Layout.from_module(model)
     base = flatten(model, layout)
     gen = torch.Generator().manual_seed(7)
     cands = [base + 0.2 * torch.randn(base.shape, generator=gen) for _ in range(K)]
+    if name == "lm-span":  # one candidate on the line of two others: a dropped direction
+        cands.append(0.5 * (cands[0] + cands[1]))
     if name == "mlp":  # a block equal in every candidate: zero norms, no direction
         for c in cands:
             c[layout.offsets[-2] :] = base[layout.offsets[-2] :]
@@ -216,6 +224,21 @@ def test_one_rank_without_a_group_is_the_unsharded_subspace():
         torch.testing.assert_close(sub.mean_grad(g), ref.project(g), rtol=1e-6, atol=1e-6)
 
 
+def test_one_rank_span_is_the_unsharded_span_up_to_sign():
+    layout, cands = candidates("lm-span")
+    sh = LocalShards.from_layout(layout, 1, 0)
+    for center, bits in SPAN_CASES:
+        ref = build_span(partial(iter, cands), layout, bits=bits, center=center)
+        sub = build_span_sharded(partial(iter, cands), sh, bits=bits, center=center)
+        sign = row_signs(sub.dequantize(), dequantize(ref.basis))
+        assert sub.dropped == ref.dropped == DROPPED[center] and bool((sign.abs() == 1).all())
+        torch.testing.assert_close(sub.alpha0, sign * ref.alpha0, rtol=1e-5, atol=1e-6)
+        alpha = torch.randn(sub.num_rows, 1)
+        torch.testing.assert_close(
+            sub.reconstruct(alpha), ref.reconstruct(sign * alpha), rtol=1e-5, atol=1e-5
+        )
+
+
 # ----------------------------------------------------------------------------- W ranks
 
 
@@ -248,6 +271,17 @@ def _basis_results(rank: int, world: int) -> dict:
                 local, sh, blocks=layout.blocks(spec), bits=bits, granularity=gran
             )
             out[(name, spec, bits, gran)] = _record(sub)
+    layout, cands = candidates("lm-span")
+    sh = LocalShards.from_layout(layout, world, rank)
+    local = partial(iter, [sh.restrict(c) for c in cands])
+    for center, bits in SPAN_CASES:
+        sub = build_span_sharded(local, sh, bits=bits, center=center)
+        out[("span", center, bits)] = {
+            **_record(sub),
+            "deq": sub.dequantize(),
+            "alpha0": sub.alpha0,
+            "dropped": torch.tensor(sub.dropped),
+        }
     return out
 
 
@@ -275,14 +309,14 @@ def _train_sharded(name: str, rank: int, world: int) -> dict:
     load_local_flat_(model, v, sh)  # round trip, bitwise
     assert torch.equal(local_flat(model), v)
     cfg = CONFIG[name]
-    local = [sh.restrict(c) for c in cands]
-    sub = build_affine_sharded(
-        lambda: iter(local),
-        sh,
-        blocks=layout.blocks(cfg.blocks),
-        bits=cfg.bits,
-        granularity=cfg.granularity,
-    )
+    local = partial(iter, [sh.restrict(c) for c in cands])
+    if cfg.subspace == "span":
+        sub = build_span_sharded(local, sh, bits=cfg.bits)
+    else:
+        blocks = layout.blocks(cfg.blocks)
+        sub = build_affine_sharded(
+            local, sh, blocks=blocks, bits=cfg.bits, granularity=cfg.granularity
+        )
     twa = ShardedTWA(model, sub, config=cfg, loss_fn=LOSS[name])
     full = {n: p.full_tensor() for n, p in model.named_parameters()}  # theta(alpha0), for the test
     twa.start(STEPS)
@@ -294,6 +328,7 @@ def _train_sharded(name: str, rank: int, world: int) -> dict:
         "theta": twa.theta,
         "index": sh.index(),
         "theta0": flatten(full, layout),
+        "deq": sub.dequantize(),
     }
 
 
@@ -304,7 +339,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     )
     try:
         res = {"basis": _basis_results(rank, world)}
-        for name in ("mlp", "cnn", "lm"):
+        for name in ("mlp", "cnn", "lm", "lm-span"):
             res[name] = _train_sharded(name, rank, world)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -361,9 +396,43 @@ def test_sharded_basis_equals_the_unsharded_basis(spawned):
     )
 
 
-def reference_alpha(name: str, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gathered(ranks: list[dict], numel: int) -> torch.Tensor:
+    """The full ``(R, D)`` dequantized basis from the ranks' ``deq`` and ``index`` records."""
+    out = torch.zeros(ranks[0]["deq"].shape[0], numel)
+    for rec in ranks:
+        out[:, rec["index"]] = rec["deq"]
+    return out
+
+
+def row_signs(basis: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """(R, 1): the sign of each row of ``basis`` against the same row of ``ref``."""
+    return torch.sign((basis.double() * ref.double()).sum(dim=1, keepdim=True)).float()
+
+
+@pytest.mark.slow  # spawns 2 and 4 gloo processes
+@pytest.mark.parametrize(("center", "bits"), SPAN_CASES)
+def test_sharded_span_equals_the_unsharded_span_up_to_sign(spawned, center, bits):
+    world, ranks = spawned
+    layout, cands = candidates("lm-span")
+    ref = build_span(partial(iter, cands), layout, bits=bits, center=center)
+    recs = [res["basis"][("span", center, bits)] for res in ranks]
+    ref_deq = dequantize(ref.basis)
+    deq = gathered(recs, layout.numel)
+    sign = row_signs(deq, ref_deq)
+    assert bool((sign.abs() == 1).all()) and ref.dropped == DROPPED[center]
+    step = float(ref.basis.scale.max())  # one code step of the coarsest row
+    torch.testing.assert_close(deq, sign * ref_deq, rtol=0, atol=1e-6 if bits == 32 else step)
+    for rec in recs:
+        assert tuple(rec["dropped"].tolist()) == ref.dropped
+        assert torch.equal(rec["origin"], ref.origin[rec["index"]])
+        torch.testing.assert_close(rec["alpha0"], sign * ref.alpha0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rec["points"], sign[None] * ref.points, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rec["quant_error"], ref.quant_error, rtol=0.05, atol=1e-9)
+
+
+def reference_alpha(name: str, world: int) -> tuple[TWA, torch.Tensor]:
     """The data-parallel path in one process: each rank's ``a`` at the same theta, mean in
-    float64; returns (alpha, theta, theta at alpha0)."""
+    float64; returns the TWA object and theta at alpha0."""
     layout, cands = candidates(name)
     twa = TWA(make_model(name), cands, config=CONFIG[name], loss_fn=LOSS[name])
     theta0 = twa.theta.clone()
@@ -371,19 +440,24 @@ def reference_alpha(name: str, world: int) -> tuple[torch.Tensor, torch.Tensor, 
     for step in range(STEPS):
         parts = [twa.coefficient_grad(batch(name, step, r))[0].double() for r in range(world)]
         twa.apply_((sum(parts) / world).float())
-    return twa.alpha, twa.theta, theta0
+    return twa, theta0
 
 
 @pytest.mark.slow  # spawns 2 and 4 gloo processes
-@pytest.mark.parametrize("name", ["mlp", "cnn", "lm"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "lm", "lm-span"])
 def test_alpha_equals_the_data_parallel_path(spawned, name):
+    """The span basis is the unsharded one up to the sign of each row: so is alpha."""
     world, ranks = spawned
-    alpha, theta, theta0 = reference_alpha(name, world)
+    twa, theta0 = reference_alpha(name, world)
+    alpha, theta = twa.alpha, twa.theta
     assert alpha.abs().max() > 1e-3  # it moved
     scale = float(alpha.abs().max())
+    ref_deq = twa.placement.basis.dequantize()
+    sign = row_signs(gathered([res[name] for res in ranks], ref_deq.shape[1]), ref_deq)
+    assert name == "lm-span" or bool((sign == 1).all())
     for res in ranks:
         r = res[name]
-        torch.testing.assert_close(r["alpha"], alpha, rtol=1e-5, atol=1e-5 * scale)
+        torch.testing.assert_close(sign * r["alpha"], alpha, rtol=1e-5, atol=1e-5 * scale)
         torch.testing.assert_close(r["theta"], theta[r["index"]], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(r["theta0"], theta0, rtol=1e-6, atol=1e-7)
         assert torch.equal(r["alpha"], ranks[0][name]["alpha"])  # every rank steps the same alpha

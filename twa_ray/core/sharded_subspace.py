@@ -14,7 +14,8 @@ block: the block norms :math:`\\lVert (w_k - c)|_l \\rVert^2 = \\sum_r \\lVert (
 \\rVert^2` (SUM), the code ranges (MIN / MAX, exact) and the quantization error (SUM). So the
 codes of :math:`B_r` are the unsharded codes (:func:`~twa_ray.core.subspace.build_affine`)
 restricted to rank r's columns, and ``alpha0``, ``points``, ``zero_blocks``, ``quant_error`` are
-the same on every rank (norms and errors up to float64 summation order).
+the same on every rank (norms and errors up to float64 summation order). The span variant:
+:mod:`twa_ray.core.sharded_span`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from twa_ray.core.bn import all_reduce_
 from twa_ray.core.layout import Blocks
 from twa_ray.core.project import project, reconstruct
 from twa_ray.core.quant import PackedMatrix, PackedMatrixBuilder, dequantize
@@ -131,15 +133,7 @@ def project_sharded(sub: ShardedSubspace, g: torch.Tensor) -> torch.Tensor:
     gradient shard ``g`` (D_r,) (after FSDP2's reduce-scatter: already the mean over the ranks'
     batches, so the sum over ranks is the data-parallel path's mean ``a``). One all-reduce SUM
     of R·L numbers; every rank calls it."""
-    return _all_reduce(sub.partial_project(g), dist.ReduceOp.SUM, sub.group)
-
-
-def _all_reduce(
-    t: torch.Tensor, op: dist.ReduceOp.RedOpType, group: dist.ProcessGroup | None
-) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=op, group=group)
-    return t
+    return all_reduce_(sub.partial_project(g), dist.ReduceOp.SUM, sub.group)
 
 
 def _block_sq(x: torch.Tensor, bounds: tuple[int, ...]) -> torch.Tensor:
@@ -183,7 +177,7 @@ def build_affine_sharded(
     sq = torch.stack(
         [_block_sq(w.double() - center64, bounds) for w in _checked(candidates, numel)]
     )
-    norms = _all_reduce(sq, dist.ReduceOp.SUM, group).sqrt()  # (K, L) float64
+    norms = all_reduce_(sq, dist.ReduceOp.SUM, group).sqrt()  # (K, L) float64
     zero_blocks = norms == 0
     if bool(zero_blocks.all()):
         raise ValueError(
@@ -191,8 +185,8 @@ def build_affine_sharded(
             "sample candidates from different steps or checkpoints"
         )
     lo, hi = _ranges(candidates, numel, center64, norms, bounds, granularity)
-    _all_reduce(lo, dist.ReduceOp.MIN, group)
-    _all_reduce(hi, dist.ReduceOp.MAX, group)
+    all_reduce_(lo, dist.ReduceOp.MIN, group)
+    all_reduce_(hi, dist.ReduceOp.MAX, group)
     basis = None
     err_sq = torch.zeros(blocks.num_blocks, dtype=torch.float64)
     ref_sq = torch.zeros(blocks.num_blocks, dtype=torch.float64)
@@ -208,7 +202,7 @@ def build_affine_sharded(
             approx = dequantize(_row(basis, k))[0]
             err_sq[held] += _block_sq(row - approx, local.packed.bounds)
             ref_sq[held] += _block_sq(row, local.packed.bounds)
-    err_sq, ref_sq = _all_reduce(torch.stack([err_sq, ref_sq]), dist.ReduceOp.SUM, group)
+    err_sq, ref_sq = all_reduce_(torch.stack([err_sq, ref_sq]), dist.ReduceOp.SUM, group)
     quant_error = torch.where(ref_sq > 0, (err_sq / ref_sq.clamp_min(1e-300)).sqrt(), 0.0)
     points = torch.zeros(num, num, blocks.num_blocks)
     points[torch.arange(num), torch.arange(num)] = norms.float()  # w_k = c + sum_l n_kl B_kl
