@@ -13,6 +13,7 @@ tests/core/test_placement.py).
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from functools import partial
 
 import pytest
@@ -245,7 +246,7 @@ def test_one_rank_span_is_the_unsharded_span_up_to_sign():
 def _shard_model(model: nn.Module, name: str) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    fully_shard(model.block if name == "lm" else model[0])  # one inner unit, then the root
+    fully_shard(model.block if isinstance(model, TinyLM) else model[0])  # a unit, then the root
     fully_shard(model)
     return model
 
@@ -273,7 +274,14 @@ def _basis_results(rank: int, world: int) -> dict:
             out[(name, spec, bits, gran)] = _record(sub)
     layout, cands = candidates("lm-span")
     sh = LocalShards.from_layout(layout, world, rank)
-    local = partial(iter, [sh.restrict(c) for c in cands])
+    shards = [sh.restrict(c) for c in cands]
+    local = partial(iter, shards)
+    bad = [c.clone() for c in shards]
+    if rank == 1:
+        bad[2][0] = float("nan")  # one rank's bad candidate: every rank raises, none hangs
+    for build in (build_span_sharded, partial(build_affine_sharded, blocks=layout.blocks("model"))):
+        with pytest.raises(ValueError, match="NaN" if rank == 1 else "another rank refused"):
+            build(partial(iter, bad), sh)
     for center, bits in SPAN_CASES:
         sub = build_span_sharded(local, sh, bits=bits, center=center)
         out[("span", center, bits)] = {
@@ -334,8 +342,12 @@ def _train_sharded(name: str, rank: int, world: int) -> dict:
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    dist.init_process_group(  # a timeout: a rank left waiting fails the test, never hangs it
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=120),
     )
     try:
         res = {"basis": _basis_results(rank, world)}

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from twa_ray.core.bn import all_reduce_
 from twa_ray.core.quant import PackedMatrix, PackedMatrixBuilder, dequantize
 from twa_ray.core.sharded import LocalBlocks, LocalShards
-from twa_ray.core.sharded_subspace import ShardedSubspace
+from twa_ray.core.sharded_subspace import ShardedSubspace, on_every_rank
 from twa_ray.core.subspace import CandidateStream, _checked
 
 __all__ = ["build_span_sharded"]
@@ -36,7 +36,7 @@ def build_span_sharded(
     dropped. Memory: this rank's K x D_r candidate matrix and its Q in float64. Collectives: one
     all-gather of K x K, all-reduces of R·K numbers or fewer."""
     numel, rank = shards.numel, dist.get_rank(group) if dist.is_initialized() else 0
-    rows = [w.double() for w in _checked(candidates, numel)]
+    rows = on_every_rank(lambda: [w.double() for w in _checked(candidates, numel)], group)
     num = len(rows)
     if num < 2:
         raise ValueError(

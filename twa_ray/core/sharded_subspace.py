@@ -20,8 +20,9 @@ the same on every rank (norms and errors up to float64 summation order). The spa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,9 @@ from twa_ray.core.quant import PackedMatrix, PackedMatrixBuilder, dequantize
 from twa_ray.core.sharded import LocalBlocks, LocalShards
 from twa_ray.core.subspace import CandidateStream, _checked, _mean, _normalized, _row
 
-__all__ = ["ShardedSubspace", "build_affine_sharded", "project_sharded"]
+__all__ = ["ShardedSubspace", "build_affine_sharded", "on_every_rank", "project_sharded"]
+
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -136,6 +139,25 @@ def project_sharded(sub: ShardedSubspace, g: torch.Tensor) -> torch.Tensor:
     return all_reduce_(sub.partial_project(g), dist.ReduceOp.SUM, sub.group)
 
 
+def on_every_rank(fn: Callable[[], T], group: dist.ProcessGroup | None) -> T:
+    """``fn()`` (a pass that checks this rank's candidates); when it raises ``ValueError`` on any
+    rank, every rank raises, so that none is left waiting in the next collective."""
+    error = None
+    try:
+        out = fn()
+    except ValueError as e:
+        error = e
+    failed = all_reduce_(torch.tensor([float(error is not None)]), dist.ReduceOp.MAX, group)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise ValueError(
+            "another rank refused its candidate shards (its error names the problem); "
+            "fix those candidates and build again"
+        )
+    return out
+
+
 def _block_sq(x: torch.Tensor, bounds: tuple[int, ...]) -> torch.Tensor:
     """``||x|_l||^2`` per local block (0 for an empty one), float64 (L,)."""
     x = x.double()
@@ -172,7 +194,7 @@ def build_affine_sharded(
     """
     numel, local = shards.numel, shards.local_blocks(blocks)
     bounds = local.bounds
-    center64, num = _mean(candidates, numel)
+    center64, num = on_every_rank(lambda: _mean(candidates, numel), group)
     center = center64.float()
     sq = torch.stack(
         [_block_sq(w.double() - center64, bounds) for w in _checked(candidates, numel)]

@@ -32,7 +32,8 @@ class ShardedTWA(TWA):
     """:class:`~twa_ray.core.twa.TWA` for a ``fully_shard``-ed ``model`` and this rank's
     :class:`~twa_ray.core.sharded_subspace.ShardedSubspace` (built by
     :func:`~twa_ray.core.sharded_subspace.build_affine_sharded`). Every rank of the mesh calls
-    every method (forward, backward and ``mean_grad`` are collectives)."""
+    every method (forward, backward and ``mean_grad`` are collectives); :attr:`theta` is this
+    rank's shard of the weights, (D_r,) float32."""
 
     placement: ShardedSubspace
 
@@ -54,11 +55,6 @@ class ShardedTWA(TWA):
     def _bind_flat_params(self) -> None:
         """FSDP2 owns the local shards' storage: theta is copied into it (load_theta_)."""
         return None
-
-    @property
-    def theta(self) -> torch.Tensor:
-        """This rank's coordinates of ``o + sum alpha B``, (D_r,) float32 (no communication)."""
-        return self.placement.reconstruct(self.alpha)
 
     @torch.no_grad()
     def load_theta_(self) -> None:
