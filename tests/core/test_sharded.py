@@ -34,6 +34,7 @@ from twa_ray.core.subspace import build_affine, build_span
 from twa_ray.core.twa import TWA, TWAConfig
 
 STEPS = 4
+BN_BATCHES = 2  # per rank, for update_bn
 BATCH = 6
 K = 4  # candidates
 
@@ -331,7 +332,12 @@ def _train_sharded(name: str, rank: int, world: int) -> dict:
     for step in range(STEPS):
         a, *_ = twa.coefficient_grad(batch(name, step, rank))
         twa.apply_(a)
+    bn = {}
+    if name == "cnn":  # BatchNorm re-estimated over every rank's batches
+        twa.update_bn([batch(name, 100 + i, rank) for i in range(BN_BATCHES)])
+        bn = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
     return {
+        "bn": bn,
         "alpha": twa.alpha,
         "theta": twa.theta,
         "index": sh.index(),
@@ -473,3 +479,10 @@ def test_alpha_equals_the_data_parallel_path(spawned, name):
         torch.testing.assert_close(r["theta"], theta[r["index"]], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(r["theta0"], theta0, rtol=1e-6, atol=1e-7)
         assert torch.equal(r["alpha"], ranks[0][name]["alpha"])  # every rank steps the same alpha
+    if name == "cnn":  # the statistics of one update_bn over the union of the ranks' batches
+        twa.update_bn([batch(name, 100 + i, r) for r in range(world) for i in range(BN_BATCHES)])
+        ref = {n: b for n, b in twa.model.named_buffers() if "running" in n}
+        assert set(ref) == {"1.running_mean", "1.running_var"}
+        for res in ranks:
+            for n, b in ref.items():
+                torch.testing.assert_close(res[name]["bn"][n], b, rtol=1e-5, atol=1e-6)
