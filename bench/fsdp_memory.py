@@ -230,6 +230,10 @@ def measure(path: str, world: int, args: argparse.Namespace) -> dict[str, Any]:
         wall = time.perf_counter() - t0
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
     worst = {k: max(r[k] for r in ranks) for k in ranks[0]}
+    held = (worst["params"] + worst["origin"] + worst["B"]) / MiB
+    print(
+        f"{path} W={world}: params + origin + B {held:.1f} MiB per rank, {wall:.0f} s", flush=True
+    )
     return {"path": path, "world": world, "wall_s": wall, **worst, "ranks": ranks}
 
 
