@@ -29,9 +29,9 @@ from twa_ray.core.quant import PackedMatrix, PackedMatrixBuilder, dequantize, un
 from twa_ray.core.sharded import LocalShards, chunk_rows, load_local_flat_, local_flat
 from twa_ray.core.sharded_span import build_span_sharded
 from twa_ray.core.sharded_subspace import ShardedSubspace, build_affine_sharded
-from twa_ray.core.sharded_twa import ShardedTWA
+from twa_ray.core.sharded_twa import ShardedTWA, build_sharded_subspace
 from twa_ray.core.subspace import build_affine, build_span
-from twa_ray.core.twa import TWA, TWAConfig
+from twa_ray.core.twa import TWA, TWAConfig, build_subspace
 
 STEPS = 4
 BN_BATCHES = 2  # per rank, for update_bn
@@ -226,6 +226,19 @@ def test_one_rank_without_a_group_is_the_unsharded_subspace():
         torch.testing.assert_close(sub.mean_grad(g), ref.project(g), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["mlp", "lm-span"])
+def test_build_sharded_subspace_follows_the_config(name):
+    layout, cands = candidates(name)
+    ref = build_subspace(cands, layout, CONFIG[name])
+    sub = build_sharded_subspace(
+        partial(iter, cands), LocalShards.from_layout(layout, 1, 0), CONFIG[name]
+    )
+    assert (sub.kind, sub.blocks) == (ref.kind, ref.blocks) and sub.dropped == ref.dropped
+    assert sub.basis is not None and sub.basis.bits == ref.basis.bits
+    sign = row_signs(sub.dequantize(), dequantize(ref.basis))
+    torch.testing.assert_close(sub.dequantize(), sign * dequantize(ref.basis), rtol=1e-5, atol=1e-6)
+
+
 def test_one_rank_span_is_the_unsharded_span_up_to_sign():
     layout, cands = candidates("lm-span")
     sh = LocalShards.from_layout(layout, 1, 0)
@@ -318,14 +331,7 @@ def _train_sharded(name: str, rank: int, world: int) -> dict:
     load_local_flat_(model, v, sh)  # round trip, bitwise
     assert torch.equal(local_flat(model), v)
     cfg = CONFIG[name]
-    local = partial(iter, [sh.restrict(c) for c in cands])
-    if cfg.subspace == "span":
-        sub = build_span_sharded(local, sh, bits=cfg.bits)
-    else:
-        blocks = layout.blocks(cfg.blocks)
-        sub = build_affine_sharded(
-            local, sh, blocks=blocks, bits=cfg.bits, granularity=cfg.granularity
-        )
+    sub = build_sharded_subspace(partial(iter, [sh.restrict(c) for c in cands]), sh, cfg)
     twa = ShardedTWA(model, sub, config=cfg, loss_fn=LOSS[name])
     full = {n: p.full_tensor() for n, p in model.named_parameters()}  # theta(alpha0), for the test
     twa.start(STEPS)

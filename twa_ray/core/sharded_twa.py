@@ -19,19 +19,43 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from twa_ray.core.bn import reestimate_bn
 from twa_ray.core.sharded import LocalShards, load_local_flat_, local_grad
-from twa_ray.core.sharded_subspace import ShardedSubspace
-from twa_ray.core.twa import TWA
+from twa_ray.core.sharded_span import build_span_sharded
+from twa_ray.core.sharded_subspace import ShardedSubspace, build_affine_sharded
+from twa_ray.core.subspace import CandidateStream
+from twa_ray.core.twa import TWA, TWAConfig
 
-__all__ = ["ShardedTWA"]
+__all__ = ["ShardedTWA", "build_sharded_subspace"]
+
+
+def build_sharded_subspace(
+    candidates: CandidateStream,
+    shards: LocalShards,
+    config: TWAConfig,
+    *,
+    group: dist.ProcessGroup | None = None,
+) -> ShardedSubspace:
+    """This rank's part of the subspace named by ``config`` (as
+    :func:`~twa_ray.core.twa.build_subspace`) from a stream of its candidate shards (D_r,)."""
+    if config.subspace == "span":
+        return build_span_sharded(candidates, shards, bits=config.bits, group=group)
+    return build_affine_sharded(
+        candidates,
+        shards,
+        blocks=shards.layout.blocks(config.blocks),
+        bits=config.bits,
+        granularity=config.granularity,
+        group=group,
+    )
 
 
 class ShardedTWA(TWA):
     """:class:`~twa_ray.core.twa.TWA` for a ``fully_shard``-ed ``model`` and this rank's
     :class:`~twa_ray.core.sharded_subspace.ShardedSubspace` (built by
-    :func:`~twa_ray.core.sharded_subspace.build_affine_sharded`). Every rank of the mesh calls
+    :func:`build_sharded_subspace`). Every rank of the mesh calls
     every method (forward, backward and ``mean_grad`` are collectives); :attr:`theta` is this
     rank's shard of the weights, (D_r,) float32."""
 
