@@ -135,10 +135,15 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def all_reduce_(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over the workers in place (a no-op without a process group)."""
+def all_reduce_(
+    t: torch.Tensor,
+    op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Reduce ``t`` (sum; or ``op``) over the workers of ``group`` in place (a no-op without a
+    process group)."""
     if distributed():
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op, group=group)
     return t
 
 
