@@ -55,6 +55,7 @@ _RUN_KEYS = (
     "sampling.num_workers",
     "sampling.cpus_per_worker",
     "sampling.use_gpu",
+    "sampling.strategy",
     "sampling.max_failures",
     "sampling.checkpoint_interval_s",
     "sampling.precision",
