@@ -55,15 +55,15 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-@torch.no_grad()
 def _broadcast_buffers(model: nn.Module, args: Any) -> None:
     """Rank 0's buffers (BatchNorm statistics) to every rank before a training forward, as DDP
     does (``broadcast_buffers``): the ranks evaluate with the same statistics."""
     import torch.distributed as dist
 
     if model.training and torch.is_grad_enabled():
-        for b in model.buffers():
-            dist.broadcast(b, src=0)
+        with torch.no_grad():
+            for b in model.buffers():
+                dist.broadcast(b, src=0)
 
 
 def _units(model: nn.Module) -> list[nn.Module]:
