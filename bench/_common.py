@@ -8,6 +8,7 @@ A script of ``bench/`` imports it as ``from _common import ...`` (``python bench
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ if str(ROOT) not in sys.path:  # the checkout's twa_ray, installed or not
 
 from twa_ray.core.kernels.cpu import cpu_model  # noqa: E402
 
-__all__ = ["ROOT", "cpu_model", "markdown_table", "twa_ray_cli", "write_json"]
+__all__ = ["ROOT", "cpu_model", "free_port", "markdown_table", "twa_ray_cli", "write_json"]
 
 
 def twa_ray_cli(*argv: str) -> list[str]:
@@ -37,3 +38,10 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list
 def write_json(path: str | Path, result: Any, *, indent: int = 2) -> None:
     """``result`` as indented JSON with a final newline (values JSON cannot hold as ``str``)."""
     Path(path).write_text(json.dumps(result, indent=indent, default=str) + "\n")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a gloo ``tcp://`` init of spawned processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

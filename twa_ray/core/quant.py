@@ -18,6 +18,7 @@ slice of the packed bytes.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -380,7 +381,9 @@ class PackedMatrixBuilder:
     """Build a CPU :class:`PackedMatrix` row by row, holding only the packed output and one row.
 
     Gives the same codes as :func:`quantize`. ``granularity="block"`` needs the code range of
-    every block up front: ``lo``, ``hi`` ``(L,)`` (values outside are clamped).
+    every block up front: ``lo``, ``hi`` ``(L,)`` (values outside are clamped); ``"row"`` takes
+    them per row and block, ``(R, L)``, when a row's blocks are split across ranks
+    (:mod:`twa_ray.core.sharded_subspace`), or computes them from each row.
 
     >>> from twa_ray.core.layout import Blocks
     >>> builder = PackedMatrixBuilder(2, Blocks((0, 4), ("w",)), 2)
@@ -407,13 +410,19 @@ class PackedMatrixBuilder:
         self.blocks, self.bits, self.granularity = blocks, bits, granularity
         self._pm = _empty(num_rows, blocks, bits, torch.device("cpu"))
         self._done = torch.zeros(num_rows, dtype=torch.bool)
-        if (granularity == "block") != (lo is not None and hi is not None):
-            raise ValueError("granularity='block' needs lo and hi (L,); 'row' takes neither")
-        if granularity == "block" and bits <= 8:
-            assert lo is not None and hi is not None
-            lo, hi = lo.reshape(-1).to(self._pm.scale), hi.reshape(-1).to(self._pm.scale)
-            if lo.numel() != blocks.num_blocks or hi.numel() != blocks.num_blocks:
-                raise ValueError(f"lo and hi must have one entry per block ({blocks.num_blocks},)")
+        if (lo is None) != (hi is None) or (granularity == "block" and lo is None):
+            raise ValueError(
+                "granularity='block' needs lo and hi (L,); 'row' takes both (R, L) or neither"
+            )
+        self._ranged = lo is not None  # row ranges given: a block's range spans ranks (sharded)
+        if lo is not None and hi is not None and bits <= 8:
+            shape = (
+                (blocks.num_blocks,) if granularity == "block" else (num_rows, blocks.num_blocks)
+            )
+            lo, hi = lo.to(self._pm.scale), hi.to(self._pm.scale)
+            if tuple(lo.reshape(-1).shape) != (math.prod(shape),) or lo.numel() != hi.numel():
+                raise ValueError(f"lo and hi must have shape {shape} (one entry per row and block)")
+            lo, hi = lo.reshape(shape), hi.reshape(shape)
             _check_finite(torch.cat([lo, hi]), "lo/hi")
             if bool((hi < lo).any()):
                 raise ValueError("hi must be >= lo in every block")
@@ -434,7 +443,7 @@ class PackedMatrixBuilder:
         else:
             for blk, (a, b) in enumerate(zip(pm.bounds, pm.bounds[1:])):
                 x = row[a:b].float()
-                if self.granularity == "row":
+                if self.granularity == "row" and not self._ranged:
                     lo, hi = x.aminmax()
                     pm.scale[k, blk], pm.zero[k, blk] = _affine(lo, hi, self.bits)
                 q = _encode(x, pm.scale[k, blk], pm.zero[k, blk], self.bits)

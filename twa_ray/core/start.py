@@ -24,15 +24,14 @@ import torch
 
 if TYPE_CHECKING:
     from twa_ray.core.loop import CoefficientLoop
-    from twa_ray.core.placement import Placement
     from twa_ray.core.subspace import Subspace
-    from twa_ray.core.twa import TWA
+    from twa_ray.core.twa import TWA, Coefficients
 
 __all__ = ["KeepBest", "choose_start", "run_chosen", "split_held_out", "start_points"]
 
 
 def start_points(
-    subspace: Subspace | Placement, named: Mapping[str, int | Sequence[int]]
+    subspace: Subspace | Coefficients, named: Mapping[str, int | Sequence[int]]
 ) -> dict[str, torch.Tensor]:
     """The coefficients of named points: a candidate row k (negative: from the end), or the mean
     of several rows (the uniform average of those candidates: theta is affine in alpha).

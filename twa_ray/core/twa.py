@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ from twa_ray.core.placement import Placement, place
 from twa_ray.core.quant import ALLOWED_BITS
 from twa_ray.core.subspace import CandidateStream, Subspace, build_affine, build_span
 
-__all__ = ["TWA", "TWAConfig", "build_subspace"]
+__all__ = ["TWA", "Coefficients", "TWAConfig", "build_subspace"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +126,23 @@ class TWAConfig:
 Candidate = torch.Tensor | Mapping[str, torch.Tensor] | nn.Module
 
 
+class Coefficients(Protocol):
+    """What :class:`TWA` needs of its part of the subspace: a
+    :class:`~twa_ray.core.placement.Placement`, or a
+    :class:`~twa_ray.core.sharded_subspace.ShardedSubspace` under FSDP2."""
+
+    alpha0: torch.Tensor
+    points: torch.Tensor | None
+
+    def to(self, device: torch.device | str) -> Coefficients: ...
+
+    def mean_grad(self, g: torch.Tensor) -> torch.Tensor: ...
+
+    def reconstruct(
+        self, alpha: torch.Tensor, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+
 def candidate_stream(candidates: Any, layout: Layout) -> CandidateStream:
     """A re-iterable stream of flat candidates from a store (anything with ``iter_flat()`` and
     ``layout``), a sequence of flat tensors / state dicts / modules, or a zero-argument callable."""
@@ -192,6 +209,16 @@ class TWA:
         self.loss_fn = loss_fn
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
+        self.placement = self._place(candidates).to(self.device)
+        self.alpha = self.placement.alpha0.clone().requires_grad_(False)
+        self.step_count = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self._flat = self._bind_flat_params()
+        self.load_theta_()
+
+    def _place(self, candidates: Any) -> Coefficients:
+        """This worker's part of the subspace over ``candidates`` (see the class docstring)."""
         if isinstance(candidates, Placement):
             placement = candidates
         else:
@@ -205,13 +232,7 @@ class TWA:
             raise ValueError(
                 f"subspace has dimension {placement.numel}, the model {self.layout.numel}"
             )
-        self.placement = placement.to(self.device)
-        self.alpha = self.placement.alpha0.clone().requires_grad_(False)
-        self.step_count = 0
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
-        self._flat = self._bind_flat_params()
-        self.load_theta_()
+        return placement
 
     # -- weights --------------------------------------------------------------------------
     def _bind_flat_params(self) -> torch.Tensor | None:
@@ -269,18 +290,22 @@ class TWA:
         loss = self.loss_fn(out, y)
         check_loss(loss)
         loss.backward()
-        g = torch.cat(
-            [
-                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-                for p in self.params
-            ]
-        )
+        g = self._grad()
         count = int(y.shape[0]) if isinstance(y, torch.Tensor) else int(x.shape[0])
         classify = (
             isinstance(y, torch.Tensor) and not y.is_floating_point() and out.dim() == y.dim() + 1
         )
         correct = int((out.argmax(-1) == y).sum()) if classify else 0
         return self.placement.mean_grad(g), float(loss.detach()) * count, correct, count
+
+    def _grad(self) -> torch.Tensor:
+        """The flat float32 gradient of the parameters (zeros where none arrived)."""
+        return torch.cat(
+            [
+                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                for p in self.params
+            ]
+        )
 
     @torch.no_grad()
     def apply_(self, a: torch.Tensor) -> None:

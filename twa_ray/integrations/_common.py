@@ -84,6 +84,26 @@ class Snapshots:
         self.names = list(state["names"])
 
 
+def refuse_sharded(what: str | None, model: nn.Module | None = None) -> None:
+    """One clear error when training shards the model (``what`` names the strategy, or a
+    parameter of ``model`` is a DTensor): the callbacks snapshot and learn on full parameters."""
+    if what is None and model is not None:
+        what = next(
+            (
+                f"parameter {n!r} is a DTensor"
+                for n, p in model.named_parameters()
+                if hasattr(p, "to_local")
+            ),
+            None,
+        )
+    if what is not None:
+        raise ValueError(
+            f"TWACallback does not support sharded models yet ({what}); train with a "
+            "data-parallel strategy (ddp), or learn on the shards with "
+            "twa_ray.core.sharded_twa.ShardedTWA"
+        )
+
+
 def schedule(
     store: str | None,
     *,

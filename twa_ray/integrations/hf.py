@@ -10,7 +10,8 @@ model's logits (cross entropy by default: sequence and image classification). TW
 eval dataloader, so set ``eval_strategy`` ('epoch' or 'steps') with an ``eval_dataset``. Under Ray
 Train (``RayTrainReportCallback``) or ``torchrun`` every rank runs the coefficient phase on its
 part of the data and the ranks average their coefficient gradients, re-estimate BatchNorm over
-all ranks' batches and sum the metrics over the ranks.
+all ranks' batches and sum the metrics over the ranks. FSDP (``fsdp`` in the training arguments
+or ``accelerate launch`` with an FSDP config) is refused when training begins.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from twa_ray.core.twa import TWAConfig
 from twa_ray.extras import require
-from twa_ray.integrations._common import MODE_DEFAULT, learn, schedule
+from twa_ray.integrations._common import MODE_DEFAULT, learn, refuse_sharded, schedule
 from twa_ray.store.hf import HFLogits, save_folder
 
 transformers = require("transformers", "hf")
@@ -95,7 +96,11 @@ class TWACallback(transformers.TrainerCallback, transformers.trainer_callback.Ex
         self.metrics: dict[str, float] = {}
         self.twa: Any = None
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any
+    ) -> None:
+        launched = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+        refuse_sharded("FSDP (accelerate)" if args.fsdp or launched else None, model)
         if not self.snapshots.store:
             self.snapshots.store = os.path.join(args.output_dir, "twa_candidates")
 

@@ -7,7 +7,8 @@ The LightningModule's ``forward(x)`` gives logits and ``loss_fn(logits, y)`` (cr
 default; it must take ``reduction=``) the loss of an ``(x, y)`` batch. Under ``ddp`` (or Ray
 Train's ``RayDDPStrategy``) every rank runs the coefficient phase on its part of the data and
 the ranks average their coefficient gradients, re-estimate BatchNorm over all ranks' batches
-and sum the metrics over the ranks (see :mod:`twa_ray.integrations._common`).
+and sum the metrics over the ranks (see :mod:`twa_ray.integrations._common`). Sharding
+strategies (``FSDPStrategy``, ``ModelParallelStrategy``) are refused at ``setup``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from twa_ray.core.twa import TWAConfig
 from twa_ray.extras import require
-from twa_ray.integrations._common import MODE_DEFAULT, learn, schedule
+from twa_ray.integrations._common import MODE_DEFAULT, learn, refuse_sharded, schedule
 
 pl = require("lightning.pytorch", "lightning")
 
@@ -73,6 +74,10 @@ class TWACallback(pl.Callback):
         self.twa: Any = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            refuse_sharded(f"strategy {type(trainer.strategy).__name__}")
         if not self.snapshots.store:
             self.snapshots.store = f"{trainer.default_root_dir}/twa_candidates"
 
