@@ -1,28 +1,42 @@
 """``twa-ray run --strategy fsdp``: FSDP2 sampling with sharded snapshots on a real local Ray
-(2 CPUs, 2 workers), against the same smoke run with DDP; and the refusals of what fsdp does
-not run yet (no Ray)."""
+(2 CPUs, 2 workers), a worker failure resumed from the per-rank checkpoint, against the same
+smoke run with DDP; and the refusals of what fsdp does not run yet (no Ray)."""
 
 import contextlib
 import io
 import json
+import os
 
 import pytest
 import torch
 
 from twa_ray.cli import main
+from twa_ray.ray.faults import FAULTS_ENV
 from twa_ray.store import CandidateStore
 
-SMOKE = ["run", "--smoke-test", "--mode", "v", "--no-greedy-soup"]
+SMOKE = ["run", "--smoke-test", "--mode", "v", "--no-greedy-soup", "--checkpoint-interval", "0"]
 
 
 @pytest.fixture(scope="module")
 def runs(ray_cluster, tmp_path_factory):
-    """The same smoke run with ``--strategy fsdp`` and with the default DDP: their out dirs."""
+    """The same smoke run with the default DDP and with ``--strategy fsdp``, whose last rank
+    fails once mid-sampling (step 20 of 32: every rank restarts from its shards of the epoch-1
+    checkpoint): their out dirs."""
     out = {}
-    for strategy in ("fsdp", "ddp"):
+    marker = tmp_path_factory.mktemp("fault") / "raised"
+    plan = [{"phase": "sampling", "kind": "raise", "step": 20, "marker": str(marker)}]
+    for strategy in ("ddp", "fsdp"):
         out[strategy] = tmp_path_factory.mktemp(strategy) / "run"
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert main([*SMOKE, "--strategy", strategy, "--out", str(out[strategy])]) == 0
+        if strategy == "fsdp":
+            with open(os.environ[FAULTS_ENV], "w") as f:
+                json.dump(plan, f)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                assert main([*SMOKE, "--strategy", strategy, "--out", str(out[strategy])]) == 0
+        finally:
+            if os.path.exists(os.environ[FAULTS_ENV]):
+                os.remove(os.environ[FAULTS_ENV])
+    assert marker.exists()  # the fault fired (and the run went on from the checkpoint)
     return out
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from twa_ray.core.layout import Layout
+from twa_ray.core.sharded import chunk_rows
 
 __all__ = ["PartInfo", "dim0_rows", "local_numel", "part_file", "read_local", "scatter_rows"]
 
@@ -45,15 +46,8 @@ Rows = list[tuple[int, int]]
 
 def dim0_rows(layout: Layout, rank: int, world: int) -> Rows:
     """The rows of every parameter that rank ``rank`` of ``world`` holds under FSDP2's ``Shard(0)``
-    (a 0-d parameter counts as one row: rank 0 holds it)."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in a world of {world} ranks")
-    out = []
-    for shape in layout.shapes:
-        n = shape[0] if shape else 1
-        c = math.ceil(n / world)
-        out.append((min(rank * c, n), min((rank + 1) * c, n)))
-    return out
+    (:func:`~twa_ray.core.sharded.chunk_rows`; a 0-d parameter counts as one row)."""
+    return [chunk_rows(shape[0] if shape else 1, world, rank) for shape in layout.shapes]
 
 
 def _row_numel(shape: Sequence[int]) -> int:

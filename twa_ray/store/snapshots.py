@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from twa_ray.core.layout import Layout
-from twa_ray.store.sharded import dim0_rows
+from twa_ray.core.sharded import LocalShards, local_flat
 from twa_ray.store.store import CandidateStore
 
 __all__ = [
@@ -252,38 +252,6 @@ def snapshot(
     return writers[key].snapshot(step=step, epoch=epoch)
 
 
-def local_flat(model: nn.Module, layout: Layout) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """This rank's local shards of a sharded model's parameters (DTensors sharded on dim 0, as
-    FSDP2's ``fully_shard`` leaves them), flattened in layout order, and their dim-0 rows."""
-    from torch.distributed.tensor import DTensor
-
-    params = dict(model.named_parameters())
-    rank, world = world_of(model)
-    rows = dim0_rows(layout, rank, world)
-    flats = []
-    for n, (a, b) in zip(layout.names, rows, strict=True):
-        p = params[n]
-        local = p.to_local() if isinstance(p, DTensor) else p.reshape(-1, *p.shape[1:])[a:b]
-        if (local.shape[0] if local.dim() else 1) != b - a:
-            raise ValueError(
-                f"parameter {n!r} holds {local.shape[0]} rows on rank {rank}, not the {b - a} of "
-                "an even dim-0 shard (torch.chunk); shard the model with FSDP2's fully_shard"
-            )
-        flats.append(local.detach().reshape(-1).float())
-    return torch.cat(flats), rows
-
-
-def world_of(model: nn.Module) -> tuple[int, int]:
-    """``(rank, world size)`` of the mesh a sharded model lives on (of :func:`world` else)."""
-    from torch.distributed.tensor import DTensor
-
-    for p in model.parameters():
-        if isinstance(p, DTensor):
-            mesh = p.device_mesh
-            return int(mesh.get_local_rank()), int(mesh.size())
-    return world()
-
-
 def snapshot_shards(
     model: nn.Module,
     store_uri: str,
@@ -301,9 +269,8 @@ def snapshot_shards(
     replaces its parts and manifest; one of another run is refused."""
     import torch.distributed as dist
 
-    layout = Layout.from_module(model)
-    local, rows = local_flat(model, layout)
-    rank, size = world_of(model)
+    shards = LocalShards.from_module(model)  # checks FSDP2's dim-0 placement
+    layout, rank, size = shards.layout, shards.rank, shards.world
     store = CandidateStore(store_uri, create=True)
     name = candidate_name(step)
     if rank == 0 and name in store and store.info(name).run_id != run_id:
@@ -311,7 +278,7 @@ def snapshot_shards(
             f"candidate {name!r} in store {store.uri!r} belongs to run "
             f"{store.info(name).run_id!r}, not to this run {run_id!r}; use a new store"
         )
-    store.write_part(local, layout, name=name, rank=rank, world=size, rows=rows)
+    store.write_part(local_flat(model), layout, name=name, rank=rank, world=size, rows=shards.rows)
     if dist.is_initialized():
         dist.barrier()
     if rank != 0:
