@@ -526,6 +526,8 @@ def _setup_data(
             f"batch_size={s.batch_size} exceeds the {splits.sizes()['train']} training examples "
             "(split over the workers); lower batch_size"
         )
+    val: Any
+    test: Any
     val, test = (
         DataLoader(strided(ds, rank, world), batch_size=EVAL_BATCH, **loader_kw)
         for ds in (splits.val, splits.test)
@@ -754,6 +756,7 @@ def _log_epoch(w: _Worker, state: SamplingState, m: dict[str, float], seconds: f
 def _checkpoint(w: _Worker, state: SamplingState, metrics: dict[str, float]) -> None:
     """Every rank reports (a barrier); rank 0 attaches the model, optimizer and loop state
     (FSDP: every rank its shards, :func:`~twa_ray.ray.fsdp.shard_state`)."""
+    files: dict[str, Any] | None
     if w.job.sampling.strategy == "fsdp":
         shards = {shard_file(w.rank): shard_state(w.model, w.opt, w.ema)}
         files = {**shards, META_FILE: redact(state.to_dict())} if w.rank == 0 else shards

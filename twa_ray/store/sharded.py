@@ -40,7 +40,7 @@ META_PART = b"twa_ray.part"
 META_SHARDED = b"twa_ray.sharded"
 PARTS_SUFFIX = ".parts"
 
-Rows = list[tuple[int, int]]
+Rows = Sequence[tuple[int, int]]
 """``[start, stop)`` dim-0 rows of every parameter of a layout, in layout order."""
 
 

@@ -435,6 +435,7 @@ class CandidateStore:
         """Rank ``rank``'s values of sharded candidate ``name``, checked against its manifest."""
         path = f"{self._root.rstrip('/')}/{part_file(name, rank, world)}"
         try:
+            raw: Any
             if self._local:
                 raw = map_local(os.path.join(self._local, part_file(name, rank, world)))
             else:
@@ -551,7 +552,7 @@ class CandidateStore:
 
     def _stage(
         self,
-        params: torch.Tensor | Mapping[str, torch.Tensor],
+        params: torch.Tensor | Mapping[str, torch.Tensor] | None,
         layout: Layout,
         *,
         step: int,
@@ -583,7 +584,7 @@ class CandidateStore:
         if not overwrite and name in self:
             raise FileExistsError(self._exists(name))
         # a sharded candidate's manifest (``extra``) holds no values: its parts do
-        flat = self._flat(params, layout, name, source) if extra is None else np.empty(0, "f4")
+        flat = np.empty(0, "f4") if params is None else self._flat(params, layout, name, source)
         batch = encode(
             flat,
             layout,
