@@ -44,6 +44,7 @@ __all__ = [
     "snapshot",
     "snapshot_due",
     "snapshot_shards",
+    "is_sharded",
     "unwrap_model",
     "world",
 ]
@@ -229,7 +230,9 @@ def snapshot(
 ) -> str | None:
     """Write ``model``'s trainable parameters as candidate ``step{step:08d}`` of ``store_uri``.
 
-    Call it on every rank (no collective); world rank 0 writes, the others return None.
+    Call it on every rank (no collective); world rank 0 writes, the others return None. A model
+    sharded with FSDP2 (DTensor parameters) is written shard by shard, without gathering it
+    (:func:`snapshot_shards`, a collective).
 
     Args:
         model: the model being trained (a DDP wrapper is fine: its ``.module`` is stored).
@@ -243,6 +246,12 @@ def snapshot(
     Returns:
         The candidate's name on rank 0, else None.
     """
+    if is_sharded(model):  # FSDP2: every rank writes its rows (a collective)
+        if run_id is None:
+            ctx = _train_context()
+            run_id = ctx.get_experiment_name() if ctx is not None else ""
+        meta = {"epoch": epoch, "run_id": run_id, "source": source, "seed": seed}
+        return snapshot_shards(model, store_uri, step=step, **meta)
     key = (store_uri, run_id, source, seed)
     writers = _WRITERS.setdefault(model, {})
     if key not in writers:
@@ -250,6 +259,15 @@ def snapshot(
             store_uri, model, every=1, run_id=run_id, source=source, seed=seed
         )
     return writers[key].snapshot(step=step, epoch=epoch)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are DTensors (FSDP2's ``fully_shard``)."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return False  # nothing made a DTensor in this process
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def snapshot_shards(
