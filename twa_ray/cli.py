@@ -55,6 +55,7 @@ _RUN_KEYS = (
     "sampling.num_workers",
     "sampling.cpus_per_worker",
     "sampling.use_gpu",
+    "sampling.strategy",
     "sampling.max_failures",
     "sampling.checkpoint_interval_s",
     "sampling.precision",
@@ -447,8 +448,25 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from twa_ray.tune import run_sweep
 
     cfg = sweep_config_from_args(args)
+    check_strategy(cfg.base, "sweep")
     run_sweep(cfg, _request(args, args.out, cfg.base.storage), sampling_dir=args.sampling_dir)
     return 0
+
+
+def check_strategy(cfg: Any, command: str) -> None:
+    """Refuse, before anything starts, what ``--strategy fsdp`` does not run yet."""
+    if cfg.sampling.strategy != "fsdp":
+        return
+    if command == "sweep":
+        raise ValueError(
+            "--strategy fsdp is not supported by twa-ray sweep yet; sweep with ddp "
+            "(sampling.strategy: ddp) or run one config with twa-ray run --strategy fsdp"
+        )
+    if cfg.compare_full:
+        raise ValueError(
+            "--compare-full with --strategy fsdp is not supported yet (its SGD baselines run "
+            "data-parallel); drop --compare-full or use --strategy ddp"
+        )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -457,6 +475,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, smoke_test=args.smoke_test)
     check_save(cfg.save, "run")
+    check_strategy(cfg, "run")
     run_pipeline(cfg, _request(args, cfg.out, cfg.storage))
     return 0
 

@@ -117,6 +117,9 @@ class SamplingConfig:
     """Ray Train workers."""
     use_gpu: bool = False
     """One GPU per worker (nccl) instead of CPU (gloo)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How the workers hold the model while sampling: 'ddp' (each a full copy) or 'fsdp' (FSDP2
+    fully_shard: each rank a dim-0 shard of every parameter, snapshots written per rank)."""
     cpus_per_worker: Annotated[float, _CPUS] = 1.0
     """CPUs reserved per Train worker (fractions allowed: 0.5 fits 2 workers + a Tune trial on 2 CPUs)."""
     max_failures: Annotated[int, Range(ge=0)] = 1

@@ -317,7 +317,8 @@ def report(
 ) -> None:
     """``ray.train.report`` on every rank (a barrier); rank 0 passes ``files`` (file name ->
     object: ``*.json`` written as JSON, anything else with ``torch.save``) as the checkpoint,
-    with its ``phase.json`` (:data:`TIMER`'s phase, ``done``, the seconds so far)."""
+    with its ``phase.json`` (:data:`TIMER`'s phase, ``done``, the seconds so far). Other ranks
+    may pass files too (a sharded model's: Ray merges every rank's into one checkpoint)."""
     import ray.train
 
     with TIMER(f"{TIMER.phase}/checkpoint_io"), tempfile.TemporaryDirectory() as tmp:
@@ -329,7 +330,9 @@ def report(
                 "wall_s": dict(TIMER.seconds),
                 "started_at": TIMER.started_at,
             }
-            for fname, obj in {**files, PHASE_FILE: phase}.items():
+            if ray.train.get_context().get_world_rank() == 0:
+                files = {**files, PHASE_FILE: phase}
+            for fname, obj in files.items():
                 path = os.path.join(tmp, fname)
                 if fname.endswith(".json"):
                     with open(path, "w") as f:

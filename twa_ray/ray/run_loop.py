@@ -45,10 +45,10 @@ from twa_ray.ray.group import PHASE_FILE, TIMER, checkpoint_phase, fit_group, lo
 from twa_ray.ray.sampling import (
     SamplingJob,
     SamplingResult,
+    phase_carry,
     prepare_run,
     read_sampling,
     read_sampling_files,
-    sampling_files,
     sampling_phase,
 )
 from twa_ray.ray.shards import ShardedSubspace, put_subspace
@@ -135,7 +135,7 @@ def run_loop_per_worker(job: RunJob) -> None:
     if sampling:
         w, state = sampling_phase(job.sampling)
         splits, layout = w.splits, Layout.from_module(w.inner)
-        carry = sampling_files(w, state, optimizer=False) if rank == 0 else {}
+        carry = phase_carry(w, state)
     else:  # a restart in the coefficient phase
         splits, layout = _data_and_layout(job.sampling.data, job.sampling.data_ref)
         carry = _carried() if rank == 0 else {}

@@ -48,6 +48,16 @@ from twa_ray.core.evaluate import EVAL_BATCH, evaluate_sharded
 from twa_ray.core.optim import lr_factor
 from twa_ray.errors import user_code
 from twa_ray.ray.faults import inject
+from twa_ray.ray.fsdp import (
+    LocalParams,
+    even_batches,
+    full_files,
+    grad_l1,
+    load_shard_state,
+    shard_file,
+    shard_model,
+    shard_state,
+)
 from twa_ray.ray.group import (
     TIMER,
     CheckpointClock,
@@ -60,7 +70,7 @@ from twa_ray.ray.group import (
 from twa_ray.ray.worker import loader_options, strided, train_autocast
 from twa_ray.redact import redact
 from twa_ray.storage import Storage, open_storage
-from twa_ray.store.snapshots import snapshot, snapshot_due, unwrap_model
+from twa_ray.store.snapshots import snapshot, snapshot_due, snapshot_shards, unwrap_model
 from twa_ray.store.store import CandidateStore
 
 __all__ = [
@@ -71,6 +81,7 @@ __all__ = [
     "sampling_loop_per_worker",
     "sampling_phase",
     "sampling_files",
+    "phase_carry",
     "read_sampling_files",
     "prepare_run",
     "read_sampling",
@@ -231,6 +242,11 @@ def run_sampling(
             holding this ``run_id`` with a different config.
         ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
     """
+    if sampling.strategy == "fsdp":
+        raise ValueError(
+            "strategy='fsdp' samples inside twa-ray run (run_path: one worker group, the final "
+            "weights gathered once for the coefficient phase); run_sampling takes strategy='ddp'"
+        )
     t0 = time.perf_counter()
     rd = prepare_run(data, sampling, store_uri=store_uri, run_dir=run_dir, run_id=run_id)
     job = SamplingJob(
@@ -465,9 +481,19 @@ def _setup(job: SamplingJob) -> _Worker:
         eval_loaders=eval_loaders,
         sizes=sizes,
         lr_at=_lr_schedule(job.sampling, steps_per_epoch),
-        ema=EMA(unwrap_model(model)) if rank == 0 and job.sampling.ema else None,
+        ema=_make_ema(job, rank, model),
         watch=FiniteWatch(device),
     )
+
+
+def _make_ema(job: SamplingJob, rank: int, model: nn.Module) -> EMA | None:
+    """The EMAs with ``sampling.ema``: of the whole model on rank 0 (DDP), of each rank's own
+    shards (FSDP: :class:`~twa_ray.ray.fsdp.LocalParams`)."""
+    if not job.sampling.ema:
+        return None
+    if job.sampling.strategy == "fsdp":
+        return EMA(LocalParams(model))  # type: ignore[arg-type]  # named_parameters() is all it reads
+    return EMA(unwrap_model(model)) if rank == 0 else None
 
 
 def _setup_data(
@@ -500,10 +526,17 @@ def _setup_data(
             f"batch_size={s.batch_size} exceeds the {splits.sizes()['train']} training examples "
             "(split over the workers); lower batch_size"
         )
+    val: Any
+    test: Any
     val, test = (
         DataLoader(strided(ds, rank, world), batch_size=EVAL_BATCH, **loader_kw)
         for ds in (splits.val, splits.test)
     )
+    if s.strategy == "fsdp":  # FSDP's forward is a collective: as many batches on every rank
+        val, test = (
+            even_batches(dl, len(ds), world, EVAL_BATCH)
+            for dl, ds in ((val, splits.val), (test, splits.test))
+        )
     return sampler, loader, (val, test)
 
 
@@ -517,8 +550,11 @@ def _setup_model(job: SamplingJob, splits: Any) -> tuple[nn.Module, torch.optim.
     model = build_model(
         job.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape
     )
-    model = ray.train.torch.prepare_model(model)
     s = job.sampling
+    if s.strategy == "fsdp":
+        model = shard_model(model, ray.train.torch.get_device())
+    else:
+        model = ray.train.torch.prepare_model(model)
     opt = torch.optim.SGD(
         model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
     )
@@ -552,7 +588,13 @@ def _resume(w: _Worker) -> SamplingState:
 
     state = SamplingState()
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    if checkpoint is not None and w.job.sampling.strategy == "fsdp":
+        with checkpoint.as_directory() as d:
+            path = os.path.join(d, shard_file(w.rank))
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            state = SamplingState.from_dir(d)
+        load_shard_state(saved, w.model, w.opt, w.ema)
+    elif checkpoint is not None:
         with checkpoint.as_directory() as d:
             path = os.path.join(d, STATE_FILE)
             saved = torch.load(path, map_location=w.device, weights_only=True)
@@ -583,9 +625,10 @@ def _train_epoch(w: _Worker, state: SamplingState, epoch: int) -> tuple[torch.Te
         loss = _forward(w, x, y)
         w.opt.zero_grad(set_to_none=True)
         loss.backward()
-        w.watch.update_(
-            state.step + 1, loss, [p.grad for p in w.inner.parameters() if p.grad is not None]
-        )
+        grads = [p.grad for p in w.inner.parameters() if p.grad is not None]
+        if s.strategy == "fsdp":  # each rank holds other rows: they agree on the sum's norm
+            grads = [grad_l1(grads)]
+        w.watch.update_(state.step + 1, loss, grads)
         if w.device.type == "cpu":  # reading the flag costs nothing here: stop before the step
             _check_finite(w)
         w.opt.step()
@@ -652,8 +695,9 @@ def _snapshot(w: _Worker, state: SamplingState, *, epoch: float, force: bool = F
     ):
         return
     _check_finite(w)  # no diverged candidate is written (the write waits for the weights anyway)
+    write = snapshot_shards if s.strategy == "fsdp" else snapshot
     with TIMER("sampling/snapshot_io"):
-        name = snapshot(
+        name = write(
             w.model,
             w.job.store_uri,
             step=state.step,
@@ -710,9 +754,25 @@ def _log_epoch(w: _Worker, state: SamplingState, m: dict[str, float], seconds: f
 
 
 def _checkpoint(w: _Worker, state: SamplingState, metrics: dict[str, float]) -> None:
-    """Every rank reports (a barrier); rank 0 attaches the model, optimizer and loop state."""
-    files = sampling_files(w, state) if w.rank == 0 else None
+    """Every rank reports (a barrier); rank 0 attaches the model, optimizer and loop state
+    (FSDP: every rank its shards, :func:`~twa_ray.ray.fsdp.shard_state`)."""
+    files: dict[str, Any] | None
+    if w.job.sampling.strategy == "fsdp":
+        shards = {shard_file(w.rank): shard_state(w.model, w.opt, w.ema)}
+        files = {**shards, META_FILE: redact(state.to_dict())} if w.rank == 0 else shards
+    else:
+        files = sampling_files(w, state) if w.rank == 0 else None
     report(metrics, files, f"checkpoint_epoch{state.epoch:04d}", done={"epochs": state.epoch})
+
+
+def phase_carry(w: _Worker, state: SamplingState) -> dict[str, Any]:
+    """What the coefficient phase carries of this phase (rank 0; ``{}`` elsewhere): the
+    :func:`sampling_files` without the optimizer; a sharded model's weights and EMAs are
+    all-gathered here, once (a collective: every rank calls it)."""
+    if w.job.sampling.strategy == "fsdp":
+        full = full_files(w.model, w.ema)
+        return {STATE_FILE: full, META_FILE: redact(state.to_dict())} if w.rank == 0 else {}
+    return sampling_files(w, state, optimizer=False) if w.rank == 0 else {}
 
 
 def sampling_files(w: _Worker, state: SamplingState, *, optimizer: bool = True) -> dict[str, Any]:

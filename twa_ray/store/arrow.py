@@ -1,6 +1,7 @@
 """Candidate file format: one Arrow IPC file per candidate θ_k.
 
-Version 1. ``<name>.arrow`` is an Arrow IPC *file* holding one record batch with one
+Version 2 (version 1 files read the same; 2 adds sharded candidates, whose ``<name>.arrow`` is a
+manifest of per-rank parts: :mod:`twa_ray.store.sharded`). ``<name>.arrow`` is an Arrow IPC *file* holding one record batch with one
 non-nullable float32 column ``flat`` of length D: the candidate's parameters flattened in layout
 order (:func:`twa_ray.core.layout.flatten`). The schema metadata holds
 
@@ -30,10 +31,11 @@ import numpy as np
 import pyarrow as pa
 
 from twa_ray.core.layout import Layout
+from twa_ray.store.sharded import PartInfo, parse_sharded
 
 __all__ = ["FORMAT_VERSION", "SUFFIX", "TMP_SUFFIX", "CandidateInfo", "decode", "encode"]
 
-FORMAT_VERSION = 1  # bump on any incompatible change of the file format
+FORMAT_VERSION = 2  # bump on any incompatible change of the file format (2: sharded candidates)
 SUFFIX = ".arrow"  # candidate files are <name>.arrow
 TMP_SUFFIX = ".tmp"
 _COLUMN = "flat"
@@ -70,6 +72,8 @@ class Header:
     info: CandidateInfo
     layout: Layout
     crc32: int
+    sharded: tuple[int, list[PartInfo]] | None = None
+    """A sharded candidate's world size and parts (:mod:`twa_ray.store.sharded`), else None."""
 
 
 def fix_hint(path: str) -> str:
@@ -140,7 +144,7 @@ def parse_metadata(metadata: Mapping[bytes, bytes] | None, path: str) -> Header:
         raise ValueError(f"{path} has corrupt candidate metadata ({e}); {fix_hint(path)}") from None
     name = os.path.basename(path).removesuffix(SUFFIX)
     info = CandidateInfo(name, step, float(epoch), source, seed, run_id)
-    return Header(info, layout, crc)
+    return Header(info, layout, crc, parse_sharded(metadata, layout, path))
 
 
 def decode(raw: Any, path: str) -> tuple[Header, np.ndarray]:
@@ -163,7 +167,7 @@ def decode(raw: Any, path: str) -> tuple[Header, np.ndarray]:
             f"{str(e)[:200]}); {fix_hint(path)}"
         ) from None
     header = parse_metadata(schema.metadata, path)
-    n = header.layout.numel
+    n = 0 if header.sharded else header.layout.numel  # a sharded candidate's values are its parts'
     if schema.names != [_COLUMN] or schema.types != [pa.float32()] or batch is None:
         raise ValueError(
             f"{path} has the wrong schema ({schema.types}, {num_batches} record batches); expected "
@@ -204,8 +208,10 @@ def encode(
     source: str,
     seed: int | None,
     run_id: str,
+    extra: Mapping[bytes, bytes] | None = None,
 ) -> pa.RecordBatch:
-    """The record batch (schema and metadata included) of a validated float32 ``(D,)`` array."""
+    """The record batch (schema and metadata included) of a validated float32 ``(D,)`` array
+    (or of a sharded candidate's manifest: no values, ``extra`` metadata)."""
     meta = {
         "format": FORMAT_VERSION,
         "fingerprint": layout.fingerprint,
@@ -219,7 +225,11 @@ def encode(
         "crc32": zlib.crc32(flat.data),
     }
     schema = _SCHEMA.with_metadata(
-        {_META_LAYOUT: layout.to_json().encode(), _META_CANDIDATE: json.dumps(meta).encode()}
+        {
+            _META_LAYOUT: layout.to_json().encode(),
+            _META_CANDIDATE: json.dumps(meta).encode(),
+            **(extra or {}),
+        }
     )
     column = pa.Array.from_buffers(pa.float32(), len(flat), [None, pa.py_buffer(flat)])
     return pa.record_batch([column], schema=schema)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from twa_ray.core.layout import Layout
+from twa_ray.core.sharded import LocalShards, local_flat
 from twa_ray.store.store import CandidateStore
 
 __all__ = [
@@ -42,6 +43,8 @@ __all__ = [
     "candidate_step",
     "snapshot",
     "snapshot_due",
+    "snapshot_shards",
+    "is_sharded",
     "unwrap_model",
     "world",
 ]
@@ -227,7 +230,9 @@ def snapshot(
 ) -> str | None:
     """Write ``model``'s trainable parameters as candidate ``step{step:08d}`` of ``store_uri``.
 
-    Call it on every rank (no collective); world rank 0 writes, the others return None.
+    Call it on every rank (no collective); world rank 0 writes, the others return None. A model
+    sharded with FSDP2 (DTensor parameters) is written shard by shard, without gathering it
+    (:func:`snapshot_shards`, a collective).
 
     Args:
         model: the model being trained (a DDP wrapper is fine: its ``.module`` is stored).
@@ -241,6 +246,12 @@ def snapshot(
     Returns:
         The candidate's name on rank 0, else None.
     """
+    if is_sharded(model):  # FSDP2: every rank writes its rows (a collective)
+        if run_id is None:
+            ctx = _train_context()
+            run_id = ctx.get_experiment_name() if ctx is not None else ""
+        meta = {"epoch": epoch, "run_id": run_id, "source": source, "seed": seed}
+        return snapshot_shards(model, store_uri, step=step, **meta)
     key = (store_uri, run_id, source, seed)
     writers = _WRITERS.setdefault(model, {})
     if key not in writers:
@@ -248,3 +259,47 @@ def snapshot(
             store_uri, model, every=1, run_id=run_id, source=source, seed=seed
         )
     return writers[key].snapshot(step=step, epoch=epoch)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are DTensors (FSDP2's ``fully_shard``)."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return False  # nothing made a DTensor in this process
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def snapshot_shards(
+    model: nn.Module,
+    store_uri: str,
+    *,
+    step: int,
+    epoch: float = 0.0,
+    run_id: str = "",
+    source: str = "snapshot",
+    seed: int | None = None,
+) -> str | None:
+    """Write a sharded model's candidate ``step{step:08d}`` without gathering it: every rank
+    writes its local shards (a part, :meth:`CandidateStore.write_part`), then, after a barrier,
+    rank 0 commits the candidate (its manifest). Call it on every rank (a collective); returns
+    the name on rank 0, else None. A step written again (a replayed step of a restarted run)
+    replaces its parts and manifest; one of another run is refused."""
+    import torch.distributed as dist
+
+    shards = LocalShards.from_module(model)  # checks FSDP2's dim-0 placement
+    layout, rank, size = shards.layout, shards.rank, shards.world
+    store = CandidateStore(store_uri, create=True)
+    name = candidate_name(step)
+    if rank == 0 and name in store and store.info(name).run_id != run_id:
+        raise ValueError(
+            f"candidate {name!r} in store {store.uri!r} belongs to run "
+            f"{store.info(name).run_id!r}, not to this run {run_id!r}; use a new store"
+        )
+    store.write_part(local_flat(model), layout, name=name, rank=rank, world=size, rows=shards.rows)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank != 0:
+        return None
+    meta = {"epoch": float(epoch), "source": source, "seed": seed, "run_id": run_id}
+    return store.commit_parts(name, layout, size, step=step, overwrite=True, **meta)

@@ -46,6 +46,19 @@ from twa_ray.store.arrow import (
     map_local,
     parse_metadata,
 )
+from twa_ray.store.sharded import (
+    PartInfo,
+    Rows,
+    check_rows,
+    dim0_rows,
+    local_numel,
+    parse_part,
+    part_file,
+    part_metadata,
+    read_local,
+    scatter_rows,
+    sharded_metadata,
+)
 
 __all__ = ["CandidateStore"]
 
@@ -276,6 +289,14 @@ class CandidateStore:
                 f"candidates have {layout.fingerprint[:16]}: it comes from another model; move it "
                 "to a store of its own"
             )
+        if header.sharded is not None:
+            full = np.empty(header.layout.numel, dtype=np.float32)
+            world, parts = header.sharded
+            for r, part in enumerate(parts):
+                scatter_rows(
+                    full, self._read_part(name, r, world, part, verify), header.layout, part.rows
+                )
+            return torch.from_numpy(full)
         if verify and zlib.crc32(arr.data) != header.crc32:
             raise ValueError(
                 f"{path} is corrupt (its parameter data does not match the stored CRC-32); "
@@ -293,6 +314,146 @@ class CandidateStore:
         """
         for name in self.names() if names is None else list(names):
             yield self.read(name, verify=verify)
+
+    def read_local(self, name: str, rank: int, world: int) -> torch.Tensor:
+        """Rank ``rank``'s local flat of candidate ``name`` for a model sharded over ``world``
+        ranks (:func:`~twa_ray.store.sharded.dim0_rows`): any stored world size (resharding)
+        or a flat candidate; reads only the parts holding those rows."""
+        header = self._header(name)
+        rows = dim0_rows(header.layout, rank, world)
+        if header.sharded is None:
+            full = [(0, s[0] if s else 1) for s in header.layout.shapes]
+            parts = [PartInfo(full, header.layout.numel, header.crc32)]
+            out = read_local(lambda r: self.read(name).numpy(), header.layout, parts, rows)
+        else:
+            n, parts = header.sharded
+
+            def part(r: int) -> np.ndarray:
+                return self._read_part(name, r, n, parts[r], True)
+
+            out = read_local(part, header.layout, parts, rows)
+        return torch.from_numpy(out)
+
+    def write_part(
+        self,
+        local: torch.Tensor,
+        layout: Layout,
+        *,
+        name: str,
+        rank: int,
+        world: int,
+        rows: Rows | None = None,
+    ) -> None:
+        """Write rank ``rank``'s local flat of sharded candidate ``name`` atomically (its rows:
+        ``rows``, default FSDP2's :func:`~twa_ray.store.sharded.dim0_rows`); the candidate
+        appears once :meth:`commit_parts` has seen every rank's part. A part written again
+        replaces the old one."""
+        self._check_layout(layout)
+        check_name(name)
+        rows = dim0_rows(layout, rank, world) if rows is None else check_rows(layout, rows)
+        flat = local.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        if flat.dim() != 1 or flat.numel() != local_numel(layout, rows):
+            raise ValueError(
+                f"rank {rank}'s part of {name!r} has shape {list(local.shape)}, its rows need "
+                f"({local_numel(layout, rows)},)"
+            )
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError(
+                f"rank {rank}'s part of candidate {name!r} has NaN/Inf values; a diverged "
+                "snapshot cannot be averaged: lower the learning rate"
+            )
+        arr = flat.numpy()
+        meta = part_metadata(layout, name, rank, world, rows, zlib.crc32(arr.data))
+        column = pa.Array.from_buffers(pa.float32(), len(arr), [None, pa.py_buffer(arr)])
+        batch = pa.record_batch(
+            [column], schema=pa.schema([("flat", pa.float32(), False)], metadata=meta)
+        )
+        folder, base = part_file(name, rank, world).split("/")
+        final = f"{self._root.rstrip('/')}/{folder}/{base}"
+        if self._local is not None:
+            os.makedirs(os.path.join(self._local, folder), exist_ok=True)
+            publish(self._write_tmp(batch, folder, base), os.path.join(self._local, folder, base))
+            _fsync_dir(os.path.join(self._local, folder))
+        else:
+            self._fs.create_dir(f"{self._root.rstrip('/')}/{folder}", recursive=True)
+            self._fs.move(self._write_tmp(batch, folder, base), final)
+
+    def commit_parts(
+        self,
+        name: str,
+        layout: Layout,
+        world: int,
+        *,
+        step: int,
+        overwrite: bool = False,
+        **meta: Any,
+    ) -> str:
+        """Make sharded candidate ``name`` visible: checks that each of the ``world`` ranks'
+        parts is there and belongs to it, then writes its manifest atomically (the metadata
+        ``meta``: ``epoch``, ``source``, ``seed``, ``run_id`` as in :meth:`write`). Call it
+        on one rank after every rank's :meth:`write_part` (a barrier)."""
+        parts = []
+        for r in range(world):
+            path = f"{self._root.rstrip('/')}/{part_file(name, r, world)}"
+            try:
+                with self._fs.open_input_file(path) as f:
+                    m = parse_part(pa.ipc.open_file(f).schema.metadata, path)
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"sharded candidate {name!r} misses rank {r}'s part ({path}): every rank "
+                    "writes its part before the candidate is committed; snapshot it again"
+                ) from None
+            if (m.get("rank"), m.get("world"), m.get("fingerprint")) != (
+                r,
+                world,
+                layout.fingerprint,
+            ):
+                raise ValueError(
+                    f"{path} is not rank {r} of {world}'s part of this model; snapshot it again"
+                )
+            rows = check_rows(layout, m["rows"])
+            parts.append(PartInfo(rows, local_numel(layout, rows), int(m["crc32"])))
+        meta = {"epoch": 0.0, "source": "", "seed": None, "run_id": "", **meta}
+        staged = self._stage(
+            None,
+            layout,
+            step=step,
+            name=name,
+            overwrite=overwrite,
+            extra=sharded_metadata(world, parts),
+            **meta,
+        )
+        try:
+            self._commit(staged, overwrite=overwrite)
+        finally:
+            self._discard(staged)
+        return name
+
+    def _read_part(
+        self, name: str, rank: int, world: int, part: PartInfo, verify: bool
+    ) -> np.ndarray:
+        """Rank ``rank``'s values of sharded candidate ``name``, checked against its manifest."""
+        path = f"{self._root.rstrip('/')}/{part_file(name, rank, world)}"
+        try:
+            raw: Any
+            if self._local:
+                raw = map_local(os.path.join(self._local, part_file(name, rank, world)))
+            else:
+                raw = _read_remote(self._fs, path)
+            batch = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(raw))).get_batch(0)
+            arr = batch.column(0).to_numpy(zero_copy_only=False)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"sharded candidate {name!r} misses rank {rank}'s part {path}; {fix_hint(path)}"
+            ) from None
+        except (OSError, pa.ArrowException, IndexError) as e:
+            raise ValueError(f"cannot read {path} ({e}); {fix_hint(path)}") from None
+        if len(arr) != part.numel or (verify and zlib.crc32(arr) != part.crc32):
+            raise ValueError(
+                f"{path} is corrupt (it does not match the CRC-32 or size its manifest records); "
+                f"{fix_hint(path)}"
+            )
+        return arr
 
     def read_state(self, name: str) -> dict[str, torch.Tensor]:
         """Candidate ``name`` as a state dict of its parameters, in their original dtypes."""
@@ -391,7 +552,7 @@ class CandidateStore:
 
     def _stage(
         self,
-        params: torch.Tensor | Mapping[str, torch.Tensor],
+        params: torch.Tensor | Mapping[str, torch.Tensor] | None,
         layout: Layout,
         *,
         step: int,
@@ -401,6 +562,7 @@ class CandidateStore:
         run_id: str,
         name: str | None,
         overwrite: bool,
+        extra: Mapping[bytes, bytes] | None = None,
     ) -> _Staged:
         """Validate and write a candidate to a temporary file in the store (not yet visible)."""
         self._check_layout(layout)
@@ -421,7 +583,8 @@ class CandidateStore:
         check_name(name)
         if not overwrite and name in self:
             raise FileExistsError(self._exists(name))
-        flat = self._flat(params, layout, name, source)
+        # a sharded candidate's manifest (``extra``) holds no values: its parts do
+        flat = np.empty(0, "f4") if params is None else self._flat(params, layout, name, source)
         batch = encode(
             flat,
             layout,
@@ -431,11 +594,17 @@ class CandidateStore:
             source=source,
             seed=seed,
             run_id=run_id,
+            extra=extra,
         )
+        return _Staged(name, self._write_tmp(batch, "", name), layout)
+
+    def _write_tmp(self, batch: pa.RecordBatch, folder: str, base: str) -> str:
+        """Write ``batch`` as an Arrow IPC file under a hidden temporary name in the store's
+        sub-folder ``folder`` ("": the store itself), flushed; returns its path."""
         schema = batch.schema
-        tmp_name = f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
+        tmp_name = f".{base}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
         if self._local is not None:
-            tmp = os.path.join(self._local, tmp_name)
+            tmp = os.path.join(self._local, folder, tmp_name)
             try:
                 with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
                     writer.write_batch(batch)
@@ -448,7 +617,7 @@ class CandidateStore:
                 _remove_quietly(tmp)
                 raise
         else:
-            tmp = f"{self._root.rstrip('/')}/{tmp_name}"
+            tmp = "/".join(p for p in (self._root.rstrip("/"), folder, tmp_name) if p)
             try:
                 with (
                     self._fs.open_output_stream(tmp) as sink,
@@ -458,7 +627,7 @@ class CandidateStore:
             except BaseException:
                 self._delete_quietly(tmp)
                 raise
-        return _Staged(name, tmp, layout)
+        return tmp
 
     def _flat(
         self,
