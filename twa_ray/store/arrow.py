@@ -36,6 +36,7 @@ from twa_ray.store.sharded import PartInfo, parse_sharded
 __all__ = ["FORMAT_VERSION", "SUFFIX", "TMP_SUFFIX", "CandidateInfo", "decode", "encode"]
 
 FORMAT_VERSION = 2  # bump on any incompatible change of the file format (2: sharded candidates)
+FLAT_FORMAT = 1  # a flat candidate is still written as format 1: older readers keep reading it
 SUFFIX = ".arrow"  # candidate files are <name>.arrow
 TMP_SUFFIX = ".tmp"
 _COLUMN = "flat"
@@ -213,7 +214,7 @@ def encode(
     """The record batch (schema and metadata included) of a validated float32 ``(D,)`` array
     (or of a sharded candidate's manifest: no values, ``extra`` metadata)."""
     meta = {
-        "format": FORMAT_VERSION,
+        "format": FORMAT_VERSION if extra else FLAT_FORMAT,
         "fingerprint": layout.fingerprint,
         "numel": layout.numel,
         "step": step,
