@@ -7,8 +7,10 @@ import contextlib
 import io
 import json
 
+import numpy as np
 import pytest
-from data_files import write_parquet
+import torch
+from data_files import write_images, write_parquet
 from s3_faults import moto_s3
 
 from twa_ray.cli import main
@@ -47,3 +49,85 @@ def test_parquet_in_s3_same_splits_with_1_and_2_workers_and_a_resume(s3, ray_clu
     recorded.append(json.loads((out / "metrics.json").read_text())["data"])
     after = {p.name: p.stat().st_mtime_ns for p in (out / "candidates").glob("*.arrow")}
     assert recorded == [expected] * 3 and after == before and before
+
+
+# --------------------------------------------------------------------------- the stream itself
+
+
+def _streamed(root, world, **kw):
+    """The in-memory splits, and the streamed training split's rows per rank (x, y numpy)."""
+    from twa_ray.config import DataConfig
+    from twa_ray.data.stream import stream_splits, train_datasets
+
+    dataset = "images" if "im" in str(root) else "parquet"
+    splits = load_dataset(dataset, root=str(root), **kw)
+    data = DataConfig(dataset=dataset, data_root=str(root), **kw)
+    streamed = stream_splits(splits, data)
+    shards = []
+    for ds in train_datasets(streamed.train, world).values():
+        rows = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        shards.append(
+            (np.concatenate([b["x"] for b in rows]), np.concatenate([b["y"] for b in rows]))
+        )
+    return splits, streamed, shards
+
+
+def _row_set(x, y):
+    return sorted(zip(map(bytes, np.ascontiguousarray(x, np.float32)), y.tolist()))
+
+
+@pytest.mark.parametrize(
+    ("kind", "world", "kw"),
+    [("pq", 2, {}), ("pq", 3, {"num_samples": 500, "seed": 3}), ("im", 2, {"val_frac": 0.2})],
+    ids=["parquet-2", "parquet-3-num_samples", "images-2"],
+)
+def test_streamed_train_rows_are_the_in_memory_train_rows(ray_cluster, tmp_path, kind, world, kw):
+    """The ranks' streamed rows partition the in-memory path's training rows (the same key
+    rule), val and test are the driver's, and each rank gets the rows its count says."""
+    root = tmp_path / kind
+    write_parquet(str(root), 600, files=3) if kind == "pq" else write_images(str(root))
+    splits, streamed, shards = _streamed(root, world, **kw)
+    x = torch.stack([splits.train[i][0] for i in range(len(splits.train))]).numpy()
+    y = splits.train.targets.numpy()
+    got_x = np.concatenate([s[0] for s in shards])
+    got_y = np.concatenate([s[1] for s in shards])
+    assert _row_set(got_x, got_y) == _row_set(x, y) and len(got_y) == len(y)
+    assert [len(s[1]) for s in shards] == streamed.train.rows_per_rank(world).tolist()
+    assert min(len(s[1]) for s in shards) > 0
+    assert (
+        streamed.val is splits.val
+        and streamed.summary()["val_digest"] == splits.summary()["val_digest"]
+    )
+
+
+def test_an_epochs_batches_are_a_function_of_seed_epoch_and_rank(ray_cluster, tmp_path):
+    """Two passes over the same epoch give the same batches (a restart replays them); another
+    epoch gives another order of the same rows."""
+    from twa_ray.data.stream import StreamLoader
+
+    write_parquet(str(tmp_path / "pq"), 600, files=3)
+    _, streamed, _ = _streamed(tmp_path / "pq", 2)
+
+    def epoch(e):
+        loader = StreamLoader(
+            streamed.train, _train_dataset(streamed.train).iterator(), 1, 2, 16, 0
+        )
+        loader.set_epoch(e)
+        assert len(loader) == streamed.train.rows_per_rank(2).min() // 16
+        return [(x.numpy(), y.numpy()) for x, y in loader]
+
+    a, b, c = epoch(1), epoch(1), epoch(2)
+    assert len(a) == len(c) > 1
+    assert all(
+        np.array_equal(xa, xb) and np.array_equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b)
+    )
+    assert any(not np.array_equal(ya, yc) for (_, ya), (_, yc) in zip(a, c))
+
+
+def _train_dataset(train):
+    """Rank 1 of 2's dataset with the execution options the workers get (blocks in order)."""
+    from twa_ray.data.stream import ingest_options, train_datasets
+
+    ds = train_datasets(train, 2)["train_1"]
+    ds.context.execution_options = ingest_options()
+    return ds

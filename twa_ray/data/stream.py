@@ -199,30 +199,46 @@ def train_datasets(train: StreamedTrain, world: int) -> dict[str, Any]:
             [{"unit": i} for i in range(len(train.units))],
             override_num_blocks=max(1, -(-len(train.units) // per_task)),
         )
-        out[f"train_{rank}"] = units.map_batches(
+        ds = units.map_batches(
             _ReadRows(train, rank, world), batch_size=per_task, num_cpus=READ_CPUS
         )
+        # the workers' logs stay one line per epoch (no progress bars, no execution plans)
+        ds.context.enable_progress_bars = False
+        ds.context.print_on_execution_start = False
+        out[f"train_{rank}"] = ds
     return out
+
+
+def ingest_options() -> Any:
+    """Ray Data's execution options of the streamed datasets: Ray Train's defaults, blocks in
+    order (the epoch's batches are reproducible)."""
+    import warnings
+
+    import ray.train
+
+    with warnings.catch_warnings():  # Ray's own default: exclude_resources is deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def dataset_config() -> Any:
     """Ray Train's ``DataConfig`` of the streamed datasets: none split (each rank reads its own
-    ``train_<r>``), blocks in order (the epoch's batches are reproducible)."""
+    ``train_<r>``), :func:`ingest_options`."""
     import ray.train
 
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return ray.train.DataConfig(datasets_to_split=[], execution_options=options)
+    return ray.train.DataConfig(datasets_to_split=[], execution_options=ingest_options())
 
 
 class StreamLoader:
     """This rank's training batches of an epoch, streamed: ``set_epoch`` then iterate; every
     rank yields ``len()`` batches of ``batch_size`` rows (the smallest shard's number)."""
 
-    def __init__(self, train: StreamedTrain, rank: int, world: int, batch_size: int, seed: int):
-        import ray.train
-
-        self.shard = ray.train.get_dataset_shard(f"train_{rank}")
+    def __init__(
+        self, train: StreamedTrain, shard: Any, rank: int, world: int, batch_size: int, seed: int
+    ) -> None:
+        self.shard = shard  # rank's DataIterator: ray.train.get_dataset_shard(f"train_{rank}")
         self.rank, self.batch_size, self.seed = rank, batch_size, seed
         self.steps = int(train.rows_per_rank(world).min()) // batch_size
         self.epoch = 0

@@ -475,6 +475,7 @@ def _setup_data(
     job: SamplingJob, splits: Any, rank: int, world: int, device: torch.device
 ) -> tuple[Any, Any, tuple[Any, Any]]:
     """Train batches sharded and reshuffled per ``(seed, epoch)``; val and test only evaluated."""
+    import ray.train
     from torch.utils.data import DataLoader, DistributedSampler
 
     from twa_ray.data.stream import StreamedTrain, StreamLoader
@@ -487,8 +488,9 @@ def _setup_data(
         )
     loader_kw = loader_options(device)
     if isinstance(splits.train, StreamedTrain):  # Ray Data: its own shards and seeded order
+        shard = ray.train.get_dataset_shard(f"train_{rank}")
         sampler = loader = StreamLoader(
-            splits.train, rank, world, s.batch_size // world, job.data.seed
+            splits.train, shard, rank, world, s.batch_size // world, job.data.seed
         )
     else:
         sampler = DistributedSampler(
