@@ -54,17 +54,18 @@ def test_parquet_in_s3_same_splits_with_1_and_2_workers_and_a_resume(s3, ray_clu
 # --------------------------------------------------------------------------- the stream itself
 
 
-def _streamed(root, world, **kw):
-    """The in-memory splits, and the streamed training split's rows per rank (x, y numpy)."""
+def _streamed(root, world, ingest="stream", **kw):
+    """The in-memory splits, the streamed ones, and the streamed training split's rows per rank
+    (x, y numpy)."""
     from twa_ray.config import DataConfig
     from twa_ray.data.stream import stream_splits, train_datasets
 
     dataset = "images" if "im" in str(root) else "parquet"
     splits = load_dataset(dataset, root=str(root), **kw)
-    data = DataConfig(dataset=dataset, data_root=str(root), **kw)
+    data = DataConfig(dataset=dataset, data_root=str(root), ingest=ingest, **kw)
     streamed = stream_splits(splits, data)
     shards = []
-    for ds in train_datasets(streamed.train, world).values():
+    for ds in train_datasets(streamed.train, world).values() if ingest == "stream" else ():
         rows = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
         shards.append(
             (np.concatenate([b["x"] for b in rows]), np.concatenate([b["y"] for b in rows]))
@@ -100,34 +101,39 @@ def test_streamed_train_rows_are_the_in_memory_train_rows(ray_cluster, tmp_path,
     )
 
 
+def _epoch(train, epoch, batch=16):
+    """Rank 1 of 2's batches of ``epoch`` (numpy), as its worker's StreamLoader yields them."""
+    from twa_ray.data.stream import StreamLoader, ingest_options, train_datasets
+
+    ds = train_datasets(train, 2)["train_1"]
+    ds.context.execution_options = ingest_options()  # what the workers get: blocks in order
+    loader = StreamLoader(train, ds.iterator(), 1, 2, batch, 0)
+    loader.set_epoch(epoch)
+    assert len(loader) == train.rows_per_rank(2).min() // batch
+    return [(x.numpy(), y.numpy()) for x, y in loader]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(
+        np.array_equal(xa, xb) and np.array_equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b)
+    )
+
+
 def test_an_epochs_batches_are_a_function_of_seed_epoch_and_rank(ray_cluster, tmp_path):
     """Two passes over the same epoch give the same batches (a restart replays them); another
     epoch gives another order of the same rows."""
-    from twa_ray.data.stream import StreamLoader
-
     write_parquet(str(tmp_path / "pq"), 600, files=3)
     _, streamed, _ = _streamed(tmp_path / "pq", 2)
-
-    def epoch(e):
-        loader = StreamLoader(
-            streamed.train, _train_dataset(streamed.train).iterator(), 1, 2, 16, 0
-        )
-        loader.set_epoch(e)
-        assert len(loader) == streamed.train.rows_per_rank(2).min() // 16
-        return [(x.numpy(), y.numpy()) for x, y in loader]
-
-    a, b, c = epoch(1), epoch(1), epoch(2)
-    assert len(a) == len(c) > 1
-    assert all(
-        np.array_equal(xa, xb) and np.array_equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b)
-    )
-    assert any(not np.array_equal(ya, yc) for (_, ya), (_, yc) in zip(a, c))
+    a, b, c = (_epoch(streamed.train, e) for e in (1, 1, 2))
+    assert _same(a, b) and len(a) == len(c) > 1 and not _same(a, c)
 
 
-def _train_dataset(train):
-    """Rank 1 of 2's dataset with the execution options the workers get (blocks in order)."""
-    from twa_ray.data.stream import ingest_options, train_datasets
-
-    ds = train_datasets(train, 2)["train_1"]
-    ds.context.execution_options = ingest_options()
-    return ds
+def test_images_decoded_in_the_worker_give_the_same_batches(ray_cluster, tmp_path):
+    """--ingest stream_worker_decode: the read tasks pass the files' bytes, the worker decodes
+    them: the same batches as decoding in Ray Data's tasks."""
+    write_images(str(tmp_path / "im"), per_class=20)
+    in_tasks = _streamed(tmp_path / "im", 2)[1].train
+    in_worker = _streamed(tmp_path / "im", 2, ingest="stream_worker_decode")[1].train
+    assert in_worker.worker_decode and not in_tasks.worker_decode
+    a, b = _epoch(in_tasks, 0, batch=8), _epoch(in_worker, 0, batch=8)
+    assert _same(a, b) and len(a) > 1 and a[0][0].dtype == np.float32

@@ -42,9 +42,11 @@ from twa_ray.data.splits import DataSplits
 from twa_ray.data.uri import (
     URI_DATASETS,
     carve,
+    decode_image,
     image_classes,
     key_unit,
     open_root,
+    read_bytes,
     read_images,
     read_unit,
     read_units,
@@ -66,7 +68,7 @@ CPU of a node (Ray Data still bounds their number)."""
 
 def streams(data: DataConfig) -> bool:
     """Whether ``data``'s training split is streamed by Ray Data."""
-    return data.dataset in URI_DATASETS and data.ingest == "stream"
+    return data.dataset in URI_DATASETS and data.ingest != "memory"
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class StreamedTrain(Dataset[Any]):
     cut: tuple[int, int] | None  # num_samples: the last kept (unit, row)
     shape: tuple[int, ...]  # one row's x
     shard_u: np.ndarray
+    worker_decode: bool = False  # images: the read tasks pass the files' bytes (``raw``)
 
     def __len__(self) -> int:
         return len(self.shard_u)
@@ -139,6 +142,7 @@ def stream_splits(splits: DataSplits, data: DataConfig) -> DataSplits:
         cut=cut,
         shape=splits.input_shape,
         shard_u=key_unit(keys, _shard_salt(data.seed)),
+        worker_decode=data.dataset == "images" and data.ingest == "stream_worker_decode",
     )
     return DataSplits(train, splits.val, splits.test, splits.num_classes, splits.input_shape)
 
@@ -171,10 +175,13 @@ class _ReadRows:
             pos = np.array([(i, 0) for i in first]).reshape(-1, 2)
             keep = t.keep(names, pos, self.rank, self.world)
             chosen = [n for n, k in zip(names, keep) if k]
+            y = np.array([t.classes.index(n.split("/")[-2]) for n in chosen], np.int64)
+            if t.worker_decode:
+                raw = np.array([read_bytes(fs, f"{base}/{n}") for n in chosen], dtype=object)
+                return {"raw": raw, "name": np.array(chosen, dtype=object), "y": y}
             if chosen:
-                rows = read_images(fs, base, t.root, chosen, t.classes)
-                xs.append(rows.x.astype(np.float32) / 255)
-                ys.append(rows.y)
+                xs.append(read_images(fs, base, t.root, chosen, t.classes).x / np.float32(255))
+                ys.append(y)
         else:
             for i in first:
                 rows = read_unit(t.kind, fs, base, t.root, t.opts, t.units[i])
@@ -239,6 +246,7 @@ class StreamLoader:
         self, train: StreamedTrain, shard: Any, rank: int, world: int, batch_size: int, seed: int
     ) -> None:
         self.shard = shard  # rank's DataIterator: ray.train.get_dataset_shard(f"train_{rank}")
+        self.root = train.root
         self.rank, self.batch_size, self.seed = rank, batch_size, seed
         self.steps = int(train.rows_per_rank(world).min()) // batch_size
         self.epoch = 0
@@ -251,12 +259,15 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         seed = hashlib.blake2b(f"{self.seed}\0{self.epoch}\0{self.rank}".encode(), digest_size=4)
-        batches = self.shard.iter_torch_batches(
+        batches = self.shard.iter_batches(
             batch_size=self.batch_size,
+            batch_format="numpy",
             local_shuffle_buffer_size=max(SHUFFLE_ROWS, self.batch_size),
             local_shuffle_seed=int.from_bytes(seed.digest(), "big"),
             drop_last=True,
-            dtypes={"x": torch.float32, "y": torch.int64},
         )
         for _, b in zip(range(self.steps), batches):
-            yield b["x"], b["y"]
+            if "raw" in b:  # stream_worker_decode: the image files decoded here
+                images = [decode_image(r, n, self.root) for r, n in zip(b["raw"], b["name"])]
+                b["x"] = np.stack(images) / np.float32(255)
+            yield torch.from_numpy(b["x"]).float(), torch.from_numpy(b["y"]).long()

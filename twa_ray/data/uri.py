@@ -134,7 +134,7 @@ def _files(fs: pafs.FileSystem, base: str, suffixes: tuple[str, ...]) -> list[st
     )
 
 
-def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
     with fs.open_input_stream(path) as f:
         return bytes(f.read())
 
@@ -151,7 +151,7 @@ def _by_split(rel: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def _decode(data: bytes, name: str, root: str) -> np.ndarray:
+def decode_image(data: bytes, name: str, root: str) -> np.ndarray:
     """An image file's bytes -> uint8 (C, H, W), C = 1 for grayscale, else 3 (RGB)."""
     from PIL import Image
 
@@ -211,7 +211,7 @@ def _features(table: pa.Table, cols: list[str], where: str, root: str) -> np.nda
         col = table.column(cols[0]).combine_chunks()
         if pa.types.is_struct(col.type) and col.type.get_field_index("bytes") >= 0:
             raw = col.field("bytes").to_pylist()
-            images = [_decode(b, f"{where} row {i}", root) for i, b in enumerate(raw)]
+            images = [decode_image(b, f"{where} row {i}", root) for i, b in enumerate(raw)]
             return _stack_images(images, [f"row {i}" for i in range(len(raw))], root)
         if pa.types.is_fixed_size_list(col.type):
             width = col.type.list_size
@@ -352,7 +352,7 @@ def read_images(
     fs: pafs.FileSystem, base: str, root: str, names: Sequence[str], classes: Sequence[str]
 ) -> _Rows:
     """Image files decoded to uint8 (N, C, H, W), labelled by their class folder's index."""
-    images = [_decode(_read_bytes(fs, f"{base}/{r}"), r, root) for r in names]
+    images = [decode_image(read_bytes(fs, f"{base}/{r}"), r, root) for r in names]
     y = np.array([classes.index(r.split("/")[-2]) for r in names], dtype=np.int64)
     return _Rows(list(names), _stack_images(images, list(names), root), y)
 
