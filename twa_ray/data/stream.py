@@ -270,4 +270,5 @@ class StreamLoader:
             if "raw" in b:  # stream_worker_decode: the image files decoded here
                 images = [decode_image(r, n, self.root) for r, n in zip(b["raw"], b["name"])]
                 b["x"] = np.stack(images) / np.float32(255)
-            yield torch.from_numpy(b["x"]).float(), torch.from_numpy(b["y"]).long()
+            x, y = (np.require(b[k], dt, ["W"]) for k, dt in (("x", np.float32), ("y", np.int64)))
+            yield torch.from_numpy(x), torch.from_numpy(y)
