@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from data_files import write_images, write_parquet
+from data_files import write_hf_disk, write_images, write_parquet
 from s3_faults import moto_s3
 
 from twa_ray.cli import main
@@ -60,7 +60,7 @@ def _streamed(root, world, ingest="stream", **kw):
     from twa_ray.config import DataConfig
     from twa_ray.data.stream import stream_splits, train_datasets
 
-    dataset = "images" if "im" in str(root) else "parquet"
+    dataset = {"pq": "parquet", "im": "images", "hf": "hf_disk"}[root.name]
     splits = load_dataset(dataset, root=str(root), **kw)
     data = DataConfig(dataset=dataset, data_root=str(root), ingest=ingest, **kw)
     streamed = stream_splits(splits, data)
@@ -79,14 +79,20 @@ def _row_set(x, y):
 
 @pytest.mark.parametrize(
     ("kind", "world", "kw"),
-    [("pq", 2, {}), ("pq", 3, {"num_samples": 500, "seed": 3}), ("im", 2, {"val_frac": 0.2})],
-    ids=["parquet-2", "parquet-3-num_samples", "images-2"],
+    [
+        ("pq", 2, {}),
+        ("pq", 3, {"num_samples": 500, "seed": 3}),
+        ("im", 2, {"val_frac": 0.2}),
+        ("hf", 2, {"num_samples": 300}),
+    ],
+    ids=["parquet-2", "parquet-3-num_samples", "images-2", "hf_disk-2-num_samples"],
 )
 def test_streamed_train_rows_are_the_in_memory_train_rows(ray_cluster, tmp_path, kind, world, kw):
     """The ranks' streamed rows partition the in-memory path's training rows (the same key
     rule), val and test are the driver's, and each rank gets the rows its count says."""
     root = tmp_path / kind
-    write_parquet(str(root), 600, files=3) if kind == "pq" else write_images(str(root))
+    writers = {"pq": lambda r: write_parquet(r, 600, files=3), "hf": write_hf_disk}
+    writers.get(kind, write_images)(str(root))
     splits, streamed, shards = _streamed(root, world, **kw)
     x = torch.stack([splits.train[i][0] for i in range(len(splits.train))]).numpy()
     y = splits.train.targets.numpy()
