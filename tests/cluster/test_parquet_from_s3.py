@@ -23,6 +23,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = ["python", "jobs/run_twa.py", "--smoke-test"]
+# images: 300 files; a val split that gives TWA-v a batch on each of 3 workers
+VAL_FRAC = {"parquet": 0.1, "images": 0.25}
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +36,13 @@ def data_uris(s3):
     try:
         pq_uri, im_uri = s3.uri("data/mnist1d-parquet"), s3.uri("data/images")
         write_parquet(pq_uri, 1000, files=3)
-        write_images(im_uri, per_class=80, splits=("train",))
+        write_images(im_uri, per_class=100, splits=("train",))
         yield {
-            kind: (uri, load_dataset(kind, root=uri, val_frac=0.2).summary())
+            kind: (
+                uri,
+                VAL_FRAC[kind],
+                load_dataset(kind, root=uri, val_frac=VAL_FRAC[kind]).summary(),
+            )
             for kind, uri in (("parquet", pq_uri), ("images", im_uri))
         }
     finally:
@@ -51,9 +57,9 @@ def data_uris(s3):
 def test_data_from_s3_on_worker_nodes_without_a_copy(
     cluster, s3, run_root, data_uris, kind, workers
 ):
-    uri, expected = data_uris[kind]
+    uri, val_frac, expected = data_uris[kind]
     prefix = f"{kind}{workers}"
-    argv = [*RUN, "--dataset", kind, "--data-root", uri, "--val-frac", "0.2"]
+    argv = [*RUN, "--dataset", kind, "--data-root", uri, "--val-frac", str(val_frac)]
     argv += ["--workers", str(workers), "--storage", s3.uri(prefix)]
     res = submit(cluster, [*argv, "--out", str(run_root / prefix)], working_dir=REPO)
     assert res.status == "SUCCEEDED", f"job {res.job_id}: {res.status}\n{res.logs[-6000:]}"
