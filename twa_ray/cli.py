@@ -41,6 +41,7 @@ _RUN_KEYS = (
     "data.data_root",
     "data.feature_columns",
     "data.label_column",
+    "data.ingest",
     "data.model",
     "data.val_frac",
     "data.num_samples",

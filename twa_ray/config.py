@@ -67,6 +67,10 @@ class DataConfig:
     label)."""
     label_column: str = "label"
     """parquet / hf_disk: the integer class column."""
+    ingest: Literal["stream", "stream_worker_decode", "memory"] = "stream"
+    """parquet / images / hf_disk: 'stream' reads the training split with Ray Data in every
+    epoch, images decoded in its CPU tasks ('stream_worker_decode': in the training worker);
+    'memory' loads the whole dataset into each worker."""
     model: str = "mlp"
     """'mlp', 'cnn1d', 'resnet20', 'vgg16_bn', 'tv:<torchvision name>', or 'pkg.module:function'."""
     val_frac: Annotated[float, _fraction()] = 0.1

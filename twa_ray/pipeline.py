@@ -228,7 +228,7 @@ def setup(cfg: RunConfig, outputs: outdir.Outputs, *, wall: _Stopwatch | None = 
         model=model,
         layout=layout,
         given_store=given_store,
-        data_ref=ship_splits(splits),
+        data_ref=ship_splits(splits, cfg.data),
     )
 
 

@@ -85,23 +85,28 @@ def _fail(root: str, problem: str, fix: str) -> ValueError:
     return ValueError(f"--data-root {redact(root)!r}: {problem}; {fix}")
 
 
-def carve(keys: Sequence[str], seed: int, lo: float, hi: float) -> np.ndarray:
-    """The rows whose ``u(seed, key)`` lies in ``[lo, hi)`` (see the module docstring)."""
+def key_unit(keys: Sequence[str], salt: str) -> np.ndarray:
+    """``u(salt, key)`` of each key: the first 8 bytes of ``blake2b(salt, key)`` / 2^64, in [0, 1)."""
     u = np.array(
         [
-            int.from_bytes(hashlib.blake2b(f"{seed}\0{k}".encode(), digest_size=8).digest(), "big")
+            int.from_bytes(hashlib.blake2b(f"{salt}\0{k}".encode(), digest_size=8).digest(), "big")
             for k in keys
         ],
         dtype=np.float64,
     )
-    u /= 2.0**64
+    return u / 2.0**64
+
+
+def carve(keys: Sequence[str], seed: int, lo: float, hi: float) -> np.ndarray:
+    """The rows whose ``u(seed, key)`` lies in ``[lo, hi)`` (see the module docstring)."""
+    u = key_unit(keys, str(seed))
     return (u >= lo) & (u < hi)
 
 
 # --------------------------------------------------------------------------- files
 
 
-def _open(root: str) -> tuple[pafs.FileSystem, str]:
+def open_root(root: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem of ``root`` and the folder inside it; one clear error when it is none."""
     from twa_ray.storage import absolute, filesystem_from_uri
 
@@ -129,7 +134,7 @@ def _files(fs: pafs.FileSystem, base: str, suffixes: tuple[str, ...]) -> list[st
     )
 
 
-def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
     with fs.open_input_stream(path) as f:
         return bytes(f.read())
 
@@ -146,7 +151,7 @@ def _by_split(rel: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def _decode(data: bytes, name: str, root: str) -> np.ndarray:
+def decode_image(data: bytes, name: str, root: str) -> np.ndarray:
     """An image file's bytes -> uint8 (C, H, W), C = 1 for grayscale, else 3 (RGB)."""
     from PIL import Image
 
@@ -206,7 +211,7 @@ def _features(table: pa.Table, cols: list[str], where: str, root: str) -> np.nda
         col = table.column(cols[0]).combine_chunks()
         if pa.types.is_struct(col.type) and col.type.get_field_index("bytes") >= 0:
             raw = col.field("bytes").to_pylist()
-            images = [_decode(b, f"{where} row {i}", root) for i, b in enumerate(raw)]
+            images = [decode_image(b, f"{where} row {i}", root) for i, b in enumerate(raw)]
             return _stack_images(images, [f"row {i}" for i in range(len(raw))], root)
         if pa.types.is_fixed_size_list(col.type):
             width = col.type.list_size
@@ -259,11 +264,13 @@ def _table_rows(table: pa.Table, opts: dict[str, Any], where: str, key: str, roo
 # --------------------------------------------------------------------------- readers
 
 
-def _concat(parts: list[_Rows], root: str) -> _Rows:
+def _concat(
+    parts: list[_Rows], root: str, what: str = "files with different feature shapes"
+) -> _Rows:
     parts = [p for p in parts if p.keys] or parts[:1]
     shapes = {p.x.shape[1:] for p in parts}
     if len(shapes) > 1:
-        raise _fail(root, f"files with different feature shapes {sorted(shapes)}", "make them one")
+        raise _fail(root, f"{what} {sorted(shapes)}", "make them one")
     return _Rows(
         [k for p in parts for k in p.keys],
         np.concatenate([p.x for p in parts]),
@@ -271,23 +278,16 @@ def _concat(parts: list[_Rows], root: str) -> _Rows:
     )
 
 
-def _read_parquet(fs: pafs.FileSystem, base: str, root: str, opts: dict[str, Any]):
-    import pyarrow.parquet as pq
-
-    rel = _files(fs, base, (".parquet",))
-    if not rel:
-        raise _fail(root, "holds no .parquet files", "check the path (and the bucket's prefix)")
-    splits = {}
-    for split, names in _by_split(rel).items():
-        parts = [
-            _table_rows(pq.read_table(f"{base}/{r}", filesystem=fs), opts, r, r, root)
-            for r in names
-        ]
-        splits[split] = _concat(parts, root)
-    return splits, None
-
-
-def _read_images(fs: pafs.FileSystem, base: str, root: str, opts: dict[str, Any]):
+def read_units(kind: str, fs: pafs.FileSystem, base: str, root: str) -> dict[str, list[str]]:
+    """Each split's read units in key order: its ``.parquet`` files, its image files, or (hf_disk)
+    its one split folder (its row keys number the rows of all its Arrow files)."""
+    if kind == "hf_disk":
+        return {split: [folder] for split, folder in _hf_folders(fs, base, root).items()}
+    if kind == "parquet":
+        rel = _files(fs, base, (".parquet",))
+        if not rel:
+            raise _fail(root, "holds no .parquet files", "check the path (and the bucket's prefix)")
+        return _by_split(rel)
     rel = [r for r in _files(fs, base, IMAGE_SUFFIXES) if "/" in r]
     if not rel:
         raise _fail(
@@ -295,61 +295,95 @@ def _read_images(fs: pafs.FileSystem, base: str, root: str, opts: dict[str, Any]
             "holds no images in class folders (<split>/<class>/<file> or <class>/<file>)",
             "check the path, or use --dataset parquet for tables",
         )
-    by_split = _by_split(rel)
-    cls_of = {s: [r.split("/")[-2] for r in names] for s, names in by_split.items()}
-    classes = sorted(set(cls_of.get("train", [])))
-    splits = {}
-    all_names = [r for names in by_split.values() for r in names]
-    images = [_decode(_read_bytes(fs, f"{base}/{r}"), r, root) for r in all_names]
-    x_all = _stack_images(images, all_names, root)
-    start = 0
-    for split, names in by_split.items():
-        unknown = sorted(set(cls_of[split]) - set(classes))
-        if unknown:
-            raise _fail(
-                root, f"{split} has class folders {unknown} that train lacks", "use train's classes"
-            )
-        y = np.array([classes.index(c) for c in cls_of[split]], dtype=np.int64)
-        splits[split] = _Rows(list(names), x_all[start : start + len(names)], y)
-        start += len(names)
-    return splits, len(classes)
+    return _by_split(rel)
 
 
-def _read_hf_disk(fs: pafs.FileSystem, base: str, root: str, opts: dict[str, Any]):
-    def read_json(rel: str) -> Any:
-        with fs.open_input_stream(f"{base}/{rel}") as f:
-            return json.loads(f.read())
+def _read_json(fs: pafs.FileSystem, path: str) -> Any:
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
 
+
+def _hf_folders(fs: pafs.FileSystem, base: str, root: str) -> dict[str, str]:
+    """hf_disk: split name -> its folder ("" for a single ``Dataset``)."""
     if fs.get_file_info(f"{base}/dataset_dict.json").type == pafs.FileType.File:
-        names = read_json("dataset_dict.json")["splits"]
+        names = _read_json(fs, f"{base}/dataset_dict.json")["splits"]
         folders = {SPLIT_FOLDERS.get(n, n): n for n in names}
-    elif fs.get_file_info(f"{base}/state.json").type == pafs.FileType.File:
-        folders = {"train": ""}
-    else:
-        raise _fail(
-            root,
-            "is not a save_to_disk folder (no dataset_dict.json or state.json)",
-            "save the dataset with Dataset.save_to_disk / DatasetDict.save_to_disk",
-        )
-    splits, num_classes = {}, None
-    for split, folder in folders.items():
-        if split not in ("train", "val", "test"):
-            continue
-        sub = f"{folder}/" if folder else ""
-        files = [f["filename"] for f in read_json(f"{sub}state.json")["_data_files"]]
-        batches = []
-        for name in files:
-            with fs.open_input_stream(f"{base}/{sub}{name}") as f:
-                batches.append(pa.ipc.open_stream(f).read_all())
-        table = pa.concat_tables(batches)
-        splits[split] = _table_rows(table, opts, split, folder or "train", root)
-        info = read_json(f"{sub}dataset_info.json").get("features", {})
-        names_ = info.get(opts["label"], {}).get("names")
-        num_classes = len(names_) if names_ else num_classes
-    return splits, num_classes
+        return {s: f for s, f in folders.items() if s in ("train", "val", "test")}
+    if fs.get_file_info(f"{base}/state.json").type == pafs.FileType.File:
+        return {"train": ""}
+    raise _fail(
+        root,
+        "is not a save_to_disk folder (no dataset_dict.json or state.json)",
+        "save the dataset with Dataset.save_to_disk / DatasetDict.save_to_disk",
+    )
 
 
-_READERS = {"parquet": _read_parquet, "images": _read_images, "hf_disk": _read_hf_disk}
+def _hf_classes(fs: pafs.FileSystem, base: str, folder: str, label: str) -> int | None:
+    """hf_disk: the number of names of a ``ClassLabel`` label column, or None."""
+    sub = f"{folder}/" if folder else ""
+    info = _read_json(fs, f"{base}/{sub}dataset_info.json").get("features", {})
+    names = info.get(label, {}).get("names")
+    return len(names) if names else None
+
+
+def read_unit(
+    kind: str, fs: pafs.FileSystem, base: str, root: str, opts: dict[str, Any], unit: str
+) -> _Rows:
+    """The rows of one read unit (:func:`_units`; images: use :func:`read_images`)."""
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return _table_rows(pq.read_table(f"{base}/{unit}", filesystem=fs), opts, unit, unit, root)
+    sub = f"{unit}/" if unit else ""
+    files = [f["filename"] for f in _read_json(fs, f"{base}/{sub}state.json")["_data_files"]]
+    batches = []
+    for name in files:
+        with fs.open_input_stream(f"{base}/{sub}{name}") as f:
+            batches.append(pa.ipc.open_stream(f).read_all())
+    return _table_rows(pa.concat_tables(batches), opts, unit or "train", unit or "train", root)
+
+
+def image_classes(names: Sequence[str]) -> list[str]:
+    """The class names of image files ``.../<class>/<file>``, sorted."""
+    return sorted({r.split("/")[-2] for r in names})
+
+
+def read_images(
+    fs: pafs.FileSystem, base: str, root: str, names: Sequence[str], classes: Sequence[str]
+) -> _Rows:
+    """Image files decoded to uint8 (N, C, H, W), labelled by their class folder's index."""
+    images = [decode_image(read_bytes(fs, f"{base}/{r}"), r, root) for r in names]
+    y = np.array([classes.index(r.split("/")[-2]) for r in names], dtype=np.int64)
+    return _Rows(list(names), _stack_images(images, list(names), root), y)
+
+
+def _read_splits(
+    kind: str, fs: pafs.FileSystem, base: str, root: str, opts: dict[str, Any]
+) -> tuple[dict[str, _Rows], int | None]:
+    """Every split as given by the data (train, and val / test where present), and the number
+    of classes the data names (image class folders, a ``ClassLabel``), if any."""
+    units = read_units(kind, fs, base, root)
+    if kind == "images":
+        classes = image_classes(units.get("train", []))
+        for split, names in units.items():
+            unknown = sorted(set(image_classes(names)) - set(classes))
+            if unknown:
+                raise _fail(
+                    root,
+                    f"{split} has class folders {unknown} that train lacks",
+                    "use train's classes",
+                )
+        splits = {s: read_images(fs, base, root, names, classes) for s, names in units.items()}
+        _concat(list(splits.values()), root, what="images of different sizes")
+        return splits, len(classes)
+    splits = {
+        s: _concat([read_unit(kind, fs, base, root, opts, u) for u in names], root)
+        for s, names in units.items()
+    }
+    if kind == "parquet":
+        return splits, None
+    counts = [_hf_classes(fs, base, u[0], opts["label"]) for u in units.values()]
+    return splits, next((c for c in reversed(counts) if c), None)
 
 
 def _carve_missing(splits: dict[str, _Rows], val_frac: float, seed: int) -> dict[str, _Rows]:
@@ -380,9 +414,9 @@ def load_uri_dataset(
     the option that fixes it."""
     if not root:
         raise ValueError(f"--dataset {kind} reads --data-root; give a folder or an s3:// URI")
-    fs, base = _open(root)
+    fs, base = open_root(root)
     opts = {"features": feature_columns, "label": label_column}
-    splits, num_classes = _READERS[kind](fs, base, root, opts)
+    splits, num_classes = _read_splits(kind, fs, base, root, opts)
     if "train" not in splits:
         raise _fail(root, "has no train split", "put the training rows under train/")
     splits = _carve_missing(splits, val_frac, seed)

@@ -76,12 +76,15 @@ def fit_group(
     use_gpu: bool,
     max_failures: int,
     started: list[float] | None = None,
+    data_ref: Any = None,
 ) -> Any:
     """Run ``loop(config)`` on ``num_workers`` Ray Train workers; checkpoints go to
     ``run_dir/ray_train/<name>`` (the same ``name`` and ``run_dir`` resume). ``config`` crosses
     the process boundary as it is (a frozen config dataclass pickles; no dict in between).
     Returns the ``ray.train.Result``; ``started`` (if given) gains the ``time.time()`` at which
-    each attempt's ``fit()`` began (the workers' start-up is measured from there).
+    each attempt's ``fit()`` began (the workers' start-up is measured from there). ``data_ref``:
+    the shipped dataset (:func:`ship_splits`); a streamed training split becomes the group's
+    Ray Datasets (:func:`~twa_ray.data.stream.train_datasets`).
 
     Retries: a worker that raised leaves a :class:`~twa_ray.errors.TwaError`; one that a
     restart cannot fix (bad input, divergence, a full disk, the user's code) ends the run at
@@ -96,7 +99,15 @@ def fit_group(
     failures = 0
     while True:
         trainer = _trainer(
-            loop, config, name, run_dir, num_workers, cpus_per_worker, use_gpu, max_failures
+            loop,
+            config,
+            name,
+            run_dir,
+            num_workers,
+            cpus_per_worker,
+            use_gpu,
+            max_failures,
+            data_ref,
         )
         if started is not None:
             started.append(time.time())
@@ -129,6 +140,7 @@ def _trainer(
     cpus_per_worker: float,
     use_gpu: bool,
     max_failures: int,
+    data_ref: Any = None,
 ) -> Any:
     """The ``TorchTrainer`` of one attempt (see :func:`fit_group`)."""
     import ray.train
@@ -157,7 +169,23 @@ def _trainer(
             ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
+        **_datasets(data_ref, num_workers),
     )
+
+
+def _datasets(data_ref: Any, num_workers: int) -> dict[str, Any]:
+    """``TorchTrainer``'s ``datasets`` and ``dataset_config`` for a streamed training split
+    (:mod:`twa_ray.data.stream`); none for an in-memory one."""
+    from twa_ray.data.stream import StreamedTrain, dataset_config, train_datasets
+
+    if data_ref is None:
+        return {}
+    import ray
+
+    train = ray.get(data_ref).train
+    if not isinstance(train, StreamedTrain):
+        return {}
+    return {"datasets": train_datasets(train, num_workers), "dataset_config": dataset_config()}
 
 
 def _worker_entry(loop: Callable[[Any], None], name: str, where: str, config: Any) -> None:
@@ -266,17 +294,24 @@ SHIP_MAX_BYTES = 256 << 20
 """The largest dataset :func:`ship_splits` puts in the object store (tensor bytes, all splits)."""
 
 
-def ship_splits(splits: Any) -> Any:
+def ship_splits(splits: Any, data: DataConfig | None = None) -> Any:
     """The driver's dataset in the object store (an ``ObjectRef``) for the workers to read
-    instead of building it again, or None: the workers then load it themselves.
+    instead of building it again, or None: the workers then load it themselves. A URI dataset
+    with ``data.ingest == "stream"`` ships its val and test rows and, for the training split,
+    what the workers stream it from (:func:`~twa_ray.data.stream.stream_splits`).
 
     The rule: every split is an in-memory ``TensorDataset`` on the CPU (MNIST-1D, a user
     function that returns tensors) of at most :data:`SHIP_MAX_BYTES` in all. A dataset that
     reads or transforms its items (CIFAR, image folders, any other ``Dataset``: it may not
     pickle, or may hold open files), one on a GPU, or a larger one stays where it is; each
     worker loads its own."""
+    import ray
     from torch.utils.data import TensorDataset
 
+    from twa_ray.data.stream import stream_splits, streams
+
+    if data is not None and streams(data):
+        return ray.put(stream_splits(splits, data))
     parts = [splits.train, splits.val, splits.test]
     if not all(isinstance(p, TensorDataset) for p in parts):
         return None
@@ -285,16 +320,16 @@ def ship_splits(splits: Any) -> Any:
         return None
     if sum(t.numel() * t.element_size() for t in tensors) > SHIP_MAX_BYTES:
         return None
-    import ray
-
     return ray.put(splits)
 
 
-def load_worker_splits(data: DataConfig, shipped: Any = None) -> Any:
+def load_worker_splits(data: DataConfig, shipped: Any = None, *, stream: bool = False) -> Any:
     """The dataset on a worker, after checking the data root on this node: the driver's copy
     when it shipped one (``shipped``: :func:`ship_splits`'s reference; the same tensors, bit
-    for bit), else loaded here."""
+    for bit), else loaded here. A streamed training split (:mod:`twa_ray.data.stream`) is kept
+    with ``stream=True`` (the sampling phase), else the dataset is loaded here."""
     from twa_ray.data import load_data
+    from twa_ray.data.stream import StreamedTrain
 
     if _needs_root(data):
         problem = _missing_root(str(data.data_root))
@@ -303,7 +338,9 @@ def load_worker_splits(data: DataConfig, shipped: Any = None) -> Any:
     if shipped is not None:
         import ray
 
-        return ray.get(shipped)
+        splits = ray.get(shipped)
+        if stream or not isinstance(splits.train, StreamedTrain):
+            return splits
     try:
         return load_data(data)
     except Exception as e:

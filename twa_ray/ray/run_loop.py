@@ -32,6 +32,7 @@ from typing import Any
 from twa_ray.config import DataConfig, SamplingConfig
 from twa_ray.core.layout import Layout
 from twa_ray.core.twa import TWAConfig
+from twa_ray.data.stream import StreamedTrain
 from twa_ray.ray.coeff_group import (
     CoeffGroupConfig,
     CoeffJob,
@@ -112,6 +113,7 @@ def run_path(
         use_gpu=sampling.use_gpu,
         max_failures=sampling.max_failures,
         started=started,
+        data_ref=data_ref,
     )
     wall = time.perf_counter() - t0
     with result.checkpoint.as_directory() as d:  # fetched once (a download on remote storage)
@@ -134,7 +136,9 @@ def run_loop_per_worker(job: RunJob) -> None:
     sampling = phase is None or phase["phase"] == "sampling"
     if sampling:
         w, state = sampling_phase(job.sampling)
-        splits, layout = w.splits, Layout.from_module(w.inner)
+        # a streamed training split is loaded by the coefficient phase (it reads train by index)
+        splits = None if isinstance(w.splits.train, StreamedTrain) else w.splits
+        layout = Layout.from_module(w.inner)
         carry = phase_carry(w, state)
     else:  # a restart in the coefficient phase
         splits, layout = _data_and_layout(job.sampling.data, job.sampling.data_ref)

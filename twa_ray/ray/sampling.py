@@ -267,6 +267,7 @@ def run_sampling(
         cpus_per_worker=sampling.cpus_per_worker,
         use_gpu=sampling.use_gpu,
         max_failures=sampling.max_failures,
+        data_ref=data_ref,
     )
     return read_sampling(result.checkpoint, job, time.perf_counter() - t0)
 
@@ -457,7 +458,7 @@ def _setup(job: SamplingJob) -> _Worker:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    splits = load_worker_splits(job.data, job.data_ref)
+    splits = load_worker_splits(job.data, job.data_ref, stream=True)
     sampler, loader, eval_loaders = _setup_data(job, splits, rank, world, device)
     model, opt = _setup_model(job, splits)
     steps_per_epoch, split_sizes = len(loader), splits.sizes()
@@ -500,7 +501,10 @@ def _setup_data(
     job: SamplingJob, splits: Any, rank: int, world: int, device: torch.device
 ) -> tuple[Any, Any, tuple[Any, Any]]:
     """Train batches sharded and reshuffled per ``(seed, epoch)``; val and test only evaluated."""
+    import ray.train
     from torch.utils.data import DataLoader, DistributedSampler
+
+    from twa_ray.data.stream import StreamedTrain, StreamLoader
 
     s = job.sampling
     if s.batch_size < world:
@@ -508,19 +512,25 @@ def _setup_data(
             f"batch_size={s.batch_size} is smaller than num_workers={world}: the global "
             "batch is split across workers; raise batch_size"
         )
-    sampler: DistributedSampler[Any] = DistributedSampler(
-        splits.train, num_replicas=world, rank=rank, shuffle=True, seed=job.data.seed
-    )
-    # drop_last: equal batches on every rank and no 1-example BatchNorm batch at the epoch end
     loader_kw = loader_options(device)
-    loader = DataLoader(
-        splits.train,
-        batch_size=s.batch_size // world,
-        sampler=sampler,
-        drop_last=True,
-        persistent_workers=bool(loader_kw),
-        **loader_kw,
-    )
+    if isinstance(splits.train, StreamedTrain):  # Ray Data: its own shards and seeded order
+        shard = ray.train.get_dataset_shard(f"train_{rank}")
+        sampler = loader = StreamLoader(
+            splits.train, shard, rank, world, s.batch_size // world, job.data.seed
+        )
+    else:
+        sampler = DistributedSampler(
+            splits.train, num_replicas=world, rank=rank, shuffle=True, seed=job.data.seed
+        )
+        # drop_last: equal batches on every rank, no 1-example BatchNorm batch at the epoch end
+        loader = DataLoader(
+            splits.train,
+            batch_size=s.batch_size // world,
+            sampler=sampler,
+            drop_last=True,
+            persistent_workers=bool(loader_kw),
+            **loader_kw,
+        )
     if len(loader) == 0:
         raise ValueError(
             f"batch_size={s.batch_size} exceeds the {splits.sizes()['train']} training examples "
