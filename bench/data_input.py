@@ -45,7 +45,7 @@ def _read(args: list[str]) -> tuple[float, float, dict]:
     data = DataConfig(
         dataset=d["--dataset"],
         data_root=d.get("--data-root"),
-        ingest=d.get("--ingest", "stream"),  # type: ignore[arg-type]
+        ingest=d.get("--ingest", "auto"),  # type: ignore[arg-type]
         num_samples=NUM_SAMPLES if d["--dataset"] == "mnist1d" else None,
     )
     t0 = time.perf_counter()

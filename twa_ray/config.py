@@ -67,10 +67,11 @@ class DataConfig:
     label)."""
     label_column: str = "label"
     """parquet / hf_disk: the integer class column."""
-    ingest: Literal["stream", "stream_worker_decode", "memory"] = "stream"
+    ingest: Literal["auto", "stream", "stream_worker_decode", "memory"] = "auto"
     """parquet / images / hf_disk: 'stream' reads the training split with Ray Data in every
     epoch, images decoded in its CPU tasks ('stream_worker_decode': in the training worker);
-    'memory' loads the whole dataset into each worker."""
+    'memory' loads the whole dataset into each worker (faster: a dataset read once);
+    'auto' streams only a dataset over the object-store shipping limit (256 MiB)."""
     model: str = "mlp"
     """'mlp', 'cnn1d', 'resnet20', 'vgg16_bn', 'tv:<torchvision name>', or 'pkg.module:function'."""
     val_frac: Annotated[float, _fraction()] = 0.1

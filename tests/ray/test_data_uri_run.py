@@ -34,7 +34,16 @@ def test_parquet_in_s3_same_splits_with_1_and_2_workers_and_a_resume(s3, ray_clu
     recorded = []
     for workers in ("1", "2"):
         out = tmp_path / f"w{workers}"
-        argv = ["run", "--smoke-test", "--dataset", "parquet", "--data-root", s3]
+        argv = [
+            "run",
+            "--smoke-test",
+            "--dataset",
+            "parquet",
+            "--ingest",
+            "stream",
+            "--data-root",
+            s3,
+        ]
         with contextlib.redirect_stdout(io.StringIO()):
             assert main([*argv, "--workers", workers, "--out", str(out)]) == 0
         metrics = json.loads((out / "metrics.json").read_text())

@@ -1,5 +1,6 @@
 """The training split of a URI dataset streamed to the Ray Train workers by Ray Data
-(``--ingest stream``, the default for ``--dataset parquet|images|hf_disk``).
+(``--ingest stream``; the default ``auto`` streams a ``--dataset parquet|images|hf_disk`` over
+the in-memory path's 256 MiB).
 
 The driver reads the dataset once, as before (the checks, the model's shapes, ``metrics.json``'s
 ``data``); the workers receive the val and test rows through the object store and read their
@@ -66,9 +67,12 @@ READ_CPUS = 0.0
 CPU of a node (Ray Data still bounds their number)."""
 
 
-def streams(data: DataConfig) -> bool:
-    """Whether ``data``'s training split is streamed by Ray Data."""
-    return data.dataset in URI_DATASETS and data.ingest != "memory"
+def streams(data: DataConfig, *, large: bool) -> bool:
+    """Whether ``data``'s training split is streamed by Ray Data: ``--ingest stream*``, or
+    ``auto`` and a ``large`` dataset (one that does not fit the in-memory path's shipping)."""
+    if data.dataset not in URI_DATASETS or data.ingest == "memory":
+        return False
+    return data.ingest != "auto" or large
 
 
 @dataclass(frozen=True)

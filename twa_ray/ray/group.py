@@ -297,7 +297,7 @@ SHIP_MAX_BYTES = 256 << 20
 def ship_splits(splits: Any, data: DataConfig | None = None) -> Any:
     """The driver's dataset in the object store (an ``ObjectRef``) for the workers to read
     instead of building it again, or None: the workers then load it themselves. A URI dataset
-    with ``data.ingest == "stream"`` ships its val and test rows and, for the training split,
+    streamed by Ray Data (``--ingest stream``, or ``auto`` over the limit) ships its val and test rows and, for the training split,
     what the workers stream it from (:func:`~twa_ray.data.stream.stream_splits`).
 
     The rule: every split is an in-memory ``TensorDataset`` on the CPU (MNIST-1D, a user
@@ -310,15 +310,13 @@ def ship_splits(splits: Any, data: DataConfig | None = None) -> Any:
 
     from twa_ray.data.stream import stream_splits, streams
 
-    if data is not None and streams(data):
-        return ray.put(stream_splits(splits, data))
     parts = [splits.train, splits.val, splits.test]
-    if not all(isinstance(p, TensorDataset) for p in parts):
-        return None
-    tensors = [t for p in parts for t in p.tensors]
-    if any(t.device.type != "cpu" for t in tensors):
-        return None
-    if sum(t.numel() * t.element_size() for t in tensors) > SHIP_MAX_BYTES:
+    tensors = [t for p in parts if isinstance(p, TensorDataset) for t in p.tensors]
+    in_memory = len(tensors) > 0 and all(isinstance(p, TensorDataset) for p in parts)
+    large = not in_memory or sum(t.numel() * t.element_size() for t in tensors) > SHIP_MAX_BYTES
+    if data is not None and streams(data, large=large):
+        return ray.put(stream_splits(splits, data))
+    if large or any(t.device.type != "cpu" for t in tensors):
         return None
     return ray.put(splits)
 
