@@ -103,12 +103,18 @@ def run_seed(seed: int, args: argparse.Namespace, workload: str) -> dict[str, An
 
 
 def ddp_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The sampling run of ``seed`` as plain DDP (no Ray), with ``--num-samples`` of the run's flags."""
+    """The sampling run of ``seed`` as plain DDP (no Ray), with ``--num-samples`` of the run's
+    flags (kept under ``--work`` for ``--reuse``)."""
     from ray_tax import plain_ddp
 
+    path = Path(args.work) / "cnn" / f"seed{seed}.ddp.json"
+    if args.reuse and path.exists():
+        return json.loads(path.read_text())
     flags = args.run_args
     n = int(flags[flags.index("--num-samples") + 1]) if "--num-samples" in flags else None
-    return plain_ddp(argparse.Namespace(num_samples=n, seed=seed))
+    res = plain_ddp(argparse.Namespace(num_samples=n, seed=seed))
+    path.write_text(json.dumps(res))
+    return res
 
 
 def ray_tax(runs: dict[int, dict[str, Any]], ddp: dict[int, dict[str, Any]]) -> dict[str, Any]:
