@@ -363,11 +363,12 @@ def run_workload(args: argparse.Namespace, workload: str) -> tuple[str, dict[str
     phases = mean_phases(runs)
     check = {**checks(rows, runs, phases), "ray_tax": ray_tax(runs, ddp)}
     cmd = f"--config {WORKLOADS.get(workload, workload)} {' '.join(args.run_args)}".strip()
+    loaded = "" if args.reuse else f" (1-min load average {min(load):.0f}-{max(load):.0f})"
     head = (
         f"## {workload_name(workload)}: `twa-ray run {cmd} --compare-full`\n\n"
         f"Seeds {args.seeds}, {time.strftime('%Y-%m-%d %H:%M')} UTC, CPU {cpu_model()}, "
-        f"{os.cpu_count()} cores shared with other work (1-min load average {min(load):.0f}-"
-        f"{max(load):.0f}): accuracies are deterministic, wall seconds are noisy."
+        f"{os.cpu_count()} cores, shared with other work{loaded}: accuracies are deterministic, "
+        "wall seconds are not."
     )
     name = workload_name(workload)
     plot(rows, Path(f"{args.out}_{name}.png"), f"{name}: seeds {args.seeds}")
