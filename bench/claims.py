@@ -142,14 +142,16 @@ def interval(xs: list[float]) -> tuple[float, float]:
 def chosen(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """A run's methods plus the two chosen on the hold part of val: ``saved`` (the method
     ``model.safetensors`` holds) and ``twa_chosen`` (TWA-t or TWA-v, the higher on hold; TWA-v on
-    a tie, as the product's order). Their wall seconds: the TWA path's (every savable method
-    comes out of it; the EMA's own seconds added), so the choice costs what it needs."""
+    a tie, as the product's order). ``saved`` costs what the choice needs, whichever it picks:
+    the TWA path's epochs and wall seconds (every savable method comes out of it; the EMA's own
+    seconds added)."""
     methods = dict(metrics["methods"])
     saved = metrics["saved_model"]
     twa = max(("twa_v", "twa_t"), key=lambda m: methods[m].get("hold_acc", methods[m]["val_acc"]))
     wall = max(methods[m]["wall_s"] for m in ("twa_t", "twa_v", "ema", "swa") if m in methods)
     methods["twa_chosen"] = {**methods[twa], "name": twa}
-    methods["saved"] = {**methods[saved], "name": saved, "wall_s": wall}
+    epochs = methods[twa]["epochs_used"]
+    methods["saved"] = {**methods[saved], "name": saved, "wall_s": wall, "epochs_used": epochs}
     return methods
 
 
