@@ -30,17 +30,7 @@ from twa_ray.models import build_model
 from twa_ray.store import CandidateStore
 
 N = 800  # MNIST-1D samples: seconds per average
-FAST = [
-    "--model",
-    "mlp",
-    "--num-samples",
-    str(N),
-    "--twa-epochs",
-    "1",
-    "--mode",
-    "t",
-    "--no-greedy-soup",
-]
+FAST = ["--num-samples", str(N), "--twa-epochs", "1", "--mode", "t", "--no-greedy-soup"]
 SWEEP_SPACE = {"twa.lr": {"grid": [0.1, 0.2]}}
 
 
