@@ -121,6 +121,8 @@ def test_import_then_average_from_a_checkpoint_folder(trained, tmp_path):
         "average",
         "--store",
         str(trained / "pt"),
+        "--model",
+        "mlp",
         "--num-samples",
         str(NUM_SAMPLES),
         "--mode",
@@ -248,6 +250,7 @@ def test_bad_input_exits_2_with_one_clear_line(trained, tmp_path, capsys, argv, 
         argv = argv(trained, tmp_path)
     base = {
         "--store": str(trained / "store"),
+        "--model": "mlp",  # the trained checkpoints are MLPs (the default model is cnn1d)
         "--num-samples": str(NUM_SAMPLES),
         "--out": str(tmp_path / "o"),
     }
@@ -457,6 +460,8 @@ def test_verbosity_after_the_subcommand_and_no_third_party_debug_lines(trained, 
     argv = [
         "--store",
         str(trained / "store"),
+        "--model",
+        "mlp",
         "--num-samples",
         str(NUM_SAMPLES),
         "--mode",
