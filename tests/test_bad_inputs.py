@@ -30,7 +30,17 @@ from twa_ray.models import build_model
 from twa_ray.store import CandidateStore
 
 N = 800  # MNIST-1D samples: seconds per average
-FAST = ["--num-samples", str(N), "--twa-epochs", "1", "--mode", "t", "--no-greedy-soup"]
+FAST = [
+    "--model",
+    "mlp",
+    "--num-samples",
+    str(N),
+    "--twa-epochs",
+    "1",
+    "--mode",
+    "t",
+    "--no-greedy-soup",
+]
 SWEEP_SPACE = {"twa.lr": {"grid": [0.1, 0.2]}}
 
 
@@ -191,13 +201,13 @@ def _input_mismatch(fx, tmp, monkeypatch):
     )
     return [
         "average",
-        "--model",
-        "user_models_14:build",
         "--store",
         str(fx / "store"),
         "--out",
         str(tmp / "o"),
         *FAST,
+        "--model",  # after FAST's --model mlp
+        "user_models_14:build",
     ]
 
 
@@ -207,13 +217,13 @@ def _wrong_classes(fx, tmp, monkeypatch):
     )
     return [
         "average",
-        "--model",
-        "user_models_14:build",
         "--store",
         str(fx / "store"),
         "--out",
         str(tmp / "o"),
         *FAST,
+        "--model",  # after FAST's --model mlp
+        "user_models_14:build",
     ]
 
 
