@@ -992,7 +992,7 @@ def _hf_no_config(fx, tmp):
         *HF_DATA,
         "--out",
         str(tmp / "o"),
-        *FAST,
+        *FAST[2:],  # its own --model, not FAST's mlp
     ]
 
 
@@ -1015,7 +1015,7 @@ def _hf_architecture_mismatch(fx, tmp):
         *HF_DATA,
         "--out",
         str(tmp / "o"),
-        *FAST,
+        *FAST[2:],  # its own --model, not FAST's mlp
     ]
 
 
