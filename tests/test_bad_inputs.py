@@ -30,7 +30,17 @@ from twa_ray.models import build_model
 from twa_ray.store import CandidateStore
 
 N = 800  # MNIST-1D samples: seconds per average
-FAST = ["--num-samples", str(N), "--twa-epochs", "1", "--mode", "t", "--no-greedy-soup"]
+FAST = [
+    "--model",
+    "mlp",
+    "--num-samples",
+    str(N),
+    "--twa-epochs",
+    "1",
+    "--mode",
+    "t",
+    "--no-greedy-soup",
+]
 SWEEP_SPACE = {"twa.lr": {"grid": [0.1, 0.2]}}
 
 
@@ -191,13 +201,13 @@ def _input_mismatch(fx, tmp, monkeypatch):
     )
     return [
         "average",
-        "--model",
-        "user_models_14:build",
         "--store",
         str(fx / "store"),
         "--out",
         str(tmp / "o"),
         *FAST,
+        "--model",  # after FAST's --model mlp
+        "user_models_14:build",
     ]
 
 
@@ -207,13 +217,13 @@ def _wrong_classes(fx, tmp, monkeypatch):
     )
     return [
         "average",
-        "--model",
-        "user_models_14:build",
         "--store",
         str(fx / "store"),
         "--out",
         str(tmp / "o"),
         *FAST,
+        "--model",  # after FAST's --model mlp
+        "user_models_14:build",
     ]
 
 
@@ -426,7 +436,11 @@ CORPUS = [
         _run("--basis-placement", "everywhere"), "invalid choice", id="flag-bad-placement"
     ),
     pytest.param(_run("--bogus"), "unrecognized arguments", id="flag-unknown"),
-    pytest.param(_avg("--twa-lr", "1e30"), "coefficients hold NaN/Inf", id="diverged-coefficients"),
+    pytest.param(
+        _avg("--model", "mlp", "--twa-lr", "1e30"),  # the store holds MLP candidates
+        "coefficients hold NaN/Inf",
+        id="diverged-coefficients",
+    ),
     # -- output folders: owned, inputs never written
     pytest.param(
         _run("--resume", "--overwrite"), "--resume and --overwrite", id="resume-with-overwrite"
@@ -978,7 +992,7 @@ def _hf_no_config(fx, tmp):
         *HF_DATA,
         "--out",
         str(tmp / "o"),
-        *FAST,
+        *FAST[2:],  # its own --model, not FAST's mlp
     ]
 
 
@@ -1001,7 +1015,7 @@ def _hf_architecture_mismatch(fx, tmp):
         *HF_DATA,
         "--out",
         str(tmp / "o"),
-        *FAST,
+        *FAST[2:],  # its own --model, not FAST's mlp
     ]
 
 

@@ -121,6 +121,8 @@ def test_import_then_average_from_a_checkpoint_folder(trained, tmp_path):
         "average",
         "--store",
         str(trained / "pt"),
+        "--model",
+        "mlp",
         "--num-samples",
         str(NUM_SAMPLES),
         "--mode",
@@ -248,6 +250,7 @@ def test_bad_input_exits_2_with_one_clear_line(trained, tmp_path, capsys, argv, 
         argv = argv(trained, tmp_path)
     base = {
         "--store": str(trained / "store"),
+        "--model": "mlp",  # the trained checkpoints are MLPs (the default model is cnn1d)
         "--num-samples": str(NUM_SAMPLES),
         "--out": str(tmp_path / "o"),
     }
@@ -408,7 +411,7 @@ def test_version_and_help_show_every_flag_with_its_default(capsys):
     assert main(["run", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     for default in (
-        "(default: 40)",
+        "(default: 20)",
         "(default: 0.1)",
         "(default: runs/twa)",
         "(default: size:16384)",
@@ -450,13 +453,15 @@ def test_flags_are_generated_from_the_config_fields():
         option("greedy_soup").flag == "--no-greedy-soup"
         and option("sampling.num_workers").flag == "--workers"
     )
-    assert "(default: 0.2)" in actions["twa_lr"].help and "(default: 40)" in actions["epochs"].help
+    assert "(default: 0.2)" in actions["twa_lr"].help and "(default: 20)" in actions["epochs"].help
 
 
 def test_verbosity_after_the_subcommand_and_no_third_party_debug_lines(trained, tmp_path, capsys):
     argv = [
         "--store",
         str(trained / "store"),
+        "--model",
+        "mlp",
         "--num-samples",
         str(NUM_SAMPLES),
         "--mode",

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from twa_ray.config import (
+    MNIST1D_SAMPLES,
     DataConfig,
     RunConfig,
     SamplingConfig,
@@ -39,9 +40,13 @@ from twa_ray.core.twa import TWAConfig
             {"sampling": {"use_gpu": False}, "shared_fs": True},
             lambda c: not c.sampling.use_gpu and c.shared_fs,
         ),
-        (
+        (  # null: the default, MNIST-1D's main-job size; other datasets keep every row
             {"twa": None, "data": {"num_samples": None}},
-            lambda c: c.twa == TWAConfig() and c.data.num_samples is None,
+            lambda c: c.twa == TWAConfig() and c.data.num_samples == MNIST1D_SAMPLES == 4000,
+        ),
+        (
+            {"data": {"dataset": "parquet", "num_samples": None}},
+            lambda c: c.data.num_samples is None,
         ),
         (
             {"storage": "s3://b/p?endpoint_override=127.0.0.1:9000"},

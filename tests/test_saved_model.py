@@ -121,7 +121,11 @@ def test_average_starts_at_the_best_free_average_and_saves_the_best_on_hold(tmp_
 @pytest.mark.parametrize(
     "argv,line",
     [
-        (["run", "--save", "ema"], "--save ema: twa-ray run cannot save it; use auto or one of"),
+        (
+            ["run", "--save", "last_candidate"],
+            "--save last_candidate: twa-ray run cannot save it; use auto or one of",
+        ),
+        (["run", "--save", "ema", "--no-ema"], "save=ema with sampling.ema=false"),
         (["average", "--store", "nowhere", "--save", "sgd_sampled"], "twa-ray average cannot"),
     ],
 )

@@ -72,17 +72,26 @@ class DataConfig:
     epoch, images decoded in its CPU tasks ('stream_worker_decode': in the training worker);
     'memory' loads the whole dataset into each worker (faster: a dataset read once);
     'auto' streams only a dataset over the object-store shipping limit (256 MiB)."""
-    model: str = "mlp"
-    """'mlp', 'cnn1d', 'resnet20', 'vgg16_bn', 'tv:<torchvision name>', or 'pkg.module:function'."""
+    model: str = "cnn1d"
+    """'cnn1d' (the 1-D CNN with BatchNorm: the main job), 'mlp', 'resnet20', 'vgg16_bn',
+    'tv:<torchvision name>', or 'pkg.module:function'."""
     val_frac: Annotated[float, _fraction()] = 0.1
     """Fraction of the training split held out for validation (never trained on)."""
     num_samples: Annotated[int, Range(ge=100)] | None = None
-    """MNIST-1D: total generated samples (None: the package default)."""
+    """MNIST-1D: total generated samples (None: 4,000, the main job: a task SGD does not
+    saturate, bench/protocol_free.md; 12,500 is the package's size); other datasets: keep the
+    first this many training rows (None: all)."""
     seed: Annotated[int, Range(ge=0, le=INT64_MAX)] = 0
     """Seed of the data split, model init and data order."""
 
     def __post_init__(self) -> None:
+        if self.num_samples is None and self.dataset == "mnist1d":
+            object.__setattr__(self, "num_samples", MNIST1D_SAMPLES)
         check_fields(self, "data config")
+
+
+MNIST1D_SAMPLES = 4000
+"""MNIST-1D samples of the main job (2,880 train / 320 val / 800 test)."""
 
 
 # sampling options that do not change the trajectory: a resume may change them, and sweep
@@ -94,7 +103,7 @@ TRAJECTORY_FREE_FIELDS = ("cpus_per_worker", "max_failures", "checkpoint_interva
 class SamplingConfig:
     """The sampling phase: data-parallel SGD on the full-budget schedule, snapshotting candidates."""
 
-    epochs: Annotated[int, Range(ge=1)] = 40
+    epochs: Annotated[int, Range(ge=1)] = 20
     """Full epoch budget E: the learning-rate schedule spans E epochs."""
     sample_frac: Annotated[float, _fraction(closed_hi=True)] = 0.5
     """Train only the first sample_frac * E epochs (the saving); candidates come from these."""
@@ -182,6 +191,8 @@ class RunConfig:
         errors = [] if self.out else ["out is empty; name an output folder"]
         if self.save in ("twa_t", "twa_v") and self.mode not in ("both", self.save[-1]):
             errors.append(f"save={self.save} with mode={self.mode}: that variant is not fitted")
+        if self.save == "ema" and not self.sampling.ema:
+            errors.append("save=ema with sampling.ema=false: the run keeps no EMA; drop one")
         check_fields(self, "run config", errors)
 
     @property

@@ -42,6 +42,7 @@ from twa_ray.data.loaders import make_loader
 from twa_ray.models import build_model
 from twa_ray.redact import redact
 from twa_ray.report import (
+    SAVABLE_BY,
     best_method,
     check_finite,
     choose_saved,
@@ -158,12 +159,14 @@ class _Learned:
 @dataclass(frozen=True)
 class _Methods:
     """Each method's accuracies, epochs used, budget saved and wall seconds (the metrics'
-    ``methods``), the history of SGD over the full budget (``--compare-full``), if it ran, and
-    the wall seconds of every phase (the metrics' ``wall_s``)."""
+    ``methods``), the history of SGD over the full budget (``--compare-full``), if it ran, the
+    wall seconds of every phase (the metrics' ``wall_s``) and the free averages' weights."""
 
     methods: dict[str, dict[str, Any]]
     full_history: list[dict[str, float]] | None
     wall: dict[str, Any]
+    states: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    """The driver's free averages' weights (``ema``, ``sgd_sampled``: state dicts, BN included)."""
 
 
 def run_pipeline(cfg: RunConfig, req: outdir.Request | None = None) -> dict[str, Any]:
@@ -343,9 +346,16 @@ def baselines(run: _Run, learned: _Learned, *, wall: dict[str, float]) -> _Metho
     sampled, results = learned.sampled, learned.results
     first = next(iter(results.values()))
     stopwatch = _Stopwatch()
+    loaders = _driver_loaders(run.splits, run.cfg)
+    last = sampled.read_final_state()
     methods: dict[str, dict[str, Any]] = {
-        "sgd_sampled": {**_accs(sampled.history[-1]), "epochs_used": s.sample_epochs}
+        "sgd_sampled": {
+            **_accs(sampled.history[-1]),
+            **_hold_acc(run.model, last, loaders),
+            "epochs_used": s.sample_epochs,
+        }
     }
+    states = {"sgd_sampled": last}
     if first.swa is not None:
         methods["swa"] = {**_accs(first.swa), "epochs_used": s.sample_epochs}
     if run.cfg.greedy_soup:
@@ -356,16 +366,18 @@ def baselines(run: _Run, learned: _Learned, *, wall: dict[str, float]) -> _Metho
             learned.names,
             run.model,
             run.layout,
-            run.splits,
+            loaders,
         )
         methods["greedy_soup"] = {**soup, "epochs_used": s.sample_epochs}
-    ema = stopwatch("ema", _ema, sampled, run.model, run.splits)
+    ema = stopwatch("ema", _ema, sampled, run.model, loaders)
     if ema is not None:
         methods["ema"] = {**ema, "epochs_used": s.sample_epochs}
+        states["ema"] = {k: v.clone() for k, v in run.model.state_dict().items()}
     for mode, res in results.items():
         methods[f"twa_{mode}"] = {
             "test_acc": res.test_acc,
             "val_acc": res.val_acc,
+            **({} if res.hold_acc is None else {"hold_acc": res.hold_acc}),
             "epochs_used": s.sample_epochs + twa_epochs,
             "bytes_allreduced_per_step": res.bytes_allreduced_per_step,
             "alpha_identical": res.alpha_identical,
@@ -387,7 +399,7 @@ def baselines(run: _Run, learned: _Learned, *, wall: dict[str, float]) -> _Metho
     _add_wall(methods, phases, results)
     for m in methods.values():
         m["budget_saved"] = 1.0 - m["epochs_used"] / s.epochs
-    return _Methods(methods, full_history, phases)
+    return _Methods(methods, full_history, phases, states)
 
 
 def _group_phases(seconds: dict[str, float]) -> dict[str, Any]:
@@ -470,15 +482,16 @@ def _sgd_run(run: _Run, epochs: int, tag: str) -> list[dict[str, float]]:
 
 
 def write(run: _Run, learned: _Learned, methods: _Methods, *, start: float) -> dict[str, Any]:
-    """The saved model (``--save``, or the learned variant of higher val accuracy:
-    :func:`~twa_ray.report.choose_saved`), metrics.json, coefficients, plots and the table; a
-    copy in ``--storage`` when it is elsewhere."""
+    """The saved model (``--save``, or the best on the hold part of val among TWA-t, TWA-v,
+    EMA, SWA and the last iterate: :func:`~twa_ray.report.choose_saved`), metrics.json,
+    coefficients, plots and the table; a copy in ``--storage`` when it is elsewhere."""
     t0 = time.perf_counter()
     cfg, out, results = run.cfg, run.out, learned.results
-    saved, reason = choose_saved(  # the learned variants: chosen on val (issue 29 item 3)
-        methods.methods, save=cfg.save, available=[f"twa_{m}" for m in results]
-    )
-    learned.outcome.coeff.weights[saved].load_into_(run.model)
+    saved, reason = choose_saved(methods.methods, save=cfg.save, available=SAVABLE_BY["run"])
+    if saved in methods.states:
+        run.model.load_state_dict(methods.states[saved])
+    else:
+        learned.outcome.coeff.weights[saved].load_into_(run.model)
     metrics = _metrics(run, learned, methods.methods, best=saved, reason=reason)
     coefficients = {f"twa_{m}": r.alpha for m, r in results.items()}
     check_finite(run.model, coefficients)  # NaN/Inf: nothing is written
@@ -571,43 +584,67 @@ def _modes(cfg: RunConfig) -> tuple[str, ...]:
     return ("t", "v") if cfg.mode == "both" else (cfg.mode,)
 
 
-def _accs(m: dict[str, float]) -> dict[str, float]:
-    return {"test_acc": m["test_acc"], "val_acc": m["val_acc"]}
+def _accs(m: dict[str, Any]) -> dict[str, float]:
+    keys = ("test_acc", "val_acc", "hold_acc")
+    return {k: m[k] for k in keys if m.get(k) is not None}
 
 
-def _driver_loaders(splits: Any) -> tuple[Any, Any, Any]:
-    """The driver's baselines' loaders: train (BN re-estimation), val (selection), test."""
-    return tuple(
-        make_loader(ds, BN_BATCH, shuffle=False) for ds in (splits.train, splits.val, splits.test)
-    )  # type: ignore[return-value]
+def _driver_loaders(splits: Any, cfg: RunConfig) -> dict[str, Any]:
+    """The driver's baselines' loaders: ``bn`` (train, BN re-estimation), ``val`` (selection),
+    ``test``; with ``twa.hold_frac`` also ``hold`` and ``fit``, the parts of val the saved model
+    is chosen on and TWA-v fits on (:func:`~twa_ray.core.start.split_held_out`, as the workers)."""
+    from twa_ray.core.start import split_held_out
+
+    sets = {"bn": splits.train, "val": splits.val, "test": splits.test}
+    if cfg.twa.hold_frac:
+        sets["fit"], sets["hold"] = split_held_out(splits.val, cfg.twa.hold_frac, cfg.data.seed)
+    return {k: make_loader(ds, BN_BATCH, shuffle=False) for k, ds in sets.items()}
 
 
-def _ema(sampled: SamplingResult, model: torch.nn.Module, splits: Any) -> dict[str, Any] | None:
-    """The sampling run's moving average whose decay scores best on val (BN re-estimated on
-    train for each), or None when the run kept none."""
+def _hold_acc(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], loaders: dict[str, Any]
+) -> dict[str, float]:
+    """``{"hold_acc": ...}`` of ``state`` (BN statistics as they are), or {} without a hold."""
+    if "hold" not in loaders:
+        return {}
+    model.load_state_dict(state)
+    return {"hold_acc": evaluate(model, loaders["hold"]).acc}
+
+
+def _ema(
+    sampled: SamplingResult, model: torch.nn.Module, loaders: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The sampling run's moving average whose decay scores best on the ``fit`` part of val
+    (all of val without a hold part: the hold stays untouched by every method's choices), BN
+    re-estimated on train for each; leaves ``model`` at it. None when the run kept none."""
     from twa_ray.core.bn import update_bn
 
-    bn, val, test = _driver_loaders(splits)
-    scores = {}
-    for decay, params in sampled.read_ema().items():
+    splits = [s for s in ("val", "test", "fit", "hold") if s in loaders]
+    scores: dict[float, dict[str, float]] = {}
+    emas = sampled.read_ema()
+    for decay, params in emas.items():
         model.load_state_dict(params, strict=False)  # the parameters; BN statistics re-estimated
-        update_bn(bn, model)
-        scores[decay] = {"val_acc": evaluate(model, val).acc, "test_acc": evaluate(model, test).acc}
+        update_bn(loaders["bn"], model)
+        scores[decay] = {f"{s}_acc": evaluate(model, loaders[s]).acc for s in splits}
     if not scores:
         return None
-    decay = max(scores, key=lambda d: scores[d]["val_acc"])  # first on a tie; never test
-    return {
-        **scores[decay],
-        "decay": decay,
-        "val_acc_by_decay": {str(d): s["val_acc"] for d, s in scores.items()},
-    }
+    chosen_on = "fit" if "fit" in loaders else "val"
+    decay = max(scores, key=lambda d: scores[d][f"{chosen_on}_acc"])  # first on a tie; never test
+    model.load_state_dict(emas[decay], strict=False)
+    update_bn(loaders["bn"], model)
+    by = {f"{s}_acc_by_decay": {str(d): a[f"{s}_acc"] for d, a in scores.items()} for s in splits}
+    return {**_accs(scores[decay]), "decay": decay, "decay_chosen_on": chosen_on, **by}
 
 
 def _greedy_soup(
-    store: CandidateStore, names: list[str], model: torch.nn.Module, layout: Layout, splits: Any
+    store: CandidateStore,
+    names: list[str],
+    model: torch.nn.Module,
+    layout: Layout,
+    loaders: dict[str, Any],
 ) -> dict[str, Any]:
     """Greedy soup on the driver: ranked and accepted on val, BN re-estimated on train."""
-    bn, val, test = _driver_loaders(splits)
+    bn, val, test = loaders["bn"], loaders["val"], loaders["test"]
     res = greedy_soup(
         lambda i: store.read(names[i]),
         len(names),

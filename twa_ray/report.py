@@ -129,7 +129,7 @@ SAVABLE = ("twa_v", "twa_t", "ema", "swa", "sgd_sampled", "last_candidate")
 
 
 SAVABLE_BY = {
-    "run": ("twa_v", "twa_t"),  # until its results hold every method's weights
+    "run": ("twa_v", "twa_t", "ema", "swa", "sgd_sampled"),
     "average": ("twa_v", "twa_t", "ema", "swa", "last_candidate"),
 }
 """What ``--save`` may name, by command (``ema``: with an EMA candidate in the store)."""

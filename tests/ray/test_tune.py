@@ -18,7 +18,7 @@ from twa_ray.tune_plan import SweepPlan
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 TINY = {
-    "data": {"num_samples": 1500},
+    "data": {"model": "mlp", "num_samples": 1500},  # the sweep tests were written on the MLP
     "sampling": {"epochs": 8, "sample_frac": 0.5, "batch_size": 64},  # 4 sampled epochs
     "twa": {"epochs": 4},
     "mode": "v",

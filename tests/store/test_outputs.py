@@ -16,6 +16,7 @@ from safetensors.torch import load_file, load_model, save_model
 from twa_ray.cli import main
 from twa_ray.core.layout import Layout
 from twa_ray.report import (
+    SAVABLE_BY,
     best_method,
     plot_coefficients,
     write_coefficients,
@@ -197,7 +198,7 @@ def test_run_with_a_tied_model_then_its_config_repeats_into_a_new_out(tmp_path):
         p.name: 0o644 for p in out.iterdir() if p.is_file()
     }
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["saved_model"] in ("twa_t", "twa_v") and metrics["best"] in metrics["methods"]
+    assert metrics["saved_model"] in SAVABLE_BY["run"] and metrics["best"] in metrics["methods"]
     from twa_ray.cli import build_parser, config_from_args
 
     saved = (out / "config.yaml").read_text()

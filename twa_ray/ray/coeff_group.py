@@ -21,14 +21,16 @@ The steps are the core's :class:`~twa_ray.core.loop.CoefficientLoop` (the same l
 worker group, :mod:`twa_ray.ray.run_loop`, and passed to the workers in the :class:`CoeffJob`), the sums
 all-reduced, checkpoints through Ray Train, the BN and evaluation collectives.
 
-TWA-t optimizes on the train split, TWA-v on the held-out val split; both take
-``round(epochs * steps per training epoch)`` steps (TWA-v cycles its smaller split). Then:
+TWA-t optimizes on the train split, TWA-v on the held-out val split less its *hold* part
+(``TWAConfig.hold_frac``, :func:`~twa_ray.core.start.split_held_out`: the saved model is chosen
+there); both take ``round(epochs * steps per training epoch)`` steps (TWA-v cycles its smaller
+split). Then:
 
 1. BatchNorm statistics are re-estimated on the whole train split: every worker runs
    ``update_bn`` over its strided shard (``n_r`` batches); the cumulative averages combine as
    :math:`\\sum_r n_r \\mu_r / \\sum_r n_r` (all-reduce), the same as one ``update_bn`` over the
    union of the shards' batches;
-2. val and test are evaluated on strided shards, sums all-reduced;
+2. val, test and hold are evaluated on strided shards, sums all-reduced;
 3. the SWA point (alpha0) gets the same BN + evaluation (``eval_swa``), for the report.
 
 Fault tolerance: rank 0 checkpoints alpha + optimizer + schedule + step at the end of a pass
@@ -63,6 +65,7 @@ from twa_ray.core.kernels.cpu import kernel_info
 from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.core.loop import CoefficientLoop, CoeffState, LoopHooks
 from twa_ray.core.placement import PlacementKind, choose
+from twa_ray.core.start import split_held_out
 from twa_ray.core.twa import TWA, TWAConfig
 from twa_ray.ray.faults import inject
 from twa_ray.ray.group import (
@@ -170,7 +173,8 @@ class TWAResult:
         bn_state: float64 BatchNorm running statistics at ``theta`` (``core.bn.bn_state`` order),
             re-estimated on the whole train split across workers.
         val_loss, val_acc, test_loss, test_acc: at ``theta`` with ``bn_state``.
-        swa: the same four metrics at the SWA point (alpha0, BN re-estimated), or None.
+        hold_loss, hold_acc: the same on the hold part of val (None with ``hold_frac=0``).
+        swa: the same metrics at the SWA point (alpha0, BN re-estimated), or None.
         history: one dict per (possibly partial) pass over the fit split (train for TWA-t, val
             for TWA-v): ``epoch`` (training-data epochs of budget so far), ``step``, ``pass``,
             ``lr``, ``loss``, ``acc`` (on the fit split, all workers).
@@ -215,6 +219,8 @@ class TWAResult:
     steps_per_pass: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     weights: MethodWeights | None = None
+    hold_loss: float | None = None
+    hold_acc: float | None = None
 
     def theta(self, sharded: ShardedSubspace | None = None) -> torch.Tensor:
         """The final weights ``o + sum alpha B`` as a flat (D,) float32 tensor (the workers'
@@ -448,11 +454,13 @@ class Worker:
     world: int
     device: torch.device
     splits: Any
+    val_fit: Any
+    """The part of val TWA-v fits on (all of it with ``hold_frac=0``)."""
     model: torch.nn.Module
     placement: Any
     extra: dict[str, Any]
     evaluation: Callable[[TWA], dict[str, Any]]
-    """BN re-estimated over the train shards, then val and test over their strided shards
+    """BN re-estimated over the train shards, then val, test and hold over their strided shards
     (:func:`~twa_ray.core.host.standard_evaluation`)."""
     carry: dict[str, Any]
     """Checkpoint files of an earlier phase that rank 0 attaches to every checkpoint."""
@@ -548,17 +556,24 @@ def _setup_worker(job: CoeffJob, splits: Any, carry: dict[str, Any]) -> Worker:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    # ---- data: train (TWA-t, BN statistics), held-out val (TWA-v, report), test (report)
+    # ---- data: train (TWA-t, BN statistics), held-out val (TWA-v fits on val_fit; hold: the
+    # saved model's choice), test (report)
     if splits is None:
         splits = load_worker_splits(job.data, job.data_ref)
+    hold_frac = job.twa.hold_frac
+    val_fit, hold = (
+        split_held_out(splits.val, hold_frac, job.data.seed) if hold_frac else (splits.val, None)
+    )
+    evaluated = {"val": splits.val, "test": splits.test, "hold": hold}
     kw = loader_options(device)
     evaluation = standard_evaluation(
         DataLoader(
             strided(splits.train, rank, world), batch_size=job.group.batch_size // world, **kw
         ),
         {
-            s: DataLoader(strided(getattr(splits, s), rank, world), batch_size=EVAL_BATCH, **kw)
-            for s in ("val", "test")
+            s: DataLoader(strided(ds, rank, world), batch_size=EVAL_BATCH, **kw)
+            for s, ds in evaluated.items()
+            if ds is not None
         },
         bn_batches=job.group.bn_batches,
     )
@@ -586,7 +601,7 @@ def _setup_worker(job: CoeffJob, splits: Any, carry: dict[str, Any]) -> Worker:
             placement.held_bytes / 2**20,
             job.sharded.nbytes / 2**20,
         )
-    return Worker(rank, world, device, splits, model, placement, extra, evaluation, carry)
+    return Worker(rank, world, device, splits, val_fit, model, placement, extra, evaluation, carry)
 
 
 def _resume(rank: int, progress: bool) -> PhaseState:
@@ -629,7 +644,7 @@ def _fit_mode(
         twa,
         mode,
         w.splits.train,
-        w.splits.val,
+        w.val_fit,
         batch_size=g.batch_size,
         rank=w.rank,
         world=w.world,
@@ -695,9 +710,12 @@ def _timed(evaluation: Callable[[TWA], dict[str, Any]], twa: TWA) -> dict[str, A
         return evaluation(twa)
 
 
+_METRICS = ("val_loss", "val_acc", "test_loss", "test_acc", "hold_loss", "hold_acc")
+
+
 def _metrics(evaluated: dict[str, Any]) -> dict[str, float]:
-    """The four metrics of :func:`~twa_ray.core.host.standard_evaluation`'s result."""
-    return {k: evaluated[k] for k in ("val_loss", "val_acc", "test_loss", "test_acc")}
+    """The metrics of :func:`~twa_ray.core.host.standard_evaluation`'s result (hold: if any)."""
+    return {k: evaluated[k] for k in _METRICS if k in evaluated}
 
 
 def _report(
