@@ -7,6 +7,8 @@ import io
 import json
 import os
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -69,6 +71,21 @@ def test_fsdp_run_reports_what_ddp_reports(runs):
         for key in ("test_acc", "val_acc"):
             assert got["methods"][name][key] == pytest.approx(m[key], abs=1e-9), (name, key)
     assert got["methods"]["ema"]["decay"] == want["methods"]["ema"]["decay"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_fsdp_run_learns_the_alpha_ddp_learns(runs):
+    """The coefficients TWA-v learned after sharded sampling: the DP run's, within float32
+    reduction order (rtol 1e-5), row by row and block by block."""
+    got, want = (
+        pq.read_table(runs[s] / "coefficients.parquet").to_pandas() for s in ("fsdp", "ddp")
+    )
+    keys = ["variant", "row", "block"]
+    got, want = (t.sort_values(keys).reset_index(drop=True) for t in (got, want))
+    assert len(want) > 0 and set(want.variant) == {"twa_v"}
+    assert got[keys + ["block_label"]].equals(want[keys + ["block_label"]])
+    np.testing.assert_allclose(got.alpha, want.alpha, rtol=1e-5, atol=0)
 
 
 def test_fsdp_with_compare_full_is_refused_in_one_line(tmp_path, capsys):

@@ -210,3 +210,27 @@ class _Padded:
         for _ in range(done, self.count):
             assert first is not None
             yield first[0][:0], first[1][:0]
+
+
+def min_batches(num_examples: int, world: int, batch: int) -> int:
+    """The batches of the smallest rank's strided shard of ``num_examples``: a BatchNorm
+    re-estimation runs that many forwards on every rank (an empty batch cannot train BN)."""
+    return -(-(num_examples // world) // batch)
+
+
+def local_candidates(store: Any, rank: int, world: int) -> Any:
+    """This rank's candidate shards (D_r,) from ``store`` in its order, re-iterable (a
+    :data:`~twa_ray.core.subspace.CandidateStream`): only the parts holding its rows are read."""
+    names = store.names()
+    return lambda: (store.read_local(n, rank, world).float() for n in names)
+
+
+def full_from_shards(layout: Any, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The flat (D,) vector from every rank's local flat (``parts[r]``, rank r of
+    ``len(parts)``): on the driver, from the per-rank files of a final checkpoint."""
+    from twa_ray.core.sharded import LocalShards
+
+    full = torch.empty(layout.numel, dtype=parts[0].dtype)
+    for r, part in enumerate(parts):
+        full[LocalShards.from_layout(layout, len(parts), r).index()] = part
+    return full

@@ -140,9 +140,20 @@ def run_loop_per_worker(job: RunJob) -> None:
         splits, layout = _data_and_layout(job.sampling.data, job.sampling.data_ref)
         carry = _carried() if rank == 0 else {}
     TIMER.phase = "coefficients"
-    with TIMER("basis"):
-        sharded, placement = _share_basis(job, layout, rank)
-    coeff = CoeffJob(job.sampling.data, job.twa, job.group, sharded, placement)
+    if job.sampling.sampling.strategy == "fsdp":  # each rank builds its columns of B
+        reason = "strategy fsdp: each rank builds and holds its columns of B"
+        coeff = CoeffJob(
+            job.sampling.data,
+            job.twa,
+            job.group,
+            None,
+            PlacementChoice("shard", reason),
+            fsdp_store=job.sampling.store_uri,
+        )
+    else:
+        with TIMER("basis"):
+            sharded, placement = _share_basis(job, layout, rank)
+        coeff = CoeffJob(job.sampling.data, job.twa, job.group, sharded, placement)
     coeff_phase(coeff, splits=splits, carry=carry, resume=not sampling)
 
 
