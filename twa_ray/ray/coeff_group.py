@@ -19,7 +19,9 @@ The steps are the core's :class:`~twa_ray.core.loop.CoefficientLoop` (the same l
 ``TWA.fit``, ``twa-ray average`` and a Tune trial); this module is its Ray shell: the placement
 (decided once, on the driver for :func:`run_twa` or on rank 0 for a ``twa-ray run``'s one
 worker group, :mod:`twa_ray.ray.run_loop`, and passed to the workers in the :class:`CoeffJob`), the sums
-all-reduced, checkpoints through Ray Train, the BN and evaluation collectives.
+all-reduced, checkpoints through Ray Train, the BN and evaluation collectives. Under
+``strategy='fsdp'`` the model is sharded and each rank builds its own columns of B
+(:mod:`twa_ray.ray.fsdp_coeff`, ``CoeffJob.fsdp_store``): the same loop, modes and checkpoints.
 
 TWA-t optimizes on the train split, TWA-v on the held-out val split; both take
 ``round(epochs * steps per training epoch)`` steps (TWA-v cycles its smaller split). Then:
@@ -522,9 +524,10 @@ def coeff_phase(
 
 
 def _final_result(w: Worker, state: PhaseState, job: CoeffJob) -> dict[str, Any] | None:
-    """This rank's files of the final checkpoint; rank 0's :data:`RESULT_FILE`: every mode's fields, every method's weights (theta rebuilt
-    from its alpha: a collective under a 'shard' placement, so every rank calls this), the
-    subspace's summary and block labels; None on the other ranks."""
+    """This rank's files of the final checkpoint: rank 0's :data:`RESULT_FILE` (every mode's
+    fields, every method's weights: theta rebuilt from its alpha, a collective under a 'shard'
+    placement, so every rank calls this; the subspace's summary and block labels), None on the
+    other ranks; under fsdp every rank's theta shards (:func:`~.fsdp_coeff.sharded_result`)."""
     modes = job.group.modes
     alphas = {f"twa_{m}": (state.done[m]["alpha"], state.done[m]["bn_state"]) for m in modes}
     if state.swa_bn is not None:
@@ -534,7 +537,8 @@ def _final_result(w: Worker, state: PhaseState, job: CoeffJob) -> dict[str, Any]
         for name, (alpha, bn) in alphas.items()
     }
     if job.fsdp_store:  # theta: this rank's shard, in its own file (the driver joins them)
-        return sharded_result(w.rank, w.world, weights, state, modes, w.placement)
+        files, out = sharded_result(w.rank, w.world, weights, state, modes, w.placement)
+        return files if out is None else {**files, RESULT_FILE: out}
     if w.rank != 0:
         return None
     assert job.sharded is not None

@@ -7,8 +7,8 @@ unit, then the root. Rank ``r`` holds dim-0 rows of every parameter
 (:func:`twa_ray.store.sharded.dim0_rows`); SGD, its momentum and the EMAs live on those rows
 only. Snapshots and sampling checkpoints are written per rank from the local shards
 (:func:`twa_ray.store.snapshots.snapshot_shards`, :func:`shard_files`); nothing is gathered
-while sampling. :func:`full_files` gathers the final weights and EMAs once, for the
-data-parallel coefficient phase and the driver's baselines.
+while sampling. :func:`full_files` gathers the final weights and EMAs once, for the driver's
+baselines; the coefficient phase runs on the shards (:mod:`twa_ray.ray.fsdp_coeff`).
 
 FSDP's forward is a collective (the all-gather of each unit's parameters): every rank must run
 the same number of forwards, so evaluation pads the shorter ranks with empty batches

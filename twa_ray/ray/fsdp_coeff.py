@@ -39,9 +39,9 @@ from twa_ray.ray.fsdp import (
 from twa_ray.ray.worker import strided
 from twa_ray.store.store import CandidateStore
 
-__all__ = ["read_theta", "sharded_evaluation", "sharded_result", "sharded_setup"]
+__all__ = ["REASON", "read_theta", "sharded_evaluation", "sharded_result", "sharded_setup"]
 
-RESULT_FILE = "result.pt"  # as coeff_group.RESULT_FILE (which imports this module)
+REASON = "strategy fsdp: each rank builds and holds its columns of B"
 
 
 def theta_file(rank: int) -> str:
@@ -60,7 +60,7 @@ def sharded_setup(
     sub = build_sharded_subspace(stream, shards, config).to(device)
     extra = {
         "basis_placement": "fsdp",
-        "basis_placement_reason": "strategy fsdp: each rank builds and holds its columns of B",
+        "basis_placement_reason": REASON,
         "basis_held_bytes": sub.held_bytes,
         "wire_bytes_per_step": 4 * sub.num_rows * sub.num_blocks,
     }
@@ -99,15 +99,15 @@ def sharded_result(
     state: Any,
     modes: tuple[str, ...],
     sub: ShardedSubspace,
-) -> dict[str, Any]:
-    """This rank's files of the final checkpoint: its theta shards; rank 0 also the result
-    (every mode's fields, BN statistics, the layout to join the shards, the summary)."""
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """This rank's theta file of the final checkpoint and, on rank 0, the result (every mode's
+    fields, BN statistics, the layout to join the shards, the summary; None elsewhere)."""
     files: dict[str, Any] = {theta_file(rank): {k: v["theta"] for k, v in weights.items()}}
     if rank != 0:
-        return files
+        return files, None
     layout = sub.shards.layout
     quant = sub.quant_error
-    files[RESULT_FILE] = {
+    result = {
         "modes": {
             m: {**state.done[m], "swa": state.swa, "restarts": state.restarts} for m in modes
         },
@@ -129,7 +129,7 @@ def sharded_result(
         },
         "block_labels": list(sub.blocks.labels),
     }
-    return files
+    return files, result
 
 
 def read_theta(out: dict[str, Any], local_dir: str) -> None:

@@ -5,7 +5,8 @@ run alone in :func:`~twa_ray.ray.sampling.run_sampling` and :func:`~twa_ray.ray.
 
 1. sampling (:func:`~twa_ray.ray.sampling.sampling_phase`): SGD over ``sample_epochs``, the
    candidates written to the store, a checkpoint at the end;
-2. basis: rank 0 builds the quantized subspace from the store with the core
+2. basis (``strategy='fsdp'``: none here, each rank builds its columns of B in the coefficient
+   phase, :mod:`twa_ray.ray.fsdp_coeff`): rank 0 builds the quantized subspace from the store with the core
    (:func:`~twa_ray.ray.shards.put_subspace`: its shards go into the object store, owned by rank 0
    while the group lives), decides where B lives (:func:`~twa_ray.ray.coeff_group.choose_placement`
    with rank 0's memory) and shares both as one ``ObjectRef`` through
@@ -41,6 +42,7 @@ from twa_ray.ray.coeff_group import (
     coeff_phase,
     read_outcome,
 )
+from twa_ray.ray.fsdp_coeff import REASON
 from twa_ray.ray.group import PHASE_FILE, TIMER, checkpoint_phase, fit_group, load_worker_splits
 from twa_ray.ray.sampling import (
     SamplingJob,
@@ -141,13 +143,12 @@ def run_loop_per_worker(job: RunJob) -> None:
         carry = _carried() if rank == 0 else {}
     TIMER.phase = "coefficients"
     if job.sampling.sampling.strategy == "fsdp":  # each rank builds its columns of B
-        reason = "strategy fsdp: each rank builds and holds its columns of B"
         coeff = CoeffJob(
             job.sampling.data,
             job.twa,
             job.group,
             None,
-            PlacementChoice("shard", reason),
+            PlacementChoice("shard", REASON),
             fsdp_store=job.sampling.store_uri,
         )
     else:
