@@ -7,8 +7,11 @@ import io
 import json
 import os
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from twa_ray.cli import main
 from twa_ray.ray.faults import FAULTS_ENV
@@ -21,22 +24,29 @@ SMOKE = ["run", "--smoke-test", "--mode", "v", "--no-greedy-soup", "--checkpoint
 def runs(ray_cluster, tmp_path_factory):
     """The same smoke run with the default DDP and with ``--strategy fsdp``, whose last rank
     fails once mid-sampling (step 20 of 32: every rank restarts from its shards of the epoch-1
-    checkpoint): their out dirs."""
+    checkpoint) and once in the sharded coefficient phase (after step 10: alpha and its optimizer
+    resume, each rank rebuilds its B_r from the store): their out dirs."""
     out = {}
-    marker = tmp_path_factory.mktemp("fault") / "raised"
-    plan = [{"phase": "sampling", "kind": "raise", "step": 20, "marker": str(marker)}]
+    faults = tmp_path_factory.mktemp("fault")
+    plan = [
+        {"phase": "sampling", "kind": "raise", "step": 20, "marker": str(faults / "sampling")},
+        {"phase": "coefficients", "kind": "raise", "step": 10, "marker": str(faults / "coeff")},
+    ]
     for strategy in ("ddp", "fsdp"):
         out[strategy] = tmp_path_factory.mktemp(strategy) / "run"
+        argv = [*SMOKE, "--strategy", strategy, "--out", str(out[strategy])]
         if strategy == "fsdp":
+            argv += ["--max-failures", "2"]
             with open(os.environ[FAULTS_ENV], "w") as f:
                 json.dump(plan, f)
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                assert main([*SMOKE, "--strategy", strategy, "--out", str(out[strategy])]) == 0
+                assert main(argv) == 0
         finally:
             if os.path.exists(os.environ[FAULTS_ENV]):
                 os.remove(os.environ[FAULTS_ENV])
-    assert marker.exists()  # the fault fired (and the run went on from the checkpoint)
+    # both faults fired (and the run went on from the checkpoints)
+    assert (faults / "sampling").exists() and (faults / "coeff").exists()
     return out
 
 
@@ -69,6 +79,30 @@ def test_fsdp_run_reports_what_ddp_reports(runs):
         for key in ("test_acc", "val_acc"):
             assert got["methods"][name][key] == pytest.approx(m[key], abs=1e-9), (name, key)
     assert got["methods"]["ema"]["decay"] == want["methods"]["ema"]["decay"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_fsdp_run_learns_the_alpha_ddp_learns(runs):
+    """The coefficients TWA-v learned on the sharded model (each rank its columns of B, a
+    restart in between): the DP run's, within float32 reduction order (rtol 1e-5), row by row
+    and block by block; the weights the driver joined from the ranks' shards: the DP run's."""
+    got, want = (
+        pq.read_table(runs[s] / "coefficients.parquet").to_pandas() for s in ("fsdp", "ddp")
+    )
+    keys = ["variant", "row", "block"]
+    got, want = (t.sort_values(keys).reset_index(drop=True) for t in (got, want))
+    assert len(want) > 0 and set(want.variant) == {"twa_v"}
+    assert got[keys + ["block_label"]].equals(want[keys + ["block_label"]])
+    np.testing.assert_allclose(got.alpha, want.alpha, rtol=1e-5, atol=0)
+    fsdp, ddp = (json.loads((runs[s] / "metrics.json").read_text()) for s in ("fsdp", "ddp"))
+    phase = fsdp["coefficient_phase"]
+    assert phase["basis_placement"] == "fsdp"  # rank 0 held its columns of B only
+    assert 0 < phase["basis_held_bytes"] < ddp["coefficient_phase"]["basis_held_bytes"]
+    got_w, want_w = (load_file(runs[s] / "model.safetensors") for s in ("fsdp", "ddp"))
+    assert got_w.keys() == want_w.keys()
+    for k, v in want_w.items():
+        torch.testing.assert_close(got_w[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_fsdp_with_compare_full_is_refused_in_one_line(tmp_path, capsys):

@@ -19,7 +19,9 @@ The steps are the core's :class:`~twa_ray.core.loop.CoefficientLoop` (the same l
 ``TWA.fit``, ``twa-ray average`` and a Tune trial); this module is its Ray shell: the placement
 (decided once, on the driver for :func:`run_twa` or on rank 0 for a ``twa-ray run``'s one
 worker group, :mod:`twa_ray.ray.run_loop`, and passed to the workers in the :class:`CoeffJob`), the sums
-all-reduced, checkpoints through Ray Train, the BN and evaluation collectives.
+all-reduced, checkpoints through Ray Train, the BN and evaluation collectives. Under
+``strategy='fsdp'`` the model is sharded and each rank builds its own columns of B
+(:mod:`twa_ray.ray.fsdp_coeff`, ``CoeffJob.fsdp_store``): the same loop, modes and checkpoints.
 
 TWA-t optimizes on the train split, TWA-v on the held-out val split less its *hold* part
 (``TWAConfig.hold_frac``, :func:`~twa_ray.core.start.split_held_out`: the saved model is chosen
@@ -65,9 +67,11 @@ from twa_ray.core.kernels.cpu import kernel_info
 from twa_ray.core.layout import Layout, load_flat_
 from twa_ray.core.loop import CoefficientLoop, CoeffState, LoopHooks
 from twa_ray.core.placement import PlacementKind, choose
+from twa_ray.core.sharded_twa import ShardedTWA
 from twa_ray.core.start import split_held_out
 from twa_ray.core.twa import TWA, TWAConfig
 from twa_ray.ray.faults import inject
+from twa_ray.ray.fsdp_coeff import read_theta, sharded_evaluation, sharded_result, sharded_setup
 from twa_ray.ray.group import (
     TIMER,
     CheckpointClock,
@@ -155,11 +159,15 @@ class CoeffJob:
     data: DataConfig
     twa: TWAConfig
     group: CoeffGroupConfig
-    sharded: ShardedSubspace
+    sharded: ShardedSubspace | None
     placement: PlacementChoice
     data_ref: Any = None
     """The driver's dataset in the object store (:func:`~twa_ray.ray.group.ship_splits`), or
     None: each worker loads it."""
+    fsdp_store: str | None = None
+    """``strategy='fsdp'``: the candidate store; every rank shards the model and builds its
+    columns of B from its candidate shards (:mod:`twa_ray.ray.fsdp_coeff`); ``sharded`` is
+    then None."""
 
 
 @dataclass
@@ -379,6 +387,8 @@ def read_outcome(
             return read_outcome(checkpoint, wall, local_dir=d)
     path = os.path.join(local_dir, RESULT_FILE)
     out = torch.load(path, map_location="cpu", weights_only=True)
+    if "theta_shards" in out:  # strategy fsdp: every rank's theta shards
+        read_theta(out, local_dir)
     weights = {k: MethodWeights(**v) for k, v in out["weights"].items()}
     results = {
         mode: TWAResult(
@@ -492,7 +502,8 @@ def coeff_phase(
     for mode in job.group.modes:
         if mode in state.done:
             continue
-        twa = TWA(w.model, w.placement, config=job.twa)  # no copy of B: it is on the device already
+        # no copy of B: it is on the device already
+        twa = (ShardedTWA if job.fsdp_store else TWA)(w.model, w.placement, config=job.twa)
         # ---- the SWA point (alpha0, where the first mode starts), BN re-estimated, for the report
         # (the BN statistics it leaves behind do not matter: coefficient steps run in train mode)
         t0 = time.perf_counter()
@@ -521,9 +532,10 @@ def coeff_phase(
 
 
 def _final_result(w: Worker, state: PhaseState, job: CoeffJob) -> dict[str, Any] | None:
-    """Rank 0's :data:`RESULT_FILE`: every mode's fields, every method's weights (theta rebuilt
-    from its alpha: a collective under a 'shard' placement, so every rank calls this), the
-    subspace's summary and block labels; None on the other ranks."""
+    """This rank's files of the final checkpoint: rank 0's :data:`RESULT_FILE` (every mode's
+    fields, every method's weights: theta rebuilt from its alpha, a collective under a 'shard'
+    placement, so every rank calls this; the subspace's summary and block labels), None on the
+    other ranks; under fsdp every rank's theta shards (:func:`~.fsdp_coeff.sharded_result`)."""
     modes = job.group.modes
     alphas = {f"twa_{m}": (state.done[m]["alpha"], state.done[m]["bn_state"]) for m in modes}
     if state.swa_bn is not None:
@@ -532,9 +544,13 @@ def _final_result(w: Worker, state: PhaseState, job: CoeffJob) -> dict[str, Any]
         name: {"theta": w.placement.reconstruct(alpha.to(w.device)).cpu(), "bn_state": bn}
         for name, (alpha, bn) in alphas.items()
     }
+    if job.fsdp_store:  # theta: this rank's shard, in its own file (the driver joins them)
+        files, out = sharded_result(w.rank, w.world, weights, state, modes, w.placement)
+        return files if out is None else {**files, RESULT_FILE: out}
     if w.rank != 0:
         return None
-    return {
+    assert job.sharded is not None
+    result = {
         "modes": {
             m: {**state.done[m], "swa": state.swa, "restarts": state.restarts} for m in modes
         },
@@ -542,6 +558,7 @@ def _final_result(w: Worker, state: PhaseState, job: CoeffJob) -> dict[str, Any]
         "subspace": job.sharded.summary(),
         "block_labels": list(job.sharded.blocks.labels),
     }
+    return {RESULT_FILE: result}
 
 
 def _setup_worker(job: CoeffJob, splits: Any, carry: dict[str, Any]) -> Worker:
@@ -564,7 +581,11 @@ def _setup_worker(job: CoeffJob, splits: Any, carry: dict[str, Any]) -> Worker:
     val_fit, hold = (
         split_held_out(splits.val, hold_frac, job.data.seed) if hold_frac else (splits.val, None)
     )
-    evaluated = {"val": splits.val, "test": splits.test, "hold": hold}
+    evaluated = {
+        s: ds
+        for s, ds in {"val": splits.val, "test": splits.test, "hold": hold}.items()
+        if ds is not None
+    }
     kw = loader_options(device)
     evaluation = standard_evaluation(
         DataLoader(
@@ -573,7 +594,6 @@ def _setup_worker(job: CoeffJob, splits: Any, carry: dict[str, Any]) -> Worker:
         {
             s: DataLoader(strided(ds, rank, world), batch_size=EVAL_BATCH, **kw)
             for s, ds in evaluated.items()
-            if ds is not None
         },
         bn_batches=job.group.bn_batches,
     )
@@ -581,6 +601,13 @@ def _setup_worker(job: CoeffJob, splits: Any, carry: dict[str, Any]) -> Worker:
     model = build_model(
         job.data.model, num_classes=splits.num_classes, input_shape=splits.input_shape
     )
+    if job.fsdp_store:
+        model, placement, extra = sharded_setup(job.fsdp_store, model, job.twa, device)
+        evaluation = sharded_evaluation(job, splits, evaluated, rank, world, kw)
+        return Worker(
+            rank, world, device, splits, val_fit, model, placement, extra, evaluation, carry
+        )
+    assert job.sharded is not None
     model = model.to(device)
     Layout.from_module(model).check_compatible(job.sharded.layout, "the subspace")
     kind, reason = job.placement.kind, job.placement.reason
@@ -725,11 +752,12 @@ def _report(
     name: str,
     result: dict[str, Any] | None = None,
 ) -> None:
-    """``ray.train.report`` on every rank (a barrier); rank 0 checkpoints ``state``, the files
-    carried from an earlier phase and (at the end) ``result``."""
+    """``ray.train.report`` on every rank (a barrier); rank 0 checkpoints ``state`` and the files
+    carried from an earlier phase; at the end each rank its ``result`` files (:data:`RESULT_FILE`
+    on rank 0; a sharded model's theta shards on every rank)."""
     files = None
     if w.rank == 0:
         files = {**w.carry, STATE_FILE: state.to_dict()}
-        if result is not None:
-            files[RESULT_FILE] = result
+    if result is not None:
+        files = {**(files or {}), **result}
     report(metrics, files, name, done={"modes": sorted(state.done), "mode": state.mode})

@@ -7,8 +7,8 @@ unit, then the root. Rank ``r`` holds dim-0 rows of every parameter
 (:func:`twa_ray.store.sharded.dim0_rows`); SGD, its momentum and the EMAs live on those rows
 only. Snapshots and sampling checkpoints are written per rank from the local shards
 (:func:`twa_ray.store.snapshots.snapshot_shards`, :func:`shard_files`); nothing is gathered
-while sampling. :func:`full_files` gathers the final weights and EMAs once, for the
-data-parallel coefficient phase and the driver's baselines.
+while sampling. :func:`full_files` gathers the final weights and EMAs once, for the driver's
+baselines; the coefficient phase runs on the shards (:mod:`twa_ray.ray.fsdp_coeff`).
 
 FSDP's forward is a collective (the all-gather of each unit's parameters): every rank must run
 the same number of forwards, so evaluation pads the shorter ranks with empty batches
@@ -210,3 +210,27 @@ class _Padded:
         for _ in range(done, self.count):
             assert first is not None
             yield first[0][:0], first[1][:0]
+
+
+def min_batches(num_examples: int, world: int, batch: int) -> int:
+    """The batches of the smallest rank's strided shard of ``num_examples``: a BatchNorm
+    re-estimation runs that many forwards on every rank (an empty batch cannot train BN)."""
+    return -(-(num_examples // world) // batch)
+
+
+def local_candidates(store: Any, rank: int, world: int) -> Any:
+    """This rank's candidate shards (D_r,) from ``store`` in its order, re-iterable (a
+    :data:`~twa_ray.core.subspace.CandidateStream`): only the parts holding its rows are read."""
+    names = store.names()
+    return lambda: (store.read_local(n, rank, world).float() for n in names)
+
+
+def full_from_shards(layout: Any, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The flat (D,) vector from every rank's local flat (``parts[r]``, rank r of
+    ``len(parts)``): on the driver, from the per-rank files of a final checkpoint."""
+    from twa_ray.core.sharded import LocalShards
+
+    full = torch.empty(layout.numel, dtype=parts[0].dtype)
+    for r, part in enumerate(parts):
+        full[LocalShards.from_layout(layout, len(parts), r).index()] = part
+    return full

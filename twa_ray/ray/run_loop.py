@@ -5,7 +5,8 @@ run alone in :func:`~twa_ray.ray.sampling.run_sampling` and :func:`~twa_ray.ray.
 
 1. sampling (:func:`~twa_ray.ray.sampling.sampling_phase`): SGD over ``sample_epochs``, the
    candidates written to the store, a checkpoint at the end;
-2. basis: rank 0 builds the quantized subspace from the store with the core
+2. basis (``strategy='fsdp'``: none here, each rank builds its columns of B in the coefficient
+   phase, :mod:`twa_ray.ray.fsdp_coeff`): rank 0 builds the quantized subspace from the store with the core
    (:func:`~twa_ray.ray.shards.put_subspace`: its shards go into the object store, owned by rank 0
    while the group lives), decides where B lives (:func:`~twa_ray.ray.coeff_group.choose_placement`
    with rank 0's memory) and shares both as one ``ObjectRef`` through
@@ -42,6 +43,7 @@ from twa_ray.ray.coeff_group import (
     coeff_phase,
     read_outcome,
 )
+from twa_ray.ray.fsdp_coeff import REASON
 from twa_ray.ray.group import PHASE_FILE, TIMER, checkpoint_phase, fit_group, load_worker_splits
 from twa_ray.ray.sampling import (
     SamplingJob,
@@ -144,9 +146,19 @@ def run_loop_per_worker(job: RunJob) -> None:
         splits, layout = _data_and_layout(job.sampling.data, job.sampling.data_ref)
         carry = _carried() if rank == 0 else {}
     TIMER.phase = "coefficients"
-    with TIMER("basis"):
-        sharded, placement = _share_basis(job, layout, rank)
-    coeff = CoeffJob(job.sampling.data, job.twa, job.group, sharded, placement)
+    if job.sampling.sampling.strategy == "fsdp":  # each rank builds its columns of B
+        coeff = CoeffJob(
+            job.sampling.data,
+            job.twa,
+            job.group,
+            None,
+            PlacementChoice("shard", REASON),
+            fsdp_store=job.sampling.store_uri,
+        )
+    else:
+        with TIMER("basis"):
+            sharded, placement = _share_basis(job, layout, rank)
+        coeff = CoeffJob(job.sampling.data, job.twa, job.group, sharded, placement)
     coeff_phase(coeff, splits=splits, carry=carry, resume=not sampling)
 
 

@@ -244,8 +244,8 @@ def run_sampling(
     """
     if sampling.strategy == "fsdp":
         raise ValueError(
-            "strategy='fsdp' samples inside twa-ray run (run_path: one worker group, the final "
-            "weights gathered once for the coefficient phase); run_sampling takes strategy='ddp'"
+            "strategy='fsdp' samples inside twa-ray run (run_path: one worker group, the "
+            "coefficient phase on the sharded model); run_sampling takes strategy='ddp'"
         )
     t0 = time.perf_counter()
     rd = prepare_run(data, sampling, store_uri=store_uri, run_dir=run_dir, run_id=run_id)
