@@ -24,7 +24,6 @@ import argparse
 import ctypes
 import gc
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _common import ROOT, cpu_model, markdown_table, write_json
+from _common import ROOT, cpu_model, free_port, markdown_table, write_json
 
 from twa_ray.core.layout import Blocks  # noqa: E402
 from twa_ray.core.optim import make_optimizer  # noqa: E402
@@ -233,19 +232,13 @@ def _case(kind: str, rank: int, world: int, device: torch.device, args: dict) ->
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_world(world: int, args: dict) -> dict[str, list[dict]]:
     """Both placements on ``world`` spawned workers (fresh processes for each: clean RSS):
     ``{placement: [result of each rank]}``."""
     results = {}
     for kind in ("replicate", "shard"):
         with tempfile.TemporaryDirectory() as out:
-            mp.spawn(_worker, args=(world, _free_port(), kind, args, out), nprocs=world, join=True)
+            mp.spawn(_worker, args=(world, free_port(), kind, args, out), nprocs=world, join=True)
             results[kind] = [
                 torch.load(os.path.join(out, f"{kind}{r}.pt"), weights_only=True)
                 for r in range(world)

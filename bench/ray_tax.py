@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import cpu_model, markdown_table, write_json
+from _common import cpu_model, free_port, markdown_table, write_json
 
 from twa_ray.config import DataConfig, RunConfig, SamplingConfig
 
@@ -77,7 +77,7 @@ def plain_ddp(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         mp.spawn(
             _ddp_worker,
-            args=(sampling.num_workers, data, sampling, store, out, _free_port()),
+            args=(sampling.num_workers, data, sampling, store, out, free_port()),
             nprocs=sampling.num_workers,
             join=True,
         )
@@ -86,14 +86,6 @@ def plain_ddp(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         shutil.rmtree(store, ignore_errors=True)
     return {"wall_s": wall, **res, "fixed_s": wall - res["epoch_s"]}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _ddp_worker(
