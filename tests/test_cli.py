@@ -581,6 +581,8 @@ def test_signal_during_average_exits_and_reruns(trained, tmp_path, signum):
         "average",
         "--store",
         str(trained / "store"),
+        "--model",
+        "mlp",
         "--num-samples",
         str(NUM_SAMPLES),
         "--mode",

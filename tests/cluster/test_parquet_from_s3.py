@@ -61,6 +61,7 @@ def test_data_from_s3_on_worker_nodes_without_a_copy(
     prefix = f"{kind}{workers}"
     argv = [*RUN, "--dataset", kind, "--ingest", "stream", "--data-root", uri]
     argv += ["--val-frac", str(val_frac)]
+    argv += ["--model", "mlp"] if kind == "images" else []  # the default cnn1d is for 1-D inputs
     argv += ["--workers", str(workers), "--storage", s3.uri(prefix)]
     res = submit(cluster, [*argv, "--out", str(run_root / prefix)], working_dir=REPO)
     assert res.status == "SUCCEEDED", f"job {res.job_id}: {res.status}\n{res.logs[-6000:]}"

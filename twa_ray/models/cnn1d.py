@@ -38,7 +38,11 @@ class CNN1d(nn.Module):
     ):
         super().__init__()
         if len(input_shape) not in (1, 2):
-            raise ValueError(f"cnn1d takes input_shape (L,) or (C, L), got {tuple(input_shape)}")
+            raise ValueError(
+                f"cnn1d (the default model, for 1-D sequences such as MNIST-1D) takes input_shape "
+                f"(L,) or (C, L), got {tuple(input_shape)}; for images pass --model resnet20, "
+                "--model tv:<torchvision name> or --model mlp"
+            )
         c_in = 1 if len(input_shape) == 1 else int(input_shape[0])
         length = int(input_shape[-1])
         c1, c2, c3 = channels
