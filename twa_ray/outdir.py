@@ -91,6 +91,8 @@ _OUTPUT_FILES = {
         "metrics.json",
         "config.yaml",
         "model.safetensors",
+        "model.safetensors.index.json",  # a sharded model's (strategy fsdp): the index...
+        "model-*-of-*.safetensors",  # ...and its files
         "coefficients.parquet",
         "coefficients_*.png",
         "accuracy.png",

@@ -488,13 +488,17 @@ def write(run: _Run, learned: _Learned, methods: _Methods, *, start: float) -> d
     t0 = time.perf_counter()
     cfg, out, results = run.cfg, run.out, learned.results
     saved, reason = choose_saved(methods.methods, save=cfg.save, available=SAVABLE_BY["run"])
+    coeff = learned.outcome.coeff
+    best: torch.nn.Module | None = run.model
     if saved in methods.states:
         run.model.load_state_dict(methods.states[saved])
+    elif saved in coeff.sharded:  # written sharded by the workers: copied last, never joined
+        best = None
     else:
-        learned.outcome.coeff.weights[saved].load_into_(run.model)
+        coeff.weights[saved].load_into_(run.model)
     metrics = _metrics(run, learned, methods.methods, best=saved, reason=reason)
     coefficients = {f"twa_{m}": r.alpha for m, r in results.items()}
-    check_finite(run.model, coefficients)  # NaN/Inf: nothing is written
+    check_finite(best, coefficients)  # NaN/Inf: nothing is written
     points = {
         k: (v["epochs_used"], v["test_acc"]) for k, v in methods.methods.items() if k != "sgd_full"
     }
@@ -508,12 +512,16 @@ def write(run: _Run, learned: _Learned, methods: _Methods, *, start: float) -> d
     write_outputs(
         out,
         metrics=metrics,
-        best_model=run.model,
+        best_model=best,
         coefficients=coefficients,
         block_labels=learned.outcome.coeff.block_labels,
         candidate_names=learned.names,
         config=dataclasses.replace(cfg, store=run.given_store),
     )
+    if best is None:  # the index last: a reader finds every shard it names
+        from twa_ray.ray.fsdp_output import copy_output
+
+        copy_output(coeff.checkpoint, saved, str(out))
     run.outputs.publish()  # --out is the local copy of <storage>/outputs
     _print_table(methods.methods)
     copy = f", and in {redact(run.storage.join('outputs'))}" if cfg.storage else ""

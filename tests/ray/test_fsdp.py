@@ -1,6 +1,8 @@
 """``twa-ray run --strategy fsdp``: FSDP2 sampling with sharded snapshots on a real local Ray
 (2 CPUs, 2 workers), a worker failure resumed from the per-rank checkpoint, against the same
-smoke run with DDP; and the refusals of what fsdp does not run yet (no Ray)."""
+smoke run with DDP; the final model written sharded (safetensors shards + index; a tiny
+Hugging Face GPT-2 with tied embeddings loaded back by ``from_pretrained``, 2 gloo processes, no
+Ray); and the refusals of what fsdp does not run yet (no Ray)."""
 
 import contextlib
 import io
@@ -11,13 +13,22 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from tests.helpers import free_port
 from twa_ray.cli import main
+from twa_ray.core.bn import bn_state
+from twa_ray.core.layout import Layout, flatten
+from twa_ray.core.sharded import LocalShards
 from twa_ray.ray.faults import FAULTS_ENV
+from twa_ray.ray.fsdp_output import INDEX, output_files
 from twa_ray.store import CandidateStore
+from twa_ray.store.importers import load_state_dict
 
 SMOKE = ["run", "--smoke-test", "--mode", "v", "--no-greedy-soup", "--checkpoint-interval", "0"]
+SMOKE += ["--save", "twa_v"]  # the fsdp run's model: written sharded by the workers
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +110,33 @@ def test_fsdp_run_learns_the_alpha_ddp_learns(runs):
     phase = fsdp["coefficient_phase"]
     assert phase["basis_placement"] == "fsdp"  # rank 0 held its columns of B only
     assert 0 < phase["basis_held_bytes"] < ddp["coefficient_phase"]["basis_held_bytes"]
-    got_w, want_w = (load_file(runs[s] / "model.safetensors") for s in ("fsdp", "ddp"))
+    want_w = load_file(runs["ddp"] / "model.safetensors")
+    got_w = sharded_model(runs["fsdp"], world=2)
     assert got_w.keys() == want_w.keys()
     for k, v in want_w.items():
         torch.testing.assert_close(got_w[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    # what twa-ray import / average read a model folder with: the same tensors
+    read = load_state_dict(runs["fsdp"])
+    assert read.keys() == got_w.keys()
+    assert all(torch.equal(read[k], v) for k, v in got_w.items())
+
+
+def sharded_model(folder, world):
+    """The tensors of the sharded model in ``folder``, after checking its files: one per rank,
+    no model.safetensors, every tensor in the file the index names, the index's total size."""
+    assert not (folder / "model.safetensors").exists()
+    index = json.loads((folder / INDEX).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert files == [f"model-{r:05d}-of-{world:05d}.safetensors" for r in range(1, world + 1)]
+    state = {}
+    for f in files:
+        part = load_file(folder / f)
+        assert all(index["weight_map"][k] == f for k in part) and not state.keys() & part.keys()
+        state.update(part)
+    assert state.keys() == index["weight_map"].keys()
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    assert index["metadata"]["total_size"] == total
+    return state
 
 
 def test_fsdp_with_compare_full_is_refused_in_one_line(tmp_path, capsys):
@@ -117,3 +151,51 @@ def test_unknown_strategy_is_a_usage_error(tmp_path, capsys):
     assert main(["run", "--strategy", "mpi", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--strategy: invalid choice: 'mpi'" in err[0]
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=97, n_positions=16, n_embd=24, n_layer=2, n_head=2)
+    return GPT2LMHeadModel(config).eval()  # lm_head.weight tied to transformer.wte.weight
+
+
+def _write_gpt2_shards(rank: int, world: int, port: int, folder: str) -> None:
+    """Rank ``rank``'s files of the tiny GPT-2 from its dim-0 rows only (what a sharded run's
+    worker holds), written into ``folder``."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        model = _tiny_gpt2()
+        shards = LocalShards.from_layout(Layout.from_module(model), world, rank)
+        theta = shards.restrict(flatten(model, shards.layout))
+        files = output_files(model, shards, {"m": {"theta": theta, "bn_state": bn_state(model)}})
+        for name, obj in files.items():
+            path = os.path.join(folder, os.path.basename(name))
+            if name.endswith(".json"):
+                with open(path, "w") as f:
+                    json.dump(obj, f)
+            else:
+                with open(path, "wb") as f:
+                    f.write(obj)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_output_loads_with_from_pretrained(tmp_path):
+    """A GPT-2 with tied embeddings written by 2 gloo ranks from their rows (97 vocabulary rows: 49 + 48): the tied weight
+    once (``save_pretrained``'s form), ``from_pretrained`` gives the model back bit for bit."""
+    from transformers import GPT2LMHeadModel
+
+    mp.spawn(_write_gpt2_shards, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    want = _tiny_gpt2()
+    want.config.save_pretrained(tmp_path)
+    state = sharded_model(tmp_path, world=2)
+    assert "transformer.wte.weight" in state and "lm_head.weight" not in state
+    got = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert got.lm_head.weight.data_ptr() == got.transformer.wte.weight.data_ptr()
+    for k, v in want.state_dict().items():
+        assert torch.equal(got.state_dict()[k], v), k

@@ -71,7 +71,7 @@ from twa_ray.core.sharded_twa import ShardedTWA
 from twa_ray.core.start import split_held_out
 from twa_ray.core.twa import TWA, TWAConfig
 from twa_ray.ray.faults import inject
-from twa_ray.ray.fsdp_coeff import read_theta, sharded_evaluation, sharded_result, sharded_setup
+from twa_ray.ray.fsdp_coeff import sharded_evaluation, sharded_result, sharded_setup
 from twa_ray.ray.group import (
     TIMER,
     CheckpointClock,
@@ -234,7 +234,7 @@ class TWAResult:
         """The final weights ``o + sum alpha B`` as a flat (D,) float32 tensor (the workers'
         own, or rebuilt from ``sharded`` when given)."""
         if sharded is None:
-            assert self.weights is not None, "pass the subspace"
+            assert self.weights is not None and self.weights.theta is not None, "pass the subspace"
             return self.weights.theta
         return sharded.materialize().reconstruct(self.alpha.float().contiguous())
 
@@ -256,14 +256,17 @@ class TWAResult:
 
 @dataclass(frozen=True)
 class MethodWeights:
-    """A method's final weights: the flat trainable parameters ``theta`` ((D,) float32) and
+    """A method's final weights: the flat trainable parameters ``theta`` ((D,) float32; None
+    for a sharded model's, written sharded by the workers: :attr:`CoeffOutcome.sharded`) and
     the BatchNorm statistics ``bn_state`` (``core.bn.bn_state`` order)."""
 
-    theta: torch.Tensor
+    theta: torch.Tensor | None
     bn_state: torch.Tensor
 
     def load_into_(self, model: torch.nn.Module) -> torch.nn.Module:
         """Write them into ``model`` (built like the workers')."""
+        if self.theta is None:
+            raise ValueError("a sharded model's weights are in its sharded files, not here")
         load_flat_(model, self.theta, Layout.from_module(model))
         load_bn_state_(model, self.bn_state)
         return model
@@ -375,6 +378,11 @@ class CoeffOutcome:
     weights: dict[str, MethodWeights]
     subspace: dict[str, Any]
     block_labels: list[str]
+    checkpoint: Any = None
+    """The final ``ray.train.Checkpoint``."""
+    sharded: list[str] = field(default_factory=list)
+    """Methods whose model the workers wrote sharded into ``checkpoint`` (strategy fsdp:
+    :mod:`twa_ray.ray.fsdp_output`; their ``weights`` hold no theta)."""
 
 
 def read_outcome(
@@ -387,9 +395,7 @@ def read_outcome(
             return read_outcome(checkpoint, wall, local_dir=d)
     path = os.path.join(local_dir, RESULT_FILE)
     out = torch.load(path, map_location="cpu", weights_only=True)
-    if "theta_shards" in out:  # strategy fsdp: every rank's theta shards
-        read_theta(out, local_dir)
-    weights = {k: MethodWeights(**v) for k, v in out["weights"].items()}
+    weights = {k: MethodWeights(v.get("theta"), v["bn_state"]) for k, v in out["weights"].items()}
     results = {
         mode: TWAResult(
             **fields_,
@@ -399,7 +405,10 @@ def read_outcome(
         )
         for mode, fields_ in out["modes"].items()
     }
-    return CoeffOutcome(results, weights, out["subspace"], list(out["block_labels"]))
+    sharded = out.get("sharded_output", {}).get("methods", [])
+    return CoeffOutcome(
+        results, weights, out["subspace"], list(out["block_labels"]), checkpoint, sharded
+    )
 
 
 def _read_results(
@@ -544,8 +553,8 @@ def _final_result(w: Worker, state: PhaseState, job: CoeffJob) -> dict[str, Any]
         name: {"theta": w.placement.reconstruct(alpha.to(w.device)).cpu(), "bn_state": bn}
         for name, (alpha, bn) in alphas.items()
     }
-    if job.fsdp_store:  # theta: this rank's shard, in its own file (the driver joins them)
-        files, out = sharded_result(w.rank, w.world, weights, state, modes, w.placement)
+    if job.fsdp_store:  # every method's model written sharded by the ranks, never joined
+        files, out = sharded_result(w, weights, state, modes)
         return files if out is None else {**files, RESULT_FILE: out}
     if w.rank != 0:
         return None
@@ -752,10 +761,11 @@ def _report(
     name: str,
     result: dict[str, Any] | None = None,
 ) -> None:
-    """``ray.train.report`` on every rank (a barrier); rank 0 checkpoints ``state`` and the files
-    carried from an earlier phase; at the end each rank its ``result`` files (:data:`RESULT_FILE`
-    on rank 0; a sharded model's theta shards on every rank)."""
-    files = None
+    """``ray.train.report`` on every rank (a barrier); rank 0 checkpoints ``state``, every rank
+    the files it carries from an earlier phase (under fsdp its shards); at the end each rank its
+    ``result`` files (:data:`RESULT_FILE` on rank 0; a sharded model's theta shards on every
+    rank)."""
+    files = dict(w.carry) or None
     if w.rank == 0:
         files = {**w.carry, STATE_FILE: state.to_dict()}
     if result is not None:

@@ -7,8 +7,12 @@ unit, then the root. Rank ``r`` holds dim-0 rows of every parameter
 (:func:`twa_ray.store.sharded.dim0_rows`); SGD, its momentum and the EMAs live on those rows
 only. Snapshots and sampling checkpoints are written per rank from the local shards
 (:func:`twa_ray.store.snapshots.snapshot_shards`, :func:`shard_files`); nothing is gathered
-while sampling. :func:`full_files` gathers the final weights and EMAs once, for the driver's
-baselines; the coefficient phase runs on the shards (:mod:`twa_ray.ray.fsdp_coeff`).
+while sampling. The sampling phase hands the coefficient phase and the driver every rank's shards
+of the final weights and EMAs (:func:`shard_state` without the momentum, one file per rank): the
+driver joins them from the files (:func:`join_shard_files`), no worker ever gathers the model.
+The coefficient phase runs on the shards (:mod:`twa_ray.ray.fsdp_coeff`). A worker still holds
+the whole model once per phase: ``build_model`` makes it full before :func:`shard_model` keeps
+this rank's rows (the full parameters are freed unit by unit as they are sharded).
 
 FSDP's forward is a collective (the all-gather of each unit's parameters): every rank must run
 the same number of forwards, so evaluation pads the shorter ranks with empty batches
@@ -29,8 +33,8 @@ from twa_ray.core.ema import EMA
 __all__ = [
     "LocalParams",
     "even_batches",
-    "full_files",
     "grad_l1",
+    "join_shard_files",
     "load_shard_state",
     "shard_file",
     "shard_model",
@@ -68,11 +72,12 @@ def _broadcast_buffers(model: nn.Module, args: Any) -> None:
 
 def _units(model: nn.Module) -> list[nn.Module]:
     """The sub-modules sharded one by one: children with trainable parameters (ModuleList /
-    ModuleDict entered: they have no forward), except those sharing a parameter with another."""
+    ModuleDict entered: they have no forward; Sequential entered: its forward only calls its
+    children), except those sharing a parameter with another."""
 
     def walk(m: nn.Module) -> Iterator[nn.Module]:
         for child in m.children():
-            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
                 yield from walk(child)
             elif any(p.requires_grad for p in child.parameters()):
                 yield child
@@ -125,17 +130,21 @@ def shard_file(rank: int) -> str:
     return f"shard-{rank:05d}.pt"
 
 
-def shard_state(model: nn.Module, opt: torch.optim.Optimizer, ema: EMA | None) -> dict[str, Any]:
-    """This rank's checkpoint: the local shards of the parameters, the buffers (this rank's
-    BatchNorm statistics), the local momentum buffers and the local EMAs (plain tensors)."""
+def shard_state(
+    model: nn.Module, opt: torch.optim.Optimizer | None, ema: EMA | None
+) -> dict[str, Any]:
+    """This rank's checkpoint: the local shards of the parameters (``params``: their names), the
+    buffers (this rank's BatchNorm statistics), the local momentum buffers (none without
+    ``opt``) and the local EMAs (plain tensors)."""
     names = {id(p): n for n, p in model.named_parameters()}
     momentum = {
         names[id(p)]: _local(s["momentum_buffer"]).detach().cpu()
-        for p, s in opt.state.items()
+        for p, s in (opt.state.items() if opt is not None else ())
         if s.get("momentum_buffer") is not None
     }
     return {
         "model": {n: _local(t).detach().cpu() for n, t in model.state_dict().items()},
+        "params": list(names.values()),
         "momentum": momentum,
         **({"ema": ema.state_dict()} if ema is not None else {}),
     }
@@ -155,26 +164,42 @@ def load_shard_state(
         ema.load_state_dict(saved["ema"])
 
 
-@torch.no_grad()
-def full_files(model: nn.Module, ema: EMA | None) -> dict[str, Any]:
-    """The full model state (rank 0's buffers) and the full EMAs, all-gathered once (a
-    collective: every rank calls it; every rank gets them)."""
-    params = dict(model.named_parameters())
-    full = {n: _full(t).cpu() for n, t in model.state_dict().items()}
-    out: dict[str, Any] = {"model": full}
-    if ema is not None:
-        state = ema.state_dict()
-        state["sums"] = [
-            {n: _full(_like(m, params[n])).cpu() for n, m in sums.items()} for sums in state["sums"]
-        ]
-        out["ema"] = state
+def join_shard_files(directory: str, world: int) -> dict[str, Any]:
+    """The full model state (rank 0's buffers) and the full EMAs from the ``world`` ranks'
+    :func:`shard_state` files in ``directory``: each parameter's dim-0 rows concatenated in
+    rank order (FSDP2's ``Shard(0)``). On the driver, from a checkpoint's files."""
+    import os
+
+    parts = [
+        torch.load(os.path.join(directory, shard_file(r)), map_location="cpu", weights_only=True)
+        for r in range(world)
+    ]
+    params = set(parts[0]["params"])
+
+    def join(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(tensors) if name in params and tensors[0].dim() else tensors[0]
+
+    first = parts[0]
+    out: dict[str, Any] = {
+        "model": {n: join(n, [p["model"][n] for p in parts]) for n in first["model"]}
+    }
+    if "ema" in first:
+        sums = [[p["ema"]["sums"][i] for p in parts] for i in range(len(first["ema"]["sums"]))]
+        out["ema"] = {
+            **first["ema"],
+            "sums": [{n: join(n, [s[n] for s in per]) for n in per[0]} for per in sums],
+        }
     return out
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
+def shard_files_world(directory: str) -> int:
+    """The ranks whose :func:`shard_state` files ``directory`` holds (0: none)."""
+    import os
 
-    return t.full_tensor() if isinstance(t, DTensor) else t.detach()
+    world = 0
+    while os.path.exists(os.path.join(directory, shard_file(world))):
+        world += 1
+    return world
 
 
 def grad_l1(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -223,14 +248,3 @@ def local_candidates(store: Any, rank: int, world: int) -> Any:
     :data:`~twa_ray.core.subspace.CandidateStream`): only the parts holding its rows are read."""
     names = store.names()
     return lambda: (store.read_local(n, rank, world).float() for n in names)
-
-
-def full_from_shards(layout: Any, parts: list[torch.Tensor]) -> torch.Tensor:
-    """The flat (D,) vector from every rank's local flat (``parts[r]``, rank r of
-    ``len(parts)``): on the driver, from the per-rank files of a final checkpoint."""
-    from twa_ray.core.sharded import LocalShards
-
-    full = torch.empty(layout.numel, dtype=parts[0].dtype)
-    for r, part in enumerate(parts):
-        full[LocalShards.from_layout(layout, len(parts), r).index()] = part
-    return full

@@ -9,14 +9,14 @@ all-reduce of R·L numbers); alpha is the same on every rank, so the checkpoints
 :mod:`twa_ray.ray.coeff_group` (rank 0's alpha, optimizer and step) resume as they do
 data-parallel, B rebuilt from the store. Evaluation pads with empty batches
 (:func:`~twa_ray.ray.fsdp.even_batches`); BatchNorm is re-estimated over as many batches on every
-rank (the smallest shard's, :func:`~twa_ray.ray.fsdp.min_batches`). The final checkpoint holds
-each method's :math:`\\theta_r = o_r + B_r^\\top \\alpha` per rank (``theta-<rank>.pt``); the
-driver joins them (:func:`read_theta`), nothing is gathered on a worker.
+rank (the smallest shard's, :func:`~twa_ray.ray.fsdp.min_batches`). Each method's
+:math:`\\theta_r = o_r + B_r^\\top \\alpha` is written sharded into the final checkpoint
+(:mod:`twa_ray.ray.fsdp_output`: each rank its whole tensors, an index): no rank and not the
+driver joins the model.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -24,29 +24,18 @@ from torch import nn
 
 from twa_ray.core.evaluate import EVAL_BATCH
 from twa_ray.core.host import standard_evaluation
-from twa_ray.core.layout import Layout
 from twa_ray.core.sharded import LocalShards
 from twa_ray.core.sharded_subspace import ShardedSubspace
 from twa_ray.core.sharded_twa import build_sharded_subspace
 from twa_ray.core.twa import TWAConfig
-from twa_ray.ray.fsdp import (
-    even_batches,
-    full_from_shards,
-    local_candidates,
-    min_batches,
-    shard_model,
-)
+from twa_ray.ray.fsdp import even_batches, local_candidates, min_batches, shard_model
+from twa_ray.ray.fsdp_output import output_files
 from twa_ray.ray.worker import strided
 from twa_ray.store.store import CandidateStore
 
-__all__ = ["REASON", "read_theta", "sharded_evaluation", "sharded_result", "sharded_setup"]
+__all__ = ["REASON", "sharded_evaluation", "sharded_result", "sharded_setup"]
 
 REASON = "strategy fsdp: each rank builds and holds its columns of B"
-
-
-def theta_file(rank: int) -> str:
-    """Rank ``rank``'s file of every method's theta shard in the final checkpoint."""
-    return f"theta-{rank:05d}.pt"
 
 
 def sharded_setup(
@@ -97,31 +86,26 @@ def sharded_evaluation(
 
 
 def sharded_result(
-    rank: int,
-    world: int,
+    w: Any,
     weights: dict[str, dict[str, torch.Tensor]],
     state: Any,
     modes: tuple[str, ...],
-    sub: ShardedSubspace,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """This rank's theta file of the final checkpoint and, on rank 0, the result (every mode's
-    fields, BN statistics, the layout to join the shards, the summary; None elsewhere)."""
-    files: dict[str, Any] = {theta_file(rank): {k: v["theta"] for k, v in weights.items()}}
-    if rank != 0:
+    """This rank's files of every method's model in the final checkpoint
+    (:func:`~twa_ray.ray.fsdp_output.output_files`: a collective) and, on rank 0, the result
+    (every mode's fields, BN statistics, which methods were written sharded, the summary; None
+    elsewhere). ``w``: the coefficient worker (rank, model, placement)."""
+    sub: ShardedSubspace = w.placement
+    files = output_files(w.model, sub.shards, weights)
+    if w.rank != 0:
         return files, None
-    layout = sub.shards.layout
     quant = sub.quant_error
     result = {
         "modes": {
             m: {**state.done[m], "swa": state.swa, "restarts": state.restarts} for m in modes
         },
         "weights": {k: {"bn_state": v["bn_state"]} for k, v in weights.items()},
-        "theta_shards": {
-            "world": world,
-            "names": list(layout.names),
-            "shapes": [list(s) for s in layout.shapes],
-            "dtypes": list(layout.dtypes),
-        },
+        "sharded_output": {"world": w.world, "methods": sorted(weights)},
         "subspace": {
             "kind": sub.kind,
             "num_rows": sub.num_rows,
@@ -134,18 +118,3 @@ def sharded_result(
         "block_labels": list(sub.blocks.labels),
     }
     return files, result
-
-
-def read_theta(out: dict[str, Any], local_dir: str) -> None:
-    """Join the per-rank theta shards of a sharded final checkpoint into ``out["weights"]``
-    (in place; the driver's one gather, from files)."""
-    spec = out.pop("theta_shards")
-    layout = Layout(
-        tuple(spec["names"]), tuple(tuple(s) for s in spec["shapes"]), tuple(spec["dtypes"])
-    )
-    parts = [
-        torch.load(os.path.join(local_dir, theta_file(r)), map_location="cpu", weights_only=True)
-        for r in range(spec["world"])
-    ]
-    for name, w in out["weights"].items():
-        w["theta"] = full_from_shards(layout, [p[name] for p in parts])

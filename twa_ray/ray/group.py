@@ -351,7 +351,8 @@ def report(
     metrics: dict[str, Any], files: Mapping[str, Any] | None, name: str, *, done: Any = None
 ) -> None:
     """``ray.train.report`` on every rank (a barrier); rank 0 passes ``files`` (file name ->
-    object: ``*.json`` written as JSON, anything else with ``torch.save``) as the checkpoint,
+    object: ``*.json`` written as JSON, ``bytes`` as they are, anything else with
+    ``torch.save``; a name may hold a folder) as the checkpoint,
     with its ``phase.json`` (:data:`TIMER`'s phase, ``done``, the seconds so far). Other ranks
     may pass files too (a sharded model's: Ray merges every rank's into one checkpoint)."""
     import ray.train
@@ -369,9 +370,13 @@ def report(
                 files = {**files, PHASE_FILE: phase}
             for fname, obj in files.items():
                 path = os.path.join(tmp, fname)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
                 if fname.endswith(".json"):
                     with open(path, "w") as f:
                         json.dump(obj, f)
+                elif isinstance(obj, bytes):  # a file's contents as they are
+                    with open(path, "wb") as f:
+                        f.write(obj)
                 else:
                     torch.save(obj, path)
             ckpt = ray.train.Checkpoint.from_directory(tmp)

@@ -144,7 +144,7 @@ def run_loop_per_worker(job: RunJob) -> None:
         carry = phase_carry(w, state)
     else:  # a restart in the coefficient phase
         splits, layout = _data_and_layout(job.sampling.data, job.sampling.data_ref)
-        carry = _carried() if rank == 0 else {}
+        carry = _carried(rank)
     TIMER.phase = "coefficients"
     if job.sampling.sampling.strategy == "fsdp":  # each rank builds its columns of B
         coeff = CoeffJob(
@@ -171,13 +171,14 @@ def _data_and_layout(data: DataConfig, data_ref: Any) -> tuple[Any, Layout]:
     return splits, Layout.from_module(model)
 
 
-def _carried() -> dict[str, Any]:
-    """The sampling phase's files in the checkpoint resumed from (carried to the next ones)."""
+def _carried(rank: int) -> dict[str, Any]:
+    """This rank's files of the sampling phase in the checkpoint resumed from (carried to the
+    next ones: rank 0's, or under fsdp every rank's shards)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() as d:
-        return read_sampling_files(d)
+        return read_sampling_files(d, rank)
 
 
 def _share_basis(job: RunJob, layout: Layout, rank: int) -> tuple[ShardedSubspace, PlacementChoice]:

@@ -51,10 +51,11 @@ from twa_ray.ray.faults import inject
 from twa_ray.ray.fsdp import (
     LocalParams,
     even_batches,
-    full_files,
     grad_l1,
+    join_shard_files,
     load_shard_state,
     shard_file,
+    shard_files_world,
     shard_model,
     shard_state,
 )
@@ -169,10 +170,13 @@ class SamplingResult:
         return averages(state["ema"]) if "ema" in state else {}
 
     def _read_state(self) -> dict[str, Any]:
-        """``state.pt`` of the last Ray Train checkpoint."""
+        """``state.pt`` of the last Ray Train checkpoint (a sharded model's: joined from every
+        rank's shard file)."""
         if self.checkpoint is None:
             raise ValueError(f"sampling run {self.run_id!r} has no checkpoint")
         with self.checkpoint.as_directory() as d:
+            if world := shard_files_world(d):
+                return join_shard_files(d, world)
             return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
 
 
@@ -314,14 +318,23 @@ def read_sampling(
     )
 
 
-def read_sampling_files(checkpoint_dir: str) -> dict[str, Any]:
-    """:func:`sampling_files` as saved in ``checkpoint_dir`` (a later phase carries them on)."""
+def read_sampling_files(checkpoint_dir: str, rank: int = 0) -> dict[str, Any]:
+    """Rank ``rank``'s :func:`phase_carry` as saved in ``checkpoint_dir`` (a later phase carries
+    them on): rank 0's :func:`sampling_files`, or under fsdp every rank its shard file and rank 0
+    the loop state too."""
     import json
 
-    with open(os.path.join(checkpoint_dir, META_FILE)) as f:
-        meta = json.load(f)
-    path = os.path.join(checkpoint_dir, STATE_FILE)
-    return {STATE_FILE: torch.load(path, map_location="cpu", weights_only=True), META_FILE: meta}
+    files: dict[str, Any] = {}
+    shard = os.path.join(checkpoint_dir, shard_file(rank))
+    if os.path.exists(shard):
+        files[shard_file(rank)] = torch.load(shard, map_location="cpu", weights_only=True)
+    elif rank == 0:
+        path = os.path.join(checkpoint_dir, STATE_FILE)
+        files[STATE_FILE] = torch.load(path, map_location="cpu", weights_only=True)
+    if rank == 0:
+        with open(os.path.join(checkpoint_dir, META_FILE)) as f:
+            files[META_FILE] = json.load(f)
+    return files
 
 
 def _check_store(store_uri: str, run_id: str) -> None:
@@ -776,12 +789,13 @@ def _checkpoint(w: _Worker, state: SamplingState, metrics: dict[str, float]) -> 
 
 
 def phase_carry(w: _Worker, state: SamplingState) -> dict[str, Any]:
-    """What the coefficient phase carries of this phase (rank 0; ``{}`` elsewhere): the
-    :func:`sampling_files` without the optimizer; a sharded model's weights and EMAs are
-    all-gathered here, once (a collective: every rank calls it)."""
+    """What the coefficient phase carries of this phase: rank 0's :func:`sampling_files`
+    without the optimizer (``{}`` elsewhere); under fsdp every rank its shards of the weights and
+    EMAs (:func:`~twa_ray.ray.fsdp.shard_state`, no momentum), rank 0 the loop state too:
+    nothing is gathered, the driver joins the files."""
     if w.job.sampling.strategy == "fsdp":
-        full = full_files(w.model, w.ema)
-        return {STATE_FILE: full, META_FILE: redact(state.to_dict())} if w.rank == 0 else {}
+        shards = {shard_file(w.rank): shard_state(w.model, None, w.ema)}
+        return {**shards, META_FILE: redact(state.to_dict())} if w.rank == 0 else shards
     return sampling_files(w, state, optimizer=False) if w.rank == 0 else {}
 
 
