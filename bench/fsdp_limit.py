@@ -66,7 +66,8 @@ class Watcher:
                     if pid not in self.workers and cmd.startswith(TITLE) and self._ours(pid):
                         self._adopt(pid)
                     if pid in self.workers:
-                        self.workers[pid]["hwm"] = _vm_hwm(pid)
+                        w = self.workers[pid]
+                        w["hwm"] = max(w["hwm"], _vm_hwm(pid))  # 0 once it is a zombie
                 except (FileNotFoundError, ProcessLookupError):
                     continue
 

@@ -114,6 +114,10 @@ def test_fsdp_run_learns_the_alpha_ddp_learns(runs):
     got_w = sharded_model(runs["fsdp"], world=2)
     assert got_w.keys() == want_w.keys()
     for k, v in want_w.items():
+        if k.endswith("num_batches_tracked"):
+            # a counter, not a weight (bn_state holds the means and variances): the DDP model's
+            # is left from the driver's last BN re-estimation, the sharded one's from the worker's
+            continue
         torch.testing.assert_close(got_w[k], v, rtol=1e-5, atol=1e-6, msg=k)
     # what twa-ray import / average read a model folder with: the same tensors
     read = load_state_dict(runs["fsdp"])

@@ -136,7 +136,8 @@ class SamplingResult:
         epoch_time_s: seconds of the epochs themselves (rank 0; the rest is start-up,
             checkpoints and teardown).
         checkpoint_path: the final Ray Train checkpoint directory (holds ``state.pt`` with the
-            full model state, BN statistics included).
+            full model state, BN statistics included; under fsdp each rank's ``shard-<r>.pt``,
+            joined on reading).
     """
 
     run_id: str
