@@ -1,7 +1,7 @@
 """A model that does not fit one worker's memory limit: ``twa-ray run`` with DDP is OOM-killed, with
 ``--strategy fsdp`` it runs to the end (results: bench/RESULTS.md, "Sharded models").
 
-    python bench/fsdp_limit.py                   # 2 workers, wide MLP, limit 2300 MiB; writes bench/fsdp_limit.json
+    python bench/fsdp_limit.py                   # 2 workers, 4 x 4096 MLP, limit 3500 MiB; writes bench/fsdp_limit.json
     python bench/fsdp_limit.py --limit-mib 0     # no limit: each path's per-worker peak (to size one)
     python bench/fsdp_limit.py --smoke-test      # tiny model, no limit (seconds)
 
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke-test", action="store_true", help="tiny model, no limit")
     parser.add_argument("--hidden", type=int, default=4096, help="width of the hidden layers")
     parser.add_argument("--layers", type=int, default=4, help="hidden layers")
-    parser.add_argument("--limit-mib", type=int, default=2300, help="per worker (0: none)")
+    parser.add_argument("--limit-mib", type=int, default=3500, help="per worker (0: none)")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (W)")
     parser.add_argument("--samples", type=int, default=600, help="MNIST-1D examples")
     parser.add_argument("--batch", type=int, default=64, help="global batch")
