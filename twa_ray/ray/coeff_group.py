@@ -763,8 +763,7 @@ def _report(
 ) -> None:
     """``ray.train.report`` on every rank (a barrier); rank 0 checkpoints ``state``, every rank
     the files it carries from an earlier phase (under fsdp its shards); at the end each rank its
-    ``result`` files (:data:`RESULT_FILE` on rank 0; a sharded model's theta shards on every
-    rank)."""
+    ``result`` files (:data:`RESULT_FILE` on rank 0; a sharded model's files on every rank)."""
     files = dict(w.carry) or None
     if w.rank == 0:
         files = {**w.carry, STATE_FILE: state.to_dict()}

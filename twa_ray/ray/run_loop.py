@@ -144,7 +144,8 @@ def run_loop_per_worker(job: RunJob) -> None:
         carry = phase_carry(w, state)
     else:  # a restart in the coefficient phase
         splits, layout = _data_and_layout(job.sampling.data, job.sampling.data_ref)
-        carry = _carried(rank)
+        fsdp = job.sampling.sampling.strategy == "fsdp"  # every rank carries its shards
+        carry = _carried(rank) if rank == 0 or fsdp else {}
     TIMER.phase = "coefficients"
     if job.sampling.sampling.strategy == "fsdp":  # each rank builds its columns of B
         coeff = CoeffJob(
