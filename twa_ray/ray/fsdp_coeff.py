@@ -32,7 +32,6 @@ from twa_ray.core.twa import TWAConfig
 from twa_ray.ray.fsdp import (
     even_batches,
     full_from_shards,
-    local_candidates,
     min_batches,
     shard_model,
 )
@@ -56,8 +55,7 @@ def sharded_setup(
     its candidate shards (a collective: every rank calls it), and the result's ``extra``."""
     model = shard_model(model, device)
     shards = LocalShards.from_module(model)
-    stream = local_candidates(CandidateStore(store_uri), shards.rank, shards.world)
-    sub = build_sharded_subspace(stream, shards, config).to(device)
+    sub = build_sharded_subspace(CandidateStore(store_uri), shards, config).to(device)
     extra = {
         "basis_placement": "fsdp",
         "basis_placement_reason": REASON,
