@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 
 import ray
 import ray.train
@@ -71,14 +72,18 @@ def train_loop(config: dict) -> None:
     dist.all_gather(alphas, twa.alpha)
     seen: list = [None] * world
     dist.all_gather_object(seen, (ray.get_runtime_context().get_node_id(), twa.theta.numel()))
-    ray.train.report(
-        {
-            "alpha": twa.alpha.tolist(),
-            "same_alpha": all(torch.equal(a, twa.alpha) for a in alphas),
-            "nodes": [n for n, _ in seen],
-            "theta_numel": [k for _, k in seen],
-        }
-    )
+    metrics = {
+        "alpha": twa.alpha.tolist(),
+        "same_alpha": all(torch.equal(a, twa.alpha) for a in alphas),
+        "nodes": [n for n, _ in seen],
+        "theta_numel": [k for _, k in seen],
+    }
+    # metrics reach result.metrics only with a checkpoint (rank 0's; every rank reports)
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "result.json"), "w") as f:
+            json.dump(metrics, f)
+        ckpt = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
+        ray.train.report(metrics, checkpoint=ckpt)
 
 
 def main() -> int:
