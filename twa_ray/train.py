@@ -44,6 +44,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -85,7 +86,8 @@ def learn(
         config: subspace, quantization, optimizer and schedule (:class:`TWAConfig`); keyword
             ``overrides`` replace its fields (``bits=8``, ``lr=0.1``, ...).
         epochs, steps: how long (default ``config.epochs`` passes over ``loader``).
-        bn_loader: training batches to re-estimate BatchNorm statistics at the result.
+        bn_loader: training batches to re-estimate BatchNorm statistics at the result (sharded:
+            as many batches on every rank; the statistics are averaged over all ranks').
         loss_fn: ``loss_fn(model(x), y)``.
 
     Returns:
@@ -93,7 +95,7 @@ def learn(
     """
     sharded = is_sharded(model)
     if sharded:  # rank 0 has committed the last snapshot: every rank lists the same candidates
-        torch.distributed.barrier()
+        dist.barrier()
     store = CandidateStore(store_uri)
     if len(store) == 0:
         raise ValueError(
@@ -122,8 +124,6 @@ def _sharded_twa(
 def _common_steps(loader: Iterable[Any], epochs: float, steps: int | None) -> int:
     """The steps every rank runs: ``steps``, else the fewest that ``epochs`` passes over any
     rank's ``loader`` give (one MIN all-reduce; FSDP's forward is a collective)."""
-    import torch.distributed as dist
-
     if steps is not None:
         return steps
     per = getattr(loader, "steps_per_pass", None) if hasattr(loader, "batches") else None
