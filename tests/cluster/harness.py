@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
@@ -402,6 +403,39 @@ def stop_cluster(cluster: Cluster) -> None:
             pass
         _kill(node)
     stop_head(cluster.head)
+
+
+def coefficients(s3: S3, prefix: str) -> dict[str, list[float]]:
+    """The alpha of each variant of the run under ``prefix`` (its coefficients.parquet in the
+    bucket), ordered by row and block."""
+    import pyarrow.parquet as pq
+
+    with s3.fs().open_input_file(f"{s3.bucket}/{prefix}/outputs/coefficients.parquet") as f:
+        t = pq.read_table(io.BytesIO(f.read())).to_pylist()
+    out: dict[str, list[float]] = {}
+    for row in sorted(t, key=lambda r: (r["variant"], r["row"], r["block"])):
+        out.setdefault(row["variant"], []).append(row["alpha"])
+    return out
+
+
+def _cmdlines(node: Node) -> list[bytes]:
+    out = []
+    for pid in node.pids():
+        try:
+            out.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+        except OSError:
+            pass
+    return out
+
+
+def train_nodes(cluster: Cluster) -> set[int]:
+    """Worker nodes running a Ray Train worker now (every node has the same IP here, so Ray
+    Train's node_rank cannot tell them apart: ask the nodes' mount namespaces)."""
+    return {
+        n.index
+        for n in cluster.nodes
+        if not n.killed and any(b"RayTrainWorker" in c for c in _cmdlines(n))
+    }
 
 
 def submit(

@@ -6,16 +6,14 @@ file a worker writes there is invisible to the head and the other nodes, as on s
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import torch
-from harness import submit
+from harness import coefficients, submit, train_nodes
 
 from twa_ray.store import CandidateStore
 
@@ -38,38 +36,9 @@ def _explain(res) -> str:
     return f"job {res.job_id}: {res.status} after {res.wall_s:.0f} s\n{res.logs[-6000:]}"
 
 
-def _alpha(s3, prefix: str) -> dict[str, list[float]]:
-    with s3.fs().open_input_file(f"{s3.bucket}/{prefix}/outputs/coefficients.parquet") as f:
-        t = pq.read_table(io.BytesIO(f.read())).to_pylist()
-    out: dict[str, list[float]] = {}
-    for row in sorted(t, key=lambda r: (r["variant"], r["row"], r["block"])):
-        out.setdefault(row["variant"], []).append(row["alpha"])
-    return out
-
-
 def _candidates(s3, prefix: str) -> dict[str, torch.Tensor]:
     store = CandidateStore(s3.uri(f"{prefix}/candidates"))
     return {n: store.read(n).clone() for n in store.names()}
-
-
-def _cmdlines(node) -> list[bytes]:
-    out = []
-    for pid in node.pids():
-        try:
-            out.append(Path(f"/proc/{pid}/cmdline").read_bytes())
-        except OSError:
-            pass
-    return out
-
-
-def _train_nodes(cluster) -> set[int]:
-    """Worker nodes running a Ray Train worker now (every node has the same IP here, so Ray
-    Train's node_rank cannot tell them apart: ask the nodes' mount namespaces)."""
-    return {
-        n.index
-        for n in cluster.nodes
-        if not n.killed and any(b"RayTrainWorker" in c for c in _cmdlines(n))
-    }
 
 
 def test_local_storage_is_refused_on_a_multi_node_cluster(cluster, run_root):
@@ -144,7 +113,7 @@ def run_a(cluster, s3, run_root):
         cluster,
         [*RUN, "--storage", s3.uri("a"), "--out", str(run_root / "a")],
         working_dir=REPO,
-        on_poll=lambda: seen.append(_train_nodes(cluster)),
+        on_poll=lambda: seen.append(train_nodes(cluster)),
     )
     return res, seen
 
@@ -200,11 +169,11 @@ def test_smoke_job_on_two_nodes_with_s3_matches_one_node(cluster, s3, run_root, 
             str(run_root / "one"),
         ],
         working_dir=REPO,
-        on_poll=lambda: seen.append(_train_nodes(cluster)),
+        on_poll=lambda: seen.append(train_nodes(cluster)),
     )
     assert ref.status == "SUCCEEDED", _explain(ref)
     assert max(map(len, seen)) == 1, f"the workers ran on nodes {seen}"
-    a, one = _alpha(s3, "a"), _alpha(s3, "one")
+    a, one = coefficients(s3, "a"), coefficients(s3, "one")
     assert a.keys() == one.keys() == {"twa_t", "twa_v"}
     for k in a:
         torch.testing.assert_close(torch.tensor(a[k]), torch.tensor(one[k]), rtol=1e-5, atol=0)
@@ -392,7 +361,7 @@ def test_worker_node_killed_mid_sampling_resumes_from_s3(cluster, s3, run_root, 
         written = s3.list("b/work/ray_train")
         if not any("/checkpoint_epoch0003/meta.json" in k for k in written):
             return
-        for i in sorted(_train_nodes(cluster)):
+        for i in sorted(train_nodes(cluster)):
             last = any(LAST_CHECKPOINT in k for k in written)
             killed.update(node=i, pids=cluster.kill_node(i), mid_sampling=not last)
             return
@@ -452,7 +421,7 @@ def test_worker_node_killed_mid_coefficient_phase_resumes_from_s3(cluster, s3, r
         name = _registered_checkpoint(s3, "c", "twa")
         if name is None or not re.fullmatch(r"checkpoint_v_step\d+", name):
             return
-        for i in sorted(_train_nodes(cluster)):
+        for i in sorted(train_nodes(cluster)):
             killed.update(node=i, pids=cluster.kill_node(i), registered=name)
             return
 
@@ -470,7 +439,7 @@ def test_worker_node_killed_mid_coefficient_phase_resumes_from_s3(cluster, s3, r
     )
     assert resumed, f"killed after {killed['registered']}, no resume past TWA-t:\n{_explain(res)}"
     assert "sampling: resumed" not in res.logs  # the kill came after sampling
-    a, c = _alpha(s3, "a"), _alpha(s3, "c")
+    a, c = coefficients(s3, "a"), coefficients(s3, "c")
     assert a.keys() == c.keys() == {"twa_t", "twa_v"}
     for k in a:
         torch.testing.assert_close(torch.tensor(c[k]), torch.tensor(a[k]), rtol=1e-5, atol=0)

@@ -28,18 +28,31 @@ from twa_ray.core.sharded_subspace import ShardedSubspace, build_affine_sharded
 from twa_ray.core.subspace import CandidateStream
 from twa_ray.core.twa import TWA, TWAConfig
 
-__all__ = ["ShardedTWA", "build_sharded_subspace"]
+__all__ = ["ShardedTWA", "build_sharded_subspace", "local_stream"]
+
+
+def local_stream(candidates: Any, shards: LocalShards) -> CandidateStream:
+    """This rank's candidate shards (D_r,) as a re-iterable stream: from a store (anything with
+    ``names()`` and ``read_local(name, rank, world)``: only the parts holding the rank's rows are
+    read, in the store's order), or ``candidates`` as it is (a stream already)."""
+    if not hasattr(candidates, "read_local"):
+        return candidates
+    names = candidates.names()
+    rank, world = shards.rank, shards.world
+    return lambda: (candidates.read_local(n, rank, world).float() for n in names)
 
 
 def build_sharded_subspace(
-    candidates: CandidateStream,
+    candidates: Any,
     shards: LocalShards,
     config: TWAConfig,
     *,
     group: dist.ProcessGroup | None = None,
 ) -> ShardedSubspace:
     """This rank's part of the subspace named by ``config`` (as
-    :func:`~twa_ray.core.twa.build_subspace`) from a stream of its candidate shards (D_r,)."""
+    :func:`~twa_ray.core.twa.build_subspace`) from its candidate shards (D_r,): a store or a
+    stream (:func:`local_stream`)."""
+    candidates = local_stream(candidates, shards)
     if config.subspace == "span":
         return build_span_sharded(candidates, shards, bits=config.bits, group=group)
     return build_affine_sharded(

@@ -243,8 +243,3 @@ def min_batches(num_examples: int, world: int, batch: int) -> int:
     return -(-(num_examples // world) // batch)
 
 
-def local_candidates(store: Any, rank: int, world: int) -> Any:
-    """This rank's candidate shards (D_r,) from ``store`` in its order, re-iterable (a
-    :data:`~twa_ray.core.subspace.CandidateStream`): only the parts holding its rows are read."""
-    names = store.names()
-    return lambda: (store.read_local(n, rank, world).float() for n in names)

@@ -28,7 +28,7 @@ from twa_ray.core.sharded import LocalShards
 from twa_ray.core.sharded_subspace import ShardedSubspace
 from twa_ray.core.sharded_twa import build_sharded_subspace
 from twa_ray.core.twa import TWAConfig
-from twa_ray.ray.fsdp import even_batches, local_candidates, min_batches, shard_model
+from twa_ray.ray.fsdp import even_batches, min_batches, shard_model
 from twa_ray.ray.fsdp_output import output_files
 from twa_ray.ray.worker import strided
 from twa_ray.store.store import CandidateStore
@@ -45,8 +45,7 @@ def sharded_setup(
     its candidate shards (a collective: every rank calls it), and the result's ``extra``."""
     model = shard_model(model, device)
     shards = LocalShards.from_module(model)
-    stream = local_candidates(CandidateStore(store_uri), shards.rank, shards.world)
-    sub = build_sharded_subspace(stream, shards, config).to(device)
+    sub = build_sharded_subspace(CandidateStore(store_uri), shards, config).to(device)
     extra = {
         "basis_placement": "fsdp",
         "basis_placement_reason": REASON,
