@@ -241,5 +241,3 @@ def min_batches(num_examples: int, world: int, batch: int) -> int:
     """The batches of the smallest rank's strided shard of ``num_examples``: a BatchNorm
     re-estimation runs that many forwards on every rank (an empty batch cannot train BN)."""
     return -(-(num_examples // world) // batch)
-
-
