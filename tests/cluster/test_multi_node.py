@@ -399,8 +399,8 @@ def _registered_checkpoint(s3, prefix: str, group: str) -> str | None:
         text = f.read()
     try:
         latest = json.loads(text).get("latest_checkpoint_result") or {}
-    except json.JSONDecodeError:  # read while the controller rewrites it: the next poll reads it
-        return None
+    except ValueError:  # read while the controller rewrites it (a cut JSON, or its bytes cut
+        return None  # inside a UTF-8 character): the next poll reads it
     return latest.get("checkpoint_dir_name")
 
 
