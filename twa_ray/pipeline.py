@@ -585,7 +585,7 @@ def _print_table(methods: dict[str, dict[str, Any]]) -> None:
 
 
 def _round(v: Any) -> Any:
-    return {k: _round(x) for k, x in v.items()} if isinstance(v, dict) else round(v, 2)
+    return {k: _round(x) for k, x in v.items()} if isinstance(v, dict) else round(v, 4)
 
 
 def _modes(cfg: RunConfig) -> tuple[str, ...]:
