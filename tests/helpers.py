@@ -7,16 +7,19 @@ import mode, as tests/conftest.py lies there.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+_SPAWNS = itertools.count()  # one rendezvous file per spawn_gloo call in this process
 
 
 def cli_argv(*argv: str) -> list[str]:
@@ -64,6 +67,39 @@ def free_ports(n: int) -> list[int]:
 def free_port() -> int:
     """A port free on this machine now, where nothing answers."""
     return free_ports(1)[0]
+
+
+def spawn_gloo(fn: Callable[..., None], world: int, folder: str | Path, *args) -> None:
+    """``fn(rank, world, *args)`` in ``world`` spawned processes joined in one gloo group.
+
+    The group meets through a file in ``folder`` (no TCP store owned by rank 0, no port to race
+    for) and leaves through a barrier: no rank exits while a peer still talks to it (a rank that
+    left early aborted its peer, ``terminate called without an active exception``). A rank left
+    waiting fails after 120 s, never hangs the test.
+    """
+    import torch.multiprocessing as mp
+
+    rendezvous = Path(folder) / f"gloo-{os.getpid()}-{next(_SPAWNS)}"
+    mp.spawn(_gloo_rank, args=(fn, world, str(rendezvous), args), nprocs=world, join=True)
+
+
+def _gloo_rank(rank: int, fn: Callable[..., None], world: int, rendezvous: str, args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=120),
+    )
+    try:
+        fn(rank, world, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -11,9 +11,7 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import free_port
+from helpers import spawn_gloo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -71,34 +69,22 @@ def reference_alpha(bits: int, world: int) -> torch.Tensor:
     return twa.alpha
 
 
-def _worker(rank: int, world: int, port: int, out: str, device: str = "cpu") -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        res = {}
-        for bits in (4, 32):
-            sub = _subspace(bits)
-            for kind in ("replicate", "shard"):
-                p = place(sub, kind, shard_bounds=SHARDS, rank=rank, world=world).to(device)
-                twa = _train(p, bits, rank, device)
-                res[(bits, kind)] = (
-                    twa.alpha.cpu(),
-                    p.held_bytes,
-                    p.wire_bytes_per_step,
-                    p.own_blocks,
-                )
-        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out: str, device: str = "cpu") -> None:
+    res = {}
+    for bits in (4, 32):
+        sub = _subspace(bits)
+        for kind in ("replicate", "shard"):
+            p = place(sub, kind, shard_bounds=SHARDS, rank=rank, world=world).to(device)
+            twa = _train(p, bits, rank, device)
+            res[(bits, kind)] = (twa.alpha.cpu(), p.held_bytes, p.wire_bytes_per_step, p.own_blocks)
+    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module", params=[2, 3])
 def spawned(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"w{world}")
-    mp.spawn(_worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
+    spawn_gloo(_worker, world, out, str(out))
     return world, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
@@ -242,7 +228,7 @@ def test_cuda_one_padded_copy_shared_by_both_modes():
 def test_cuda_shard_matches_replicate(tmp_path, world):
     """W processes on the one GPU over gloo. The Triton project adds tiles with float atomics
     (order varies from run to run), so the placements agree to float32 rounding, not bitwise."""
-    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), "cuda"), nprocs=world, join=True)
+    spawn_gloo(_worker, world, tmp_path, str(tmp_path), "cuda")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for bits in (4, 32):
         for res in ranks:

@@ -13,15 +13,12 @@ tests/core/test_placement.py).
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from functools import partial
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import free_port
+from helpers import spawn_gloo
 from torch import nn
 
 from twa_ray.core.layout import Blocks, Layout, flatten
@@ -352,29 +349,18 @@ def _train_sharded(name: str, rank: int, world: int) -> dict:
     }
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(  # a timeout: a rank left waiting fails the test, never hangs it
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=120),
-    )
-    try:
-        res = {"basis": _basis_results(rank, world)}
-        for name in ("mlp", "cnn", "lm", "lm-span"):
-            res[name] = _train_sharded(name, rank, world)
-        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out: str) -> None:
+    res = {"basis": _basis_results(rank, world)}
+    for name in ("mlp", "cnn", "lm", "lm-span"):
+        res[name] = _train_sharded(name, rank, world)
+    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module", params=[2, 4])
 def spawned(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"w{world}")
-    mp.spawn(_worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
+    spawn_gloo(_worker, world, out, str(out))
     return world, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 

@@ -4,12 +4,10 @@ ranks: both equal one process's estimate over the union of the ranks' data."""
 
 import itertools
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import spawn_gloo
 from torch import nn
 
 from twa_ray.core.bn import bn_state, update_bn
@@ -39,42 +37,29 @@ def _batches(rank: int, split: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def _worker(rank: int, port: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+def _worker(rank: int, world: int, store: str, out: str) -> None:
+    snaps = Snapshots(store, every_n_epochs=1)
+    snaps.load_state_dict({"store": store, "names": NAMES})
+    model = _model()
+    twa, metrics = learn(
+        model,
+        snaps,
+        twa_config(),
+        "twa-t",
+        train=_batches(rank, 0),
+        val=_batches(rank, 1),
+        loss_fn=nn.functional.cross_entropy,
     )
-    try:
-        snaps = Snapshots(store, every_n_epochs=1)
-        snaps.load_state_dict({"store": store, "names": NAMES})
-        model = _model()
-        twa, metrics = learn(
-            model,
-            snaps,
-            twa_config(),
-            "twa-t",
-            train=_batches(rank, 0),
-            val=_batches(rank, 1),
-            loss_fn=nn.functional.cross_entropy,
-        )
-        torch.save(
-            {"theta": twa.theta, "bn": bn_state(model), "metrics": metrics},
-            os.path.join(out, f"{rank}.pt"),
-        )
-    finally:
-        dist.destroy_process_group()
+    torch.save(
+        {"theta": twa.theta, "bn": bn_state(model), "metrics": metrics},
+        os.path.join(out, f"{rank}.pt"),
+    )
 
 
 def twa_config():
     from twa_ray.core.twa import TWAConfig
 
     return TWAConfig(bits=8, blocks="tensor", lr=0.05, epochs=1.0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow  # spawns 2 gloo processes
@@ -87,7 +72,7 @@ def test_bn_and_metrics_are_over_all_ranks(tmp_path):
             n: p + 0.1 * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()
         }
         store.write(params, Layout.from_module(model), step=step, name=name)
-    mp.spawn(_worker, args=(_free_port(), store.uri, str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_gloo(_worker, WORLD, tmp_path, store.uri, str(tmp_path))
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(WORLD)]
     assert torch.equal(ranks[0]["theta"], ranks[1]["theta"])
     assert (

@@ -6,14 +6,11 @@ batches joined (rtol 1e-5)."""
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import free_port
+from helpers import spawn_gloo
 from torch import nn
 
 import twa_ray.train
@@ -52,47 +49,36 @@ def joined_batches(n: int, first: int = 0) -> list[tuple[torch.Tensor, torch.Ten
     return [tuple(torch.cat(parts) for parts in zip(*step)) for step in zip(*per_rank)]
 
 
-def _worker(rank: int, port: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(  # a timeout: a rank left waiting fails the test, never hangs it
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=120),
+def _worker(rank: int, world: int, store: str, out: str) -> None:
+    model = shard_model(make_model(), torch.device("cpu"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step, (x, y) in enumerate(rank_batches(rank, STEPS), start=1):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if step % 2 == 0:
+            twa_ray.train.snapshot(model, store, step=step, run_id="sharded")
+    # rank 1 has one batch more: every rank runs the fewest steps (rank 0's)
+    loader = rank_batches(rank, LEARN_STEPS + rank, first=100)
+    twa = twa_ray.train.learn(model, store, loader, **LEARN)
+    torch.save(
+        {
+            "sharded": isinstance(twa, ShardedTWA),
+            "steps": twa.step_count,
+            "alpha": twa.alpha,
+            "theta": twa.theta,
+            "local": local_flat(model),
+            "index": LocalShards.from_module(model).index(),
+            "full": {n: p.full_tensor() for n, p in model.named_parameters()},
+        },
+        os.path.join(out, f"rank{rank}.pt"),
     )
-    try:
-        model = shard_model(make_model(), torch.device("cpu"))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        for step, (x, y) in enumerate(rank_batches(rank, STEPS), start=1):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            if step % 2 == 0:
-                twa_ray.train.snapshot(model, store, step=step, run_id="sharded")
-        # rank 1 has one batch more: every rank runs the fewest steps (rank 0's)
-        loader = rank_batches(rank, LEARN_STEPS + rank, first=100)
-        twa = twa_ray.train.learn(model, store, loader, **LEARN)
-        torch.save(
-            {
-                "sharded": isinstance(twa, ShardedTWA),
-                "steps": twa.step_count,
-                "alpha": twa.alpha,
-                "theta": twa.theta,
-                "local": local_flat(model),
-                "index": LocalShards.from_module(model).index(),
-                "full": {n: p.full_tensor() for n, p in model.named_parameters()},
-            },
-            os.path.join(out, f"rank{rank}.pt"),
-        )
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow  # spawns 2 gloo processes
 def test_learn_on_shards_equals_the_unsharded_learn(tmp_path):
     store = str(tmp_path / "candidates")
-    mp.spawn(_worker, args=(free_port(), store, str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_gloo(_worker, WORLD, tmp_path, store, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     # the candidates: one part per rank (no gather), joined on read

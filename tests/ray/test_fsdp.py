@@ -13,11 +13,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import spawn_gloo
 from safetensors.torch import load_file
 
-from tests.helpers import free_port
 from twa_ray.cli import main
 from twa_ray.core.bn import bn_state
 from twa_ray.core.layout import Layout, flatten
@@ -165,27 +163,21 @@ def _tiny_gpt2():
     return GPT2LMHeadModel(config).eval()  # lm_head.weight tied to transformer.wte.weight
 
 
-def _write_gpt2_shards(rank: int, world: int, port: int, folder: str) -> None:
+def _write_gpt2_shards(rank: int, world: int, folder: str) -> None:
     """Rank ``rank``'s files of the tiny GPT-2 from its dim-0 rows only (what a sharded run's
     worker holds), written into ``folder``."""
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        model = _tiny_gpt2()
-        shards = LocalShards.from_layout(Layout.from_module(model), world, rank)
-        theta = shards.restrict(flatten(model, shards.layout))
-        files = output_files(model, shards, {"m": {"theta": theta, "bn_state": bn_state(model)}})
-        for name, obj in files.items():
-            path = os.path.join(folder, os.path.basename(name))
-            if name.endswith(".json"):
-                with open(path, "w") as f:
-                    json.dump(obj, f)
-            else:
-                with open(path, "wb") as f:
-                    f.write(obj)
-    finally:
-        dist.destroy_process_group()
+    model = _tiny_gpt2()
+    shards = LocalShards.from_layout(Layout.from_module(model), world, rank)
+    theta = shards.restrict(flatten(model, shards.layout))
+    files = output_files(model, shards, {"m": {"theta": theta, "bn_state": bn_state(model)}})
+    for name, obj in files.items():
+        path = os.path.join(folder, os.path.basename(name))
+        if name.endswith(".json"):
+            with open(path, "w") as f:
+                json.dump(obj, f)
+        else:
+            with open(path, "wb") as f:
+                f.write(obj)
 
 
 @pytest.mark.slow
@@ -194,7 +186,7 @@ def test_sharded_output_loads_with_from_pretrained(tmp_path):
     once (``save_pretrained``'s form), ``from_pretrained`` gives the model back bit for bit."""
     from transformers import GPT2LMHeadModel
 
-    mp.spawn(_write_gpt2_shards, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_write_gpt2_shards, 2, tmp_path, str(tmp_path))
     want = _tiny_gpt2()
     want.config.save_pretrained(tmp_path)
     state = sharded_model(tmp_path, world=2)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_store, one_thread, store_data  # noqa: F401  (one_thread: autouse)
+from helpers import make_store, one_thread, spawn_gloo, store_data  # noqa: F401  (one_thread: autouse)
 
 from twa_ray.average import fit_twa, make_loaders
 from twa_ray.config import DataConfig, RunConfig, SamplingConfig
@@ -128,7 +128,6 @@ def test_four_entry_points_learn_the_same_alpha_on_one_worker(setup):
 def gloo_fit(
     rank: int,
     world: int,
-    init: str,
     store: str,
     data: DataConfig,
     cfg: TWAConfig,
@@ -137,37 +136,24 @@ def gloo_fit(
 ) -> None:
     """``TWA.fit`` as rank ``rank`` of a gloo group of ``world`` processes (the library across
     workers): its share of every batch, ``a`` averaged by the placement; rank 0 saves alpha."""
-    import torch.distributed as dist
-
     from twa_ray.store.store import CandidateStore
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        splits = _splits(data)
-        model = _model(data, splits)
-        subspace = build_subspace(CandidateStore(store), Layout.from_module(model), cfg)
-        twa = TWA(model, place(subspace, "replicate", rank=rank, world=world), config=cfg)
-        twa.fit(
-            ShuffledBatches(splits.train, batch, rank=rank, world=world, seed=data.seed),
-            steps_per_epoch=steps_per_epoch(len(splits.train), batch, world),
-        )
-        if rank == 0:
-            torch.save(twa.alpha.clone(), out)
-    finally:
-        dist.destroy_process_group()
+    splits = _splits(data)
+    model = _model(data, splits)
+    subspace = build_subspace(CandidateStore(store), Layout.from_module(model), cfg)
+    twa = TWA(model, place(subspace, "replicate", rank=rank, world=world), config=cfg)
+    twa.fit(
+        ShuffledBatches(splits.train, batch, rank=rank, world=world, seed=data.seed),
+        steps_per_epoch=steps_per_epoch(len(splits.train), batch, world),
+    )
+    if rank == 0:
+        torch.save(twa.alpha.clone(), out)
 
 
 def library_alpha(
     tmp_path, world: int, store: str, data: DataConfig, cfg: TWAConfig, batch: int
 ) -> torch.Tensor:
     """:func:`gloo_fit` in ``world`` spawned processes; rank 0's alpha."""
-    import torch.multiprocessing as mp
-
     out = str(tmp_path / "alpha.pt")
-    mp.spawn(
-        gloo_fit,
-        args=(world, f"file://{tmp_path / 'pg'}", store, data, cfg, batch, out),
-        nprocs=world,
-    )
+    spawn_gloo(gloo_fit, world, tmp_path, store, data, cfg, batch, out)
     return torch.load(out, weights_only=True)

@@ -130,46 +130,38 @@ def test_nonfinite_part_is_refused(store):
         store.write_part(local, layout, name="s", rank=0, world=2)
 
 
-def _snapshot_rank(rank: int, world: int, port: int, store_uri: str) -> None:
+def _snapshot_rank(rank: int, world: int, store_uri: str) -> None:
     """One gloo rank: an FSDP2 model snapshotted with the public ``twa_ray.snapshot``."""
-    import os
-
     import torch.distributed as dist
 
     import twa_ray
     from twa_ray.ray.fsdp import shard_model
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(
-            torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3)
-        )
-        shard_model(model, torch.device("cpu"))
-        name = twa_ray.snapshot(model, store_uri, step=7, epoch=1.0, run_id="r")
-        assert (name is not None) == (rank == 0)
-        dist.barrier()
-        full = {n: p.full_tensor() for n, p in model.named_parameters()}
-        store = CandidateStore(store_uri)
-        layout = Layout.from_tensors(full)
-        assert store.names() == ["step00000007"] and store.info("step00000007").run_id == "r"
-        assert torch.equal(store.read("step00000007"), flatten(full, layout))
-        assert torch.equal(
-            store.read_local("step00000007", rank, world), _local(full, layout, rank, world)
-        )
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3)
+    )
+    shard_model(model, torch.device("cpu"))
+    name = twa_ray.snapshot(model, store_uri, step=7, epoch=1.0, run_id="r")
+    assert (name is not None) == (rank == 0)
+    dist.barrier()
+    full = {n: p.full_tensor() for n, p in model.named_parameters()}
+    store = CandidateStore(store_uri)
+    layout = Layout.from_tensors(full)
+    assert store.names() == ["step00000007"] and store.info("step00000007").run_id == "r"
+    assert torch.equal(store.read("step00000007"), flatten(full, layout))
+    assert torch.equal(
+        store.read_local("step00000007", rank, world), _local(full, layout, rank, world)
+    )
 
 
 def test_public_snapshot_of_an_fsdp2_model_writes_its_shards(tmp_path):
     """Two gloo processes ``fully_shard`` a model; ``twa_ray.snapshot`` on each writes its
     rows (no gather): the candidate reads back as the full weights, and each rank's rows."""
-    import torch.multiprocessing as mp
-    from helpers import free_port
+    from helpers import spawn_gloo
 
     store = tmp_path / "store"
-    mp.spawn(_snapshot_rank, args=(2, free_port(), str(store)), nprocs=2)
+    spawn_gloo(_snapshot_rank, 2, tmp_path, str(store))
     assert sorted(p.name for p in (store / "step00000007.parts").iterdir()) == [
         "part-00000-of-00002.arrow",
         "part-00001-of-00002.arrow",
