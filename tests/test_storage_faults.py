@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from twa_ray.cli import main
+from twa_ray.connect import IDLE_WORKER_MS
 from twa_ray.core.layout import Layout
 from twa_ray.storage import open_storage, storage_fault
 from twa_ray.store import CandidateStore
@@ -126,7 +127,12 @@ def test_stale_local_ray_record_starts_a_fresh_ray():
         "TWA_RAY_CONNECT_TIMEOUT": "3",
     }
     env.pop("RAY_ADDRESS", None)
-    code = "from twa_ray.connect import connect_ray; import ray; connect_ray(); print('CPUs', ray.cluster_resources()['CPU']); ray.shutdown()"
+    code = (
+        "import os, ray; from twa_ray.connect import connect_ray; connect_ray(); "
+        "print('CPUs', ray.cluster_resources()['CPU']); "
+        "idle = ray.remote(lambda: os.environ.get('RAY_idle_worker_killing_time_threshold_ms')); "
+        "print('idle', ray.get(idle.remote())); ray.shutdown()"
+    )
     try:
         proc = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env
@@ -135,6 +141,8 @@ def test_stale_local_ray_record_starts_a_fresh_ray():
         shutil.rmtree(tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "CPUs" in proc.stdout
+    # the fresh local Ray has twa-ray's defaults: its workers keep idle processes 60 s
+    assert f"idle {IDLE_WORKER_MS}" in proc.stdout, proc.stdout
     assert (
         "does not answer" in proc.stderr and "starting a fresh local Ray instead" in proc.stderr
     ), proc.stderr[-3000:]

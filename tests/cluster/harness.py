@@ -40,6 +40,8 @@ try:
 except ImportError:
     from tests.ray_cluster import Head, client_env, free_ports, http_get, start_head, stop_head
 
+from twa_ray.connect import IDLE_WORKER_MS
+
 RAY_CLI = (sys.executable, "-m", "ray.scripts.scripts")
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -249,10 +251,18 @@ def start_cluster(
 ) -> Cluster:
     """A head with ``--num-cpus 0`` and ``num_nodes`` worker nodes, each in its own mount
     namespace with a private tmpfs over Ray's temp dir and over every path in ``hide``."""
-    # a loaded 2-core machine can take over a minute to start a worker group (default 60 s)
+    # a loaded 2-core machine can take over a minute to start a worker group (default 60 s).
+    # The GCS declares a killed node dead after health_check_failure_threshold missed checks,
+    # one every health_check_period_ms (Ray's defaults: 5 x 3 s); 3 x 1 s here: a node-kill
+    # run waits ~3 s, not ~15 s, before Ray Train restarts its group (the timeout of one check
+    # stays Ray's 10 s: a raylet slow on a loaded machine is not taken for dead)
     extra = {
         "RAY_AUTH_MODE": "disabled",
         "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_failure_threshold": "3",
+        # as cluster.yaml starts its nodes: idle workers kept between streamed epochs
+        "RAY_idle_worker_killing_time_threshold_ms": str(IDLE_WORKER_MS),
         **(env or {}),
     }
     head = start_head(num_cpus=0, object_store_mb=object_store_mb, auth=False, extra_env=extra)

@@ -12,11 +12,13 @@ from twa_ray.ray.faults import FAULTS_ENV
 def ray_cluster(tmp_path_factory):
     import ray
 
-    # Ray Train reads these on the driver and passes them on. On a loaded 2-CPU machine a
-    # worker group took up to ~60 s to start (the default timeout); the preemption watcher is
-    # one more actor process per run that a local test does not need.
+    from twa_ray.connect import local_ray_defaults
+
+    # Ray Train reads this on the driver and passes it on: on a loaded 2-CPU machine a worker
+    # group took up to ~60 s to start (the default timeout). The rest is what a local Ray that
+    # twa-ray starts gets (no preemption watcher, idle workers kept between streamed epochs).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    local_ray_defaults()
     # before ray.init: the Ray workers inherit it; the file exists only while a test plans faults
     os.environ[FAULTS_ENV] = str(tmp_path_factory.mktemp("faults") / "faults.json")
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 << 20)
