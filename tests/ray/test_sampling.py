@@ -19,24 +19,12 @@ from twa_ray.core.layout import Layout, flatten
 from twa_ray.core.optim import lr_factor
 from twa_ray.data import held_out_split, load_dataset
 from twa_ray.models import build_model
-from twa_ray.ray.faults import FAULTS_ENV
 from twa_ray.ray.group import CheckpointClock, PhaseTimer
 from twa_ray.ray.sampling import run_sampling
 from twa_ray.store.snapshots import Snapshotter, candidate_name
 from twa_ray.store.store import CandidateStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fault_plan(tmp_path_factory):
-    """The path of this module's fault plan (:mod:`twa_ray.ray.faults`), in the environment
-    before the module's Ray starts (autouse fixtures run first), so its workers inherit it;
-    the file exists only while a test plans faults."""
-    path = tmp_path_factory.mktemp("faults") / "faults.json"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(FAULTS_ENV, str(path))
-        yield path
 
 
 STEPS_PER_EPOCH = 6  # 432 train examples per worker // 64
