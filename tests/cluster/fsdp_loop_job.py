@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 
 import ray
@@ -23,25 +24,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from ray.train.torch import TorchTrainer
-from torch import nn
 
 import twa_ray.train
 from twa_ray.storage import open_storage
 
-STEPS, EVERY, BATCH = 6, 2, 4  # 3 candidates
+# the checkout (the job's working dir): its workers import tests.fsdp_tiny from there too
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests.fsdp_tiny import batch, make_model  # noqa: E402
+
+STEPS, EVERY = 6, 2  # 3 candidates
 LEARN_STEPS = 4  # held-out batches per rank
 LEARN = {"bits": 8, "lr": 0.05, "epochs": 1}
-
-
-def make_model() -> nn.Module:
-    """Dim-0 sizes 7 and 3: uneven shards at W = 2 and 3."""
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
-
-
-def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    return torch.randn(BATCH, 5, generator=g), torch.randint(0, 3, (BATCH,), generator=g)
 
 
 def learn_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import spawn_gloo
-from torch import nn
 
 import twa_ray.train
+from tests.fsdp_tiny import batch, make_model
 from twa_ray.core.layout import Layout, flatten
 from twa_ray.core.sharded import LocalShards, local_flat
 from twa_ray.core.sharded_twa import ShardedTWA
@@ -21,21 +21,9 @@ from twa_ray.ray.fsdp import shard_model
 from twa_ray.store import CandidateStore
 
 WORLD = 2
-BATCH = 4  # per rank
 STEPS = 8  # SGD steps; a sharded snapshot every 2
 LEARN = {"bits": 8, "lr": 0.05, "epochs": 1}
 LEARN_STEPS = 8  # rank 0's batches (rank 1 has one more)
-
-
-def make_model() -> nn.Module:
-    """Dim-0 sizes 7 and 3: uneven shards at W = 2."""
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
-
-
-def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    return torch.randn(BATCH, 5, generator=g), torch.randint(0, 3, (BATCH,), generator=g)
 
 
 def rank_batches(rank: int, n: int, first: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
