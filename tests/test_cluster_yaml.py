@@ -132,6 +132,16 @@ def test_token_auth_on_every_node(prepared):
     assert "-e RAY_AUTH_MODE=token" in run_options  # ray exec / attach shells, job drivers
 
 
+def test_every_node_keeps_idle_workers_as_a_local_ray_does(prepared):
+    """Streamed epochs reuse their read tasks' processes on the cluster too (twa_ray.connect)."""
+    from twa_ray.connect import IDLE_WORKER_MS
+
+    want = f"RAY_idle_worker_killing_time_threshold_ms={IDLE_WORKER_MS}"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in prepared[key] if _ray_start_calls([c])]
+        assert starts and all(want in _env_assignments(c) for c in starts), key
+
+
 def test_installs_this_checkout_with_the_pinned_ray(prepared):
     assert prepared["file_mounts"]["~/twa_ray"] == "."
     assert any("pip install" in c and "~/twa_ray" in c for c in prepared["setup_commands"])
