@@ -32,13 +32,16 @@ ENV = "RAY_idle_worker_killing_time_threshold_ms"
 
 
 def _ray_pids() -> set[int]:
-    import psutil
-
-    return {
-        p.pid
-        for p in psutil.process_iter(["cmdline"])
-        if any("default_worker" in c or c.startswith("ray::") for c in p.info["cmdline"] or [])
-    }
+    """This machine's Ray worker processes (Linux: their command lines under /proc)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+        except OSError:  # the process ended meanwhile
+            continue
+        if b"default_worker" in cmdline or cmdline.startswith(b"ray::"):
+            pids.add(int(entry.name))
+    return pids
 
 
 def epochs(train: Any, idle_ms: int, n: int, gap: float) -> dict[str, Any]:
