@@ -551,6 +551,26 @@ def _interrupt(argv: list[str], needle: str, signum: int) -> str:
             pass
 
 
+def test_no_forwarded_worker_line_follows_the_last_line(capsys, tmp_path):
+    """Ray's printer forwards a worker's lines while Ray shuts down, after the command printed
+    its last line (seen: a TWA-v step after "interrupted; rerun with --resume"): from that line
+    on, every forwarded line is dropped; a new command forwards them again."""
+    from twa_ray import cli
+
+    worker = {"actor_name": "RayTrainWorker", "is_err": False}
+    line = "twa-v epoch 0.12 step 2/16: loss 1.2997"
+    cli._SAID_LAST.clear()
+    assert not cli._ray_noise(worker, line)
+    cli._Interrupt.told = False
+    cli._Interrupt.tell("run")
+    assert capsys.readouterr().err == "twa-ray: interrupted; rerun with --resume\n"
+    assert cli._ray_noise(worker, line)
+    args = cli.build_parser().parse_args(["run", "--smoke-test", "--out", str(tmp_path / "o")])
+    streams, timeout_env = cli._prepare(args)  # the next command in this process
+    cli._restore(ray_was_up=True, streams=streams, timeout_env=timeout_env)
+    assert not cli._ray_noise(worker, line)
+
+
 _SIGNALS = [pytest.param(2, id="SIGINT"), pytest.param(15, id="SIGTERM")]
 
 

@@ -506,6 +506,7 @@ class _Interrupt:
         """Print the line of an interrupted command, once: how to continue it."""
         if not cls.told:
             cls.told = True
+            _SAID_LAST.set()
             print(f"twa-ray: interrupted{_AGAIN.get(command, '')}", file=sys.stderr, flush=True)
 
     @classmethod
@@ -586,13 +587,21 @@ _RAY_NOISE = re.compile(
 )
 
 
+_SAID_LAST = threading.Event()
+"""Set once the command printed its last line (an error, or how to continue an interrupted
+run): the lines Ray still forwards from its workers while it shuts down are dropped, so that
+line stays last."""
+
+
 def _ray_noise(record: dict[str, Any], line: str) -> bool:
     """A line of Ray's own that says nothing the command does not say itself (``-v`` shows
     everything): Ray Train's controller (worker group starts, retry decisions, error snippets:
-    a failure is one ``twa-ray: error:`` line) and its worker set-up lines."""
+    a failure is one ``twa-ray: error:`` line) and its worker set-up lines; and any line once
+    the command's last line is out (:data:`_SAID_LAST`)."""
     actor = record.get("actor_name")
     return (
-        actor == "TrainController"
+        _SAID_LAST.is_set()
+        or actor == "TrainController"
         or bool(actor == "PlacementGroupCleaner" and record.get("is_err"))
         or bool(_RAY_NOISE.search(line))
     )
@@ -643,6 +652,7 @@ def _fail(e: Exception, args: argparse.Namespace, out: str | None) -> int:
 
     line = _startup_timeout(e)
     if line is not None:
+        _SAID_LAST.set()
         print(f"twa-ray: error: {line}", file=sys.stderr)
         return 2
     again = "rerun with --resume" if args.command in ("run", "sweep") else "rerun"
@@ -652,6 +662,7 @@ def _fail(e: Exception, args: argparse.Namespace, out: str | None) -> int:
     # a bad input found here is its line alone; what failed in a run keeps its traceback
     path = write_log(error, out) if isinstance(e, TwaError) or error.kind == RUNTIME else None
     where = f" (traceback: {path})" if path else ""
+    _SAID_LAST.set()
     print(f"twa-ray: error: {error.line}{where}", file=sys.stderr)
     return error.exit_code
 
@@ -667,6 +678,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, str | None]:
     timeout_env = os.environ.get("TWA_RAY_CONNECT_TIMEOUT")
     if hasattr(args, "connect_timeout"):
         os.environ["TWA_RAY_CONNECT_TIMEOUT"] = args.connect_timeout
+    _SAID_LAST.clear()
     _setup_logging(args)
     _interruptible(args.command)
     return streams, timeout_env
