@@ -7,11 +7,11 @@ import mode, as tests/conftest.py lies there.
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-_SPAWNS = itertools.count()  # one rendezvous file per spawn_gloo call in this process
 
 
 def cli_argv(*argv: str) -> list[str]:
@@ -79,8 +78,8 @@ def spawn_gloo(fn: Callable[..., None], world: int, folder: str | Path, *args) -
     """
     import torch.multiprocessing as mp
 
-    rendezvous = Path(folder) / f"gloo-{os.getpid()}-{next(_SPAWNS)}"
-    mp.spawn(_gloo_rank, args=(fn, world, str(rendezvous), args), nprocs=world, join=True)
+    rendezvous = os.path.join(tempfile.mkdtemp(prefix="gloo-", dir=folder), "rendezvous")
+    mp.spawn(_gloo_rank, args=(fn, world, rendezvous, args), nprocs=world, join=True)
 
 
 def _gloo_rank(rank: int, fn: Callable[..., None], world: int, rendezvous: str, args) -> None:

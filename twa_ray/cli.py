@@ -506,8 +506,7 @@ class _Interrupt:
         """Print the line of an interrupted command, once: how to continue it."""
         if not cls.told:
             cls.told = True
-            _SAID_LAST.set()
-            print(f"twa-ray: interrupted{_AGAIN.get(command, '')}", file=sys.stderr, flush=True)
+            _say_last(f"twa-ray: interrupted{_AGAIN.get(command, '')}")
 
     @classmethod
     def exit_code(cls) -> int:
@@ -593,6 +592,12 @@ run): the lines Ray still forwards from its workers while it shuts down are drop
 line stays last."""
 
 
+def _say_last(line: str) -> None:
+    """Print the command's last line on stderr; Ray's forwarded lines stop before it."""
+    _SAID_LAST.set()
+    print(line, file=sys.stderr, flush=True)
+
+
 def _ray_noise(record: dict[str, Any], line: str) -> bool:
     """A line of Ray's own that says nothing the command does not say itself (``-v`` shows
     everything): Ray Train's controller (worker group starts, retry decisions, error snippets:
@@ -652,8 +657,7 @@ def _fail(e: Exception, args: argparse.Namespace, out: str | None) -> int:
 
     line = _startup_timeout(e)
     if line is not None:
-        _SAID_LAST.set()
-        print(f"twa-ray: error: {line}", file=sys.stderr)
+        _say_last(f"twa-ray: error: {line}")
         return 2
     again = "rerun with --resume" if args.command in ("run", "sweep") else "rerun"
     error = describe(e, again=again, where=out)
@@ -662,8 +666,7 @@ def _fail(e: Exception, args: argparse.Namespace, out: str | None) -> int:
     # a bad input found here is its line alone; what failed in a run keeps its traceback
     path = write_log(error, out) if isinstance(e, TwaError) or error.kind == RUNTIME else None
     where = f" (traceback: {path})" if path else ""
-    _SAID_LAST.set()
-    print(f"twa-ray: error: {error.line}{where}", file=sys.stderr)
+    _say_last(f"twa-ray: error: {error.line}{where}")
     return error.exit_code
 
 

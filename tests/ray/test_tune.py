@@ -31,8 +31,10 @@ def ray_dashboard():
     module, as the other Ray tests run without it."""
     import ray
 
+    from twa_ray.connect import local_ray_defaults
+
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    local_ray_defaults()  # what a local Ray of `twa-ray sweep` gets
     ray.init(num_cpus=2, include_dashboard=True, object_store_memory=512 << 20)
     yield
     ray.shutdown()
