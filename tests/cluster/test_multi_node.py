@@ -24,11 +24,11 @@ REPO = Path(__file__).resolve().parents[2]
 RUN = ["python", "jobs/run_twa.py", "--smoke-test", "--epochs", "20", "--workers", "2"]
 NUM_CANDIDATES = 10
 LAST_CHECKPOINT = f"/checkpoint_epoch{NUM_CANDIDATES:04d}/"
-# the runs that lose a node: one failure tolerated, a checkpoint at every epoch / coefficient
+# the run that loses two nodes: two failures tolerated, a checkpoint at every epoch / coefficient
 # step, each of which then waits for Ray Train's next report poll (KILL_WINDOW: every 0.5 s, not
 # the tests' 0.2 s): the sampling kill has 7 checkpoints (>= 3.5 s) to land in, the coefficient
 # kill the 16 steps of TWA-v (>= 8 s)
-KILLABLE = ["--max-failures", "1", "--checkpoint-interval", "0"]
+KILLABLE = ["--max-failures", "2", "--checkpoint-interval", "0"]
 KILL_WINDOW = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
@@ -347,43 +347,6 @@ def test_sweep_on_the_cluster_resumes_from_s3_after_its_driver_died(cluster, s3,
     assert "sampling 2 groups, 2 at a time" in (run_root / "sweep1.log").read_text()
 
 
-def test_worker_node_killed_mid_sampling_resumes_from_s3(cluster, s3, run_root, run_a):
-    """Item 5b: a worker node dies (every process of it, SIGKILL) after the third sampling
-    checkpoint, before the last; with --max-failures 1 the run finishes on the other nodes from
-    the checkpoint in S3, and the store holds exactly the uninterrupted run's candidates."""
-    ca = _uninterrupted(run_a, s3)
-    cluster.revive()  # 3 worker nodes: the run needs 2 after the kill
-    killed: dict[str, object] = {}
-
-    def kill_after_third_checkpoint() -> None:
-        if killed:
-            return
-        written = s3.list("b/work/ray_train")
-        if not any("/checkpoint_epoch0003/meta.json" in k for k in written):
-            return
-        for i in sorted(train_nodes(cluster)):
-            last = any(LAST_CHECKPOINT in k for k in written)
-            killed.update(node=i, pids=cluster.kill_node(i), mid_sampling=not last)
-            return
-
-    res = submit(
-        cluster,
-        [*RUN, *KILLABLE, "--storage", s3.uri("b"), "--out", str(run_root / "b")],
-        working_dir=REPO,
-        env_vars=KILL_WINDOW,
-        on_poll=kill_after_third_checkpoint,
-    )
-    assert killed and killed["mid_sampling"], (
-        f"no worker node killed mid-sampling: {killed}\n{_explain(res)}"
-    )
-    assert res.status == "SUCCEEDED", _explain(res)
-    assert "sampling: resumed at epoch" in res.logs, _explain(res)
-    cb = _candidates(s3, "b")
-    assert len(cb) == NUM_CANDIDATES and cb.keys() == ca.keys()
-    for n in cb:
-        assert torch.equal(cb[n], ca[n]), n
-
-
 def _registered_checkpoint(s3, prefix: str, group: str) -> str | None:
     """The latest checkpoint that Ray Train has registered for the run ``group_*`` under
     ``prefix`` (its controller's snapshot in storage; an uploaded checkpoint is registered a
@@ -404,46 +367,66 @@ def _registered_checkpoint(s3, prefix: str, group: str) -> str | None:
     return latest.get("checkpoint_dir_name")
 
 
-def test_worker_node_killed_mid_coefficient_phase_resumes_from_s3(cluster, s3, run_root, run_a):
-    """Item 5b: a worker node running a coefficient worker dies (SIGKILL of all its processes)
-    once Ray Train has registered a coefficient checkpoint past TWA-t, before TWA-v ends; with
-    --max-failures 1 the group restarts on the other nodes from that checkpoint in S3: the same
-    alpha as the uninterrupted run (rtol 1e-5), and the store holds exactly its candidates."""
+def test_worker_nodes_killed_mid_sampling_then_mid_coefficient_phase_resume_from_s3(
+    cluster, s3, run_root, run_a
+):
+    """Item 5b, one run that loses two worker nodes (every process of each, SIGKILL), with
+    --max-failures 2:
+
+    1. after the third sampling checkpoint, before the last: the group restarts on the other
+       nodes from the checkpoint in S3 (a replacement node then joins: 3 again);
+    2. once Ray Train has registered a coefficient checkpoint past TWA-t, before TWA-v ends:
+       the group restarts on the other nodes from that checkpoint in S3, without sampling again.
+
+    The store holds exactly the uninterrupted run's candidates, and alpha is its alpha (rtol
+    1e-5)."""
     import re
 
     ca = _uninterrupted(run_a, s3)
-    cluster.revive()
-    killed: dict[str, object] = {}
+    cluster.revive()  # 3 worker nodes: the run needs 2 after a kill
+    killed: list[dict[str, object]] = []
 
-    def kill_once_twa_v_is_under_way() -> None:
-        if killed:
-            return
-        name = _registered_checkpoint(s3, "c", "twa")
-        if name is None or not re.fullmatch(r"checkpoint_v_step\d+", name):
-            return
-        for i in sorted(train_nodes(cluster)):
-            killed.update(node=i, pids=cluster.kill_node(i), registered=name)
-            return
+    def kill_mid_sampling_then_mid_twa_v() -> None:
+        if not killed:
+            written = s3.list("b/work/ray_train")
+            if not any("/checkpoint_epoch0003/meta.json" in k for k in written):
+                return
+            i = min(train_nodes(cluster), default=None)
+            if i is not None:
+                last = any(LAST_CHECKPOINT in k for k in written)
+                killed.append(dict(node=i, pids=cluster.kill_node(i), mid_sampling=not last))
+                cluster.revive()  # a replacement machine
+        elif len(killed) == 1:
+            name = _registered_checkpoint(s3, "b", "twa")
+            if name is None or not re.fullmatch(r"checkpoint_v_step\d+", name):
+                return
+            i = min(train_nodes(cluster), default=None)
+            if i is not None:
+                killed.append(dict(node=i, pids=cluster.kill_node(i), registered=name))
 
     res = submit(
         cluster,
-        [*RUN, *KILLABLE, "--storage", s3.uri("c"), "--out", str(run_root / "c")],
+        [*RUN, *KILLABLE, "--storage", s3.uri("b"), "--out", str(run_root / "b")],
         working_dir=REPO,
         env_vars=KILL_WINDOW,
-        on_poll=kill_once_twa_v_is_under_way,
+        on_poll=kill_mid_sampling_then_mid_twa_v,
     )
-    assert killed, f"no worker node killed mid-coefficient phase\n{_explain(res)}"
+    assert len(killed) == 2, f"nodes killed: {killed}\n{_explain(res)}"
+    assert killed[0]["mid_sampling"], f"the first kill came after sampling: {killed}"
     assert res.status == "SUCCEEDED", _explain(res)
+    # 1: sampling went on from its checkpoint; 2: past TWA-t, and sampling did not run again
+    assert res.logs.count("sampling: resumed at epoch") == 1, _explain(res)
     resumed = re.findall(
         r"twa: resumed at (mode v step \d+|a mode boundary) \(done: \['t'\]\)", res.logs
     )
-    assert resumed, f"killed after {killed['registered']}, no resume past TWA-t:\n{_explain(res)}"
-    assert "sampling: resumed" not in res.logs  # the kill came after sampling
-    a, c = coefficients(s3, "a"), coefficients(s3, "c")
-    assert a.keys() == c.keys() == {"twa_t", "twa_v"}
+    assert resumed, f"killed after {killed[1]['registered']}, no resume past TWA-t:\n" + (
+        _explain(res)
+    )
+    a, b = coefficients(s3, "a"), coefficients(s3, "b")
+    assert a.keys() == b.keys() == {"twa_t", "twa_v"}
     for k in a:
-        torch.testing.assert_close(torch.tensor(c[k]), torch.tensor(a[k]), rtol=1e-5, atol=0)
-    cc = _candidates(s3, "c")
-    assert cc.keys() == ca.keys()
-    for n in cc:
-        assert torch.equal(cc[n], ca[n]), n
+        torch.testing.assert_close(torch.tensor(b[k]), torch.tensor(a[k]), rtol=1e-5, atol=0)
+    cb = _candidates(s3, "b")
+    assert len(cb) == NUM_CANDIDATES and cb.keys() == ca.keys()
+    for n in cb:
+        assert torch.equal(cb[n], ca[n]), n
