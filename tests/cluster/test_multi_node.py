@@ -386,23 +386,24 @@ def test_worker_nodes_killed_mid_sampling_then_mid_coefficient_phase_resume_from
     cluster.revive()  # 3 worker nodes: the run needs 2 after a kill
     killed: list[dict[str, object]] = []
 
+    def kill_a_train_node(**when: object) -> bool:
+        """SIGKILL a worker node that runs a Ray Train worker now; whether there was one."""
+        i = min(train_nodes(cluster), default=None)
+        if i is not None:
+            killed.append(dict(node=i, pids=cluster.kill_node(i), **when))
+        return i is not None
+
     def kill_mid_sampling_then_mid_twa_v() -> None:
         if not killed:
             written = s3.list("b/work/ray_train")
-            if not any("/checkpoint_epoch0003/meta.json" in k for k in written):
-                return
-            i = min(train_nodes(cluster), default=None)
-            if i is not None:
-                last = any(LAST_CHECKPOINT in k for k in written)
-                killed.append(dict(node=i, pids=cluster.kill_node(i), mid_sampling=not last))
+            third = any("/checkpoint_epoch0003/meta.json" in k for k in written)
+            last = any(LAST_CHECKPOINT in k for k in written)
+            if third and kill_a_train_node(mid_sampling=not last):
                 cluster.revive()  # a replacement machine
         elif len(killed) == 1:
             name = _registered_checkpoint(s3, "b", "twa")
-            if name is None or not re.fullmatch(r"checkpoint_v_step\d+", name):
-                return
-            i = min(train_nodes(cluster), default=None)
-            if i is not None:
-                killed.append(dict(node=i, pids=cluster.kill_node(i), registered=name))
+            if name is not None and re.fullmatch(r"checkpoint_v_step\d+", name):
+                kill_a_train_node(registered=name)
 
     res = submit(
         cluster,
