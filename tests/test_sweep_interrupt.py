@@ -33,7 +33,7 @@ def test_ctrl_c_during_a_sweep_then_resume_finishes(tmp_path):
     )
     out = tmp_path / "out"
     argv = cli_argv("sweep", "--smoke-test", "--config", str(config), "--out", str(out))
-    env = cli_env(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
+    env = cli_env()  # the command sets a local Ray's defaults itself (connect.local_ray_defaults)
     proc = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
