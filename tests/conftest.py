@@ -42,8 +42,20 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[_RAY_TMPDIR] = os.environ["RAY_TMPDIR"]
 
 
+_FAILED = pytest.StashKey[bool]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_FAILED] = exitstatus != 0
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if (path := config.stash.get(_RAY_TMPDIR, None)) is not None:
+    """A worker's Ray temp dir goes, unless a test failed: its Rays' logs then stay there."""
+    if (path := config.stash.get(_RAY_TMPDIR, None)) is None:
+        return
+    if config.stash.get(_FAILED, False):
+        print(f"\nthe Ray logs of {os.environ.get('PYTEST_XDIST_WORKER')}'s tests: {path}")
+    else:
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -363,14 +363,15 @@ def test_a_deterministic_worker_error_is_not_retried_a_lost_worker_is():
     usage = TwaError("diverged", "usage", False, "tb")
     flaky = TwaError("RuntimeError: reset", "runtime", True, "tb")
     error, lost = _group_error(WorkerGroupError("s", {0: usage, 1: flaky}))
-    assert (error, lost) == (usage, False)  # the deterministic one decides: no retry
+    assert (error, lost) == (usage, "")  # the deterministic one decides: no retry
     error, lost = _group_error(WorkerGroupError("s", {0: RuntimeError("ActorDiedError")}))
-    assert lost and error.retry and "a worker was lost (ActorDiedError)" in error.line
+    assert lost and error.retry and "a worker was lost (rank 0: ActorDiedError)" in error.line
     error, lost = _group_error(WorkerGroupError("s", {0: usage, 1: RuntimeError("died")}))
-    assert lost  # a lost worker's collateral: retried
-    final = _final(flaky, False, 2, 2)
+    # a lost worker's collateral: retried; the retry names what its poll raised
+    assert lost == "rank 1: died"
+    final = _final(flaky, "", 2, 2)
     assert final.kind == "runtime" and "more than --max-failures 2" in final.line
-    assert _final(flaky, False, 0, 0) is flaky
+    assert _final(flaky, "", 0, 0) is flaky
     with pytest.raises(ControllerError):
         _group_error(ControllerError(RuntimeError("controller")))
 

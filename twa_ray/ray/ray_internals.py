@@ -17,6 +17,8 @@ No other module imports a private Ray name. Each workaround is a function of our
   traceback to its log file and prints one line.
 - :func:`keep_signal_handlers`: ``ray.init`` replaces the driver's SIGTERM handler (Python's
   ``sys.exit``, then the core worker's C++ handler that aborts with a stack dump).
+- :func:`torch_trainer`: ``TorchTrainer`` starts its helper actors through the callbacks of
+  ``DataParallelTrainer._create_default_callbacks``; there is no public switch for them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "train_report_loggers",
     "stop_train_sigint_handler",
     "keep_signal_handlers",
+    "torch_trainer",
     "trial_error_loggers",
     "trial_exception",
     "worker_exceptions",
@@ -152,3 +155,35 @@ def keep_signal_handlers() -> Iterator[None]:
         for s in replaced:
             if s in arrived:
                 signal.raise_signal(s)
+
+
+def torch_trainer(*, datasets: bool) -> type:
+    """Ray Train's ``TorchTrainer`` less the helper actors that a fit of twa-ray's does not use.
+    Each is a process of its own that imports Ray Train while the workers start (about 1.4 s of
+    CPU; together 2 s of a 2-worker fit's 10 on 2 cores, ``bench/fit_overhead.py``):
+
+    - with no ``datasets``: the ``DatasetManager`` (``DatasetsCallback``), which would hand out
+      the shards of the trainer's Ray Datasets;
+    - on a Ray that this process started (``ray.init`` without an address): the
+      ``PlacementGroupCleaner`` (``PlacementGroupCleanerCallback``), which removes a worker
+      group's placement group when its controller dies without doing so. That Ray, and every
+      placement group in it, ends with this process; a cluster's fits keep the cleaner."""
+    import ray._private.worker as ray_worker
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
+
+    drop: tuple[type, ...] = () if datasets else (DatasetsCallback,)
+    node = ray_worker._global_node
+    if node is not None and node.is_head():
+        drop += (PlacementGroupCleanerCallback,)
+    if not drop:
+        return TorchTrainer
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, drop)]
+
+    return LeanTorchTrainer
