@@ -18,7 +18,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 torch.set_num_threads(2)
 
-# ---- pytest-xdist (``-n 2 --dist loadfile``, opt-in: docs/development.md) ---------------------------------
+# ---- pytest-xdist (``-n 2 --dist loadfile``: pyproject.toml's addopts; docs/development.md) ----------------
 
 # Folders whose conftest holds session fixtures that several of its files use: one xdist unit each,
 # so they run once (the cluster's head and 3 nodes; the examples' Lightning and HF runs).

@@ -164,6 +164,25 @@ def _wait_for(cond, proc, log, what, timeout=300.0):
     pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
 
 
+def _wait_until_train_actors_died(timeout: float = 120.0) -> None:
+    """Until Ray has stopped every Ray Train actor on this module's cluster: a driver's death
+    reaches its controller and workers seconds later (a loaded machine: one more candidate
+    written meanwhile)."""
+    from ray._private.state import actors
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [
+            a["ActorClassName"]
+            for a in actors().values()
+            if a["State"] != "DEAD" and a["ActorClassName"] in ("TrainController", "RayTrainWorker")
+        ]
+        if not alive:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"Ray Train actors still alive {timeout:g} s after their driver died: {alive}")
+
+
 def test_driver_crash_then_resume_gives_the_uninterrupted_candidates(smoke, tmp_path, capsys):
     """The driver (a ``twa-ray run`` process attached to this module's cluster) is SIGKILLed
     once Ray Train has recorded a sampling checkpoint, with sampling epochs still to run.
@@ -211,6 +230,7 @@ def test_driver_crash_then_resume_gives_the_uninterrupted_candidates(smoke, tmp_
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and anything it started
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    _wait_until_train_actors_died()  # the dead driver's workers write no candidate after this
     assert not (out / "metrics.json").exists()
     assert epoch < 4 and len(written) < 4, (epoch, written)  # killed with sampling epochs to go
 
