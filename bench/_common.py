@@ -20,7 +20,15 @@ if str(ROOT) not in sys.path:  # the checkout's twa_ray, installed or not
 
 from twa_ray.core.kernels.cpu import cpu_model  # noqa: E402
 
-__all__ = ["ROOT", "cpu_model", "free_port", "markdown_table", "twa_ray_cli", "write_json"]
+__all__ = [
+    "ROOT",
+    "cpu_model",
+    "free_port",
+    "markdown_table",
+    "report",
+    "twa_ray_cli",
+    "write_json",
+]
 
 
 def twa_ray_cli(*argv: str) -> list[str]:
@@ -33,6 +41,22 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list
     ``str`` gives them; a row may have fewer cells than the header)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+
+
+def report(
+    title: str,
+    header: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    result: Any,
+    json_path: Path | None,
+) -> None:
+    """Print ``title`` and the Markdown table; write ``result`` to ``json_path`` (None: a smoke
+    run, no file)."""
+    print(title)
+    print("\n".join(markdown_table(header, rows)))
+    if json_path is not None:
+        write_json(json_path, result)
+        print(f"wrote {json_path}")
 
 
 def write_json(path: str | Path, result: Any, *, indent: int = 2) -> None:

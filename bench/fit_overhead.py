@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_model, markdown_table, write_json
+from _common import cpu_model, report
 
 HERE = Path(__file__).resolve().parent
 
@@ -106,11 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         for name, s in summary.items()
     ]
-    print(f"{result['cpu']}, {result['cores']} cores; 2 workers, a loop that reports once")
-    print("\n".join(markdown_table(header, rows)))
-    if not args.smoke_test:
-        write_json(HERE / "fit_overhead.json", result)
-        print(f"wrote {HERE / 'fit_overhead.json'}")
+    title = f"{result['cpu']}, {result['cores']} cores; 2 workers, a loop that reports once"
+    report(title, header, rows, result, None if args.smoke_test else HERE / "fit_overhead.json")
     return 0
 
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, cpu_model, markdown_table, write_json
+from _common import ROOT, cpu_model, report
 
 HERE = Path(__file__).resolve().parent
 ENV = "RAY_idle_worker_killing_time_threshold_ms"
@@ -117,11 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in runs.items()
     ]
     header = ("setting", "idle worker ms", "epoch 1 s", "later epochs s", "new processes")
-    print(f"{result['cpu']}, {result['cores']} cores; {args.gap:g} s between epochs")
-    print("\n".join(markdown_table(header, rows)))
-    if not args.smoke_test:
-        write_json(HERE / "stream_epochs.json", result)
-        print(f"wrote {HERE / 'stream_epochs.json'}")
+    title = f"{result['cpu']}, {result['cores']} cores; {args.gap:g} s between epochs"
+    report(title, header, rows, result, None if args.smoke_test else HERE / "stream_epochs.json")
     return 0
 
 

@@ -159,8 +159,9 @@ def keep_signal_handlers() -> Iterator[None]:
 
 def torch_trainer(*, datasets: bool) -> type:
     """Ray Train's ``TorchTrainer`` less the helper actors that a fit of twa-ray's does not use.
-    Each is a process of its own that imports Ray Train while the workers start (about 1.4 s of
-    CPU; together 2 s of a 2-worker fit's 10 on 2 cores, ``bench/fit_overhead.py``):
+    Each is a process of its own that imports Ray Train while the workers start (1.3-1.9 s of
+    CPU; without both, a 2-worker fit on 2 cores takes 9.5 s instead of 12.3 s,
+    ``bench/fit_overhead.py``):
 
     - with no ``datasets``: the ``DatasetManager`` (``DatasetsCallback``), which would hand out
       the shards of the trainer's Ray Datasets;
