@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 
 import pytest
 
@@ -21,7 +22,30 @@ def ray_cluster(tmp_path_factory):
     local_ray_defaults()
     # before ray.init: the Ray workers inherit it; the file exists only while a test plans faults
     os.environ[FAULTS_ENV] = str(tmp_path_factory.mktemp("faults") / "faults.json")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 << 20)
+    # Ray's own TorchTrainer (the examples' fits) starts a PlacementGroupCleaner that asks the
+    # State API whether the fit's controller lives, at the API server it finds: with no
+    # address given, that of *any* Ray running on the machine (another xdist worker's, with a
+    # dashboard). Not finding the controller there, it removed the live fit's placement group
+    # ("Destroying worker since its placement group was removed"). Its processes ask this
+    # Ray's port instead (no dashboard: no answer, and the cleaner keeps waiting, as it does
+    # alone on a machine); the test process's own environment is left as it was.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    api = "RAY_API_SERVER_ADDRESS"
+    before, os.environ[api] = os.environ.get(api), f"http://127.0.0.1:{port}"
+    try:
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            dashboard_port=port,
+            object_store_memory=512 << 20,
+        )
+    finally:
+        if before is None:
+            os.environ.pop(api)
+        else:
+            os.environ[api] = before
     yield
     ray.shutdown()
     os.environ.pop(FAULTS_ENV, None)

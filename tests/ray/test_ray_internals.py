@@ -193,6 +193,8 @@ if sys.argv[1:] == ["connect"]:  # a Ray this process did not start
     print(json.dumps(kinds(torch_trainer(datasets=False))))
     sys.exit()
 ray.init(num_cpus=1, include_dashboard=False, object_store_memory=80 << 20)
+from ray.train.v2._internal.execution.scaling_policy import create_scaling_policy
+policy = create_scaling_policy(ray.train.ScalingConfig(num_workers=1))
 connected = subprocess.run(
     [sys.executable, __file__, "connect"],
     env={**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
@@ -203,6 +205,8 @@ print(json.dumps({
     "lean": kinds(torch_trainer(datasets=False)),
     "streamed": kinds(torch_trainer(datasets=True), datasets={"train": ray.data.range(4)}),
     "connected": json.loads(connected),
+    "policy": type(policy).__name__,
+    "hook": hasattr(TorchTrainer, "_initialize_and_run_controller"),
 }))
 ray.shutdown()
 """
@@ -213,7 +217,8 @@ def test_torch_trainer_drops_the_callbacks_that_start_unused_helper_actors(tmp_p
     """Ray Train starts its ``DatasetManager`` and ``PlacementGroupCleaner`` through the
     callbacks that :func:`torch_trainer` drops: the first with no datasets, the second on a Ray
     this process started; with datasets, or on a Ray it connected to, each is kept. (That the
-    fits then start neither actor: ``tests/ray/test_sampling.py``.)"""
+    fits then start neither actor, nor the ``AutoscalingCoordinator``:
+    ``tests/ray/test_sampling.py``.)"""
     script = tmp_path / "trainer.py"
     script.write_text(_TRAINER_SCRIPT)
     proc = subprocess.run(
@@ -226,3 +231,6 @@ def test_torch_trainer_drops_the_callbacks_that_start_unused_helper_actors(tmp_p
     assert set(got["standard"]) - set(got["lean"]) == helpers
     assert set(got["standard"]) - set(got["streamed"]) == {"PlacementGroupCleanerCallback"}
     assert set(got["standard"]) - set(got["connected"]) == {"DatasetsCallback"}
+    # the policy whose resource requests start the AutoscalingCoordinator, and the method that
+    # hands it to the controller: where torch_trainer swaps it on a Ray this process started
+    assert got["policy"] == "FixedScalingPolicy" and got["hook"]

@@ -159,32 +159,56 @@ def keep_signal_handlers() -> Iterator[None]:
 
 def torch_trainer(*, datasets: bool) -> type:
     """Ray Train's ``TorchTrainer`` less the helper actors that a fit of twa-ray's does not use.
-    Each is a process of its own that imports Ray Train while the workers start (1.3-1.9 s of
-    CPU; without both, a 2-worker fit on 2 cores takes 9.5 s instead of 12.3 s,
-    ``bench/fit_overhead.py``):
+    Each is a process of its own that imports Ray Train (or Ray Data) while the workers start
+    (1.2-1.9 s of CPU; without the first two, a 2-worker fit on 2 cores takes 9.5 s instead of
+    12.3 s, ``bench/fit_overhead.py``):
 
     - with no ``datasets``: the ``DatasetManager`` (``DatasetsCallback``), which would hand out
       the shards of the trainer's Ray Datasets;
     - on a Ray that this process started (``ray.init`` without an address): the
       ``PlacementGroupCleaner`` (``PlacementGroupCleanerCallback``), which removes a worker
       group's placement group when its controller dies without doing so. That Ray, and every
-      placement group in it, ends with this process; a cluster's fits keep the cleaner."""
+      placement group in it, ends with this process; a cluster's fits keep the cleaner;
+    - on such a Ray too: the ``AutoscalingCoordinator`` that the fixed scaling policy sends the
+      group's resources to, for a cluster autoscaler to provision; a local Ray has none."""
     import ray._private.worker as ray_worker
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import (
         PlacementGroupCleanerCallback,
     )
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
     drop: tuple[type, ...] = () if datasets else (DatasetsCallback,)
     node = ray_worker._global_node
-    if node is not None and node.is_head():
+    local = node is not None and node.is_head()
+    if local:
         drop += (PlacementGroupCleanerCallback,)
     if not drop:
         return TorchTrainer
 
+    class NoAutoscalerPolicy(FixedScalingPolicy):
+        """The fixed policy without resource requests (no autoscaler to read them)."""
+
+        def _send_resource_request(self) -> None:
+            pass
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
+        def _cancel_resource_request(self) -> None:
+            pass
+
     class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self) -> list[Any]:
             return [c for c in super()._create_default_callbacks() if not isinstance(c, drop)]
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Any:
+            policy = controller_init_kwargs.get("scaling_policy")
+            if local and type(policy) is FixedScalingPolicy:
+                controller_init_kwargs["scaling_policy"] = NoAutoscalerPolicy(
+                    scaling_config=policy.scaling_config
+                )
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     return LeanTorchTrainer
