@@ -2,9 +2,9 @@
 
 import json
 import os
-import socket
 
 import pytest
+from helpers import free_port
 
 from twa_ray.ray.faults import FAULTS_ENV
 
@@ -29,9 +29,7 @@ def ray_cluster(tmp_path_factory):
     # ("Destroying worker since its placement group was removed"). Its processes ask this
     # Ray's port instead (no dashboard: no answer, and the cleaner keeps waiting, as it does
     # alone on a machine); the test process's own environment is left as it was.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     api = "RAY_API_SERVER_ADDRESS"
     before, os.environ[api] = os.environ.get(api), f"http://127.0.0.1:{port}"
     try:
