@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -159,3 +160,36 @@ def make_store(root: Path, *, num_samples=1200, val_frac=0.1, epochs=6, seed=0):
             dict(model.named_parameters()), layout, step=step, epoch=epoch + 1, source="test"
         )
     return store, layout
+
+
+class TorchWatch:
+    """While open: every 0.1 s, each process whose title (``/proc/<pid>/cmdline``) starts with
+    ``title``, and whether it has libtorch mapped: ``seen`` maps pid -> ever mapped (Linux)."""
+
+    def __init__(self, title: bytes) -> None:
+        self.title = title
+        self.seen: dict[int, bool] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if not f.read().startswith(self.title):
+                            continue
+                    with open(f"/proc/{pid}/maps") as f:
+                        mapped = "libtorch" in f.read()
+                except OSError:  # gone meanwhile
+                    continue
+                self.seen[int(pid)] = self.seen.get(int(pid), False) or mapped
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> TorchWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -202,7 +202,8 @@ def setup(cfg: RunConfig, outputs: outdir.Outputs, *, wall: _Stopwatch | None = 
     to the workers through the object store (:func:`~twa_ray.ray.group.ship_splits`). ``wall``
     gains ``data_preparation`` and ``ray_start`` (they overlap for MNIST-1D)."""
     wall = wall or _Stopwatch()
-    from twa_ray.ray.group import check_data_root_on_nodes, ship_splits
+    from twa_ray.ray.data_root import check_data_root_on_nodes
+    from twa_ray.ray.group import ship_splits
 
     assert outputs.storage is not None and outputs.out is not None
     # workers may run in another directory: every local path they see is absolute

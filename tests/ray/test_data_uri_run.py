@@ -1,7 +1,7 @@
 """``twa-ray run --dataset parquet --data-root s3://...`` end to end on a local Ray (2 CPUs): the
 workers read MNIST-1D as parquet from the S3 server (no local copy), with 1 and with 2 workers;
 both runs, and a ``--resume`` of the second, record the same splits (sizes and ``val_digest``)
-as the data read here."""
+as the data read here; Ray Data's read tasks run without torch."""
 
 import contextlib
 import io
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from data_files import write_hf_disk, write_images, write_parquet
+from helpers import TorchWatch
 from s3_faults import moto_s3
 
 from twa_ray.cli import main
@@ -32,24 +33,27 @@ def s3():
 def test_parquet_in_s3_same_splits_with_1_and_2_workers_and_a_resume(s3, ray_cluster, tmp_path):
     expected = load_dataset("parquet", root=s3, seed=0).summary()
     recorded = []
-    for workers in ("1", "2"):
-        out = tmp_path / f"w{workers}"
-        argv = [
-            "run",
-            "--smoke-test",
-            "--dataset",
-            "parquet",
-            "--ingest",
-            "stream",
-            "--data-root",
-            s3,
-        ]
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert main([*argv, "--workers", workers, "--out", str(out)]) == 0
-        metrics = json.loads((out / "metrics.json").read_text())
-        recorded.append(metrics["data"])
-        assert metrics["methods"]["twa_v"]["test_acc"] > 0.2  # 10 classes: chance is 0.1
-        assert metrics["methods"]["sgd_sampled"]["val_acc"] > 0.2
+    with TorchWatch(b"ray::MapBatches(ReadRows)") as reads:
+        for workers in ("1", "2"):
+            out = tmp_path / f"w{workers}"
+            argv = [
+                "run",
+                "--smoke-test",
+                "--dataset",
+                "parquet",
+                "--ingest",
+                "stream",
+                "--data-root",
+                s3,
+            ]
+            with contextlib.redirect_stdout(io.StringIO()):
+                assert main([*argv, "--workers", workers, "--out", str(out)]) == 0
+            metrics = json.loads((out / "metrics.json").read_text())
+            recorded.append(metrics["data"])
+            assert metrics["methods"]["twa_v"]["test_acc"] > 0.2  # 10 classes: chance is 0.1
+            assert metrics["methods"]["sgd_sampled"]["val_acc"] > 0.2
+    # the read tasks (twa_ray.data.read_tasks) imported no torch: ~3 s of CPU each
+    assert reads.seen and not any(reads.seen.values()), reads.seen
     # --resume of the 2-worker run: the same splits, no candidate sampled again
     out = tmp_path / "w2"
     before = {p.name: p.stat().st_mtime_ns for p in (out / "candidates").glob("*.arrow")}

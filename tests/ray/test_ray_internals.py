@@ -234,3 +234,56 @@ def test_torch_trainer_drops_the_callbacks_that_start_unused_helper_actors(tmp_p
     # the policy whose resource requests start the AutoscalingCoordinator, and the method that
     # hands it to the controller: where torch_trainer swaps it on a Ray this process started
     assert got["policy"] == "FixedScalingPolicy" and got["hook"]
+
+
+def test_torch_backend_runs_the_worker_functions_of_rays_torch_config():
+    """:func:`ray_internals._torch_backend` runs, on the workers, the functions that Ray's own
+    torch backend runs for gloo and nccl, with the arguments it passes; a Ray upgrade that
+    adds a step, renames one or changes its arguments fails here."""
+    import ray.train.torch.config as config
+
+    source = inspect.getsource(config._TorchBackend.on_start)
+    for step in ("get_address_and_port", "_set_torch_distributed_env_vars", "MASTER_PORT"):
+        assert step in source, f"Ray's torch backend no longer runs {step}"
+    assert "_setup_torch_process_group," in source and "init_method=url" in source
+    params = inspect.signature(config._setup_torch_process_group).parameters
+    assert list(params) == ["backend", "world_rank", "world_size", "init_method", "timeout_s"]
+    assert list(inspect.signature(config._shutdown_torch).parameters) == ["destroy_process_group"]
+    assert "_shutdown_torch," in inspect.getsource(config._TorchBackend.on_shutdown)
+    assert config.TorchConfig().to_dict().keys() == {"backend", "init_method", "timeout_s"}
+
+
+_NO_TORCH_SCRIPT = """
+import sys
+import ray.cloudpickle as pickle
+kwargs = pickle.loads(sys.stdin.buffer.read())
+assert kwargs["backend_config"].to_dict()["backend"] == "gloo", kwargs
+print("torch" in sys.modules)
+"""
+
+
+@pytest.mark.ray
+def test_what_the_controller_unpickles_imports_no_torch():
+    """The backend config and the callbacks built on it, which Ray Train's controller
+    unpickles, load in a process without importing torch (a whole fit:
+    ``tests/ray/test_sampling.py::test_epoch_interval_candidates``)."""
+    import ray.cloudpickle as pickle
+    import ray.train
+
+    trainer = ray_internals.torch_trainer(datasets=False)(
+        lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=2)
+    )
+    payload = pickle.dumps(
+        {
+            "backend_config": trainer.backend_config,
+            "callbacks": trainer._create_default_callbacks(),
+        }
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH_SCRIPT],
+        input=payload,
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:].decode()
+    assert proc.stdout.decode().split() == ["False"]

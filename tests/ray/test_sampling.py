@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from helpers import TorchWatch
 
 from twa_ray.config import DataConfig, SamplingConfig
 from twa_ray.core.layout import Layout, flatten
@@ -70,7 +71,8 @@ def step_run(data, tmp_path_factory):
 def test_epoch_interval_candidates(data, tmp_path):
     # checkpoints at most once an hour: only the last epoch's (forced), and a complete history
     sampling = _sampling(sample_interval=1, interval_unit="epoch", checkpoint_interval_s=3600)
-    res = _run(data, sampling, tmp_path, "epochs")
+    with TorchWatch(b"ray::TrainController") as controllers:
+        res = _run(data, sampling, tmp_path, "epochs")
     store = CandidateStore(str(tmp_path / "store"))
     ckpts = sorted(
         p.name
@@ -106,6 +108,8 @@ def test_epoch_interval_candidates(data, tmp_path):
     assert {"TrainController", "RayTrainWorker"} <= started, started
     unused = {"DatasetManager", "PlacementGroupCleaner", "_AutoscalingCoordinatorActor"}
     assert not unused & started, started
+    # ... and its controller ran without torch (ray_internals._torch_config)
+    assert controllers.seen and not any(controllers.seen.values()), controllers.seen
 
     # history, sizes, the final candidate is the final SGD weights (== the checkpoint's model)
     assert [h["epoch"] for h in res.history] == [1, 2]

@@ -1,44 +1,50 @@
-"""The TWA engine in pure torch (no Ray): layout, subspace, low-bit projection, optimizer, BN."""
+"""The TWA engine in pure torch (no Ray): layout, subspace, low-bit projection, optimizer, BN.
 
-from twa_ray.core.baselines import greedy_soup, uniform_average
-from twa_ray.core.bn import reestimate_bn, update_bn
-from twa_ray.core.evaluate import EvalResult, evaluate, evaluate_sharded
-from twa_ray.core.host import build_loop, standard_evaluation
-from twa_ray.core.layout import Blocks, Layout, flatten, load_flat_, unflatten
-from twa_ray.core.loop import (
-    CoefficientLoop,
-    CoeffState,
-    LoopHooks,
-    ShuffledBatches,
-    steps_per_epoch,
-)
-from twa_ray.core.subspace import Subspace, build_affine, build_span
-from twa_ray.core.twa import TWA, TWAConfig, build_subspace
+Every name is imported on first use: ``twa_ray.core.atomic`` (the atomic writes that storage and
+the CLI use) imports no torch, so neither do the processes that need only it (Ray Data's read
+tasks: :mod:`twa_ray.data.read_tasks`).
+"""
 
-__all__ = [
-    "TWA",
-    "TWAConfig",
-    "Blocks",
-    "CoeffState",
-    "CoefficientLoop",
-    "LoopHooks",
-    "ShuffledBatches",
-    "EvalResult",
-    "Layout",
-    "Subspace",
-    "build_affine",
-    "build_loop",
-    "build_span",
-    "build_subspace",
-    "evaluate",
-    "evaluate_sharded",
-    "flatten",
-    "greedy_soup",
-    "load_flat_",
-    "reestimate_bn",
-    "standard_evaluation",
-    "steps_per_epoch",
-    "unflatten",
-    "uniform_average",
-    "update_bn",
-]
+from typing import Any
+
+_WHERE = {
+    "TWA": "twa_ray.core.twa",
+    "TWAConfig": "twa_ray.core.twa",
+    "Blocks": "twa_ray.core.layout",
+    "CoeffState": "twa_ray.core.loop",
+    "CoefficientLoop": "twa_ray.core.loop",
+    "LoopHooks": "twa_ray.core.loop",
+    "ShuffledBatches": "twa_ray.core.loop",
+    "EvalResult": "twa_ray.core.evaluate",
+    "Layout": "twa_ray.core.layout",
+    "Subspace": "twa_ray.core.subspace",
+    "build_affine": "twa_ray.core.subspace",
+    "build_loop": "twa_ray.core.host",
+    "build_span": "twa_ray.core.subspace",
+    "build_subspace": "twa_ray.core.twa",
+    "evaluate": "twa_ray.core.evaluate",
+    "evaluate_sharded": "twa_ray.core.evaluate",
+    "flatten": "twa_ray.core.layout",
+    "greedy_soup": "twa_ray.core.baselines",
+    "load_flat_": "twa_ray.core.layout",
+    "reestimate_bn": "twa_ray.core.bn",
+    "standard_evaluation": "twa_ray.core.host",
+    "steps_per_epoch": "twa_ray.core.loop",
+    "unflatten": "twa_ray.core.layout",
+    "uniform_average": "twa_ray.core.baselines",
+    "update_bn": "twa_ray.core.bn",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing twa_ray.core must not import torch eagerly
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'twa_ray.core' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -9,18 +9,34 @@
   (:mod:`twa_ray.data.uri`);
 - ``"pkg.module:function"``: a user function (see :func:`splits_from_user`).
 
+Every name is imported on first use: Ray Data's read tasks import :mod:`twa_ray.data.read_tasks`,
+which must not import torch on the way.
+
 >>> from twa_ray.data import load_dataset
 >>> splits = load_dataset("mnist1d", val_frac=0.1, seed=0)  # doctest: +SKIP
 """
 
-from twa_ray.data.registry import DATASETS, load_data, load_dataset, splits_from_user
-from twa_ray.data.splits import DataSplits, held_out_split
+from typing import Any
 
-__all__ = [
-    "DATASETS",
-    "DataSplits",
-    "held_out_split",
-    "load_data",
-    "load_dataset",
-    "splits_from_user",
-]
+_WHERE = {
+    "DATASETS": "twa_ray.data.registry",
+    "DataSplits": "twa_ray.data.splits",
+    "held_out_split": "twa_ray.data.splits",
+    "load_data": "twa_ray.data.registry",
+    "load_dataset": "twa_ray.data.registry",
+    "splits_from_user": "twa_ray.data.registry",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing twa_ray.data must not import torch eagerly
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'twa_ray.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

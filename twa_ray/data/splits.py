@@ -11,14 +11,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sized
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-__all__ = ["DataSplits", "held_out_split", "check_val_frac", "val_digest"]
+__all__ = ["DataSplits", "RowsDataset", "held_out_split", "check_val_frac", "val_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,22 @@ class DataSplits:
     def summary(self) -> dict[str, Any]:
         """``metrics.json`` -> ``data``: the split sizes and :func:`val_digest` of ``val``."""
         return {**self.sizes(), "val_digest": val_digest(self.val)}
+
+
+class RowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Rows held in memory (the URI datasets, :mod:`twa_ray.data.uri`): ``x`` (float32, or uint8
+    images scaled to [0, 1] when read), ``y`` int64 and each row's ``keys`` (what
+    :func:`val_digest` hashes)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, keys: Sequence[str]) -> None:
+        self.x, self.targets, self.keys = torch.from_numpy(x), torch.from_numpy(y), list(keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.x[i]
+        return (x.float() / 255 if x.dtype == torch.uint8 else x), self.targets[i]
 
 
 def val_digest(ds: Dataset[Any]) -> str | None:

@@ -6,7 +6,7 @@ The driver reads the dataset once, as before (the checks, the model's shapes, ``
 ``data``); the workers receive the val and test rows through the object store and read their
 training rows themselves, every epoch, through Ray Data (``ray.train.get_dataset_shard``):
 
-- Read: Ray Data tasks open ``--data-root`` with the pyarrow filesystem and credentials of
+- Read: Ray Data tasks (:mod:`twa_ray.data.read_tasks`, torch-free) open ``--data-root`` with the pyarrow filesystem and credentials of
   :mod:`twa_ray.data.uri` and read one unit each (a parquet file, a hf_disk split, up to
   :data:`IMAGES_PER_TASK` image files); images are decoded and scaled to [0, 1] there, on Ray
   Data's CPUs, not in the training process. (Not ``read_parquet``: it does not give a row's
@@ -32,24 +32,19 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from twa_ray.data.read_tasks import ReadRows, StreamedTrain, shard_salt
 from twa_ray.data.splits import DataSplits
 from twa_ray.data.uri import (
     URI_DATASETS,
-    carve,
     decode_image,
     image_classes,
     key_unit,
     open_root,
-    read_bytes,
-    read_images,
-    read_unit,
     read_units,
 )
 
@@ -75,53 +70,6 @@ def streams(data: DataConfig, *, large: bool) -> bool:
     return data.ingest != "auto" or large
 
 
-@dataclass(frozen=True)
-class StreamedTrain(Dataset[Any]):
-    """The training split as the workers stream it (see the module docstring): ``len()`` is its
-    number of rows; ``shard_u`` holds each row's ``u(seed/shard, key)`` (in key order)."""
-
-    kind: str
-    root: str
-    opts: dict[str, Any]
-    units: tuple[str, ...]  # the train split's read units, in key order
-    classes: tuple[str, ...]  # images: the class folder names
-    seed: int
-    val_frac: float
-    carved: tuple[bool, bool]  # (val, test) carved out of train
-    cut: tuple[int, int] | None  # num_samples: the last kept (unit, row)
-    shape: tuple[int, ...]  # one row's x
-    shard_u: np.ndarray
-    worker_decode: bool = False  # images: the read tasks pass the files' bytes (``raw``)
-
-    def __len__(self) -> int:
-        return len(self.shard_u)
-
-    def __getitem__(self, i: int) -> Any:
-        raise TypeError("the streamed training split is read through Ray Data, not by index")
-
-    def rows_per_rank(self, world: int) -> np.ndarray:
-        return np.bincount(_rank(self.shard_u, world), minlength=world)
-
-    def keep(self, keys: Sequence[str], pos: np.ndarray, rank: int, world: int) -> np.ndarray:
-        """Which of these rows (keys, (unit, row) positions) are rank ``rank``'s training rows."""
-        vf = self.val_frac
-        train = ~carve(keys, self.seed, 0.0, vf) if self.carved[0] else np.ones(len(keys), bool)
-        if self.carved[1]:
-            train &= ~carve(keys, self.seed, vf, 2 * vf)
-        if self.cut is not None:
-            u, r = self.cut
-            train &= (pos[:, 0] < u) | ((pos[:, 0] == u) & (pos[:, 1] <= r))
-        return train & (_rank(key_unit(keys, _shard_salt(self.seed)), world) == rank)
-
-
-def _shard_salt(seed: int) -> str:
-    return f"{seed}/shard"
-
-
-def _rank(u: np.ndarray, world: int) -> np.ndarray:
-    return np.minimum((u * world).astype(np.int64), world - 1)
-
-
 def stream_splits(splits: DataSplits, data: DataConfig) -> DataSplits:
     """``splits`` (the driver's, read by :func:`~twa_ray.data.uri.load_uri_dataset`) with the
     training split replaced by its :class:`StreamedTrain`."""
@@ -145,7 +93,7 @@ def stream_splits(splits: DataSplits, data: DataConfig) -> DataSplits:
         carved=("val" not in units, "test" not in units),
         cut=cut,
         shape=splits.input_shape,
-        shard_u=key_unit(keys, _shard_salt(data.seed)),
+        shard_u=key_unit(keys, shard_salt(data.seed)),
         worker_decode=data.dataset == "images" and data.ingest == "stream_worker_decode",
     )
     return DataSplits(train, splits.val, splits.test, splits.num_classes, splits.input_shape)
@@ -162,42 +110,6 @@ def _position(kind: str, key: str, units: Sequence[str]) -> tuple[int, int]:
 # --------------------------------------------------------------------------- Ray Data
 
 
-class _ReadRows:
-    """A Ray Data ``map_batches`` function: a batch of read units -> rank ``rank``'s training
-    rows in them (``x`` float32, ``y`` int64)."""
-
-    def __init__(self, train: StreamedTrain, rank: int, world: int) -> None:
-        self.train, self.rank, self.world = train, rank, world
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        t = self.train
-        fs, base = open_root(t.root)
-        xs, ys = [], []
-        first = [int(i) for i in batch["unit"]]
-        if t.kind == "images":
-            names = [t.units[i] for i in first]
-            pos = np.array([(i, 0) for i in first]).reshape(-1, 2)
-            keep = t.keep(names, pos, self.rank, self.world)
-            chosen = [n for n, k in zip(names, keep) if k]
-            y = np.array([t.classes.index(n.split("/")[-2]) for n in chosen], np.int64)
-            if t.worker_decode:
-                raw = np.array([read_bytes(fs, f"{base}/{n}") for n in chosen], dtype=object)
-                return {"raw": raw, "name": np.array(chosen, dtype=object), "y": y}
-            if chosen:
-                xs.append(read_images(fs, base, t.root, chosen, t.classes).x / np.float32(255))
-                ys.append(y)
-        else:
-            for i in first:
-                rows = read_unit(t.kind, fs, base, t.root, t.opts, t.units[i])
-                pos = np.stack([np.full(len(rows.keys), i), np.arange(len(rows.keys))], 1)
-                keep = t.keep(rows.keys, pos, self.rank, self.world)
-                xs.append(rows.x[keep].astype(np.float32))
-                ys.append(rows.y[keep])
-        if not xs:
-            return {"x": np.zeros((0, *t.shape), np.float32), "y": np.zeros(0, np.int64)}
-        return {"x": np.concatenate(xs), "y": np.concatenate(ys)}
-
-
 def train_datasets(train: StreamedTrain, world: int) -> dict[str, Any]:
     """``{"train_<r>": rank r's training rows}`` as Ray Datasets (read lazily, by the worker
     that iterates them)."""
@@ -211,7 +123,7 @@ def train_datasets(train: StreamedTrain, world: int) -> dict[str, Any]:
             override_num_blocks=max(1, -(-len(train.units) // per_task)),
         )
         ds = units.map_batches(
-            _ReadRows(train, rank, world), batch_size=per_task, num_cpus=READ_CPUS
+            ReadRows(train, rank, world), batch_size=per_task, num_cpus=READ_CPUS
         )
         # the workers' logs stay one line per epoch (no progress bars, no execution plans)
         ds.context.enable_progress_bars = False

@@ -23,6 +23,9 @@ val_frac``, where ``u`` is the first 8 bytes of ``blake2b(seed, key)`` as a frac
 missing ``test`` is carved the same way, by ``val_frac <= u < 2 val_frac``. The rule sees one
 row at a time: it is the same on every node, for every number of workers or files, and on a
 ``--resume``. ``num_samples`` keeps the first that many training rows in key order (smoke runs).
+
+This module imports no torch (only :func:`load_uri_dataset` does, for its result): Ray Data's
+read tasks use its readers (:mod:`twa_ray.data.read_tasks`).
 """
 
 from __future__ import annotations
@@ -33,18 +36,18 @@ import json
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import torch
-from torch.utils.data import Dataset
 
-from twa_ray.data.splits import DataSplits
 from twa_ray.redact import redact
 
-__all__ = ["URI_DATASETS", "DEFAULT_LABEL", "RowsDataset", "load_uri_dataset", "carve"]
+if TYPE_CHECKING:
+    from twa_ray.data.splits import DataSplits
+
+__all__ = ["URI_DATASETS", "DEFAULT_LABEL", "load_uri_dataset", "carve"]
 
 URI_DATASETS = ("parquet", "images", "hf_disk")
 """Dataset names read from ``--data-root URI``."""
@@ -52,21 +55,6 @@ DEFAULT_LABEL = "label"
 """The default ``--label-column``."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
-
-
-class RowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """Rows held in memory: ``x`` (float32, or uint8 images scaled to [0, 1] when read), ``y``
-    int64 and each row's ``keys`` (what :func:`twa_ray.data.splits.val_digest` hashes)."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str]) -> None:
-        self.x, self.targets, self.keys = x, y, list(keys)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.x[i]
-        return (x.float() / 255 if x.dtype == torch.uint8 else x), self.targets[i]
 
 
 @dataclass
@@ -412,6 +400,8 @@ def load_uri_dataset(
     """``kind`` (one of :data:`URI_DATASETS`) read from ``root`` into :class:`DataSplits` (the
     splits and their rule: the module docstring); every problem is one ``ValueError`` naming
     the option that fixes it."""
+    from twa_ray.data.splits import DataSplits, RowsDataset
+
     if not root:
         raise ValueError(f"--dataset {kind} reads --data-root; give a folder or an s3:// URI")
     fs, base = open_root(root)
@@ -434,10 +424,7 @@ def load_uri_dataset(
     top = max(int(s.y.max()) for s in splits.values()) + 1
     if num_classes is not None and top > num_classes:
         raise _fail(root, f"label {top - 1} >= the {num_classes} class names", "fix the labels")
-    ds = {
-        n: RowsDataset(torch.from_numpy(s.x), torch.from_numpy(s.y), s.keys)
-        for n, s in splits.items()
-    }
+    ds = {n: RowsDataset(s.x, s.y, s.keys) for n, s in splits.items()}
     return DataSplits(
         train=ds["train"],
         val=ds["val"],

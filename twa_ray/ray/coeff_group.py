@@ -70,12 +70,12 @@ from twa_ray.core.placement import PlacementKind, choose
 from twa_ray.core.sharded_twa import ShardedTWA
 from twa_ray.core.start import split_held_out
 from twa_ray.core.twa import TWA, TWAConfig
+from twa_ray.ray.data_root import check_data_root_on_nodes
 from twa_ray.ray.faults import inject
 from twa_ray.ray.fsdp_coeff import sharded_evaluation, sharded_result, sharded_setup
 from twa_ray.ray.group import (
     TIMER,
     CheckpointClock,
-    check_data_root_on_nodes,
     check_run_id,
     fit_group,
     load_worker_splits,

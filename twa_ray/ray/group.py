@@ -2,9 +2,9 @@
 
 Driver side: :func:`check_run_id`, :func:`fit_group` (a ``TorchTrainer`` whose ``RunConfig``
 points at the run's storage: a local path or any ``pyarrow.fs`` URI, see :mod:`twa_ray.storage`;
-it restarts the workers only for what a restart can fix), :func:`check_data_root_on_nodes`
-(every node that can host a worker checks ``--data-root`` before training) and
-:func:`ship_splits` (the driver's dataset in the object store). Worker side:
+it restarts the workers only for what a restart can fix) and :func:`ship_splits` (the
+driver's dataset in the object store; before it, :mod:`twa_ray.ray.data_root` checks
+``--data-root`` on every node). Worker side:
 :func:`load_worker_splits` (the shipped dataset or its own, after checking the data root on this
 node), :func:`report` (every rank reports, a barrier; rank 0 attaches the checkpoint files),
 :class:`CheckpointClock` (when the next report is due), :data:`TIMER` (rank 0's seconds per
@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -32,13 +31,13 @@ from twa_ray import redact
 from twa_ray.config import DataConfig
 from twa_ray.errors import RUNTIME, TwaError, describe, user_code
 from twa_ray.importpath import is_import_path
+from twa_ray.ray.data_root import missing_root, needs_root
 from twa_ray.ray.faults import record_start
-from twa_ray.storage import Storage, alive_nodes
+from twa_ray.storage import Storage
 
 __all__ = [
     "check_run_id",
     "fit_group",
-    "check_data_root_on_nodes",
     "ship_splits",
     "load_worker_splits",
     "report",
@@ -249,52 +248,6 @@ def _final(error: TwaError | None, lost: str, failures: int, max_failures: int) 
     )
 
 
-def _missing_root(root: str) -> str | None:
-    """On this node: the problem with ``root``, or None."""
-    if os.path.isdir(root):
-        return None
-    return f"--data-root {root!r} does not exist on node {socket.gethostname()} ({_node_ip()})"
-
-
-def _node_ip() -> str:
-    import ray
-
-    try:
-        return str(ray.util.get_node_ip_address())
-    except Exception:  # outside Ray
-        return "no Ray"
-
-
-def _needs_root(data: DataConfig) -> bool:
-    # MNIST-1D is generated; its root is only a cache folder that it creates; a storage URI is
-    # read over the network from every node
-    return bool(data.data_root) and data.dataset != "mnist1d" and "://" not in data.data_root
-
-
-def check_data_root_on_nodes(data: DataConfig) -> None:
-    """Before training: every alive node that can host a worker (it has CPUs) checks
-    ``data.data_root``; raises one ``FileNotFoundError`` naming the nodes and the path."""
-    if not _needs_root(data):
-        return
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    check = ray.remote(num_cpus=0)(_missing_root)
-    refs = [
-        check.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-        ).remote(data.data_root)
-        for n in alive_nodes()
-        if n.get("Resources", {}).get("CPU", 0) > 0
-    ]
-    problems = [p for p in ray.get(refs) if p]
-    if problems:
-        raise FileNotFoundError(
-            "; ".join(problems) + "; put the dataset at that path on every node (or on shared "
-            "storage mounted at the same path), or pass another --data-root"
-        )
-
-
 SHIP_MAX_BYTES = 256 << 20
 """The largest dataset :func:`ship_splits` puts in the object store (tensor bytes, all splits)."""
 
@@ -334,8 +287,8 @@ def load_worker_splits(data: DataConfig, shipped: Any = None, *, stream: bool = 
     from twa_ray.data import load_data
     from twa_ray.data.stream import StreamedTrain
 
-    if _needs_root(data):
-        problem = _missing_root(str(data.data_root))
+    if needs_root(data):
+        problem = missing_root(str(data.data_root))
         if problem:
             raise FileNotFoundError(problem)
     if shipped is not None:

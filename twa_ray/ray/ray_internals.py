@@ -18,7 +18,9 @@ No other module imports a private Ray name. Each workaround is a function of our
 - :func:`keep_signal_handlers`: ``ray.init`` replaces the driver's SIGTERM handler (Python's
   ``sys.exit``, then the core worker's C++ handler that aborts with a stack dump).
 - :func:`torch_trainer`: ``TorchTrainer`` starts its helper actors through the callbacks of
-  ``DataParallelTrainer._create_default_callbacks``; there is no public switch for them.
+  ``DataParallelTrainer._create_default_callbacks``; there is no public switch for them. Its
+  ``TorchConfig`` makes the controller import torch (``ray.train.torch.config`` does, at the
+  top); ours runs the same worker functions of that module, referenced from the workers only.
 """
 
 from __future__ import annotations
@@ -157,9 +159,114 @@ def keep_signal_handlers() -> Iterator[None]:
                 signal.raise_signal(s)
 
 
+def _set_master(addr: str, port: int) -> None:
+    """On a worker: where rank 0 listens (``init_method="env://"``)."""
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+
+
+def _set_torch_env() -> None:
+    """On a worker: ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ... (torchrun's variables)."""
+    from ray.train.torch.config import _set_torch_distributed_env_vars
+
+    _set_torch_distributed_env_vars()
+
+
+def _init_process_group(**kwargs: Any) -> None:
+    """On a worker: ``torch.distributed.init_process_group`` as Ray Train's torch backend calls it."""
+    from ray.train.torch.config import _setup_torch_process_group
+
+    _setup_torch_process_group(**kwargs)
+
+
+def _shutdown_torch(destroy_process_group: bool) -> None:
+    from ray.train.torch.config import _shutdown_torch
+
+    _shutdown_torch(destroy_process_group=destroy_process_group)
+
+
+def _torch_config(backend_cls: type) -> Any:
+    """Ray Train's ``TorchConfig`` (env:// init, gloo or nccl) for a controller without torch:
+    the controller unpickles its backend config, and ``TorchConfig``'s module imports torch
+    (~3 s of CPU per fit); this one runs :class:`backend_cls` there and Ray's worker functions
+    on the workers."""
+    from ray.train.backend import BackendConfig
+    from ray.train.v2._internal.util import TrainingFramework
+
+    class TorchConfigWithoutTorch(BackendConfig):
+        def __init__(self, backend: str | None = None, timeout_s: int = 1800) -> None:
+            self.backend, self.init_method, self.timeout_s = backend, "env", timeout_s
+
+        @property
+        def backend_cls(self) -> type:
+            return backend_cls
+
+        @property
+        def train_func_context(self) -> Any:  # read on the driver, run on the workers
+            from ray.train.torch.config import TorchConfigContextManager
+
+            return TorchConfigContextManager
+
+        @property
+        def framework(self) -> Any:
+            return TrainingFramework.TORCH
+
+        def to_dict(self) -> dict[str, Any]:
+            return {k: getattr(self, k) for k in ("backend", "init_method", "timeout_s")}
+
+    return TorchConfigWithoutTorch()
+
+
+def _torch_backend() -> type:
+    """Ray Train's ``_TorchBackend`` (2.60) for gloo and nccl, in the controller's terms: rank 0's
+    address, torchrun's variables, the process group; at shutdown, Ray's ``_shutdown_torch``."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+    from ray.train._internal.utils import get_address_and_port
+    from ray.train.backend import Backend
+    from ray.train.constants import (
+        DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+        TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+    )
+
+    class TorchBackendWithoutTorch(Backend):
+        share_cuda_visible_devices = True
+
+        def on_start(self, worker_group: Any, config: Any) -> None:
+            if config.backend not in ("gloo", "nccl"):
+                raise ValueError(f"torch backend {config.backend!r}: twa-ray runs gloo or nccl")
+            addr, port = worker_group.execute_single(0, get_address_and_port)
+            worker_group.execute(_set_master, addr=addr, port=port)
+            worker_group.execute(_set_torch_env)
+            world = len(worker_group)
+            kwargs = dict(backend=config.backend, world_size=world, init_method="env://")
+            ray.get(
+                [
+                    worker_group.execute_single_async(
+                        i, _init_process_group, world_rank=i, timeout_s=config.timeout_s, **kwargs
+                    )
+                    for i in range(world)
+                ]
+            )
+
+        def on_shutdown(self, worker_group: Any, config: Any) -> None:
+            done = worker_group.execute_async(_shutdown_torch, len(worker_group) > 1)
+            timeout = int(
+                os.environ.get(
+                    TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+                    DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+                )
+            )
+            try:
+                ray.get(done, timeout=timeout)
+            except GetTimeoutError:
+                pass  # as Ray's: the group goes anyway
+
+    return TorchBackendWithoutTorch
+
+
 def torch_trainer(*, datasets: bool) -> type:
-    """Ray Train's ``TorchTrainer`` less the helper actors that a fit of twa-ray's does not use.
-    Each is a process of its own that imports Ray Train (or Ray Data) while the workers start
+    """Ray Train's ``TorchTrainer`` less what a fit of twa-ray's does not use. Each helper actor
+    is a process of its own that imports Ray Train (or Ray Data) while the workers start
     (1.2-1.9 s of CPU; without the first two, a 2-worker fit on 2 cores takes 9.5 s instead of
     12.3 s, ``bench/fit_overhead.py``):
 
@@ -170,7 +277,8 @@ def torch_trainer(*, datasets: bool) -> type:
       group's placement group when its controller dies without doing so. That Ray, and every
       placement group in it, ends with this process; a cluster's fits keep the cleaner;
     - on such a Ray too: the ``AutoscalingCoordinator`` that the fixed scaling policy sends the
-      group's resources to, for a cluster autoscaler to provision; a local Ray has none."""
+      group's resources to, for a cluster autoscaler to provision; a local Ray has none;
+    - torch in the controller (``torch_config``: :func:`_torch_config`), on every Ray."""
     import ray._private.worker as ray_worker
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
@@ -184,8 +292,7 @@ def torch_trainer(*, datasets: bool) -> type:
     local = node is not None and node.is_head()
     if local:
         drop += (PlacementGroupCleanerCallback,)
-    if not drop:
-        return TorchTrainer
+    backend = _torch_backend()
 
     class NoAutoscalerPolicy(FixedScalingPolicy):
         """The fixed policy without resource requests (no autoscaler to read them)."""
@@ -200,6 +307,10 @@ def torch_trainer(*, datasets: bool) -> type:
             pass
 
     class LeanTorchTrainer(TorchTrainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("torch_config", _torch_config(backend))
+            super().__init__(*args, **kwargs)
+
         def _create_default_callbacks(self) -> list[Any]:
             return [c for c in super()._create_default_callbacks() if not isinstance(c, drop)]
 

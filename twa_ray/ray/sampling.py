@@ -47,6 +47,7 @@ from twa_ray.core.ema import EMA, averages
 from twa_ray.core.evaluate import EVAL_BATCH, evaluate_sharded
 from twa_ray.core.optim import lr_factor
 from twa_ray.errors import user_code
+from twa_ray.ray.data_root import check_data_root_on_nodes
 from twa_ray.ray.faults import inject
 from twa_ray.ray.fsdp import (
     LocalParams,
@@ -62,7 +63,6 @@ from twa_ray.ray.fsdp import (
 from twa_ray.ray.group import (
     TIMER,
     CheckpointClock,
-    check_data_root_on_nodes,
     check_run_id,
     fit_group,
     load_worker_splits,
