@@ -1,7 +1,7 @@
 """A Ray Train fit's fixed cost: Ray's ``TorchTrainer`` against twa-ray's
 (:func:`twa_ray.ray.ray_internals.torch_trainer`: no ``DatasetManager`` without datasets, no
-``PlacementGroupCleaner`` on a Ray this process started). Results: bench/RESULTS.md, "Fit
-overhead".
+``PlacementGroupCleaner`` on a Ray this process started, a controller that does not import
+torch). Results: bench/RESULTS.md, "Fit overhead".
 
     python bench/fit_overhead.py                 # 4 pairs, writes bench/fit_overhead.json
     python bench/fit_overhead.py --smoke-test    # 1 pair, no JSON
