@@ -163,8 +163,10 @@ def make_store(root: Path, *, num_samples=1200, val_frac=0.1, epochs=6, seed=0):
 
 
 class TorchWatch:
-    """While open: every 0.1 s, each process whose title (``/proc/<pid>/cmdline``) starts with
-    ``title``, and whether it has libtorch mapped: ``seen`` maps pid -> ever mapped (Linux)."""
+    """While open: every 0.1 s, each process below this one (a Ray it started: the raylet's
+    workers) whose title (``/proc/<pid>/cmdline``) starts with ``title``, and whether it has
+    libtorch mapped: ``seen`` maps pid -> ever mapped (Linux). Another xdist worker's processes
+    are not below this one."""
 
     def __init__(self, title: bytes) -> None:
         self.title = title
@@ -172,18 +174,29 @@ class TorchWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
+    @staticmethod
+    def _below_me(pid: int) -> bool:
+        for _ in range(8):
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])  # the parent
+            if pid == os.getpid():
+                return True
+            if pid <= 1:
+                return False
+        return False
+
     def _watch(self) -> None:
         while not self._stop.is_set():
-            for pid in filter(str.isdigit, os.listdir("/proc")):
+            for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        if not f.read().startswith(self.title):
+                        if not f.read().startswith(self.title) or not self._below_me(pid):
                             continue
                     with open(f"/proc/{pid}/maps") as f:
                         mapped = "libtorch" in f.read()
                 except OSError:  # gone meanwhile
                     continue
-                self.seen[int(pid)] = self.seen.get(int(pid), False) or mapped
+                self.seen[pid] = self.seen.get(pid, False) or mapped
             self._stop.wait(0.1)
 
     def __enter__(self) -> TorchWatch:
