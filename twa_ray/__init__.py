@@ -13,7 +13,7 @@ The public API (everything else is internal and may change):
 Every name is imported on first use, so ``import twa_ray`` imports neither torch nor Ray.
 """
 
-from typing import Any
+from twa_ray.lazy import exports
 
 __version__ = "0.1.0"
 
@@ -38,14 +38,4 @@ __all__ = [
     "snapshot",
 ]
 
-
-def __getattr__(name: str) -> Any:  # lazy: importing twa_ray must not import torch eagerly
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'twa_ray' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = exports(__name__, _WHERE)

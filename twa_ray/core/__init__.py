@@ -5,7 +5,7 @@ the CLI use) imports no torch, so neither do the processes that need only it (Ra
 tasks: :mod:`twa_ray.data.read_tasks`).
 """
 
-from typing import Any
+from twa_ray.lazy import exports
 
 _WHERE = {
     "TWA": "twa_ray.core.twa",
@@ -37,14 +37,4 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:  # lazy: importing twa_ray.core must not import torch eagerly
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'twa_ray.core' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = exports(__name__, _WHERE)

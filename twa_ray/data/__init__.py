@@ -16,7 +16,7 @@ which must not import torch on the way.
 >>> splits = load_dataset("mnist1d", val_frac=0.1, seed=0)  # doctest: +SKIP
 """
 
-from typing import Any
+from twa_ray.lazy import exports
 
 _WHERE = {
     "DATASETS": "twa_ray.data.registry",
@@ -29,14 +29,4 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:  # lazy: importing twa_ray.data must not import torch eagerly
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'twa_ray.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = exports(__name__, _WHERE)
