@@ -52,7 +52,7 @@ def test_parquet_in_s3_same_splits_with_1_and_2_workers_and_a_resume(s3, ray_clu
             recorded.append(metrics["data"])
             assert metrics["methods"]["twa_v"]["test_acc"] > 0.2  # 10 classes: chance is 0.1
             assert metrics["methods"]["sgd_sampled"]["val_acc"] > 0.2
-    # the read tasks (twa_ray.data.read_tasks) imported no torch: ~3 s of CPU each
+    # the read tasks (twa_ray.data.read_tasks) imported no torch: ~1 s of CPU each
     assert reads.seen and not any(reads.seen.values()), reads.seen
     # --resume of the 2-worker run: the same splits, no candidate sampled again
     out = tmp_path / "w2"

@@ -6,11 +6,11 @@ The driver reads the dataset once, as before (the checks, the model's shapes, ``
 ``data``); the workers receive the val and test rows through the object store and read their
 training rows themselves, every epoch, through Ray Data (``ray.train.get_dataset_shard``):
 
-- Read: Ray Data tasks (:mod:`twa_ray.data.read_tasks`, torch-free) open ``--data-root`` with the pyarrow filesystem and credentials of
-  :mod:`twa_ray.data.uri` and read one unit each (a parquet file, a hf_disk split, up to
-  :data:`IMAGES_PER_TASK` image files); images are decoded and scaled to [0, 1] there, on Ray
-  Data's CPUs, not in the training process. (Not ``read_parquet``: it does not give a row's
-  index in its file, which is half of the row's key.)
+- Read: Ray Data tasks (:mod:`twa_ray.data.read_tasks`, torch-free) open ``--data-root`` with
+  the pyarrow filesystem and credentials of :mod:`twa_ray.data.uri` and read one unit each (a
+  parquet file, a hf_disk split, up to :data:`IMAGES_PER_TASK` image files); images are decoded
+  and scaled to [0, 1] there, on Ray Data's CPUs, not in the training process. (Not
+  ``read_parquet``: it does not give a row's index in its file, which is half of the row's key.)
 - Rows: the training rows of the in-memory path, by the same rule: a row's key ``k``
   (:mod:`twa_ray.data.uri`) is carved to val when ``u(seed, k) < val_frac`` and to test when
   ``val_frac <= u < 2 val_frac`` (where the data gives no such split); ``num_samples`` keeps the

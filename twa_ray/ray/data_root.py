@@ -2,7 +2,7 @@
 the nodes that lack it, instead of a worker's failure after the group started.
 
 Ray runs :func:`missing_root` as a task on each node, in a worker process that imports this
-module: it imports neither torch nor a module that does (~2.5 s of CPU per node and command).
+module: it imports neither torch nor a module that does (~1.5 s of CPU per node and command).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ No other module imports a private Ray name. Each workaround is a function of our
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -172,7 +173,7 @@ def _set_torch_env() -> None:
 
 
 def _init_process_group(**kwargs: Any) -> None:
-    """On a worker: ``torch.distributed.init_process_group`` as Ray Train's torch backend calls it."""
+    """On a worker: ``torch.distributed.init_process_group``, as Ray Train's backend calls it."""
     from ray.train.torch.config import _setup_torch_process_group
 
     _setup_torch_process_group(**kwargs)
@@ -187,8 +188,8 @@ def _shutdown_torch(destroy_process_group: bool) -> None:
 def _torch_config(backend_cls: type) -> Any:
     """Ray Train's ``TorchConfig`` (env:// init, gloo or nccl) for a controller without torch:
     the controller unpickles its backend config, and ``TorchConfig``'s module imports torch
-    (~3 s of CPU per fit); this one runs :class:`backend_cls` there and Ray's worker functions
-    on the workers."""
+    (~1.5 s of CPU per fit: the controller's 2.8 s against 1.3 s); this one runs
+    :class:`backend_cls` there and Ray's worker functions on the workers."""
     from ray.train.backend import BackendConfig
     from ray.train.v2._internal.util import TrainingFramework
 
@@ -258,8 +259,10 @@ def _torch_backend() -> type:
             )
             try:
                 ray.get(done, timeout=timeout)
-            except GetTimeoutError:
-                pass  # as Ray's: the group goes anyway
+            except GetTimeoutError:  # as Ray's: a warning, and the group goes anyway
+                logging.getLogger(__name__).warning(
+                    "Torch process group shutdown timed out after %s seconds", timeout
+                )
 
     return TorchBackendWithoutTorch
 
