@@ -74,8 +74,11 @@ def spawn_gloo(fn: Callable[..., None], world: int, folder: str | Path, *args) -
 
     The group meets through a file in ``folder`` (no TCP store owned by rank 0, no port to race
     for) and leaves through a barrier: no rank exits while a peer still talks to it (a rank that
-    left early aborted its peer, ``terminate called without an active exception``). A rank left
-    waiting fails after 120 s, never hangs the test.
+    left early aborted its peer, ``terminate called without an active exception``). The abort
+    came back once in CI with the barrier in place, so a rank that finished now leaves with
+    ``os._exit(0)``: nothing of torch's is destroyed during the interpreter's finalization, and a
+    rank that aborts prints every thread's Python stack (faulthandler). A rank left waiting
+    fails after 120 s, never hangs the test.
     """
     import torch.multiprocessing as mp
 
@@ -84,9 +87,12 @@ def spawn_gloo(fn: Callable[..., None], world: int, folder: str | Path, *args) -
 
 
 def _gloo_rank(rank: int, fn: Callable[..., None], world: int, rendezvous: str, args) -> None:
+    import faulthandler
+
     import torch
     import torch.distributed as dist
 
+    faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -100,6 +106,9 @@ def _gloo_rank(rank: int, fn: Callable[..., None], world: int, rendezvous: str, 
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.fixture(scope="module", autouse=True)
