@@ -75,7 +75,7 @@ def spawn_gloo(fn: Callable[..., None], world: int, folder: str | Path, *args) -
     The group meets through a file in ``folder`` (no TCP store owned by rank 0, no port to race
     for) and leaves through a barrier: no rank exits while a peer still talks to it (a rank that
     left early aborted its peer, ``terminate called without an active exception``). The abort
-    came back once in CI with the barrier in place, so a rank that finished now leaves with
+    came back once in a `.ci/run` with the barrier in place, so a rank that finished now leaves with
     ``os._exit(0)``: nothing of torch's is destroyed during the interpreter's finalization, and a
     rank that aborts prints every thread's Python stack (faulthandler). A rank left waiting
     fails after 120 s, never hangs the test.
